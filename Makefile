@@ -1,0 +1,28 @@
+# The few commands a newcomer needs. Everything runs inside .venv, created on demand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Generates a synthetic MEDS cohort inside the run directory and pre-trains on it.
+demo: install
+	$(PY) experiments/pretrain.py --config=configs/ehr_bert.py:demo --workdir=$(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -x -n 2 tests
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: random-access sources per format, modality transforms and the Grain pipeline."""

@@ -1,0 +1,1 @@
+"""Models: Flax Linen layers, the transformer stack, modality encoders and heads."""

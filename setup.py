@@ -1,0 +1,33 @@
+"""biofm_jax: pre-train multimodal biomedical foundation models in JAX.
+
+Version ranges are the ones the test suite has been run against; widen a range only
+after `make test` passes on the new version.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="biofm_jax",
+    version="0.1.0",
+    description="JAX library for pre-training multimodal biomedical foundation models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["biofm_jax", "biofm_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "einops>=0.8,<0.9",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml-collections>=1.1,<2",
+        "numpy>=2.0,<3",
+        "pyarrow>=18,<27",
+        "meds>=0.4.1,<0.5",
+        "tensorboardX>=2.6,<3",
+        "absl-py>=2.1,<3",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    },
+)

@@ -1,0 +1,147 @@
+"""Config helpers: load a config file, apply overrides, lock it, record it in a workdir.
+
+Configs are Python files in `configs/` with `get_config(arg=None)` returning an
+`ml_collections.ConfigDict`. The command line loads them through absl's
+`config_flags` (`--config=configs/ehr_bert.py:tiny --config.train.num_steps=10`);
+notebooks and tests use `load_config`, which applies the same override syntax. Either
+way the result is locked: setting a field that does not exist raises an error naming it.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+from typing import Any, Mapping
+
+import ml_collections
+
+# Packages whose versions are recorded beside every run, so a result can be reproduced.
+RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                     "einops", "ml-collections", "numpy", "pyarrow", "meds")
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]`, applies `{"train.num_steps": 10, ...}` and locks the result."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_biofm_config", path)
+  if module_spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config.lock()
+  for dotted, value in (overrides or {}).items():
+    set_field(config, dotted, value)
+  return config
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets `a.b.c` on a locked config; an unknown field is a KeyError naming it."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if name not in node:
+      raise KeyError(f"config has no field {'.'.join(parents[:i + 1])!r} (in override {dotted!r})")
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f"config has no field {dotted!r}; fields here: {sorted(node.keys())}")
+  current = node[leaf]
+  if isinstance(value, str) and not isinstance(current, str):
+    value = _parse_literal(value, dotted)
+  node[leaf] = value
+
+
+def _parse_literal(text: str, dotted: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"cannot parse {text!r} for config field {dotted!r}") from e
+
+
+def package_versions() -> dict[str, str]:
+  versions = {}
+  for name in RECORDED_PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = "not installed"
+  return versions
+
+
+def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
+  """The source tree's commit, with "+dirty" when it has uncommitted changes."""
+  repo_dir = repo_dir or pathlib.Path(__file__).resolve().parent.parent
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
+                            text=True, check=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=repo_dir, capture_output=True, text=True, timeout=10).stdout
+    return commit + ("+dirty" if dirty.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def write_run_info(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+  """Writes the resolved config, package versions and git commit to `workdir/run_info.json`.
+
+  Each (re)start appends to `run_info.json`'s history rather than overwriting, so a run
+  resumed under other versions keeps the record of both.
+  """
+  path = pathlib.Path(workdir) / "run_info.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  history = json.loads(path.read_text())["starts"] if path.exists() else []
+  history.append({"config": config_to_dict(config), "versions": package_versions(),
+                  "git_commit": git_commit()})
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps({"starts": history}, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  (pathlib.Path(workdir) / "config.txt").write_text(str(config))
+  return path
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-safe plain dict of the config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+# ------------------------------------------------------------------ shared defaults
+# Model sizes shared by every experiment config; a config picks one with its argument.
+MODEL_SIZES = {
+    # For unit tests and CI on a CPU: compiles in seconds.
+    "tiny": dict(num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64),
+    # For the demo on a laptop CPU: learns visibly in a few minutes.
+    "small": dict(num_layers=4, embed_dim=128, num_heads=4, mlp_dim=512),
+    # For real runs: about 100M parameters with a vocabulary of about 30k codes.
+    "base": dict(num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Sections every experiment shares: seed, model defaults, train, mesh, checkpoint, logging."""
+  from biofm_jax import parallel  # late import: parallel imports jax, configs should load fast
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = dict(
+      num_layers=2, embed_dim=32, num_heads=2, head_dim=0, mlp_dim=64, dropout_rate=0.0,
+      position="rope", norm="rmsnorm", dtype="float32", param_dtype="float32",
+      remat="none", scan_layers=True)
+  config.data = dict(batch_size=32, num_workers=0)
+  config.train = dict(
+      num_steps=1000, learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1,
+      weight_decay=0.01, adam_b1=0.9, adam_b2=0.98, grad_clip_norm=1.0, grad_accum_steps=1,
+      log_every=10, eval_every=200, eval_batches=0,  # 0 = the whole tuning split
+      peak_flops_per_device=0.0)  # 0 = measure a float32 matmul on this device for MFU
+  config.mesh = dict(data=-1, fsdp=1, tensor=1, rules=parallel.DEFAULT_RULES)
+  config.checkpoint = dict(every_steps=200, keep=3, async_save=True)
+  return config
+
+
+def apply_model_size(config: ml_collections.ConfigDict, size: str) -> None:
+  if size not in MODEL_SIZES:
+    raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+  config.model.update(MODEL_SIZES[size])

@@ -1,0 +1,387 @@
+"""The EHR modality's data module: vocabulary, tokenisation, masking and `EHRData`.
+
+This module owns how one MEDS subject record (see `sources/meds.py`) becomes the
+fixed-shape arrays named in `batch.py`:
+
+* `EHRVocab`: code -> token id and per-code quantile edges for numeric values, built once
+  from the training split and saved as a JSON artifact beside the checkpoint.
+* `TokenizeEHR`: a Grain `Map` from a record to `batch.EHR_INPUT_FIELDS` (CLS first, a
+  window of at most `max_len - 1` events, padding with an explicit mask).
+* `MaskEHR`: a Grain `RandomMap` adding BERT-style masked-modelling targets.
+* `EHRData`: what the pipeline and the training loop use (sources, transforms, spec).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import grain
+import numpy as np
+
+from biofm_jax.data import batch
+
+BIRTH_CODE = "MEDS_BIRTH"  # meds.birth_code; restated so tokenising needs no pyarrow
+VOCAB_FORMAT = "biofm_jax.ehr_vocab"
+VOCAB_FORMAT_VERSION = 1
+VOCAB_FILENAME = "ehr_vocab.json"
+WINDOWS = ("recent", "earliest")
+OBJECTIVES = ("masked", "autoregressive")
+_NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
+_US_PER_DAY = 86_400 * 1_000_000
+_DAYS_PER_YEAR = 365.25
+_RECORD_FIELDS = ("codes", "times", "numeric_values")
+
+log = logging.getLogger(__name__)
+
+
+# ================================================================ vocabulary
+@dataclasses.dataclass(frozen=True)
+class EHRVocab:
+  """Codes seen at least `min_count` times in training, and their value-bin edges."""
+  codes: tuple[str, ...]  # token id = len(batch.SPECIAL_TOKENS) + index
+  value_bin_edges: dict[str, tuple[float, ...]]  # only codes with training values
+  num_value_bins: int
+  min_count: int
+  num_rare_codes: int = 0  # distinct training codes below min_count (they map to UNK)
+
+  @classmethod
+  def build(cls, records: Iterable[Mapping[str, Any]], *, min_count: int,
+            num_value_bins: int) -> EHRVocab:
+    """Counts codes and collects numeric values over `records` (the training split)."""
+    if min_count < 1 or num_value_bins < 1:
+      raise ValueError(f"EHRVocab.build: min_count ({min_count}) and num_value_bins "
+                       f"({num_value_bins}) must be >= 1")
+    counts: collections.Counter[str] = collections.Counter()
+    valued_codes, valued_values = [], []
+    for record in records:
+      codes = np.asarray(record["codes"], dtype=object)
+      values = np.asarray(record["numeric_values"], dtype=np.float32)
+      unique, n = np.unique(codes, return_counts=True)
+      counts.update(dict(zip(unique.tolist(), n.tolist())))
+      has_value = np.isfinite(values)  # NaN means "no value"; inf would break quantiles
+      valued_codes.append(codes[has_value])
+      valued_values.append(values[has_value])
+    kept = sorted((c for c, n in counts.items() if n >= min_count),
+                  key=lambda c: (-counts[c], c))
+    edges = _quantile_edges(valued_codes, valued_values, set(kept), num_value_bins)
+    return cls(codes=tuple(kept), value_bin_edges=edges, num_value_bins=num_value_bins,
+               min_count=min_count, num_rare_codes=len(counts) - len(kept))
+
+  @property
+  def size(self) -> int:
+    return _NUM_SPECIAL + len(self.codes)
+
+  @functools.cached_property
+  def _ids(self) -> dict[str, int]:
+    return {code: _NUM_SPECIAL + i for i, code in enumerate(self.codes)}
+
+  @functools.cached_property
+  def _edge_arrays(self) -> dict[str, np.ndarray]:
+    return {c: np.asarray(e, dtype=np.float64) for c, e in self.value_bin_edges.items()}
+
+  def code_ids(self, codes: np.ndarray) -> np.ndarray:
+    """int32 token ids; UNK_ID for codes not in the vocabulary."""
+    ids = self._ids
+    return np.fromiter((ids.get(c, batch.UNK_ID) for c in codes), dtype=np.int32,
+                       count=len(codes))
+
+  def value_bins(self, codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """int32 bins 1..num_value_bins; NO_VALUE_BIN where NaN or the code has no edges."""
+    values = np.asarray(values, dtype=np.float64)
+    bins = np.full(len(values), batch.NO_VALUE_BIN, dtype=np.int32)
+    has_value = ~np.isnan(values)
+    if not has_value.any():
+      return bins
+    codes = np.asarray(codes, dtype=object)
+    for code in np.unique(codes[has_value]).tolist():
+      edges = self._edge_arrays.get(code)
+      if edges is None:
+        continue
+      at = has_value & (codes == code)
+      bins[at] = 1 + np.searchsorted(edges, values[at], side="right")
+    return bins
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes human-readable JSON atomically (tmp file, then rename)."""
+    path = Path(path)
+    payload = {
+        "format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
+        "special_tokens": list(batch.SPECIAL_TOKENS), "min_count": self.min_count,
+        "num_value_bins": self.num_value_bins, "num_rare_codes": self.num_rare_codes,
+        "codes": list(self.codes),
+        "value_bin_edges": {c: list(e) for c, e in self.value_bin_edges.items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> EHRVocab:
+    path = Path(path)
+    try:
+      payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"EHR vocabulary {path}: cannot read JSON ({e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != VOCAB_FORMAT:
+      raise ValueError(f"EHR vocabulary {path}: 'format' is not {VOCAB_FORMAT!r}")
+    if payload.get("format_version") != VOCAB_FORMAT_VERSION:
+      raise ValueError(f"EHR vocabulary {path}: format_version "
+                       f"{payload.get('format_version')!r}, expected {VOCAB_FORMAT_VERSION}")
+    if payload.get("special_tokens") != list(batch.SPECIAL_TOKENS):
+      raise ValueError(f"EHR vocabulary {path}: special_tokens "
+                       f"{payload.get('special_tokens')!r}, expected {list(batch.SPECIAL_TOKENS)}")
+    try:
+      return cls(codes=tuple(payload["codes"]),
+                 value_bin_edges={c: tuple(float(x) for x in e)
+                                  for c, e in payload["value_bin_edges"].items()},
+                 num_value_bins=int(payload["num_value_bins"]),
+                 min_count=int(payload["min_count"]),
+                 num_rare_codes=int(payload.get("num_rare_codes", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"EHR vocabulary {path}: missing or malformed field ({e!r})") from e
+
+
+def _quantile_edges(code_chunks: list[np.ndarray], value_chunks: list[np.ndarray],
+                    kept: set[str], num_value_bins: int) -> dict[str, tuple[float, ...]]:
+  """num_value_bins - 1 interior quantiles of each kept code's training values."""
+  codes = np.concatenate(code_chunks) if code_chunks else np.empty(0, object)
+  if not len(codes):
+    return {}
+  values = np.concatenate(value_chunks).astype(np.float64)
+  # Group values by code with one sort instead of a Python dict of lists.
+  order = np.argsort(codes, kind="stable")
+  codes, values = codes[order], values[order]
+  starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+  ends = np.r_[starts[1:], len(codes)]
+  qs = np.linspace(0.0, 1.0, num_value_bins + 1)[1:-1]
+  edges = {}
+  for start, end in zip(starts.tolist(), ends.tolist()):
+    if codes[start] in kept:
+      edges[codes[start]] = tuple(float(x) for x in np.quantile(values[start:end], qs))
+  return dict(sorted(edges.items()))
+
+
+# ================================================================ tokenisation
+def window_stats(event_counts: np.ndarray, max_len: int) -> dict[str, int]:
+  """What windowing to `max_len - 1` events (CLS takes one slot) drops, as counts."""
+  counts = np.asarray(event_counts, dtype=np.int64)
+  dropped = np.maximum(counts - (max_len - 1), 0)
+  return {"subjects": int(len(counts)), "events": int(counts.sum()),
+          "subjects_truncated": int((dropped > 0).sum()), "events_dropped": int(dropped.sum())}
+
+
+def _check_record(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  where = f"EHR record (subject_id {record.get('subject_id', '?')})"
+  missing = [f for f in _RECORD_FIELDS if f not in record]
+  if missing:
+    raise ValueError(f"{where}: missing fields {missing}, expected {list(_RECORD_FIELDS)}")
+  codes = np.asarray(record["codes"], dtype=object)
+  times = np.asarray(record["times"]).astype("datetime64[us]")
+  values = np.asarray(record["numeric_values"], dtype=np.float32)
+  if not len(codes) == len(times) == len(values):
+    raise ValueError(f"{where}: codes/times/numeric_values lengths {len(codes)}/"
+                     f"{len(times)}/{len(values)} differ")
+  return codes, times, values
+
+
+def _birth_time(codes: np.ndarray, times: np.ndarray) -> np.datetime64 | None:
+  timed_births = np.flatnonzero((codes == BIRTH_CODE) & ~np.isnat(times))
+  return times[timed_births[0]] if len(timed_births) else None
+
+
+def _window(n: int, keep: int, window: str) -> slice:
+  return slice(max(n - keep, 0), n) if window == "recent" else slice(0, min(n, keep))
+
+
+class TokenizeEHR(grain.transforms.Map):
+  """Record -> `batch.EHR_INPUT_FIELDS`, each of shape (max_len,)."""
+
+  def __init__(self, vocab: EHRVocab, max_len: int, window: str = "recent"):
+    if max_len < 2:
+      raise ValueError(f"TokenizeEHR: max_len {max_len} must be >= 2 (CLS plus one event)")
+    if window not in WINDOWS:
+      raise ValueError(f"TokenizeEHR: window {window!r}, expected one of {WINDOWS}")
+    self.vocab, self.max_len, self.window = vocab, max_len, window
+
+  def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    codes, times, values = _check_record(record)
+    birth = _birth_time(codes, times)  # from the whole record: the window may cut it
+    kept = _window(len(codes), self.max_len - 1, self.window)
+    codes, times, values = codes[kept], times[kept], values[kept]
+    out = {name: np.zeros(shape, dtype)
+           for name, (shape, dtype) in batch.ehr_example_spec(self.max_len, False).items()}
+    n, events = len(codes), slice(1, 1 + len(codes))
+    out[batch.EHR_CODES][0] = batch.CLS_ID
+    out[batch.EHR_MASK][: 1 + n] = True
+    out[batch.EHR_CODES][events] = self.vocab.code_ids(codes)
+    out[batch.EHR_VALUE_BINS][events] = self.vocab.value_bins(codes, values)
+    timed = ~np.isnat(times)
+    if timed.any():
+      last = times[timed].max()  # max, not [-1]: time_days <= 0 even if a source misorders
+      offsets = (times[timed] - last).astype(np.int64) / _US_PER_DAY
+      out[batch.EHR_TIME][events][timed] = offsets
+      out[batch.EHR_TIME_KNOWN][events] = timed
+      if birth is not None:
+        ages = (times[timed] - birth).astype(np.int64) / (_US_PER_DAY * _DAYS_PER_YEAR)
+        out[batch.EHR_AGE][events][timed] = ages
+        out[batch.EHR_AGE_KNOWN][events] = timed
+    return out
+
+
+# ================================================================ masking
+class MaskEHR(grain.transforms.RandomMap):
+  """BERT-style masking of event tokens; adds `batch.EHR_TARGET_FIELDS`."""
+
+  def __init__(self, vocab_size: int, mask_rate: float = 0.15):
+    if vocab_size <= _NUM_SPECIAL:
+      raise ValueError(f"MaskEHR: vocab_size {vocab_size} has no codes beyond the "
+                       f"{_NUM_SPECIAL} special tokens")
+    if not 0.0 < mask_rate <= 1.0:
+      raise ValueError(f"MaskEHR: mask_rate {mask_rate} must be in (0, 1]")
+    self.vocab_size, self.mask_rate = vocab_size, mask_rate
+
+  def random_map(self, example: Mapping[str, np.ndarray],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    codes = example[batch.EHR_CODES]
+    events = example[batch.EHR_MASK] & (codes != batch.CLS_ID)
+    length = len(codes)
+    # Fixed-size draws regardless of content, so the stream of numbers per index is stable.
+    select_u, action_u = rng.random(length), rng.random(length)
+    random_ids = rng.integers(_NUM_SPECIAL, self.vocab_size, size=length, dtype=np.int32)
+    fallback = rng.integers(0, max(int(events.sum()), 1))
+    selected = events & (select_u < self.mask_rate)
+    if events.any() and not selected.any():
+      selected[np.flatnonzero(events)[fallback]] = True  # every example teaches something
+    new_codes = codes.copy()
+    new_codes[selected & (action_u < 0.8)] = batch.MASK_ID
+    swap = selected & (action_u >= 0.8) & (action_u < 0.9)
+    new_codes[swap] = random_ids[swap]
+    new_bins = example[batch.EHR_VALUE_BINS].copy()
+    new_bins[selected] = batch.NO_VALUE_BIN
+    out = dict(example)
+    out[batch.EHR_CODES], out[batch.EHR_VALUE_BINS] = new_codes, new_bins
+    out[batch.EHR_TARGET_CODES] = codes.copy()
+    out[batch.EHR_TARGET_VALUE_BINS] = example[batch.EHR_VALUE_BINS].copy()
+    out[batch.EHR_TARGET_MASK] = selected
+    return out
+
+
+# ================================================================ data module
+class EHRData:
+  """The EHR modality as the pipeline and training loop see it."""
+  name = "ehr"
+
+  def __init__(self, dataset: Any, vocab: EHRVocab, *, max_len: int, window: str,
+               mask_rate: float, objective: str):
+    if objective not in OBJECTIVES:
+      raise ValueError(f"EHRData: objective {objective!r}, expected one of {OBJECTIVES}")
+    self.dataset, self.vocab = dataset, vocab
+    self.max_len, self.window, self.mask_rate, self.objective = (max_len, window,
+                                                                 mask_rate, objective)
+    self._summary: dict[str, int] | None = None
+
+  @classmethod
+  def from_config(cls, cfg: Any, *, objective: str,
+                  artifacts_dir: str | os.PathLike) -> EHRData:
+    """Opens the MEDS dataset named by `cfg` (= config.data.ehr) and its vocabulary."""
+    from biofm_jax.data.sources import meds as meds_source  # pyarrow only when needed
+    artifacts_dir = Path(artifacts_dir)
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(cfg.path) if cfg.path else _synthetic_cohort(cfg, artifacts_dir)
+    dataset = meds_source.MEDSDataset(root)
+    vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME,
+                                 min_count=cfg.min_code_count,
+                                 num_value_bins=cfg.num_value_bins)
+    return cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window,
+               mask_rate=cfg.mask_rate, objective=objective)
+
+  def source(self, split: str):
+    return self.dataset.source(split)
+
+  def transforms(self, train: bool) -> list:
+    """The same for train and eval: eval masking is made repeatable by its fixed seed."""
+    del train
+    tokenize = TokenizeEHR(self.vocab, self.max_len, self.window)
+    if self.objective == "masked":
+      return [tokenize, MaskEHR(self.vocab.size, self.mask_rate)]
+    return [tokenize]
+
+  def example_spec(self) -> dict:
+    return batch.ehr_example_spec(self.max_len, with_targets=self.objective == "masked")
+
+  def model_info(self) -> dict[str, int]:
+    return {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins,
+            "max_len": self.max_len}
+
+  def summary(self) -> dict[str, int | float]:
+    """Counts for the logs; reads the train and tuning splits once, then cached."""
+    if self._summary is None:
+      out: dict[str, int | float] = {
+          f"subjects_{split}": int(len(ids)) for split, ids in self.dataset.splits.items()}
+      out["vocab_size"] = self.vocab.size
+      out["vocab_codes"] = len(self.vocab.codes)
+      out["codes_below_min_count"] = self.vocab.num_rare_codes
+      out.update(_unk_counts(self.vocab, self._split_records("tuning")))
+      counts = np.array([len(r["codes"]) for r in self._split_records("train")], np.int64)
+      out.update({f"train_{k}": v for k, v in window_stats(counts, self.max_len).items()})
+      out.update({f"meds_{k}": v for k, v in dict(self.dataset.stats).items()})
+      self._summary = out
+    return dict(self._summary)
+
+  def _split_records(self, split: str) -> Iterable[Mapping[str, Any]]:
+    if split not in self.dataset.splits or not len(self.dataset.splits[split]):
+      return ()
+    source = self.source(split)
+    return (source[i] for i in range(len(source)))
+
+
+def _unk_counts(vocab: EHRVocab, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+  events = unk = 0
+  for record in records:
+    ids = vocab.code_ids(np.asarray(record["codes"], dtype=object))
+    events += len(ids)
+    unk += int((ids == batch.UNK_ID).sum())
+  return {"tuning_events": events, "tuning_unk_events": unk,
+          "tuning_unk_rate": unk / events if events else 0.0}
+
+
+def _synthetic_cohort(cfg: Any, artifacts_dir: Path) -> Path:
+  """The synthetic cohort under artifacts_dir, written once (reused on resume)."""
+  import meds
+
+  from biofm_jax.data.sources import synthetic
+  root = artifacts_dir / "synthetic_meds"
+  # write_synthetic_meds renames a finished cohort into place: if it is there, it is whole.
+  if not (root / meds.dataset_metadata_filepath).exists():
+    log.info("EHR: writing a synthetic MEDS cohort of %d subjects", cfg.synthetic_subjects)
+    synthetic.write_synthetic_meds(root, num_subjects=cfg.synthetic_subjects,
+                                   seed=cfg.synthetic_seed)
+  return root
+
+
+def _load_or_build_vocab(dataset: Any, path: Path, *, min_count: int,
+                         num_value_bins: int) -> EHRVocab:
+  """A resumed run must reuse the exact vocabulary it was trained with."""
+  if path.exists():
+    vocab = EHRVocab.load(path)
+    if (vocab.min_count, vocab.num_value_bins) != (min_count, num_value_bins):
+      raise ValueError(
+          f"EHR vocabulary {path}: built with min_count={vocab.min_count}, "
+          f"num_value_bins={vocab.num_value_bins}, but the config asks for "
+          f"min_code_count={min_count}, num_value_bins={num_value_bins}; use a new "
+          f"workdir or match the config")
+    log.info("EHR: loaded vocabulary of %d codes", len(vocab.codes))
+    return vocab
+  source = dataset.source("train")
+  vocab = EHRVocab.build((source[i] for i in range(len(source))), min_count=min_count,
+                         num_value_bins=num_value_bins)
+  vocab.save(path)
+  log.info("EHR: built vocabulary of %d codes (%d below min_count)", len(vocab.codes),
+           vocab.num_rare_codes)
+  return vocab

@@ -1,0 +1,418 @@
+"""Random-access reader for any valid MEDS dataset directory.
+
+This module owns turning a MEDS directory (https://github.com/Medical-Event-Data-Standard)
+into per-subject records that a Grain pipeline can index:
+
+  dataset = MEDSDataset("/data/mimic_meds")
+  source = dataset.source("train")          # a picklable random-access sequence
+  record = source[0]                        # {"subject_id", "codes", "times", "numeric_values"}
+
+What it accepts is what real MEDS writers produce: data files flat in `data/` or in nested
+shard folders, extra columns, integer subject ids of any width, timestamps of any unit or
+time zone, float64 values, dictionary-encoded codes, a missing `subject_splits.parquet`.
+What it refuses, with an error naming the file, the column and what was expected: missing
+required columns, types that cannot be cast without changing meaning, null subject ids or
+codes, unreadable parquet files.
+
+Everything is held in memory as a few compact numpy arrays sorted by subject, with codes
+dictionary-encoded; a record is a slice. Birth and death codes are not interpreted here
+(the EHR tokenizer does that); only counts about them are kept in `stats`. Nothing here
+logs subject ids or record contents.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import pathlib
+from typing import Sequence
+
+import meds
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+_SUBJECT = meds.DataSchema.subject_id_name
+_TIME = meds.DataSchema.time_name
+_CODE = meds.DataSchema.code_name
+_VALUE = meds.DataSchema.numeric_value_name
+_REQUIRED_COLUMNS = tuple(meds.DataSchema.required_columns())
+_READ_COLUMNS = (_SUBJECT, _TIME, _CODE, _VALUE)
+_STANDARD_SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
+
+# numpy's NaT is int64 min, so static rows (null time) sort before every timed row.
+_NAT = np.iinfo(np.int64).min
+
+# Like pyarrow.dataset, skip files and folders starting with these: `_SUCCESS` markers,
+# `.crc` side files and macOS `._name.parquet` resource forks are not data.
+_IGNORED_PREFIXES = (".", "_")
+
+
+# ---------------------------------------------------------------- column types
+def _is_string_like(t: pa.DataType) -> bool:
+  if pa.types.is_dictionary(t):
+    return _is_string_like(t.value_type)
+  return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+# Types each column may have on disk: all of them convert to the standard MEDS type without
+# changing what a value means (wider/narrower ints, other time units and zones, wider
+# floats). An all-null column (pa.null, as pandas writes it) is fine where nulls are.
+_ACCEPTED_TYPES = {
+    _SUBJECT: (pa.types.is_integer, "an integer type"),
+    _TIME: (lambda t: pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_null(t),
+            "a timestamp or date type"),
+    _CODE: (_is_string_like, "a string type"),
+    _VALUE: (lambda t: (pa.types.is_floating(t) or pa.types.is_integer(t)
+                        or pa.types.is_decimal(t) or pa.types.is_null(t)),
+             "a numeric type"),
+}
+
+
+def _check_column_types(path: pathlib.Path, schema: pa.Schema) -> None:
+  for name, (accepts, description) in _ACCEPTED_TYPES.items():
+    if name not in schema.names:
+      continue
+    found = schema.field(name).type
+    if not accepts(found):
+      expected = meds.DataSchema.schema().field(name).type
+      raise ValueError(f"{path}: column {name!r} has type {found}, expected {expected} "
+                       f"(meds.DataSchema) or {description} that casts to it safely")
+
+
+def _cast(path: pathlib.Path, name: str, column: pa.ChunkedArray,
+          target: pa.DataType) -> pa.ChunkedArray:
+  """Casts to the standard type; fails (naming the file) on overflow, never wraps."""
+  if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
+    # Sub-microsecond digits are below MEDS resolution: drop them, keep overflow checks.
+    options = pc.CastOptions(target_type=target, allow_time_truncate=True)
+  elif name == _VALUE:
+    # float64 -> float32 and big ints -> float32 lose precision by design of the standard.
+    options = pc.CastOptions.unsafe(target)
+  else:
+    options = pc.CastOptions.safe(target)
+  try:
+    return pc.cast(column, options=options)
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+    raise ValueError(f"{path}: column {name!r} of type {column.type} cannot be cast to "
+                     f"{target} (meds.DataSchema): {e}") from e
+
+
+# ---------------------------------------------------------------- one data file
+class _FileEvents:
+  """The rows of one data file as compact numpy arrays (codes local to this file)."""
+
+  def __init__(self, subjects, times, local_codes, code_strings, values, nan_values):
+    self.subjects: np.ndarray = subjects  # int64
+    self.times: np.ndarray = times  # int64 microseconds, _NAT for static rows
+    self.local_codes: np.ndarray = local_codes  # int32 indices into code_strings
+    self.code_strings: list[str] = code_strings
+    self.values: np.ndarray = values  # float32, NaN for no value
+    self.nan_values: int = nan_values
+
+
+def _open_parquet(path: pathlib.Path) -> pq.ParquetFile:
+  try:
+    return pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+
+
+def _read_data_file(path: pathlib.Path) -> _FileEvents | None:
+  """Reads, validates and standardises one file; None when it has no rows."""
+  parquet = _open_parquet(path)
+  schema = parquet.schema_arrow
+  missing = [name for name in _REQUIRED_COLUMNS if name not in schema.names]
+  if missing:
+    raise ValueError(f"{path}: missing required MEDS column(s) {missing}; "
+                     f"meds.DataSchema requires {list(_REQUIRED_COLUMNS)}")
+  _check_column_types(path, schema)
+  if parquet.metadata.num_rows == 0:
+    return None
+  try:
+    table = parquet.read(columns=[c for c in _READ_COLUMNS if c in schema.names])
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path}: parquet file could not be read ({e})") from e
+
+  for name in (_SUBJECT, _CODE):
+    nulls = table.column(name).null_count
+    if nulls:
+      raise ValueError(f"{path}: column {name!r} has {nulls} null value(s); "
+                       "meds.DataSchema requires it to be non-null")
+
+  standard = meds.DataSchema.schema()
+  subjects = _cast(path, _SUBJECT, table.column(_SUBJECT), pa.int64())
+  times = _cast(path, _TIME, table.column(_TIME), standard.field(_TIME).type)
+  times = pc.fill_null(times.cast(pa.int64()), _NAT)
+  codes = _cast(path, _CODE, table.column(_CODE), pa.large_string())
+  codes = codes.combine_chunks().dictionary_encode()
+  if _VALUE in table.column_names:
+    values = _cast(path, _VALUE, table.column(_VALUE), standard.field(_VALUE).type)
+    null_values = values.null_count
+    values = pc.fill_null(values, np.float32(np.nan)).to_numpy()
+  else:  # numeric_value is optional in meds.DataSchema: absent means no values
+    null_values = table.num_rows
+    values = np.full(table.num_rows, np.nan, np.float32)
+  return _FileEvents(
+      subjects=subjects.to_numpy(),
+      times=times.to_numpy(),
+      local_codes=codes.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+      code_strings=codes.dictionary.to_pylist(),
+      values=values.astype(np.float32, copy=False),
+      nan_values=int(np.isnan(values).sum()) - null_values)
+
+
+def find_data_files(data_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Every `*.parquet` under `data_dir`, recursively, in a deterministic order."""
+  if not data_dir.is_dir():
+    raise ValueError(f"{data_dir}: MEDS data directory not found "
+                     f"(expected `{meds.data_subdirectory}/` with *.parquet files)")
+  files = sorted(
+      p for p in data_dir.rglob("*.parquet")
+      if p.is_file() and not any(part.startswith(_IGNORED_PREFIXES)
+                                 for part in p.relative_to(data_dir).parts))
+  if not files:
+    raise ValueError(f"{data_dir}: no *.parquet files found (searched recursively)")
+  return files
+
+
+# ---------------------------------------------------------------- all events
+def _is_meds_sorted(subjects: np.ndarray, times: np.ndarray) -> bool:
+  step = np.diff(subjects)
+  same_subject = step == 0
+  return bool((step >= 0).all() and (times[1:][same_subject] >= times[:-1][same_subject]).all())
+
+
+class _Events:
+  """All rows sorted by (subject, time) with static rows first, and per-subject offsets."""
+
+  def __init__(self, files: Sequence[pathlib.Path], stats: dict[str, int]):
+    vocab: dict[str, int] = {}
+    parts: list[_FileEvents] = []
+    subject_file_pairs = 0
+    for path in files:
+      events = _read_data_file(path)
+      if events is None:
+        stats["empty_files"] += 1
+        continue
+      # Map this file's codes onto one vocabulary shared by all files: a dict lookup per
+      # distinct code in the file, not per row.
+      to_global = np.array([vocab.setdefault(c, len(vocab)) for c in events.code_strings],
+                           np.int32)
+      events.local_codes = to_global[events.local_codes]
+      stats["nan_values"] += events.nan_values
+      stats["unsorted_files"] += not _is_meds_sorted(events.subjects, events.times)
+      subject_file_pairs += len(np.unique(events.subjects))
+      parts.append(events)
+    if not parts:
+      raise ValueError(f"{files[0].parent}: all {len(files)} MEDS data file(s) have 0 rows")
+
+    subjects = np.concatenate([p.subjects for p in parts])
+    times = np.concatenate([p.times for p in parts])
+    code_ids = np.concatenate([p.local_codes for p in parts])
+    values = np.concatenate([p.values for p in parts])
+    del parts
+    if not _is_meds_sorted(subjects, times):
+      order = np.lexsort((times, subjects))  # stable: file order kept within equal times
+      subjects, times, code_ids, values = (subjects[order], times[order], code_ids[order],
+                                           values[order])
+    starts = np.flatnonzero(np.diff(subjects)) + 1
+    starts = np.concatenate([[0], starts]).astype(np.int64)
+
+    self.subject_ids: np.ndarray = subjects[starts]
+    self.starts: np.ndarray = starts
+    self.ends: np.ndarray = np.append(starts[1:], len(subjects)).astype(np.int64)
+    self.times: np.ndarray = times.view("datetime64[us]")
+    self.code_ids: np.ndarray = code_ids
+    self.code_vocab: np.ndarray = np.array(list(vocab), dtype=object)
+    self.values: np.ndarray = values
+
+    static = times == _NAT
+    stats["rows"] = len(subjects)
+    stats["subjects"] = len(self.subject_ids)
+    stats["codes"] = len(vocab)
+    stats["static_rows"] = int(static.sum())
+    stats["numeric_values"] = int((~np.isnan(values)).sum())
+    stats["static_only_subjects"] = int(np.logical_and.reduceat(static, starts).sum())
+    stats["subjects_in_multiple_files"] = subject_file_pairs - stats["subjects"]
+    birth = vocab.get(meds.birth_code, -1)
+    with_birth = np.logical_or.reduceat(code_ids == birth, starts)
+    stats["subjects_without_birth"] = int((~with_birth).sum())
+    death = vocab.get(meds.death_code, -1)
+    stats["subjects_with_death"] = int(np.logical_or.reduceat(code_ids == death, starts).sum())
+
+
+# ---------------------------------------------------------------- splits
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """The splitmix64 finaliser: a fixed, well-mixed hash of uint64 values."""
+  x = x + np.uint64(0x9E3779B97F4A7C15)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def hash_splits(subject_ids: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                seed: int = 0) -> dict[str, np.ndarray]:
+  """Assigns subjects to train/tuning/held_out by a hash of (seed, subject id).
+
+  u = (splitmix64(uint64(subject_id) XOR splitmix64(uint64(seed))) >> 11) / 2**53 is a
+  uniform number in [0, 1) per subject; the subject goes to train if u < f_train, to
+  tuning if u < f_train + f_tuning, else to held_out. A subject's split therefore depends
+  only on its id and the seed: not on file order, sharding or how many subjects there are.
+  """
+  fractions = tuple(float(f) for f in fractions)
+  if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+    raise ValueError(f"fallback_fractions {fractions}: expected 3 non-negative fractions "
+                     f"for {list(_STANDARD_SPLITS)} summing to 1")
+  ids = np.ascontiguousarray(subject_ids, np.int64)
+  seed_hash = _splitmix64(np.array([seed % 2**64], np.uint64))[0]
+  unit = (_splitmix64(ids.view(np.uint64) ^ seed_hash) >> np.uint64(11)) * 2.0**-53
+  bucket = np.searchsorted(np.cumsum(fractions[:2]), unit, side="right")
+  return {name: np.sort(ids[bucket == i]) for i, name in enumerate(_STANDARD_SPLITS)}
+
+
+def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Split name -> sorted unique subject ids, standard names first, others sorted."""
+  parquet = _open_parquet(path)
+  schema = parquet.schema_arrow
+  subject_col = meds.SubjectSplitSchema.subject_id_name
+  split_col = meds.SubjectSplitSchema.split_name
+  for name in (subject_col, split_col):
+    if name not in schema.names:
+      raise ValueError(f"{path}: missing column {name!r}; meds.SubjectSplitSchema requires "
+                       f"{meds.SubjectSplitSchema.required_columns()}")
+  if not pa.types.is_integer(schema.field(subject_col).type):
+    raise ValueError(f"{path}: column {subject_col!r} has type "
+                     f"{schema.field(subject_col).type}, expected int64")
+  if not _is_string_like(schema.field(split_col).type):
+    raise ValueError(f"{path}: column {split_col!r} has type {schema.field(split_col).type}, "
+                     "expected string")
+  table = parquet.read(columns=[subject_col, split_col])
+  for name in (subject_col, split_col):
+    if table.column(name).null_count:
+      raise ValueError(f"{path}: column {name!r} has {table.column(name).null_count} null "
+                       "value(s)")
+  ids = _cast(path, subject_col, table.column(subject_col), pa.int64()).to_numpy()
+  names = np.array(table.column(split_col).cast(pa.string()).to_pylist(), dtype=object)
+  # A subject in two splits would leak between training and evaluation.
+  order = np.argsort(ids, kind="stable")
+  sorted_ids, sorted_names = ids[order], names[order]
+  clash = (sorted_ids[1:] == sorted_ids[:-1]) & (sorted_names[1:] != sorted_names[:-1])
+  conflicts = len(np.unique(sorted_ids[1:][clash]))
+  if conflicts:
+    raise ValueError(f"{path}: {conflicts} subject(s) appear in more than one split")
+  found = set(names.tolist())
+  order = [s for s in _STANDARD_SPLITS if s in found] + sorted(found - set(_STANDARD_SPLITS))
+  return {name: np.unique(ids[names == name]) for name in order}
+
+
+# ---------------------------------------------------------------- public API
+class MEDSSource:
+  """The records of one split: a random-access sequence that Grain can index.
+
+  Holds only numpy arrays (shared with the dataset, not copied), so it pickles to workers.
+  """
+
+  def __init__(self, subject_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+               events: _Events):
+    self.subject_ids: np.ndarray = subject_ids.astype(np.int64, copy=False)
+    self._starts, self._ends = starts, ends
+    self._times, self._code_ids = events.times, events.code_ids
+    self._code_vocab, self._values = events.code_vocab, events.values
+
+  def __len__(self) -> int:
+    return len(self.subject_ids)
+
+  def __getitem__(self, index: int) -> dict:
+    i = operator.index(index)
+    if i < 0:
+      i += len(self)
+    if not 0 <= i < len(self):
+      raise IndexError(f"MEDSSource: index {index} out of range for {len(self)} subjects")
+    rows = slice(self._starts[i], self._ends[i])
+    return {
+        "subject_id": np.int64(self.subject_ids[i]),
+        "codes": self._code_vocab[self._code_ids[rows]],
+        "times": self._times[rows].copy(),
+        "numeric_values": self._values[rows].copy(),
+    }
+
+  def __repr__(self) -> str:
+    return f"MEDSSource(subjects={len(self)})"
+
+
+class MEDSDataset:
+  """A MEDS directory loaded into memory, with its subject splits.
+
+  Attributes:
+    root: the dataset directory.
+    splits: split name -> sorted int64 ids of subjects that have events. Read from
+      `metadata/subject_splits.parquet` when present (custom split names kept); otherwise
+      `hash_splits(ids, fallback_fractions, fallback_seed)` into train/tuning/held_out.
+    stats: counts only, safe to log; every key is listed in `STAT_KEYS`.
+  """
+
+  def __init__(self, root: str | os.PathLike, *,
+               fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+               fallback_seed: int = 0):
+    self.root = pathlib.Path(root)
+    files = find_data_files(self.root / meds.data_subdirectory)
+    self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+    self.stats["files"] = len(files)
+    self._events = _Events(files, self.stats)
+    self.splits = self._load_splits(fallback_fractions, fallback_seed)
+    log.info("MEDS %s: %s", self.root, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
+
+  def _load_splits(self, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    subject_ids = self._events.subject_ids
+    split_path = self.root / meds.subject_splits_filepath
+    if not split_path.exists():
+      self.stats["fallback_split"] = 1
+      return hash_splits(subject_ids, fractions, seed)
+    splits = {}
+    for name, ids in _read_split_file(split_path).items():
+      has_events = np.isin(ids, subject_ids, assume_unique=True)
+      self.stats["split_subjects_without_events"] += int((~has_events).sum())
+      splits[name] = ids[has_events]
+    listed = np.concatenate([np.zeros(0, np.int64), *splits.values()])
+    self.stats["subjects_without_split"] = int(
+        (~np.isin(subject_ids, listed, assume_unique=True)).sum())
+    return splits
+
+  def source(self, split: str) -> MEDSSource:
+    """The records of `split`, in increasing subject id order."""
+    if split not in self.splits:
+      raise ValueError(f"{self.root}: unknown split {split!r}; available splits: "
+                       f"{list(self.splits)}")
+    ids = self.splits[split]
+    positions = np.searchsorted(self._events.subject_ids, ids)
+    return MEDSSource(ids, self._events.starts[positions], self._events.ends[positions],
+                      self._events)
+
+  def __repr__(self) -> str:
+    return (f"MEDSDataset({str(self.root)!r}, subjects={self.stats['subjects']}, "
+            f"rows={self.stats['rows']}, splits={ {k: len(v) for k, v in self.splits.items()} })")
+
+
+# Every key of MEDSDataset.stats (all ints):
+STAT_KEYS = (
+    "files",  # *.parquet files found under data/
+    "empty_files",  # of which had 0 rows (skipped)
+    "unsorted_files",  # files not in MEDS order (subject-contiguous, time-sorted); re-sorted
+    "subjects_in_multiple_files",  # MEDS says one file per subject; tolerated, counted
+    "rows",  # event rows loaded
+    "subjects",  # subjects with at least one row
+    "codes",  # distinct codes
+    "static_rows",  # rows with a null time
+    "static_only_subjects",  # subjects whose rows are all static
+    "numeric_values",  # rows with a numeric value
+    "nan_values",  # NaN numeric values, treated as "no value"
+    "subjects_without_birth",  # subjects with no meds.birth_code row (age unknown)
+    "subjects_with_death",  # subjects with a meds.death_code row
+    "fallback_split",  # 1 when subject_splits.parquet was absent and hash_splits was used
+    "split_subjects_without_events",  # listed in the split file but no rows; dropped
+    "subjects_without_split",  # have rows but absent from the split file; in no split
+)

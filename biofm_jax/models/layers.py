@@ -1,0 +1,137 @@
+"""Transformer building blocks: norms, rotary positions, attention, MLP.
+
+Every parameter is created through `nn.with_logical_partitioning` with logical axis
+names (`embed`, `heads`, `kv`, `mlp`, `vocab`, ...); `parallel.py` maps those names to
+mesh axes with the config's rules, so no layer knows the mesh. Activations are pinned
+with `nn.with_logical_constraint` at block boundaries for the same reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static hyper-parameters of the shared transformer stack (hashable for Linen)."""
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  mlp_dim: int
+  head_dim: int = 0  # 0 means embed_dim // num_heads
+  dropout_rate: float = 0.0
+  position: str = "rope"  # "rope" (rotary, in attention) or "learned" (added by the encoder)
+  max_len: int = 512
+  causal: bool = False
+  norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
+  dtype: DType = jnp.float32  # compute dtype
+  param_dtype: DType = jnp.float32
+  remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
+  scan_layers: bool = True
+
+  @property
+  def kv_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  def __post_init__(self):
+    if not self.head_dim and self.embed_dim % self.num_heads:
+      raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by "
+                       f"model.num_heads={self.num_heads}; set model.head_dim")
+    if self.position not in ("rope", "learned"):
+      raise ValueError(f"model.position must be 'rope' or 'learned', got {self.position!r}")
+    if self.norm not in ("rmsnorm", "layernorm"):
+      raise ValueError(f"model.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+
+
+def kernel_init(axes: tuple[str | None, ...], scale: float = 1.0):
+  return nn.with_logical_partitioning(nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal"), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def embed_init(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)
+
+
+def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      scale_init=ones_init(("embed",)))
+  return nn.LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)))
+
+
+def apply_rope(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
+  """Rotary position embedding on [batch, length, heads, head_dim] (head_dim even)."""
+  half = x.shape[-1] // 2
+  freqs = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over padded sequences, via `jax.nn.dot_product_attention`."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    cfg = self.cfg
+    def projection(name):
+      return nn.DenseGeneral((cfg.num_heads, cfg.kv_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             kernel_init=kernel_init(("embed", "heads", "kv")), use_bias=False, name=name)
+    q, k, v = projection("query")(x), projection("key")(x), projection("value")(x)
+    if cfg.position == "rope":
+      q, k = apply_rope(q, positions), apply_rope(k, positions)
+    # Keys that are padding are never attended to. Queries at padding positions still get
+    # a finite output (they attend to the real keys) and are masked out by every loss.
+    key_mask = mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal)
+    return nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                           kernel_init=kernel_init(("heads", "kv", "embed")), use_bias=False,
+                           name="out")(out)
+
+
+class MLP(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    h = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False,
+                 kernel_init=kernel_init(("embed", "mlp")), name="wi")(x)
+    h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
+    return nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False,
+                    kernel_init=kernel_init(("mlp", "embed")), name="wo")(h)
+
+
+class Block(nn.Module):
+  """A pre-norm transformer block. `deterministic` is an attribute so scan/remat see no Python args."""
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    x = x + drop(Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions))
+    x = x + drop(MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), None

@@ -1,0 +1,59 @@
+"""The shared transformer stack: scanned blocks, a remat policy and an analytic FLOP count.
+
+Every modality's encoder produces `[batch, length, embed]` tokens plus a boolean mask;
+this stack is the same for all of them, so parallelism, remat and dtype choices are made
+once here.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from biofm_jax.models.layers import Block, TransformerConfig, make_norm
+
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _block_class(cfg: TransformerConfig):
+  if cfg.remat == "none":
+    return Block
+  if cfg.remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {['none', *REMAT_POLICIES]}, got {cfg.remat!r}")
+  # prevent_cse is only needed outside scan; inside scan it would block useful fusions.
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class TransformerStack(nn.Module):
+  """`num_layers` pre-norm blocks followed by a final norm."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, *, train: bool) -> jax.Array:
+    cfg = self.cfg
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      # One compiled block body, parameters stacked on a leading "layers" axis.
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(cfg, deterministic=not train, name="layers")(x, mask, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, deterministic=not train, name=f"layer_{i}")(x, mask, positions)
+    return make_norm(cfg, "final_norm")(x)
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int, output_dim: int) -> float:
+  """Training FLOPs (forward + backward = 3x forward) per token of the stack and output head.
+
+  Counts matmuls only, as MFU conventions do: projections, MLP, attention scores and
+  values (full, not halved for causal masks), and the output projection to `output_dim`.
+  """
+  d, h = cfg.embed_dim, cfg.num_heads * cfg.kv_dim
+  per_layer = 2 * (3 * d * h + h * d) + 2 * (2 * d * cfg.mlp_dim) + 2 * (2 * seq_len * h)
+  forward = cfg.num_layers * per_layer + 2 * d * output_dim
+  return 3.0 * forward

@@ -1,0 +1,109 @@
+"""Device mesh, logical-to-mesh axis rules, shardings and multi-process set-up.
+
+The mesh and the rules are data from the config (`config.mesh`), not code paths:
+mesh axes are `data`, `fsdp` and `tensor`; the batch is split over `data` x `fsdp`,
+parameters over `fsdp` (and `tensor` for the heads/MLP/vocab dimensions) by the rules.
+The same code runs on one CPU (a 1x1x1 mesh), 8 fake CPU devices, a GPU node or a pod.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The default rules table: logical axis name -> mesh axis (or axes, or None = replicated).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the config's axis sizes; one axis may be -1 to take the remaining devices."""
+  sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one of mesh.{MESH_AXES} may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: logical constraints act as hints. With Explicit axes they become assertions.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_rules(mesh_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_cfg.rules)
+  for name, axes in rules:
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; mesh axes: {MESH_AXES}")
+  return rules
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp; other axes replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """Shardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes (e.g. from
+  `jax.eval_shape(init)`); unannotated leaves are replicated. The result has the
+  structure of the unboxed tree."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def global_batch_size_per_process(global_batch_size: int) -> int:
+  count = jax.process_count()
+  if global_batch_size % count:
+    raise ValueError(f"data.batch_size={global_batch_size} is not divisible by {count} processes")
+  return global_batch_size // count
+
+
+def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, accum_steps: int) -> None:
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if global_batch_size % (shards * accum_steps):
+    raise ValueError(f"data.batch_size={global_batch_size} must be a multiple of the batch shards "
+                     f"(mesh data x fsdp = {shards}) times train.grad_accum_steps={accum_steps}")
+
+
+def make_global_batch(host_batch: Any, mesh: Mesh) -> Any:
+  """Per-process numpy batch -> global `jax.Array`s sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins a multi-process run. No-op for a single process (no coordinator given)."""
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)

@@ -1,0 +1,69 @@
+"""Orbax checkpoints of train state, data-iterator state and config, saved together.
+
+One checkpoint step holds three items:
+  state  - the TrainState arrays (restored onto whatever mesh the restoring run uses),
+  data   - the Grain iterator's position, so a resumed run sees exactly the data order
+           of an uninterrupted one,
+  config - the resolved config as JSON, for the record.
+Orbax writes a step into a temporary directory and renames it only when complete, so a
+write interrupted by a crash or kill -9 is never taken as the latest step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+from biofm_jax.config import config_to_dict
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` with the three items above."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.directory = os.fspath(directory)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
+           *, force: bool = False) -> bool:
+    """Starts an (async) save of step `step`; returns whether a save was started."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iterator),
+                              config=ocp.args.JsonSave(config_to_dict(config)))
+    saved = self._manager.save(step, args=args, force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """Restores `step` into `abstract_state`'s shardings; sets `data_iterator`'s position."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=grain.checkpoint.CheckpointRestore(data_iterator))
+    restored = self._manager.restore(step, args=args)
+    return restored.state
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """Only the train state (e.g. to evaluate or fine-tune from a checkpoint)."""
+    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+
+  def restore_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,119 @@
+"""Metric writers (JSON lines + TensorBoard), throughput, ETA and MFU.
+
+`W/metrics.jsonl` holds one JSON object per logged step (`step`, `train/loss`, ...;
+evaluations add `eval/...` keys). On resume, records past the restored step (written
+by the interrupted run after its last checkpoint) are dropped, so the file always reads
+as one consistent run. Only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricWriter:
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if not enabled:
+      return
+    self._truncate_after(resume_step)
+    from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+    self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1,
+                             flush_secs=10)
+
+  def _truncate_after(self, step: int) -> None:
+    if not self.path.exists():
+      return
+    kept = []
+    for line in self.path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a kill
+      if record.get("step", 0) <= step:
+        kept.append(line)
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _to_float(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step" and math.isfinite(value):
+        self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _to_float(value) -> float:
+  return float(np.asarray(value))
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+  """Examples/s, tokens/s and MFU over the interval since the last report."""
+
+  def __init__(self, *, examples_per_step: int, tokens_per_step: int, flops_per_step: float,
+               peak_flops: float, total_steps: int):
+    self.examples_per_step, self.tokens_per_step = examples_per_step, tokens_per_step
+    self.flops_per_step, self.peak_flops, self.total_steps = flops_per_step, peak_flops, total_steps
+    self._last_time, self._last_step = None, None
+
+  def start(self, step: int) -> None:
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps, seconds = step - self._last_step, max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    if steps <= 0:
+      return {}
+    step_time = seconds / steps
+    return {"perf/step_time_s": step_time,
+            "perf/examples_per_s": self.examples_per_step / step_time,
+            "perf/tokens_per_s": self.tokens_per_step / step_time,
+            "perf/mfu": self.flops_per_step / step_time / self.peak_flops if self.peak_flops else 0.0,
+            "perf/eta_s": step_time * (self.total_steps - step)}
+
+
+def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+  """The whole machine's float32 matmul FLOP/s, measured now (best of `repeats`).
+
+  On CPU there is no datasheet peak to divide by; a large matmul is the best
+  achievable rate, so MFU against it is an honest "fraction of what this machine can do".
+  """
+  x = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

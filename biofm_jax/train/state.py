@@ -1,0 +1,80 @@
+"""The training state, the optimiser, and creating the state directly sharded.
+
+`TrainState` is a plain pytree (step, params, opt_state, rng), so Orbax saves it as a
+tree of arrays and restores it onto any mesh. The rng is kept as raw key data so the
+checkpoint holds ordinary uint32 arrays.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from biofm_jax import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up then cosine decay to `final_lr_fraction` of the peak."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=max(cfg.warmup_steps, 1),
+      decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
+
+
+def _decay_mask(params):
+  # Weight decay on matrices only: norms' scales, biases and small vectors are left alone.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
+                  weight_decay=cfg.weight_decay, mask=_decay_mask),
+  )
+
+
+def init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch: Any):
+  """Returns `rng -> TrainState` with parameters still in their logical-axis boxes."""
+  def init(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init({"params": params_rng}, example_batch, train=False)["params"]
+    # On boxed params the optimiser moments inherit the boxes, so they shard alike.
+    opt_state = tx.init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      rng=jax.random.key_data(state_rng))
+  return init
+
+
+def abstract_state(model, tx, example_batch, mesh: Mesh, rules):
+  """(shape-dtype tree with shardings, shardings tree) of the state on `mesh`; no FLOPs."""
+  boxed = jax.eval_shape(init_fn(model, tx, example_batch), jax.random.key(0))
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_sharded_state(model, tx, example_batch, mesh: Mesh, rules, seed: int):
+  """Initialises the state directly into its shardings (no host-side full copy)."""
+  _, shardings = abstract_state(model, tx, example_batch, mesh, rules)
+  init = init_fn(model, tx, example_batch)
+  with mesh, nn.logical_axis_rules(rules):
+    return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(jax.random.key(seed))
+
+
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,51 @@
+"""Pre-trains a biofm_jax model from a config file.
+
+  python experiments/pretrain.py --config=configs/ehr_bert.py:tiny --workdir=runs/ehr \
+      --config.data.ehr.path=/path/to/meds --config.train.num_steps=200
+
+Running the same command again resumes from the workdir's last checkpoint. For a
+multi-process run, pass --coordinator_address, --num_processes and --process_id to
+every process (or let the cluster environment provide them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from biofm_jax import parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ehr_bert.py:tiny.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and artifacts.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
+                      stream=sys.stdout)
+  for noisy in ("absl", "orbax", "jax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from biofm_jax.train.loop import train_and_evaluate  # after distributed init: it touches devices
+  summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+  print("\n=== run summary ===")
+  width = max(map(len, summary))
+  for key, value in summary.items():
+    shown = f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else value
+    print(f"  {key:<{width}}  {shown}")
+
+
+if __name__ == "__main__":
+  app.run(main)

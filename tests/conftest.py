@@ -1,0 +1,21 @@
+"""Test set-up: 8 fake CPU devices for every test, so sharding is exercised everywhere.
+
+The flag must be set before jax is imported anywhere in the test process.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def synthetic_meds(tmp_path_factory):
+  """A small synthetic MEDS cohort shared by the tests of one worker process."""
+  from biofm_jax.data.sources.synthetic import write_synthetic_meds
+  return write_synthetic_meds(tmp_path_factory.mktemp("meds") / "cohort", num_subjects=300, seed=0)

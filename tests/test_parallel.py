@@ -1,0 +1,120 @@
+"""Sharded training on 8 fake CPU devices: same numbers on every mesh, real shards."""
+import math
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import helpers
+from biofm_jax import parallel
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+STEPS = 10
+
+
+def mesh_overrides(shape, meds_path, **extra):
+  """A constant learning rate after warm-up, so a run's first steps do not depend on its length."""
+  data, fsdp, tensor = shape
+  overrides = dict(mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor, data__ehr__path=str(meds_path),
+                   train__num_steps=STEPS, train__log_every=1, train__eval_every=1000,
+                   train__final_lr_fraction=1.0, checkpoint__every_steps=5)
+  return {**overrides, **extra}
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_meds, tmp_path_factory):
+  """Train the tiny config for 10 steps on each mesh (dropout on, to check rng sharding too)."""
+  results = {}
+  for shape in MESHES:
+    workdir = tmp_path_factory.mktemp("mesh_" + "x".join(map(str, shape)))
+    config = helpers.config_for("configs/ehr_bert.py:tiny",
+                                **mesh_overrides(shape, synthetic_meds, model__dropout_rate=0.1))
+    summary = helpers.train(config, workdir)
+    results[shape] = (workdir, config, summary)
+  return results
+
+
+def test_losses_agree_across_meshes(runs):
+  reference = helpers.train_losses(runs[MESHES[0]][0])
+  assert len(reference) == STEPS
+  for shape in MESHES[1:]:
+    helpers.assert_curves_close(helpers.train_losses(runs[shape][0]), reference, atol=1e-5)
+  # The runs must really have learned something, or agreement would be trivial.
+  assert reference[STEPS] < reference[1]
+
+
+def test_final_params_agree_across_meshes(runs):
+  reference = helpers.final_params(runs[MESHES[0]][0], runs[MESHES[0]][1])
+  for shape in MESHES[1:]:
+    helpers.assert_trees_close(helpers.final_params(runs[shape][0], runs[shape][1]), reference, atol=1e-5)
+
+
+def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
+  from biofm_jax.data import pipeline
+  from biofm_jax.models.model import build_model
+  from biofm_jax.train import state as state_lib
+  from biofm_jax.train.loop import example_batch
+
+  config = helpers.config_for("configs/ehr_bert.py:tiny", **mesh_overrides((2, 2, 2), synthetic_meds))
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.logical_rules(config.mesh)
+  data = pipeline.DATA_MODULES["ehr"](config.data.ehr, objective="masked", artifacts_dir=tmp_path)
+  model = build_model(config, {"ehr": data.model_info()})
+  tx = state_lib.make_optimizer(config.train)
+  state = state_lib.create_sharded_state(model, tx, example_batch(data, 4), mesh, rules, seed=0)
+  params = state.params
+
+  def shard_shape(x):
+    return x.addressable_shards[0].data.shape
+
+  # MLP in: ("layers", "embed", "mlp") -> (None, fsdp, tensor)
+  wi = params["transformer"]["layers"]["mlp"]["wi"]["kernel"]
+  assert wi.sharding.spec == P(None, "fsdp", "tensor")
+  assert shard_shape(wi) == (wi.shape[0], wi.shape[1] // 2, wi.shape[2] // 2)
+  # Attention query: ("layers", "embed", "heads", "kv") -> (None, fsdp, tensor, None)
+  q = params["transformer"]["layers"]["attention"]["query"]["kernel"]
+  assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert shard_shape(q) == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2, q.shape[3])
+  # Code embedding: ("vocab", "embed") -> (tensor, fsdp)
+  emb = params["ehr_encoder"]["code_embedding"]["embedding"]
+  assert emb.sharding.spec == P("tensor", "fsdp")
+  assert shard_shape(emb) == (math.ceil(emb.shape[0] / 2), emb.shape[1] // 2)
+  # Optimiser moments shard like their parameters.
+  mu = state.opt_state[1][0].mu["transformer"]["layers"]["mlp"]["wi"]["kernel"]
+  assert mu.sharding.spec == wi.sharding.spec
+  # Norm scales are ("layers", "embed"): split over fsdp only.
+  scale = params["transformer"]["layers"]["mlp_norm"]["scale"]
+  assert shard_shape(scale) == (scale.shape[0], scale.shape[1] // 2)
+
+
+def test_checkpoint_from_one_mesh_resumes_on_another(runs, synthetic_meds, tmp_path):
+  """Steps 1-10 on (8,1,1), then 11-20 on (2,4,1) == 20 steps on (8,1,1)."""
+  import shutil
+  source_dir, _, _ = runs[(8, 1, 1)]
+  moved = tmp_path / "moved"
+  shutil.copytree(source_dir, moved)
+  continued = helpers.config_for("configs/ehr_bert.py:tiny",
+                                 **mesh_overrides((2, 4, 1), synthetic_meds, model__dropout_rate=0.1,
+                                                  train__num_steps=2 * STEPS))
+  helpers.train(continued, moved)
+  reference_dir = tmp_path / "reference"
+  reference = helpers.config_for("configs/ehr_bert.py:tiny",
+                                 **mesh_overrides((8, 1, 1), synthetic_meds, model__dropout_rate=0.1,
+                                                  train__num_steps=2 * STEPS))
+  helpers.train(reference, reference_dir)
+  resumed_curve = {s: l for s, l in helpers.train_losses(moved).items() if s > STEPS}
+  reference_curve = {s: l for s, l in helpers.train_losses(reference_dir).items() if s > STEPS}
+  assert len(reference_curve) == STEPS
+  helpers.assert_curves_close(resumed_curve, reference_curve, atol=1e-5)
+
+
+def test_mesh_shape_errors_name_the_problem():
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(data=3, fsdp=1, tensor=1))
+  with pytest.raises(ValueError, match="needs 3 devices, but 8"):
+    parallel.mesh_shape(cfg, 8)
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=-1, tensor=1))
+  with pytest.raises(ValueError, match="at most one"):
+    parallel.mesh_shape(cfg, 8)
+  assert parallel.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == (2, 2, 2)

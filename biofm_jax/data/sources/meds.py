@@ -309,6 +309,27 @@ def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   return {name: np.unique(ids[names == name]) for name in order}
 
 
+# Every key of MEDSDataset.stats (all ints):
+STAT_KEYS = (
+    "files",  # *.parquet files found under data/
+    "empty_files",  # of which had 0 rows (skipped)
+    "unsorted_files",  # files not sorted by (subject_id, time); sorted on load
+    "subjects_in_multiple_files",  # MEDS says one file per subject; tolerated, counted
+    "rows",  # event rows loaded
+    "subjects",  # subjects with at least one row
+    "codes",  # distinct codes
+    "static_rows",  # rows with a null time
+    "static_only_subjects",  # subjects whose rows are all static
+    "numeric_values",  # rows with a numeric value
+    "nan_values",  # NaN numeric values, treated as "no value"
+    "subjects_without_birth",  # subjects with no meds.birth_code row (age unknown)
+    "subjects_with_death",  # subjects with a meds.death_code row
+    "fallback_split",  # 1 when subject_splits.parquet was absent and hash_splits was used
+    "split_subjects_without_events",  # listed in the split file but no rows; dropped
+    "subjects_without_split",  # have rows but absent from the split file; in no split
+)
+
+
 # ---------------------------------------------------------------- public API
 class MEDSSource:
   """The records of one split: a random-access sequence that Grain can index.
@@ -395,24 +416,3 @@ class MEDSDataset:
   def __repr__(self) -> str:
     return (f"MEDSDataset({str(self.root)!r}, subjects={self.stats['subjects']}, "
             f"rows={self.stats['rows']}, splits={ {k: len(v) for k, v in self.splits.items()} })")
-
-
-# Every key of MEDSDataset.stats (all ints):
-STAT_KEYS = (
-    "files",  # *.parquet files found under data/
-    "empty_files",  # of which had 0 rows (skipped)
-    "unsorted_files",  # files not in MEDS order (subject-contiguous, time-sorted); re-sorted
-    "subjects_in_multiple_files",  # MEDS says one file per subject; tolerated, counted
-    "rows",  # event rows loaded
-    "subjects",  # subjects with at least one row
-    "codes",  # distinct codes
-    "static_rows",  # rows with a null time
-    "static_only_subjects",  # subjects whose rows are all static
-    "numeric_values",  # rows with a numeric value
-    "nan_values",  # NaN numeric values, treated as "no value"
-    "subjects_without_birth",  # subjects with no meds.birth_code row (age unknown)
-    "subjects_with_death",  # subjects with a meds.death_code row
-    "fallback_split",  # 1 when subject_splits.parquet was absent and hash_splits was used
-    "split_subjects_without_events",  # listed in the split file but no rows; dropped
-    "subjects_without_split",  # have rows but absent from the split file; in no split
-)

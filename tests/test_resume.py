@@ -1,0 +1,83 @@
+"""Resume: a stopped or killed run continues exactly as if it had never stopped."""
+import json
+import signal
+import time
+
+import pytest
+
+import helpers
+from biofm_jax.train.checkpoint import Checkpointer
+
+SPEC = "configs/ehr_bert.py:tiny"
+
+
+def overrides(meds_path, **extra):
+  # A constant learning rate after warm-up: the first k steps do not depend on num_steps.
+  base = dict(data__ehr__path=str(meds_path), train__log_every=1, train__eval_every=1000,
+              train__final_lr_fraction=1.0, checkpoint__every_steps=10, model__dropout_rate=0.1)
+  return {**base, **extra}
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_meds, tmp_path_factory):
+  """An uninterrupted 300-step run."""
+  workdir = tmp_path_factory.mktemp("reference")
+  config = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=300))
+  helpers.train(config, workdir)
+  return workdir, config
+
+
+def test_stop_and_resume_in_process_reproduces_the_run(reference, synthetic_meds, tmp_path):
+  ref_dir, ref_config = reference
+  first = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=150))
+  helpers.train(first, tmp_path)
+  second = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=300))
+  summary = helpers.train(second, tmp_path)
+  assert summary["start_step"] == 150
+  helpers.assert_curves_close(helpers.train_losses(tmp_path), helpers.train_losses(ref_dir), atol=1e-6)
+  helpers.assert_trees_close(helpers.final_params(tmp_path, second), helpers.final_params(ref_dir, ref_config),
+                             atol=1e-6)
+
+
+def test_sigkill_mid_run_then_rerun_reproduces_the_run(reference, synthetic_meds, tmp_path):
+  ref_dir, ref_config = reference
+  args = {k.replace("__", "."): v for k, v in overrides(synthetic_meds, train__num_steps=300).items()}
+  process = helpers.start_pretrain(SPEC, tmp_path, args, tmp_path / "first.log")
+  killed_after = helpers.wait_for_checkpoint(tmp_path, 30, process)
+  assert helpers.kill(process, signal.SIGKILL) == -signal.SIGKILL, "the run finished before it could be killed"
+  assert killed_after < 300
+  rerun = helpers.start_pretrain(SPEC, tmp_path, args, tmp_path / "second.log")
+  assert rerun.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+  log = (tmp_path / "second.log").read_text()
+  assert "resumed from checkpoint step" in log
+  helpers.assert_curves_close(helpers.train_losses(tmp_path), helpers.train_losses(ref_dir), atol=1e-6)
+  helpers.assert_trees_close(helpers.final_params(tmp_path, ref_config), helpers.final_params(ref_dir, ref_config),
+                             atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(synthetic_meds, tmp_path):
+  args = {k.replace("__", "."): v for k, v in overrides(
+      synthetic_meds, train__num_steps=100_000, checkpoint__every_steps=100_000).items()}
+  process = helpers.start_pretrain(SPEC, tmp_path, args, tmp_path / "run.log")
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+    assert time.time() < deadline and process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+    time.sleep(0.1)
+  assert helpers.kill(process, signal.SIGTERM) == 0, (tmp_path / "run.log").read_text()[-3000:]
+  saved = Checkpointer(tmp_path / "checkpoints", keep=2).latest_step()
+  last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+  assert saved is not None and saved == last_logged
+  assert "saving a checkpoint and stopping" in (tmp_path / "run.log").read_text()
+
+
+def test_an_interrupted_checkpoint_write_is_never_the_latest(reference, tmp_path):
+  import shutil
+  ref_dir, _ = reference
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, workdir)
+  # What a write killed mid-way leaves behind: a temporary directory of a later step.
+  partial = workdir / "checkpoints" / "400.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+  assert Checkpointer(workdir / "checkpoints", keep=2).latest_step() == 300

@@ -115,7 +115,10 @@ def test_tokenize_fields_cls_padding_and_recent_window(vocab):
 
   short = ehr.TokenizeEHR(vocab, max_len=4)
   recent, earliest = short.map(record), ehr.TokenizeEHR(vocab, 4, "earliest").map(record)
-  assert recent["codes"][1:].tolist() == vocab.code_ids(record["codes"][-3:]).tolist()
+  # The static row (demographics) is always kept; the rest of the window is the most recent events.
+  assert recent["codes"][1:].tolist() == vocab.code_ids(
+      np.concatenate([record["codes"][:1], record["codes"][-2:]])).tolist()
+  assert not recent["time_known"][1] and recent["time_known"][2:].all()
   assert earliest["codes"][1:].tolist() == vocab.code_ids(record["codes"][:3]).tolist()
   assert recent["mask"].all() and earliest["mask"].all()
 

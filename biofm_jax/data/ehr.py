@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import grain
+import meds
 import numpy as np
 
 from biofm_jax.data import batch
 
-BIRTH_CODE = "MEDS_BIRTH"  # meds.birth_code; restated so tokenising needs no pyarrow
+BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
 VOCAB_FORMAT_VERSION = 1
 VOCAB_FILENAME = "ehr_vocab.json"
@@ -195,8 +196,13 @@ def _birth_time(codes: np.ndarray, times: np.ndarray) -> np.datetime64 | None:
   return times[timed_births[0]] if len(timed_births) else None
 
 
-def _window(n: int, keep: int, window: str) -> slice:
-  return slice(max(n - keep, 0), n) if window == "recent" else slice(0, min(n, keep))
+def _window(times: np.ndarray, keep: int, window: str) -> np.ndarray:
+  """Indices of the rows kept: static rows (demographics) always, then the most recent
+  (or the earliest) timed events that fit."""
+  static, timed = np.flatnonzero(np.isnat(times))[:keep], np.flatnonzero(~np.isnat(times))
+  room = keep - len(static)
+  timed = timed[max(len(timed) - room, 0):] if window == "recent" else timed[:room]
+  return np.concatenate([static, timed])
 
 
 class TokenizeEHR(grain.transforms.Map):
@@ -212,7 +218,7 @@ class TokenizeEHR(grain.transforms.Map):
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     codes, times, values = _check_record(record)
     birth = _birth_time(codes, times)  # from the whole record: the window may cut it
-    kept = _window(len(codes), self.max_len - 1, self.window)
+    kept = _window(times, self.max_len - 1, self.window)
     codes, times, values = codes[kept], times[kept], values[kept]
     out = {name: np.zeros(shape, dtype)
            for name, (shape, dtype) in batch.ehr_example_spec(self.max_len, False).items()}

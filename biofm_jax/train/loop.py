@@ -24,6 +24,7 @@ import numpy as np
 from biofm_jax import parallel
 from biofm_jax.config import write_run_info
 from biofm_jax.data import pipeline
+from biofm_jax.eval.baselines import reference_losses
 from biofm_jax.models.model import build_model, model_flops_per_token
 from biofm_jax.objectives import build_objective
 from biofm_jax.train import state as state_lib
@@ -113,6 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       config.data[modalities[0]], objective=config.objective.name, artifacts_dir=workdir / "artifacts")
   for key, value in data_module.summary().items():
     log.info("data %s: %s", key, value)
+  baselines = reference_losses(data_module, config, train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT)
+  for key, value in baselines.items():
+    log.info("%s: %.4f (a context-free model's %s loss on the evaluation batches)", key, value, EVAL_SPLIT)
   train_dataset = pipeline.make_train_dataset(
       data_module.source(TRAIN_SPLIT), data_module.transforms(train=True), modality=data_module.name,
       global_batch_size=config.data.batch_size, seed=config.seed)
@@ -193,5 +197,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer.close()
   summary = {"steps": step, "start_step": start_step, "stopped_early": stopped_early,
              "num_params": num_params, "mesh": dict(mesh.shape), "wall_time_s": time.time() - start_time,
-             "checkpoint": str(checkpointer.directory), **last_train, **last_eval}
+             "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines}
   return summary

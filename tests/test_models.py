@@ -1,0 +1,185 @@
+"""The model and objectives: padding never leaks, causality holds, dtypes and remat behave."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from biofm_jax.data import batch as B
+from biofm_jax.models.model import build_model, model_flops_per_token
+from biofm_jax.objectives import build_objective, weighted_loss
+
+V, K, L, N = 40, 5, 12, 4
+
+
+def model_config(**model):
+  defaults = dict(num_layers=2, embed_dim=32, num_heads=4, head_dim=0, mlp_dim=64, dropout_rate=0.0,
+                  position="rope", norm="rmsnorm", dtype="float32", param_dtype="float32", remat="none",
+                  scan_layers=True)
+  return ml_collections.ConfigDict(dict(model={**defaults, **model},
+                                        objective=dict(name="masked", value_loss_weight=0.5)))
+
+
+def make_batch(seed=0, length=9):
+  """`length` real tokens (CLS + events) then padding, with masked-modelling targets."""
+  rng = np.random.default_rng(seed)
+  ex = {k: np.zeros((N,) + shape, dtype) for k, (shape, dtype) in B.ehr_example_spec(L, True).items()}
+  ex["codes"][:] = rng.integers(4, V, (N, L))
+  ex["codes"][:, 0] = B.CLS_ID
+  ex["mask"][:, :length] = True
+  ex["codes"][~ex["mask"]] = B.PAD_ID
+  ex["value_bins"][:, 1:length] = rng.integers(0, K + 1, (N, length - 1))
+  ex["age_years"][:, 1:length] = rng.uniform(20, 80, (N, length - 1))
+  ex["age_known"][:, 1:length] = True
+  ex["time_days"][:, 1:length] = -rng.uniform(0, 500, (N, length - 1))
+  ex["time_known"][:, 1:length] = True
+  ex["target_codes"][:] = ex["codes"]
+  ex["target_value_bins"][:] = ex["value_bins"]
+  ex["target_mask"][:, 2:length:3] = True
+  return {"ehr": ex}
+
+
+def init(cfg, batch):
+  model = build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+  params = model.init(jax.random.key(0), batch, train=False)["params"]
+  return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                             is_leaf=lambda x: hasattr(x, "unbox"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_content_never_changes_real_positions(causal):
+  cfg = model_config()
+  cfg.objective.name = "autoregressive" if causal else "masked"
+  batch = make_batch()
+  model, params = init(cfg, batch)
+  noisy = jax.tree.map(np.copy, batch)
+  pad = ~noisy["ehr"]["mask"]
+  noisy["ehr"]["codes"][pad] = 7
+  noisy["ehr"]["value_bins"][pad] = 3
+  noisy["ehr"]["time_days"][pad] = -99.0
+  a = model.apply({"params": params}, batch)["ehr"]["hidden"]
+  b = model.apply({"params": params}, noisy)["ehr"]["hidden"]
+  real = batch["ehr"]["mask"]
+  np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], atol=1e-6)
+
+
+def test_causal_model_does_not_see_the_future():
+  cfg = model_config()
+  cfg.objective.name = "autoregressive"
+  batch = make_batch()
+  model, params = init(cfg, batch)
+  changed = jax.tree.map(np.copy, batch)
+  changed["ehr"]["codes"][:, 6] = 5
+  a = np.asarray(model.apply({"params": params}, batch)["ehr"]["hidden"])
+  b = np.asarray(model.apply({"params": params}, changed)["ehr"]["hidden"])
+  np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
+  assert np.abs(a[:, 6:9] - b[:, 6:9]).max() > 1e-3  # and it does see the present and past
+
+
+def test_unknown_age_contributes_nothing():
+  batch = make_batch()
+  model, params = init(model_config(), batch)
+  unknown = jax.tree.map(np.copy, batch)
+  unknown["ehr"]["age_known"][:] = False
+  other = jax.tree.map(np.copy, unknown)
+  other["ehr"]["age_years"][:] = 0.0  # the value under an unknown age is irrelevant
+  a = model.apply({"params": params}, unknown)["ehr"]["hidden"]
+  b = model.apply({"params": params}, other)["ehr"]["hidden"]
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_give_the_same_loss_and_gradients(remat):
+  batch = make_batch()
+  objective = build_objective(model_config().objective)
+
+  def loss_and_grads(cfg):
+    model, params = init(cfg, batch)
+    def loss(p):
+      return weighted_loss(objective, objective.sums(model.apply({"params": p}, batch, train=True), batch),
+                           objective.counts(batch))
+    return jax.value_and_grad(loss)(params)
+
+  base_loss, base_grads = loss_and_grads(model_config())
+  loss, grads = loss_and_grads(model_config(remat=remat))
+  np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, base_grads)
+
+
+def test_unscanned_stack_matches_scanned_with_the_same_weights():
+  batch = make_batch()
+  scanned_model, scanned = init(model_config(), batch)
+  loop_model, looped = init(model_config(scan_layers=False), batch)
+  layers = scanned["transformer"].pop("layers")
+  for i in range(2):
+    scanned["transformer"][f"layer_{i}"] = jax.tree.map(lambda x: x[i], layers)
+  assert jax.tree.structure(scanned) == jax.tree.structure(looped)
+  np.testing.assert_allclose(loop_model.apply({"params": scanned}, batch)["ehr"]["hidden"],
+                             scanned_model.apply({"params": {**scanned, "transformer": {
+                                 "layers": layers, "final_norm": scanned["transformer"]["final_norm"]}}},
+                                                 batch)["ehr"]["hidden"], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  batch = make_batch()
+  model16, params = init(model_config(dtype="bfloat16"), batch)
+  model32, params32 = init(model_config(), batch)
+  jax.tree.map(np.testing.assert_array_equal, params, params32)  # same float32 initial weights
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  out16 = model16.apply({"params": params}, batch)["ehr"]
+  out32 = model32.apply({"params": params}, batch)["ehr"]
+  assert out16["hidden"].dtype == jnp.bfloat16 and out16["code_logits"].dtype == jnp.float32
+  np.testing.assert_allclose(out16["code_logits"], out32["code_logits"], atol=0.1)
+
+
+def test_masked_objective_counts_only_masked_positions():
+  batch = make_batch()
+  objective = build_objective(model_config().objective)
+  counts = objective.counts(batch)
+  ehr = batch["ehr"]
+  assert counts["code_loss"] == ehr["target_mask"].sum()
+  assert counts["value_loss"] == (ehr["target_mask"] & (ehr["target_value_bins"] != 0)).sum()
+  # Perfect logits at the masked positions give zero loss whatever the logits elsewhere.
+  logits = np.full((N, L, V), -1e4, np.float32)
+  np.put_along_axis(logits, ehr["target_codes"][..., None], 1e4, axis=-1)
+  logits[~ehr["target_mask"]] = np.random.default_rng(0).normal(size=(V,))
+  value_logits = np.zeros((N, L, K + 1), np.float32)
+  sums = objective.sums({"ehr": {"code_logits": logits, "value_logits": value_logits}}, batch)
+  assert float(sums["code_loss"]) == pytest.approx(0.0, abs=1e-3)
+  assert float(sums["code_accuracy"]) == counts["code_loss"]
+  assert float(sums["value_loss"]) == pytest.approx(np.log(K + 1) * counts["value_loss"], rel=1e-5)
+
+
+def test_next_event_objective_shifts_and_skips_padding():
+  cfg = model_config()
+  cfg.objective = dict(name="autoregressive")
+  objective = build_objective(cfg.objective)
+  batch = make_batch(length=9)
+  assert objective.counts(batch)["code_loss"] == N * 8  # 9 real tokens -> 8 next events each
+  codes = batch["ehr"]["codes"]
+  logits = np.zeros((N, L, V), np.float32)
+  for t in range(L - 1):  # position t predicts the code at t + 1
+    logits[np.arange(N), t, codes[:, t + 1]] = 100.0
+  sums = objective.sums({"ehr": {"code_logits": logits}}, batch)
+  assert float(sums["code_loss"]) == pytest.approx(0.0, abs=1e-3)
+  assert float(sums["code_accuracy"]) == N * 8
+
+
+def test_flop_count_grows_with_depth_and_length():
+  cfg = model_config()
+  model = build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+  deeper = build_model(model_config(num_layers=4), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+  assert model_flops_per_token(deeper, L) > model_flops_per_token(model, L)
+  # 6 * parameters per token is the textbook estimate for the matmul part (no attention scores).
+  d, m = 32, 64
+  matmul_params = 2 * (4 * d * d + 2 * d * m) + d * (V + K + 1)
+  assert model_flops_per_token(model, 0) == pytest.approx(6 * matmul_params)
+
+
+def test_bad_model_config_is_named():
+  with pytest.raises(ValueError, match="model.dtype"):
+    build_model(model_config(dtype="float16"), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+  with pytest.raises(ValueError, match="model.position"):
+    build_model(model_config(position="alibi"), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+  with pytest.raises(ValueError, match="not divisible"):
+    build_model(model_config(num_heads=5), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})

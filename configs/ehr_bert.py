@@ -30,7 +30,7 @@ def get_config(arg=None):
     apply_model_size(config, "tiny")
     config.data.ehr.update(max_len=32, synthetic_subjects=300, min_code_count=2)
     config.data.batch_size = 16
-    config.train.update(num_steps=20, warmup_steps=5, learning_rate=3e-3, log_every=5, eval_every=10,
+    config.train.update(num_steps=20, warmup_steps=5, learning_rate=1e-2, log_every=5, eval_every=10,
                         eval_batches=2)
     config.checkpoint.update(every_steps=10, keep=2)
   elif preset == "demo":

@@ -5,7 +5,7 @@
 
 Running the same command again resumes from the workdir's last checkpoint. For a
 multi-process run, pass --coordinator_address, --num_processes and --process_id to
-every process (or let the cluster environment provide them).
+every process.
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import logging
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from biofm_jax import parallel
+from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ehr_bert.py:tiny.", lock_config=True)
+flags.DEFINE_string("config", None, "Config file and preset, e.g. configs/ehr_bert.py:tiny. Override "
+                    "fields with --config.section.field=value.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and artifacts.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
@@ -27,15 +28,32 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Takes `--config.a.b=v` out of argv; they are applied by `load_config`, which names
+  an unknown field (absl would only see an unknown flag)."""
+  rest, overrides = [], {}
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      name, value = arg[len("--config."):].split("=", 1)
+      overrides[name] = value
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def main(argv, overrides):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
                       stream=sys.stdout)
   for noisy in ("absl", "orbax", "jax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    config = load_config(FLAGS.config, overrides)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error in --config: {e}")
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from biofm_jax.train.loop import train_and_evaluate  # after distributed init: it touches devices
-  summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = train_and_evaluate(config, FLAGS.workdir)
   print_summary(summary)
 
 
@@ -48,4 +66,5 @@ def print_summary(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _argv, _overrides = split_config_overrides(sys.argv)
+  app.run(lambda argv: main(argv, _overrides), argv=_argv)

@@ -64,4 +64,4 @@ def reference_losses(data_module, config, *, train_split: str, eval_split: str,
   loss = unigram_cross_entropy(take(batches(train_split), max_train_batches),
                                take(batches(eval_split), config.train.eval_batches),
                                data_module.model_info()["vocab_size"], config.objective.name)
-  return {"baseline/unigram_code_loss": loss}
+  return {"baseline/unigram_code_loss": float(loss)}

@@ -1,0 +1,74 @@
+"""Configs are locked and recorded; the command line names what is wrong."""
+import json
+import subprocess
+
+import pytest
+
+import helpers
+from biofm_jax.config import load_config, set_field, write_run_info
+
+
+def run_cli(tmp_path, *overrides):
+  command = helpers.pretrain_command("configs/ehr_bert.py:tiny", tmp_path / "run", {})
+  result = subprocess.run(command + list(overrides), capture_output=True, text=True, cwd=helpers.REPO,
+                          timeout=300)
+  return result.returncode, result.stdout + result.stderr
+
+
+def test_unknown_field_on_the_command_line_is_named(tmp_path):
+  code, output = run_cli(tmp_path, "--config.train.num_stepz=5")
+  assert code != 0
+  assert "train.num_stepz" in output and "Traceback" not in output
+  assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was started
+
+
+def test_missing_meds_directory_is_named(tmp_path):
+  code, output = run_cli(tmp_path, f"--config.data.ehr.path={tmp_path / 'no_such_dataset'}")
+  assert code != 0
+  assert "no_such_dataset" in output
+
+
+@pytest.mark.parametrize("spec", ["configs/ehr_bert.py:tiny", "configs/ehr_bert.py:demo",
+                                  "configs/ehr_bert.py:base", "configs/ehr_gpt.py:tiny"])
+def test_presets_load_and_are_locked(spec):
+  config = load_config(str(helpers.REPO / spec))
+  with pytest.raises(AttributeError, match="does not exist"):
+    config.train.not_a_field = 1
+  with pytest.raises(KeyError, match="model.widht"):
+    set_field(config, "model.widht", 3)
+
+
+def test_overrides_are_typed():
+  config = load_config(str(helpers.REPO / "configs/ehr_bert.py:tiny"),
+                       {"train.num_steps": "7", "model.dtype": "bfloat16", "mesh.fsdp": "2"})
+  assert config.train.num_steps == 7 and config.model.dtype == "bfloat16" and config.mesh.fsdp == 2
+  with pytest.raises(ValueError, match="train.learning_rate"):
+    load_config(str(helpers.REPO / "configs/ehr_bert.py:tiny"), {"train.learning_rate": "fast"})
+  with pytest.raises(ValueError, match="unknown preset"):
+    load_config(str(helpers.REPO / "configs/ehr_bert.py:huge"))
+
+
+def test_base_preset_is_about_100m_parameters():
+  import jax
+  from biofm_jax.data.batch import ehr_example_spec
+  from biofm_jax.models.model import build_model
+  config = load_config(str(helpers.REPO / "configs/ehr_bert.py:base"))
+  model = build_model(config, {"ehr": {"vocab_size": 15_000, "num_value_bins": 10, "max_len": 512}})
+  batch = {"ehr": {name: jax.ShapeDtypeStruct((1, 512), dtype)
+                   for name, (_, dtype) in ehr_example_spec(512, True).items()}}
+  shapes = jax.eval_shape(lambda b: model.init(jax.random.key(0), b), batch)
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  assert 90e6 < count < 120e6, count
+
+
+def test_run_info_records_config_versions_and_commit(tmp_path):
+  config = load_config(str(helpers.REPO / "configs/ehr_bert.py:tiny"))
+  write_run_info(config, tmp_path)
+  write_run_info(config, tmp_path)  # a restart appends, it does not overwrite
+  info = json.loads((tmp_path / "run_info.json").read_text())
+  assert len(info["starts"]) == 2
+  start = info["starts"][0]
+  assert start["config"]["train"]["num_steps"] == config.train.num_steps
+  assert start["versions"]["jax"] and start["versions"]["orbax-checkpoint"]
+  assert start["git_commit"]
+  assert "num_steps" in (tmp_path / "config.txt").read_text()

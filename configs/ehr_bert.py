@@ -37,8 +37,8 @@ def get_config(arg=None):
     apply_model_size(config, "small")
     config.data.ehr.update(max_len=64, synthetic_subjects=2000)
     config.data.batch_size = 32
-    config.train.update(num_steps=300, warmup_steps=30, learning_rate=2e-3, log_every=20, eval_every=100)
-    config.checkpoint.update(every_steps=100)
+    config.train.update(num_steps=600, warmup_steps=50, learning_rate=3e-3, log_every=25, eval_every=200)
+    config.checkpoint.update(every_steps=200)
   elif preset == "base":
     apply_model_size(config, "base")
     config.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims_saveable", dropout_rate=0.1)

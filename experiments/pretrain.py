@@ -59,6 +59,10 @@ def main(argv, overrides):
 
 def print_summary(summary: dict) -> None:
   print("\n=== run summary ===")
+  if "eval/code_loss" in summary and "baseline/unigram_code_loss" in summary:
+    model, baseline = summary["eval/code_loss"], summary["baseline/unigram_code_loss"]
+    print(f"  held-out code loss {model:.3f} vs {baseline:.3f} for the unigram baseline "
+          f"({100 * (1 - model / baseline):.0f}% lower); code accuracy {100 * summary['eval/code_accuracy']:.1f}%")
   width = max(map(len, summary))
   for key, value in summary.items():
     shown = f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else value

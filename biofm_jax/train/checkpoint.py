@@ -27,7 +27,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
-    self.directory = os.fspath(directory)
+    self.directory = os.path.abspath(directory)  # Orbax requires absolute paths
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

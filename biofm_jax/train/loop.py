@@ -92,7 +92,7 @@ def summarize_eval(objective, sums: dict[str, float], counts: dict[str, float]) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Pre-trains as `config` says, in `workdir`; returns the run's summary."""
   start_time = time.time()
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()
   is_chief = jax.process_index() == 0
 
   # ------------------------------------------------------------ 1. run record and mesh

@@ -36,6 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from biofm_jax.data.sources.synthetic_catalogue import (
+    BACKGROUND, CKD, CODES, CODE_ID, CONDITIONS, CONDITION_INDEX, CREATININE, DX_CHANCE,
+    DX_CODE, DX_CONDITION, ED, EGFR, HEART_FAILURE, INPATIENT, LABS, LAB_EFFECTS, LAB_HIGH,
+    LAB_IDS, LAB_LOG_SCALE, LAB_LOW, LAB_MEANS, LAB_SDS, MED_CODE, MED_CONDITION, OUTPATIENT,
+    PANELS, PANEL_BOOSTS, PANEL_CHANCE, PANEL_LABS, PROCEDURE_BOOSTS, PROCEDURE_CHANCE,
+    PROCEDURE_IDS, STATIC_CODES, VISIT_IDS, VISIT_PROCEDURE_IDS, description)
+
 LATENTS_FILEPATH = os.path.join("metadata", "synthetic_latents.parquet")
 
 _US_PER_DAY = 86_400 * 1_000_000
@@ -49,188 +56,9 @@ def _day(iso: str) -> int:
 _LAST_DAY = _day("2025-12-31")  # no visit after this
 
 
-# ---------------------------------------------------------------- the code catalogue
-VISITS = ("VISIT//OUTPATIENT", "VISIT//INPATIENT", "VISIT//ED")
-OUTPATIENT, INPATIENT, ED = range(3)
-# The evaluation-and-management procedure billed for each visit type, in VISITS order.
-VISIT_PROCEDURES = ("CPT//99213", "CPT//99223", "CPT//99284")
-
-
-class _Condition(NamedTuple):
-  name: str
-  intercept: float
-  risk_slope: float  # > 0: the high-risk cluster; < 0: the low-risk cluster
-  age_slope: float  # per decade above 50
-  after: tuple[tuple[str, float], ...]  # earlier conditions that raise the logit
-  diagnoses: tuple[tuple[str, float], ...]  # (code, chance per visit while active)
-  medications: tuple[str, ...]
-
-
-_CONDITIONS = (
-    _Condition("diabetes", -1.5, 2.2, 0.3, (), (("ICD10CM//E11.9", .75), ("ICD10CM//E11.65", .3)),
-               ("RXNORM//6809", "RXNORM//274783", "RXNORM//1545653")),
-    _Condition("hypertension", -0.6, 1.8, 0.4, (), (("ICD10CM//I10", .75),),
-               ("RXNORM//29046", "RXNORM//17767")),
-    _Condition("hyperlipidemia", -0.8, 1.6, 0.3, (), (("ICD10CM//E78.5", .65),),
-               ("RXNORM//83367",)),
-    _Condition("obesity", -1.2, 1.4, 0.0, (), (("ICD10CM//E66.9", .5),), ()),
-    _Condition("ckd", -3.2, 2.0, 0.3, (("diabetes", 1.5), ("hypertension", 0.8)),
-               (("ICD10CM//N18.3", .65), ("ICD10CM//N18.4", .12), ("ICD10CM//E11.22", .1)), ()),
-    _Condition("cad", -2.8, 1.6, 0.4, (("hyperlipidemia", 1.0),), (("ICD10CM//I25.10", .65),),
-               ("RXNORM//1191", "RXNORM//32968")),
-    _Condition("heart_failure", -4.6, 2.0, 0.4,
-               (("diabetes", 1.0), ("ckd", 1.2), ("hypertension", 0.6), ("cad", 1.0)),
-               (("ICD10CM//I50.9", .75), ("ICD10CM//I50.22", .25)),
-               ("RXNORM//4603", "RXNORM//6918", "RXNORM//9997")),
-    _Condition("afib", -3.6, 1.4, 0.5, (("heart_failure", 1.5),), (("ICD10CM//I48.91", .6),),
-               ("RXNORM//1364430",)),
-    _Condition("asthma", -1.2, -2.0, -0.2, (),
-               (("ICD10CM//J45.909", .7), ("ICD10CM//J30.9", .35)),
-               ("RXNORM//435", "RXNORM//41126", "RXNORM//20610")),
-    _Condition("mood", -1.2, -1.6, -0.2, (), (("ICD10CM//F41.1", .6), ("ICD10CM//F32.9", .3)),
-               ("RXNORM//36437",)),
-    _Condition("musculoskeletal", -0.9, -1.6, -0.3, (),
-               (("ICD10CM//M54.50", .55), ("ICD10CM//G43.909", .25), ("ICD10CM//L70.0", .15),
-                ("ICD10CM//S93.401A", .1)), ("RXNORM//5640", "RXNORM//37418")),
-    _Condition("gerd", -1.5, 0.0, 0.1, (), (("ICD10CM//K21.9", .45),), ("RXNORM//7646",)),
-)
-_CONDITION_INDEX = {c.name: i for i, c in enumerate(_CONDITIONS)}
-_HEART_FAILURE, _CKD = _CONDITION_INDEX["heart_failure"], _CONDITION_INDEX["ckd"]
-
-# Diagnoses and medications anyone may get, most common first (drawn with Zipf weights).
-_BACKGROUND_DIAGNOSES = (
-    "ICD10CM//Z00.00", "ICD10CM//Z23", "ICD10CM//J06.9", "ICD10CM//R05.9", "ICD10CM//R51.9",
-    "ICD10CM//R10.9", "ICD10CM//R53.83", "ICD10CM//N39.0", "ICD10CM//K59.00",
-    "ICD10CM//B34.9", "ICD10CM//R42", "ICD10CM//L30.9", "ICD10CM//R07.9", "ICD10CM//M79.1",
-    "ICD10CM//H10.9", "ICD10CM//H66.90", "ICD10CM//R73.03", "ICD10CM//W19.XXXA",
-    "ICD10CM//T78.40XA", "ICD10CM//A41.9")
-_BACKGROUND_MEDICATIONS = ("RXNORM//723", "RXNORM//18631", "RXNORM//8640", "RXNORM//26225")
-
-
-def _zipf(n: int, exponent: float = 1.4) -> np.ndarray:
-  weights = 1.0 / np.arange(1, n + 1) ** exponent
-  return weights / weights.sum()
-
-
-class _Lab(NamedTuple):
-  code: str
-  name: str
-  mean: float  # in log space when log_scale
-  sd: float
-  log_scale: bool
-  decimals: int
-  low: float
-  high: float
-  effects: tuple[tuple[str, float], ...]  # condition -> shift of the mean while active
-
-
-_LABS = (
-    _Lab("LOINC//4548-4", "Hemoglobin A1c [%]", 5.4, .35, False, 1, 4., 15.,
-         (("diabetes", 2.3), ("obesity", .3))),
-    _Lab("LOINC//2345-7", "Glucose [mg/dL]", 95., 12., False, 0, 45., 500., (("diabetes", 70.),)),
-    _Lab("LOINC//2160-0", "Creatinine [mg/dL]", np.log(.9), .15, True, 2, .3, 12.,
-         (("ckd", .75), ("heart_failure", .15))),
-    _Lab("LOINC//33914-3", "eGFR [mL/min/1.73m2]", 95., 12., False, 0, 5., 140., ()),
-    _Lab("LOINC//42637-9", "BNP [pg/mL]", np.log(40.), .6, True, 0, 5., 5000.,
-         (("heart_failure", 2.5), ("ckd", .4), ("afib", .5))),
-    _Lab("LOINC//2823-3", "Potassium [mmol/L]", 4.2, .3, False, 1, 2.8, 6.8, (("ckd", .5),)),
-    _Lab("LOINC//2951-2", "Sodium [mmol/L]", 140., 2.3, False, 0, 120., 155.,
-         (("heart_failure", -3.),)),
-    _Lab("LOINC//718-7", "Hemoglobin [g/dL]", 13.8, 1.2, False, 1, 6., 19., (("ckd", -1.8),)),
-    _Lab("LOINC//6690-2", "Leukocytes [10*3/uL]", np.log(7.), .25, True, 1, 1., 40., ()),
-    _Lab("LOINC//777-3", "Platelets [10*3/uL]", 250., 50., False, 0, 40., 700., ()),
-    _Lab("LOINC//13457-7", "LDL cholesterol [mg/dL]", 105., 25., False, 0, 30., 260.,
-         (("hyperlipidemia", 45.),)),
-    _Lab("LOINC//2085-9", "HDL cholesterol [mg/dL]", 55., 12., False, 0, 15., 110.,
-         (("diabetes", -8.), ("obesity", -6.))),
-    _Lab("LOINC//2571-8", "Triglycerides [mg/dL]", np.log(120.), .35, True, 0, 30., 1500.,
-         (("diabetes", .35), ("obesity", .25))),
-    _Lab("LOINC//1742-6", "ALT [U/L]", np.log(24.), .4, True, 0, 5., 600., (("obesity", .3),)),
-    _Lab("LOINC//3016-3", "TSH [mIU/L]", np.log(1.8), .5, True, 2, .05, 40., ()),
-)
-_LAB_INDEX = {lab.code: i for i, lab in enumerate(_LABS)}
-_EGFR, _CREATININE = _LAB_INDEX["LOINC//33914-3"], _LAB_INDEX["LOINC//2160-0"]
-_LAB_MEANS, _LAB_SDS, _LAB_LOW, _LAB_HIGH = (
-    np.array([getattr(lab, field) for lab in _LABS]) for field in ("mean", "sd", "low", "high"))
-_LAB_LOG_SCALE = np.array([lab.log_scale for lab in _LABS])
-
-
-class _Panel(NamedTuple):
-  labs: tuple[str, ...]
-  chance: tuple[float, float, float]  # per visit, by visit type (outpatient, inpatient, ED)
-  boosts: tuple[tuple[str, float], ...]  # condition -> added chance while active
-
-
-_PANELS = (
-    _Panel(("LOINC//2345-7", "LOINC//2160-0", "LOINC//33914-3", "LOINC//2823-3",
-            "LOINC//2951-2"), (.3, .95, .7), (("ckd", .3), ("diabetes", .15))),
-    _Panel(("LOINC//718-7", "LOINC//6690-2", "LOINC//777-3"), (.25, .95, .7), ()),
-    _Panel(("LOINC//13457-7", "LOINC//2085-9", "LOINC//2571-8"), (.1, .02, 0.),
-           (("hyperlipidemia", .25), ("diabetes", .1))),
-    _Panel(("LOINC//4548-4",), (.04, .1, 0.), (("diabetes", .55),)),
-    _Panel(("LOINC//42637-9",), (.02, .3, .15), (("heart_failure", .5),)),
-    _Panel(("LOINC//1742-6",), (.08, .3, .1), ()),
-    _Panel(("LOINC//3016-3",), (.05, .05, 0.), ()),
-)
-
-# Other procedures: (code, chance by visit type, condition boosts).
-_PROCEDURES = (
-    ("CPT//93000", (.06, .5, .4), (("cad", .25), ("afib", .3), ("heart_failure", .2))),
-    ("CPT//71046", (.03, .5, .3), (("heart_failure", .2),)),
-    ("CPT//93306", (.01, .2, .02), (("heart_failure", .3),)),
-    ("CPT//90935", (0., .05, 0.), (("ckd", .05),)),
-    ("CPT//90471", (.08, 0., 0.), ()),
-)
-
-_STATIC_CODES = ("GENDER//F", "GENDER//M")
-_CODES = tuple(dict.fromkeys(
-    _STATIC_CODES + (meds.birth_code, meds.death_code) + VISITS + VISIT_PROCEDURES
-    + tuple(code for c in _CONDITIONS for code, _ in c.diagnoses)
-    + tuple(code for c in _CONDITIONS for code in c.medications)
-    + _BACKGROUND_DIAGNOSES + _BACKGROUND_MEDICATIONS + tuple(lab.code for lab in _LABS)
-    + tuple(p[0] for p in _PROCEDURES)))
-_CODE_ID = {code: i for i, code in enumerate(_CODES)}
-
-
-def _ids(codes) -> np.ndarray:
-  return np.array([_CODE_ID[c] for c in codes], np.int32)
-
-
-def _effects(rows) -> np.ndarray:
-  """[condition, K] matrix from K lists of (condition name, effect while active)."""
-  matrix = np.zeros((len(_CONDITIONS), len(rows)))
-  for k, row in enumerate(rows):
-    for name, effect in row:
-      matrix[_CONDITION_INDEX[name], k] = effect
-  return matrix
-
-
-_VISIT_IDS, _VISIT_PROCEDURE_IDS = _ids(VISITS), _ids(VISIT_PROCEDURES)
-_DX_CONDITION, _DX_CODE, _DX_CHANCE = map(np.array, zip(*[
-    (i, _CODE_ID[code], chance)
-    for i, c in enumerate(_CONDITIONS) for code, chance in c.diagnoses]))
-_MED_CONDITION, _MED_CODE = map(np.array, zip(*[
-    (i, _CODE_ID[code]) for i, c in enumerate(_CONDITIONS) for code in c.medications]))
-_BACKGROUND = [(_ids(catalogue), _zipf(len(catalogue)), rate) for catalogue, rate in
-               ((_BACKGROUND_DIAGNOSES, 0.6), (_BACKGROUND_MEDICATIONS, 0.2))]
-_LAB_IDS, _LAB_EFFECTS = _ids(lab.code for lab in _LABS), _effects([lab.effects for lab in _LABS])
-_PANEL_LABS = [[_LAB_INDEX[code] for code in p.labs] for p in _PANELS]
-_PANEL_CHANCE, _PANEL_BOOSTS = np.array([p.chance for p in _PANELS]).T, _effects(
-    [p.boosts for p in _PANELS])  # [visit type, panel], [condition, panel]
-_PROCEDURE_IDS = _ids(p[0] for p in _PROCEDURES)
-_PROCEDURE_CHANCE, _PROCEDURE_BOOSTS = np.array([p[1] for p in _PROCEDURES]).T, _effects(
-    [p[2] for p in _PROCEDURES])
-_DESCRIPTIONS = {lab.code: lab.name for lab in _LABS} | {
-    meds.birth_code: "Birth", meds.death_code: "Death"}
-
-
-def _description(code: str) -> str:
-  return _DESCRIPTIONS.get(code, code.replace("//", " ").replace("_", " ").title())
-
-
 # ---------------------------------------------------------------- one subject
 class _Subject(NamedTuple):
-  codes: np.ndarray  # int32 ids into _CODES
+  codes: np.ndarray  # int32 ids into CODES
   times: np.ndarray  # int64 microseconds; static rows masked by `static`
   static: np.ndarray  # bool
   values: np.ndarray  # float32, NaN for no value
@@ -245,22 +73,22 @@ def _sigmoid(x):
 
 def _lab_values(rng, risk: float, active: np.ndarray) -> np.ndarray:
   """A value of every lab at every visit [V, L], following the active conditions."""
-  means = _LAB_MEANS + active @ _LAB_EFFECTS + 0.1 * risk * _LAB_SDS
-  values = means + _LAB_SDS * rng.standard_normal(means.shape)
-  values = np.where(_LAB_LOG_SCALE, np.exp(values), values)
+  means = LAB_MEANS + active @ LAB_EFFECTS + 0.1 * risk * LAB_SDS
+  values = means + LAB_SDS * rng.standard_normal(means.shape)
+  values = np.where(LAB_LOG_SCALE, np.exp(values), values)
   # eGFR is computed from creatinine in real labs too, so the two agree.
-  values[:, _EGFR] = 95.0 * values[:, _CREATININE] ** -1.1 + 5 * rng.standard_normal(len(means))
-  return np.clip(values, _LAB_LOW, _LAB_HIGH)
+  values[:, EGFR] = 95.0 * values[:, CREATININE] ** -1.1 + 5 * rng.standard_normal(len(means))
+  return np.clip(values, LAB_LOW, LAB_HIGH)
 
 
 def _visit_events(rng, risk, visit_days, present, onset_days):
   """Rows (visit index, code id, value) for visits at `visit_days`, sorted by visit."""
   n = len(visit_days)
   active = present[None, :] & (onset_days[None, :] <= visit_days[:, None])  # [V, C]
-  p_inpatient = _sigmoid(-2.8 + 0.6 * risk + 1.4 * active[:, _HEART_FAILURE])
+  p_inpatient = _sigmoid(-2.8 + 0.6 * risk + 1.4 * active[:, HEART_FAILURE])
   u = rng.random(n)
   kind = np.where(u < p_inpatient, INPATIENT, np.where(u < p_inpatient + .12, ED, OUTPATIENT))
-  visit_index, code = [np.arange(n), np.arange(n)], [_VISIT_IDS[kind], _VISIT_PROCEDURE_IDS[kind]]
+  visit_index, code = [np.arange(n), np.arange(n)], [VISIT_IDS[kind], VISIT_PROCEDURE_IDS[kind]]
   value = [np.full(2 * n, np.nan, np.float32)]
 
   def add(visits: np.ndarray, code_ids: np.ndarray, values: np.ndarray | None = None) -> None:
@@ -271,25 +99,25 @@ def _visit_events(rng, risk, visit_days, present, onset_days):
   # Condition diagnoses and medications while the condition is active: the chronic codes
   # that repeat across a subject's visits and make co-occurrence informative.
   scale = np.where(kind == INPATIENT, 1.3, 1.0)[:, None]
-  emitted = rng.random((n, len(_DX_CODE))) < _DX_CHANCE * scale
-  v, k = np.nonzero(active[:, _DX_CONDITION] & emitted)
-  add(v, _DX_CODE[k])
-  v, k = np.nonzero(active[:, _MED_CONDITION] & (rng.random((n, len(_MED_CODE))) < .7))
-  add(v, _MED_CODE[k])
-  for catalogue, weights, rate in _BACKGROUND:  # anyone's acute problems, Zipf-distributed
+  emitted = rng.random((n, len(DX_CODE))) < DX_CHANCE * scale
+  v, k = np.nonzero(active[:, DX_CONDITION] & emitted)
+  add(v, DX_CODE[k])
+  v, k = np.nonzero(active[:, MED_CONDITION] & (rng.random((n, len(MED_CODE))) < .7))
+  add(v, MED_CODE[k])
+  for catalogue, weights, rate in BACKGROUND:  # anyone's acute problems, Zipf-distributed
     counts = rng.poisson(rate, n)
     picks = rng.choice(len(catalogue), counts.sum(), p=weights)
     add(np.repeat(np.arange(n), counts), catalogue[picks])
-  chance = _PROCEDURE_CHANCE[kind] + active @ _PROCEDURE_BOOSTS
+  chance = PROCEDURE_CHANCE[kind] + active @ PROCEDURE_BOOSTS
   v, k = np.nonzero(rng.random(chance.shape) < chance)
-  add(v, _PROCEDURE_IDS[k])
+  add(v, PROCEDURE_IDS[k])
   labs = _lab_values(rng, risk, active)
-  ordered = rng.random((n, len(_PANELS))) < _PANEL_CHANCE[kind] + active @ _PANEL_BOOSTS
-  for panel, members in enumerate(_PANEL_LABS):
+  ordered = rng.random((n, len(PANELS))) < PANEL_CHANCE[kind] + active @ PANEL_BOOSTS
+  for panel, members in enumerate(PANEL_LABS):
     v = np.flatnonzero(ordered[:, panel])
     for lab in members:
-      add(v, np.full(len(v), _LAB_IDS[lab]),
-          np.round(labs[v, lab], _LABS[lab].decimals).astype(np.float32))
+      add(v, np.full(len(v), LAB_IDS[lab]),
+          np.round(labs[v, lab], LABS[lab].decimals).astype(np.float32))
   visit_index = np.concatenate(visit_index)
   order = np.argsort(visit_index, kind="stable")  # the visit code stays first in its visit
   return (visit_index[order], np.concatenate(code)[order].astype(np.int32),
@@ -305,15 +133,15 @@ def _simulate_subject(rng: np.random.Generator, max_events: int) -> _Subject:
   end_day = min(start_day + int(rng.uniform(1, 12) * 365), _LAST_DAY)
   age_decades = ((start_day - birth_day) / 365.25 - 50) / 10
 
-  present = np.zeros(len(_CONDITIONS), bool)
-  for i, condition in enumerate(_CONDITIONS):
+  present = np.zeros(len(CONDITIONS), bool)
+  for i, condition in enumerate(CONDITIONS):
     logit = condition.intercept + condition.risk_slope * risk + condition.age_slope * age_decades
-    logit += sum(w for name, w in condition.after if present[_CONDITION_INDEX[name]])
+    logit += sum(w for name, w in condition.after if present[CONDITION_INDEX[name]])
     present[i] = rng.random() < _sigmoid(logit)
   # Onsets before follow-up starts are pre-existing conditions.
-  onset_days = start_day + rng.uniform(-0.7, 1.0, len(_CONDITIONS)) * (end_day - start_day)
-  died = rng.random() < _sigmoid(-3.6 + 0.8 * risk + 1.3 * present[_HEART_FAILURE]
-                                 + 0.5 * present[_CKD] + 0.4 * age_decades)
+  onset_days = start_day + rng.uniform(-0.7, 1.0, len(CONDITIONS)) * (end_day - start_day)
+  died = rng.random() < _sigmoid(-3.6 + 0.8 * risk + 1.3 * present[HEART_FAILURE]
+                                 + 0.5 * present[CKD] + 0.4 * age_decades)
   total = int(np.clip(np.exp(rng.normal(np.log(70), 0.9) + 0.25 * risk), 10, max_events))
   budget = total - 1 - has_birth - died
   # Space visits so that `budget` rows roughly fill the follow-up: sicker subjects have
@@ -338,16 +166,16 @@ def _simulate_subject(rng: np.random.Generator, max_events: int) -> _Subject:
   visit_times.sort()  # only reorders visits on the same day
   times = visit_times[visit_index]
   last_day = visit_days[visit_index[-1]]
-  outcome = bool(died or (present[_HEART_FAILURE] and onset_days[_HEART_FAILURE] <= last_day))
+  outcome = bool(died or (present[HEART_FAILURE] and onset_days[HEART_FAILURE] <= last_day))
 
-  head_codes = [_CODE_ID[_STATIC_CODES[0 if female else 1]]]
+  head_codes = [CODE_ID[STATIC_CODES[0 if female else 1]]]
   head_times = [0]
   if has_birth:
-    head_codes.append(_CODE_ID[meds.birth_code])
+    head_codes.append(CODE_ID[meds.birth_code])
     head_times.append(birth_day * _US_PER_DAY)
   tail_codes, tail_times = [], []
   if died:
-    tail_codes.append(_CODE_ID[meds.death_code])
+    tail_codes.append(CODE_ID[meds.death_code])
     tail_times.append(int(times[-1]) + int(rng.integers(1, 90)) * _US_PER_DAY)
   n_head, n_tail = len(head_codes), len(tail_codes)
   static = np.zeros(n_head + len(codes) + n_tail, bool)
@@ -371,7 +199,7 @@ def _data_table(subject_ids: np.ndarray, subjects: list[_Subject]) -> pa.Table:
   return pa.Table.from_arrays([
       pa.array(np.repeat(subject_ids, lengths), pa.int64()),
       pa.array(times, pa.timestamp("us"), mask=np.concatenate([s.static for s in subjects])),
-      pa.array(_CODES, pa.string()).take(pa.array(codes)),
+      pa.array(CODES, pa.string()).take(pa.array(codes)),
       pa.array(values, pa.float32(), mask=np.isnan(values)),
       pa.nulls(n, meds.DataSchema.text_value_dtype),
   ], schema=meds.DataSchema.schema())
@@ -408,9 +236,9 @@ def _write_metadata(root: pathlib.Path, subject_ids, subjects, split_names, seed
       meds.SubjectSplitSchema.split_name: pa.array(split_names.tolist(), pa.string()),
   }, schema=meds.SubjectSplitSchema.schema()), root / meds.subject_splits_filepath)
   pq.write_table(pa.table({
-      "code": list(_CODES),
-      "description": [_description(c) for c in _CODES],
-      "parent_codes": pa.nulls(len(_CODES), pa.list_(pa.string())),
+      "code": list(CODES),
+      "description": [description(c) for c in CODES],
+      "parent_codes": pa.nulls(len(CODES), pa.list_(pa.string())),
   }, schema=meds.CodeMetadataSchema.schema()), root / meds.code_metadata_filepath)
   pq.write_table(pa.table({
       "subject_id": pa.array(subject_ids, pa.int64()),

@@ -19,7 +19,7 @@ demo: install
 	$(PY) experiments/pretrain.py --config=configs/ehr_bert.py:demo --workdir=$(DEMO_DIR)
 
 test: install
-	$(PY) -m pytest -x -n 2 tests
+	$(PY) -m pytest -x -n 2 --dist loadfile tests
 
 bench: install
 	$(PY) benchmarks/throughput.py

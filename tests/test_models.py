@@ -46,9 +46,9 @@ def init(cfg, batch):
                              is_leaf=lambda x: hasattr(x, "unbox"))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_padding_content_never_changes_real_positions(causal):
-  cfg = model_config()
+@pytest.mark.parametrize("causal, position", [(False, "rope"), (True, "rope"), (False, "learned")])
+def test_padding_content_never_changes_real_positions(causal, position):
+  cfg = model_config(position=position)
   cfg.objective.name = "autoregressive" if causal else "masked"
   batch = make_batch()
   model, params = init(cfg, batch)

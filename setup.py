@@ -26,6 +26,10 @@ setup(
         "meds>=0.4.1,<0.5",
         "tensorboardX>=2.6,<3",
         "absl-py>=2.1,<3",
+        "scipy>=1.11,<2",
+        "pydicom>=3.0,<4",
+        "nibabel>=5.2,<6",
+        "pillow>=10,<14",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

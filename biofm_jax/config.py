@@ -52,10 +52,19 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
   current = node[leaf]
   if isinstance(value, str) and not isinstance(current, str):
     value = _parse_literal(value, dotted)
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ValueError(f"config field {dotted!r} is {type(current).__name__} ({current!r}); "
+                     f"cannot set it to {value!r}") from e
+
+
+_BOOLEANS = {"true": True, "false": False}
 
 
 def _parse_literal(text: str, dotted: str) -> Any:
+  if text.lower() in _BOOLEANS:
+    return _BOOLEANS[text.lower()]
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError) as e:

@@ -29,6 +29,8 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("patch", None),  # pixels of one image patch
+    ("decoder_embed", None),  # width of the MAE decoder, small enough to replicate
 )
 
 

@@ -131,8 +131,8 @@ def test_tokenize_time_and_age(vocab):
   real = slice(1, 1 + len(record["codes"]))
   known = out["time_known"][real]
   assert known.tolist() == [False, True, True, True, True]
-  np.testing.assert_allclose(out["time_days"][real][known], [-365 - 3652, -365, -265, 0])
-  assert (out["time_days"] <= 0).all() and out["time_days"][real][-1] == 0
+  np.testing.assert_allclose(out["time_days"][real][known], [0, 3652, 3752, 4017])
+  assert (out["time_days"] >= 0).all() and out["time_days"][real][known][0] == 0
   days_since_birth = np.array([0, 3652, 3752, 4017])
   np.testing.assert_allclose(out["age_years"][real][known], days_since_birth / 365.25,
                              rtol=1e-6)
@@ -147,7 +147,9 @@ def test_tokenize_time_and_age(vocab):
 def test_tokenize_time_is_relative_to_the_window(vocab):
   record = make_record(0, [("DX0", d, None) for d in (0, 10, 20, 30)])
   earliest = ehr.TokenizeEHR(vocab, max_len=3, window="earliest").map(record)
-  assert earliest["time_days"][1:].tolist() == [-10, 0]
+  assert earliest["time_days"][1:].tolist() == [0, 10]
+  recent = ehr.TokenizeEHR(vocab, max_len=3, window="recent").map(record)
+  assert recent["time_days"][1:].tolist() == [0, 10]  # days 20 and 30, from the window's start
 
 
 def test_tokenize_errors_name_the_record(vocab):
@@ -193,8 +195,8 @@ def test_mask_statistics_and_targets(tokenized, vocab):
     out = mask.random_map(example, rng)
     batch.check_example(out, batch.ehr_example_spec(24, with_targets=True), "masked")
     sel = out["target_mask"]
-    real = example["mask"] & (example["codes"] != batch.CLS_ID)
-    assert not (sel & ~real).any()  # never CLS or padding
+    real = example["mask"] & (example["codes"] != batch.CLS_ID) & (example["codes"] != batch.UNK_ID)
+    assert not (sel & ~real).any()  # never CLS, [UNK] or padding
     assert sel.sum() >= 1
     assert np.array_equal(out["target_codes"], example["codes"])
     assert np.array_equal(out["target_value_bins"], example["value_bins"])
@@ -415,3 +417,14 @@ def test_ehr_data_reuses_vocab_and_checks_config(artifacts):
   with pytest.raises(ValueError, match="min_count=5.*min_code_count=3"):
     ehr.EHRData.from_config(ehr_config(min_code_count=3), objective="masked",
                             artifacts_dir=artifacts)
+
+
+def test_an_events_inputs_do_not_depend_on_later_events(vocab):
+  """What a causal model reads at a position must not change when the future does."""
+  base = make_record(0, [("DX0", 0, 1.0), ("DX1", 10, None), ("DX0", 20, 2.0)], birth=-5000)
+  later = make_record(0, [("DX0", 0, 1.0), ("DX1", 10, None), ("DX0", 900, 2.0)], birth=-5000)
+  a, b = (ehr.TokenizeEHR(vocab, max_len=8).map(r) for r in (base, later))
+  # Positions: CLS, birth, DX0, DX1, then the event that moved.
+  for field in batch.EHR_INPUT_FIELDS:
+    np.testing.assert_array_equal(a[field][:4], b[field][:4], err_msg=field)
+  assert a["time_days"][4] != b["time_days"][4]

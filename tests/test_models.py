@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.model import build_model, model_flops_per_token
+from biofm_jax.models.model import build_model
 from biofm_jax.objectives import build_objective, weighted_loss
 
 V, K, L, N = 40, 5, 12, 4
@@ -166,14 +166,14 @@ def test_next_event_objective_shifts_and_skips_padding():
 
 
 def test_flop_count_grows_with_depth_and_length():
-  cfg = model_config()
-  model = build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
-  deeper = build_model(model_config(num_layers=4), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
-  assert model_flops_per_token(deeper, L) > model_flops_per_token(model, L)
-  # 6 * parameters per token is the textbook estimate for the matmul part (no attention scores).
+  info = {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)}
+  model, deeper = build_model(model_config(), info), build_model(model_config(num_layers=4), info)
+  assert deeper.flops_per_example() > model.flops_per_example()
+  # Without attention scores, 6 x matmul parameters per token is the textbook estimate.
   d, m = 32, 64
   matmul_params = 2 * (4 * d * d + 2 * d * m) + d * (V + K + 1)
-  assert model_flops_per_token(model, 0) == pytest.approx(6 * matmul_params)
+  attention = 3 * 2 * 2 * 2 * L * d  # scores and values, forward and backward, per layer
+  assert model.flops_per_example() == pytest.approx(L * (6 * matmul_params + attention))
 
 
 def test_bad_model_config_is_named():
@@ -183,3 +183,14 @@ def test_bad_model_config_is_named():
     build_model(model_config(position="alibi"), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
   with pytest.raises(ValueError, match="not divisible"):
     build_model(model_config(num_heads=5), {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_weight_decay_reaches_matrices_and_embeddings_only(scan_layers):
+  from biofm_jax.train.state import decay_mask
+  _, params = init(model_config(scan_layers=scan_layers), make_batch())
+  decided = {jax.tree_util.keystr(path): flag for path, flag in
+             jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+  assert all(flag == (("kernel" in path) or ("embedding" in path)) for path, flag in decided.items()), decided
+  assert not any(flag for path, flag in decided.items() if "scale" in path or "bias" in path)
+  assert sum(decided.values()) >= 8

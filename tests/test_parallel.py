@@ -52,17 +52,11 @@ def test_final_params_agree_across_meshes(runs):
 
 def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
   from biofm_jax.data import pipeline
-  from biofm_jax.models.model import build_model
-  from biofm_jax.train import state as state_lib
-  from biofm_jax.train.loop import example_batch
+  from biofm_jax.train.setup import build_training
 
   config = helpers.config_for("configs/ehr_bert.py:tiny", **mesh_overrides((2, 2, 2), synthetic_meds))
-  mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.logical_rules(config.mesh)
   data = pipeline.DATA_MODULES["ehr"](config.data.ehr, objective="masked", artifacts_dir=tmp_path)
-  model = build_model(config, {"ehr": data.model_info()})
-  tx = state_lib.make_optimizer(config.train)
-  state = state_lib.create_sharded_state(model, tx, example_batch(data, 4), mesh, rules, seed=0)
+  state = build_training(config, data).init_state(seed=0)
   params = state.params
 
   def shard_shape(x):

@@ -81,3 +81,13 @@ def test_an_interrupted_checkpoint_write_is_never_the_latest(reference, tmp_path
   (partial / "state").mkdir(parents=True)
   (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
   assert Checkpointer(workdir / "checkpoints", keep=2).latest_step() == 300
+
+
+def test_resuming_with_other_data_settings_fails_naming_them(reference, synthetic_meds, tmp_path):
+  import shutil
+  ref_dir, _ = reference
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, workdir)
+  changed = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=310, data__ehr__max_len=64))
+  with pytest.raises(ValueError, match=r"data\.ehr\.max_len: 32 -> 64"):
+    helpers.train(changed, workdir)

@@ -31,7 +31,7 @@ EHR_CODES = "codes"  # int32 token ids; PAD_ID past the end, MASK_ID where maske
 EHR_VALUE_BINS = "value_bins"  # int32 quantile-bin ids, NO_VALUE_BIN where no value
 EHR_AGE = "age_years"  # float32 age at the event; 0 where unknown (see EHR_AGE_KNOWN)
 EHR_AGE_KNOWN = "age_known"  # bool: the subject has a birth event and the event a time
-EHR_TIME = "time_days"  # float32 days from the window's last timed event (<= 0)
+EHR_TIME = "time_days"  # float32 days since the window's first timed event (>= 0)
 EHR_TIME_KNOWN = "time_known"  # bool: False for static events (null time) and padding
 EHR_MASK = "mask"  # bool: a real token (CLS or event), False for padding
 # Masked-modelling targets, added by the masking transform, [batch, length] each.
@@ -68,3 +68,41 @@ def check_example(example: Mapping[str, np.ndarray],
     if value.shape != shape or value.dtype != np.dtype(dtype):
       raise ValueError(f"{where}: field {name!r} is {value.dtype}{list(value.shape)}, "
                        f"expected {np.dtype(dtype)}{list(shape)}")
+
+
+# ---------------------------------------------------------------- imaging fields
+# Images are channels-last float32 arrays of a fixed spatial shape from the config:
+# [H, W, C] for 2D, [D, H, W, C] for 3D (D = slices). Masked-autoencoder pre-training
+# splits the spatial shape into patches numbered in row-major order over the patch grid.
+IMAGE = "image"  # float32 [*spatial, channels], normalised intensities
+IMAGE_VALID = "valid"  # bool []: a real example; False for the eval pipeline's padding examples
+IMAGE_VISIBLE = "visible_patches"  # int32 [num_visible]: patch ids the encoder sees (MAE)
+IMAGE_MASKED = "masked_patches"  # int32 [num_masked]: patch ids to reconstruct (MAE)
+
+
+def num_patches(image_shape: tuple[int, ...], patch_shape: tuple[int, ...]) -> int:
+  """Patches in the grid; every spatial size must be a multiple of the patch size."""
+  if len(image_shape) != len(patch_shape):
+    raise ValueError(f"image shape {image_shape} and patch shape {patch_shape} differ in rank")
+  for size, patch in zip(image_shape, patch_shape):
+    if size % patch:
+      raise ValueError(f"image size {size} is not a multiple of the patch size {patch} "
+                       f"(image {image_shape}, patch {patch_shape})")
+  return int(np.prod([s // p for s, p in zip(image_shape, patch_shape)]))
+
+
+def num_visible_patches(total: int, mask_ratio: float) -> int:
+  """Patches left visible by MAE masking: at least one, and at least one masked."""
+  return int(min(max(round(total * (1.0 - mask_ratio)), 1), total - 1))
+
+
+def imaging_example_spec(image_shape: tuple[int, ...], channels: int, patch_shape: tuple[int, ...],
+                         mask_ratio: float | None) -> dict[str, tuple[tuple[int, ...], type]]:
+  """Shape and dtype of one imaging example; MAE patch ids when `mask_ratio` is given."""
+  spec = {IMAGE: (tuple(image_shape) + (channels,), np.float32), IMAGE_VALID: ((), np.bool_)}
+  if mask_ratio is not None:
+    total = num_patches(tuple(image_shape), tuple(patch_shape))
+    visible = num_visible_patches(total, mask_ratio)
+    spec[IMAGE_VISIBLE] = ((visible,), np.int32)
+    spec[IMAGE_MASKED] = ((total - visible,), np.int32)
+  return spec

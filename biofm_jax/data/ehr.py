@@ -229,8 +229,10 @@ class TokenizeEHR(grain.transforms.Map):
     out[batch.EHR_VALUE_BINS][events] = self.vocab.value_bins(codes, values)
     timed = ~np.isnat(times)
     if timed.any():
-      last = times[timed].max()  # max, not [-1]: time_days <= 0 even if a source misorders
-      offsets = (times[timed] - last).astype(np.int64) / _US_PER_DAY
+      # From the window's first event, never its last: a position's input must not tell a
+      # causal model how much history follows it.
+      first = times[timed].min()
+      offsets = (times[timed] - first).astype(np.int64) / _US_PER_DAY
       out[batch.EHR_TIME][events][timed] = offsets
       out[batch.EHR_TIME_KNOWN][events] = timed
       if birth is not None:
@@ -255,7 +257,8 @@ class MaskEHR(grain.transforms.RandomMap):
   def random_map(self, example: Mapping[str, np.ndarray],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     codes = example[batch.EHR_CODES]
-    events = example[batch.EHR_MASK] & (codes != batch.CLS_ID)
+    # [UNK] is never a target: predicting "some rare code" teaches nothing and flatters accuracy.
+    events = example[batch.EHR_MASK] & (codes != batch.CLS_ID) & (codes != batch.UNK_ID)
     length = len(codes)
     # Fixed-size draws regardless of content, so the stream of numbers per index is stable.
     select_u, action_u = rng.random(length), rng.random(length)

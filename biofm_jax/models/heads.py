@@ -24,3 +24,40 @@ class TokenClassifier(nn.Module):
                       kernel_init=kernel_init(("embed", self.class_axis)),
                       bias_init=zeros_init((self.class_axis,)), name="dense")(hidden)
     return logits.astype(jnp.float32)
+
+
+class MAEDecoder(nn.Module):
+  """The light masked-autoencoder decoder: predicts the pixels of the masked patches.
+
+  Encoder outputs (visible patches) are projected to the decoder width, a learned mask
+  token fills the masked positions, the sequence is put back into patch order with
+  fixed sin-cos positions, and a small transformer predicts each masked patch.
+  """
+  cfg: TransformerConfig  # the decoder's own (narrower, shallower) stack
+  grid_shape: tuple[int, ...]
+  patch_dim: int  # pixels per patch times channels
+
+  @nn.compact
+  def __call__(self, encoded: jax.Array, visible: jax.Array, masked: jax.Array, *, train: bool) -> jax.Array:
+    from biofm_jax.models.encoders.imaging import sincos_position_embedding
+    from biofm_jax.models.transformer import TransformerStack
+
+    cfg = self.cfg
+    x = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                 kernel_init=kernel_init(("embed", "decoder_embed")), name="project")(encoded)
+    mask_token = self.param("mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                        ("decoder_embed",)),
+                            (cfg.embed_dim,), cfg.param_dtype)
+    mask_tokens = jnp.broadcast_to(mask_token.astype(cfg.dtype), masked.shape + (cfg.embed_dim,))
+    # Concatenated order is [visible..., masked...]; argsort of the ids restores patch order.
+    order = jnp.concatenate([visible, masked], axis=1)
+    restore = jnp.argsort(order, axis=1)
+    x = jnp.take_along_axis(jnp.concatenate([x, mask_tokens], axis=1), restore[..., None], axis=1)
+    x = x + jnp.asarray(sincos_position_embedding(self.grid_shape, cfg.embed_dim)).astype(cfg.dtype)[None]
+    full = jnp.ones(x.shape[:2], jnp.bool_)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    x = TransformerStack(cfg, name="stack")(x, full, positions, train=train)
+    x = jnp.take_along_axis(x, masked[..., None], axis=1)
+    pixels = nn.Dense(self.patch_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=kernel_init(("decoder_embed", "patch")), name="predict")(x)
+    return pixels.astype(jnp.float32)

@@ -5,11 +5,13 @@ import ml_collections
 
 from biofm_jax.objectives.autoregressive import NextEventModelling
 from biofm_jax.objectives.base import Objective, means, weighted_loss
+from biofm_jax.objectives.mae import MaskedAutoencoding
 from biofm_jax.objectives.masked import MaskedCodeModelling
 
 OBJECTIVES = {
     "masked": lambda cfg: MaskedCodeModelling(value_loss_weight=cfg.value_loss_weight),
     "autoregressive": lambda cfg: NextEventModelling(),
+    "mae": lambda cfg: MaskedAutoencoding(norm_pix_loss=cfg.norm_pix_loss),
 }
 
 

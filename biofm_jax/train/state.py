@@ -34,16 +34,23 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
 
 
-def _decay_mask(params):
-  # Weight decay on matrices only: norms' scales, biases and small vectors are left alone.
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+DECAYED_PARAMS = ("kernel", "embedding")
+
+
+def decay_mask(params):
+  """Weight decay on weight matrices and embeddings only, chosen by name: norms' scales,
+  biases and learned tokens are left alone. (Not by rank: scanned layers stack a norm's
+  scale into a matrix.)"""
+  def decayed(path, _):
+    return getattr(path[-1], "key", None) in DECAYED_PARAMS
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip_norm),
       optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                  weight_decay=cfg.weight_decay, mask=_decay_mask),
+                  weight_decay=cfg.weight_decay, mask=decay_mask),
   )
 
 

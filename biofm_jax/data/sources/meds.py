@@ -33,6 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+# hash_splits lives in splits.py (shared by all modalities); re-exported for old imports.
+from biofm_jax.data.sources.splits import STANDARD_SPLITS as _STANDARD_SPLITS
+from biofm_jax.data.sources.splits import hash_splits  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 _SUBJECT = meds.DataSchema.subject_id_name
@@ -41,7 +45,6 @@ _CODE = meds.DataSchema.code_name
 _VALUE = meds.DataSchema.numeric_value_name
 _REQUIRED_COLUMNS = tuple(meds.DataSchema.required_columns())
 _READ_COLUMNS = (_SUBJECT, _TIME, _CODE, _VALUE)
-_STANDARD_SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 
 # numpy's NaT is int64 min, so static rows (null time) sort before every timed row.
 _NAT = np.iinfo(np.int64).min
@@ -246,34 +249,6 @@ class _Events:
 
 
 # ---------------------------------------------------------------- splits
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-  """The splitmix64 finaliser: a fixed, well-mixed hash of uint64 values."""
-  x = x + np.uint64(0x9E3779B97F4A7C15)
-  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return x ^ (x >> np.uint64(31))
-
-
-def hash_splits(subject_ids: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                seed: int = 0) -> dict[str, np.ndarray]:
-  """Assigns subjects to train/tuning/held_out by a hash of (seed, subject id).
-
-  u = (splitmix64(uint64(subject_id) XOR splitmix64(uint64(seed))) >> 11) / 2**53 is a
-  uniform number in [0, 1) per subject; the subject goes to train if u < f_train, to
-  tuning if u < f_train + f_tuning, else to held_out. A subject's split therefore depends
-  only on its id and the seed: not on file order, sharding or how many subjects there are.
-  """
-  fractions = tuple(float(f) for f in fractions)
-  if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-    raise ValueError(f"fallback_fractions {fractions}: expected 3 non-negative fractions "
-                     f"for {list(_STANDARD_SPLITS)} summing to 1")
-  ids = np.ascontiguousarray(subject_ids, np.int64)
-  seed_hash = _splitmix64(np.array([seed % 2**64], np.uint64))[0]
-  unit = (_splitmix64(ids.view(np.uint64) ^ seed_hash) >> np.uint64(11)) * 2.0**-53
-  bucket = np.searchsorted(np.cumsum(fractions[:2]), unit, side="right")
-  return {name: np.sort(ids[bucket == i]) for i, name in enumerate(_STANDARD_SPLITS)}
-
-
 def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   """Split name -> sorted unique subject ids, standard names first, others sorted."""
   parquet = _open_parquet(path)

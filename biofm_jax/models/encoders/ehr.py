@@ -52,6 +52,8 @@ class EHREncoder(nn.Module):
     tokens += nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        kernel_init=kernel_init((None, "embed")), name="time_projection")(features)
     positions = jnp.broadcast_to(jnp.arange(codes.shape[1], dtype=jnp.int32), codes.shape)
+    if cfg.position == "sincos":
+      raise ValueError("model.position 'sincos' is for image patches; EHR uses 'rope' or 'learned'")
     if cfg.position == "learned":
       table = self.param("position_embedding", embed_init((None, "embed")), (cfg.max_len, cfg.embed_dim),
                          cfg.param_dtype)

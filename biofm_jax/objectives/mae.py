@@ -1,0 +1,44 @@
+"""Masked-autoencoder reconstruction (MAE, as in RETFound and the ViT-MAE recipe).
+
+The data pipeline hides a fixed share of patches per image; the model reconstructs
+them. The loss is the mean squared error over the pixels of masked patches only, on
+pixels normalised per patch (mean 0, variance 1) when `norm_pix_loss` is set, which
+sharpens the representation. Padding examples (valid False) weigh nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from biofm_jax.data import batch as B
+
+
+def normalize_patches(patches, eps: float = 1e-6):
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True)
+  return (patches - mean) / jnp.sqrt(var + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedAutoencoding:
+  norm_pix_loss: bool = True
+  name: str = "mae"
+
+  @property
+  def loss_weights(self):
+    return {"reconstruction_loss": 1.0}
+
+  def counts(self, batch):
+    imaging = batch["imaging"]
+    masked_per_example = imaging[B.IMAGE_MASKED].shape[1]
+    return {"reconstruction_loss": imaging[B.IMAGE_VALID].astype(jnp.float32).sum() * masked_per_example}
+
+  def sums(self, outputs, batch):
+    out = outputs["imaging"]
+    target = out["target_patches"]
+    if self.norm_pix_loss:
+      target = normalize_patches(target)
+    per_patch = jnp.mean((out["predicted_patches"] - target) ** 2, axis=-1)  # [B, M]
+    valid = batch["imaging"][B.IMAGE_VALID].astype(jnp.float32)[:, None]
+    return {"reconstruction_loss": jnp.sum(per_patch * valid)}

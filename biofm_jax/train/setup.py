@@ -1,0 +1,64 @@
+"""Everything a training run compiles against, built once from a config and a data module.
+
+The loop, the benchmarks and the tests all build their mesh, model, objective,
+optimiser, state shardings and jitted steps here, so they measure and test exactly
+what training runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from biofm_jax import parallel
+from biofm_jax.models.model import build_model
+from biofm_jax.objectives import Objective, build_objective
+from biofm_jax.train import state as state_lib
+from biofm_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+  mesh: Mesh
+  rules: tuple
+  model: Any
+  objective: Objective
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_batch: dict  # zeros shaped like a batch with one example per batch shard
+  abstract_state: Any  # ShapeDtypeStructs carrying the target shardings (for restore)
+  state_shardings: Any
+  train_step: Callable
+  eval_step: Callable
+
+  def init_state(self, seed: int):
+    """A fresh state, created directly in its shardings."""
+    return state_lib.create_sharded_state(self.model, self.tx, self.init_batch, self.mesh, self.rules, seed)
+
+
+def example_batch(data_module, num_examples: int) -> dict:
+  """Zeros shaped like a batch of `num_examples`, to trace the model's init."""
+  return {data_module.name: {name: np.zeros((num_examples,) + shape, dtype)
+                             for name, (shape, dtype) in data_module.example_spec().items()}}
+
+
+def build_training(config: ml_collections.ConfigDict, data_module) -> TrainingSetup:
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.logical_rules(config.mesh)
+  accum = config.train.grad_accum_steps
+  parallel.check_batch_divides_mesh(config.data.batch_size, mesh, accum)
+  model = build_model(config, {data_module.name: data_module.model_info()})
+  objective = build_objective(config.objective)
+  tx = state_lib.make_optimizer(config.train)
+  schedule = state_lib.learning_rate_schedule(config.train)
+  init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))
+  abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
+  train_step = step_lib.jit_train_step(model, tx, objective, schedule, shardings, mesh, rules, accum)
+  eval_step = step_lib.jit_eval_step(model, objective, shardings.params, mesh, rules)
+  return TrainingSetup(mesh, rules, model, objective, tx, schedule, init_batch, abstract, shardings,
+                       train_step, eval_step)

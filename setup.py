@@ -30,6 +30,7 @@ setup(
         "pydicom>=3.0,<4",
         "nibabel>=5.2,<6",
         "pillow>=10,<14",
+        "scikit-learn>=1.4,<2",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

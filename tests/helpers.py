@@ -89,3 +89,54 @@ def wait_for_checkpoint(workdir, min_step: int, process: subprocess.Popen, timeo
 def kill(process: subprocess.Popen, sig=signal.SIGKILL) -> int:
   process.send_signal(sig)
   return process.wait(timeout=120)
+
+
+# ---------------------------------------------------------------- checks every modality runs
+def mesh_overrides(shape) -> dict:
+  data, fsdp, tensor = shape
+  return dict(mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor)
+
+
+def constant_lr_overrides(num_steps: int, **extra) -> dict:
+  """Logs every step; a constant learning rate after warm-up, so the first k steps of a run
+  do not depend on its length (a run of k steps is a prefix of a longer one)."""
+  return dict(train__num_steps=num_steps, train__log_every=1, train__eval_every=100_000,
+              train__final_lr_fraction=1.0, checkpoint__every_steps=5, **extra)
+
+
+def train_on_meshes(spec: str, meshes, make_workdir, **overrides) -> dict:
+  """Trains `spec` once per mesh shape; returns {shape: (workdir, config)}."""
+  runs = {}
+  for shape in meshes:
+    workdir = make_workdir("mesh_" + "x".join(map(str, shape)))
+    config = config_for(spec, **{**overrides, **mesh_overrides(shape)})
+    train(config, workdir)
+    runs[shape] = (workdir, config)
+  return runs
+
+
+def assert_runs_agree(runs: dict, atol: float = 1e-5) -> None:
+  """Same loss curve and final parameters on every mesh, and a curve that really moved."""
+  (ref_dir, ref_config), *others = runs.values()
+  reference = train_losses(ref_dir)
+  assert len(reference) > 1 and reference[max(reference)] != reference[min(reference)]
+  for workdir, config in others:
+    assert_curves_close(train_losses(workdir), reference, atol=atol)
+    assert_trees_close(final_params(workdir, config), final_params(ref_dir, ref_config), atol=atol)
+
+
+def assert_resume_reproduces(spec: str, workdir, *, stop_at: int, num_steps: int, reference_dir=None,
+                             atol: float = 1e-6, **overrides) -> None:
+  """Runs to `stop_at`, resumes to `num_steps` (in `workdir`), and compares the whole loss
+  curve and the final parameters with an uninterrupted run (trained in `reference_dir`
+  unless that already holds one)."""
+  workdir = pathlib.Path(workdir)
+  reference_dir = pathlib.Path(reference_dir or workdir.parent / (workdir.name + "_reference"))
+  full = config_for(spec, **{**overrides, **constant_lr_overrides(num_steps)})
+  if not (reference_dir / "metrics.jsonl").exists():
+    train(full, reference_dir)
+  train(config_for(spec, **{**overrides, **constant_lr_overrides(stop_at)}), workdir)
+  summary = train(full, workdir)
+  assert summary["start_step"] == stop_at
+  assert_curves_close(train_losses(workdir), train_losses(reference_dir), atol=atol)
+  assert_trees_close(final_params(workdir, full), final_params(reference_dir, full), atol=atol)

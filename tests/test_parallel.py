@@ -11,50 +11,30 @@ from biofm_jax import parallel
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 STEPS = 10
+SPEC = "configs/ehr_bert.py:tiny"
 
 
-def mesh_overrides(shape, meds_path, **extra):
-  """A constant learning rate after warm-up, so a run's first steps do not depend on its length."""
-  data, fsdp, tensor = shape
-  overrides = dict(mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor, data__ehr__path=str(meds_path),
-                   train__num_steps=STEPS, train__log_every=1, train__eval_every=1000,
-                   train__final_lr_fraction=1.0, checkpoint__every_steps=5)
-  return {**overrides, **extra}
+def overrides(meds_path, num_steps=STEPS):
+  # Dropout on, so the agreement covers how random bits are drawn under sharding too.
+  return dict(data__ehr__path=str(meds_path), model__dropout_rate=0.1, **helpers.constant_lr_overrides(num_steps))
 
 
 @pytest.fixture(scope="module")
 def runs(synthetic_meds, tmp_path_factory):
-  """Train the tiny config for 10 steps on each mesh (dropout on, to check rng sharding too)."""
-  results = {}
-  for shape in MESHES:
-    workdir = tmp_path_factory.mktemp("mesh_" + "x".join(map(str, shape)))
-    config = helpers.config_for("configs/ehr_bert.py:tiny",
-                                **mesh_overrides(shape, synthetic_meds, model__dropout_rate=0.1))
-    summary = helpers.train(config, workdir)
-    results[shape] = (workdir, config, summary)
-  return results
+  return helpers.train_on_meshes(SPEC, MESHES, tmp_path_factory.mktemp, **overrides(synthetic_meds))
 
 
-def test_losses_agree_across_meshes(runs):
-  reference = helpers.train_losses(runs[MESHES[0]][0])
-  assert len(reference) == STEPS
-  for shape in MESHES[1:]:
-    helpers.assert_curves_close(helpers.train_losses(runs[shape][0]), reference, atol=1e-5)
-  # The runs must really have learned something, or agreement would be trivial.
-  assert reference[STEPS] < reference[1]
-
-
-def test_final_params_agree_across_meshes(runs):
-  reference = helpers.final_params(runs[MESHES[0]][0], runs[MESHES[0]][1])
-  for shape in MESHES[1:]:
-    helpers.assert_trees_close(helpers.final_params(runs[shape][0], runs[shape][1]), reference, atol=1e-5)
+def test_losses_and_parameters_agree_across_meshes(runs):
+  helpers.assert_runs_agree(runs, atol=1e-5)
+  losses = helpers.train_losses(runs[MESHES[0]][0])
+  assert len(losses) == STEPS and losses[STEPS] < losses[1]
 
 
 def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
   from biofm_jax.data import pipeline
   from biofm_jax.train.setup import build_training
 
-  config = helpers.config_for("configs/ehr_bert.py:tiny", **mesh_overrides((2, 2, 2), synthetic_meds))
+  config = helpers.config_for(SPEC, **overrides(synthetic_meds), **helpers.mesh_overrides((2, 2, 2)))
   data = pipeline.DATA_MODULES["ehr"](config.data.ehr, objective="masked", artifacts_dir=tmp_path)
   state = build_training(config, data).init_state(seed=0)
   params = state.params
@@ -85,18 +65,13 @@ def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
 def test_checkpoint_from_one_mesh_resumes_on_another(runs, synthetic_meds, tmp_path):
   """Steps 1-10 on (8,1,1), then 11-20 on (2,4,1) == 20 steps on (8,1,1)."""
   import shutil
-  source_dir, _, _ = runs[(8, 1, 1)]
   moved = tmp_path / "moved"
-  shutil.copytree(source_dir, moved)
-  continued = helpers.config_for("configs/ehr_bert.py:tiny",
-                                 **mesh_overrides((2, 4, 1), synthetic_meds, model__dropout_rate=0.1,
-                                                  train__num_steps=2 * STEPS))
-  helpers.train(continued, moved)
+  shutil.copytree(runs[(8, 1, 1)][0], moved)
+  helpers.train(helpers.config_for(SPEC, **overrides(synthetic_meds, 2 * STEPS), **helpers.mesh_overrides((2, 4, 1))),
+                moved)
   reference_dir = tmp_path / "reference"
-  reference = helpers.config_for("configs/ehr_bert.py:tiny",
-                                 **mesh_overrides((8, 1, 1), synthetic_meds, model__dropout_rate=0.1,
-                                                  train__num_steps=2 * STEPS))
-  helpers.train(reference, reference_dir)
+  helpers.train(helpers.config_for(SPEC, **overrides(synthetic_meds, 2 * STEPS), **helpers.mesh_overrides((8, 1, 1))),
+                reference_dir)
   resumed_curve = {s: l for s, l in helpers.train_losses(moved).items() if s > STEPS}
   reference_curve = {s: l for s, l in helpers.train_losses(reference_dir).items() if s > STEPS}
   assert len(reference_curve) == STEPS

@@ -28,15 +28,8 @@ def reference(synthetic_meds, tmp_path_factory):
 
 
 def test_stop_and_resume_in_process_reproduces_the_run(reference, synthetic_meds, tmp_path):
-  ref_dir, ref_config = reference
-  first = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=150))
-  helpers.train(first, tmp_path)
-  second = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=300))
-  summary = helpers.train(second, tmp_path)
-  assert summary["start_step"] == 150
-  helpers.assert_curves_close(helpers.train_losses(tmp_path), helpers.train_losses(ref_dir), atol=1e-6)
-  helpers.assert_trees_close(helpers.final_params(tmp_path, second), helpers.final_params(ref_dir, ref_config),
-                             atol=1e-6)
+  helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=150, num_steps=300, reference_dir=reference[0],
+                                   data__ehr__path=str(synthetic_meds), model__dropout_rate=0.1)
 
 
 def test_sigkill_mid_run_then_rerun_reproduces_the_run(reference, synthetic_meds, tmp_path):

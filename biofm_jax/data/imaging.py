@@ -168,8 +168,12 @@ class ImagingData:
   def source(self, split: str):
     return self.dataset.source(split)
 
-  def transforms(self, train: bool) -> list:
-    """Eval masking stays random but the pipeline seeds it per position: repeatable."""
+  def transforms(self, train: bool, mask: bool = True) -> list:
+    """Eval masking stays random but the pipeline seeds it per position: repeatable.
+
+    `mask=False` leaves out the MAE masking: every patch reaches the encoder, as
+    embedding extraction and probes need.
+    """
     s = self.settings
     prepare = [ResampleToSpacing(s.spacing), NormalizeIntensity(s.intensity, s.ct_window)]
     if train:
@@ -177,8 +181,15 @@ class ImagingData:
                   IntensityJitter(s.brightness, s.contrast)]
     else:
       geometry = [CenterResize(s.image_size)]
-    finish = [ToImagingExample(s.channels, s.image_size), MaskPatches(s.num_patches, s.mask_ratio)]
+    finish = [ToImagingExample(s.channels, s.image_size)]
+    if mask:
+      finish.append(MaskPatches(s.num_patches, s.mask_ratio))
     return prepare + geometry + finish
+
+  def embedding_spec(self) -> dict:
+    """The example spec without MAE masking (see `transforms(mask=False)`)."""
+    s = self.settings
+    return batch.imaging_example_spec(s.image_size, s.channels, s.patch_size, None)
 
   def example_spec(self) -> dict:
     s = self.settings

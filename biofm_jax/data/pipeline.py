@@ -17,11 +17,12 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import ehr
+from biofm_jax.data import ehr, imaging
 
 # Modality name -> `from_config(cfg, *, objective, artifacts_dir)` of its data module.
 DATA_MODULES: dict[str, Callable[..., Any]] = {
     "ehr": ehr.EHRData.from_config,
+    "imaging": imaging.ImagingData.from_config,
 }
 
 # Streams of randomness derived from the one config seed; distinct per use and process.

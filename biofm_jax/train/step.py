@@ -103,3 +103,12 @@ def _with_mesh_and_rules(fn, mesh, rules):
 def _lower(fn, mesh, rules, *args):
   with mesh, nn.logical_axis_rules(rules):
     return fn.lower(*args)
+
+
+def jit_embed_step(model, modality: str, param_shardings, mesh: Mesh, rules):
+  """`(params, batch) -> [B, D]` pooled embeddings of `modality`, replicated on every device."""
+  def embed(params, batch):
+    return model.apply({"params": params}, batch, train=False)[modality]["embedding"]
+  jitted = jax.jit(embed, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.replicated(mesh))
+  return _with_mesh_and_rules(jitted, mesh, rules)

@@ -8,28 +8,18 @@ pipeline can index, read lazily one item at a time:
   record = source[0]   # {"subject_id", "path", "image", "spacing", "modality", "labels"}
 
 `image` is float32 [*spatial, C] (2D [H, W, C], 3D [D, H, W, C]) in physical units, `spacing`
-float64 [spatial_dims] in mm in the same axis order. Orientation conventions:
+float64 [spatial_dims] in mm in the same axis order. Here: finding items (manifest or
+directory scan), dispatching each to its format's reader, rank and channel checks, splits and
+stats. The per-format readers, each documenting its orientation convention, live in:
 
-- DICOM: rows and columns as stored (H = rows, W = columns; spacing = PixelSpacing, which is
-  [row spacing, column spacing]). A series (DICOM files of one folder sharing a
-  SeriesInstanceUID) is one 3D item: slices ordered by their position along the slice normal
-  (row cosines x column cosines of ImageOrientationPatient), D spacing from the position
-  differences, never SliceThickness. For a standard axial series (LPS) that makes [D, H, W]
-  run inferior->superior, anterior->posterior, right->left. RescaleSlope/Intercept (or a
-  modality LUT) is applied per slice, so CT is in Hounsfield units. MONOCHROME1 is not
-  inverted (stats counts it). In a directory scan with spatial_dims=2 every DICOM file is
-  its own 2D item; a manifest row naming a folder is always read as one series.
-- NIfTI: reoriented to the closest canonical (RAS+) orientation as
-  nibabel.as_closest_canonical does, then arranged [D, H, W] = canonical (k, j, i), i.e. a
-  transpose (2, 1, 0); spacing = the header zooms in that order. [D, H, W] thus runs
-  inferior->superior, posterior->anterior, left->right: H and W are flipped relative to a
-  standard axial DICOM series. scl_slope/scl_inter are applied by nibabel. A 4D file gives
-  its first volume (counted in stats["nifti_first_volume_only"]); a 2D file is one slice.
-- PNG/JPEG: grayscale -> C=1, RGB (and palette/CMYK) -> C=3, alpha dropped (counted);
-  values as stored; spacing 1 mm (counted as unknown). NumPy .npy: channels-last, an array
-  of rank spatial_dims has C=1; spacing 1 mm.
-- spatial_dims=2 squeezes a volume with exactly one single-slice axis; a 2D image with
-  spatial_dims=3 is an error naming the file. Channel counts must agree across the dataset.
+- dicom.py: DICOM files and series (rows/columns as stored; a series ordered along the slice
+  normal, D spacing from slice positions; rescale applied, so CT is in Hounsfield units).
+- image_files.py: NIfTI (closest canonical RAS+, arranged [D, H, W] = canonical (k, j, i)),
+  PNG/JPEG (values as stored) and .npy (channels-last); spacing 1 mm where unknown.
+- image_items.py: the Item record and ItemError they fill and raise.
+
+spatial_dims=2 squeezes a volume with exactly one single-slice axis; a 2D image with
+spatial_dims=3 is an error naming the file. Channel counts must agree across the dataset.
 
 Index time reads headers only and validates: missing path, unreadable or corrupt header,
 truncated uncompressed DICOM or .nii files (shorter than their voxels), a series with
@@ -56,14 +46,12 @@ import os
 import pathlib
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
-import pydicom
-import pydicom.pixels
-from PIL import Image
-from pydicom.errors import InvalidDicomError
 
+from biofm_jax.data.sources import dicom
+from biofm_jax.data.sources import image_files
 from biofm_jax.data.sources import splits as splits_lib
+from biofm_jax.data.sources.image_items import Item, ItemError
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +62,6 @@ _KINDS = ("dicom", "dicom_series", "nifti", "png", "jpeg", "npy")
 _SKIP_REASONS = ("missing", "corrupt", "truncated", "unsupported", "series_spacing",
                  "series_size", "series_geometry", "rank", "channels")
 _IGNORED_PREFIXES = (".", "_")  # hidden files, macOS resource forks, _SUCCESS markers
-_MODES_TO_RGB = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
-_SPACING_RTOL = 0.01
 
 # Every fixed key of ImagingDataset.stats (ints); plus "modality_<NAME>" per modality.
 STAT_KEYS = (
@@ -96,303 +82,38 @@ STAT_KEYS = (
 )
 
 
-class _ItemError(ValueError):
-  """An index-time problem with one item; `reason` names its stats["skipped_*"] counter."""
-
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason = reason
-
-
-@dataclasses.dataclass
-class _Item:
-  subject_id: str
-  path: str  # the file, or the folder of a series
-  kind: str  # one of _KINDS; before inspection also dicom_folder, series_folder, missing, ...
-  files: tuple[str, ...] = ()  # files to read; a series in D order
-  shape: tuple[int, ...] = ()  # spatial shape as stored, before squeezing to 2D
-  channels: int = 1
-  spacing: tuple[float, ...] = ()
-  modality: str = ""
-  split: str = ""
-  labels: tuple[float, ...] = ()
-  flags: tuple[str, ...] = ()  # stats counters this item adds to
-
-
-# ---------------------------------------------------------------- DICOM headers
-def _read_dicom_header(path: str) -> pydicom.Dataset:
-  try:
-    return pydicom.dcmread(path, stop_before_pixels=True)
-  except InvalidDicomError:
-    pass  # no preamble: some writers omit it; accept the file if it parses as an image
-  except Exception as e:  # pydicom raises many types on corrupt input
-    raise _ItemError("corrupt", f"{path}: not a readable DICOM file ({type(e).__name__}: {e})")
-  try:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-  except Exception as e:
-    raise _ItemError("corrupt", f"{path}: not a readable DICOM file ({type(e).__name__}: {e})")
-  if "Rows" not in ds or "Columns" not in ds:
-    raise _ItemError("corrupt", f"{path}: not a readable DICOM file (no DICM preamble and "
-                                "no Rows/Columns elements)")
-  return ds
-
-
-def _dicom_file_item(item: _Item, ds: pydicom.Dataset) -> _Item:
-  """Validates one DICOM image header and fills shape, channels, spacing, modality."""
-  path = item.files[0]
-  if "Rows" not in ds or "Columns" not in ds:
-    raise _ItemError("corrupt", f"{path}: DICOM file has no image (Rows/Columns missing)")
-  frames = int(ds.get("NumberOfFrames", 1) or 1)
-  if frames > 1:
-    raise _ItemError("unsupported", f"{path}: multi-frame DICOM (NumberOfFrames={frames}) "
-                                    "is not supported; expected one frame per file")
-  channels = int(ds.get("SamplesPerPixel", 1))
-  if channels not in (1, 3):
-    raise _ItemError("unsupported", f"{path}: SamplesPerPixel={channels}, expected 1 or 3")
-  syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-  if syntax is not None and (syntax.is_compressed or syntax.is_deflated):
-    try:
-      available = pydicom.pixels.get_decoder(syntax).is_available
-    except NotImplementedError:
-      available = False
-    if not available:
-      raise _ItemError("unsupported", f"{path}: no installed pixel decoder for transfer "
-                                      f"syntax {syntax.name}; install pylibjpeg or gdcm")
-  else:  # stored raw: the pixels alone need this many bytes, so a shorter file is cut
-    needed = -(-ds.Rows * ds.Columns * channels * int(ds.get("BitsAllocated", 16)) // 8)
-    size = os.path.getsize(path)
-    if size < needed:
-      raise _ItemError("truncated", f"{path}: truncated DICOM file ({size} bytes, the "
-                                    f"{ds.Rows}x{ds.Columns} pixels alone need {needed})")
-  spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-  flags = ()
-  if not spacing or len(spacing) != 2:
-    spacing, flags = (1.0, 1.0), ("unknown_spacing",)
-  if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-    flags += ("dicom_monochrome1",)
-  return dataclasses.replace(
-      item, shape=(int(ds.Rows), int(ds.Columns)), channels=channels,
-      spacing=tuple(float(s) for s in spacing), flags=flags,
-      modality=item.modality or str(ds.get("Modality", "") or ""))
-
-
-def _dicom_series_item(item: _Item, headers: Sequence[tuple[str, pydicom.Dataset]]) -> _Item:
-  """One 3D item from the files of one series: slices ordered along the slice normal."""
-  folder = item.path
-  slices = [_dicom_file_item(dataclasses.replace(item, files=(p,)), ds) for p, ds in headers]
-  by_size = {(s.shape, s.channels): s.files[0] for s in slices}
-  if len(by_size) > 1:
-    examples = ", ".join(f"{p} is {shape[0]}x{shape[1]}x{c}" for (shape, c), p in
-                         list(by_size.items())[:2])
-    raise _ItemError("series_size", f"{folder}: DICOM series mixes slice sizes (Rows x "
-                                    f"Columns x SamplesPerPixel): {examples}")
-  try:
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
-  except (AttributeError, TypeError, ValueError):
-    raise _ItemError("series_geometry", f"{folder}: a DICOM series file lacks "
-                     "ImageOrientationPatient/ImagePositionPatient; cannot order the slices")
-  if orientations.shape[1] != 6 or positions.shape[1] != 3 or not np.allclose(
-      orientations, orientations[0], atol=1e-3):
-    raise _ItemError("series_geometry", f"{folder}: DICOM series slices differ in "
-                                        "ImageOrientationPatient (or it is malformed)")
-  if not np.allclose([s.spacing for s in slices], slices[0].spacing, rtol=_SPACING_RTOL):
-    raise _ItemError("series_geometry", f"{folder}: DICOM series slices differ in PixelSpacing")
-  normal = np.cross(orientations[0, :3], orientations[0, 3:])
-  along_normal = positions @ normal
-  order = np.argsort(along_normal, kind="stable")
-  gaps = np.diff(along_normal[order])
-  median = float(np.median(gaps))
-  worst = int(np.argmax(np.abs(gaps - median)))
-  if median <= 1e-6 or abs(gaps[worst] - median) > _SPACING_RTOL * median:
-    first, second = (headers[order[worst]][0], headers[order[worst + 1]][0])
-    raise _ItemError("series_spacing", f"{folder}: DICOM series has inconsistent slice "
-                     f"spacing: gap {gaps[worst]:.4g} mm between {first} and {second}, "
-                     f"median gap {median:.4g} mm (tolerance {_SPACING_RTOL:.0%})")
-  flags = tuple(sorted(set(f for s in slices for f in s.flags)))
-  return dataclasses.replace(
-      slices[0], path=folder, kind="dicom_series", files=tuple(slices[i].files[0] for i in order),
-      shape=(len(slices),) + slices[0].shape, spacing=(float(gaps.mean()),) + slices[0].spacing,
-      flags=flags)
-
-
-def _dicom_folder_items(item: _Item, one_series: bool) -> list[_Item | _ItemError]:
-  """Items from the DICOM files of one folder (item.files): one per SeriesInstanceUID."""
-  results: list[_Item | _ItemError] = []
-  series: dict[str, list[tuple[str, pydicom.Dataset]]] = collections.defaultdict(list)
-  for path in item.files:
-    try:
-      ds = _read_dicom_header(path)
-      series[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
-    except _ItemError as e:
-      results.append(e)
-  if one_series and len(series) > 1:
-    return [_ItemError("series_geometry", f"{item.path}: folder holds {len(series)} DICOM "
-                                          "series; point the manifest at one series")]
-  for uid, headers in series.items():
-    subject = item.subject_id if len(series) == 1 else f"{item.subject_id}/{uid}"
-    series_item = dataclasses.replace(item, subject_id=subject)
-    try:
-      if len(headers) == 1:  # a lone file is a 2D image, not a series
-        path, ds = headers[0]
-        results.append(_dicom_file_item(
-            dataclasses.replace(series_item, path=path, files=(path,), kind="dicom"), ds))
-      else:
-        results.append(_dicom_series_item(series_item, headers))
-    except _ItemError as e:
-      results.append(e)
-  return results
-
-
-# ---------------------------------------------------------------- other headers
-def _nifti_orientation(image) -> np.ndarray:
-  return nib.orientations.io_orientation(image.affine)
-
-
-def _nifti_item(item: _Item) -> _Item:
-  path = item.files[0]
-  try:
-    image = nib.load(path)
-    header_shape, zooms = tuple(image.shape), tuple(image.header.get_zooms())
-    dtype, data_offset = image.get_data_dtype(), int(image.header.get_data_offset())
-  except Exception as e:
-    raise _ItemError("corrupt", f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})")
-  if path.lower().endswith(".nii"):  # uncompressed: the voxels must fit in the file
-    needed = data_offset + int(np.prod(header_shape)) * dtype.itemsize
-    if os.path.getsize(path) < needed:
-      raise _ItemError("truncated", f"{path}: truncated NIfTI file ({os.path.getsize(path)} "
-                                    f"bytes, header shape {header_shape} needs {needed})")
-  if dtype.fields is not None:
-    raise _ItemError("unsupported", f"{path}: NIfTI with a structured (RGB) data type is not "
-                                    "supported; expected scalar voxels")
-  if len(header_shape) > 4 and max(header_shape[4:]) > 1:
-    raise _ItemError("unsupported", f"{path}: NIfTI of shape {header_shape}; expected 2D, "
-                                    "3D or 4D (first volume used)")
-  shape = (header_shape + (1, 1))[:3]
-  zooms = (zooms + (1.0, 1.0))[:3]
-  flags = ("nifti_first_volume_only",) if len(header_shape) > 3 and header_shape[3] > 1 else ()
-  canonical_shape, canonical_zooms = [0] * 3, [0.0] * 3
-  for axis, (target, _) in enumerate(_nifti_orientation(image).astype(int)):
-    canonical_shape[target], canonical_zooms[target] = shape[axis], float(zooms[axis])
-  return dataclasses.replace(item, shape=tuple(canonical_shape[::-1]), channels=1,
-                             spacing=tuple(canonical_zooms[::-1]), flags=flags)
-
-
-def _pil_item(item: _Item) -> _Item:
-  path = item.files[0]
-  try:
-    with Image.open(path) as image:
-      mode, (width, height) = image.mode, image.size
-  except Exception as e:
-    raise _ItemError("corrupt", f"{path}: not a readable image ({type(e).__name__}: {e})")
-  flags = ("unknown_spacing",) + (("alpha_dropped",) if mode in ("RGBA", "LA", "PA") else ())
-  return dataclasses.replace(item, shape=(height, width), spacing=(1.0, 1.0), flags=flags,
-                             channels=3 if mode in _MODES_TO_RGB else 1)
-
-
-def _npy_layout(shape: tuple[int, ...], spatial_dims: int) -> tuple[tuple[int, ...], int] | None:
-  """(spatial shape, channels) of a channels-last array, None when the rank does not fit."""
-  if len(shape) == spatial_dims:
-    return shape, 1
-  if len(shape) == spatial_dims + 1 or (spatial_dims == 2 and len(shape) == 4):
-    return shape[:-1], shape[-1]
-  if spatial_dims == 3 and len(shape) == 2:
-    return shape, 1  # a 2D image: reported as a rank error by _fit_rank
-  return None
-
-
-def _npy_item(item: _Item, spatial_dims: int) -> _Item:
-  path = item.files[0]
-  try:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    shape, dtype = array.shape, array.dtype
-  except Exception as e:
-    raise _ItemError("corrupt", f"{path}: not a readable .npy file ({type(e).__name__}: {e})")
-  if dtype.kind not in "biuf":
-    raise _ItemError("unsupported", f"{path}: .npy of dtype {dtype}; expected bool, int or float")
-  layout = _npy_layout(shape, spatial_dims)
-  if layout is None:
-    raise _ItemError("rank", f"{path}: .npy of shape {shape}; expected [*spatial] or "
-                             f"[*spatial, C] with {spatial_dims} spatial dims")
-  return dataclasses.replace(item, shape=layout[0], channels=layout[1],
-                             spacing=(1.0,) * len(layout[0]), flags=("unknown_spacing",))
-
-
-def _fit_rank(item: _Item, spatial_dims: int) -> _Item:
+# ---------------------------------------------------------------- rank and pixel dispatch
+def _fit_rank(item: Item, spatial_dims: int) -> Item:
   """Checks the item's spatial rank; a one-slice volume becomes 2D for spatial_dims=2."""
   if len(item.shape) == spatial_dims:
     return item
   if len(item.shape) == 2:
-    raise _ItemError("rank", f"{item.path}: is a 2D image of shape {item.shape}; "
-                             "spatial_dims=3 needs a volume")
+    raise ItemError("rank", f"{item.path}: is a 2D image of shape {item.shape}; "
+                            "spatial_dims=3 needs a volume")
   single = [axis for axis, size in enumerate(item.shape) if size == 1]
   if len(single) != 1:
-    raise _ItemError("rank", f"{item.path}: is a 3D volume of shape {item.shape}; "
-                             "spatial_dims=2 needs exactly one single-slice axis")
+    raise ItemError("rank", f"{item.path}: is a 3D volume of shape {item.shape}; "
+                            "spatial_dims=2 needs exactly one single-slice axis")
   return dataclasses.replace(item, flags=item.flags + ("squeezed_to_2d",))
-
-
-# ---------------------------------------------------------------- pixel reads
-def _read_dicom_pixels(path: str) -> np.ndarray:
-  ds = pydicom.dcmread(path, force=True)
-  pixels = ds.pixel_array
-  if int(ds.get("SamplesPerPixel", 1)) == 1:  # the modality LUT is defined for gray only
-    pixels = pydicom.pixels.apply_modality_lut(pixels, ds)
-  return np.asarray(pixels, np.float32).reshape(int(ds.Rows), int(ds.Columns), -1)
-
-
-def _read_nifti_pixels(path: str) -> np.ndarray:
-  image = nib.load(path)
-  extra_axes = max(len(image.shape) - 3, 0)
-  # Slicing the proxy reads only the first volume of a 4D file; nibabel applies scl_*.
-  data = image.dataobj[(slice(None),) * 3 + (0,) * extra_axes] if extra_axes else image.dataobj
-  data = np.asarray(data, np.float32)
-  data = data.reshape(data.shape + (1,) * (3 - data.ndim))
-  canonical = nib.orientations.apply_orientation(data, _nifti_orientation(image))
-  return np.ascontiguousarray(canonical.transpose(2, 1, 0))[..., None]
-
-
-def _read_pil_pixels(path: str) -> np.ndarray:
-  with Image.open(path) as image:
-    image.load()
-    if image.mode in _MODES_TO_RGB:
-      image = image.convert("RGB")
-    elif image.mode in ("LA", "1"):
-      image = image.convert("L")
-    pixels = np.asarray(image, np.float32)
-  return pixels if pixels.ndim == 3 else pixels[..., None]
-
-
-def _read_npy_pixels(path: str, stored_rank: int) -> np.ndarray:
-  pixels = np.load(path, allow_pickle=False).astype(np.float32)
-  return pixels[..., None] if pixels.ndim == stored_rank else pixels  # implicit C=1
 
 
 def _read_pixels(kind: str, files: Sequence[str], stored_rank: int) -> np.ndarray:
   """The stored pixels as float32 [*stored spatial shape, C], in physical units."""
   if kind == "dicom_series":
-    return np.stack([_read_dicom_pixels(f) for f in files])
+    return dicom.read_dicom_series_pixels(files)
   if kind == "dicom":
-    return _read_dicom_pixels(files[0])
+    return dicom.read_dicom_pixels(files[0])
   if kind == "nifti":
-    return _read_nifti_pixels(files[0])
+    return image_files.read_nifti_pixels(files[0])
   if kind == "npy":
-    return _read_npy_pixels(files[0], stored_rank)
-  return _read_pil_pixels(files[0])
+    return image_files.read_npy_pixels(files[0], stored_rank)
+  return image_files.read_pil_pixels(files[0])
 
 
 # ---------------------------------------------------------------- finding items
 def _strip_suffix(relative: str) -> str:
   lower = relative.lower()
   return relative[:-len(".nii.gz")] if lower.endswith(".nii.gz") else os.path.splitext(relative)[0]
-
-
-def _has_dicom_preamble(path: pathlib.Path) -> bool:
-  try:
-    with open(path, "rb") as f:
-      return f.read(132)[128:] == b"DICM"
-  except OSError:  # unreadable: not recognisably DICOM, so counted as an ignored file
-    return False
 
 
 def _file_kind(path: pathlib.Path) -> str | None:
@@ -405,7 +126,7 @@ def _file_kind(path: pathlib.Path) -> str | None:
     return _PIL_KINDS[suffix]
   if suffix in (".npy", ".dcm", ".dicom"):
     return "npy" if suffix == ".npy" else "dicom"
-  return "dicom" if _has_dicom_preamble(path) else None
+  return "dicom" if dicom.has_dicom_preamble(path) else None
 
 
 def _visible_files(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
@@ -414,7 +135,7 @@ def _visible_files(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
       part.startswith(_IGNORED_PREFIXES) for part in p.relative_to(folder).parts))
 
 
-def _scan_directory(root: pathlib.Path, spatial_dims: int, stats: dict) -> list[_Item]:
+def _scan_directory(root: pathlib.Path, spatial_dims: int, stats: dict) -> list[Item]:
   """Candidate items of a folder tree; with spatial_dims=3 DICOM files group by folder."""
   items, dicom_folders = [], collections.defaultdict(list)
   for path in _visible_files(root, recursive=True):
@@ -424,11 +145,11 @@ def _scan_directory(root: pathlib.Path, spatial_dims: int, stats: dict) -> list[
     elif kind == "dicom" and spatial_dims == 3:
       dicom_folders[path.parent].append(str(path))
     else:
-      items.append(_Item(subject_id=_strip_suffix(relative), path=str(path), kind=kind,
-                         files=(str(path),)))
+      items.append(Item(subject_id=_strip_suffix(relative), path=str(path), kind=kind,
+                        files=(str(path),)))
   for folder, files in dicom_folders.items():
-    items.append(_Item(subject_id=folder.relative_to(root).as_posix(), path=str(folder),
-                       kind="dicom_folder", files=tuple(files)))
+    items.append(Item(subject_id=folder.relative_to(root).as_posix(), path=str(folder),
+                      kind="dicom_folder", files=tuple(files)))
   return items
 
 
@@ -442,7 +163,7 @@ def _parse_label(csv_path: pathlib.Path, line: int, column: str, text: str) -> f
                      "label columns must be numeric (empty for missing)") from None
 
 
-def _read_manifest(csv_path: pathlib.Path) -> tuple[list[_Item], tuple[str, ...], bool]:
+def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Item], tuple[str, ...], bool]:
   """Candidate items, label column names, and whether a split column is present."""
   with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet BOMs
     reader = csv.DictReader(f)
@@ -464,45 +185,45 @@ def _read_manifest(csv_path: pathlib.Path) -> tuple[list[_Item], tuple[str, ...]
           _file_kind(path) if path.is_file() else "missing")
       files = (tuple(str(p) for p in _visible_files(path, recursive=False)
                      if _file_kind(p) == "dicom") if path.is_dir() else (str(path),))
-      items.append(_Item(
+      items.append(Item(
           subject_id=subject, path=str(path), kind=kind or "unsupported", files=files,
           modality=(row.get("modality") or "").strip(), split=(row.get("split") or "").strip(),
           labels=tuple(_parse_label(csv_path, line, c, row.get(c) or "") for c in label_names)))
   return items, label_names, "split" in columns
 
 
-def _inspect(item: _Item, spatial_dims: int) -> list[_Item | _ItemError]:
+def _inspect(item: Item, spatial_dims: int) -> list[Item | ItemError]:
   """Header checks of one candidate; a DICOM folder may give several items."""
   if item.kind == "missing":
-    return [_ItemError("missing", f"{item.path}: file or folder does not exist")]
+    return [ItemError("missing", f"{item.path}: file or folder does not exist")]
   if item.kind == "unsupported":
-    return [_ItemError("unsupported", f"{item.path}: unsupported format; expected DICOM, "
-                                      "NIfTI (.nii/.nii.gz), PNG/JPEG or .npy")]
+    return [ItemError("unsupported", f"{item.path}: unsupported format; expected DICOM, "
+                                     "NIfTI (.nii/.nii.gz), PNG/JPEG or .npy")]
   try:
     if item.kind in ("dicom_folder", "series_folder"):
       if not item.files:
-        raise _ItemError("missing", f"{item.path}: folder holds no DICOM files")
-      found = _dicom_folder_items(item, one_series=item.kind == "series_folder")
+        raise ItemError("missing", f"{item.path}: folder holds no DICOM files")
+      found = dicom.dicom_folder_items(item, one_series=item.kind == "series_folder")
     elif item.kind == "dicom":
-      found = [_dicom_file_item(item, _read_dicom_header(item.files[0]))]
+      found = [dicom.dicom_file_item(item, dicom.read_dicom_header(item.files[0]))]
     elif item.kind == "nifti":
-      found = [_nifti_item(item)]
+      found = [image_files.nifti_item(item)]
     elif item.kind == "npy":
-      found = [_npy_item(item, spatial_dims)]
+      found = [image_files.npy_item(item, spatial_dims)]
     else:
-      found = [_pil_item(item)]
-  except _ItemError as e:
+      found = [image_files.pil_item(item)]
+  except ItemError as e:
     return [e]
-  results: list[_Item | _ItemError] = []
+  results: list[Item | ItemError] = []
   for result in found:
     try:
-      results.append(_fit_rank(result, spatial_dims) if isinstance(result, _Item) else result)
-    except _ItemError as e:
+      results.append(_fit_rank(result, spatial_dims) if isinstance(result, Item) else result)
+    except ItemError as e:
       results.append(e)
   return results
 
 
-def _keep_one_channel_count(items: list[_Item], on_error: str, stats: dict) -> list[_Item]:
+def _keep_one_channel_count(items: list[Item], on_error: str, stats: dict) -> list[Item]:
   """All items must share C; with "skip" the most common count wins (ties: fewer channels)."""
   by_channels = collections.Counter(item.channels for item in items)
   if len(by_channels) <= 1:
@@ -519,7 +240,7 @@ def _keep_one_channel_count(items: list[_Item], on_error: str, stats: dict) -> l
   return [item for item in items if item.channels == keep]
 
 
-def _manifest_splits(items: list[_Item], csv_path: pathlib.Path,
+def _manifest_splits(items: list[Item], csv_path: pathlib.Path,
                      stats: dict) -> dict[str, np.ndarray]:
   """Split name -> item indices from the split column; a subject may be in one split only."""
   split_of_subject: dict[str, str] = {}
@@ -545,7 +266,7 @@ class ImagingSource:
   without reading pixels, e.g. for a linear probe's targets.
   """
 
-  def __init__(self, items: Sequence[_Item], spatial_dims: int, num_labels: int):
+  def __init__(self, items: Sequence[Item], spatial_dims: int, num_labels: int):
     self.spatial_dims = spatial_dims
     self.subject_ids = [item.subject_id for item in items]
     self.paths = [item.path for item in items]
@@ -628,7 +349,7 @@ class ImagingDataset:
     items = []
     for candidate in candidates:
       for result in _inspect(candidate, spatial_dims):
-        if isinstance(result, _Item):
+        if isinstance(result, Item):
           items.append(result)
         elif on_error == "raise":
           raise result
@@ -652,7 +373,7 @@ class ImagingDataset:
                   self._skip_summary())
     log.info("imaging %s: %s", self.path, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
 
-  def _count(self, items: list[_Item]) -> None:
+  def _count(self, items: list[Item]) -> None:
     self.stats["skipped"] = sum(self.stats[f"skipped_{r}"] for r in _SKIP_REASONS)
     self.stats["items"] = len(items)
     self.stats["subjects"] = len({item.subject_id for item in items})

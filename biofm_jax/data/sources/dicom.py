@@ -1,0 +1,181 @@
+"""DICOM reading: headers, series grouping and slice order, spacing checks, pixels.
+
+Orientation convention: rows and columns as stored (H = rows, W = columns; spacing =
+PixelSpacing, which is [row spacing, column spacing]). A series (DICOM files of one folder
+sharing a SeriesInstanceUID) is one 3D item: slices ordered by their position along the slice
+normal (row cosines x column cosines of ImageOrientationPatient), D spacing from the position
+differences, never SliceThickness. For a standard axial series (LPS) that makes [D, H, W] run
+inferior->superior, anterior->posterior, right->left. RescaleSlope/Intercept (or a modality
+LUT) is applied per slice, so CT is in Hounsfield units. MONOCHROME1 is not inverted (stats
+counts it). In a directory scan with spatial_dims=2 every DICOM file is its own 2D item; a
+manifest row naming a folder is always read as one series.
+
+Index-time checks here: unreadable or corrupt headers, multi-frame files, unsupported samples
+per pixel or transfer syntax, truncated uncompressed files (shorter than their pixels), and a
+series with mixed slice sizes, orientations or pixel spacings, missing geometry, or
+inconsistent slice spacing (> 1% from the median gap). They raise image_items.ItemError.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.errors import InvalidDicomError
+
+from biofm_jax.data.sources.image_items import Item, ItemError
+
+_SPACING_RTOL = 0.01
+
+
+# ---------------------------------------------------------------- headers
+def has_dicom_preamble(path: pathlib.Path) -> bool:
+  """Whether the file has the DICM marker after its 128-byte preamble (a scan's sniff)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:] == b"DICM"
+  except OSError:  # unreadable: not recognisably DICOM, so counted as an ignored file
+    return False
+
+
+def read_dicom_header(path: str) -> pydicom.Dataset:
+  try:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+  except InvalidDicomError:
+    pass  # no preamble: some writers omit it; accept the file if it parses as an image
+  except Exception as e:  # pydicom raises many types on corrupt input
+    raise ItemError("corrupt", f"{path}: not a readable DICOM file ({type(e).__name__}: {e})")
+  try:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+  except Exception as e:
+    raise ItemError("corrupt", f"{path}: not a readable DICOM file ({type(e).__name__}: {e})")
+  if "Rows" not in ds or "Columns" not in ds:
+    raise ItemError("corrupt", f"{path}: not a readable DICOM file (no DICM preamble and "
+                               "no Rows/Columns elements)")
+  return ds
+
+
+def dicom_file_item(item: Item, ds: pydicom.Dataset) -> Item:
+  """Validates one DICOM image header and fills shape, channels, spacing, modality."""
+  path = item.files[0]
+  if "Rows" not in ds or "Columns" not in ds:
+    raise ItemError("corrupt", f"{path}: DICOM file has no image (Rows/Columns missing)")
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  if frames > 1:
+    raise ItemError("unsupported", f"{path}: multi-frame DICOM (NumberOfFrames={frames}) "
+                                   "is not supported; expected one frame per file")
+  channels = int(ds.get("SamplesPerPixel", 1))
+  if channels not in (1, 3):
+    raise ItemError("unsupported", f"{path}: SamplesPerPixel={channels}, expected 1 or 3")
+  syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+  if syntax is not None and (syntax.is_compressed or syntax.is_deflated):
+    try:
+      available = pydicom.pixels.get_decoder(syntax).is_available
+    except NotImplementedError:
+      available = False
+    if not available:
+      raise ItemError("unsupported", f"{path}: no installed pixel decoder for transfer "
+                                     f"syntax {syntax.name}; install pylibjpeg or gdcm")
+  else:  # stored raw: the pixels alone need this many bytes, so a shorter file is cut
+    needed = -(-ds.Rows * ds.Columns * channels * int(ds.get("BitsAllocated", 16)) // 8)
+    size = os.path.getsize(path)
+    if size < needed:
+      raise ItemError("truncated", f"{path}: truncated DICOM file ({size} bytes, the "
+                                   f"{ds.Rows}x{ds.Columns} pixels alone need {needed})")
+  spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+  flags = ()
+  if not spacing or len(spacing) != 2:
+    spacing, flags = (1.0, 1.0), ("unknown_spacing",)
+  if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+    flags += ("dicom_monochrome1",)
+  return dataclasses.replace(
+      item, shape=(int(ds.Rows), int(ds.Columns)), channels=channels,
+      spacing=tuple(float(s) for s in spacing), flags=flags,
+      modality=item.modality or str(ds.get("Modality", "") or ""))
+
+
+def _dicom_series_item(item: Item, headers: Sequence[tuple[str, pydicom.Dataset]]) -> Item:
+  """One 3D item from the files of one series: slices ordered along the slice normal."""
+  folder = item.path
+  slices = [dicom_file_item(dataclasses.replace(item, files=(p,)), ds) for p, ds in headers]
+  by_size = {(s.shape, s.channels): s.files[0] for s in slices}
+  if len(by_size) > 1:
+    examples = ", ".join(f"{p} is {shape[0]}x{shape[1]}x{c}" for (shape, c), p in
+                         list(by_size.items())[:2])
+    raise ItemError("series_size", f"{folder}: DICOM series mixes slice sizes (Rows x "
+                                   f"Columns x SamplesPerPixel): {examples}")
+  try:
+    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
+  except (AttributeError, TypeError, ValueError):
+    raise ItemError("series_geometry", f"{folder}: a DICOM series file lacks "
+                    "ImageOrientationPatient/ImagePositionPatient; cannot order the slices")
+  if orientations.shape[1] != 6 or positions.shape[1] != 3 or not np.allclose(
+      orientations, orientations[0], atol=1e-3):
+    raise ItemError("series_geometry", f"{folder}: DICOM series slices differ in "
+                                       "ImageOrientationPatient (or it is malformed)")
+  if not np.allclose([s.spacing for s in slices], slices[0].spacing, rtol=_SPACING_RTOL):
+    raise ItemError("series_geometry", f"{folder}: DICOM series slices differ in PixelSpacing")
+  normal = np.cross(orientations[0, :3], orientations[0, 3:])
+  along_normal = positions @ normal
+  order = np.argsort(along_normal, kind="stable")
+  gaps = np.diff(along_normal[order])
+  median = float(np.median(gaps))
+  worst = int(np.argmax(np.abs(gaps - median)))
+  if median <= 1e-6 or abs(gaps[worst] - median) > _SPACING_RTOL * median:
+    first, second = (headers[order[worst]][0], headers[order[worst + 1]][0])
+    raise ItemError("series_spacing", f"{folder}: DICOM series has inconsistent slice "
+                    f"spacing: gap {gaps[worst]:.4g} mm between {first} and {second}, "
+                    f"median gap {median:.4g} mm (tolerance {_SPACING_RTOL:.0%})")
+  flags = tuple(sorted(set(f for s in slices for f in s.flags)))
+  return dataclasses.replace(
+      slices[0], path=folder, kind="dicom_series", files=tuple(slices[i].files[0] for i in order),
+      shape=(len(slices),) + slices[0].shape, spacing=(float(gaps.mean()),) + slices[0].spacing,
+      flags=flags)
+
+
+def dicom_folder_items(item: Item, one_series: bool) -> list[Item | ItemError]:
+  """Items from the DICOM files of one folder (item.files): one per SeriesInstanceUID."""
+  results: list[Item | ItemError] = []
+  series: dict[str, list[tuple[str, pydicom.Dataset]]] = collections.defaultdict(list)
+  for path in item.files:
+    try:
+      ds = read_dicom_header(path)
+      series[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
+    except ItemError as e:
+      results.append(e)
+  if one_series and len(series) > 1:
+    return [ItemError("series_geometry", f"{item.path}: folder holds {len(series)} DICOM "
+                                         "series; point the manifest at one series")]
+  for uid, headers in series.items():
+    subject = item.subject_id if len(series) == 1 else f"{item.subject_id}/{uid}"
+    series_item = dataclasses.replace(item, subject_id=subject)
+    try:
+      if len(headers) == 1:  # a lone file is a 2D image, not a series
+        path, ds = headers[0]
+        results.append(dicom_file_item(
+            dataclasses.replace(series_item, path=path, files=(path,), kind="dicom"), ds))
+      else:
+        results.append(_dicom_series_item(series_item, headers))
+    except ItemError as e:
+      results.append(e)
+  return results
+
+
+# ---------------------------------------------------------------- pixel reads
+def read_dicom_pixels(path: str) -> np.ndarray:
+  ds = pydicom.dcmread(path, force=True)
+  pixels = ds.pixel_array
+  if int(ds.get("SamplesPerPixel", 1)) == 1:  # the modality LUT is defined for gray only
+    pixels = pydicom.pixels.apply_modality_lut(pixels, ds)
+  return np.asarray(pixels, np.float32).reshape(int(ds.Rows), int(ds.Columns), -1)
+
+
+def read_dicom_series_pixels(files: Sequence[str]) -> np.ndarray:
+  """The slices of a series (files already in D order) as float32 [D, H, W, C]."""
+  return np.stack([read_dicom_pixels(f) for f in files])

@@ -1,0 +1,29 @@
+"""Embeddings of a whole split from a trained model, for probes and downstream analysis.
+
+Records are embedded in source order with the deterministic evaluation transforms and
+no pre-training masking, so row i belongs to `data_module.source(split)[i]`.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from biofm_jax import parallel
+from biofm_jax.data import pipeline
+from biofm_jax.train import step as step_lib
+
+
+def embed_split(setup, params, data_module, split: str, *, batch_size: int, seed: int = 0) -> np.ndarray:
+  """[num_records, embed_dim] float32 embeddings of `split` (single process)."""
+  if jax.process_count() > 1:
+    raise NotImplementedError("embed_split runs in one process; gather per-process shards for more")
+  source = data_module.source(split)
+  dataset = pipeline.make_eval_dataset(source, data_module.transforms(train=False, mask=False),
+                                       modality=data_module.name, global_batch_size=batch_size, seed=seed,
+                                       example_spec=data_module.embedding_spec())
+  embed = step_lib.jit_embed_step(setup.model, data_module.name, setup.state_shardings.params, setup.mesh,
+                                  setup.rules)
+  chunks = [np.asarray(jax.device_get(embed(params, parallel.make_global_batch(batch, setup.mesh))))
+            for batch in pipeline.make_iterator(dataset)]
+  # The eval pipeline appends padding examples after the last record: drop them.
+  return np.concatenate(chunks)[: len(source)].astype(np.float32)

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 from typing import NamedTuple
 
 import meds
@@ -36,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.data.sources.synthetic_catalogue import (
     BACKGROUND, CKD, CODES, CODE_ID, CONDITIONS, CONDITION_INDEX, CREATININE, DX_CHANCE,
     DX_CODE, DX_CONDITION, ED, EGFR, HEART_FAILURE, INPATIENT, LABS, LAB_EFFECTS, LAB_HIGH,
@@ -281,18 +281,9 @@ def write_synthetic_meds(out_dir: str | os.PathLike, *, num_subjects: int = 1000
   subjects = [_simulate_subject(np.random.default_rng([seed, 1, i]), max_events)
               for i in range(num_subjects)]
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-  if staging.exists():  # left by a crashed earlier write from a process with our pid
-    shutil.rmtree(staging)
-  staging.mkdir()
-  try:
+  with atomic_directory(out) as staging:
     _write_data(staging, subject_ids, subjects, split_names, num_shards, nested)
     _write_metadata(staging, subject_ids, subjects, split_names, seed)
-    os.replace(staging, out)  # replaces an empty directory atomically on POSIX
-  finally:
-    if staging.exists():
-      shutil.rmtree(staging)
   return out
 
 

@@ -32,13 +32,13 @@ import argparse
 import csv
 import os
 import pathlib
-import shutil
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
 
 FORMATS = {"npy": ".npy", "nifti": ".nii.gz", "png": ".png"}
@@ -148,12 +148,8 @@ def write_synthetic_images(out_dir: str | os.PathLike, *, spatial_dims: int,
   lesion = rng.permutation(num_subjects) < num_subjects // 2  # exactly balanced
   split_names = _split_names(num_subjects, rng)
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-  if staging.exists():  # left by a crashed earlier write from a process with our pid
-    shutil.rmtree(staging)
-  (staging / "images").mkdir(parents=True)
-  try:
+  with atomic_directory(out) as staging:
+    (staging / "images").mkdir()
     rows = []
     for i in range(num_subjects):
       subject_id = str(10_000 + i)
@@ -167,10 +163,6 @@ def write_synthetic_images(out_dir: str | os.PathLike, *, spatial_dims: int,
       writer = csv.writer(f)
       writer.writerow(MANIFEST_COLUMNS)
       writer.writerows(rows)
-    os.replace(staging, out)  # replaces an empty directory atomically on POSIX
-  finally:
-    if staging.exists():
-      shutil.rmtree(staging)
   return out
 
 

@@ -31,6 +31,7 @@ DEFAULT_RULES = (
     ("layers", None),
     ("patch", None),  # pixels of one image patch
     ("decoder_embed", None),  # width of the MAE decoder, small enough to replicate
+    ("features", None),  # columns of a table
 )
 
 

@@ -24,7 +24,7 @@ def get_config(arg=None):
       min_code_count=5,  # codes seen fewer times in the training split become [UNK]
       num_value_bins=10,  # per-code quantile bins of numeric values
       mask_rate=0.15)
-  config.objective = dict(name="masked", value_loss_weight=0.5)
+  config.objective = dict(name="masked", code_loss_weight=1.0, value_loss_weight=0.5)
 
   if preset == "tiny":
     apply_model_size(config, "tiny")

@@ -106,3 +106,48 @@ def imaging_example_spec(image_shape: tuple[int, ...], channels: int, patch_shap
     spec[IMAGE_VISIBLE] = ((visible,), np.int32)
     spec[IMAGE_MASKED] = ((total - visible,), np.int32)
   return spec
+
+
+# ---------------------------------------------------------------- tabular fields
+# Imaging-derived features (radiomics, cell morphology) and other tables: one token per
+# column. Numeric columns are standardised with training-split statistics; categorical
+# columns hold ids into one shared category vocabulary (0 = missing or unseen).
+TABULAR_VALID = IMAGE_VALID  # bool []: a real row; False for the eval pipeline's padding rows
+TABULAR_VALUES = "values"  # float32 [num_numeric]: standardised values, 0 where missing or masked
+TABULAR_MISSING = "missing"  # bool [num_numeric]: the value is missing (NaN or empty) in the source
+TABULAR_CATEGORIES = "categories"  # int32 [num_categorical]: category ids, 0 where missing or masked
+# Masked-feature modelling, added by the masking transform.
+TABULAR_VALUE_MASK = "value_mask"  # bool [num_numeric]: hidden from the model, to reconstruct
+TABULAR_TARGET_VALUES = "target_values"  # float32 [num_numeric]: the standardised values hidden
+TABULAR_CATEGORY_MASK = "category_mask"  # bool [num_categorical]
+TABULAR_TARGET_CATEGORIES = "target_categories"  # int32 [num_categorical]
+
+
+def tabular_example_spec(num_numeric: int, num_categorical: int,
+                         with_targets: bool) -> dict[str, tuple[tuple[int, ...], type]]:
+  spec = {TABULAR_VALID: ((), np.bool_), TABULAR_VALUES: ((num_numeric,), np.float32),
+          TABULAR_MISSING: ((num_numeric,), np.bool_), TABULAR_CATEGORIES: ((num_categorical,), np.int32)}
+  if with_targets:
+    spec.update({TABULAR_VALUE_MASK: ((num_numeric,), np.bool_),
+                 TABULAR_TARGET_VALUES: ((num_numeric,), np.float32),
+                 TABULAR_CATEGORY_MASK: ((num_categorical,), np.bool_),
+                 TABULAR_TARGET_CATEGORIES: ((num_categorical,), np.int32)})
+  return spec
+
+
+# ---------------------------------------------------------------- token sequences
+# Gene-expression profiles and biological sequences are token sequences like EHR
+# timelines and share their field names (and special token ids), so one masked objective
+# serves all of them. Expression in scGPT style carries a value bin per gene token;
+# rank-ordered expression (Geneformer) and DNA / protein sequences carry tokens only.
+TOKENS, TOKEN_VALUE_BINS, TOKEN_MASK = EHR_CODES, EHR_VALUE_BINS, EHR_MASK
+TARGET_TOKENS, TARGET_VALUE_BINS, TARGET_MASK = EHR_TARGET_CODES, EHR_TARGET_VALUE_BINS, EHR_TARGET_MASK
+
+
+def token_sequence_spec(max_len: int, *, with_values: bool,
+                        with_targets: bool) -> dict[str, tuple[tuple[int, ...], type]]:
+  """One example of a non-EHR token sequence; values and targets only when asked for."""
+  fields = [TOKENS, TOKEN_MASK] + ([TOKEN_VALUE_BINS] if with_values else [])
+  if with_targets:
+    fields += [TARGET_TOKENS, TARGET_MASK] + ([TARGET_VALUE_BINS] if with_values else [])
+  return {name: ((max_len,), EHR_DTYPES[name]) for name in fields}

@@ -313,16 +313,20 @@ class EHRData:
   def source(self, split: str):
     return self.dataset.source(split)
 
-  def transforms(self, train: bool) -> list:
-    """The same for train and eval: eval masking is made repeatable by its fixed seed."""
+  def transforms(self, train: bool, mask: bool = True) -> list:
+    """The same for train and eval: eval masking is made repeatable by its fixed seed.
+    `mask=False` leaves out the masking (embedding extraction)."""
     del train
     tokenize = TokenizeEHR(self.vocab, self.max_len, self.window)
-    if self.objective == "masked":
+    if mask and self.objective == "masked":
       return [tokenize, MaskEHR(self.vocab.size, self.mask_rate)]
     return [tokenize]
 
   def example_spec(self) -> dict:
     return batch.ehr_example_spec(self.max_len, with_targets=self.objective == "masked")
+
+  def embedding_spec(self) -> dict:
+    return batch.ehr_example_spec(self.max_len, with_targets=False)
 
   def model_info(self) -> dict[str, int]:
     return {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins,

@@ -29,7 +29,7 @@ class TransformerConfig:
   mlp_dim: int
   head_dim: int = 0  # 0 means embed_dim // num_heads
   dropout_rate: float = 0.0
-  position: str = "rope"  # "rope" (rotary, in attention); "learned" or "sincos" (added by the encoder)
+  position: str = "rope"  # "rope" (rotary, in attention); "learned"/"sincos" (added by the encoder); "none"
   max_len: int = 512
   causal: bool = False
   norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
@@ -46,8 +46,8 @@ class TransformerConfig:
     if not self.head_dim and self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by "
                        f"model.num_heads={self.num_heads}; set model.head_dim")
-    if self.position not in ("rope", "learned", "sincos"):
-      raise ValueError(f"model.position must be 'rope', 'learned' or 'sincos', got {self.position!r}")
+    if self.position not in ("rope", "learned", "sincos", "none"):
+      raise ValueError(f"model.position must be 'rope', 'learned', 'sincos' or 'none', got {self.position!r}")
     if self.position == "rope" and self.kv_dim % 2:
       raise ValueError(f"rotary positions need an even head dim, got {self.kv_dim} (model.head_dim or "
                        f"model.embed_dim / model.num_heads)")

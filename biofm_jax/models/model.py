@@ -4,12 +4,16 @@
 (and its encoder module). Every model returns a dict per modality, so objectives find
 what they need by name, and reports its analytic cost for MFU:
 
-    {"ehr": {"hidden": [B, L, D], "code_logits": [B, L, V], "value_logits": [B, L, K+1]}}
+    {"ehr": {"hidden": [B, L, D], "embedding": [B, D], "code_logits": [B, L, V], "value_logits": [B, L, K+1]}}
+    (the same for "omics" and "sequence"; "value_logits" only where tokens carry value bins)
     {"imaging": {"hidden": [B, T, D], "embedding": [B, D],
                  "predicted_patches": [B, M, P], "target_patches": [B, M, P]}}
+    {"tabular": {"hidden": [B, 1+F+C, D], "embedding": [B, D], "value_predictions": [B, F],
+                 "category_logits": [B, C, K]}}
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -21,38 +25,49 @@ import ml_collections
 from biofm_jax.data import batch as B
 from biofm_jax.models.encoders.ehr import EHREncoder
 from biofm_jax.models.encoders.imaging import ImagingEncoder, grid_shape
+from biofm_jax.models.encoders.tabular import TabularEncoder
+from biofm_jax.models.encoders.tokens import TokenEncoder
 from biofm_jax.models.heads import MAEDecoder, TokenClassifier
-from biofm_jax.models.layers import TransformerConfig
+from biofm_jax.models.layers import TransformerConfig, embed_init, zeros_init
 from biofm_jax.models.transformer import TransformerStack, flops_per_token
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class EHRPretrainModel(nn.Module):
-  """A single-modality EHR model with code and value-bin heads."""
+class TokenSequenceModel(nn.Module):
+  """EHR timelines, expression profiles and sequences: token encoder, stack, token heads.
+
+  EHR uses its own encoder (age and time features); the other modalities share the plain
+  token encoder. A value-bin head exists only where the tokens carry value bins. The
+  embedding of a sequence is the mean of its real tokens' final hidden states.
+  """
   cfg: TransformerConfig
+  modality: str
   vocab_size: int
   num_value_bins: int
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Mapping[str, jax.Array]], *, train: bool = False):
-    tokens, mask, positions = EHREncoder(self.cfg, self.vocab_size, self.num_value_bins,
-                                         name="ehr_encoder")(batch["ehr"], train=train)
+    encoder = EHREncoder if self.modality == "ehr" else TokenEncoder
+    tokens, mask, positions = encoder(self.cfg, self.vocab_size, self.num_value_bins,
+                                      name=f"{self.modality}_encoder")(batch[self.modality], train=train)
     hidden = TransformerStack(self.cfg, name="transformer")(tokens, mask, positions, train=train)
-    return {"ehr": {
-        "hidden": hidden,
-        "mask": mask,
-        "code_logits": TokenClassifier(self.cfg, self.vocab_size, name="code_head")(hidden),
-        "value_logits": TokenClassifier(self.cfg, self.num_value_bins + 1, class_axis=None,
-                                        name="value_head")(hidden),
-    }}
+    weights = mask.astype(jnp.float32)[..., None]
+    out = {"hidden": hidden, "mask": mask,
+           "embedding": (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0),
+           "code_logits": TokenClassifier(self.cfg, self.vocab_size, name="code_head")(hidden)}
+    if self.num_value_bins:
+      out["value_logits"] = TokenClassifier(self.cfg, self.num_value_bins + 1, class_axis=None,
+                                            name="value_head")(hidden)
+    return {self.modality: out}
 
   def tokens_per_example(self) -> int:
     return self.cfg.max_len
 
   def flops_per_example(self) -> float:
     L = self.cfg.max_len
-    return L * flops_per_token(self.cfg, L, output_dim=self.vocab_size + self.num_value_bins + 1)
+    value_classes = self.num_value_bins + 1 if self.num_value_bins else 0
+    return L * flops_per_token(self.cfg, L, output_dim=self.vocab_size + value_classes)
 
 
 class ImagingMAEModel(nn.Module):
@@ -102,6 +117,43 @@ class ImagingMAEModel(nn.Module):
     return embed + encoder + decoder + project
 
 
+class TabularPretrainModel(nn.Module):
+  """Column tokens -> transformer -> per-column reconstruction of hidden values.
+
+  The embedding of a row is the CLS token's final hidden state.
+  """
+  cfg: TransformerConfig
+  num_numeric: int
+  num_categorical: int
+  num_categories: int
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Mapping[str, jax.Array]], *, train: bool = False):
+    cfg = self.cfg
+    tokens, mask, positions = TabularEncoder(cfg, self.num_numeric, self.num_categorical, self.num_categories,
+                                             name="tabular_encoder")(batch["tabular"], train=train)
+    hidden = TransformerStack(cfg, name="transformer")(tokens, mask, positions, train=train)
+    numeric = hidden[:, 1:1 + self.num_numeric]
+    # Each column reads its value back through its own weights (as it was embedded).
+    weight = self.param("value_head", embed_init(("features", "embed")), (self.num_numeric, cfg.embed_dim),
+                        cfg.param_dtype)
+    bias = self.param("value_head_bias", zeros_init(("features",)), (self.num_numeric,), cfg.param_dtype)
+    out = {"hidden": hidden, "embedding": hidden[:, 0],
+           "value_predictions": (jnp.einsum("bfd,fd->bf", numeric, weight.astype(cfg.dtype)) + bias).astype(
+               jnp.float32)}
+    if self.num_categorical:
+      out["category_logits"] = TokenClassifier(cfg, self.num_categories, name="category_head")(
+          hidden[:, 1 + self.num_numeric:])
+    return {"tabular": out}
+
+  def tokens_per_example(self) -> int:
+    return 1 + self.num_numeric + self.num_categorical
+
+  def flops_per_example(self) -> float:
+    tokens = self.tokens_per_example()
+    return tokens * flops_per_token(self.cfg, tokens, output_dim=self.num_categories)
+
+
 def transformer_config(model_cfg: ml_collections.ConfigDict, *, max_len: int, causal: bool,
                        **replace: Any) -> TransformerConfig:
   for name in ("dtype", "param_dtype"):
@@ -116,10 +168,11 @@ def transformer_config(model_cfg: ml_collections.ConfigDict, *, max_len: int, ca
   return TransformerConfig(**{**fields, **replace})
 
 
-def build_ehr_model(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> nn.Module:
+def build_token_model(config: ml_collections.ConfigDict, info: Mapping[str, Any], *, modality: str) -> nn.Module:
   cfg = transformer_config(config.model, max_len=info["max_len"],
                            causal=config.objective.name == "autoregressive")
-  return EHRPretrainModel(cfg, vocab_size=info["vocab_size"], num_value_bins=info["num_value_bins"])
+  return TokenSequenceModel(cfg, modality=modality, vocab_size=info["vocab_size"],
+                            num_value_bins=info["num_value_bins"])
 
 
 def build_imaging_model(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> nn.Module:
@@ -135,7 +188,20 @@ def build_imaging_model(config: ml_collections.ConfigDict, info: Mapping[str, An
                          num_masked=num_patches - num_visible)
 
 
-MODEL_BUILDERS = {"ehr": build_ehr_model, "imaging": build_imaging_model}
+def build_tabular_model(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> nn.Module:
+  tokens = 1 + info["num_numeric"] + info["num_categorical"]
+  cfg = transformer_config(config.model, max_len=tokens, causal=False)
+  return TabularPretrainModel(cfg, num_numeric=info["num_numeric"], num_categorical=info["num_categorical"],
+                              num_categories=info["num_categories"])
+
+
+MODEL_BUILDERS = {
+    "ehr": functools.partial(build_token_model, modality="ehr"),
+    "omics": functools.partial(build_token_model, modality="omics"),
+    "sequence": functools.partial(build_token_model, modality="sequence"),
+    "imaging": build_imaging_model,
+    "tabular": build_tabular_model,
+}
 
 
 def build_model(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]) -> nn.Module:

@@ -17,6 +17,7 @@ from biofm_jax.objectives.base import cross_entropy_sums
 
 @dataclasses.dataclass(frozen=True)
 class NextEventModelling:
+  modality: str = "ehr"
   name: str = "autoregressive"
 
   @property
@@ -24,11 +25,11 @@ class NextEventModelling:
     return {"code_loss": 1.0}
 
   def counts(self, batch):
-    has_next = batch["ehr"][B.EHR_MASK][:, 1:].astype(jnp.float32).sum()
+    has_next = batch[self.modality][B.TOKEN_MASK][:, 1:].astype(jnp.float32).sum()
     return {"code_loss": has_next, "code_accuracy": has_next}
 
   def sums(self, outputs, batch):
-    ehr = batch["ehr"]
-    logits = outputs["ehr"]["code_logits"][:, :-1]
-    loss, hits = cross_entropy_sums(logits, ehr[B.EHR_CODES][:, 1:], ehr[B.EHR_MASK][:, 1:])
+    seq = batch[self.modality]
+    logits = outputs[self.modality]["code_logits"][:, :-1]
+    loss, hits = cross_entropy_sums(logits, seq[B.TOKENS][:, 1:], seq[B.TOKEN_MASK][:, 1:])
     return {"code_loss": loss, "code_accuracy": hits}

@@ -160,8 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # ------------------------------------------------------------ 2. data
   data_module = open_data_module(config, workdir / "artifacts")
-  for key, value in data_module.summary().items():
-    log.info("data %s: %s", key, value)
+  log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
   evaluates = has_split(data_module, EVAL_SPLIT)
   if not evaluates:
     log.warning("no %r split with records: periodic evaluation is skipped", EVAL_SPLIT)

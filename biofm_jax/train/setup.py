@@ -53,7 +53,7 @@ def build_training(config: ml_collections.ConfigDict, data_module) -> TrainingSe
   accum = config.train.grad_accum_steps
   parallel.check_batch_divides_mesh(config.data.batch_size, mesh, accum)
   model = build_model(config, {data_module.name: data_module.model_info()})
-  objective = build_objective(config.objective)
+  objective = build_objective(config.objective, modality=data_module.name, info=data_module.model_info())
   tx = state_lib.make_optimizer(config.train)
   schedule = state_lib.learning_rate_schedule(config.train)
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))

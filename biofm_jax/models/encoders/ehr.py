@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.layers import TransformerConfig, embed_init, kernel_init
+from biofm_jax.models.encoders.tokens import embed_tokens, positions_and_dropout
+from biofm_jax.models.layers import TransformerConfig, kernel_init
 
 NUM_TIME_FREQUENCIES = 8
 
@@ -37,12 +38,7 @@ class EHREncoder(nn.Module):
   @nn.compact
   def __call__(self, ehr: dict[str, jax.Array], *, train: bool):
     cfg = self.cfg
-    codes = ehr[B.EHR_CODES]
-    mask = ehr[B.EHR_MASK]
-    tokens = nn.Embed(self.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      embedding_init=embed_init(("vocab", "embed")), name="code_embedding")(codes)
-    tokens += nn.Embed(self.num_value_bins + 1, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                       embedding_init=embed_init((None, "embed")), name="value_embedding")(ehr[B.EHR_VALUE_BINS])
+    tokens = embed_tokens(cfg, ehr, self.vocab_size, self.num_value_bins)
     age = sinusoidal_features(ehr[B.EHR_AGE], max_period=100.0) * ehr[B.EHR_AGE_KNOWN][..., None]
     days = ehr[B.EHR_TIME]
     log_days = jnp.sign(days) * jnp.log1p(jnp.abs(days))
@@ -51,12 +47,5 @@ class EHREncoder(nn.Module):
                                axis=-1).astype(cfg.dtype)
     tokens += nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        kernel_init=kernel_init((None, "embed")), name="time_projection")(features)
-    positions = jnp.broadcast_to(jnp.arange(codes.shape[1], dtype=jnp.int32), codes.shape)
-    if cfg.position == "sincos":
-      raise ValueError("model.position 'sincos' is for image patches; EHR uses 'rope' or 'learned'")
-    if cfg.position == "learned":
-      table = self.param("position_embedding", embed_init((None, "embed")), (cfg.max_len, cfg.embed_dim),
-                         cfg.param_dtype)
-      tokens += table[: codes.shape[1]].astype(cfg.dtype)[None]
-    tokens = nn.Dropout(cfg.dropout_rate, deterministic=not train)(tokens)
-    return tokens, mask, positions
+    tokens, positions = positions_and_dropout(self, cfg, tokens, train=train)
+    return tokens, ehr[B.EHR_MASK], positions

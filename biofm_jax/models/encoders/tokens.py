@@ -1,0 +1,52 @@
+"""Token-sequence encoder shared by EHR timelines, gene-expression profiles and
+biological sequences: token embeddings, an optional value-bin embedding, positions.
+
+The helpers create their submodules inside the calling module's compact method, so an
+encoder that adds its own features (EHR's age and time) keeps one flat parameter tree.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from biofm_jax.data import batch as B
+from biofm_jax.models.layers import TransformerConfig, embed_init
+
+
+def embed_tokens(cfg: TransformerConfig, seq: dict[str, jax.Array], vocab_size: int,
+                 num_value_bins: int) -> jax.Array:
+  """Code embedding plus, when the sequence has value bins, a value-bin embedding (bin 0 = none)."""
+  tokens = nn.Embed(vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    embedding_init=embed_init(("vocab", "embed")), name="code_embedding")(seq[B.TOKENS])
+  if num_value_bins:
+    tokens += nn.Embed(num_value_bins + 1, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       embedding_init=embed_init((None, "embed")), name="value_embedding")(seq[B.TOKEN_VALUE_BINS])
+  return tokens
+
+
+def positions_and_dropout(module: nn.Module, cfg: TransformerConfig, tokens: jax.Array, *,
+                          train: bool) -> tuple[jax.Array, jax.Array]:
+  """Adds a learned position table when `cfg.position == "learned"` (RoPE is the stack's job)."""
+  length = tokens.shape[1]
+  if cfg.position == "sincos":
+    raise ValueError("model.position 'sincos' is for image patches; token sequences use 'rope' or 'learned'")
+  if cfg.position == "learned":
+    table = module.param("position_embedding", embed_init((None, "embed")), (cfg.max_len, cfg.embed_dim),
+                         cfg.param_dtype)
+    tokens += table[:length].astype(cfg.dtype)[None]
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape[:2])
+  return nn.Dropout(cfg.dropout_rate, deterministic=not train)(tokens), positions
+
+
+class TokenEncoder(nn.Module):
+  """Maps a token-sequence batch (see `data/batch.py`) to `(tokens, mask, positions)`."""
+  cfg: TransformerConfig
+  vocab_size: int
+  num_value_bins: int = 0
+
+  @nn.compact
+  def __call__(self, seq: dict[str, jax.Array], *, train: bool):
+    tokens = embed_tokens(self.cfg, seq, self.vocab_size, self.num_value_bins)
+    tokens, positions = positions_and_dropout(self, self.cfg, tokens, train=train)
+    return tokens, seq[B.TOKEN_MASK], positions

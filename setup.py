@@ -31,6 +31,7 @@ setup(
         "nibabel>=5.2,<6",
         "pillow>=10,<14",
         "scikit-learn>=1.4,<2",
+        "anndata>=0.10,<0.13",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

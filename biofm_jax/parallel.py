@@ -79,9 +79,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   """Shardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes (e.g. from
   `jax.eval_shape(init)`); unannotated leaves are replicated. The result has the
-  structure of the unboxed tree."""
+  structure of the unboxed tree.
+
+  A dimension the rules would split over mesh axes it does not divide evenly (a
+  vocabulary of 9,999 codes over 2 tensor shards) is replicated instead: sizes come from
+  the data, and a run must not fail because of them.
+  """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda x, sharding: _divisible(sharding, x.shape, mesh), nn.meta.unbox(boxed_tree),
+                      shardings)
+
+
+def _divisible(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  def fits(size, axes):
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return axes is None or size % math.prod(mesh.shape[a] for a in names) == 0
+  return NamedSharding(mesh, P(*(axes if fits(size, axes) else None for size, axes in zip(shape, spec))))
 
 
 def global_batch_size_per_process(global_batch_size: int) -> int:

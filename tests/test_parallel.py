@@ -1,6 +1,4 @@
 """Sharded training on 8 fake CPU devices: same numbers on every mesh, real shards."""
-import math
-
 import jax
 import numpy as np
 import pytest
@@ -52,8 +50,10 @@ def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
   assert shard_shape(q) == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2, q.shape[3])
   # Code embedding: ("vocab", "embed") -> (tensor, fsdp)
   emb = params["ehr_encoder"]["code_embedding"]["embedding"]
-  assert emb.sharding.spec == P("tensor", "fsdp")
-  assert shard_shape(emb) == (math.ceil(emb.shape[0] / 2), emb.shape[1] // 2)
+  # A vocabulary that does not split evenly over the tensor axis is replicated along it.
+  vocab_axis = "tensor" if emb.shape[0] % 2 == 0 else None
+  assert emb.sharding.spec == P(vocab_axis, "fsdp")
+  assert shard_shape(emb) == (emb.shape[0] // (2 if vocab_axis else 1), emb.shape[1] // 2)
   # Optimiser moments shard like their parameters.
   mu = state.opt_state[1][0].mu["transformer"]["layers"]["mlp"]["wi"]["kernel"]
   assert mu.sharding.spec == wi.sharding.spec
@@ -87,3 +87,14 @@ def test_mesh_shape_errors_name_the_problem():
   with pytest.raises(ValueError, match="at most one"):
     parallel.mesh_shape(cfg, 8)
   assert parallel.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == (2, 2, 2)
+
+
+def test_dimensions_that_do_not_divide_the_mesh_are_replicated():
+  import flax.linen as nn
+  import ml_collections
+  mesh_cfg = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2, rules=parallel.DEFAULT_RULES))
+  mesh, rules = parallel.make_mesh(mesh_cfg), parallel.logical_rules(mesh_cfg)
+  boxed = {"odd": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((9, 8), np.float32), ("vocab", "embed")),
+           "even": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((10, 8), np.float32), ("vocab", "embed"))}
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  assert shardings["odd"].spec == P(None, "fsdp") and shardings["even"].spec == P("tensor", "fsdp")

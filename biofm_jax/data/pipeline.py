@@ -17,12 +17,15 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import ehr, imaging
+from biofm_jax.data import ehr, imaging, omics, sequence, tabular
 
 # Modality name -> `from_config(cfg, *, objective, artifacts_dir)` of its data module.
 DATA_MODULES: dict[str, Callable[..., Any]] = {
     "ehr": ehr.EHRData.from_config,
     "imaging": imaging.ImagingData.from_config,
+    "tabular": tabular.TabularData.from_config,
+    "sequence": sequence.SequenceData.from_config,
+    "omics": omics.OmicsData.from_config,
 }
 
 # Streams of randomness derived from the one config seed; distinct per use and process.

@@ -21,3 +21,11 @@ def linear_probe_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
   probe = make_pipeline(StandardScaler(), LogisticRegression(C=regularization, max_iter=2000))
   probe.fit(train_x, train_y)
   return float(roc_auc_score(test_y, probe.predict_proba(test_x)[:, 1]))
+
+
+def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                          *, regularization: float = 1.0) -> float:
+  """Held-out accuracy of a multinomial logistic regression (e.g. cell types)."""
+  probe = make_pipeline(StandardScaler(), LogisticRegression(C=regularization, max_iter=2000))
+  probe.fit(train_x, train_y)
+  return float((probe.predict(test_x) == test_y).mean())

@@ -1,0 +1,467 @@
+"""The expression modality's data module: gene vocabulary, tokenisation, masking, `OmicsData`.
+
+This module owns how one cell record (see `sources/anndata.py`: the cell's expressed
+genes and their counts) becomes the token-sequence fields named in `batch.py`:
+
+* `GeneVocab`: gene id -> token id, plus each gene's median normalised expression over
+  the training split (for rank values), built once and saved as JSON beside the
+  checkpoint. `map_panel` maps another dataset's genes onto it (UNK where it lacks one),
+  so a model trained on one gene panel reads another that overlaps.
+* `TokenizeExpression`: a Grain `Map`, after optional library-size normalisation and
+  log1p, in one of two modes:
+    "binned" (scGPT): the top expressed genes, ordered by token id, each with its value's
+      quantile bin among the cell's own expressed values (1..num_value_bins);
+    "rank" (Geneformer): genes ordered by value / training median, descending; tokens only.
+  Genes outside the vocabulary are dropped (they carry no identity and no median).
+* `MaskExpression`: a Grain `RandomMap` adding masked-modelling targets: hidden value bins
+  ("binned") or BERT-style hidden gene tokens ("rank").
+* `OmicsData`: what the pipeline and the training loop use (source, transforms, spec).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from biofm_jax.data import batch
+
+VOCAB_FORMAT = "biofm_jax.gene_vocab"
+VOCAB_FORMAT_VERSION = 1
+VOCAB_FILENAME = "gene_vocab.json"
+SYNTHETIC_FILENAME = "synthetic_omics.h5ad"
+# Training cells the vocabulary scans at most (evenly spaced): gene lists and medians are
+# stable long before this, and it bounds start-up time and memory on atlas-sized files.
+VOCAB_MAX_CELLS = 50_000
+MODES = ("binned", "rank")
+OBJECTIVES = ("masked",)
+_NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
+_CONFIG_PREFIX = "config.data.omics"
+
+log = logging.getLogger(__name__)
+
+
+# ================================================================ normalisation
+def normalize_counts(counts: np.ndarray, normalize_total: float | None,
+                     log1p: bool) -> np.ndarray:
+  """float64 values: counts scaled to sum to `normalize_total` (when set), then log1p.
+
+  `counts` are all the cell's expressed genes, so their sum is its library size.
+  """
+  values = np.asarray(counts, dtype=np.float64)
+  if normalize_total:
+    total = values.sum()
+    values = values * (normalize_total / total) if total > 0 else values
+  return np.log1p(values) if log1p else values
+
+
+def quantile_bins(values: np.ndarray, num_bins: int) -> np.ndarray:
+  """int32 bins 1..num_bins of `values` by their own quantiles (scGPT's per-cell binning).
+
+  Values tied across several edges (common: many genes with one count) take the middle
+  of the bins they span, a deterministic stand-in for scGPT's random tie-breaking.
+  """
+  values = np.asarray(values, dtype=np.float64)
+  if not len(values):
+    return np.zeros(0, np.int32)
+  edges = np.quantile(values, np.linspace(0.0, 1.0, num_bins + 1)[1:-1])
+  low = np.searchsorted(edges, values, side="left")
+  high = np.searchsorted(edges, values, side="right")
+  return (1 + (low + high) // 2).astype(np.int32)
+
+
+def _top_by_value(values: np.ndarray, tokens: np.ndarray, keep: int) -> np.ndarray:
+  """Positions of the `keep` largest values, ties broken by the smaller token id."""
+  return np.lexsort((tokens, -values))[:keep]
+
+
+# ================================================================ vocabulary
+@dataclasses.dataclass(frozen=True)
+class GeneVocab:
+  """Genes expressed in the training split, and their median normalised expression."""
+  genes: tuple[str, ...]  # token id = len(batch.SPECIAL_TOKENS) + index
+  gene_medians: tuple[float, ...]  # median over training cells expressing the gene (> 0)
+  num_value_bins: int
+  normalize_total: float | None  # the normalisation the medians were computed under
+  log1p: bool
+  num_training_cells: int = 0  # cells the medians were computed from
+
+  @classmethod
+  def build(cls, train_source: Any, *, num_value_bins: int, normalize_total: float | None,
+            log1p: bool, gene_names: Sequence[str] | None = None,
+            max_cells: int | None = None) -> GeneVocab:
+    """Scans `train_source` (the training split; evenly spaced `max_cells` of its cells
+    when given, to bound memory). Genes: those expressed in a scanned cell, in panel order."""
+    if num_value_bins < 1:
+      raise ValueError(f"GeneVocab.build: num_value_bins {num_value_bins} must be >= 1")
+    names = tuple(gene_names if gene_names is not None else train_source.gene_names)
+    positions = np.arange(len(train_source))
+    if max_cells is not None and len(positions) > max_cells:
+      positions = np.unique(np.linspace(0, len(positions) - 1, max_cells).astype(np.int64))
+    gene_chunks, value_chunks = [], []
+    for i in positions.tolist():
+      record = train_source[i]
+      # int32 / float32: the values of up to VOCAB_MAX_CELLS cells are held at once.
+      gene_chunks.append(np.asarray(record["genes"], np.int32))
+      value_chunks.append(normalize_counts(record["counts"], normalize_total, log1p
+                                           ).astype(np.float32))
+    genes, medians = _gene_medians(gene_chunks, value_chunks)
+    return cls(genes=tuple(names[g] for g in genes.tolist()),
+               gene_medians=tuple(float(m) for m in medians), num_value_bins=num_value_bins,
+               normalize_total=float(normalize_total) if normalize_total else None,
+               log1p=bool(log1p), num_training_cells=len(positions))
+
+  @property
+  def size(self) -> int:
+    return _NUM_SPECIAL + len(self.genes)
+
+  @functools.cached_property
+  def _ids(self) -> dict[str, int]:
+    return {gene: _NUM_SPECIAL + i for i, gene in enumerate(self.genes)}
+
+  @functools.cached_property
+  def medians_by_token(self) -> np.ndarray:
+    """float64 [size]: each token's median (1 for special tokens, never used)."""
+    return np.concatenate([np.ones(_NUM_SPECIAL), np.asarray(self.gene_medians, np.float64)])
+
+  def map_panel(self, gene_names: Sequence[str]) -> np.ndarray:
+    """int32 token id of each of another dataset's genes; UNK_ID where this vocab lacks it."""
+    ids = self._ids
+    return np.fromiter((ids.get(str(g), batch.UNK_ID) for g in gene_names), dtype=np.int32,
+                       count=len(gene_names))
+
+  def panel_overlap(self, gene_names: Sequence[str]) -> int:
+    """How many of `gene_names` this vocabulary knows."""
+    return int((self.map_panel(gene_names) != batch.UNK_ID).sum())
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes human-readable JSON atomically (tmp file, then rename)."""
+    path = Path(path)
+    payload = {
+        "format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
+        "special_tokens": list(batch.SPECIAL_TOKENS), "num_value_bins": self.num_value_bins,
+        "normalize_total": self.normalize_total, "log1p": self.log1p,
+        "num_training_cells": self.num_training_cells,
+        "genes": list(self.genes), "gene_medians": list(self.gene_medians),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> GeneVocab:
+    path = Path(path)
+    try:
+      payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"gene vocabulary {path}: cannot read JSON ({e})") from e
+    if not isinstance(payload, dict):
+      raise ValueError(f"gene vocabulary {path}: expected a JSON object")
+    header = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
+              "special_tokens": list(batch.SPECIAL_TOKENS)}
+    for key, expected in header.items():
+      if payload.get(key) != expected:
+        raise ValueError(f"gene vocabulary {path}: {key} {payload.get(key)!r}, "
+                         f"expected {expected!r}")
+    try:
+      total = payload["normalize_total"]
+      vocab = cls(genes=tuple(str(g) for g in payload["genes"]),
+                  gene_medians=tuple(float(m) for m in payload["gene_medians"]),
+                  num_value_bins=int(payload["num_value_bins"]),
+                  normalize_total=float(total) if total else None,
+                  log1p=bool(payload["log1p"]),
+                  num_training_cells=int(payload.get("num_training_cells", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"gene vocabulary {path}: missing or malformed field ({e!r})") from e
+    if len(vocab.genes) != len(vocab.gene_medians):
+      raise ValueError(f"gene vocabulary {path}: {len(vocab.genes)} genes but "
+                       f"{len(vocab.gene_medians)} gene_medians; expected one median per gene")
+    return vocab
+
+
+def _gene_medians(gene_chunks: list[np.ndarray],
+                  value_chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """Ascending gene indices seen, and the median of each one's values."""
+  if not gene_chunks:
+    return np.zeros(0, np.int32), np.zeros(0, np.float64)
+  genes, values = np.concatenate(gene_chunks), np.concatenate(value_chunks)
+  # One sort by (gene, value) groups every gene's values in order: medians by indexing.
+  order = np.lexsort((values, genes))
+  genes, values = genes[order], values[order]
+  starts = np.flatnonzero(np.r_[True, genes[1:] != genes[:-1]])
+  ends = np.r_[starts[1:], len(genes)]
+  lower, upper = starts + (ends - starts - 1) // 2, starts + (ends - starts) // 2
+  return genes[starts], (values[lower].astype(np.float64) + values[upper]) / 2
+
+
+# ================================================================ tokenisation
+def _check_mode(mode: str, where: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"{where}: tokenization {mode!r}, expected one of {MODES}")
+
+
+class TokenizeExpression(grain.transforms.Map):
+  """Cell record -> token_sequence_spec fields without targets (values in "binned" mode)."""
+
+  def __init__(self, vocab: GeneVocab, panel_map: np.ndarray, max_len: int, mode: str = "binned",
+               normalize_total: float | None = None, log1p: bool = False,
+               num_value_bins: int | None = None):
+    _check_mode(mode, "TokenizeExpression")
+    if max_len < 2:
+      raise ValueError(f"TokenizeExpression: max_len {max_len} must be >= 2 (CLS plus one gene)")
+    normalize_total = float(normalize_total) if normalize_total else None
+    if mode == "rank" and (normalize_total, bool(log1p)) != (vocab.normalize_total, vocab.log1p):
+      # value / median only ranks genes fairly when both sides are normalised alike.
+      raise ValueError(f"TokenizeExpression: rank mode with normalize_total={normalize_total}, "
+                       f"log1p={log1p}, but the vocabulary's medians were computed with "
+                       f"normalize_total={vocab.normalize_total}, log1p={vocab.log1p}")
+    self.vocab, self.panel_map = vocab, np.asarray(panel_map, np.int32)
+    self.max_len, self.mode = max_len, mode
+    self.normalize_total, self.log1p = normalize_total, bool(log1p)
+    self.num_value_bins = int(num_value_bins or vocab.num_value_bins)
+
+  def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    genes = np.asarray(record["genes"], np.int64)
+    counts = np.asarray(record["counts"], np.float32)
+    if genes.shape != counts.shape or (len(genes) and genes.max() >= len(self.panel_map)):
+      raise ValueError(f"cell {record.get('cell_id', '?')!r}: 'genes' {genes.shape} and "
+                       f"'counts' {counts.shape} must match and index a panel of "
+                       f"{len(self.panel_map)} genes")
+    values = normalize_counts(counts, self.normalize_total, self.log1p)
+    tokens = self.panel_map[genes]
+    bins = quantile_bins(values, self.num_value_bins) if self.mode == "binned" else None
+    known = tokens != batch.UNK_ID
+    tokens, values = tokens[known], values[known]
+    spec = batch.token_sequence_spec(self.max_len, with_values=self.mode == "binned",
+                                     with_targets=False)
+    out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in spec.items()}
+    keep = self.max_len - 1
+    if self.mode == "binned":
+      chosen = _top_by_value(values, tokens, keep)
+      chosen = chosen[np.argsort(tokens[chosen], kind="stable")]  # gene order, not value order
+      out[batch.TOKEN_VALUE_BINS][1: 1 + len(chosen)] = bins[known][chosen]
+    else:
+      chosen = _top_by_value(values / self.vocab.medians_by_token[tokens], tokens, keep)
+    out[batch.TOKENS][0] = batch.CLS_ID
+    out[batch.TOKENS][1: 1 + len(chosen)] = tokens[chosen]
+    out[batch.TOKEN_MASK][: 1 + len(chosen)] = True
+    return out
+
+
+# ================================================================ masking
+class MaskExpression(grain.transforms.RandomMap):
+  """Adds masked-modelling targets; "binned" hides values, "rank" hides gene tokens."""
+
+  def __init__(self, mode: str, vocab_size: int, mask_rate: float = 0.15):
+    _check_mode(mode, "MaskExpression")
+    if vocab_size <= _NUM_SPECIAL:
+      raise ValueError(f"MaskExpression: vocab_size {vocab_size} has no genes beyond the "
+                       f"{_NUM_SPECIAL} special tokens")
+    if not 0.0 < mask_rate <= 1.0:
+      raise ValueError(f"MaskExpression: mask_rate {mask_rate} must be in (0, 1]")
+    self.mode, self.vocab_size, self.mask_rate = mode, vocab_size, mask_rate
+
+  def random_map(self, example: Mapping[str, np.ndarray],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    tokens = example[batch.TOKENS]
+    genes = (example[batch.TOKEN_MASK] & (tokens != batch.CLS_ID) & (tokens != batch.UNK_ID)
+             & (tokens != batch.PAD_ID))
+    length = len(tokens)
+    # Fixed-size draws regardless of content or mode, so the stream per index is stable.
+    select_u, action_u = rng.random(length), rng.random(length)
+    random_ids = rng.integers(_NUM_SPECIAL, self.vocab_size, size=length, dtype=np.int32)
+    fallback = rng.integers(0, max(int(genes.sum()), 1))
+    selected = genes & (select_u < self.mask_rate)
+    if genes.any() and not selected.any():
+      selected[np.flatnonzero(genes)[fallback]] = True  # every cell teaches something
+    out = dict(example)
+    out[batch.TARGET_TOKENS] = tokens.copy()
+    out[batch.TARGET_MASK] = selected
+    if self.mode == "binned":
+      # The gene stays visible; the model predicts its hidden expression bin.
+      bins = example[batch.TOKEN_VALUE_BINS]
+      out[batch.TARGET_VALUE_BINS] = bins.copy()
+      out[batch.TOKEN_VALUE_BINS] = np.where(selected, batch.NO_VALUE_BIN, bins).astype(np.int32)
+      return out
+    new_tokens = tokens.copy()
+    new_tokens[selected & (action_u < 0.8)] = batch.MASK_ID
+    swap = selected & (action_u >= 0.8) & (action_u < 0.9)
+    new_tokens[swap] = random_ids[swap]
+    out[batch.TOKENS] = new_tokens
+    return out
+
+
+# ================================================================ data module
+@dataclasses.dataclass(frozen=True)
+class OmicsSettings:
+  """`config.data.omics`, checked once; every error names the config field."""
+  path: str
+  backed: bool
+  layer: str | None
+  gene_column: str | None
+  label_columns: tuple[str, ...]
+  tokenization: str
+  max_len: int
+  num_value_bins: int
+  normalize_total: float | None
+  log1p: bool
+  mask_rate: float
+  synthetic_cells: int
+  synthetic_seed: int
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> OmicsSettings:
+    get = lambda name: _field(cfg, name)  # noqa: E731
+    labels = get("label_columns")
+    settings = cls(
+        path=str(get("path") or ""), backed=bool(get("backed")), layer=get("layer") or None,
+        gene_column=get("gene_column") or None,
+        label_columns=(labels,) if isinstance(labels, str) else tuple(labels or ()),
+        tokenization=str(get("tokenization")), max_len=int(get("max_len")),
+        num_value_bins=int(get("num_value_bins")),
+        normalize_total=float(get("normalize_total")) or None, log1p=bool(get("log1p")),
+        mask_rate=float(get("mask_rate")), synthetic_cells=int(get("synthetic_cells")),
+        synthetic_seed=int(get("synthetic_seed")))
+    _require(settings.tokenization in MODES, "tokenization", settings.tokenization,
+             f"one of {MODES}")
+    _require(settings.max_len >= 2, "max_len", settings.max_len, ">= 2 (CLS plus one gene)")
+    _require(settings.num_value_bins >= 1, "num_value_bins", settings.num_value_bins, ">= 1")
+    _require((settings.normalize_total or 0) >= 0, "normalize_total", settings.normalize_total,
+             ">= 0 (0 = off)")
+    _require(0 < settings.mask_rate <= 1, "mask_rate", settings.mask_rate, "in (0, 1]")
+    _require(settings.synthetic_cells >= 1, "synthetic_cells", settings.synthetic_cells, ">= 1")
+    return settings
+
+
+def _field(cfg: Any, name: str) -> Any:
+  if name not in cfg:
+    raise ValueError(f"{_CONFIG_PREFIX}.{name} is missing")
+  return cfg[name]
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise ValueError(f"{_CONFIG_PREFIX}.{name} is {value!r}, expected {expected}")
+
+
+class OmicsData:
+  """Single-cell expression as the pipeline and training loop see it."""
+  name = "omics"
+
+  def __init__(self, dataset: Any, vocab: GeneVocab, settings: OmicsSettings, *,
+               objective: str = "masked"):
+    if objective not in OBJECTIVES:
+      raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
+    self.dataset, self.vocab, self.settings, self.objective = dataset, vocab, settings, objective
+    self.mode = settings.tokenization
+    self.panel_map = vocab.map_panel(dataset.gene_names)
+    self.panel_overlap = int((self.panel_map != batch.UNK_ID).sum())
+    if not self.panel_overlap:
+      raise ValueError(f"{dataset.path}: none of its {len(dataset.gene_names)} genes is in the "
+                       f"gene vocabulary ({len(vocab.genes)} genes); expected an overlapping "
+                       "panel (same gene ids: set gene_column to the var column that matches)")
+
+  @classmethod
+  def from_config(cls, cfg: Any, *, objective: str,
+                  artifacts_dir: str | os.PathLike) -> OmicsData:
+    """Opens the .h5ad named by `cfg` (= config.data.omics); synthetic when path is ""."""
+    if objective not in OBJECTIVES:  # before any data is generated or read
+      raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
+    settings = OmicsSettings.from_config(cfg)
+    from biofm_jax.data.sources import anndata as anndata_source  # anndata only when needed
+    artifacts_dir = Path(artifacts_dir)
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(settings.path) if settings.path else _synthetic_file(settings, artifacts_dir)
+    dataset = anndata_source.ExpressionDataset(
+        path, backed=settings.backed, layer=settings.layer, gene_column=settings.gene_column,
+        label_columns=settings.label_columns)
+    vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME, settings)
+    return cls(dataset, vocab, settings, objective=objective)
+
+  def source(self, split: str):
+    return self.dataset.source(split)
+
+  def transforms(self, train: bool, mask: bool = True) -> list:
+    """The same for train and eval (eval masking is repeatable by its fixed seed);
+    `mask=False` leaves out masking, as embedding extraction needs."""
+    del train
+    s = self.settings
+    tokenize = TokenizeExpression(self.vocab, self.panel_map, s.max_len, self.mode,
+                                  s.normalize_total, s.log1p, s.num_value_bins)
+    if not mask:
+      return [tokenize]
+    return [tokenize, MaskExpression(self.mode, self.vocab.size, s.mask_rate)]
+
+  def example_spec(self) -> dict:
+    return batch.token_sequence_spec(self.settings.max_len, with_values=self.mode == "binned",
+                                     with_targets=True)
+
+  def embedding_spec(self) -> dict:
+    return batch.token_sequence_spec(self.settings.max_len, with_values=self.mode == "binned",
+                                     with_targets=False)
+
+  def model_info(self) -> dict[str, int]:
+    return {"vocab_size": self.vocab.size,
+            "num_value_bins": self.settings.num_value_bins if self.mode == "binned" else 0,
+            "max_len": self.settings.max_len}
+
+  def summary(self) -> dict[str, int]:
+    """Counts for the logs: cells per split, the file's stats, vocabulary and truncation."""
+    out = {f"cells_{split}": int(len(rows)) for split, rows in self.dataset.splits.items()}
+    out.update({f"anndata_{k}": v for k, v in dict(self.dataset.stats).items()})
+    out["vocab_size"] = self.vocab.size
+    out["vocab_genes"] = len(self.vocab.genes)
+    out["panel_genes"] = len(self.panel_map)
+    out["panel_overlap"] = self.panel_overlap
+    out["labels"] = len(self.dataset.label_names)
+    train_rows = self.dataset.splits.get("train", np.zeros(0, np.int64))
+    expressed = self.dataset.genes_per_cell[train_rows].astype(np.int64)
+    dropped = np.maximum(expressed - (self.settings.max_len - 1), 0)
+    out["train_cells_truncated"] = int((dropped > 0).sum())
+    out["train_genes_dropped"] = int(dropped.sum())  # expressed genes beyond max_len - 1
+    return out
+
+  def labels(self, split: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """float32 [cells, len(label_names)] of `split` in source order (reads no expression)."""
+    return np.asarray(self.source(split).labels, np.float32), tuple(self.dataset.label_names)
+
+
+def _synthetic_file(settings: OmicsSettings, artifacts_dir: Path) -> Path:
+  """The synthetic file under artifacts_dir, written once (reused on resume)."""
+  from biofm_jax.data.sources.synthetic_omics import write_synthetic_anndata
+  path = artifacts_dir / SYNTHETIC_FILENAME
+  if not path.exists():  # written by rename: if it is there, it is whole
+    log.info("omics: writing a synthetic AnnData file of %d cells", settings.synthetic_cells)
+    write_synthetic_anndata(path, num_cells=settings.synthetic_cells, seed=settings.synthetic_seed)
+  return path
+
+
+def _load_or_build_vocab(dataset: Any, path: Path, settings: OmicsSettings) -> GeneVocab:
+  """A resumed run must reuse the exact vocabulary (and medians) it was trained with."""
+  wanted = (settings.num_value_bins, settings.normalize_total, settings.log1p)
+  if path.exists():
+    vocab = GeneVocab.load(path)
+    found = (vocab.num_value_bins, vocab.normalize_total, vocab.log1p)
+    if found != wanted:
+      raise ValueError(f"gene vocabulary {path}: built with num_value_bins, normalize_total, "
+                       f"log1p = {found}, but {_CONFIG_PREFIX} asks for {wanted}; use a new "
+                       "workdir or match the config")
+    log.info("omics: loaded a vocabulary of %d genes", len(vocab.genes))
+    return vocab
+  if "train" not in dataset.splits or not len(dataset.splits["train"]):
+    raise ValueError(f"{dataset.path}: no cells in the 'train' split to build the gene "
+                     f"vocabulary from; splits: {list(dataset.splits)}")
+  vocab = GeneVocab.build(dataset.source("train"), num_value_bins=settings.num_value_bins,
+                          normalize_total=settings.normalize_total, log1p=settings.log1p,
+                          max_cells=VOCAB_MAX_CELLS)
+  vocab.save(path)
+  log.info("omics: built a vocabulary of %d genes from %d training cells", len(vocab.genes),
+           vocab.num_training_cells)
+  return vocab
+

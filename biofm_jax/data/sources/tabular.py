@@ -1,0 +1,448 @@
+"""Random-access reader for feature tables: CSV, one parquet file or a folder of them.
+
+This module owns turning a table of imaging-derived features (radiomics, cell morphology)
+or any other per-subject table into records a Grain pipeline can index:
+
+  dataset = TabularDataset("features.csv", label_columns=("malignant",))
+  source = dataset.source("train")   # picklable random-access sequence
+  record = source[0]
+  # {"subject_id": str, "numeric": float64 [F] (NaN = missing),
+  #  "categorical": object [C] (str, None = missing), "labels": float64 [L] (NaN = missing)}
+
+The whole table is read once with pyarrow and held in memory as numpy arrays (one row
+per subject); `source.subject_ids` and `source.labels` need no per-row reads.
+
+Columns. `id_column` names the subject (required, unique, non-empty); a column named
+`split` assigns rows to splits (an empty cell: in no split), else the hash split of
+`splits.py` over the ids decides, so a subject lands in the same split as in every
+other modality. `label_columns` are kept out of the features and must be numeric;
+`exclude_columns` are dropped. Every other column is a feature:
+
+* categorical_columns=None (auto): bool and dictionary columns are categorical; integer,
+  float and decimal columns numeric; a string column (every CSV column is read as
+  strings, so a CSV reads the same as its parquet twin) is numeric when at least
+  MIN_NUMERIC_FRACTION of its non-empty cells parse as finite numbers, else categorical.
+* categorical_columns=(...) (explicit, may be empty): exactly those are categorical
+  (numeric codes become their text: 1 -> "1"); every other column must be numeric, and a
+  string column that is mostly text is an error naming it.
+
+Missing values: an empty cell or a null is missing. In a numeric column, a non-empty cell
+that is not a finite number ("n/a", "?", "inf") is read as missing and counted in
+stats["non_numeric_cells"] (and per column in `non_numeric_cells_by_column`); the cells
+themselves are never logged. Categorical values are stripped text; bools read as
+"true"/"false".
+
+Errors are ValueErrors naming the file, the (1-based data) row and the column.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import operator
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from biofm_jax.data.sources import splits as splits_lib
+
+log = logging.getLogger(__name__)
+
+SPLIT_COLUMN = "split"
+# A string column is numeric when at least this share of its non-empty cells are numbers:
+# a few "n/a" or "?" cells in a measurement column are junk, a column of words is not.
+MIN_NUMERIC_FRACTION = 0.5
+_IGNORED_PREFIXES = (".", "_")  # hidden files and _SUCCESS markers beside parquet parts
+
+# Every key of TabularDataset.stats (ints, safe to log).
+STAT_KEYS = (
+    "rows", "files", "numeric_columns", "categorical_columns", "label_columns",
+    "excluded_columns", "missing_numeric_cells",  # includes the non-numeric cells below
+    "non_numeric_cells",  # junk text or inf in numeric columns, read as missing
+    "non_numeric_columns",  # numeric columns holding at least one such cell
+    "missing_categorical_cells", "missing_label_cells",
+    "constant_columns",  # features with at most one distinct present value (all rows)
+    "all_missing_columns",  # features without any present value
+    "fallback_split",  # 1 when there is no split column and the hash split was used
+    "rows_without_split",  # rows whose split cell is empty (in no split)
+)
+
+
+# ---------------------------------------------------------------- reading files
+def _table_files(path: pathlib.Path) -> list[pathlib.Path]:
+  expected = "expected a CSV file (.csv, .csv.gz), a .parquet file or a folder of them"
+  files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".parquet"
+                 and not p.name.startswith(_IGNORED_PREFIXES)) if path.is_dir() else [path]
+  if not files or not files[0].is_file():
+    raise ValueError(f"{path}: {'holds no parquet files' if path.is_dir() else 'does not exist'}"
+                     f"; {expected}")
+  if not files[0].name.lower().endswith((".csv", ".csv.gz", ".csv.bz2", ".parquet")):
+    raise ValueError(f"{path}: unsupported file type; {expected}")
+  return files
+
+
+def _read_csv(path: pathlib.Path, use_threads: bool = True) -> pa.Table:
+  """Every column as strings: our rules, not pyarrow's type inference, decide the kinds
+  (and ids like "007" keep their leading zeros)."""
+  import pyarrow.csv as pacsv
+  ragged = []  # (line, fields, expected) of the first malformed row
+
+  def on_invalid_row(row) -> str:
+    ragged.append((row.number, row.actual_columns, row.expected_columns))
+    return "error"
+  read_options = pacsv.ReadOptions(use_threads=use_threads)
+  parse_options = pacsv.ParseOptions(invalid_row_handler=on_invalid_row)
+  try:
+    reader = pacsv.open_csv(path, read_options=read_options, parse_options=parse_options)
+    names = reader.schema.names
+    reader.close()
+    return pacsv.read_csv(
+        path, read_options=read_options, parse_options=parse_options,
+        convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
+                                             strings_can_be_null=False))
+  except (pa.ArrowInvalid, OSError) as e:
+    if ragged and ragged[0][0] is None and use_threads:
+      return _read_csv(path, use_threads=False)  # only one thread knows line numbers
+    if ragged:
+      line, fields, expected = ragged[0]
+      raise ValueError(f"{path}, line {line}: {fields} fields, expected {expected} as in "
+                       "the header") from None
+    # pyarrow may quote the offending row after the second ": "; record contents stay out.
+    reason = ": ".join(str(e).splitlines()[0].split(": ")[:2])
+    raise ValueError(f"{path}: cannot read as CSV ({reason})") from None
+
+
+def _read_file(path: pathlib.Path) -> pa.Table:
+  if path.suffix.lower() == ".parquet":
+    import pyarrow.parquet as pq
+    try:
+      return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+      raise ValueError(f"{path}: cannot read as parquet ({e})") from None
+  return _read_csv(path)
+
+
+def _concat(tables: list[pa.Table], files: list[pathlib.Path]) -> pa.Table:
+  names = tables[0].schema.names
+  for table, file in zip(tables[1:], files[1:]):
+    if table.schema.names != names:
+      raise ValueError(f"{file}: columns {table.schema.names} differ from {files[0]}'s "
+                       f"{names}; every part of a table must have the same columns")
+  try:
+    return pa.concat_tables(tables, promote_options="permissive")
+  except pa.ArrowException as e:
+    raise ValueError(f"{files[0].parent}: parquet parts have incompatible column types "
+                     f"({e})") from None
+
+
+# ---------------------------------------------------------------- cells
+def _is_number(kind: pa.DataType) -> bool:
+  return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+
+
+def column_texts(column: pa.ChunkedArray, where: str) -> np.ndarray:
+  """object [rows] of stripped str, None where empty or null."""
+  kind = column.type
+  if pa.types.is_dictionary(kind):
+    column, kind = column.cast(kind.value_type), kind.value_type
+  if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    cells = [None if v is None else (v.strip() or None) for v in column.to_pylist()]
+  elif pa.types.is_boolean(kind):
+    cells = [None if v is None else ("true" if v else "false") for v in column.to_pylist()]
+  elif pa.types.is_integer(kind):
+    cells = [None if v is None else str(v) for v in column.to_pylist()]
+  elif _is_number(kind):  # 2.0 -> "2", as a CSV would most likely spell it
+    floats = [None if v is None else float(v) for v in column.to_pylist()]
+    cells = [None if v is None or not math.isfinite(v) else
+             str(int(v)) if v.is_integer() else repr(v) for v in floats]
+  else:
+    raise ValueError(f"{where}: has type {kind}; expected numbers, strings or bools "
+                     "(list it in exclude_columns to skip it)")
+  return np.array(cells, dtype=object).reshape(len(cells))
+
+
+def is_none(cells: np.ndarray) -> np.ndarray:
+  """bool [rows]: the cell is None (missing)."""
+  return np.fromiter((c is None for c in cells), dtype=bool, count=len(cells))
+
+
+def parse_numbers(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """float64 values (NaN where missing) and a bool mask of non-empty cells that are not
+  finite numbers. Each distinct text is parsed once: tables repeat values a lot."""
+  filled = np.where(is_none(texts), "", texts).astype(str)
+  unique, inverse = np.unique(filled, return_inverse=True)
+  parsed = np.full(len(unique), np.nan)
+  for i, text in enumerate(unique.tolist()):
+    try:
+      parsed[i] = float(text) if text else np.nan
+    except ValueError:
+      pass
+  values = parsed[inverse.reshape(-1)]
+  values[~np.isfinite(values)] = np.nan
+  return values, (filled != "") & np.isnan(values)
+
+
+def column_numbers(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, int, np.ndarray]:
+  """float64 [rows] (NaN where missing), the count of non-empty cells, and a bool mask of
+  the non-empty cells that are not finite numbers (junk text, inf)."""
+  kind = column.type
+  if _is_number(kind) or pa.types.is_boolean(kind):
+    values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.isinf(values)
+    values[bad] = np.nan
+    return values, int(len(values) - column.null_count), bad
+  texts = column_texts(column, where)
+  values, bad = parse_numbers(texts)
+  return values, int(np.count_nonzero(~is_none(texts))), bad
+
+
+def _mostly_numeric(nonempty: int, non_numbers: int) -> bool:
+  return nonempty == 0 or (nonempty - non_numbers) >= MIN_NUMERIC_FRACTION * nonempty
+
+
+# ---------------------------------------------------------------- public API
+class TabularSource:
+  """The rows of one split: random access over in-memory arrays, picklable.
+
+  Attributes: subject_ids (list of str), numeric float64 [rows, F], categorical object
+  [rows, C], labels float64 [rows, L] and the column names of each.
+  """
+
+  def __init__(self, subject_ids: Sequence[str], numeric: np.ndarray, categorical: np.ndarray,
+               labels: np.ndarray, *, numeric_columns: Sequence[str],
+               categorical_columns: Sequence[str], label_columns: Sequence[str]):
+    self.subject_ids = list(subject_ids)
+    self.numeric, self.categorical, self.labels = numeric, categorical, labels
+    self.numeric_columns = tuple(numeric_columns)
+    self.categorical_columns = tuple(categorical_columns)
+    self.label_columns = tuple(label_columns)
+
+  def __len__(self) -> int:
+    return len(self.subject_ids)
+
+  def __getitem__(self, index: int) -> dict:
+    i = operator.index(index)
+    if i < 0:
+      i += len(self)
+    if not 0 <= i < len(self):
+      raise IndexError(f"TabularSource: index {index} out of range for {len(self)} rows")
+    # Copies: a transform that writes into its input must not change the table.
+    return {"subject_id": self.subject_ids[i], "numeric": self.numeric[i].copy(),
+            "categorical": self.categorical[i].copy(), "labels": self.labels[i].copy()}
+
+  def __repr__(self) -> str:
+    return (f"TabularSource(rows={len(self)}, numeric={len(self.numeric_columns)}, "
+            f"categorical={len(self.categorical_columns)}, labels={len(self.label_columns)})")
+
+
+class TabularDataset:
+  """A feature table read into memory, with its column kinds, splits and stats.
+
+  Attributes:
+    path: the CSV file, parquet file or folder of parquet files.
+    numeric_columns, categorical_columns, label_columns: names in file order.
+    splits: split name -> int64 row indices (STANDARD_SPLITS first, then custom names).
+    stats: counts only (the keys of STAT_KEYS), safe to log.
+    non_numeric_cells_by_column: numeric column -> cells read as missing because they were
+      not numbers (only columns with some).
+  """
+
+  def __init__(self, path: str | os.PathLike, *, id_column: str = "subject_id",
+               label_columns: Sequence[str] = (),
+               categorical_columns: Sequence[str] | None = None,
+               exclude_columns: Sequence[str] = (),
+               fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0):
+    self.path = pathlib.Path(path)
+    self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+    label_columns = _column_names(label_columns, "label_columns")
+    exclude_columns = _column_names(exclude_columns, "exclude_columns")
+    if categorical_columns is not None:
+      categorical_columns = _column_names(categorical_columns, "categorical_columns")
+    self._files = _table_files(self.path)
+    tables = [_read_file(f) for f in self._files]
+    self._file_rows = [t.num_rows for t in tables]
+    table = _concat(tables, self._files) if len(tables) > 1 else tables[0]
+    self.stats["files"], self.stats["rows"] = len(self._files), table.num_rows
+    if table.num_rows == 0:
+      raise ValueError(f"{self.path}: the table has no rows")
+    names = table.schema.names
+    self._check_names(names, id_column, label_columns, categorical_columns, exclude_columns)
+
+    self.subject_ids = self._read_ids(table.column(id_column), id_column)
+    self.label_columns = tuple(label_columns)
+    self._labels = self._read_labels(table)
+    reserved = {id_column, SPLIT_COLUMN, *label_columns, *exclude_columns}
+    features = [n for n in names if n not in reserved]
+    self.stats["excluded_columns"] = len(exclude_columns)
+    self._read_features(table, features, categorical_columns)
+    self._count_columns()
+    if SPLIT_COLUMN in names:
+      self.splits = self._column_splits(table.column(SPLIT_COLUMN))
+    else:
+      self.stats["fallback_split"] = 1
+      buckets = splits_lib.hash_split_buckets(self.subject_ids, fallback_fractions, fallback_seed)
+      self.splits = {name: np.flatnonzero(buckets == i).astype(np.int64)
+                     for i, name in enumerate(splits_lib.STANDARD_SPLITS)}
+    if self.stats["non_numeric_cells"]:
+      log.warning("tabular %s: %d non-numeric cell(s) in %d numeric column(s) read as missing",
+                  self.path, self.stats["non_numeric_cells"], self.stats["non_numeric_columns"])
+    log.info("tabular %s: %s", self.path, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
+
+  # -------------------------------------------------------------- where things are
+  def _where(self, row: int | None = None, column: str | None = None) -> str:
+    """The file, 1-based data row and column of a cell, for errors; for a CSV also the
+    line (header = line 1; exact unless quoted cells span lines)."""
+    file, local = self.path, row
+    if row is not None:
+      for file, count in zip(self._files, self._file_rows):
+        if local < count:
+          break
+        local -= count
+    parts = [str(file)]
+    if row is not None:
+      line = f" (line {local + 2})" if file.suffix.lower() != ".parquet" else ""
+      parts.append(f"row {local + 1}{line}")
+    if column is not None:
+      parts.append(f"column {column!r}")
+    return ", ".join(parts)
+
+  def _check_names(self, names: list[str], id_column: str, label_columns: Sequence[str],
+                   categorical_columns: Sequence[str] | None,
+                   exclude_columns: Sequence[str]) -> None:
+    duplicated = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if duplicated:
+      raise ValueError(f"{self.path}: duplicated column names {duplicated}; expected unique names")
+    if id_column not in names:
+      raise ValueError(f"{self.path}: no id column {id_column!r}; expected it among the "
+                       f"{len(names)} columns (set id_column to the subject id column)")
+    named = {"label_columns": label_columns, "categorical_columns": categorical_columns or (),
+             "exclude_columns": exclude_columns}
+    for field, columns in named.items():
+      absent = [c for c in columns if c not in names]
+      if absent:
+        raise ValueError(f"{self.path}: {field} names {absent}, not columns of the table")
+    roles = [id_column, SPLIT_COLUMN, *label_columns, *(categorical_columns or ()),
+             *exclude_columns]
+    clashes = sorted({c for c in roles if roles.count(c) > 1})
+    if clashes:
+      raise ValueError(f"{self.path}: columns {clashes} are named in more than one role "
+                       "(id, split, label, categorical, excluded); expected one role each")
+
+  # -------------------------------------------------------------- columns
+  def _read_ids(self, column: pa.ChunkedArray, id_column: str) -> list[str]:
+    ids = column_texts(column, self._where(column=id_column))
+    empty = np.flatnonzero(is_none(ids))
+    if len(empty):
+      raise ValueError(f"{self._where(int(empty[0]), id_column)}: empty subject id "
+                       f"({len(empty)} row(s) in all); expected an id in every row")
+    _, counts = np.unique(ids.astype(str), return_counts=True)
+    duplicated = int(np.count_nonzero(counts > 1))
+    if duplicated:
+      raise ValueError(f"{self._where(column=id_column)}: {duplicated} id(s) appear in more "
+                       f"than one row ({int(counts[counts > 1].sum())} rows); expected one row "
+                       "per subject")
+    return ids.tolist()
+
+  def _read_labels(self, table: pa.Table) -> np.ndarray:
+    labels = np.full((table.num_rows, len(self.label_columns)), np.nan)
+    for j, name in enumerate(self.label_columns):
+      column = table.column(name)
+      values, _, bad = column_numbers(column, self._where(column=name))
+      if bad.any():
+        raise ValueError(f"{self._where(int(np.flatnonzero(bad)[0]), name)}: not a finite "
+                         f"number ({int(bad.sum())} such row(s)); label columns must be "
+                         "numeric, empty for missing")
+      labels[:, j] = values
+    self.stats["label_columns"] = len(self.label_columns)
+    self.stats["missing_label_cells"] = int(np.isnan(labels).sum())
+    return labels
+
+  def _read_features(self, table: pa.Table, features: list[str],
+                     categorical_columns: Sequence[str] | None) -> None:
+    numeric, categorical = {}, {}
+    self.non_numeric_cells_by_column: dict[str, int] = {}
+    for name in features:
+      listed = None if categorical_columns is None else name in categorical_columns
+      texts, values, junk = _feature_column(table.column(name), self._where(column=name), listed)
+      if texts is not None:
+        categorical[name] = texts
+        continue
+      numeric[name] = values
+      if junk:
+        self.non_numeric_cells_by_column[name] = junk
+    rows = table.num_rows
+    self.numeric_columns, self.categorical_columns = tuple(numeric), tuple(categorical)
+    self._numeric = np.stack(list(numeric.values()), axis=1) if numeric else np.zeros((rows, 0))
+    self._categorical = (np.stack(list(categorical.values()), axis=1) if categorical
+                         else np.empty((rows, 0), dtype=object))
+
+  def _count_columns(self) -> None:
+    s, numeric, categorical = self.stats, self._numeric, self._categorical
+    s["numeric_columns"], s["categorical_columns"] = numeric.shape[1], categorical.shape[1]
+    s["missing_numeric_cells"] = int(np.isnan(numeric).sum())
+    s["non_numeric_cells"] = sum(self.non_numeric_cells_by_column.values())
+    s["non_numeric_columns"] = len(self.non_numeric_cells_by_column)
+    missing_categories = is_none(categorical.ravel()).reshape(categorical.shape)
+    s["missing_categorical_cells"] = int(missing_categories.sum())
+    distinct = [len(np.unique(col[~np.isnan(col)])) for col in numeric.T]
+    distinct += [len(set(col[~missing].tolist())) for col, missing
+                 in zip(categorical.T, missing_categories.T)]
+    s["constant_columns"] = sum(n <= 1 for n in distinct)
+    s["all_missing_columns"] = sum(n == 0 for n in distinct)
+
+  def _column_splits(self, column: pa.ChunkedArray) -> dict[str, np.ndarray]:
+    names = column_texts(column, self._where(column=SPLIT_COLUMN))
+    self.stats["rows_without_split"] = int(is_none(names).sum())
+    present = {n for n in names.tolist() if n is not None}
+    order = [s for s in splits_lib.STANDARD_SPLITS if s in present] + sorted(
+        present - set(splits_lib.STANDARD_SPLITS))
+    return {name: np.flatnonzero(names == name).astype(np.int64) for name in order}
+
+  # -------------------------------------------------------------- access
+  def source(self, split: str) -> TabularSource:
+    """The rows of `split`, in file order."""
+    if split not in self.splits:
+      raise ValueError(f"{self.path}: unknown split {split!r}; available splits: "
+                       f"{list(self.splits)}")
+    rows = self.splits[split]
+    return TabularSource([self.subject_ids[i] for i in rows], self._numeric[rows],
+                         self._categorical[rows], self._labels[rows],
+                         numeric_columns=self.numeric_columns,
+                         categorical_columns=self.categorical_columns,
+                         label_columns=self.label_columns)
+
+  def __repr__(self) -> str:
+    return (f"TabularDataset({str(self.path)!r}, rows={self.stats['rows']}, "
+            f"numeric={len(self.numeric_columns)}, categorical={len(self.categorical_columns)}, "
+            f"splits={ {k: len(v) for k, v in self.splits.items()} })")
+
+
+def _column_names(value: Sequence[str], field: str) -> tuple[str, ...]:
+  if isinstance(value, (str, bytes)):  # "site" is not ("s", "i", "t", "e")
+    raise ValueError(f"TabularDataset: {field}={value!r}, expected a sequence of column names")
+  return tuple(value)
+
+
+def _feature_column(column: pa.ChunkedArray, where: str, listed_categorical: bool | None
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+  """(texts, None, 0) for a categorical column, (None, values, junk cells) for a numeric one.
+
+  listed_categorical None means auto (see the module docstring); a string column is
+  parsed once whichever kind it turns out to be.
+  """
+  kind = column.type
+  if listed_categorical or (listed_categorical is None and (
+      pa.types.is_boolean(kind) or pa.types.is_dictionary(kind))):
+    return column_texts(column, where), None, 0
+  values, nonempty, bad = column_numbers(column, where)  # unsupported types raise here
+  junk = int(bad.sum())
+  if _mostly_numeric(nonempty, junk):
+    return None, values, junk
+  if listed_categorical is None:
+    return column_texts(column, where), None, 0
+  raise ValueError(f"{where}: {junk} of {nonempty} non-empty cells are not numbers; a numeric "
+                   "column was expected (list it in categorical_columns or exclude_columns)")

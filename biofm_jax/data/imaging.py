@@ -12,6 +12,7 @@ volumes alike, and what the pipeline and training loop ask of a modality: `sourc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.imaging_transforms import (  # noqa: F401  (re-exported)
     INTENSITY_MODES, CenterResize, IntensityJitter, MaskPatches, NormalizeIntensity,
     RandomFlip, RandomResizedCrop, ResampleToSpacing, ToImagingExample, record_name,
@@ -107,16 +109,9 @@ class ImagingSettings:
     return int(np.prod([i // p for i, p in zip(self.image_size, self.patch_size)]))
 
 
-def _field(cfg: Any, name: str) -> Any:
-  try:
-    return cfg[name]
-  except (KeyError, AttributeError) as e:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is missing") from e
+_field = functools.partial(config_field, prefix=_CONFIG_PREFIX)
 
-
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-  if not ok:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is {value!r}, expected {expected}")
+_require = functools.partial(require, prefix=_CONFIG_PREFIX)
 
 
 def _as_tuple(value: Any, name: str) -> tuple:

@@ -1,12 +1,13 @@
-"""The expression modality's data module: gene vocabulary, tokenisation, masking, `OmicsData`.
+"""The expression modality's data module: tokenisation, masking, `OmicsData`.
 
 This module owns how one cell record (see `sources/anndata.py`: the cell's expressed
 genes and their counts) becomes the token-sequence fields named in `batch.py`:
 
-* `GeneVocab`: gene id -> token id, plus each gene's median normalised expression over
-  the training split (for rank values), built once and saved as JSON beside the
-  checkpoint. `map_panel` maps another dataset's genes onto it (UNK where it lacks one),
-  so a model trained on one gene panel reads another that overlaps.
+* `GeneVocab` (in `gene_vocab.py`, re-exported here): gene id -> token id, plus each
+  gene's median normalised expression over the training split (for rank values), built
+  once and saved as JSON beside the checkpoint. `map_panel` maps another dataset's genes
+  onto it (UNK where it lacks one), so a model trained on one gene panel reads another
+  that overlaps.
 * `TokenizeExpression`: a Grain `Map`, after optional library-size normalisation and
   log1p, in one of two modes:
     "binned" (scGPT): the top expressed genes, ordered by token id, each with its value's
@@ -21,189 +22,37 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import grain
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.config_fields import config_field, require
+from biofm_jax.data.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
+    _NUM_SPECIAL, VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
+    GeneVocab, normalize_counts, quantile_bins)
 
-VOCAB_FORMAT = "biofm_jax.gene_vocab"
-VOCAB_FORMAT_VERSION = 1
-VOCAB_FILENAME = "gene_vocab.json"
 SYNTHETIC_FILENAME = "synthetic_omics.h5ad"
-# Training cells the vocabulary scans at most (evenly spaced): gene lists and medians are
-# stable long before this, and it bounds start-up time and memory on atlas-sized files.
-VOCAB_MAX_CELLS = 50_000
 MODES = ("binned", "rank")
 OBJECTIVES = ("masked",)
-_NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
 _CONFIG_PREFIX = "config.data.omics"
 
 log = logging.getLogger(__name__)
-
-
-# ================================================================ normalisation
-def normalize_counts(counts: np.ndarray, normalize_total: float | None,
-                     log1p: bool) -> np.ndarray:
-  """float64 values: counts scaled to sum to `normalize_total` (when set), then log1p.
-
-  `counts` are all the cell's expressed genes, so their sum is its library size.
-  """
-  values = np.asarray(counts, dtype=np.float64)
-  if normalize_total:
-    total = values.sum()
-    values = values * (normalize_total / total) if total > 0 else values
-  return np.log1p(values) if log1p else values
-
-
-def quantile_bins(values: np.ndarray, num_bins: int) -> np.ndarray:
-  """int32 bins 1..num_bins of `values` by their own quantiles (scGPT's per-cell binning).
-
-  Values tied across several edges (common: many genes with one count) take the middle
-  of the bins they span, a deterministic stand-in for scGPT's random tie-breaking.
-  """
-  values = np.asarray(values, dtype=np.float64)
-  if not len(values):
-    return np.zeros(0, np.int32)
-  edges = np.quantile(values, np.linspace(0.0, 1.0, num_bins + 1)[1:-1])
-  low = np.searchsorted(edges, values, side="left")
-  high = np.searchsorted(edges, values, side="right")
-  return (1 + (low + high) // 2).astype(np.int32)
-
-
-def _top_by_value(values: np.ndarray, tokens: np.ndarray, keep: int) -> np.ndarray:
-  """Positions of the `keep` largest values, ties broken by the smaller token id."""
-  return np.lexsort((tokens, -values))[:keep]
-
-
-# ================================================================ vocabulary
-@dataclasses.dataclass(frozen=True)
-class GeneVocab:
-  """Genes expressed in the training split, and their median normalised expression."""
-  genes: tuple[str, ...]  # token id = len(batch.SPECIAL_TOKENS) + index
-  gene_medians: tuple[float, ...]  # median over training cells expressing the gene (> 0)
-  num_value_bins: int
-  normalize_total: float | None  # the normalisation the medians were computed under
-  log1p: bool
-  num_training_cells: int = 0  # cells the medians were computed from
-
-  @classmethod
-  def build(cls, train_source: Any, *, num_value_bins: int, normalize_total: float | None,
-            log1p: bool, gene_names: Sequence[str] | None = None,
-            max_cells: int | None = None) -> GeneVocab:
-    """Scans `train_source` (the training split; evenly spaced `max_cells` of its cells
-    when given, to bound memory). Genes: those expressed in a scanned cell, in panel order."""
-    if num_value_bins < 1:
-      raise ValueError(f"GeneVocab.build: num_value_bins {num_value_bins} must be >= 1")
-    names = tuple(gene_names if gene_names is not None else train_source.gene_names)
-    positions = np.arange(len(train_source))
-    if max_cells is not None and len(positions) > max_cells:
-      positions = np.unique(np.linspace(0, len(positions) - 1, max_cells).astype(np.int64))
-    gene_chunks, value_chunks = [], []
-    for i in positions.tolist():
-      record = train_source[i]
-      # int32 / float32: the values of up to VOCAB_MAX_CELLS cells are held at once.
-      gene_chunks.append(np.asarray(record["genes"], np.int32))
-      value_chunks.append(normalize_counts(record["counts"], normalize_total, log1p
-                                           ).astype(np.float32))
-    genes, medians = _gene_medians(gene_chunks, value_chunks)
-    return cls(genes=tuple(names[g] for g in genes.tolist()),
-               gene_medians=tuple(float(m) for m in medians), num_value_bins=num_value_bins,
-               normalize_total=float(normalize_total) if normalize_total else None,
-               log1p=bool(log1p), num_training_cells=len(positions))
-
-  @property
-  def size(self) -> int:
-    return _NUM_SPECIAL + len(self.genes)
-
-  @functools.cached_property
-  def _ids(self) -> dict[str, int]:
-    return {gene: _NUM_SPECIAL + i for i, gene in enumerate(self.genes)}
-
-  @functools.cached_property
-  def medians_by_token(self) -> np.ndarray:
-    """float64 [size]: each token's median (1 for special tokens, never used)."""
-    return np.concatenate([np.ones(_NUM_SPECIAL), np.asarray(self.gene_medians, np.float64)])
-
-  def map_panel(self, gene_names: Sequence[str]) -> np.ndarray:
-    """int32 token id of each of another dataset's genes; UNK_ID where this vocab lacks it."""
-    ids = self._ids
-    return np.fromiter((ids.get(str(g), batch.UNK_ID) for g in gene_names), dtype=np.int32,
-                       count=len(gene_names))
-
-  def panel_overlap(self, gene_names: Sequence[str]) -> int:
-    """How many of `gene_names` this vocabulary knows."""
-    return int((self.map_panel(gene_names) != batch.UNK_ID).sum())
-
-  def save(self, path: str | os.PathLike) -> None:
-    """Writes human-readable JSON atomically (tmp file, then rename)."""
-    path = Path(path)
-    payload = {
-        "format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-        "special_tokens": list(batch.SPECIAL_TOKENS), "num_value_bins": self.num_value_bins,
-        "normalize_total": self.normalize_total, "log1p": self.log1p,
-        "num_training_cells": self.num_training_cells,
-        "genes": list(self.genes), "gene_medians": list(self.gene_medians),
-    }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> GeneVocab:
-    path = Path(path)
-    try:
-      payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"gene vocabulary {path}: cannot read JSON ({e})") from e
-    if not isinstance(payload, dict):
-      raise ValueError(f"gene vocabulary {path}: expected a JSON object")
-    header = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-              "special_tokens": list(batch.SPECIAL_TOKENS)}
-    for key, expected in header.items():
-      if payload.get(key) != expected:
-        raise ValueError(f"gene vocabulary {path}: {key} {payload.get(key)!r}, "
-                         f"expected {expected!r}")
-    try:
-      total = payload["normalize_total"]
-      vocab = cls(genes=tuple(str(g) for g in payload["genes"]),
-                  gene_medians=tuple(float(m) for m in payload["gene_medians"]),
-                  num_value_bins=int(payload["num_value_bins"]),
-                  normalize_total=float(total) if total else None,
-                  log1p=bool(payload["log1p"]),
-                  num_training_cells=int(payload.get("num_training_cells", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"gene vocabulary {path}: missing or malformed field ({e!r})") from e
-    if len(vocab.genes) != len(vocab.gene_medians):
-      raise ValueError(f"gene vocabulary {path}: {len(vocab.genes)} genes but "
-                       f"{len(vocab.gene_medians)} gene_medians; expected one median per gene")
-    return vocab
-
-
-def _gene_medians(gene_chunks: list[np.ndarray],
-                  value_chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Ascending gene indices seen, and the median of each one's values."""
-  if not gene_chunks:
-    return np.zeros(0, np.int32), np.zeros(0, np.float64)
-  genes, values = np.concatenate(gene_chunks), np.concatenate(value_chunks)
-  # One sort by (gene, value) groups every gene's values in order: medians by indexing.
-  order = np.lexsort((values, genes))
-  genes, values = genes[order], values[order]
-  starts = np.flatnonzero(np.r_[True, genes[1:] != genes[:-1]])
-  ends = np.r_[starts[1:], len(genes)]
-  lower, upper = starts + (ends - starts - 1) // 2, starts + (ends - starts) // 2
-  return genes[starts], (values[lower].astype(np.float64) + values[upper]) / 2
 
 
 # ================================================================ tokenisation
 def _check_mode(mode: str, where: str) -> None:
   if mode not in MODES:
     raise ValueError(f"{where}: tokenization {mode!r}, expected one of {MODES}")
+
+
+def _top_by_value(values: np.ndarray, tokens: np.ndarray, keep: int) -> np.ndarray:
+  """Positions of the `keep` largest values, ties broken by the smaller token id."""
+  return np.lexsort((tokens, -values))[:keep]
 
 
 class TokenizeExpression(grain.transforms.Map):
@@ -339,15 +188,9 @@ class OmicsSettings:
     return settings
 
 
-def _field(cfg: Any, name: str) -> Any:
-  if name not in cfg:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is missing")
-  return cfg[name]
+_field = functools.partial(config_field, prefix=_CONFIG_PREFIX)
 
-
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-  if not ok:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is {value!r}, expected {expected}")
+_require = functools.partial(require, prefix=_CONFIG_PREFIX)
 
 
 class OmicsData:
@@ -464,4 +307,3 @@ def _load_or_build_vocab(dataset: Any, path: Path, settings: OmicsSettings) -> G
   log.info("omics: built a vocabulary of %d genes from %d training cells", len(vocab.genes),
            vocab.num_training_cells)
   return vocab
-

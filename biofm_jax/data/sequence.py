@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch, ehr
+from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.sources import fasta
 
 TOKENIZER_FORMAT = "biofm_jax.sequence_tokenizer"
@@ -285,16 +286,9 @@ class MaskTokens(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
-def _field(cfg: Any, name: str) -> Any:
-  try:
-    return cfg[name]
-  except (KeyError, AttributeError) as e:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is missing") from e
+_field = functools.partial(config_field, prefix=_CONFIG_PREFIX)
 
-
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
-  if not ok:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is {value!r}, expected {expected}")
+_require = functools.partial(require, prefix=_CONFIG_PREFIX)
 
 
 def tokenizer_from_config(cfg: Any) -> SequenceTokenizer:

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.config_fields import config_field
 
 OBJECTIVES = ("masked_features",)
 STATS_FORMAT = "biofm_jax.tabular_stats"
@@ -331,11 +332,7 @@ class TabularData:
     return np.asarray(source.labels, np.float32), tuple(self.dataset.label_columns)
 
 
-def _field(cfg: Any, name: str) -> Any:
-  try:
-    return cfg[name]
-  except (KeyError, AttributeError) as e:
-    raise ValueError(f"{_CONFIG_PREFIX}.{name} is missing") from e
+_field = functools.partial(config_field, prefix=_CONFIG_PREFIX)
 
 
 def _check_mask_rate(mask_rate: float) -> None:

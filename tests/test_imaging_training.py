@@ -6,10 +6,7 @@ import pytest
 import helpers
 from biofm_jax.eval.embeddings import embed_split
 from biofm_jax.eval.probes import linear_probe_auroc
-from biofm_jax.train.checkpoint import Checkpointer
-from biofm_jax.train.loop import open_data_module
 from biofm_jax.train.metrics import read_metrics
-from biofm_jax.train.setup import build_training
 
 SPEC_2D, SPEC_3D = "configs/imaging_mae.py:tiny", "configs/imaging_mae3d.py:tiny"
 
@@ -33,11 +30,8 @@ def test_mae_reconstruction_loss_falls(spec, tmp_path):
 
 
 def test_linear_probe_on_mae_embeddings_finds_the_lesion(tmp_path):
-  config, _, _ = train_curve(SPEC_2D, tmp_path, train__num_steps=300, data__imaging__synthetic_subjects=300)
-  data = open_data_module(config, tmp_path / "artifacts")
-  setup = build_training(config, data)
-  checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
-  params = checkpoints.restore_state(checkpoints.latest_step(), setup.abstract_state).params
+  config, data, setup, params, _ = helpers.pretrain_and_restore(SPEC_2D, tmp_path, train__num_steps=300,
+                                                                 data__imaging__synthetic_subjects=300)
   lesion = list(data.dataset.label_names).index("lesion")
 
   def embeddings_and_labels(splits):

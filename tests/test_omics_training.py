@@ -8,23 +8,13 @@ import pytest
 import helpers
 from biofm_jax.eval.embeddings import embed_split
 from biofm_jax.eval.probes import linear_probe_accuracy, linear_probe_auroc
-from biofm_jax.train.checkpoint import Checkpointer
-from biofm_jax.train.loop import open_data_module
-from biofm_jax.train.metrics import read_metrics
-from biofm_jax.train.setup import build_training
 
 EXPRESSION, EXPRESSION_RANK = "configs/omics_expression.py:tiny", "configs/omics_expression.py:tiny_rank"
 DNA, PROTEIN = "configs/omics_sequence.py:tiny", "configs/omics_sequence.py:protein"
 
 
 def pretrain_and_embed(spec, workdir, label: str, **overrides):
-  config = helpers.config_for(spec, train__log_every=10, train__eval_every=100, checkpoint__every_steps=1000,
-                              **overrides)
-  helpers.train(config, workdir)
-  data = open_data_module(config, workdir / "artifacts")
-  setup = build_training(config, data)
-  checkpoints = Checkpointer(workdir / "checkpoints", keep=2)
-  params = checkpoints.restore_state(checkpoints.latest_step(), setup.abstract_state).params
+  config, data, setup, params, metrics = helpers.pretrain_and_restore(spec, workdir, **overrides)
   column = list(data.labels("train")[1]).index(label)
 
   def arrays(splits):
@@ -32,7 +22,7 @@ def pretrain_and_embed(spec, workdir, label: str, **overrides):
     y = np.concatenate([data.labels(s)[0][:, column] for s in splits])
     return x, y
 
-  losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
+  losses = [r["train/loss"] for r in metrics if "train/loss" in r]
   return arrays(["train"]), arrays(["tuning", "held_out"]), losses
 
 

@@ -3,28 +3,17 @@ the shared checks (mesh agreement, exact resume) hold as for the other modalitie
 import csv
 
 import numpy as np
-import pytest
 
 import helpers
 from biofm_jax.eval.embeddings import embed_split
 from biofm_jax.eval.probes import linear_probe_auroc
-from biofm_jax.train.checkpoint import Checkpointer
-from biofm_jax.train.loop import open_data_module
-from biofm_jax.train.metrics import read_metrics
-from biofm_jax.train.setup import build_training
 
 SPEC = "configs/tabular_features.py:tiny"
 
 
 def train_and_embed(workdir, label: str, **overrides):
   """Pre-trains, then returns (train x, train y, test x, test y, raw-feature splits, metrics)."""
-  config = helpers.config_for(SPEC, train__log_every=10, train__eval_every=100, checkpoint__every_steps=1000,
-                              **overrides)
-  helpers.train(config, workdir)
-  data = open_data_module(config, workdir / "artifacts")
-  setup = build_training(config, data)
-  checkpoints = Checkpointer(workdir / "checkpoints", keep=2)
-  params = checkpoints.restore_state(checkpoints.latest_step(), setup.abstract_state).params
+  config, data, setup, params, metrics = helpers.pretrain_and_restore(SPEC, workdir, **overrides)
   column = list(data.dataset.label_columns).index(label)
 
   def split_arrays(splits):
@@ -34,7 +23,7 @@ def train_and_embed(workdir, label: str, **overrides):
                           for s in splits])
     return x, y, raw
 
-  return split_arrays(["train"]), split_arrays(["tuning", "held_out"]), read_metrics(workdir)
+  return split_arrays(["train"]), split_arrays(["tuning", "held_out"]), metrics
 
 
 def write_breast_cancer_csv(path):

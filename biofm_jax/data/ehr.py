@@ -26,6 +26,7 @@ import meds
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.masking import bert_masking, check_masking_args
 
 BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
@@ -247,11 +248,7 @@ class MaskEHR(grain.transforms.RandomMap):
   """BERT-style masking of event tokens; adds `batch.EHR_TARGET_FIELDS`."""
 
   def __init__(self, vocab_size: int, mask_rate: float = 0.15):
-    if vocab_size <= _NUM_SPECIAL:
-      raise ValueError(f"MaskEHR: vocab_size {vocab_size} has no codes beyond the "
-                       f"{_NUM_SPECIAL} special tokens")
-    if not 0.0 < mask_rate <= 1.0:
-      raise ValueError(f"MaskEHR: mask_rate {mask_rate} must be in (0, 1]")
+    check_masking_args("MaskEHR", vocab_size, mask_rate)
     self.vocab_size, self.mask_rate = vocab_size, mask_rate
 
   def random_map(self, example: Mapping[str, np.ndarray],
@@ -259,18 +256,7 @@ class MaskEHR(grain.transforms.RandomMap):
     codes = example[batch.EHR_CODES]
     # [UNK] is never a target: predicting "some rare code" teaches nothing and flatters accuracy.
     events = example[batch.EHR_MASK] & (codes != batch.CLS_ID) & (codes != batch.UNK_ID)
-    length = len(codes)
-    # Fixed-size draws regardless of content, so the stream of numbers per index is stable.
-    select_u, action_u = rng.random(length), rng.random(length)
-    random_ids = rng.integers(_NUM_SPECIAL, self.vocab_size, size=length, dtype=np.int32)
-    fallback = rng.integers(0, max(int(events.sum()), 1))
-    selected = events & (select_u < self.mask_rate)
-    if events.any() and not selected.any():
-      selected[np.flatnonzero(events)[fallback]] = True  # every example teaches something
-    new_codes = codes.copy()
-    new_codes[selected & (action_u < 0.8)] = batch.MASK_ID
-    swap = selected & (action_u >= 0.8) & (action_u < 0.9)
-    new_codes[swap] = random_ids[swap]
+    selected, new_codes = bert_masking(codes, events, rng, mask_rate=self.mask_rate, vocab_size=self.vocab_size)
     new_bins = example[batch.EHR_VALUE_BINS].copy()
     new_bins[selected] = batch.NO_VALUE_BIN
     out = dict(example)

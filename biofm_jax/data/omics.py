@@ -32,8 +32,9 @@ import numpy as np
 
 from biofm_jax.data import batch
 from biofm_jax.data.config_fields import config_field, require
+from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.data.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
-    _NUM_SPECIAL, VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
+    VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
     GeneVocab, normalize_counts, quantile_bins)
 
 SYNTHETIC_FILENAME = "synthetic_omics.h5ad"
@@ -109,11 +110,7 @@ class MaskExpression(grain.transforms.RandomMap):
 
   def __init__(self, mode: str, vocab_size: int, mask_rate: float = 0.15):
     _check_mode(mode, "MaskExpression")
-    if vocab_size <= _NUM_SPECIAL:
-      raise ValueError(f"MaskExpression: vocab_size {vocab_size} has no genes beyond the "
-                       f"{_NUM_SPECIAL} special tokens")
-    if not 0.0 < mask_rate <= 1.0:
-      raise ValueError(f"MaskExpression: mask_rate {mask_rate} must be in (0, 1]")
+    check_masking_args("MaskExpression", vocab_size, mask_rate)
     self.mode, self.vocab_size, self.mask_rate = mode, vocab_size, mask_rate
 
   def random_map(self, example: Mapping[str, np.ndarray],
@@ -121,14 +118,8 @@ class MaskExpression(grain.transforms.RandomMap):
     tokens = example[batch.TOKENS]
     genes = (example[batch.TOKEN_MASK] & (tokens != batch.CLS_ID) & (tokens != batch.UNK_ID)
              & (tokens != batch.PAD_ID))
-    length = len(tokens)
-    # Fixed-size draws regardless of content or mode, so the stream per index is stable.
-    select_u, action_u = rng.random(length), rng.random(length)
-    random_ids = rng.integers(_NUM_SPECIAL, self.vocab_size, size=length, dtype=np.int32)
-    fallback = rng.integers(0, max(int(genes.sum()), 1))
-    selected = genes & (select_u < self.mask_rate)
-    if genes.any() and not selected.any():
-      selected[np.flatnonzero(genes)[fallback]] = True  # every cell teaches something
+    # The same draws in both modes, so the stream per index is stable.
+    selected, new_tokens = bert_masking(tokens, genes, rng, mask_rate=self.mask_rate, vocab_size=self.vocab_size)
     out = dict(example)
     out[batch.TARGET_TOKENS] = tokens.copy()
     out[batch.TARGET_MASK] = selected
@@ -138,10 +129,6 @@ class MaskExpression(grain.transforms.RandomMap):
       out[batch.TARGET_VALUE_BINS] = bins.copy()
       out[batch.TOKEN_VALUE_BINS] = np.where(selected, batch.NO_VALUE_BIN, bins).astype(np.int32)
       return out
-    new_tokens = tokens.copy()
-    new_tokens[selected & (action_u < 0.8)] = batch.MASK_ID
-    swap = selected & (action_u >= 0.8) & (action_u < 0.9)
-    new_tokens[swap] = random_ids[swap]
     out[batch.TOKENS] = new_tokens
     return out
 

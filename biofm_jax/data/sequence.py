@@ -30,6 +30,7 @@ import numpy as np
 
 from biofm_jax.data import batch, ehr
 from biofm_jax.data.config_fields import config_field, require
+from biofm_jax.data.masking import check_masking_args
 from biofm_jax.data.sources import fasta
 
 TOKENIZER_FORMAT = "biofm_jax.sequence_tokenizer"
@@ -268,11 +269,7 @@ class MaskTokens(grain.transforms.RandomMap):
   """
 
   def __init__(self, vocab_size: int, mask_rate: float = 0.15):
-    if vocab_size <= _NUM_SPECIAL:
-      raise ValueError(f"MaskTokens: vocab_size {vocab_size} has no tokens beyond the "
-                       f"{_NUM_SPECIAL} special tokens")
-    if not 0.0 < mask_rate <= 1.0:
-      raise ValueError(f"MaskTokens: mask_rate {mask_rate} must be in (0, 1]")
+    check_masking_args("MaskTokens", vocab_size, mask_rate)
     self.vocab_size, self.mask_rate = vocab_size, mask_rate
     self._bert = ehr.MaskEHR(vocab_size, mask_rate)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -90,7 +91,7 @@ def _npy_layout(shape: tuple[int, ...], spatial_dims: int) -> tuple[tuple[int, .
 def npy_item(item: Item, spatial_dims: int) -> Item:
   path = item.files[0]
   try:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    array = load_npy(path, mmap_mode="r")
     shape, dtype = array.shape, array.dtype
   except Exception as e:
     raise ItemError("corrupt", f"{path}: not a readable .npy file ({type(e).__name__}: {e})")
@@ -127,6 +128,18 @@ def read_pil_pixels(path: str) -> np.ndarray:
   return pixels if pixels.ndim == 3 else pixels[..., None]
 
 
+# np.load parses the .npy header with ast.literal_eval, which CPython 3.11 can fail with
+# "SystemError: AST constructor recursion depth mismatch" when Grain's reader threads
+# parse concurrently. Only the header parse is serialised; pixel reads stay parallel.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def load_npy(path: str, mmap_mode: str | None = None) -> np.ndarray:
+  with _NPY_HEADER_LOCK:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+  return array if mmap_mode else np.array(array)
+
+
 def read_npy_pixels(path: str, stored_rank: int) -> np.ndarray:
-  pixels = np.load(path, allow_pickle=False).astype(np.float32)
+  pixels = load_npy(path).astype(np.float32)
   return pixels[..., None] if pixels.ndim == stored_rank else pixels  # implicit C=1

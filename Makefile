@@ -14,9 +14,11 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
-# Generates a synthetic MEDS cohort inside the run directory and pre-trains on it.
+# Generates a synthetic multimodal cohort (EHR, images, expression, feature tables of the
+# same subjects, each modality missing for some) in the run directory and pre-trains a
+# fused model on it; then reports cross-modal retrieval on held-out subjects.
 demo: install
-	$(PY) experiments/pretrain.py --config=configs/ehr_bert.py:demo --workdir=$(DEMO_DIR)
+	$(PY) experiments/pretrain.py --config=configs/multimodal_fusion.py:demo --workdir=$(DEMO_DIR)
 
 test: install
 	$(PY) -m pytest -x -n 2 --dist loadfile tests

@@ -151,3 +151,22 @@ def token_sequence_spec(max_len: int, *, with_values: bool,
   if with_targets:
     fields += [TARGET_TOKENS, TARGET_MASK] + ([TARGET_VALUE_BINS] if with_values else [])
   return {name: ((max_len,), EHR_DTYPES[name]) for name in fields}
+
+
+# ---------------------------------------------------------------- multimodal examples
+# A multimodal batch holds one sub-dict per configured modality, each with that
+# modality's fields (above) plus PRESENT. A subject without a modality (or whose modality
+# was dropped by modality dropout) carries that modality's all-padding example: zeros and
+# False everywhere, so its per-modality loss counts are zero, and PRESENT False, so no
+# model reads it.
+PRESENT = "present"  # bool []: this subject has this modality in this example
+
+
+def with_presence(spec: Mapping[str, tuple[tuple[int, ...], type]]) -> dict[str, tuple[tuple[int, ...], type]]:
+  """A modality's example spec plus its PRESENT flag, as it appears in a multimodal batch."""
+  return {**spec, PRESENT: ((), np.bool_)}
+
+
+def padding_example(spec: Mapping[str, tuple[tuple[int, ...], type]]) -> dict[str, np.ndarray]:
+  """The all-padding example of `spec`: zeros and False, which carry no loss weight."""
+  return {name: np.zeros(shape, dtype) for name, (shape, dtype) in spec.items()}

@@ -5,6 +5,11 @@ batches: shard the record index by process, shuffle, repeat, apply a modality's
 transforms, wrap each example under its modality name and batch. It also owns the
 registry of modality data modules and the iterator whose state is checkpointed.
 
+Multimodal examples come keyed by modality already (`multimodal.MultimodalData`, for
+which `example_modality` gives None): they are not wrapped, and the eval padding is built
+from their nested spec, every PRESENT False. `make_mixed_train_dataset` mixes
+single-modality streams by weight (multi-task pre-training) into the same format.
+
 Batches are built on the `MapDataset` (before `to_iter_dataset`), so which records form
 batch k depends only on the seed and the process, never on the number of workers.
 """
@@ -17,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import ehr, imaging, omics, sequence, tabular
+from biofm_jax.data import batch, ehr, imaging, multimodal, omics, sequence, tabular
 
 # Modality name -> `from_config(cfg, *, objective, artifacts_dir)` of its data module.
 DATA_MODULES: dict[str, Callable[..., Any]] = {
@@ -46,15 +51,45 @@ class _WrapModality(grain.transforms.Map):
     return {self.modality: example}
 
 
-class _PaddingExample(grain.transforms.Map):
-  """Any index -> one all-padding example: zeros and False carry zero loss weight."""
+class _OnlyModality(grain.transforms.Map):
+  """example -> {modality: example + PRESENT True, every other modality: padding}."""
 
-  def __init__(self, modality: str, example_spec: Mapping[str, tuple[tuple[int, ...], Any]]):
-    self.modality, self.example_spec = modality, dict(example_spec)
+  def __init__(self, modality: str, specs: Mapping[str, Mapping[str, Any]]):
+    self.modality, self.specs = modality, {m: dict(spec) for m, spec in specs.items()}
+
+  def map(self, example):
+    where = f"{self.modality} example in a mixed multimodal stream"
+    return {m: multimodal.present_example(example, spec, where) if m == self.modality
+            else multimodal.absent_example(spec) for m, spec in self.specs.items()}
+
+
+class _PaddingExample(grain.transforms.Map):
+  """Any index -> one all-padding example {modality: zeros and False}: zero loss weight,
+  and PRESENT False where the spec has it (multimodal examples)."""
+
+  def __init__(self, spec_by_modality: Mapping[str, Mapping[str, tuple[tuple[int, ...], Any]]]):
+    self.spec_by_modality = {m: dict(spec) for m, spec in spec_by_modality.items()}
 
   def map(self, _):
-    return {self.modality: {name: np.zeros(shape, dtype)
-                            for name, (shape, dtype) in self.example_spec.items()}}
+    return {m: batch.padding_example(spec) for m, spec in self.spec_by_modality.items()}
+
+
+def example_modality(data_module: Any) -> str | None:
+  """The `modality` argument for a module's pipelines: its name, or None when its examples
+  come keyed by modality already (a multimodal module)."""
+  return None if getattr(data_module, "examples_keyed_by_modality", False) else data_module.name
+
+
+def _nested_spec(modality: str | None, example_spec: Mapping[str, Any]) -> dict[str, dict]:
+  """{modality: spec}: the one modality's spec, or with modality None the spec as given,
+  which must then be keyed by modality."""
+  if modality is not None:
+    return {modality: dict(example_spec)}
+  flat = [name for name, value in example_spec.items() if not isinstance(value, Mapping)]
+  if flat:
+    raise ValueError(f"pipeline: with modality=None the example_spec must be keyed by modality "
+                     f"({{modality: {{field: (shape, dtype)}}}}); {flat} are not")
+  return {m: dict(spec) for m, spec in example_spec.items()}
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -100,31 +135,78 @@ def _shard(source: Any, process_index: int, process_count: int) -> grain.MapData
   return ds[process_index::process_count] if process_count > 1 else ds
 
 
-def make_train_dataset(source: Any, transforms: Sequence[Any], *, modality: str,
-                       global_batch_size: int, seed: int, process_index: int | None = None,
-                       process_count: int | None = None,
-                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-  """An endless stream of per-process batches, reshuffled every epoch."""
-  index, count = _process_layout(process_index, process_count)
-  batch_size = _per_process_batch(global_batch_size, count)
+def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int,
+                   index: int, count: int) -> tuple[grain.MapDataset, int]:
+  """The shard of `source` for process `index`, shuffled every epoch, repeated, transformed;
+  and the number of records in the shard."""
   ds = _shard(source, index, count)
   num_records = len(ds)
   if num_records == 0:
-    raise ValueError(f"pipeline: the {modality} training source has no records for "
+    raise ValueError(f"pipeline: the {name} training source has no records for "
                      f"process {index} of {count} ({len(source)} records in all)")
   # Shuffle before repeat: grain folds the epoch into the shuffle seed.
   ds = ds.shuffle(seed=seed % 2**32).repeat(None)
-  ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM,
-                         process_index=index)
-  ds = ds.map(_WrapModality(modality)).batch(batch_size, drop_remainder=True)
+  ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM, process_index=index)
+  return ds, num_records
+
+
+def make_train_dataset(source: Any, transforms: Sequence[Any], *, modality: str | None,
+                       global_batch_size: int, seed: int, process_index: int | None = None,
+                       process_count: int | None = None,
+                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """An endless stream of per-process batches, reshuffled every epoch.
+
+  `modality=None`: the examples are keyed by modality already (multimodal), not wrapped.
+  """
+  index, count = _process_layout(process_index, process_count)
+  batch_size = _per_process_batch(global_batch_size, count)
+  name = modality or "multimodal"
+  ds, num_records = _endless_train(source, transforms, name=name, seed=seed, index=index,
+                                   count=count)
+  if modality is not None:
+    ds = ds.map(_WrapModality(modality))
   log.info("pipeline: %s train, %d records on process %d of %d, batches of %d",
-           modality, num_records, index, count, batch_size)
-  return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
+           name, num_records, index, count, batch_size)
+  return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+      read_options or DEFAULT_READ_OPTIONS)
 
 
-def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str,
+def make_mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float], *,
+                             global_batch_size: int, seed: int,
+                             process_index: int | None = None, process_count: int | None = None,
+                             read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Single-modality training streams mixed by weight into multimodal batches.
+
+  Each module's training split goes its own way (shard, shuffle, repeat, its transforms,
+  seeded by `multimodal.modality_seed(seed, name)`, so adding a modality never changes
+  another's stream), then becomes a multimodal example with only that modality present.
+  Grain's `MapDataset.mix` interleaves the streams deterministically in proportion to the
+  weights, so batch k depends only on the seed and the process, and the iterator resumes.
+  """
+  names = sorted(modules)
+  bad = {m: w for m, w in weights.items() if not (math.isfinite(float(w)) and float(w) > 0)}
+  if set(weights) != set(names) or bad:
+    raise ValueError(f"pipeline: mixing weights {dict(weights)} must give every module "
+                     f"{names} a finite weight > 0 (and name no other)")
+  index, count = _process_layout(process_index, process_count)
+  batch_size = _per_process_batch(global_batch_size, count)
+  specs = {m: modules[m].example_spec() for m in names}
+  streams = []
+  for m in names:
+    ds, _ = _endless_train(modules[m].source(multimodal.TRAIN_SPLIT),
+                           modules[m].transforms(train=True), name=m,
+                           seed=multimodal.modality_seed(seed, m), index=index, count=count)
+    streams.append(ds.map(_OnlyModality(m, specs)))
+  ds = grain.MapDataset.mix(streams, [float(weights[m]) for m in names])
+  log.info("pipeline: mixed train of %s, weights %s, process %d of %d, batches of %d",
+           "+".join(names), [float(weights[m]) for m in names], index, count, batch_size)
+  return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+      read_options or DEFAULT_READ_OPTIONS)
+
+
+def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str | None,
                       global_batch_size: int, seed: int,
-                      example_spec: Mapping[str, tuple[tuple[int, ...], Any]],
+                      example_spec: Mapping[str, Any],
                       process_index: int | None = None, process_count: int | None = None,
                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """One unshuffled pass; the last batch is filled with all-padding examples.
@@ -132,23 +214,26 @@ def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str,
   Every process yields the same number of batches (collectives in the eval step need
   it), so shorter shards get one more padding example where the split does not divide.
   Random transforms use a fixed seed per record position: each evaluation masks the same
-  positions.
+  positions. `modality=None`: examples keyed by modality already, `example_spec` is
+  `{modality: spec}` and padding examples have every PRESENT False.
   """
+  spec_by_modality = _nested_spec(modality, example_spec)
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
   ds = _shard(source, index, count)
   ds = _apply_transforms(ds, transforms, seed=seed, stream=_EVAL_STREAM,
                          process_index=index)
-  ds = ds.map(_WrapModality(modality))
+  if modality is not None:
+    ds = ds.map(_WrapModality(modality))
   num_records = len(ds)
   largest_shard = math.ceil(len(source) / count)
   num_batches = math.ceil(largest_shard / batch_size)
   num_padding = num_batches * batch_size - num_records
   if num_padding:
-    padding = grain.MapDataset.range(num_padding).map(_PaddingExample(modality, example_spec))
+    padding = grain.MapDataset.range(num_padding).map(_PaddingExample(spec_by_modality))
     ds = grain.MapDataset.concatenate([ds, padding]) if num_records else padding
   log.info("pipeline: %s eval, %d records and %d padding examples on process %d of %d",
-           modality, num_records, num_padding, index, count)
+           modality or "multimodal", num_records, num_padding, index, count)
   return ds.batch(batch_size, drop_remainder=False).to_iter_dataset(
       read_options or DEFAULT_READ_OPTIONS)
 

@@ -13,16 +13,24 @@ from biofm_jax.data import pipeline
 from biofm_jax.train import step as step_lib
 
 
-def embed_split(setup, params, data_module, split: str, *, batch_size: int, seed: int = 0) -> np.ndarray:
-  """[num_records, embed_dim] float32 embeddings of `split` (single process)."""
+def embed_split(setup, params, data_module, split: str, *, batch_size: int, seed: int = 0,
+                output: str | tuple[str, ...] | None = None) -> np.ndarray:
+  """[num_records, embed_dim] float32 embeddings of `split` (single process).
+
+  `output` picks the embedding (see `step.jit_embed_step`); by default the data module's
+  modality, and for a multimodal data module the fused embedding.
+  """
   if jax.process_count() > 1:
     raise NotImplementedError("embed_split runs in one process; gather per-process shards for more")
   source = data_module.source(split)
+  modality = pipeline.example_modality(data_module)
   dataset = pipeline.make_eval_dataset(source, data_module.transforms(train=False, mask=False),
-                                       modality=data_module.name, global_batch_size=batch_size, seed=seed,
+                                       modality=modality,
+                                       global_batch_size=batch_size, seed=seed,
                                        example_spec=data_module.embedding_spec())
-  embed = step_lib.jit_embed_step(setup.model, data_module.name, setup.state_shardings.params, setup.mesh,
-                                  setup.rules)
+  if output is None:
+    output = ("fused", "embedding") if modality is None else modality
+  embed = step_lib.jit_embed_step(setup.model, output, setup.state_shardings.params, setup.mesh, setup.rules)
   chunks = [np.asarray(jax.device_get(embed(params, parallel.make_global_batch(batch, setup.mesh))))
             for batch in pipeline.make_iterator(dataset)]
   # The eval pipeline appends padding examples after the last record: drop them.

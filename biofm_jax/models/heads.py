@@ -44,7 +44,8 @@ class MAEDecoder(nn.Module):
 
     cfg = self.cfg
     x = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                 kernel_init=kernel_init(("embed", "decoder_embed")), name="project")(encoded)
+                 kernel_init=kernel_init(("embed", "decoder_embed")), bias_init=zeros_init(("decoder_embed",)),
+                 name="project")(encoded)
     mask_token = self.param("mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                         ("decoder_embed",)),
                             (cfg.embed_dim,), cfg.param_dtype)
@@ -59,5 +60,6 @@ class MAEDecoder(nn.Module):
     x = TransformerStack(cfg, name="stack")(x, full, positions, train=train)
     x = jnp.take_along_axis(x, masked[..., None], axis=1)
     pixels = nn.Dense(self.patch_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=kernel_init(("decoder_embed", "patch")), name="predict")(x)
+                      kernel_init=kernel_init(("decoder_embed", "patch")), bias_init=zeros_init(("patch",)),
+                      name="predict")(x)
     return pixels.astype(jnp.float32)

@@ -10,6 +10,7 @@ from biofm_jax.objectives.base import Objective, means, weighted_loss
 from biofm_jax.objectives.mae import MaskedAutoencoding
 from biofm_jax.objectives.masked import MaskedCodeModelling
 from biofm_jax.objectives.masked_features import MaskedFeatureModelling
+from biofm_jax.objectives.multimodal import MultimodalObjective, build_multimodal_objective
 
 OBJECTIVES = {
     "masked": lambda cfg, modality, info: MaskedCodeModelling(
@@ -24,10 +25,13 @@ OBJECTIVES = {
 
 def build_objective(cfg: ml_collections.ConfigDict, modality: str = "ehr",
                     info: Mapping[str, Any] | None = None) -> Objective:
-  """The objective `cfg.name` for `modality`; `info` is the data module's `model_info()`."""
+  """The objective `cfg.name` for `modality`; `info` is the data module's `model_info()`
+  (for "multimodal": one `model_info()` per modality, and a section of `cfg` per modality)."""
+  if cfg.name == "multimodal":  # `info` is {modality: model_info}
+    return build_multimodal_objective(cfg, info or {}, build_objective)
   if cfg.name not in OBJECTIVES:
     raise ValueError(f"objective.name={cfg.name!r} is not one of {sorted(OBJECTIVES)}")
   return OBJECTIVES[cfg.name](cfg, modality, dict(info if info is not None else {"num_value_bins": 1}))
 
 
-__all__ = ["OBJECTIVES", "Objective", "build_objective", "means", "weighted_loss"]
+__all__ = ["OBJECTIVES", "MultimodalObjective", "Objective", "build_objective", "means", "weighted_loss"]

@@ -69,20 +69,39 @@ class StopRequested:
 
 
 def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
-  """The configured modality's data module. With several processes, process 0 prepares
-  shared artifacts (a generated cohort, the vocabulary) before the others open them."""
-  modalities = [name for name in config.data.keys() if name in pipeline.DATA_MODULES]
-  if len(modalities) != 1:
-    raise ValueError(f"config.data must configure exactly one of {sorted(pipeline.DATA_MODULES)}; "
-                     f"found {modalities}")
-  def open_module():
-    return pipeline.DATA_MODULES[modalities[0]](config.data[modalities[0]], objective=config.objective.name,
-                                                artifacts_dir=artifacts_dir)
+  """The configured data module: one modality, or the multimodal join when `config.data`
+  has a `multimodal` section. With several processes, process 0 prepares shared artifacts
+  (a generated cohort, the vocabulary) before the others open them."""
+  if "multimodal" in config.data:
+    from biofm_jax.data.multimodal import MultimodalData
+    def open_module():
+      return MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=artifacts_dir)
+  else:
+    modalities = [name for name in config.data.keys() if name in pipeline.DATA_MODULES]
+    if len(modalities) != 1:
+      raise ValueError(f"config.data must configure exactly one of {sorted(pipeline.DATA_MODULES)} (or have "
+                       f"a 'multimodal' section); found {modalities}")
+    def open_module():
+      return pipeline.DATA_MODULES[modalities[0]](config.data[modalities[0]], objective=config.objective.name,
+                                                  artifacts_dir=artifacts_dir)
   if jax.process_count() == 1:
     return open_module()
   module = open_module() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("biofm_jax: data artifacts prepared")
   return module or open_module()
+
+
+def make_train_iterator(data_module, config: ml_collections.ConfigDict):
+  """The endless, checkpointable stream of per-process training batches."""
+  make = getattr(data_module, "make_train_dataset", None)  # a module with its own (mixed) stream
+  if make is not None:
+    dataset = make(global_batch_size=config.data.batch_size, seed=config.seed)
+  else:
+    dataset = pipeline.make_train_dataset(
+        data_module.source(TRAIN_SPLIT), data_module.transforms(train=True),
+        modality=pipeline.example_modality(data_module), global_batch_size=config.data.batch_size,
+        seed=config.seed)
+  return pipeline.make_iterator(dataset, num_workers=config.data.num_workers)
 
 
 def has_split(data_module, split: str) -> bool:
@@ -111,7 +130,8 @@ def check_resume_compatible(saved: dict, config: ml_collections.ConfigDict, step
 def evaluate(setup, params, data_module, config) -> dict[str, float]:
   """One pass over the tuning split (or `train.eval_batches` batches): exact token averages."""
   dataset = pipeline.make_eval_dataset(
-      data_module.source(EVAL_SPLIT), data_module.transforms(train=False), modality=data_module.name,
+      data_module.source(EVAL_SPLIT), data_module.transforms(train=False),
+      modality=pipeline.example_modality(data_module),
       global_batch_size=config.data.batch_size, seed=config.seed, example_spec=data_module.example_spec())
   sums, counts = {}, {}
   for i, host_batch in enumerate(pipeline.make_iterator(dataset)):
@@ -160,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # ------------------------------------------------------------ 2. data
   data_module = open_data_module(config, workdir / "artifacts")
-  log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
+  if pipeline.example_modality(data_module) is not None:  # a multimodal module logged its join per split
+    log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
   evaluates = has_split(data_module, EVAL_SPLIT)
   if not evaluates:
     log.warning("no %r split with records: periodic evaluation is skipped", EVAL_SPLIT)
@@ -168,9 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                if evaluates else {})
   for key, value in baselines.items():
     log.info("%s: %.4f (a context-free model's loss on the %s evaluation batches)", key, value, EVAL_SPLIT)
-  train_iter = pipeline.make_iterator(pipeline.make_train_dataset(
-      data_module.source(TRAIN_SPLIT), data_module.transforms(train=True), modality=data_module.name,
-      global_batch_size=config.data.batch_size, seed=config.seed), num_workers=config.data.num_workers)
+  train_iter = make_train_iterator(data_module, config)
 
   # ------------------------------------------------------------ 3. model, objective, optimiser, steps
   setup = build_training(config, data_module)
@@ -230,6 +249,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer.close()
 
   # ------------------------------------------------------------ 6. summary
+  retrieval = {}
+  contrastive = getattr(setup.objective, "contrastive", None)
+  if contrastive is not None and evaluates and jax.process_count() == 1:
+    from biofm_jax.eval.retrieval import cross_modal_recall
+    recall = cross_modal_recall(setup, state.params, data_module, EVAL_SPLIT, contrastive.pairs,
+                                batch_size=config.data.batch_size, ks=(1, 10))
+    retrieval = {f"retrieval/{k}": v for k, v in recall.items() if "subjects" not in k}
+    log.info("cross-modal retrieval on the %s split: %s", EVAL_SPLIT, " | ".join(
+        f"{q}->{t} recall@10 {recall[f'{q}->{t}/recall@10']:.2f} (chance {recall[f'{q}->{t}/chance@10']:.2f})"
+        for q, t in contrastive.pairs if f"{q}->{t}/recall@10" in recall))
   return {"steps": step, "start_step": start_step, "stopped_early": stopped_early, "num_params": num_params,
           "mesh": dict(setup.mesh.shape), "wall_time_s": time.time() - start_time,
-          "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines}
+          "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines, **retrieval}

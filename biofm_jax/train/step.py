@@ -105,10 +105,19 @@ def _lower(fn, mesh, rules, *args):
     return fn.lower(*args)
 
 
-def jit_embed_step(model, modality: str, param_shardings, mesh: Mesh, rules):
-  """`(params, batch) -> [B, D]` pooled embeddings of `modality`, replicated on every device."""
+def jit_embed_step(model, output: str | tuple[str, ...], param_shardings, mesh: Mesh, rules):
+  """`(params, batch) -> [B, D]` embeddings, replicated on every device.
+
+  `output` is a modality name (its pooled "embedding"), or a path into the model's outputs:
+  ("fused", "embedding") for the multimodal model's fused embedding, ("contrastive", "ehr")
+  for a modality's tower projection in the shared contrastive space.
+  """
+  path = (output, "embedding") if isinstance(output, str) else tuple(output)
   def embed(params, batch):
-    return model.apply({"params": params}, batch, train=False)[modality]["embedding"]
+    out = model.apply({"params": params}, batch, train=False)
+    for key in path:
+      out = out[key]
+    return out
   jitted = jax.jit(embed, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.replicated(mesh))
   return _with_mesh_and_rules(jitted, mesh, rules)

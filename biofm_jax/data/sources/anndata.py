@@ -44,6 +44,7 @@ from biofm_jax.data.sources import splits as splits_lib
 log = logging.getLogger(__name__)
 
 _SPARSE_ENCODINGS = {"csr_matrix": "csr", "csc_matrix": "csc"}
+SUBJECT_COLUMN = "subject_id"  # obs column naming each cell's donor, when the file has one
 # Rows per scan block aim at this many stored values: bounded memory, few h5py calls.
 _VALUES_PER_BLOCK = 4_000_000
 
@@ -280,6 +281,16 @@ def _scan(rows: _Rows, shape: tuple[int, int], stored: int, cell_ids: np.ndarray
   return expressed, explicit_zeros
 
 
+def _subject_ids(obs: pd.DataFrame, cell_ids: np.ndarray) -> np.ndarray:
+  """str [cells]: obs column SUBJECT_COLUMN where the file has it and the cell a value, else
+  the cell id (a cell without a known donor is its own subject)."""
+  if SUBJECT_COLUMN not in obs.columns:
+    return cell_ids
+  column = obs[SUBJECT_COLUMN]
+  missing = column.isna().to_numpy()
+  return np.where(missing, cell_ids, column.astype(str).to_numpy(dtype=object)).astype(object)
+
+
 # ================================================================ splits
 def _column_splits(obs: pd.DataFrame, column: str, kept: np.ndarray,
                    stats: dict[str, int]) -> dict[str, np.ndarray]:
@@ -308,14 +319,17 @@ class ExpressionSource:
   """The cells of one split: random access, one matrix row per __getitem__.
 
   Holds numpy arrays and a picklable row reader, so it pickles to Grain workers (a backed
-  reader reopens the file there). `cell_ids` and `labels` (float32 [cells, num_labels])
-  are known without reading the matrix.
+  reader reopens the file there). `cell_ids`, `subject_ids` (the donor of each cell, see
+  `ExpressionDataset.subject_ids`) and `labels` (float32 [cells, num_labels]) are known
+  without reading the matrix.
   """
 
   def __init__(self, rows: np.ndarray, cell_ids: np.ndarray, labels: np.ndarray,
-               gene_names: tuple[str, ...], reader: _Rows):
+               gene_names: tuple[str, ...], reader: _Rows,
+               subject_ids: np.ndarray | None = None):
     self.rows = rows  # obs row of each record
     self.cell_ids = cell_ids
+    self.subject_ids = cell_ids if subject_ids is None else subject_ids
     self.labels = labels
     self.gene_names = gene_names
     self._reader = reader
@@ -346,6 +360,9 @@ class ExpressionDataset:
     label_names, label_categories: the label columns, and category names of the
       categorical ones (code k means label_categories[name][k]).
     splits: split name -> int64 obs rows of non-empty cells.
+    subject_ids: str [cells] the subject (donor) of every obs row: the obs column
+      `subject_id` when the file has one (a missing value falls back to the cell id), else
+      the cell ids; multimodal joins match cells to a subject's other modalities by it.
     genes_per_cell: int32 [cells] expressed genes of every obs row (0 = skipped).
     stats: counts only, safe to log; every key is listed in `STAT_KEYS`.
   """
@@ -367,6 +384,7 @@ class ExpressionDataset:
                                           self.backed)
       matrix = None if self.backed else _read_in_memory(file, self.key)
     self.cell_ids = obs.index.astype(str).to_numpy(dtype=object)
+    self.subject_ids = _subject_ids(obs, self.cell_ids)
     self._reader = _Rows(self.path, self.key, fmt, matrix)
     self.genes_per_cell, explicit_zeros = _scan(self._reader, shape, stored, self.cell_ids,
                                                 self.gene_names)
@@ -391,7 +409,7 @@ class ExpressionDataset:
                        f"{list(self.splits)}")
     rows = self.splits[split]
     return ExpressionSource(rows, self.cell_ids[rows], self.labels[rows], self.gene_names,
-                            self._reader)
+                            self._reader, self.subject_ids[rows])
 
   def __repr__(self) -> str:
     return (f"ExpressionDataset({str(self.path)!r}, cells={self.stats['cells']}, "

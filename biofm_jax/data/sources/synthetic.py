@@ -124,9 +124,14 @@ def _visit_events(rng, risk, visit_days, present, onset_days):
           np.concatenate(value)[order])
 
 
-def _simulate_subject(rng: np.random.Generator, max_events: int) -> _Subject:
-  risk = float(rng.standard_normal())
-  female = rng.random() < 0.52
+def _simulate_subject(rng: np.random.Generator, max_events: int, *, risk: float | None = None,
+                      female: bool | None = None,
+                      condition_shift: np.ndarray | None = None) -> _Subject:
+  """One subject's timeline. `risk` (None: drawn from N(0, 1)), `female` (None: drawn,
+  52%) and `condition_shift` (None: none; else added to each condition's onset logit, in
+  CONDITIONS order) let a caller plant its own latent state, e.g. a multimodal cohort."""
+  risk = float(rng.standard_normal()) if risk is None else float(risk)
+  female = rng.random() < 0.52 if female is None else bool(female)
   birth_day = _day("1930-01-01") + int(rng.integers(0, _day("2006-01-01") - _day("1930-01-01")))
   has_birth = rng.random() < 0.95
   start_day = max(_day("2010-01-01") + int(rng.integers(0, 11 * 365)), birth_day + 365)
@@ -137,6 +142,8 @@ def _simulate_subject(rng: np.random.Generator, max_events: int) -> _Subject:
   for i, condition in enumerate(CONDITIONS):
     logit = condition.intercept + condition.risk_slope * risk + condition.age_slope * age_decades
     logit += sum(w for name, w in condition.after if present[CONDITION_INDEX[name]])
+    if condition_shift is not None:
+      logit += float(condition_shift[i])
     present[i] = rng.random() < _sigmoid(logit)
   # Onsets before follow-up starts are pre-existing conditions.
   onset_days = start_day + rng.uniform(-0.7, 1.0, len(CONDITIONS)) * (end_day - start_day)

@@ -32,6 +32,7 @@ import argparse
 import csv
 import os
 import pathlib
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -70,14 +71,25 @@ def _smooth_texture(rng: np.random.Generator, shape: tuple[int, ...], size: int)
 
 
 def _simulate_image(rng: np.random.Generator, spatial_dims: int, size: int,
-                    has_lesion: bool) -> tuple[np.ndarray, float, float]:
-  """(image in HU, lesion radius in voxels, lesion contrast in HU) for one subject."""
+                    has_lesion: bool, *, soft_tissue: float | None = None,
+                    body_radii: np.ndarray | None = None,
+                    organ_contrasts: Sequence[float] = (-60.0, 40.0, 90.0),
+                    ) -> tuple[np.ndarray, float, float]:
+  """(image in HU, lesion radius in voxels, lesion contrast in HU) for one subject.
+
+  `soft_tissue` (the body's base intensity in HU) and `body_radii` ([spatial_dims], in
+  units of the half image) are drawn when None; each organ's contrast to the body is one
+  of `organ_contrasts` (HU) plus noise. A caller sets them to plant a latent state in the
+  image (synthetic_multimodal.py).
+  """
   grid = _grid(size, spatial_dims)
   shape = grid.shape[1:]
   body_center = rng.normal(0.0, 0.05, spatial_dims).astype(np.float32)
-  body_radii = rng.uniform(0.6, 0.85, spatial_dims).astype(np.float32)
+  body_radii = (rng.uniform(0.6, 0.85, spatial_dims) if body_radii is None
+                else np.asarray(body_radii)).astype(np.float32)
   body = _inside(grid, body_center, body_radii)
-  soft_tissue = rng.uniform(-20.0, 80.0)  # varies so the mean does not give the label away
+  if soft_tissue is None:
+    soft_tissue = rng.uniform(-20.0, 80.0)  # varies so the mean does not give the label away
   texture = 15.0 * _smooth_texture(rng, shape, size)
   image = np.where(body, soft_tissue + texture, _AIR_HU)
 
@@ -85,7 +97,7 @@ def _simulate_image(rng: np.random.Generator, spatial_dims: int, size: int,
     center = body_center + rng.uniform(-0.45, 0.45, spatial_dims) * body_radii
     radii = rng.uniform(0.25, 0.45, spatial_dims) * body_radii
     # Organs are subtler than lesions, so the lesion is the strongest local contrast.
-    offset = rng.choice([-60.0, 40.0, 90.0]) + rng.normal(0.0, 10.0)
+    offset = rng.choice(organ_contrasts) + rng.normal(0.0, 10.0)
     # Replace rather than add, so overlapping organs never stack into lesion-like contrast.
     image = np.where(_inside(grid, center, radii) & body, soft_tissue + offset + texture, image)
 

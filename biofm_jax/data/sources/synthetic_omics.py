@@ -45,17 +45,27 @@ def _marker_genes(num_genes: int, num_cell_types: int, rng: np.random.Generator)
   return chosen.reshape(num_cell_types, per_type)
 
 
-def synthetic_counts(num_cells: int, num_genes: int, num_cell_types: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """float32 [cells, genes] counts and int64 [cells] cell types; pure and deterministic."""
+def synthetic_counts(num_cells: int, num_genes: int, num_cell_types: int, seed: int, *,
+                     cell_types: np.ndarray | None = None,
+                     log_effects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """float32 [cells, genes] counts and int64 [cells] cell types; pure and deterministic.
+
+  `cell_types` (int [cells]; None: drawn uniformly) and `log_effects` (float [cells, genes]
+  added to the log of every mean; None: none) let a caller plant per-cell (or per-sample)
+  structure, e.g. synthetic_multimodal.py's subject latents.
+  """
   rng = np.random.default_rng(seed)
   means = np.tile(_base_means(num_genes, rng), (num_cell_types, 1))
   markers = _marker_genes(num_genes, num_cell_types, rng)
   for cell_type, genes in enumerate(markers):
     means[cell_type, genes] = np.maximum(means[cell_type, genes], 0.5) * MARKER_FOLD_CHANGE
-  cell_types = rng.integers(0, num_cell_types, size=num_cells)
+  if cell_types is None:
+    cell_types = rng.integers(0, num_cell_types, size=num_cells)
+  cell_types = np.asarray(cell_types, np.int64)
   library = np.exp(rng.uniform(*np.log(LIBRARY_RANGE), size=num_cells))
   mu = means[cell_types] * library[:, None]
+  if log_effects is not None:
+    mu = mu * np.exp(log_effects)
   rates = rng.gamma(shape=NB_DISPERSION, scale=mu / NB_DISPERSION)
   return rng.poisson(rates).astype(np.float32), cell_types
 

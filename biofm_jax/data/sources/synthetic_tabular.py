@@ -112,17 +112,27 @@ def _with_missing(values: np.ndarray, rate: float, rng: np.random.Generator) -> 
   return out
 
 
-def synthetic_table(num_rows: int = 600, seed: int = 0) -> pa.Table:
-  """The table that `write_synthetic_table` writes, in memory."""
+def synthetic_table(num_rows: int = 600, seed: int = 0, *, malignant: np.ndarray | None = None,
+                    factors: np.ndarray | None = None) -> pa.Table:
+  """The table that `write_synthetic_table` writes, in memory.
+
+  A caller may plant its own structure (synthetic_multimodal.py): `malignant` (0/1
+  [num_rows]) replaces the labels drawn from the site rates, and `factors` ([num_rows, 3]:
+  f_size, f_intensity, f_heterogeneity) are used as given, without the malignant shift.
+  """
   if num_rows < 10:
     raise ValueError(f"synthetic_table: num_rows {num_rows} must be >= 10 (every split "
                      "needs rows)")
   rng = np.random.default_rng(seed)
   sites = np.array(list(SITE_MALIGNANCY), dtype=object)[rng.integers(0, 4, num_rows)]
   vendors = np.array(VENDORS, dtype=object)[rng.integers(0, len(VENDORS), num_rows)]
-  malignant = (rng.random(num_rows) < np.vectorize(SITE_MALIGNANCY.get)(sites)).astype(np.int64)
-  factors = rng.normal(size=(num_rows, 3))
-  factors[:, 0] += _SIZE_SHIFT_MALIGNANT * malignant
+  if malignant is None:
+    malignant = rng.random(num_rows) < np.vectorize(SITE_MALIGNANCY.get)(sites)
+  malignant = np.asarray(malignant).astype(np.int64)
+  if factors is None:
+    factors = rng.normal(size=(num_rows, 3))
+    factors[:, 0] += _SIZE_SHIFT_MALIGNANT * malignant
+  factors = np.asarray(factors, np.float64)
   features = _features(factors, vendors, rng)
   missing_rates = rng.uniform(0.02, 0.10, size=len(FEATURES))
   columns = {ID_COLUMN: [f"T{i:05d}" for i in range(num_rows)],

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
 from biofm_jax.models.encoders.tokens import embed_tokens, positions_and_dropout
-from biofm_jax.models.layers import TransformerConfig, kernel_init
+from biofm_jax.models.layers import TransformerConfig, kernel_init, zeros_init
 
 NUM_TIME_FREQUENCIES = 8
 
@@ -46,6 +46,7 @@ class EHREncoder(nn.Module):
     features = jnp.concatenate([age, time, ehr[B.EHR_AGE_KNOWN][..., None], ehr[B.EHR_TIME_KNOWN][..., None]],
                                axis=-1).astype(cfg.dtype)
     tokens += nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                       kernel_init=kernel_init((None, "embed")), name="time_projection")(features)
+                       kernel_init=kernel_init((None, "embed")), bias_init=zeros_init(("embed",)),
+                       name="time_projection")(features)
     tokens, positions = positions_and_dropout(self, cfg, tokens, train=train)
     return tokens, ehr[B.EHR_MASK], positions

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.layers import TransformerConfig, embed_init, kernel_init
+from biofm_jax.models.layers import TransformerConfig, embed_init, kernel_init, zeros_init
 
 _AXES = "dhw"  # names for up to three spatial axes in einops patterns
 
@@ -73,7 +73,8 @@ class ImagingEncoder(nn.Module):
       raise ValueError("model.position 'rope' is for sequences; imaging uses 'sincos' (fixed) or 'learned'")
     patches = patchify(imaging[B.IMAGE], self.patch_shape)
     tokens = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=kernel_init(("patch", "embed")), name="patch_embedding")(patches)
+                      kernel_init=kernel_init(("patch", "embed")), bias_init=zeros_init(("embed",)),
+                      name="patch_embedding")(patches)
     num = patches.shape[1]
     if cfg.position == "learned":
       table = self.param("position_embedding", embed_init((None, "embed")), (num, cfg.embed_dim), cfg.param_dtype)

@@ -1,0 +1,377 @@
+"""Joins single-modality data modules by subject into multimodal examples.
+
+This module owns how the modalities of one subject become one example,
+`{modality: {<that modality's fields>, batch.PRESENT: bool[]}}` for every configured
+modality; a subject without a modality (the normal case in real cohorts) carries that
+modality's `batch.padding_example`, PRESENT False.
+
+* `join.join_subjects` (join.py): the join index, which records of each modality belong
+  to each subject of each split.
+* `MultimodalSource`: the joined subjects of one split; an item is the subject and its
+  record indices per present modality (small, picklable), read by `JoinModalities`.
+* `JoinModalities`: per present modality one record (training: at random among the
+  subject's; evaluation: the first) through that modality's own transforms; padding for
+  the absent. `ModalityDropout`: training only. `MultimodalData`: the data module.
+
+  train: JoinModalities -> ModalityDropout        eval: JoinModalities
+
+Randomness: JoinModalities draws one root from the example's generator (seeded by Grain
+per stream position); modality m's record choice and its k-th random transform use
+`default_rng([root, name_key(m), k])`, so adding a modality or a transform elsewhere
+never shifts another modality's numbers.
+
+Balanced sampling (training split only): every availability pattern ("ehr+imaging",
+"imaging", ...) is equally frequent. The source has `patterns * largest pattern` items;
+item k takes pattern k % patterns and that pattern's subjects cyclically in a seeded
+permutation: each epoch shows every subject at least once, rare patterns' repeatedly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import operator
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from biofm_jax.data import batch
+from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
+from biofm_jax.data.sources.splits import STANDARD_SPLITS
+
+SAMPLING = ("uniform", "balanced")
+SYNTHETIC_DIRNAME = "synthetic_multimodal"
+
+log = logging.getLogger(__name__)
+
+
+def name_key(name: str) -> int:
+  """A stable 32-bit key of a modality name (Python's hash() is salted per process)."""
+  return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest(), "little")
+
+
+def modality_seed(seed: int, name: str) -> int:
+  """A 32-bit seed for one modality's stream, independent of the other modalities."""
+  return int(np.random.SeedSequence([seed % 2**64, name_key(name)]).generate_state(1)[0])
+
+
+# ================================================================ source
+class MultimodalSource:
+  """The joined subjects of one split: item i -> {"subject_id", "split", "records"}.
+
+  `records` maps each present modality to the subject's record indices in that
+  modality's source of the split. With `balanced_seed` set, the order is resampled so
+  every availability pattern is equally frequent (see the module docstring).
+  """
+
+  def __init__(self, split: str, join: SplitJoin, balanced_seed: int | None = None):
+    self.split, self.join = split, join
+    self._members = self._pattern_offsets = None
+    self._length = len(join)
+    if balanced_seed is not None and len(join):
+      patterns = join.patterns()
+      rng = np.random.default_rng(balanced_seed)
+      groups = [rng.permutation(np.flatnonzero(patterns == p)) for p in np.unique(patterns)]
+      self._members = np.concatenate(groups)
+      self._pattern_offsets = np.concatenate([[0], np.cumsum([len(g) for g in groups])])
+      self._length = len(groups) * max(len(g) for g in groups)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def subject_index(self, i: int) -> int:
+    """Position in `join` of item i."""
+    if self._members is None:
+      return i
+    num_patterns = len(self._pattern_offsets) - 1
+    p, j = i % num_patterns, i // num_patterns
+    lo, hi = self._pattern_offsets[p], self._pattern_offsets[p + 1]
+    return int(self._members[lo + j % (hi - lo)])
+
+  @property
+  def subject_ids(self) -> list[str]:
+    return [str(self.join.subject_ids[self.subject_index(i)]) for i in range(len(self))]
+
+  def __getitem__(self, index: int) -> dict:
+    i = operator.index(index)
+    i = i + len(self) if i < 0 else i
+    if not 0 <= i < len(self):
+      raise IndexError(f"MultimodalSource: index {index} out of range for {len(self)} items")
+    s, join = self.subject_index(i), self.join
+    records = {m: tuple(int(r) for r in join.records[m][o[s]:o[s + 1]])
+               for m, o in join.offsets.items() if o[s + 1] > o[s]}
+    return {"subject_id": str(join.subject_ids[s]), "split": self.split, "records": records}
+
+  def __repr__(self) -> str:
+    return f"MultimodalSource(split={self.split!r}, items={len(self)}, subjects={len(self.join)})"
+
+
+# ================================================================ transforms
+def present_example(example: Mapping[str, Any], spec: Mapping[str, Any], where: str) -> dict:
+  """A modality's transformed example, checked against its spec, with PRESENT True."""
+  extra = sorted(set(example) - set(spec))
+  if extra:
+    raise ValueError(f"{where}: fields {extra} are not in the modality's example spec")
+  batch.check_example(example, spec, where)
+  return {**{name: example[name] for name in spec}, batch.PRESENT: np.asarray(True)}
+
+
+def absent_example(spec: Mapping[str, Any]) -> dict:
+  return batch.padding_example(batch.with_presence(spec))
+
+
+class JoinModalities(grain.transforms.RandomMap):
+  """Item of a `MultimodalSource` -> a multimodal example (see the module docstring)."""
+
+  def __init__(self, sources: Mapping[str, Mapping[str, Any]],
+               transforms: Mapping[str, Sequence[Any]], specs: Mapping[str, Mapping],
+               *, train: bool):
+    self.sources = {s: dict(by_m) for s, by_m in sources.items()}  # split -> modality -> source
+    self.transforms = {m: list(t) for m, t in transforms.items()}
+    self.specs = {m: dict(spec) for m, spec in specs.items()}
+    self.modalities, self.train = tuple(sorted(self.specs)), bool(train)
+
+  def random_map(self, item: Mapping[str, Any], rng: np.random.Generator) -> dict:
+    root = int(rng.integers(2**63))
+    records = item["records"]
+    return {m: self._read(m, item, records[m], root) if records.get(m)
+            else absent_example(self.specs[m]) for m in self.modalities}
+
+  def _read(self, m: str, item: Mapping[str, Any], records: Sequence[int], root: int) -> dict:
+    generator = lambda k: np.random.default_rng([root, name_key(m), k])  # noqa: E731
+    pick = int(generator(0).integers(len(records))) if self.train and len(records) > 1 else 0
+    where = (f"multimodal example (subject {item['subject_id']!r}), {m} record "
+             f"{records[pick]} of split {item['split']!r}")
+    x = self.sources[item["split"]][m][int(records[pick])]
+    for position, transform in enumerate(self.transforms[m]):
+      if isinstance(transform, grain.transforms.RandomMap):
+        x = transform.random_map(x, generator(position + 1))
+      elif isinstance(transform, grain.transforms.Map):
+        x = transform.map(x)
+      elif callable(transform):
+        x = transform(x)
+      else:
+        raise TypeError(f"{where}: transform {position} ({type(transform).__name__}) is "
+                        "neither a grain Map, a grain RandomMap nor a callable")
+    return present_example(x, self.specs[m], where)
+
+
+class ModalityDropout(grain.transforms.RandomMap):
+  """Drops each present modality with its rate (padding, PRESENT False), never all.
+
+  One uniform draw per rated modality (sorted names) and one more, whatever the example
+  holds, so the stream is stable. When every present modality would drop, the extra draw
+  keeps one of them: the realised rate is a little below `rate` for subjects with few.
+  """
+
+  def __init__(self, rates: Mapping[str, float]):
+    bad = {m: r for m, r in rates.items() if not 0.0 <= float(r) <= 1.0}
+    if bad:
+      raise ValueError(f"ModalityDropout: rates {bad} must be in [0, 1]")
+    self.rates = {m: float(rates[m]) for m in sorted(rates)}
+
+  def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict:
+    draws = rng.random(len(self.rates) + 1)
+    missing = sorted(set(self.rates) - set(example))
+    if missing:
+      raise ValueError(f"ModalityDropout: rates name {missing}, not in the example "
+                       f"(modalities {sorted(example)})")
+    present = [m for m in example if bool(example[m][batch.PRESENT])]
+    drop = [m for m, u in zip(self.rates, draws) if m in present and u < self.rates[m]]
+    if drop and len(drop) == len(present):
+      drop.pop(int(draws[-1] * len(drop)))
+    out = dict(example)
+    for m in drop:
+      out[m] = {name: np.zeros_like(value) for name, value in example[m].items()}
+    return out
+
+
+# ================================================================ data module
+@dataclasses.dataclass(frozen=True)
+class JoinSettings:
+  """How modalities are joined; `check` names the setting and what was expected."""
+  require: tuple[str, ...] = ()
+  dropout: tuple[tuple[str, float], ...] = ()  # (modality, rate), sorted
+  sampling: str = "uniform"
+  seed: int = 0
+
+  def check(self, modalities: Sequence[str]) -> None:
+    names = set(self.require) | {m for m, _ in self.dropout}
+    for ok, name, value, expected in (
+        (names <= set(modalities), "require/dropout", sorted(names),
+         f"modalities among {list(modalities)}"),
+        (all(0.0 <= r <= 1.0 for _, r in self.dropout), "dropout", dict(self.dropout),
+         "rates in [0, 1]"),
+        (self.sampling in SAMPLING, "sampling", self.sampling, f"one of {SAMPLING}")):
+      if not ok:
+        raise ValueError(f"multimodal {name} is {value!r}, expected {expected}")
+
+
+def _open_sources(modules: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """split -> modality -> source, for the splits each module has (`dataset.splits` when it
+  says; else the standard splits whose `source` does not raise ValueError, as the loop's
+  has_split reads it)."""
+  out: dict[str, dict[str, Any]] = {}
+  for m, module in modules.items():
+    declared = getattr(getattr(module, "dataset", None), "splits", None)
+    for s in declared if isinstance(declared, Mapping) else STANDARD_SPLITS:
+      try:
+        source = module.source(s)
+      except ValueError:
+        if isinstance(declared, Mapping):
+          raise
+        continue
+      if not hasattr(source, "subject_ids"):
+        raise ValueError(f"multimodal: the {m} source of split {s!r} "
+                         f"({type(source).__name__}) has no subject_ids; a join needs them")
+      out.setdefault(s, {})[m] = source
+  return out
+
+
+class MultimodalData:
+  """Several data modules joined by subject, as the pipeline and training loop see them."""
+  name = "multimodal"
+  examples_keyed_by_modality = True  # pipeline: do not wrap examples under `name`
+
+  def __init__(self, modules: Mapping[str, Any], *, require: Sequence[str] = (),
+               dropout: Mapping[str, float] | None = None, sampling: str = "uniform",
+               seed: int = 0):
+    self.modules = {m: modules[m] for m in sorted(modules)}
+    self.modalities = tuple(self.modules)
+    if isinstance(require, (str, bytes)):
+      raise ValueError(f"multimodal require is {require!r}, expected a tuple of modality names")
+    self.settings = JoinSettings(tuple(str(m) for m in require), tuple(sorted(
+        (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed))
+    self.settings.check(self.modalities)
+    self._sources = _open_sources(self.modules)
+    ids = {m: {s: by_m[m].subject_ids for s, by_m in self._sources.items() if m in by_m}
+           for m in self.modalities}
+    self.join = join_subjects(ids, require=self.settings.require)
+    for s, join in self.join.splits.items():
+      c = self.join.counts
+      log.info("multimodal %s: %d subjects, %s; %d with one modality only, %d dropped by "
+               "require", s, len(join), ", ".join(
+                   f"{m} {c[f'{s}_subjects_{m}']}" for m in self.modalities),
+               c[f"{s}_only_one_modality"], c[f"{s}_dropped_by_require"])
+
+  @classmethod
+  def from_config(cls, data_cfg: Any, *, objectives: Any, artifacts_dir: str | os.PathLike) -> MultimodalData:
+    """Opens each modality in `data_cfg.multimodal.modalities` from its own section of
+    `data_cfg` (= config.data) with its objective's name (config.objective.<modality>.name).
+
+    With every path empty, a synthetic cohort is generated under artifacts_dir (once;
+    reused on resume); a mix of given and empty paths is an error, since the generated
+    subjects would never match the given ones.
+    """
+    from biofm_jax.data import pipeline  # pipeline imports this module
+    settings = data_cfg.multimodal
+    modalities = tuple(settings.modalities)
+    unknown = sorted(set(modalities) - set(pipeline.DATA_MODULES))
+    if unknown or len(modalities) < 2:
+      raise ValueError(f"data.multimodal.modalities is {modalities}, expected two or more of "
+                       f"{sorted(pipeline.DATA_MODULES)}")
+    for m in modalities:
+      if m not in data_cfg or m not in objectives:
+        raise ValueError(f"data.multimodal.modalities names {m!r}, but config.data.{m} or "
+                         f"config.objective.{m} is missing")
+    paths = {m: str(data_cfg[m].path) for m in modalities}
+    if not any(paths.values()):
+      paths = _synthetic_cohort(data_cfg, Path(artifacts_dir), modalities)
+    elif not all(paths.values()):
+      empty = sorted(m for m, path in paths.items() if not path)
+      raise ValueError(f"data.multimodal: data.{{{','.join(empty)}}}.path is empty while other modalities "
+                       f"have paths; set it, or leave {empty} out of data.multimodal.modalities")
+    modules = {}
+    for m in modalities:
+      section = data_cfg[m].copy_and_resolve_references()
+      with section.unlocked():
+        section.path = paths[m]
+      modules[m] = pipeline.DATA_MODULES[m](section, objective=objectives[m].name,
+                                            artifacts_dir=Path(artifacts_dir) / m)
+    rate = float(settings.modality_dropout)
+    data = cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
+               sampling=settings.sampling, seed=int(settings.synthetic_seed))
+    data.mix_weights = parse_mix_weights(settings.mix_weights, modalities)
+    return data
+
+  mix_weights: dict[str, float] | None = None  # set: training mixes single-modality examples
+
+  def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout) -> grain.IterDataset:
+    """The training stream: joined subjects, or with `mix_weights` a weighted mixture of
+    each modality's own examples (multi-task pre-training)."""
+    from biofm_jax.data import pipeline
+    if self.mix_weights:
+      return pipeline.make_mixed_train_dataset(self.modules, self.mix_weights, global_batch_size=global_batch_size,
+                                               seed=seed, **layout)
+    return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True), modality=None,
+                                       global_batch_size=global_batch_size, seed=seed, **layout)
+
+  def source(self, split: str) -> MultimodalSource:
+    """The joined subjects of `split`; the training split balanced if so configured."""
+    if split not in self.join.splits:
+      raise ValueError(f"multimodal: unknown split {split!r}; available splits: "
+                       f"{list(self.join.splits)}")
+    balanced = split == TRAIN_SPLIT and self.settings.sampling == "balanced"
+    return MultimodalSource(split, self.join.splits[split],
+                            modality_seed(self.settings.seed, "balanced") if balanced else None)
+
+  def transforms(self, train: bool, mask: bool = True) -> list:
+    """JoinModalities over each module's own transforms; ModalityDropout when training."""
+    specs = {m: module.example_spec() if mask else module.embedding_spec()
+             for m, module in self.modules.items()}
+    join = JoinModalities(self._sources, {m: module.transforms(train, mask=mask)
+                                          for m, module in self.modules.items()},
+                          specs, train=train)
+    rates = {m: r for m, r in self.settings.dropout if r > 0}
+    return [join] + ([ModalityDropout(rates)] if train and rates else [])
+
+  def example_spec(self) -> dict:
+    return {m: batch.with_presence(module.example_spec()) for m, module in self.modules.items()}
+
+  def embedding_spec(self) -> dict:
+    return {m: batch.with_presence(module.embedding_spec()) for m, module in self.modules.items()}
+
+  def model_info(self) -> dict[str, Any]:
+    return {m: module.model_info() for m, module in self.modules.items()}
+
+  def summary(self) -> dict[str, int]:
+    """Each module's summary prefixed by its name, then the join's counts per split."""
+    out: dict[str, Any] = {"modalities": len(self.modalities)}
+    for m, module in self.modules.items():
+      out.update({f"{m}_{k}": v for k, v in module.summary().items()})
+    out.update(self.join.counts)
+    if self.settings.sampling == "balanced":
+      out["train_balanced_items"] = len(self.source(TRAIN_SPLIT))
+    return out
+
+
+def parse_mix_weights(text: str, modalities: Sequence[str]) -> dict[str, float] | None:
+  """"ehr=2,imaging=1" -> {"ehr": 2.0, "imaging": 1.0}; "" -> None (join by subject)."""
+  if not text:
+    return None
+  weights = {}
+  for part in text.split(","):
+    name, sep, value = part.partition("=")
+    try:
+      weights[name.strip()] = float(value) if sep else float("nan")
+    except ValueError:
+      weights[name.strip()] = float("nan")
+  if set(weights) != set(modalities) or not all(w > 0 for w in weights.values()):
+    raise ValueError(f"data.multimodal.mix_weights is {text!r}, expected 'name=weight,...' with a positive "
+                     f"weight for each of {list(modalities)}")
+  return weights
+
+
+def _synthetic_cohort(data_cfg: Any, artifacts_dir: Path, modalities: Sequence[str]) -> dict[str, str]:
+  """The synthetic multimodal cohort's paths; written once under artifacts_dir."""
+  from biofm_jax.data.sources.synthetic_multimodal import write_synthetic_multimodal
+  imaging = data_cfg.get("imaging")
+  paths = write_synthetic_multimodal(
+      artifacts_dir / SYNTHETIC_DIRNAME, num_subjects=int(data_cfg.multimodal.synthetic_subjects),
+      seed=int(data_cfg.multimodal.synthetic_seed),
+      spatial_dims=int(imaging.spatial_dims) if imaging is not None else 2,
+      image_size=max(imaging.image_size) if imaging is not None else 32)
+  return {m: str(paths[m]) for m in modalities}

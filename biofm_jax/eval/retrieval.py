@@ -1,0 +1,50 @@
+"""Cross-modal retrieval: from one modality's embedding of a subject, find the same
+subject's embedding in another modality (recall@k), among the subjects that have both.
+
+The embeddings are the multimodal model's contrastive projections of each modality's
+tower (`outputs["contrastive"][modality]`), computed before any fusion, so the query
+never sees the modality it is searching.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from biofm_jax.eval.embeddings import embed_split
+
+
+def recall_at_k(queries: np.ndarray, candidates: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+  """Row i of `queries` matches row i of `candidates`; cosine similarity ranks them."""
+  if queries.shape != candidates.shape or not len(queries):
+    raise ValueError(f"recall_at_k: queries {queries.shape} and candidates {candidates.shape} must be "
+                     "equal, non-empty [N, D] arrays")
+  normalise = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+  similarity = normalise(queries) @ normalise(candidates).T
+  # Rank of the true match: candidates scoring strictly higher, so ties count in its favour.
+  rank = (similarity > np.diag(similarity)[:, None]).sum(axis=1)
+  return {k: float((rank < k).mean()) for k in ks}
+
+
+def subjects_with(data_module, split: str, modalities) -> np.ndarray:
+  """bool [subjects of `split`]: the subject has every one of `modalities`."""
+  source = data_module.source(split)
+  return np.array([all(m in source[i]["records"] for m in modalities) for i in range(len(source))], bool)
+
+
+def cross_modal_recall(setup, params, data_module, split: str, pairs, *, batch_size: int,
+                       ks=(1, 5, 10)) -> dict[str, float]:
+  """recall@k for each (query, target) pair over `split`'s subjects that have both, with
+  the number of those subjects and chance (k / N). Keys: "ehr->imaging/recall@10", ..."""
+  modalities = sorted({m for pair in pairs for m in pair})
+  embeddings = {m: embed_split(setup, params, data_module, split, batch_size=batch_size,
+                               output=("contrastive", m)) for m in modalities}
+  out = {}
+  for query, target in pairs:
+    both = subjects_with(data_module, split, (query, target))
+    n, name = int(both.sum()), f"{query}->{target}"
+    out[f"{name}/subjects"] = n
+    if n < 2:
+      continue
+    for k, value in recall_at_k(embeddings[query][both], embeddings[target][both], ks).items():
+      out[f"{name}/recall@{k}"] = value
+      out[f"{name}/chance@{k}"] = min(k / n, 1.0)
+  return out

@@ -1,0 +1,70 @@
+"""The multimodal pre-training objective: each modality's own objective, plus contrastive
+alignment between pairs of modalities, summed with weights from the config.
+
+Terms keep their (sum, count) form under a prefix: `ehr/code_loss`, `imaging/mae_loss`,
+`contrastive/ehr_imaging_contrastive`, ... A subject without a modality carries that
+modality's padding example (see `data/batch.py`), whose targets are empty, so it adds
+nothing to that modality's sums or counts; the contrastive terms exclude subjects missing
+either side of a pair through the batch's `present` flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from biofm_jax.objectives.base import Objective
+
+CONTRASTIVE = "contrastive"
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalObjective:
+  """`parts`: (modality, objective, weight) per modality; `contrastive`: None or an objective."""
+  parts: tuple[tuple[str, Objective, float], ...]
+  contrastive: Any = None
+  name: str = "multimodal"
+
+  def _members(self):
+    members = [(modality, objective, weight) for modality, objective, weight in self.parts]
+    if self.contrastive is not None:
+      members.append((CONTRASTIVE, self.contrastive, 1.0))  # its weight is inside its loss_weights
+    return members
+
+  @property
+  def loss_weights(self) -> dict[str, float]:
+    return {f"{prefix}/{term}": weight * w for prefix, objective, weight in self._members()
+            for term, w in objective.loss_weights.items() if weight * w}
+
+  def counts(self, batch) -> dict:
+    return {f"{prefix}/{term}": value for prefix, objective, _ in self._members()
+            for term, value in objective.counts(batch).items()}
+
+  def sums(self, outputs, batch) -> dict:
+    return {f"{prefix}/{term}": value for prefix, objective, _ in self._members()
+            for term, value in objective.sums(outputs, batch).items()}
+
+
+def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build_one) -> MultimodalObjective:
+  """`cfg` is config.objective: a section per modality (its own objective's fields plus
+  `weight`) and a `contrastive` section; `build_one(section, modality, info)` builds one."""
+  from biofm_jax.objectives.contrastive import ContrastiveAlignment, parse_pairs
+  parts = []
+  for modality in sorted(info):
+    if modality not in cfg:
+      raise ValueError(f"objective.{modality} is missing: the multimodal objective needs a section per "
+                       f"modality ({sorted(info)}), with its objective's name and weight")
+    section = cfg[modality]
+    if section.name == "autoregressive":
+      raise ValueError(f"objective.{modality}.name: 'autoregressive' needs a causal model; the multimodal "
+                       f"towers and fusion are bidirectional: use 'masked'")
+    parts.append((modality, build_one(section, modality, info[modality]), float(section.get("weight", 1.0))))
+  contrastive = None
+  section = cfg.get(CONTRASTIVE)
+  if section is not None and section.weight > 0:
+    pairs = parse_pairs(section.pairs)
+    unknown = sorted({m for pair in pairs for m in pair} - set(info))
+    if unknown:
+      raise ValueError(f"objective.contrastive.pairs names {unknown}, which are not among the configured "
+                       f"modalities {sorted(info)}")
+    contrastive = ContrastiveAlignment(pairs=pairs, loss=section.loss, weight=float(section.weight))
+  return MultimodalObjective(tuple(parts), contrastive)

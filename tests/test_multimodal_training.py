@@ -1,0 +1,64 @@
+"""Multimodal pre-training end to end: sharding, resume with mixing, retrieval, bad configs."""
+import json
+
+import numpy as np
+import pytest
+
+import helpers
+from biofm_jax.data.multimodal import MultimodalData
+
+SPEC = "configs/multimodal_fusion.py:tiny"
+CONTRASTIVE_TERMS = ("ehr_imaging", "ehr_omics", "ehr_tabular", "imaging_tabular")
+
+
+def metric_curve(workdir, name: str) -> dict[int, float]:
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return {row["step"]: row[name] for row in rows if name in row}
+
+
+def test_contrastive_loss_is_the_same_on_every_mesh(tmp_path):
+  """Negatives come from the whole global batch on every mesh (test_fusion.py covers the
+  other fusions' arithmetic; this is the sharded end-to-end run)."""
+  runs = helpers.train_on_meshes(SPEC, [(8, 1, 1), (2, 4, 1), (2, 2, 2)], lambda name: tmp_path / name,
+                                 **helpers.constant_lr_overrides(4))
+  (reference_dir, _), *others = runs.values()
+  for term in CONTRASTIVE_TERMS:
+    reference = metric_curve(reference_dir, f"train/contrastive/{term}_contrastive")
+    assert len(reference) == 4
+    for workdir, _ in others:
+      helpers.assert_curves_close(metric_curve(workdir, f"train/contrastive/{term}_contrastive"), reference,
+                                  atol=1e-5)
+  helpers.assert_runs_agree(runs, atol=1e-5, param_atol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run_with_the_mixed_iterator(tmp_path):
+  helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=3, num_steps=6,
+                                   data__multimodal__mix_weights="ehr=2,imaging=1,omics=1,tabular=1")
+
+
+def test_mixed_batches_hold_one_modality_per_example(tmp_path):
+  config = helpers.config_for(SPEC, data__multimodal__mix_weights="ehr=1,imaging=1,omics=1,tabular=1")
+  data = MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=tmp_path)
+  batch = next(iter(data.make_train_dataset(global_batch_size=16, seed=0, process_index=0, process_count=1)))
+  present = np.stack([batch[m]["present"] for m in data.modalities], axis=1)
+  np.testing.assert_array_equal(present.sum(axis=1), 1)
+  assert (present.sum(axis=0) > 0).all()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data__ehr__path": "/somewhere/meds"}, r"data\.\{imaging,omics,tabular\}\.path is empty"),
+    ({"data__multimodal__modalities": ("ehr", "proteomics")}, "data.multimodal.modalities"),
+    ({"data__multimodal__mix_weights": "ehr=1,imaging=x"}, "data.multimodal.mix_weights"),
+    ({"data__multimodal__mix_weights": "ehr=1"}, "data.multimodal.mix_weights"),
+])
+def test_bad_multimodal_configs_are_clear_errors(overrides, message, tmp_path):
+  config = helpers.config_for(SPEC, **overrides)
+  with pytest.raises(ValueError, match=message):
+    MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=tmp_path)
+
+
+def test_contrastive_pairs_must_name_configured_modalities(tmp_path):
+  config = helpers.config_for(SPEC, objective__contrastive__pairs="ehr-imaging,ehr-proteomics",
+                              train__num_steps=1)
+  with pytest.raises(ValueError, match="objective.contrastive"):
+    helpers.train(config, tmp_path)

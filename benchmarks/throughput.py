@@ -3,7 +3,8 @@
   python benchmarks/throughput.py --config=configs/ehr_bert.py:demo [--steps=50] [--workers=0] \
       [--override=data.ehr.path=/data/meds]
 
-Measures, in one process (examples are records: timelines for EHR, images for imaging):
+Measures, in one process (examples are records: timelines for EHR, images for imaging,
+subjects for the multimodal join):
   - the float32 matmul peak of this machine (the MFU denominator on CPU),
   - the jitted train step alone on device-resident batches (model speed, MFU),
   - the Grain pipeline alone: read, tokenise, mask and batch (examples/s),
@@ -27,8 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from biofm_jax import parallel  # noqa: E402
 from biofm_jax.config import load_config  # noqa: E402
-from biofm_jax.data import pipeline  # noqa: E402
-from biofm_jax.train.loop import open_data_module, peak_flops  # noqa: E402
+from biofm_jax.train.loop import make_train_iterator, open_data_module, peak_flops  # noqa: E402
 from biofm_jax.train.setup import build_training  # noqa: E402
 
 
@@ -51,9 +51,8 @@ def time_train_step(config, data, batches, steps: int) -> dict:
 
 
 def time_pipeline(config, data, batches_to_read: int, workers: int) -> tuple[dict, list]:
-  dataset = pipeline.make_train_dataset(data.source("train"), data.transforms(train=True), modality=data.name,
-                                        global_batch_size=config.data.batch_size, seed=config.seed)
-  iterator = pipeline.make_iterator(dataset, num_workers=workers)
+  config.data.num_workers = workers
+  iterator = make_train_iterator(data, config)  # exactly the training loop's stream
   first = [next(iterator) for _ in range(2)]  # start-up (workers, first reads) is not throughput
   start = time.perf_counter()
   for _ in range(batches_to_read):

@@ -81,10 +81,11 @@ def get_config(arg=None):
     config.model.fusion.update(modality_layers=2, projection_dim=64)
     config.data.multimodal.synthetic_subjects = 1000
     config.data.ehr.update(max_len=64)
-    config.data.imaging.update(image_size=(32, 32), patch_size=(8, 8))
+    # Half the patches visible: the image tower's contrastive view needs more than MAE's 25%.
+    config.data.imaging.update(image_size=(32, 32), patch_size=(8, 8), mask_ratio=0.5)
     config.data.omics.update(max_len=64)
-    config.data.batch_size = 32
-    config.train.update(num_steps=400, warmup_steps=40, learning_rate=2e-3, log_every=25, eval_every=200,
+    config.data.batch_size = 64  # more in-batch negatives for the contrastive pairs
+    config.train.update(num_steps=400, warmup_steps=40, learning_rate=4e-3, log_every=25, eval_every=200,
                         eval_batches=4)
     config.checkpoint.update(every_steps=200)
   else:

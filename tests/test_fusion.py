@@ -23,7 +23,7 @@ def make_config(fusion: str, projection_dim: int = 8):
   config.model.decoder = dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32)
   config.model.fusion = dict(type=fusion, modality_layers=1, num_latents=4, projection_dim=projection_dim)
   config.data.imaging = dict(mask_ratio=0.5)
-  config.objective = dict(name="multimodal", contrastive=dict(loss="siglip", weight=1.0))
+  config.objective = dict(name="multimodal", contrastive=dict(loss="siglip", weight=1.0 if projection_dim else 0.0))
   return config
 
 
@@ -132,3 +132,31 @@ def test_every_parameter_has_logical_axes():
 def test_unknown_fusion_is_an_error_naming_the_field():
   with pytest.raises(ValueError, match="model.fusion.type"):
     build("middle").init(jax.random.key(0), random_batch(6, {m: np.ones(BATCH, bool) for m in INFO}))
+
+
+def test_contrastive_projections_never_see_the_other_modalities(fusion_model):
+  """A subject's EHR projection must not change when its (present) image does, or retrieval
+  would be answered by the image itself; the fused embedding does change."""
+  model, params = fusion_model
+  batch = random_batch(7, {m: np.ones(BATCH, bool) for m in INFO})
+  changed = jax.tree.map(np.copy, batch)
+  changed["imaging"][B.IMAGE] = np.random.default_rng(8).normal(size=changed["imaging"][B.IMAGE].shape)
+  a, b = apply(model, params, batch), apply(model, params, changed)
+  np.testing.assert_allclose(a["contrastive"]["ehr"], b["contrastive"]["ehr"], atol=1e-6)
+  np.testing.assert_allclose(a["contrastive"]["tabular"], b["contrastive"]["tabular"], atol=1e-6)
+  assert np.abs(np.asarray(a["fused"]["embedding"] - b["fused"]["embedding"])).max() > 1e-3
+
+
+def test_gradients_are_finite_when_subjects_lack_every_modality(fusion_model):
+  model, params = fusion_model
+  batch = random_batch(9, {m: np.array([False, True, False, True]) for m in INFO})
+
+  def total(p):
+    out = model.apply({"params": p}, batch)
+    leaves = [out["fused"]["embedding"], out["ehr"]["code_logits"], out["imaging"]["predicted_patches"],
+              out["tabular"]["value_predictions"], out["contrastive"]["ehr"]]
+    return sum(jnp.sum(leaf ** 2) for leaf in leaves)
+
+  grads = jax.jit(jax.grad(total))(params)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.isfinite(np.asarray(leaf)).all(), jax.tree_util.keystr(path)

@@ -6,6 +6,7 @@ import pytest
 
 import helpers
 from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.eval.retrieval import recall_at_k
 
 SPEC = "configs/multimodal_fusion.py:tiny"
 CONTRASTIVE_TERMS = ("ehr_imaging", "ehr_omics", "ehr_tabular", "imaging_tabular")
@@ -31,13 +32,17 @@ def test_contrastive_loss_is_the_same_on_every_mesh(tmp_path):
   helpers.assert_runs_agree(runs, atol=1e-5, param_atol=1e-4)
 
 
-def test_resume_reproduces_the_uninterrupted_run_with_the_mixed_iterator(tmp_path):
-  helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=3, num_steps=6,
-                                   data__multimodal__mix_weights="ehr=2,imaging=1,omics=1,tabular=1")
+@pytest.mark.parametrize("stream", [
+    {"data__multimodal__mix_weights": "ehr=2,imaging=1,omics=1,tabular=1", "objective__contrastive__weight": 0.0},
+    {"data__multimodal__sampling": "balanced", "data__multimodal__modality_dropout": 0.3},
+], ids=["mixed", "balanced_join_with_dropout"])
+def test_resume_reproduces_the_uninterrupted_run(stream, tmp_path):
+  helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=3, num_steps=6, **stream)
 
 
 def test_mixed_batches_hold_one_modality_per_example(tmp_path):
-  config = helpers.config_for(SPEC, data__multimodal__mix_weights="ehr=1,imaging=1,omics=1,tabular=1")
+  config = helpers.config_for(SPEC, data__multimodal__mix_weights="ehr=1,imaging=1,omics=1,tabular=1",
+                              objective__contrastive__weight=0.0)
   data = MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=tmp_path)
   batch = next(iter(data.make_train_dataset(global_batch_size=16, seed=0, process_index=0, process_count=1)))
   present = np.stack([batch[m]["present"] for m in data.modalities], axis=1)
@@ -50,6 +55,8 @@ def test_mixed_batches_hold_one_modality_per_example(tmp_path):
     ({"data__multimodal__modalities": ("ehr", "proteomics")}, "data.multimodal.modalities"),
     ({"data__multimodal__mix_weights": "ehr=1,imaging=x"}, "data.multimodal.mix_weights"),
     ({"data__multimodal__mix_weights": "ehr=1"}, "data.multimodal.mix_weights"),
+    ({"data__multimodal__mix_weights": "ehr=1,imaging=1,omics=1,tabular=1"}, "no example holds a pair"),
+    ({"data__multimodal__modalities": ("ehr", "imaging")}, r"objective.contrastive.pairs names"),
 ])
 def test_bad_multimodal_configs_are_clear_errors(overrides, message, tmp_path):
   config = helpers.config_for(SPEC, **overrides)
@@ -62,3 +69,13 @@ def test_contrastive_pairs_must_name_configured_modalities(tmp_path):
                               train__num_steps=1)
   with pytest.raises(ValueError, match="objective.contrastive"):
     helpers.train(config, tmp_path)
+
+
+def test_recall_counts_ties_against_the_match():
+  rng = np.random.default_rng(0)
+  queries = rng.normal(size=(20, 8))
+  assert recall_at_k(queries, queries, ks=(1,)) == {1: 1.0}
+  collapsed = np.ones((20, 8))
+  assert recall_at_k(collapsed, collapsed, ks=(1, 10)) == {1: 0.0, 10: 0.0}
+  shuffled = recall_at_k(queries, queries[rng.permutation(20)], ks=(1, 5))
+  assert shuffled[1] < 0.2 and shuffled[5] < 0.6

@@ -258,7 +258,8 @@ class MultimodalData:
                c[f"{s}_only_one_modality"], c[f"{s}_dropped_by_require"])
 
   @classmethod
-  def from_config(cls, data_cfg: Any, *, objectives: Any, artifacts_dir: str | os.PathLike) -> MultimodalData:
+  def from_config(cls, data_cfg: Any, *, objectives: Any, artifacts_dir: str | os.PathLike,
+                  seed: int = 0) -> MultimodalData:
     """Opens each modality in `data_cfg.multimodal.modalities` from its own section of
     `data_cfg` (= config.data) with its objective's name (config.objective.<modality>.name).
 
@@ -277,6 +278,9 @@ class MultimodalData:
       if m not in data_cfg or m not in objectives:
         raise ValueError(f"data.multimodal.modalities names {m!r}, but config.data.{m} or "
                          f"config.objective.{m} is missing")
+    mix_weights = parse_mix_weights(settings.mix_weights, modalities)
+    _check_contrastive(objectives.get("contrastive"), modalities, mixing=mix_weights is not None,
+                       sampling=settings.sampling)
     paths = {m: str(data_cfg[m].path) for m in modalities}
     if not any(paths.values()):
       paths = _synthetic_cohort(data_cfg, Path(artifacts_dir), modalities)
@@ -293,8 +297,8 @@ class MultimodalData:
                                             artifacts_dir=Path(artifacts_dir) / m)
     rate = float(settings.modality_dropout)
     data = cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
-               sampling=settings.sampling, seed=int(settings.synthetic_seed))
-    data.mix_weights = parse_mix_weights(settings.mix_weights, modalities)
+               sampling=settings.sampling, seed=seed)
+    data.mix_weights = mix_weights
     return data
 
   mix_weights: dict[str, float] | None = None  # set: training mixes single-modality examples
@@ -363,6 +367,24 @@ def parse_mix_weights(text: str, modalities: Sequence[str]) -> dict[str, float] 
     raise ValueError(f"data.multimodal.mix_weights is {text!r}, expected 'name=weight,...' with a positive "
                      f"weight for each of {list(modalities)}")
   return weights
+
+
+def _check_contrastive(section: Any, modalities: Sequence[str], *, mixing: bool, sampling: str) -> None:
+  """Fails before any data is read when contrastive alignment cannot work as configured."""
+  if section is None or not section.weight > 0:
+    return
+  from biofm_jax.objectives.contrastive import parse_pairs
+  named = sorted({m for pair in parse_pairs(section.pairs) for m in pair})
+  if not set(named) <= set(modalities):
+    raise ValueError(f"objective.contrastive.pairs names {named}, but data.multimodal.modalities is "
+                     f"{list(modalities)}; list pairs of configured modalities only")
+  if mixing:
+    raise ValueError("data.multimodal.mix_weights mixes single-modality examples, so no example holds a "
+                     "pair for objective.contrastive; set objective.contrastive.weight=0 or join by subject")
+  if sampling == "balanced":
+    log.warning("multimodal: balanced sampling repeats the subjects of rare availability patterns, so a "
+                "batch can hold one subject twice and contrastive alignment then treats its second copy "
+                "as a negative; prefer uniform sampling with large contrastive batches")
 
 
 def _synthetic_cohort(data_cfg: Any, artifacts_dir: Path, modalities: Sequence[str]) -> dict[str, str]:

@@ -19,8 +19,10 @@ def recall_at_k(queries: np.ndarray, candidates: np.ndarray, ks=(1, 5, 10)) -> d
                      "equal, non-empty [N, D] arrays")
   normalise = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
   similarity = normalise(queries) @ normalise(candidates).T
-  # Rank of the true match: candidates scoring strictly higher, so ties count in its favour.
-  rank = (similarity > np.diag(similarity)[:, None]).sum(axis=1)
+  # Rank of the true match: other candidates scoring higher or equal, so a collapsed model
+  # (every similarity tied) ranks each match last, not first.
+  true = np.diag(similarity)[:, None]
+  rank = (similarity > true).sum(axis=1) + (similarity == true).sum(axis=1) - 1
   return {k: float((rank < k).mean()) for k in ks}
 
 

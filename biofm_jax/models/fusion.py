@@ -6,7 +6,9 @@
 
 - early: all modalities' tokens, each with a learned modality-type embedding, in one
   transformer (`model.num_layers` blocks); a token of an absent modality is masked as a
-  key, so nothing attends to it.
+  key, so nothing attends to it. Token positions are the towers' business (the fusion
+  block sees modality-typed tokens): with `modality_layers` 0, use `model.position`
+  "learned" so token sequences keep their order.
 - bottleneck: `model.fusion.num_latents` learned latents cross-attend to the tokens of
   the present modalities and attend to each other (Perceiver-style), `model.num_layers`
   times; each modality's tokens then read the latents back (one cross-attention block)
@@ -207,8 +209,9 @@ class MultimodalModel(nn.Module):
                            name=f"{name}_projection")(tower.pooled)
     scalar = lambda value: nn.with_logical_partitioning(nn.initializers.constant(value), ())  # noqa: E731
     # Capped at a multiplier of 100 (as OpenCLIP does): a larger one destabilises training.
-    out["logit_scale"] = jnp.minimum(self.param("logit_scale", scalar(self.logit_scale_init), (), jnp.float32),
-                                     MAX_LOGIT_SCALE)
+    # The cap is straight-through, so a parameter above it still gets gradients and can return.
+    scale = self.param("logit_scale", scalar(self.logit_scale_init), (), jnp.float32)
+    out["logit_scale"] = scale + jax.lax.stop_gradient(jnp.minimum(scale, MAX_LOGIT_SCALE) - scale)
     out["logit_bias"] = self.param("logit_bias", scalar(self.logit_bias_init), (), jnp.float32)
     return out
 
@@ -227,8 +230,9 @@ class MultimodalModel(nn.Module):
     elif self.fusion == "bottleneck":
       n = self.num_latents
       latent_layers = n * flops_per_token(cfg, n, output_dim=0)
-      cross = 3 * cfg.num_layers * 2 * (2 * tokens * d * h + 2 * n * d * h + 2 * n * tokens * h + n * d * cfg.mlp_dim)
-      readout = 3 * 2 * (2 * tokens * d * h + 2 * n * d * h + 2 * tokens * n * h + tokens * d * cfg.mlp_dim)
+      cross = 3 * cfg.num_layers * 2 * (2 * tokens * d * h + 2 * n * d * h + 2 * n * tokens * h
+                                        + 2 * n * d * cfg.mlp_dim)
+      readout = 3 * 2 * (2 * tokens * d * h + 2 * n * d * h + 2 * tokens * n * h + 2 * tokens * d * cfg.mlp_dim)
       fusion = latent_layers + cross + readout
     else:
       fusion = 3 * 2 * len(self.modalities) * 3 * d * h
@@ -251,10 +255,15 @@ def build_multimodal_model(config: ml_collections.ConfigDict, modalities: Mappin
                                         position=_tower_position(modalities[name], config.model.position))
                      for name in order)
   total = sum(_encoder_tokens(modalities[name]) for name in order)
+  # Positions live in the towers (each modality's own kind); the fusion block sees a set
+  # of modality-typed tokens, since positions of different modalities are not comparable.
   fusion_cfg = transformer_config(config.model, max_len=max(total, fusion_cfg_dict.num_latents), causal=False,
-                                  position="rope" if config.model.position == "rope" else "none")
+                                  position="none")
   contrastive = config.objective.get("contrastive")
   loss = contrastive.loss if contrastive is not None and contrastive.weight > 0 else None
+  if loss and not fusion_cfg_dict.projection_dim:
+    raise ValueError("model.fusion.projection_dim is 0 while objective.contrastive.weight > 0: contrastive "
+                     "alignment needs projections; set projection_dim or the contrastive weight to 0")
   scale, bias = CONTRASTIVE_INIT.get(loss, CONTRASTIVE_INIT["siglip"])
   return MultimodalModel(tuple(modalities[name] for name in order), tower_cfgs, fusion_cfg,
                          fusion=fusion_cfg_dict.type, num_latents=fusion_cfg_dict.num_latents,

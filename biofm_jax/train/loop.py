@@ -75,7 +75,8 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
   if "multimodal" in config.data:
     from biofm_jax.data.multimodal import MultimodalData
     def open_module():
-      return MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=artifacts_dir)
+      return MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
+                                        seed=config.seed)
   else:
     modalities = [name for name in config.data.keys() if name in pipeline.DATA_MODULES]
     if len(modalities) != 1:
@@ -153,11 +154,38 @@ def summarize_eval(objective, sums: dict[str, float], counts: dict[str, float]) 
   return result
 
 
-def log_progress(step: int, num_steps: int, train: dict, perf: dict) -> None:
-  log.info("step %*d/%d | loss %.4f | lr %.2e | %s ex/s | %s tok/s | MFU %.2f%% | ETA %s",
-           len(str(num_steps)), step, num_steps, train["train/loss"], train["train/learning_rate"],
-           f"{perf.get('perf/examples_per_s', 0):,.0f}", f"{perf.get('perf/tokens_per_s', 0):,.0f}",
-           100 * perf.get("perf/mfu", 0.0), format_duration(perf.get("perf/eta_s", 0)))
+def evaluate_retrieval(setup, params, data_module, config) -> dict[str, float]:
+  """Cross-modal recall@1 and @10 (and chance) on the tuning split for every contrastive
+  pair of a multimodal objective; {} otherwise (or with several processes: embed_split
+  runs in one)."""
+  contrastive = getattr(setup.objective, "contrastive", None)
+  if contrastive is None or jax.process_count() > 1:
+    return {}
+  from biofm_jax.eval.retrieval import cross_modal_recall
+  recall = cross_modal_recall(setup, params, data_module, EVAL_SPLIT, contrastive.pairs,
+                              batch_size=config.data.batch_size, ks=(1, 10))
+  log.info("cross-modal retrieval on the %s split: %s", EVAL_SPLIT, " | ".join(
+      f"{q}->{t} recall@10 {recall[f'{q}->{t}/recall@10']:.2f} (chance {recall[f'{q}->{t}/chance@10']:.2f})"
+      for q, t in contrastive.pairs if f"{q}->{t}/recall@10" in recall))
+  return {f"retrieval/{k}": v for k, v in recall.items() if "subjects" not in k}
+
+
+def log_progress(step: int, num_steps: int, train: dict, perf: dict, objective) -> None:
+  log.info("step %*d/%d | loss %.4f%s | lr %.2e | %s ex/s | %s tok/s | MFU %.2f%% | ETA %s",
+           len(str(num_steps)), step, num_steps, train["train/loss"], loss_parts(train, objective),
+           train["train/learning_rate"], f"{perf.get('perf/examples_per_s', 0):,.0f}",
+           f"{perf.get('perf/tokens_per_s', 0):,.0f}", 100 * perf.get("perf/mfu", 0.0),
+           format_duration(perf.get("perf/eta_s", 0)))
+
+
+def loss_parts(train: dict, objective) -> str:
+  """" (ehr 4.10, imaging 0.71, ...)": the weighted loss of each part of a multimodal objective."""
+  parts: dict[str, float] = {}
+  for name, weight in objective.loss_weights.items():
+    if "/" in name and f"train/{name}" in train:
+      prefix = name.split("/", 1)[0]
+      parts[prefix] = parts.get(prefix, 0.0) + weight * train[f"train/{name}"]
+  return f" ({', '.join(f'{k} {v:.2f}' for k, v in parts.items())})" if parts else ""
 
 
 def peak_flops(config) -> float:
@@ -232,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           last_train = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
           perf = throughput.report(step)
           writer.write(step, {**last_train, **perf})
-          log_progress(step, num_steps, last_train, perf)
+          log_progress(step, num_steps, last_train, perf, setup.objective)
         if evaluates and (step % config.train.eval_every == 0 or step == num_steps):
           last_eval = evaluate(setup, state.params, data_module, config)
           writer.write(step, last_eval)
@@ -243,22 +271,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           checkpointer.save(step, state, train_iter, config, force=True)
         if stopped_early:
           break
+    retrieval = {}
+    if not stopped_early and evaluates and step > start_step:
+      retrieval = evaluate_retrieval(setup, state.params, data_module, config)
+      if retrieval:
+        writer.write(step, retrieval)
   finally:
     # Also on errors: finish an in-flight async save and flush the metric files.
     checkpointer.close()
     writer.close()
 
   # ------------------------------------------------------------ 6. summary
-  retrieval = {}
-  contrastive = getattr(setup.objective, "contrastive", None)
-  if contrastive is not None and evaluates and jax.process_count() == 1:
-    from biofm_jax.eval.retrieval import cross_modal_recall
-    recall = cross_modal_recall(setup, state.params, data_module, EVAL_SPLIT, contrastive.pairs,
-                                batch_size=config.data.batch_size, ks=(1, 10))
-    retrieval = {f"retrieval/{k}": v for k, v in recall.items() if "subjects" not in k}
-    log.info("cross-modal retrieval on the %s split: %s", EVAL_SPLIT, " | ".join(
-        f"{q}->{t} recall@10 {recall[f'{q}->{t}/recall@10']:.2f} (chance {recall[f'{q}->{t}/chance@10']:.2f})"
-        for q, t in contrastive.pairs if f"{q}->{t}/recall@10" in recall))
   return {"steps": step, "start_step": start_step, "stopped_early": stopped_early, "num_params": num_params,
           "mesh": dict(setup.mesh.shape), "wall_time_s": time.time() - start_time,
           "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines, **retrieval}

@@ -22,7 +22,8 @@ Opening scans the matrix once in row blocks: negative, NaN or infinite values ar
 error naming the file, the cell and the gene; cells with no expressed gene are skipped
 and counted. Gene ids are `var_names` or a `var` column (`gene_column`); duplicated or
 empty ids are an error. Splits come from an obs column (`split_column`) when present,
-else from `splits.hash_split_buckets` over obs_names. Logs carry counts only.
+else from `splits.hash_split_buckets` over each cell's subject (obs `subject_id`, else
+obs_names), so a donor's cells share a split. Logs carry counts only.
 """
 from __future__ import annotations
 
@@ -288,7 +289,12 @@ def _subject_ids(obs: pd.DataFrame, cell_ids: np.ndarray) -> np.ndarray:
     return cell_ids
   column = obs[SUBJECT_COLUMN]
   missing = column.isna().to_numpy()
-  return np.where(missing, cell_ids, column.astype(str).to_numpy(dtype=object)).astype(object)
+  values = column.to_numpy(dtype=object)
+  # A numeric id column with a missing value is stored as float: 42.0 must still be "42",
+  # as MEDS writes it, or the subject would silently never join its other modalities.
+  as_text = [str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+             for v in values]
+  return np.where(missing, cell_ids, np.array(as_text, dtype=object)).astype(object)
 
 
 # ================================================================ splits
@@ -306,10 +312,10 @@ def _column_splits(obs: pd.DataFrame, column: str, kept: np.ndarray,
           for name in order}
 
 
-def _hash_splits(cell_ids: np.ndarray, kept: np.ndarray, fractions: Sequence[float],
+def _hash_splits(subject_ids: np.ndarray, kept: np.ndarray, fractions: Sequence[float],
                  seed: int) -> dict[str, np.ndarray]:
-  # Over every cell id, so a cell's split does not depend on which other cells are empty.
-  buckets = splits_lib.hash_split_buckets(cell_ids, fractions, seed)
+  # Over every cell's subject, so a cell's split does not depend on which other cells are empty.
+  buckets = splits_lib.hash_split_buckets(subject_ids, fractions, seed)
   return {name: np.flatnonzero(kept & (buckets == i)).astype(np.int64)
           for i, name in enumerate(splits_lib.STANDARD_SPLITS)}
 
@@ -399,7 +405,8 @@ class ExpressionDataset:
       self.splits = _column_splits(obs, split_column, kept, self.stats)
     else:
       self.stats["fallback_split"] = 1
-      self.splits = _hash_splits(self.cell_ids, kept, fallback_fractions, fallback_seed)
+      # By subject, so all cells of a donor share a split (no donor in train and evaluation).
+      self.splits = _hash_splits(self.subject_ids, kept, fallback_fractions, fallback_seed)
     log.info("AnnData %s: %s", self.path.name, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
 
   def source(self, split: str) -> ExpressionSource:

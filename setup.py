@@ -32,6 +32,7 @@ setup(
         "pillow>=10,<14",
         "scikit-learn>=1.4,<2",
         "anndata>=0.10,<0.13",
+        "flatbuffers>=24,<26",  # jax.export serialisation (biofm_jax.export)
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

@@ -39,6 +39,19 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   return config
 
 
+def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Takes `--config.a.b=v` out of argv; they are applied by `load_config`, which names
+  an unknown field (absl would only see an unknown flag)."""
+  rest, overrides = [], {}
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      name, value = arg[len("--config."):].split("=", 1)
+      overrides[name] = value
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   """Sets `a.b.c` on a locked config; an unknown field is a KeyError naming it."""
   *parents, leaf = dotted.split(".")

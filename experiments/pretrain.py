@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from biofm_jax import parallel
-from biofm_jax.config import load_config
+from biofm_jax.config import load_config, split_config_overrides
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file and preset, e.g. configs/ehr_bert.py:tiny. Override "
@@ -26,19 +26,6 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for mu
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-  """Takes `--config.a.b=v` out of argv; they are applied by `load_config`, which names
-  an unknown field (absl would only see an unknown flag)."""
-  rest, overrides = [], {}
-  for arg in argv:
-    if arg.startswith("--config.") and "=" in arg:
-      name, value = arg[len("--config."):].split("=", 1)
-      overrides[name] = value
-    else:
-      rest.append(arg)
-  return rest, overrides
 
 
 def main(argv, overrides):

@@ -40,6 +40,7 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise ValueError(f"export: {out} exists and is not empty; choose a new directory")
+  # As `train.step.output_path`, not imported: this module (the loader) imports only jax and numpy.
   path = (output, "embedding") if isinstance(output, str) else tuple(output)
   leaves, treedef = jax.tree.flatten(jax.device_get(params))
   leaves = [np.asarray(leaf) for leaf in leaves]

@@ -238,8 +238,11 @@ class MultimodalData:
 
   def __init__(self, modules: Mapping[str, Any], *, require: Sequence[str] = (),
                dropout: Mapping[str, float] | None = None, sampling: str = "uniform",
-               seed: int = 0):
+               seed: int = 0, mix_weights: Mapping[str, float] | None = None):
+    """`mix_weights`: training mixes single-modality examples by these weights instead of
+    joining subjects (evaluation still joins)."""
     self.modules = {m: modules[m] for m in sorted(modules)}
+    self.mix_weights = dict(mix_weights) if mix_weights else None
     self.modalities = tuple(self.modules)
     if isinstance(require, (str, bytes)):
       raise ValueError(f"multimodal require is {require!r}, expected a tuple of modality names")
@@ -296,12 +299,8 @@ class MultimodalData:
       modules[m] = pipeline.DATA_MODULES[m](section, objective=objectives[m].name,
                                             artifacts_dir=Path(artifacts_dir) / m)
     rate = float(settings.modality_dropout)
-    data = cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
-               sampling=settings.sampling, seed=seed)
-    data.mix_weights = mix_weights
-    return data
-
-  mix_weights: dict[str, float] | None = None  # set: training mixes single-modality examples
+    return cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
+               sampling=settings.sampling, seed=seed, mix_weights=mix_weights)
 
   def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout) -> grain.IterDataset:
     """The training stream: joined subjects, or with `mix_weights` a weighted mixture of
@@ -373,11 +372,8 @@ def _check_contrastive(section: Any, modalities: Sequence[str], *, mixing: bool,
   """Fails before any data is read when contrastive alignment cannot work as configured."""
   if section is None or not section.weight > 0:
     return
-  from biofm_jax.objectives.contrastive import parse_pairs
-  named = sorted({m for pair in parse_pairs(section.pairs) for m in pair})
-  if not set(named) <= set(modalities):
-    raise ValueError(f"objective.contrastive.pairs names {named}, but data.multimodal.modalities is "
-                     f"{list(modalities)}; list pairs of configured modalities only")
+  from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
+  pairs_of_configured_modalities(section.pairs, modalities)
   if mixing:
     raise ValueError("data.multimodal.mix_weights mixes single-modality examples, so no example holds a "
                      "pair for objective.contrastive; set objective.contrastive.weight=0 or join by subject")

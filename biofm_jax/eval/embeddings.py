@@ -5,6 +5,8 @@ no pre-training masking, so row i belongs to `data_module.source(split)[i]`.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
 import numpy as np
 
@@ -17,21 +19,30 @@ def embed_split(setup, params, data_module, split: str, *, batch_size: int, seed
                 output: str | tuple[str, ...] | None = None) -> np.ndarray:
   """[num_records, embed_dim] float32 embeddings of `split` (single process).
 
-  `output` picks the embedding (see `step.jit_embed_step`); by default the data module's
+  `output` picks the embedding (see `step.output_path`); by default the data module's
   modality, and for a multimodal data module the fused embedding.
   """
+  if output is None:
+    modality = pipeline.example_modality(data_module)
+    output = ("fused", "embedding") if modality is None else modality
+  return embed_split_outputs(setup, params, data_module, split, {"embedding": output}, batch_size=batch_size,
+                             seed=seed)["embedding"]
+
+
+def embed_split_outputs(setup, params, data_module, split: str, outputs: Mapping[str, Any], *,
+                        batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """{name: [num_records, D]} for several `outputs` ({name: output}) in one pass over `split`."""
   if jax.process_count() > 1:
     raise NotImplementedError("embed_split runs in one process; gather per-process shards for more")
   source = data_module.source(split)
-  modality = pipeline.example_modality(data_module)
   dataset = pipeline.make_eval_dataset(source, data_module.transforms(train=False, mask=False),
-                                       modality=modality,
+                                       modality=pipeline.example_modality(data_module),
                                        global_batch_size=batch_size, seed=seed,
                                        example_spec=data_module.embedding_spec())
-  if output is None:
-    output = ("fused", "embedding") if modality is None else modality
-  embed = step_lib.jit_embed_step(setup.model, output, setup.state_shardings.params, setup.mesh, setup.rules)
-  chunks = [np.asarray(jax.device_get(embed(params, parallel.make_global_batch(batch, setup.mesh))))
+  embed = step_lib.jit_embed_step(setup.model, dict(outputs), setup.state_shardings.params, setup.mesh,
+                                  setup.rules)
+  chunks = [jax.device_get(embed(params, parallel.make_global_batch(batch, setup.mesh)))
             for batch in pipeline.make_iterator(dataset)]
   # The eval pipeline appends padding examples after the last record: drop them.
-  return np.concatenate(chunks)[: len(source)].astype(np.float32)
+  return {name: np.concatenate([np.asarray(c[name]) for c in chunks])[: len(source)].astype(np.float32)
+          for name in outputs}

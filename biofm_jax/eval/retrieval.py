@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from biofm_jax.eval.embeddings import embed_split
+from biofm_jax.eval.embeddings import embed_split_outputs
 
 
 def recall_at_k(queries: np.ndarray, candidates: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
@@ -37,8 +37,8 @@ def cross_modal_recall(setup, params, data_module, split: str, pairs, *, batch_s
   """recall@k for each (query, target) pair over `split`'s subjects that have both, with
   the number of those subjects and chance (k / N). Keys: "ehr->imaging/recall@10", ..."""
   modalities = sorted({m for pair in pairs for m in pair})
-  embeddings = {m: embed_split(setup, params, data_module, split, batch_size=batch_size,
-                               output=("contrastive", m)) for m in modalities}
+  embeddings = embed_split_outputs(setup, params, data_module, split,
+                                   {m: ("contrastive", m) for m in modalities}, batch_size=batch_size)
   out = {}
   for query, target in pairs:
     both = subjects_with(data_module, split, (query, target))

@@ -223,7 +223,7 @@ class MultimodalModel(nn.Module):
     """Towers with their heads, plus the fusion block (matmuls only, forward + backward)."""
     towers = sum(encoder_flops(m, cfg) for m, cfg in zip(self.modalities, self.tower_cfgs))
     cfg, d = self.fusion_cfg, self.fusion_cfg.embed_dim
-    tokens = sum(_encoder_tokens(m) for m in self.modalities)
+    tokens = sum(m.encoded_tokens() for m in self.modalities)
     h = cfg.num_heads * cfg.kv_dim
     if self.fusion == "early":
       fusion = tokens * flops_per_token(cfg, tokens, output_dim=0)
@@ -239,12 +239,6 @@ class MultimodalModel(nn.Module):
     return towers + fusion + 3 * 2 * len(self.modalities) * d * self.projection_dim
 
 
-def _encoder_tokens(modality) -> int:
-  """Tokens a modality feeds the fusion block (MAE: only the visible patches)."""
-  masked = getattr(modality, "num_masked", 0)
-  return modality.num_tokens() - masked
-
-
 def build_multimodal_model(config: ml_collections.ConfigDict, modalities: Mapping[str, Any]) -> MultimodalModel:
   """Towers take `model.fusion.modality_layers` blocks; the fusion block `model.num_layers`."""
   from biofm_jax.models.model import transformer_config  # model.py imports this module lazily
@@ -254,7 +248,7 @@ def build_multimodal_model(config: ml_collections.ConfigDict, modalities: Mappin
                                         num_layers=fusion_cfg_dict.modality_layers,
                                         position=_tower_position(modalities[name], config.model.position))
                      for name in order)
-  total = sum(_encoder_tokens(modalities[name]) for name in order)
+  total = sum(modalities[name].encoded_tokens() for name in order)
   # Positions live in the towers (each modality's own kind); the fusion block sees a set
   # of modality-typed tokens, since positions of different modalities are not comparable.
   fusion_cfg = transformer_config(config.model, max_len=max(total, fusion_cfg_dict.num_latents), causal=False,

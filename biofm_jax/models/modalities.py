@@ -73,6 +73,10 @@ class TokenModality:
   def num_tokens(self) -> int:
     return self.max_len
 
+  def encoded_tokens(self) -> int:
+    """Tokens the encoder hands to the transformer in pre-training."""
+    return self.max_len
+
   def head_output_dim(self) -> int:
     return self.vocab_size + (self.num_value_bins + 1 if self.num_value_bins else 0)
 
@@ -112,6 +116,10 @@ class ImagingModality:
 
   def num_tokens(self) -> int:
     return self.num_patches
+
+  def encoded_tokens(self) -> int:
+    """MAE encodes the visible patches only."""
+    return self.num_patches - self.num_masked
 
   def head_output_dim(self) -> int:
     return 0  # the decoder is counted in `mae_flops`
@@ -168,14 +176,15 @@ class TabularModality:
   def num_tokens(self) -> int:
     return 1 + self.num_numeric + self.num_categorical
 
+  def encoded_tokens(self) -> int:
+    return self.num_tokens()
+
   def head_output_dim(self) -> int:
     return self.num_categories
 
 
 def encoder_flops(modality, cfg: TransformerConfig) -> float:
   """Training FLOPs per example of a modality's transformer over its tokens, with its heads."""
-  if isinstance(modality, ImagingModality):
-    visible = modality.num_patches - modality.num_masked
-    return visible * flops_per_token(cfg, visible, output_dim=0) + modality.mae_flops(cfg.embed_dim)
-  tokens = modality.num_tokens()
-  return tokens * flops_per_token(cfg, tokens, output_dim=modality.head_output_dim())
+  tokens = modality.encoded_tokens()
+  flops = tokens * flops_per_token(cfg, tokens, output_dim=modality.head_output_dim())
+  return flops + modality.mae_flops(cfg.embed_dim) if isinstance(modality, ImagingModality) else flops

@@ -68,6 +68,16 @@ def parse_pairs(text: str) -> tuple[tuple[str, str], ...]:
   return tuple(pairs)
 
 
+def pairs_of_configured_modalities(text: str, modalities) -> tuple[tuple[str, str], ...]:
+  """`parse_pairs(text)`, refusing a pair that names a modality not among `modalities`."""
+  pairs = parse_pairs(text)
+  unknown = sorted({m for pair in pairs for m in pair} - set(modalities))
+  if unknown:
+    raise ValueError(f"{FIELD}.pairs names {unknown}, which are not among the configured modalities "
+                     f"{sorted(modalities)}; list pairs of configured modalities only")
+  return pairs
+
+
 def _validated_pair(pair) -> tuple[str, str]:
   if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(m, str) and m for m in pair):
     raise ValueError(f"{FIELD}.pairs: {pair!r} is not a pair of two modality names")

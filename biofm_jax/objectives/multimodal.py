@@ -47,7 +47,7 @@ class MultimodalObjective:
 def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build_one) -> MultimodalObjective:
   """`cfg` is config.objective: a section per modality (its own objective's fields plus
   `weight`) and a `contrastive` section; `build_one(section, modality, info)` builds one."""
-  from biofm_jax.objectives.contrastive import ContrastiveAlignment, parse_pairs
+  from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
   parts = []
   for modality in sorted(info):
     if modality not in cfg:
@@ -61,10 +61,6 @@ def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build
   contrastive = None
   section = cfg.get(CONTRASTIVE)
   if section is not None and section.weight > 0:
-    pairs = parse_pairs(section.pairs)
-    unknown = sorted({m for pair in pairs for m in pair} - set(info))
-    if unknown:
-      raise ValueError(f"objective.contrastive.pairs names {unknown}, which are not among the configured "
-                       f"modalities {sorted(info)}")
+    pairs = pairs_of_configured_modalities(section.pairs, info)
     contrastive = ContrastiveAlignment(pairs=pairs, loss=section.loss, weight=float(section.weight))
   return MultimodalObjective(tuple(parts), contrastive)

@@ -8,7 +8,7 @@ equals the full-batch update whatever the accumulation.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -105,19 +105,28 @@ def _lower(fn, mesh, rules, *args):
     return fn.lower(*args)
 
 
-def jit_embed_step(model, output: str | tuple[str, ...], param_shardings, mesh: Mesh, rules):
-  """`(params, batch) -> [B, D]` embeddings, replicated on every device.
-
-  `output` is a modality name (its pooled "embedding"), or a path into the model's outputs:
+def output_path(output: str | tuple[str, ...]) -> tuple[str, ...]:
+  """A modality name (its pooled "embedding") or a path into the model's outputs:
   ("fused", "embedding") for the multimodal model's fused embedding, ("contrastive", "ehr")
-  for a modality's tower projection in the shared contrastive space.
-  """
-  path = (output, "embedding") if isinstance(output, str) else tuple(output)
-  def embed(params, batch):
-    out = model.apply({"params": params}, batch, train=False)
+  for a modality's tower projection in the shared contrastive space."""
+  return (output, "embedding") if isinstance(output, str) else tuple(output)
+
+
+def jit_embed_step(model, output: str | tuple[str, ...] | Mapping[str, Any], param_shardings, mesh: Mesh, rules):
+  """`(params, batch) -> [B, D]` embeddings at `output` (see `output_path`), replicated on
+  every device; with a mapping {name: output}, a dict of them from one forward pass."""
+  paths = ({name: output_path(o) for name, o in output.items()} if isinstance(output, Mapping)
+           else output_path(output))
+
+  def select(out, path):
     for key in path:
       out = out[key]
     return out
+
+  def embed(params, batch):
+    out = model.apply({"params": params}, batch, train=False)
+    return ({name: select(out, path) for name, path in paths.items()} if isinstance(paths, dict)
+            else select(out, paths))
   jitted = jax.jit(embed, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.replicated(mesh))
   return _with_mesh_and_rules(jitted, mesh, rules)

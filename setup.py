@@ -33,8 +33,13 @@ setup(
         "scikit-learn>=1.4,<2",
         "anndata>=0.10,<0.13",
         "flatbuffers>=24,<26",  # jax.export serialisation (biofm_jax.export)
+        "pandas>=2.0,<3",
+        "matplotlib>=3.8,<4",  # validation report plots
+        "lifelines>=0.29,<0.31",  # C-index and Kaplan-Meier estimates in reports
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                # the test suite executes notebooks/
+                "nbformat>=5.9,<6", "nbclient>=0.10,<0.12", "ipykernel>=6.29,<8"],
     },
 )

@@ -85,10 +85,15 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   vocabulary of 9,999 codes over 2 tensor shards) is replicated instead: sizes come from
   the data, and a run must not fail because of them.
   """
-  specs = nn.get_partition_spec(boxed_tree)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  return jax.tree.map(lambda x, sharding: _divisible(sharding, x.shape, mesh), nn.meta.unbox(boxed_tree),
-                      shardings)
+  # Leaf by leaf over the boxed tree. In a partly frozen optimiser state a box may hold
+  # optax's leafless MaskedNode instead of an array: it stays as it is (the unboxed tree has it too).
+  def sharding(x):
+    if isinstance(x, nn.LogicallyPartitioned) and not hasattr(x.value, "shape"):
+      return x.value
+    if isinstance(x, nn.LogicallyPartitioned):
+      return _divisible(NamedSharding(mesh, nn.logical_to_mesh_axes(x.names, rules)), x.value.shape, mesh)
+    return NamedSharding(mesh, P())
+  return jax.tree.map(sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _divisible(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

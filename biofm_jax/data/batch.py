@@ -170,3 +170,30 @@ def with_presence(spec: Mapping[str, tuple[tuple[int, ...], type]]) -> dict[str,
 def padding_example(spec: Mapping[str, tuple[tuple[int, ...], type]]) -> dict[str, np.ndarray]:
   """The all-padding example of `spec`: zeros and False, which carry no loss weight."""
   return {name: np.zeros(shape, dtype) for name, (shape, dtype) in spec.items()}
+
+
+# ---------------------------------------------------------------- downstream task targets
+# Fine-tuning batches carry one more sub-dict, TASK, beside the modalities: the label of
+# each example (see `data/labels.py`). Padding examples have TASK_VALID False.
+TASK = "task"
+TASK_VALID = IMAGE_VALID  # bool []: a labelled example; False for the eval pipeline's padding
+TASK_LABEL = "label"  # binary, regression: float32 []; multiclass: int32 []; multilabel: float32 [K]
+TASK_TIME = "time"  # survival: float32 [] days from the prediction time to the event or censoring
+TASK_EVENT = "event"  # survival: bool [] the event was observed (False: censored at TASK_TIME)
+TASK_TYPES = ("binary", "multiclass", "multilabel", "regression", "survival")
+
+
+def task_example_spec(task_type: str, num_labels: int = 1) -> dict[str, tuple[tuple[int, ...], type]]:
+  """Shape and dtype of one example's targets; `num_labels` is K for multilabel tasks."""
+  spec: dict[str, tuple[tuple[int, ...], type]] = {TASK_VALID: ((), np.bool_)}
+  if task_type == "survival":
+    spec.update({TASK_TIME: ((), np.float32), TASK_EVENT: ((), np.bool_)})
+  elif task_type == "multiclass":
+    spec[TASK_LABEL] = ((), np.int32)
+  elif task_type == "multilabel":
+    spec[TASK_LABEL] = ((num_labels,), np.float32)
+  elif task_type in TASK_TYPES:
+    spec[TASK_LABEL] = ((), np.float32)
+  else:
+    raise ValueError(f"task type {task_type!r} is not one of {TASK_TYPES}")
+  return spec

@@ -233,7 +233,7 @@ def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str |
     padding = grain.MapDataset.range(num_padding).map(_PaddingExample(spec_by_modality))
     ds = grain.MapDataset.concatenate([ds, padding]) if num_records else padding
   log.info("pipeline: %s eval, %d records and %d padding examples on process %d of %d",
-           modality or "multimodal", num_records, num_padding, index, count)
+           modality or "keyed-by-modality", num_records, num_padding, index, count)
   return ds.batch(batch_size, drop_remainder=False).to_iter_dataset(
       read_options or DEFAULT_READ_OPTIONS)
 

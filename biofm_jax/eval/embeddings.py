@@ -46,3 +46,27 @@ def embed_split_outputs(setup, params, data_module, split: str, outputs: Mapping
   # The eval pipeline appends padding examples after the last record: drop them.
   return {name: np.concatenate([np.asarray(c[name]) for c in chunks])[: len(source)].astype(np.float32)
           for name in outputs}
+
+
+def write_embeddings(path, subject_ids, prediction_times, splits, embeddings: np.ndarray):
+  """Writes the embeddings parquet file that `experiments/stratify.py` reads: subject_id,
+  prediction_time (null when embeddings are of whole records), split, embedding
+  (fixed-size list of float32). Written to a temporary name and renamed."""
+  import pathlib
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  embeddings = np.asarray(embeddings, np.float32)
+  times = np.asarray(prediction_times).astype("datetime64[us]")
+  table = pa.table({
+      "subject_id": pa.array(np.asarray(subject_ids, np.int64)),
+      "prediction_time": pa.array(times, pa.timestamp("us"), mask=np.isnat(times)),
+      "split": pa.array(list(splits), pa.string()),
+      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1]),
+  })
+  tmp = path.with_name(path.name + ".tmp")
+  pq.write_table(table, tmp)
+  tmp.replace(path)
+  return path

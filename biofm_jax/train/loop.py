@@ -34,7 +34,7 @@ log = logging.getLogger("biofm_jax")
 TRAIN_SPLIT, EVAL_SPLIT = "train", "tuning"
 # Config sections a resumed run must share with the run that wrote the checkpoint: they
 # decide the data order, the vocabulary and the parameter shapes. Mesh and step counts may change.
-RESUME_INVARIANT_SECTIONS = ("seed", "data", "model", "objective")
+RESUME_INVARIANT_SECTIONS = ("seed", "data", "model", "objective", "task", "finetune")
 
 
 class StopRequested:
@@ -72,7 +72,11 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
   """The configured data module: one modality, or the multimodal join when `config.data`
   has a `multimodal` section. With several processes, process 0 prepares shared artifacts
   (a generated cohort, the vocabulary) before the others open them."""
-  if "multimodal" in config.data:
+  if "task" in config:  # fine-tuning on labels (train/finetune.py)
+    from biofm_jax.train.finetune import open_labeled_data
+    def open_module():
+      return open_labeled_data(config, artifacts_dir)
+  elif "multimodal" in config.data:
     from biofm_jax.data.multimodal import MultimodalData
     def open_module():
       return MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
@@ -234,6 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     log.info("resumed from checkpoint step %d", latest)
   else:
     state = setup.init_state(config.seed)
+    if "finetune" in config and config.finetune.init == "pretrained":
+      from biofm_jax.train.finetune import load_pretrained
+      state = load_pretrained(state, setup, config.finetune.pretrained)
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("model: %s parameters", f"{num_params:,}")

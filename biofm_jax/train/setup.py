@@ -68,9 +68,16 @@ def build_training(config: ml_collections.ConfigDict, data_module) -> TrainingSe
   parallel.check_batch_divides_mesh(config.data.batch_size, mesh, accum)
   info = data_info(data_module)
   model = build_model(config, info)
-  objective = build_objective(config.objective, modality=data_module.name,
-                              info=info if example_modality(data_module) is None else info[data_module.name])
-  tx = state_lib.make_optimizer(config.train)
+  if "task" in config:  # fine-tuning: the pre-training model under a task head (train/finetune.py)
+    from biofm_jax.models.task import trainable
+    from biofm_jax.train import finetune
+    model = finetune.build_task_model(config, model, data_module.info)
+    objective = finetune.build_task_objective(data_module.info)
+    tx = state_lib.make_optimizer(config.train, trainable=trainable(config.finetune.mode))
+  else:
+    objective = build_objective(config.objective, modality=data_module.name,
+                                info=info if example_modality(data_module) is None else info[data_module.name])
+    tx = state_lib.make_optimizer(config.train)
   schedule = state_lib.learning_rate_schedule(config.train)
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))
   abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)

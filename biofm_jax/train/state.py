@@ -46,12 +46,17 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.chain(
+def make_optimizer(cfg: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
+  """AdamW with clipping; `trainable` (params -> tree of "train" / "freeze") leaves the
+  frozen parameters exactly as they are (no update, no weight decay)."""
+  tx = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip_norm),
       optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
                   weight_decay=cfg.weight_decay, mask=decay_mask),
   )
+  if trainable is None:
+    return tx
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable)
 
 
 def init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch: Any):

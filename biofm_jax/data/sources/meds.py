@@ -336,6 +336,24 @@ class MEDSSource:
         "numeric_values": self._values[rows].copy(),
     }
 
+  def record_before(self, index: int, cutoff: np.datetime64) -> dict:
+    """Record `index` cut to its static rows and the events strictly before `cutoff` (a
+    label's prediction time): an event at the prediction time itself is not history."""
+    record = self[index]
+    keep = np.isnat(record["times"]) | (record["times"] < np.datetime64(cutoff, "us"))
+    return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
+
+  def first_event_times(self) -> np.ndarray:
+    """datetime64[us] [subjects]: each subject's first timed event; NaT for static-only ones.
+    Rows are sorted with static rows (NaT) first, so it is the first non-NaT row."""
+    out = np.full(len(self), np.datetime64("NaT"), "datetime64[us]")
+    for i, (start, end) in enumerate(zip(self._starts, self._ends)):
+      times = self._times[start:end]
+      timed = np.flatnonzero(~np.isnat(times))
+      if len(timed):
+        out[i] = times[timed[0]]
+    return out
+
   def __repr__(self) -> str:
     return f"MEDSSource(subjects={len(self)})"
 

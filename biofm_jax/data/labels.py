@@ -1,0 +1,193 @@
+"""Downstream labels in the MEDS label format, read and checked once.
+
+A labels file (or a directory of parquet files) follows `meds.LabelSchema`: one row per
+prediction, `subject_id`, `prediction_time` and one value column, `boolean_value`,
+`integer_value`, `float_value` or `categorical_value`. Which column holds the target
+follows from the task type (`config.task`):
+
+  binary       boolean_value (bool)
+  multiclass   categorical_value (string) or integer_value (int)
+  multilabel   the boolean columns named in `task.label_columns`
+  regression   float_value (float or int)
+  survival     float_value: days from prediction_time to the event or to censoring (> 0),
+               boolean_value: whether the event was observed (False: censored)
+
+`task.value_column` (and `task.time_column` / `task.event_column`) pick another column.
+Any other column is kept as a covariate for subgroup reports (e.g. `sex`, `site`).
+
+A wrong column type, a missing column, a null target or a non-positive survival time is
+a `ValueError` that names the file, the column and the first bad row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Mapping
+
+import meds
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from biofm_jax.data import batch
+
+SUBJECT_ID, PREDICTION_TIME = meds.LabelSchema.subject_id_name, meds.LabelSchema.prediction_time_name
+BOOLEAN, INTEGER, FLOAT, CATEGORICAL = "boolean_value", "integer_value", "float_value", "categorical_value"
+DEFAULT_VALUE_COLUMN = {"binary": BOOLEAN, "multiclass": CATEGORICAL, "regression": FLOAT}
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+  """Checked labels, one entry per row of the file (in file order).
+
+  `targets` holds `batch.TASK_LABEL` (binary/regression float32 [N], multiclass int32 [N]
+  class ids into `classes`, multilabel float32 [N, K]) or `batch.TASK_TIME` and
+  `batch.TASK_EVENT` (survival). `covariates` holds every other column as numpy arrays.
+  """
+  path: pathlib.Path
+  task_type: str
+  subject_ids: np.ndarray  # int64 [N]
+  prediction_times: np.ndarray  # datetime64[us] [N]; NaT where the file has no prediction_time
+  targets: dict[str, np.ndarray]
+  classes: tuple[str, ...] = ()  # multiclass class names (id = index); multilabel column names
+  covariates: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.subject_ids)
+
+  def rows(self, index: np.ndarray) -> Labels:
+    """The labels of rows `index`, in that order."""
+    return dataclasses.replace(
+        self, subject_ids=self.subject_ids[index], prediction_times=self.prediction_times[index],
+        targets={k: v[index] for k, v in self.targets.items()},
+        covariates={k: v[index] for k, v in self.covariates.items()})
+
+  @property
+  def num_outputs(self) -> int:
+    """Width of the label: classes for multiclass, labels for multilabel, else 1."""
+    return len(self.classes) if self.task_type in ("multiclass", "multilabel") else 1
+
+
+def _read_table(path: pathlib.Path) -> pa.Table:
+  if path.is_dir():
+    files = sorted(path.rglob("*.parquet"))
+    if not files:
+      raise ValueError(f"labels {path}: a directory without parquet files")
+    tables = [pq.read_table(f) for f in files]
+    try:
+      return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as e:
+      raise ValueError(f"labels {path}: the parquet files have incompatible schemas: {e}") from None
+  if not path.exists():
+    raise FileNotFoundError(f"labels file {path} does not exist")
+  return pq.read_table(path)
+
+
+def _column(table: pa.Table, path: pathlib.Path, name: str, kind: str) -> np.ndarray:
+  """Column `name` as numpy, checked to be of `kind` ("bool", "int", "float", "string",
+  "timestamp") and free of nulls."""
+  if name not in table.column_names:
+    raise ValueError(f"labels {path}: no column {name!r} (columns: {table.column_names})")
+  column = table.column(name)
+  t = column.type
+  ok = {"bool": pa.types.is_boolean(t), "int": pa.types.is_integer(t),
+        "float": pa.types.is_floating(t) or pa.types.is_integer(t),
+        "string": pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t),
+        "timestamp": pa.types.is_timestamp(t) or pa.types.is_date(t)}[kind]
+  if not ok:
+    raise ValueError(f"labels {path}: column {name!r} has type {t}, expected {kind} for this task")
+  if column.null_count:
+    row = int(pc.index(pc.is_null(column), True).as_py())
+    raise ValueError(f"labels {path}: column {name!r} is null in row {row} "
+                     f"(subject_id {table.column(SUBJECT_ID)[row].as_py()})")
+  if kind == "timestamp":
+    return column.cast(pa.timestamp("us")).to_numpy().astype("datetime64[us]")
+  if kind == "string":
+    return np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)
+  return column.to_numpy()
+
+
+def _targets(table: pa.Table, path: pathlib.Path, task: Mapping[str, Any]):
+  """(targets, classes, columns used) for the task type."""
+  kind = task["type"]
+  value_column = task.get("value_column") or DEFAULT_VALUE_COLUMN.get(kind, "")
+  if kind == "binary":
+    return {batch.TASK_LABEL: _column(table, path, value_column, "bool").astype(np.float32)}, (), [value_column]
+  if kind == "regression":
+    values = _column(table, path, value_column, "float").astype(np.float64)
+    if not np.isfinite(values).all():
+      row = int(np.flatnonzero(~np.isfinite(values))[0])
+      raise ValueError(f"labels {path}: column {value_column!r} is not finite in row {row}")
+    return {batch.TASK_LABEL: values.astype(np.float32)}, (), [value_column]
+  if kind == "multiclass":
+    if value_column == CATEGORICAL and CATEGORICAL not in table.column_names and INTEGER in table.column_names:
+      value_column = INTEGER
+    values = _column(table, path, value_column, "int" if value_column == INTEGER else "string")
+    names = np.asarray([str(v) for v in values], dtype=object)
+    classes = tuple(task.get("classes") or sorted(set(names), key=_natural_key))
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+      raise ValueError(f"labels {path}: column {value_column!r} has classes {unknown[:5]} not in "
+                       f"task.classes {list(classes)}")
+    ids = {name: i for i, name in enumerate(classes)}
+    return {batch.TASK_LABEL: np.array([ids[n] for n in names], np.int32)}, classes, [value_column]
+  if kind == "multilabel":
+    columns = list(task.get("label_columns") or ())
+    if not columns:
+      raise ValueError(f"labels {path}: a multilabel task needs task.label_columns (boolean columns)")
+    matrix = np.stack([_column(table, path, c, "bool") for c in columns], axis=1).astype(np.float32)
+    return {batch.TASK_LABEL: matrix}, tuple(columns), columns
+  if kind == "survival":
+    time_column, event_column = task.get("time_column") or FLOAT, task.get("event_column") or BOOLEAN
+    times = _column(table, path, time_column, "float").astype(np.float64)
+    bad = ~(np.isfinite(times) & (times > 0))
+    if bad.any():
+      row = int(np.flatnonzero(bad)[0])
+      raise ValueError(f"labels {path}: survival time column {time_column!r} must be finite and > 0 days; "
+                       f"row {row} has {times[row]}")
+    events = _column(table, path, event_column, "bool")
+    return ({batch.TASK_TIME: times.astype(np.float32), batch.TASK_EVENT: events.astype(bool)}, (),
+            [time_column, event_column])
+  raise ValueError(f"labels {path}: task.type {kind!r} is not one of {batch.TASK_TYPES}")
+
+
+def _natural_key(name: str):
+  """Integer-looking class names sort as numbers ("2" before "10")."""
+  return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def read_labels(path: str | pathlib.Path, task: Mapping[str, Any]) -> Labels:
+  """Reads and checks the labels at `path` for `task` (a mapping such as `config.task`)."""
+  path = pathlib.Path(path)
+  table = _read_table(path)
+  if not len(table):
+    raise ValueError(f"labels {path}: no rows")
+  subject_ids = _column(table, path, SUBJECT_ID, "int").astype(np.int64)
+  if PREDICTION_TIME in table.column_names:
+    times = _column(table, path, PREDICTION_TIME, "timestamp")
+  else:
+    times = np.full(len(table), np.datetime64("NaT"), "datetime64[us]")
+  targets, classes, used = _targets(table, path, task)
+  skip = {SUBJECT_ID, PREDICTION_TIME, *used}
+  covariates = {name: table.column(name).to_numpy(zero_copy_only=False)
+                for name in table.column_names if name not in skip and _is_scalar(table.column(name).type)}
+  return Labels(path, task["type"], subject_ids, times, targets, classes, covariates)
+
+
+def _is_scalar(t: pa.DataType) -> bool:
+  return not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t)
+              or pa.types.is_fixed_size_list(t) or pa.types.is_map(t))
+
+
+def write_labels(path: str | pathlib.Path, subject_ids, prediction_times, **columns) -> pathlib.Path:
+  """Writes a labels parquet file: the `meds.LabelSchema` columns given, plus any others."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fields = {SUBJECT_ID: pa.array(np.asarray(subject_ids, np.int64)),
+            PREDICTION_TIME: pa.array(np.asarray(prediction_times).astype("datetime64[us]"), pa.timestamp("us"))}
+  fields.update({name: pa.array(values) for name, values in columns.items()})
+  tmp = path.with_name(path.name + ".tmp")
+  pq.write_table(pa.table(fields), tmp)
+  tmp.replace(path)
+  return path

@@ -1,0 +1,164 @@
+"""Downstream models: a pre-trained backbone with a task head, optionally with LoRA adapters.
+
+`TaskModel` runs the pre-training model unchanged (its parameters sit under "backbone",
+so a pre-training checkpoint's parameters drop in as they are) and puts a linear head on
+one of its embeddings:
+
+    {"ehr": {...the backbone's outputs...}, "task": {"embedding": [B, D], "logits": [B, K]}}
+
+(for survival, K = the time intervals' hazard logits: one risk score plus a baseline per interval).
+
+Three ways to adapt (`finetune.mode`), told apart by the optimiser's labels (`trainable`):
+  full    every parameter trains
+  frozen  only the head trains; the backbone runs deterministically and its gradient is
+          cut (stop_gradient), so a step costs little more than a forward pass
+  lora    the backbone is frozen and low-rank adapters are added to its attention and MLP
+          kernels (W + alpha / r * A @ B, B = 0 at the start, so step 0 is the pre-trained
+          model); `LoRAModel` holds them under params["lora"], mirroring the kernels' paths
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from biofm_jax.models.layers import zeros_init
+
+MODES = ("full", "frozen", "lora")
+# Kernel name -> how many of its leading (non-layer) axes are inputs. Attention's q/k/v
+# kernels are [embed, heads, kv]; its output kernel [heads, kv, embed]; MLP [in, out].
+LORA_TARGETS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wo": 1}
+_OUT_AXES = {"query": 2, "key": 2, "value": 2, "out": 1, "wi": 1, "wo": 1}
+
+
+def select(outputs: Mapping[str, Any], path: tuple[str, ...]):
+  for key in path:
+    outputs = outputs[key]
+  return outputs
+
+
+class TaskModel(nn.Module):
+  backbone: nn.Module
+  embedding: tuple[str, ...]  # where the backbone's outputs hold the embedding, e.g. ("ehr", "embedding")
+  num_outputs: int
+  frozen_backbone: bool = False
+  dropout_rate: float = 0.0
+  # Survival: one risk score plus a baseline hazard logit per interval (a discrete-time
+  # proportional-odds model), not a free logit per interval: late intervals have few
+  # subjects at risk, and free per-interval weights there overfit and reorder the risks.
+  proportional_hazards: bool = False
+  prior_logits: tuple[float, ...] = ()  # the bias's start (the labels' prior); zeros when empty
+
+  @nn.compact
+  def __call__(self, batch, *, train: bool = False):
+    outputs = self.backbone(batch, train=train and not self.frozen_backbone)
+    embedding = select(outputs, self.embedding).astype(jnp.float32)
+    if self.frozen_backbone:
+      embedding = jax.lax.stop_gradient(embedding)
+    # Pooled hidden states are not normalised and their scale varies by model; a
+    # parameter-free LayerNorm (as MAE's linear probe uses a non-affine BatchNorm) and a
+    # zero-initialised head start every task at the prior (logits = bias = 0).
+    x = nn.LayerNorm(use_scale=False, use_bias=False, name="head_norm")(embedding)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    prior = nn.with_logical_partitioning(
+        lambda *_: jnp.asarray(self.prior_logits or (0.0,) * self.num_outputs, jnp.float32), (None,))
+    if self.proportional_hazards:
+      risk = nn.Dense(1, use_bias=False, kernel_init=zeros_init(("embed", None)), name="head")(x)
+      logits = risk + self.param("baseline_hazard", prior, (self.num_outputs,))[None, :]
+    else:
+      logits = nn.Dense(self.num_outputs, kernel_init=zeros_init(("embed", None)), bias_init=prior, name="head")(x)
+    return {**outputs, "task": {"embedding": embedding, "logits": logits}}
+
+  def tokens_per_example(self) -> int:
+    return self.backbone.tokens_per_example()
+
+  def flops_per_example(self) -> float:
+    return self.backbone.flops_per_example()
+
+
+def trainable(mode: str):
+  """`params -> tree of "train" / "freeze"`: the optimiser labels of a fine-tuning mode."""
+  if mode not in MODES:
+    raise ValueError(f"finetune.mode {mode!r} is not one of {MODES}")
+
+  def labels(params):
+    def label(path, _):
+      frozen = mode != "full" and getattr(path[0], "key", None) == "backbone"
+      return "freeze" if frozen else "train"
+    return jax.tree_util.tree_map_with_path(label, params)
+  return labels
+
+
+# ---------------------------------------------------------------- LoRA
+def _lora_sites(backbone_params) -> dict[tuple[str, ...], Any]:
+  """{path of a targeted kernel: its (possibly boxed) value}."""
+  flat = traverse_util.flatten_dict(backbone_params)
+  return {path: value for path, value in flat.items()
+          if path[-1] == "kernel" and len(path) > 1 and path[-2] in LORA_TARGETS}
+
+
+def _split_axes(name: str, ndim: int) -> tuple[int, int, int]:
+  """(leading layer axes, input axes, output axes) of a targeted kernel."""
+  n_in, n_out = LORA_TARGETS[name], _OUT_AXES[name]
+  return ndim - n_in - n_out, n_in, n_out
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAModel:
+  """A `TaskModel` with low-rank adapters; `init`/`apply` as a Linen module's."""
+  model: TaskModel
+  rank: int = 8
+  alpha: float = 16.0
+
+  def init(self, rngs, batch, *, train: bool = False):
+    rngs = rngs if isinstance(rngs, Mapping) else {"params": rngs}
+    params = dict(self.model.init(rngs, batch, train=train)["params"])
+    key = jax.random.fold_in(rngs["params"], 7)
+    adapters = {}
+    for i, (path, kernel) in enumerate(sorted(_lora_sites(params["backbone"]).items())):
+      boxed = isinstance(kernel, nn.Partitioned)
+      value, names = (kernel.value, kernel.names) if boxed else (kernel, (None,) * kernel.ndim)
+      lead, n_in, _ = _split_axes(path[-2], value.ndim)
+      shape_a = value.shape[:lead + n_in] + (self.rank,)
+      shape_b = value.shape[:lead] + (self.rank,) + value.shape[lead + n_in:]
+      fan_in = math.prod(value.shape[lead:lead + n_in])
+      a = jax.random.normal(jax.random.fold_in(key, i), shape_a, value.dtype) / math.sqrt(fan_in)
+      b = jnp.zeros(shape_b, value.dtype)
+      if boxed:  # the kernel's own box type (logical names), with the rank axis unsharded
+        a = kernel.replace(value=a, names=tuple(names[:lead + n_in]) + (None,))
+        b = kernel.replace(value=b, names=tuple(names[:lead]) + (None,) + tuple(names[lead + n_in:]))
+      adapters[path[:-1] + ("lora_a",)] = a
+      adapters[path[:-1] + ("lora_b",)] = b
+    if not adapters:
+      raise ValueError("finetune.mode='lora': the backbone has no attention or MLP kernels to adapt")
+    params["lora"] = traverse_util.unflatten_dict(adapters)
+    return {"params": params}
+
+  def merged(self, params):
+    """The TaskModel's parameters with every adapter folded into its kernel."""
+    params = dict(params)
+    adapters = traverse_util.flatten_dict(params.pop("lora"))
+    flat = traverse_util.flatten_dict(params["backbone"])
+    scale = self.alpha / self.rank
+    for path in list(_lora_sites(params["backbone"])):
+      kernel, a, b = flat[path], adapters[path[:-1] + ("lora_a",)], adapters[path[:-1] + ("lora_b",)]
+      lead, n_in, _ = _split_axes(path[-2], kernel.ndim)
+      a2 = a.reshape(a.shape[:lead] + (-1, self.rank))
+      b2 = b.reshape(b.shape[:lead] + (self.rank, -1))
+      flat[path] = kernel + (scale * (a2 @ b2)).reshape(kernel.shape).astype(kernel.dtype)
+    params["backbone"] = traverse_util.unflatten_dict(flat)
+    return params
+
+  def apply(self, variables, batch, *, train: bool = False, rngs=None):
+    return self.model.apply({"params": self.merged(variables["params"])}, batch, train=train, rngs=rngs)
+
+  def tokens_per_example(self) -> int:
+    return self.model.tokens_per_example()
+
+  def flops_per_example(self) -> float:
+    return self.model.flops_per_example()

@@ -1,0 +1,227 @@
+"""Fine-tuning from a pre-training run: config, labelled data, task model, partial restore.
+
+Fine-tuning runs the pre-training loop (`loop.train_and_evaluate`) on a config that
+`finetune_config` builds from two parts:
+  * the pre-training run's own config, read from its checkpoint: model, data and objective
+    sections, so the backbone and the tokenisation are exactly the pre-trained ones;
+  * the fine-tuning config file (`configs/finetune.py`): task, finetune, train, checkpoint.
+The loop then opens `LabeledEHRData` (`open_labeled_data`), builds the `TaskModel`
+(`build_task_model`) and the supervised objective, and starts from the pre-trained
+backbone (`load_pretrained`): a partial restore of the checkpoint's parameters into the
+new tree, with every architecture difference named if they do not fit.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from biofm_jax.config import config_to_dict
+
+log = logging.getLogger("biofm_jax")
+# Sections of the pre-training config that define the backbone and its inputs.
+PRETRAINED_SECTIONS = ("model", "objective")
+DATA_FIELDS_FROM_FINETUNE = ("batch_size", "num_workers")
+
+
+def pretrained_checkpoint(workdir: str | pathlib.Path) -> tuple[pathlib.Path, int, dict]:
+  """(checkpoints directory, latest step, saved config) of a pre-training run."""
+  from biofm_jax.train.checkpoint import Checkpointer
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  if not directory.exists():
+    raise ValueError(f"pretrained run {workdir}: no checkpoints directory {directory}")
+  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"pretrained run {workdir}: no complete checkpoint in {directory}")
+    return directory, step, checkpointer.restore_config(step)
+  finally:
+    checkpointer.close()
+
+
+def finetune_config(finetune: ml_collections.ConfigDict, pretrained_workdir: str | pathlib.Path,
+                    ) -> ml_collections.ConfigDict:
+  """The fine-tuning run's config: `finetune`'s sections over the pre-training run's model,
+  data and objective. `finetune.finetune.pretrained` is set to the pre-training workdir."""
+  _, _, saved = pretrained_checkpoint(pretrained_workdir)
+  config = ml_collections.ConfigDict(config_to_dict(finetune))
+  for section in PRETRAINED_SECTIONS:
+    config[section] = ml_collections.ConfigDict(saved[section])
+  data = dict(saved["data"])
+  data.update({k: finetune.data[k] for k in DATA_FIELDS_FROM_FINETUNE if k in finetune.data})
+  config.data = ml_collections.ConfigDict(data)
+  config.finetune.pretrained = str(pathlib.Path(pretrained_workdir).absolute())
+  check_architecture(finetune, saved)
+  config.lock()
+  return config
+
+
+def check_architecture(finetune: ml_collections.ConfigDict, saved: dict) -> None:
+  """A fine-tuning config may name model fields (to pin what it expects); any that differ
+  from the checkpoint's are an error naming them."""
+  wanted = config_to_dict(finetune).get("model") or {}
+  have = saved.get("model") or {}
+  differ = sorted(k for k in wanted if k in have and wanted[k] != have[k])
+  if differ:
+    raise ValueError("the pretrained checkpoint's architecture does not match the config: " + ", ".join(
+        f"model.{k}: checkpoint {have[k]!r}, config {wanted[k]!r}" for k in differ))
+
+
+def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
+  """`LabeledEHRData` for `config.task`, tokenised with the pre-trained run's vocabulary."""
+  from biofm_jax.data import ehr as ehr_lib
+  from biofm_jax.data.labeled import LabeledEHRData
+  from biofm_jax.data.labels import read_labels
+  if "ehr" not in config.data:
+    raise ValueError("fine-tuning is built for EHR pre-training runs (config.data.ehr); "
+                     f"the pretrained run has data sections {sorted(config.data.keys())}")
+  pretrained_artifacts = pathlib.Path(config.finetune.pretrained) / "artifacts"
+  artifacts_dir.mkdir(parents=True, exist_ok=True)
+  vocab = artifacts_dir / ehr_lib.VOCAB_FILENAME
+  if not vocab.exists():
+    shutil.copyfile(pretrained_artifacts / ehr_lib.VOCAB_FILENAME, vocab)
+  ehr_cfg = ml_collections.ConfigDict(config_to_dict(config.data.ehr))
+  if not ehr_cfg.path:  # the pre-training run generated its cohort: use that one
+    ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")
+  ehr = ehr_lib.EHRData.from_config(ehr_cfg, objective=config.objective.name, artifacts_dir=artifacts_dir)
+  labels = read_labels(labels_path(config, ehr_cfg.path, artifacts_dir), config.task)
+  data = LabeledEHRData(ehr, labels, num_time_bins=config.task.num_time_bins)
+  if config.finetune.train_labels_per_class:
+    rows = few_label_rows(data.split_labels("train"), config.finetune.train_labels_per_class,
+                          config.finetune.label_seed)
+    data = data.with_train_rows(rows)
+  return data
+
+
+def few_label_rows(labels, k: int, seed: int) -> np.ndarray:
+  """Few-shot training rows: k per class for binary and multiclass labels (as the few-shot
+  sweep of the reports draws them), k rows for other tasks; fixed by the seed."""
+  from biofm_jax.data import batch as B
+  from biofm_jax.eval.classical import few_shot_indices
+  if labels.task_type in ("binary", "multiclass"):
+    return few_shot_indices(labels.targets[B.TASK_LABEL].astype(np.int64), k, seed)
+  return np.sort(np.random.default_rng([seed, k]).choice(len(labels), min(k, len(labels)), replace=False))
+
+
+def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir: pathlib.Path) -> pathlib.Path:
+  """`task.labels`, or for a synthetic cohort the labels of `task.synthetic`, written once."""
+  if config.task.labels:
+    return pathlib.Path(config.task.labels)
+  if not config.task.synthetic:
+    raise ValueError("config.task.labels is empty: give a MEDS labels parquet file (or task.synthetic for "
+                     "the synthetic cohort)")
+  from biofm_jax.data.sources.synthetic_labels import write_synthetic_labels
+  path = artifacts_dir / f"labels_{config.task.synthetic}.parquet"
+  if not path.exists():
+    write_synthetic_labels(meds_root, path, config.task.synthetic, seed=config.seed,
+                           censor_fraction=config.task.synthetic_censor_fraction)
+  return path
+
+
+def build_task_model(config: ml_collections.ConfigDict, backbone, info):
+  from biofm_jax.models.task import LoRAModel, TaskModel
+  mode = config.finetune.mode
+  embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else ("ehr", "embedding")
+  # LoRA's backbone is frozen by the optimiser's labels, not by cutting its gradient: the
+  # adapters inside it must still receive one.
+  model = TaskModel(backbone, embedding, info.num_outputs, frozen_backbone=mode == "frozen",
+                    dropout_rate=config.finetune.head_dropout, proportional_hazards=info.type == "survival",
+                    prior_logits=info.prior_logits)
+  if mode == "lora":
+    return LoRAModel(model, rank=config.finetune.lora_rank, alpha=config.finetune.lora_alpha)
+  return model
+
+
+def build_task_objective(info):
+  from biofm_jax.objectives.supervised import SupervisedObjective
+  return SupervisedObjective(info.type, info.num_outputs, info.time_bin_edges)
+
+
+def load_pretrained(state, setup, pretrained_workdir: str | pathlib.Path):
+  """`state` with its backbone parameters replaced by the pre-training checkpoint's,
+  restored directly into the backbone's shardings. Shapes must match: every differing
+  parameter is named."""
+  directory, step, _ = pretrained_checkpoint(pretrained_workdir)
+  target = setup.abstract_state.params["backbone"]
+  item = directory / str(step) / "state"
+  saved = ocp.PyTreeCheckpointer().metadata(item)
+  saved = getattr(saved, "item_metadata", saved)
+  saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
+  _check_shapes(saved_params, target, pretrained_workdir)
+  restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+      partial_restore=True))
+  params = dict(state.params)
+  params["backbone"] = restored["params"]
+  log.info("fine-tuning from %s (step %d): %d backbone parameters restored", pretrained_workdir, step,
+           sum(x.size for x in jax.tree.leaves(params["backbone"])))
+  return state.replace(params=params)
+
+
+def _check_shapes(saved, target, workdir) -> None:
+  def shapes(tree):
+    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in
+            jax.tree_util.tree_leaves_with_path(tree)}
+  have, want = shapes(saved), shapes(target)
+  problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(have))]
+  problems += [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(set(want) & set(have))
+               if have[k] != want[k]]
+  if problems:
+    raise ValueError(f"the pretrained checkpoint in {workdir} does not match the model's backbone "
+                     f"({len(problems)} parameters differ): " + "; ".join(problems[:8]))
+
+
+def predict_split(setup, params, data, split: str, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(scores, pooled embeddings) of every label row of `split` under a task model."""
+  from biofm_jax.eval.embeddings import embed_split_outputs
+  from biofm_jax.objectives.supervised import predictions
+  out = embed_split_outputs(setup, params, data, split, {"logits": ("task", "logits"),
+                                                         "embedding": ("task", "embedding")}, batch_size=batch_size)
+  return predictions(data.info, out["logits"]), out["embedding"]
+
+
+def target_arrays(labels, info) -> dict[str, Any]:
+  """Targets of `labels` in the form `eval/metrics.py` scores (label ids, times, events)."""
+  from biofm_jax.data import batch as B
+  if info.type == "survival":
+    return {"time": labels.targets[B.TASK_TIME], "event": labels.targets[B.TASK_EVENT]}
+  return {"label": labels.targets[B.TASK_LABEL]}
+
+
+def open_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None):
+  """(config, labelled data, setup, params) of a fine-tuning run's latest checkpoint."""
+  from biofm_jax.train.checkpoint import Checkpointer
+  from biofm_jax.train.setup import build_training
+  workdir = pathlib.Path(workdir).absolute()
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=1000, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"fine-tuned run {workdir}: no checkpoint")
+    if config is None:
+      config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    data = open_labeled_data(config, workdir / "artifacts")
+    setup = build_training(config, data)
+    params = checkpointer.restore_state(step, setup.abstract_state).params
+  finally:
+    checkpointer.close()
+  return config, data, setup, params
+
+
+def score_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
+                    splits=("tuning", "held_out")) -> dict[str, dict[str, float]]:
+  """Task metrics (`eval/metrics.py`) of a fine-tuned run on each split."""
+  from biofm_jax.eval.metrics import task_metrics
+  config, data, setup, params = open_finetuned(workdir, config)
+  out = {}
+  for split in splits:
+    scores, _ = predict_split(setup, params, data, split, batch_size=config.data.batch_size)
+    out[split] = task_metrics(data.info.type, target_arrays(data.split_labels(split), data.info), scores)
+  return out

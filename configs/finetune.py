@@ -1,0 +1,67 @@
+"""Fine-tuning a pre-trained EHR model on a labelled task (MEDS labels).
+
+Run:
+  python experiments/finetune.py --config=configs/finetune.py:high_risk --pretrained=runs/ehr_bert \
+      --workdir=runs/ft --config.task.labels=/path/to/labels.parquet
+
+The model, data and objective sections come from the pre-training run (`--pretrained`), so
+the backbone and tokenisation are exactly the pre-trained ones; this file sets the task,
+how to adapt (full / frozen / lora), the optimiser and the checkpoints. The argument picks
+a task preset for the synthetic cohort (`task.synthetic`, used when `task.labels` is
+empty): high_risk (binary), mortality (binary, rare), risk (regression), survival
+(time to event with a planted hazard). Add `,tiny` (e.g. `high_risk,tiny`) for the
+CPU-sized schedule that tests use. A `model` section is not needed; one given here pins
+fields the checkpoint must match (e.g. `--config.model.num_layers=12` fails clearly on a
+2-layer checkpoint).
+"""
+import ml_collections
+
+from biofm_jax.config import base_config
+
+TASKS = {
+    "high_risk": dict(type="binary", synthetic="high_risk"),
+    "mortality": dict(type="binary", synthetic="mortality"),
+    "risk": dict(type="regression", synthetic="risk"),
+    "survival": dict(type="survival", synthetic="planted_survival"),
+}
+
+
+def get_config(arg=None):
+  task_name, _, size = (arg or "high_risk").partition(",")
+  if task_name not in TASKS:
+    raise ValueError(f"unknown task preset {task_name!r}: choose one of {sorted(TASKS)}")
+  base = base_config()
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = dict(batch_size=32, num_workers=0)
+  config.train = base.train
+  config.mesh = base.mesh
+  config.checkpoint = base.checkpoint
+  config.task = dict(
+      name=task_name, type="binary",
+      labels="",  # a MEDS labels parquet file (or directory); "" uses task.synthetic
+      synthetic="", synthetic_censor_fraction=0.0,  # labels for a synthetic pre-training cohort
+      value_column="",  # "" = the MEDS default for the type (boolean_value, float_value, ...)
+      label_columns=(),  # multilabel: the boolean columns
+      classes=(),  # multiclass: class names in id order ("" = sorted values)
+      time_column="", event_column="",  # survival ("" = float_value, boolean_value)
+      num_time_bins=8,  # survival: discrete-time intervals, equal numbers of training events
+      embedding="")  # the backbone output to put the head on ("" = ehr/embedding)
+  config.task.update(TASKS[task_name])
+  config.finetune = dict(
+      pretrained="",  # set from --pretrained
+      init="pretrained",  # or "scratch": the same architecture from random initialisation
+      mode="full",  # full | frozen (head only) | lora (low-rank adapters + head)
+      lora_rank=8, lora_alpha=16.0, head_dropout=0.1,
+      train_labels_per_class=0,  # > 0: few-shot, k training labels per class (k rows for others)
+      label_seed=0)
+  config.train.update(num_steps=300, warmup_steps=30, learning_rate=3e-4, weight_decay=0.01, log_every=25,
+                      eval_every=100, eval_batches=0)
+  config.checkpoint.update(every_steps=100, keep=2)
+  if size == "tiny":
+    config.data.batch_size = 16
+    config.train.update(num_steps=60, warmup_steps=5, learning_rate=3e-3, log_every=10, eval_every=30)
+    config.checkpoint.update(every_steps=30)
+  elif size:
+    raise ValueError(f"unknown size {size!r}: add ',tiny' or nothing")
+  return config

@@ -1,0 +1,85 @@
+"""Writes subject embeddings of a pre-trained model to parquet, for stratification and analysis.
+
+  python experiments/embed.py --pretrained=runs/ehr_bert --out=runs/ehr_bert/embeddings.parquet \
+      [--labels=labels.parquet --config=configs/finetune.py:high_risk] [--splits=train,tuning,held_out]
+
+Without `--labels`, each subject's whole record is embedded once. With `--labels`, each
+label row is embedded from the history before its prediction time (as fine-tuning and
+evaluation see it). The file has subject_id, prediction_time, split and embedding
+columns; `experiments/stratify.py` clusters it.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+
+from biofm_jax.config import load_config, split_config_overrides
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("pretrained", None, "The pre-training run's workdir.")
+flags.DEFINE_string("out", None, "The parquet file to write.")
+flags.DEFINE_string("labels", "", "A MEDS labels file: embed each label row's history ('' = whole records).")
+flags.DEFINE_string("config", "configs/finetune.py:high_risk", "Task config, used with --labels.")
+flags.DEFINE_list("splits", ["train", "tuning", "held_out"], "Splits to embed.")
+flags.mark_flags_as_required(["pretrained", "out"])
+
+
+def whole_record_embeddings(pretrained: pathlib.Path, splits):
+  from biofm_jax.eval.embeddings import embed_split
+  from biofm_jax.train.checkpoint import Checkpointer
+  from biofm_jax.train.finetune import pretrained_checkpoint
+  from biofm_jax.train.loop import open_data_module
+  from biofm_jax.train.setup import build_training
+  import ml_collections
+  directory, step, saved = pretrained_checkpoint(pretrained)
+  config = ml_collections.ConfigDict(saved)
+  data = open_data_module(config, pretrained / "artifacts")
+  setup = build_training(config, data)
+  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
+  params = checkpointer.restore_state(step, setup.abstract_state).params
+  checkpointer.close()
+  for split in splits:
+    source = data.source(split)
+    yield split, source.subject_ids, None, embed_split(setup, params, data, split, batch_size=config.data.batch_size)
+
+
+def label_row_embeddings(pretrained: pathlib.Path, labels: str, overrides, splits, workdir: pathlib.Path):
+  from biofm_jax.eval.downstream import frozen_embeddings
+  from biofm_jax.train.finetune import finetune_config, open_labeled_data
+  config = finetune_config(load_config(FLAGS.config, {**overrides, "task.labels": labels}), pretrained)
+  data = open_labeled_data(config, workdir)
+  embeddings = frozen_embeddings(config, data, splits)
+  for split in splits:
+    rows = data.split_labels(split)
+    yield split, rows.subject_ids, rows.prediction_times, embeddings[split]
+
+
+def main(argv, overrides):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
+                      stream=sys.stdout)
+  for noisy in ("absl", "orbax", "jax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  import numpy as np
+
+  from biofm_jax.eval.embeddings import write_embeddings
+  pretrained, out = pathlib.Path(FLAGS.pretrained).absolute(), pathlib.Path(FLAGS.out)
+  try:
+    parts = list(label_row_embeddings(pretrained, FLAGS.labels, overrides, FLAGS.splits, out.parent / "artifacts")
+                 if FLAGS.labels else whole_record_embeddings(pretrained, FLAGS.splits))
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  ids = np.concatenate([p[1] for p in parts])
+  times = np.concatenate([p[2] if p[2] is not None else np.full(len(p[1]), np.datetime64("NaT"), "datetime64[us]")
+                          for p in parts])
+  splits = [p[0] for p in parts for _ in range(len(p[1]))]
+  write_embeddings(out, ids, times, splits, np.concatenate([p[3] for p in parts]))
+  print(f"wrote {len(ids)} embeddings of dimension {parts[0][3].shape[1]} to {out}")
+
+
+if __name__ == "__main__":
+  _argv, _overrides = split_config_overrides(sys.argv)
+  app.run(lambda argv: main(argv, _overrides), argv=_argv)

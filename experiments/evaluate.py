@@ -1,0 +1,69 @@
+"""Validates a pre-trained model on a labelled task and writes the report.
+
+  python experiments/evaluate.py --pretrained=runs/ehr_bert --labels=labels.parquet --workdir=runs/eval \
+      [--config=configs/finetune.py:high_risk] [--task_type=binary] [--finetuned=runs/ft] \
+      [--from_scratch_steps=300] [--subgroups=sex,age_band,site]
+
+By default the model is scored by a linear probe on its frozen embeddings; `--finetuned`
+scores a fine-tuning run instead (the probe is then listed beside it). Every report also
+holds the count-of-codes baselines (logistic regression and gradient boosting), the same
+architecture trained from scratch on the same labels when `--from_scratch_steps` > 0, and
+a few-shot sweep. Written to `--workdir`: report.json (`held_out.auroc` etc.), report.md,
+report.html and the plots. `--config` supplies the task section (type, columns, time
+bins) and the fine-tuning settings used for the from-scratch baseline.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+
+from biofm_jax.config import load_config, split_config_overrides
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("pretrained", None, "The pre-training run's workdir.")
+flags.DEFINE_string("labels", "", "A MEDS labels parquet file ('' = the config's task.labels / task.synthetic).")
+flags.DEFINE_string("workdir", None, "Directory for the report.")
+flags.DEFINE_string("config", "configs/finetune.py:high_risk", "The task config (configs/finetune.py:<task>).")
+flags.DEFINE_string("task_type", "", "binary, multiclass, multilabel, regression or survival ('' = the config's).")
+flags.DEFINE_string("finetuned", "", "A fine-tuning run's workdir to score instead of the linear probe.")
+flags.DEFINE_integer("from_scratch_steps", 0, "Steps of the from-scratch baseline (0: leave it out).")
+flags.DEFINE_list("subgroups", ["sex", "age_band"], "Covariate columns to report metrics per value of.")
+flags.DEFINE_list("few_shot_ks", ["1", "2", "4", "8", "16", "32", "64", "128"], "Labels per class in the sweep.")
+flags.DEFINE_integer("few_shot_seeds", 3, "Seeds per k in the few-shot sweep.")
+flags.DEFINE_integer("bootstrap_samples", 200, "Bootstrap resamples for the confidence intervals.")
+flags.mark_flags_as_required(["pretrained", "workdir"])
+
+
+def main(argv, overrides):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
+                      stream=sys.stdout)
+  for noisy in ("absl", "orbax", "jax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
+  from biofm_jax.train.finetune import finetune_config
+  overrides = dict(overrides)
+  if FLAGS.labels:
+    overrides["task.labels"] = FLAGS.labels
+  if FLAGS.task_type:
+    overrides["task.type"] = FLAGS.task_type
+  options = EvaluationOptions(subgroups=tuple(FLAGS.subgroups), few_shot_ks=tuple(int(k) for k in FLAGS.few_shot_ks),
+                              few_shot_seeds=tuple(range(FLAGS.few_shot_seeds)),
+                              bootstrap_samples=FLAGS.bootstrap_samples, finetuned_workdir=FLAGS.finetuned or None,
+                              from_scratch_steps=FLAGS.from_scratch_steps)
+  try:
+    config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
+    report = evaluate_task(config, FLAGS.workdir, options)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(f"\n=== validation report: {report['task']['name']} ({report['task']['type']}) ===")
+  for line in report["summary"]:
+    print("  " + line)
+  print(f"  written to {FLAGS.workdir}/report.json, report.md, report.html")
+
+
+if __name__ == "__main__":
+  _argv, _overrides = split_config_overrides(sys.argv)
+  app.run(lambda argv: main(argv, _overrides), argv=_argv)

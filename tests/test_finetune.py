@@ -1,0 +1,146 @@
+"""Fine-tuning from a pre-training checkpoint, and the validation report with its baselines.
+
+One tiny EHR model is pre-trained per worker (300 steps on 600 synthetic subjects) and
+every test adapts it: full, frozen and LoRA fine-tuning, survival under heavy censoring,
+and the report that compares the pre-trained model with classical baselines and with the
+same architecture trained from scratch on the same few labels.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import helpers
+from biofm_jax.config import load_config
+from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
+from biofm_jax.train.finetune import finetune_config, score_finetuned
+from biofm_jax.train.loop import train_and_evaluate
+
+FINETUNE = str(helpers.REPO / "configs" / "finetune.py")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pretrained")
+  config = helpers.config_for("configs/ehr_bert.py:tiny", train__num_steps=300, train__eval_every=300,
+                              train__log_every=100, data__ehr__synthetic_subjects=600, checkpoint__every_steps=300)
+  train_and_evaluate(config, workdir)
+  return workdir
+
+
+def task_config(pretrained, preset="high_risk,tiny", **overrides):
+  flat = {**helpers.QUIET, **{k.replace("__", "."): v for k, v in overrides.items()}}
+  return finetune_config(load_config(f"{FINETUNE}:{preset}", flat), pretrained)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_frozen_and_lora_fine_tuning_keep_the_pretrained_backbone_exactly(pretrained, tmp_path, mode):
+  config = task_config(pretrained, finetune__mode=mode, train__num_steps=30, train__eval_every=30)
+  summary = train_and_evaluate(config, tmp_path / mode)
+  tuned = helpers.final_params(tmp_path / mode, config)
+  original = helpers.final_params(pretrained, None)
+  helpers.assert_trees_close(tuned["backbone"], original, atol=0.0)  # restored whole, then never moved
+  assert np.abs(tuned["head"]["kernel"]).sum() > 0
+  if mode == "lora":
+    assert any(np.abs(x).sum() > 0 for x in np.asarray(tuned["lora"]["transformer"]["layers"]["mlp"]["wo"]["lora_b"]))
+  assert summary["eval/task_loss"] < 0.693  # below the coin-flip loss (the prior alone gives ~0.61)
+
+
+def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretrained, tmp_path):
+  config = task_config(pretrained, "survival,tiny", task__synthetic_censor_fraction=0.7)
+  train_and_evaluate(config, tmp_path / "survival")
+  scores = score_finetuned(tmp_path / "survival", config)
+  held_out = scores["held_out"]
+  assert held_out["events"] < 0.45 * held_out["n"]  # heavily censored
+  assert held_out["c_index"] > 0.6, scores
+
+
+def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_same_few_labels(pretrained, tmp_path):
+  few = dict(finetune__train_labels_per_class=16)
+  tuned = tmp_path / "finetuned"
+  train_and_evaluate(task_config(pretrained, **few), tuned)
+  options = EvaluationOptions(finetuned_workdir=str(tuned), from_scratch_steps=60, few_shot_ks=(1, 4, 16),
+                              few_shot_seeds=(0, 1), bootstrap_samples=100)
+  report = evaluate_task(task_config(pretrained, **few), tmp_path / "report", options)
+  saved = json.loads((tmp_path / "report" / "report.json").read_text())
+  assert saved["held_out"]["auroc"] == pytest.approx(report["splits"]["held_out"]["metrics"]["auroc"])
+  assert set(saved["baselines"]) == {"linear_probe", "count_codes_logistic", "count_codes_gbm", "from_scratch"}
+  assert saved["task"]["rows"]["train"] == 32  # 16 per class
+  lo, hi = saved["splits"]["held_out"]["intervals"]["auroc"]
+  assert lo <= saved["held_out"]["auroc"] <= hi
+  assert set(saved["splits"]["held_out"]["subgroups"]) == {"sex", "age_band"}
+  assert saved["few_shot"]["k"] == [1, 4, 16] and set(saved["few_shot"]["methods"]) == {
+      "linear_probe", "count_codes_logistic", "count_codes_gbm"}
+  for name in ("report.md", "report.html", "roc.png", "calibration.png", "few_shot.png"):
+    assert (tmp_path / "report" / name).exists(), name
+
+  # Pre-training helps with few labels: fine-tuning and the probe beat training from scratch.
+  finetuned = saved["held_out"]["auroc"]
+  scratch = saved["baselines"]["from_scratch"]["held_out"]["metrics"]["auroc"]
+  probe = saved["baselines"]["linear_probe"]["held_out"]["metrics"]["auroc"]
+  assert finetuned > scratch + 0.05 and probe > scratch + 0.05, (finetuned, probe, scratch)
+  assert any("from scratch" in line and f"{finetuned - scratch:+.3f}" in line for line in saved["summary"])
+  assert "from scratch" in (tmp_path / "report" / "report.md").read_text()
+
+  # The count-of-codes baseline equals an independent scikit-learn computation on the same split.
+  from biofm_jax.train.finetune import open_labeled_data
+  data = open_labeled_data(task_config(pretrained, **few), tmp_path / "independent")
+  records = {s: data.records(s) for s in ("train", "held_out")}
+  vocabulary = sorted({str(c) for r in records["train"] for c in r["codes"]})
+  column = {c: i for i, c in enumerate(vocabulary)}
+
+  def counts(rs):
+    x = scipy.sparse.lil_matrix((len(rs), len(vocabulary)), dtype=np.float32)
+    for i, r in enumerate(rs):
+      for c in r["codes"]:
+        if str(c) in column:
+          x[i, column[str(c)]] += 1
+    return x.tocsr()
+  y = {s: data.split_labels(s).targets["label"].astype(int) for s in records}
+  model = make_pipeline(StandardScaler(with_mean=False), LogisticRegression(C=1.0, max_iter=2000))
+  model.fit(counts(records["train"]), y["train"])
+  independent = roc_auc_score(y["held_out"], model.predict_proba(counts(records["held_out"]))[:, 1])
+  reported = saved["baselines"]["count_codes_logistic"]["held_out"]["metrics"]["auroc"]
+  assert reported == pytest.approx(independent, abs=1e-9)
+
+
+def test_a_checkpoint_that_does_not_match_the_config_is_named(pretrained, tmp_path):
+  pinned = load_config(f"{FINETUNE}:high_risk,tiny")
+  with pinned.unlocked():
+    pinned.model = {"num_layers": 3, "embed_dim": 32}
+  with pytest.raises(ValueError, match="model.num_layers: checkpoint 2, config 3"):
+    finetune_config(pinned, pretrained)
+  # A backbone built differently from the checkpoint (here wider MLPs) names each parameter that differs.
+  from biofm_jax.train.finetune import load_pretrained, open_labeled_data
+  from biofm_jax.train.setup import build_training
+  config = task_config(pretrained)
+  with config.unlocked():
+    config.model.mlp_dim = 48
+  setup = build_training(config, open_labeled_data(config, tmp_path / "artifacts"))
+  with pytest.raises(ValueError, match=r"does not match the model's backbone .*mlp.*checkpoint \(2, 32, 64\), "
+                                       r"model \(2, 32, 48\)"):
+    load_pretrained(setup.init_state(0), setup, pretrained)
+
+
+def test_command_line_errors_name_what_is_wrong(pretrained, tmp_path):
+  from biofm_jax.data.labels import write_labels
+  labels = write_labels(tmp_path / "unknown.parquet", [424242, 424243],
+                        np.array(["2020-01-01", "2020-02-01"], "datetime64[us]"), boolean_value=[True, False])
+  result = subprocess.run(
+      [sys.executable, "experiments/evaluate.py", f"--pretrained={pretrained}", f"--labels={labels}",
+       f"--workdir={tmp_path / 'eval'}", "--config=configs/finetune.py:high_risk,tiny"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "error: labels" in result.stderr and "subject_id 424242" in result.stderr, result.stderr[-2000:]
+  result = subprocess.run(
+      [sys.executable, "experiments/finetune.py", "--config=configs/finetune.py:high_risk,tiny",
+       f"--pretrained={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'ft'}"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "no checkpoints directory" in result.stderr, result.stderr[-2000:]

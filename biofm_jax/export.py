@@ -71,9 +71,9 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
 
 
 def _skip_generated_data(directory: str, names: list[str]) -> list[str]:
-  """Vocabularies and statistics are small JSON files; generated cohorts are not artifacts
-  of the model."""
-  return [name for name in names if name.startswith("synthetic")]
+  """Vocabularies and statistics are small JSON files; generated cohorts and labels are
+  data, not artifacts of the model."""
+  return [name for name in names if name.startswith(("synthetic", "labels_"))]
 
 
 class ExportedModel:

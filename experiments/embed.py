@@ -10,13 +10,14 @@ columns; `experiments/stratify.py` clusters it.
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from biofm_jax.config import load_config, split_config_overrides
+from biofm_jax import cli
+
+from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pretrained", None, "The pre-training run's workdir.")
@@ -59,10 +60,6 @@ def label_row_embeddings(pretrained: pathlib.Path, labels: str, overrides, split
 
 def main(argv, overrides):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
-                      stream=sys.stdout)
-  for noisy in ("absl", "orbax", "jax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   import numpy as np
 
   from biofm_jax.eval.embeddings import write_embeddings
@@ -81,5 +78,4 @@ def main(argv, overrides):
 
 
 if __name__ == "__main__":
-  _argv, _overrides = split_config_overrides(sys.argv)
-  app.run(lambda argv: main(argv, _overrides), argv=_argv)
+  cli.run(main)

@@ -14,12 +14,13 @@ bins) and the fine-tuning settings used for the from-scratch baseline.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from biofm_jax.config import load_config, split_config_overrides
+from biofm_jax import cli
+
+from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pretrained", None, "The pre-training run's workdir.")
@@ -38,10 +39,6 @@ flags.mark_flags_as_required(["pretrained", "workdir"])
 
 def main(argv, overrides):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
-                      stream=sys.stdout)
-  for noisy in ("absl", "orbax", "jax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
   from biofm_jax.train.finetune import finetune_config
   overrides = dict(overrides)
@@ -65,5 +62,4 @@ def main(argv, overrides):
 
 
 if __name__ == "__main__":
-  _argv, _overrides = split_config_overrides(sys.argv)
-  app.run(lambda argv: main(argv, _overrides), argv=_argv)
+  cli.run(main)

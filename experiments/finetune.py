@@ -13,14 +13,13 @@ the full validation report.
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from biofm_jax import parallel
-from biofm_jax.config import load_config, split_config_overrides
+from biofm_jax import cli, parallel
+from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Fine-tuning config and task preset, e.g. configs/finetune.py:high_risk.")
@@ -34,10 +33,6 @@ flags.mark_flags_as_required(["config", "pretrained", "workdir"])
 
 def main(argv, overrides):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
-                      stream=sys.stdout)
-  for noisy in ("absl", "orbax", "jax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from biofm_jax.train.finetune import finetune_config, score_finetuned
   from biofm_jax.train.loop import train_and_evaluate
@@ -61,5 +56,4 @@ def main(argv, overrides):
 
 
 if __name__ == "__main__":
-  _argv, _overrides = split_config_overrides(sys.argv)
-  app.run(lambda argv: main(argv, _overrides), argv=_argv)
+  cli.run(main)

@@ -10,13 +10,12 @@ every process.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from biofm_jax import parallel
-from biofm_jax.config import load_config, split_config_overrides
+from biofm_jax import cli, parallel
+from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file and preset, e.g. configs/ehr_bert.py:tiny. Override "
@@ -30,10 +29,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv, overrides):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True,
-                      stream=sys.stdout)
-  for noisy in ("absl", "orbax", "jax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     config = load_config(FLAGS.config, overrides)
   except (KeyError, ValueError, FileNotFoundError) as e:
@@ -63,5 +58,4 @@ def print_summary(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-  _argv, _overrides = split_config_overrides(sys.argv)
-  app.run(lambda argv: main(argv, _overrides), argv=_argv)
+  cli.run(main)

@@ -40,7 +40,7 @@ def main(argv):
   try:
     keys, embeddings = lib.read_embeddings(FLAGS.embeddings)
     keys, embeddings = lib.select_split(keys, embeddings, FLAGS.split, source=FLAGS.embeddings)
-    table = lib.join_on_subject(keys, lib.read_labels(FLAGS.labels), table_name=FLAGS.labels)
+    table = lib.join_on_subject(keys, lib.read_outcome_table(FLAGS.labels), table_name=FLAGS.labels)
     lib.require_columns(table, [*FLAGS.outcomes, *FLAGS.covariates, *FLAGS.survival,
                                 *([FLAGS.reference] if FLAGS.reference else [])], FLAGS.labels)
     result = lib.stratify(keys, embeddings, table, num_clusters=FLAGS.num_clusters, seed=FLAGS.seed,

@@ -61,6 +61,30 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
   assert held_out["events"] < 0.45 * held_out["n"]  # heavily censored
   assert held_out["c_index"] > 0.6, scores
 
+  # The fine-tuned model exports (config read from its checkpoint) and runs without the library.
+  result = subprocess.run([sys.executable, "experiments/export.py", f"--workdir={tmp_path / 'survival'}",
+                           f"--out={tmp_path / 'export'}"], cwd=helpers.REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  from biofm_jax import parallel
+  from biofm_jax.data import pipeline
+  from biofm_jax.export import load_exported
+  from biofm_jax.objectives.survival import risk_score
+  from biofm_jax.train.finetune import open_finetuned
+  from biofm_jax.train.step import jit_embed_step
+  _, data, setup, params = open_finetuned(tmp_path / "survival")
+  exported = load_exported(tmp_path / "export")
+  assert exported.info["task"]["type"] == "survival" and exported.info["output"] == ["task", "logits"]
+  assert not list((tmp_path / "export" / "artifacts").glob("labels_*"))
+  dataset = pipeline.make_eval_dataset(data.source("held_out"), data.transforms(train=False), modality=None,
+                                       global_batch_size=16, seed=0, example_spec=data.example_spec())
+  batch = next(iter(pipeline.make_iterator(dataset)))
+  logits = jit_embed_step(setup.model, ("task", "logits"), setup.state_shardings.params, setup.mesh, setup.rules)(
+      params, parallel.make_global_batch(batch, setup.mesh))
+  got = exported({"ehr": batch["ehr"]})
+  np.testing.assert_allclose(got, np.asarray(logits), atol=1e-5)
+  np.testing.assert_allclose(risk_score(got), risk_score(np.asarray(logits)), atol=1e-4)
+
 
 def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_same_few_labels(pretrained, tmp_path):
   few = dict(finetune__train_labels_per_class=16)

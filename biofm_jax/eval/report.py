@@ -37,6 +37,7 @@ import tempfile
 from typing import Mapping
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure renders with Agg; no global backend is touched
 
 from biofm_jax.eval.metrics import primary_metric
@@ -60,10 +61,10 @@ def write_report(out_dir, report: Mapping, *, curves_by_method: Mapping[str, dic
     report["summary"] = summary_lines(report)
   plots = _write_plots(out_dir, report, curves_by_method or {})
   blocks = _report_blocks(report, plots)
-  _write_atomic(out_dir / "report.md", _render_markdown(blocks).encode())
-  _write_atomic(out_dir / "report.html", _render_html(_title(report), blocks).encode())
+  write_atomic(out_dir / "report.md", _render_markdown(blocks).encode())
+  write_atomic(out_dir / "report.html", _render_html(_title(report), blocks).encode())
   text = json.dumps(_with_flat_splits(report), indent=2, allow_nan=False)
-  _write_atomic(out_dir / "report.json", text.encode())
+  write_atomic(out_dir / "report.json", text.encode())
   return out_dir
 
 
@@ -106,6 +107,8 @@ def to_json_safe(value):
     return float(value) if math.isfinite(value) else None
   if value is None or isinstance(value, str):
     return value
+  if value is getattr(pd, "NA", None) or value is getattr(pd, "NaT", None):
+    return None
   return str(value)  # free-form descriptions may hold paths and the like
 
 
@@ -285,11 +288,11 @@ def _write_plots(out_dir, report, curves_by_method) -> list[str]:
   if report.get("few_shot") and report["few_shot"].get("methods"):
     figures[PNG_FEW_SHOT] = _few_shot_plot(report["few_shot"])
   for name, figure in figures.items():
-    _write_atomic(out_dir / name, _png_bytes(figure))
+    write_atomic(out_dir / name, png_bytes(figure))
   return list(figures)
 
 
-def _png_bytes(figure) -> bytes:
+def png_bytes(figure) -> bytes:
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=100)
   return buffer.getvalue()
@@ -345,7 +348,7 @@ def _with_flat_splits(report):
   return flat
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
   """Write to a temporary file beside path, then rename over it: readers see old or new, never half."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:

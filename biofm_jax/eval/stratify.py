@@ -7,9 +7,9 @@ silhouette), per-cluster summaries with tests of association, and the written re
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import pathlib
 
 import numpy as np
@@ -17,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from biofm_jax.eval.report import png_bytes, to_json_safe, write_atomic
 
 MAX_PCA_DIMS = 32
 SILHOUETTE_ROWS = 2000  # silhouette is O(n^2); a seeded sample keeps k selection cheap
@@ -60,7 +62,7 @@ def _first(mask: pa.Array) -> int:
   return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
 
 
-def read_labels(path) -> pd.DataFrame:
+def read_outcome_table(path) -> pd.DataFrame:
   path = pathlib.Path(path)
   table = pd.read_parquet(path)
   if "subject_id" not in table.columns:
@@ -288,46 +290,21 @@ def stratify(keys: pd.DataFrame, embeddings: np.ndarray, table: pd.DataFrame, *,
           "clustering": info, **described, "per_row": per_row}
 
 
-def json_safe(value):
-  """Plain JSON values: numpy scalars unwrapped, NaN/inf -> None, dict keys as strings."""
-  if isinstance(value, dict):
-    return {str(k): json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple, np.ndarray)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  return None if pd.isna(value) else str(value)
-
-
-def _write_atomically(path: pathlib.Path, write) -> pathlib.Path:
-  # A reader never sees a half-written report: write a temporary sibling, then rename it.
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
-  return path
-
-
 def write_stratification(out_dir, result: dict) -> pathlib.Path:
   """Writes stratification.json/.md, clusters.parquet and the plots to `out_dir`; returns `out_dir`."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  report = json_safe({k: v for k, v in result.items() if k != "per_row"})
-  _write_atomically(out / "stratification.json",
-                    lambda p: p.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n"))
-  _write_atomically(out / "stratification.md", lambda p: p.write_text(markdown_report(report)))
+  report = to_json_safe({k: v for k, v in result.items() if k != "per_row"})
+  write_atomic(out / "stratification.json", (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+  write_atomic(out / "stratification.md", markdown_report(report).encode())
   per_row = result.get("per_row")
   if per_row is not None:
-    _write_atomically(out / "clusters.parquet", lambda p: per_row.to_parquet(p, index=False))
-    _write_atomically(out / "clusters_pca.png", lambda p: _save(_pca_figure(per_row), p))
+    buffer = io.BytesIO()
+    per_row.to_parquet(buffer, index=False)
+    write_atomic(out / "clusters.parquet", buffer.getvalue())
+    write_atomic(out / "clusters_pca.png", png_bytes(_pca_figure(per_row)))
     if result.get("survival"):
-      _write_atomically(out / "km_by_cluster.png", lambda p: _save(_km_figure(per_row, result["survival"]), p))
+      write_atomic(out / "km_by_cluster.png", png_bytes(_km_figure(per_row, result["survival"])))
   return out
 
 
@@ -366,9 +343,6 @@ def markdown_report(report: dict) -> str:
     parts.append(f"Adjusted Rand index vs `{r['column']}`: {r['adjusted_rand']:.3f} ({r['rows']} rows).\n")
   return "\n".join(parts)
 
-
-def _save(figure, path: pathlib.Path) -> None:
-  figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
 
 
 def _pca_figure(per_row: pd.DataFrame):

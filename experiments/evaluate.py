@@ -11,6 +11,10 @@ architecture trained from scratch on the same labels when `--from_scratch_steps`
 a few-shot sweep. Written to `--workdir`: report.json (`held_out.auroc` etc.), report.md,
 report.html and the plots. `--config` supplies the task section (type, columns, time
 bins) and the fine-tuning settings used for the from-scratch baseline.
+
+For an expression or feature-table model, `--label_column` names one of the run's label
+columns (e.g. `cell_type`): its linear probe is compared with L1 logistic regression on
+normalised counts (expression) or logistic regression on the raw features (tables).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ flags.DEFINE_string("labels", "", "A MEDS labels parquet file ('' = the config's
 flags.DEFINE_string("workdir", None, "Directory for the report.")
 flags.DEFINE_string("config", "configs/finetune.py:high_risk", "The task config (configs/finetune.py:<task>).")
 flags.DEFINE_string("task_type", "", "binary, multiclass, multilabel, regression or survival ('' = the config's).")
+flags.DEFINE_string("label_column", "", "Omics / tabular runs: the label column to evaluate (e.g. cell_type).")
 flags.DEFINE_string("finetuned", "", "A fine-tuning run's workdir to score instead of the linear probe.")
 flags.DEFINE_integer("from_scratch_steps", 0, "Steps of the from-scratch baseline (0: leave it out).")
 flags.DEFINE_list("subgroups", ["sex", "age_band"], "Covariate columns to report metrics per value of.")
@@ -51,8 +56,12 @@ def main(argv, overrides):
                               bootstrap_samples=FLAGS.bootstrap_samples, finetuned_workdir=FLAGS.finetuned or None,
                               from_scratch_steps=FLAGS.from_scratch_steps)
   try:
-    config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
-    report = evaluate_task(config, FLAGS.workdir, options)
+    if FLAGS.label_column:
+      from biofm_jax.eval.record_tasks import evaluate_record_labels
+      report = evaluate_record_labels(FLAGS.pretrained, FLAGS.workdir, FLAGS.label_column, options)
+    else:
+      config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
+      report = evaluate_task(config, FLAGS.workdir, options)
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(f"\n=== validation report: {report['task']['name']} ({report['task']['type']}) ===")

@@ -145,11 +145,25 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   if options.finetuned_workdir:
     main_method = "finetuned"
     scores[main_method], descriptions[main_method] = _finetuned_scores(options.finetuned_workdir, splits)
+  few_shot = {PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
+              COUNT_LOGISTIC: (counts["train"], counts["held_out"], "logistic"),
+              COUNT_GBM: (counts["train"], counts["held_out"], "gbm")} if "held_out" in splits else {}
+  task = {"name": config.task.name, "type": info.type, "labels": str(labels["train"].path),
+          "rows": {s: len(v) for s, v in labels.items()}, "outputs": info.num_outputs}
+  model = {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]}
+  return write_evaluation(out_dir, task, model, info, scores, descriptions, targets, covariates, train_y, few_shot,
+                          options)
 
+
+def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, dict[str, np.ndarray]],
+                     descriptions: dict, targets: dict, covariates: dict, train_y, few_shot_features: dict,
+                     options: EvaluationOptions) -> dict[str, Any]:
+  """The report of `scores` ({method: {split: predictions}}, `model["name"]` the main one),
+  written into `out_dir`: metrics per split, intervals and subgroups on held_out, the other
+  methods as baselines, the few-shot sweep of `few_shot_features`, curves and summary."""
+  main_method, splits = model["name"], tuple(options.splits)
   report: dict[str, Any] = {
-      "task": {"name": config.task.name, "type": info.type, "labels": str(labels["train"].path),
-               "rows": {s: len(v) for s, v in labels.items()}, "outputs": info.num_outputs},
-      "model": {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]},
+      "task": task, "model": model,
       "splits": {s: _split_entry(info, targets[s], scores[main_method][s], covariates[s], options,
                                  with_details=s == "held_out") for s in splits},
       "baselines": {name: {**{s: _split_entry(info, targets[s], by_split[s], covariates[s], options,
@@ -157,11 +171,8 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
                            "description": descriptions[name]}
                     for name, by_split in scores.items() if name != main_method},
   }
-  if info.type in ("binary", "multiclass") and "held_out" in splits:
-    report["few_shot"] = few_shot_report(info, train_y, targets["held_out"], {
-        PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
-        COUNT_LOGISTIC: (counts["train"], counts["held_out"], "logistic"),
-        COUNT_GBM: (counts["train"], counts["held_out"], "gbm")}, options)
+  if info.type in ("binary", "multiclass") and few_shot_features:
+    report["few_shot"] = few_shot_report(info, train_y, targets["held_out"], few_shot_features, options)
   report["summary"] = report_lib.summary_lines(report) + pretraining_lines(report, main_method)
   curves = {name: metrics.curves(info.type, targets["held_out"], by_split["held_out"])
             for name, by_split in scores.items()} if "held_out" in splits else None

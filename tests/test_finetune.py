@@ -53,6 +53,32 @@ def test_frozen_and_lora_fine_tuning_keep_the_pretrained_backbone_exactly(pretra
   assert summary["eval/task_loss"] < 0.693  # below the coin-flip loss (the prior alone gives ~0.61)
 
 
+def test_regression_fine_tuning_predicts_the_planted_risk_in_its_own_units(pretrained, tmp_path):
+  config = task_config(pretrained, "risk,tiny")
+  train_and_evaluate(config, tmp_path / "risk")
+  scores = score_finetuned(tmp_path / "risk", config)
+  assert scores["held_out"]["r2"] > 0.2 and scores["held_out"]["pearson"] > 0.5, scores
+  # Targets are standardised for training; predictions come back in the label's units.
+  from biofm_jax.train.finetune import open_finetuned, predict_split
+  _, data, setup, params = open_finetuned(tmp_path / "risk")
+  predicted, _ = predict_split(setup, params, data, "held_out", batch_size=16)
+  truth = data.split_labels("held_out").targets["label"]
+  assert abs(predicted.mean() - truth.mean()) < 0.5 * truth.std()
+
+
+def test_multilabel_fine_tuning_on_two_boolean_columns(pretrained, tmp_path):
+  from biofm_jax.data.labels import write_labels
+  from biofm_jax.data.sources.synthetic_labels import synthetic_labels
+  cols = synthetic_labels(pretrained / "artifacts" / "synthetic_meds", "high_risk")
+  path = write_labels(tmp_path / "multi.parquet", cols["subject_id"], cols["prediction_time"],
+                      high_risk=cols["risk"] > 0.5, died=cols["died"], sex=cols["sex"])
+  config = task_config(pretrained, task__type="multilabel", task__labels=str(path),
+                       task__label_columns="('high_risk', 'died')", train__num_steps=30, train__eval_every=30)
+  train_and_evaluate(config, tmp_path / "multi")
+  held_out = score_finetuned(tmp_path / "multi", config)["held_out"]
+  assert 0.55 < held_out["macro_auroc"] <= 1.0, held_out
+
+
 def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretrained, tmp_path):
   config = task_config(pretrained, "survival,tiny", task__synthetic_censor_fraction=0.7)
   train_and_evaluate(config, tmp_path / "survival")

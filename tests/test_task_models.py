@@ -147,3 +147,27 @@ def test_frozen_mode_cuts_the_backbone_gradient_and_full_mode_does_not():
     backbone_norm = float(optax.global_norm(grads["backbone"]))
     assert (backbone_norm == 0.0) == frozen, backbone_norm
     assert float(optax.global_norm(grads["head"])) > 0
+
+
+def test_multiclass_and_multilabel_terms_match_optax_and_probabilities_are_normalised():
+  from biofm_jax.data.labeled import TaskInfo
+  from biofm_jax.objectives.supervised import predictions
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  valid = np.array([True] * 4 + [False])
+  classes = np.array([0, 2, 1, 2, 0], np.int32)
+  sums = SupervisedObjective("multiclass", 3).sums({"task": {"logits": logits}},
+                                                   {B.TASK: {B.TASK_VALID: valid, B.TASK_LABEL: classes}})
+  expected = optax.softmax_cross_entropy_with_integer_labels(logits[:4], classes[:4]).sum()
+  np.testing.assert_allclose(sums["task_loss"], expected, rtol=1e-6)
+  assert float(sums["accuracy"]) == float((np.argmax(logits[:4], -1) == classes[:4]).sum())
+  multi = rng.integers(0, 2, (5, 3)).astype(np.float32)
+  sums = SupervisedObjective("multilabel", 3).sums({"task": {"logits": logits}},
+                                                   {B.TASK: {B.TASK_VALID: valid, B.TASK_LABEL: multi}})
+  np.testing.assert_allclose(sums["task_loss"], optax.sigmoid_binary_cross_entropy(logits[:4], multi[:4]).mean(-1).sum(),
+                             rtol=1e-6)
+  probs = predictions(TaskInfo("multiclass", 3), logits)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+  assert predictions(TaskInfo("multilabel", 3), logits).shape == (5, 3)
+  np.testing.assert_allclose(predictions(TaskInfo("regression", 1, label_mean=5.0, label_std=2.0), logits[:, :1]),
+                             np.asarray(logits[:, 0]) * 2.0 + 5.0, rtol=1e-6)

@@ -6,6 +6,9 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two pytest workers share two cores: OpenMP's spinning threads in scikit-learn (KMeans,
+# gradient boosting) then run 100x slower than one thread per worker.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Many tests compile the same tiny programs (a resumed run recompiles its first run's
 # step); a persistent compilation cache, inherited by subprocesses, compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))

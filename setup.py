@@ -30,7 +30,7 @@ setup(
         "pydicom>=3.0,<4",
         "nibabel>=5.2,<6",
         "pillow>=10,<14",
-        "scikit-learn>=1.4,<2",
+        "scikit-learn>=1.8,<2",  # l1_ratio=1.0 alone selects L1 (the expression baseline) from 1.8
         "anndata>=0.10,<0.13",
         "flatbuffers>=24,<26",  # jax.export serialisation (biofm_jax.export)
         "pandas>=2.0,<3",

@@ -10,9 +10,9 @@ how to adapt (full / frozen / lora), the optimiser and the checkpoints. The argu
 a task preset for the synthetic cohort (`task.synthetic`, used when `task.labels` is
 empty): high_risk (binary), mortality (binary, rare), risk (regression), survival
 (time to event with a planted hazard). Add `,tiny` (e.g. `high_risk,tiny`) for the
-CPU-sized schedule that tests use. A `model` section is not needed; one given here pins
-fields the checkpoint must match (e.g. `--config.model.num_layers=12` fails clearly on a
-2-layer checkpoint).
+CPU-sized schedule that tests use. The `model` fields are unset (taken from the
+checkpoint); one set here pins what the checkpoint must have (e.g.
+`--config.model.num_layers=12` fails clearly on a 2-layer checkpoint).
 """
 import ml_collections
 
@@ -37,6 +37,9 @@ def get_config(arg=None):
   config.train = base.train
   config.mesh = base.mesh
   config.checkpoint = base.checkpoint
+  # The model comes from the checkpoint; a field set here (e.g. --config.model.num_layers=12)
+  # pins what the checkpoint must have, and a mismatch is an error naming it.
+  config.model = {name: None for name in base.model.keys()}
   config.task = dict(
       name=task_name, type="binary",
       labels="",  # a MEDS labels parquet file (or directory); "" uses task.synthetic

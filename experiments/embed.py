@@ -38,6 +38,9 @@ def whole_record_embeddings(pretrained: pathlib.Path, splits):
   directory, step, saved = pretrained_checkpoint(pretrained)
   config = ml_collections.ConfigDict(saved)
   data = open_data_module(config, pretrained / "artifacts")
+  if data.name != "ehr":  # stratify.py joins on integer MEDS subject ids
+    raise ValueError(f"whole-record embeddings are written for EHR runs; {pretrained} is a {data.name!r} run "
+                     f"(use biofm_jax.eval.embeddings.embed_split from Python)")
   setup = build_training(config, data)
   checkpointer = Checkpointer(directory, keep=1000, async_save=False)
   params = checkpointer.restore_state(step, setup.abstract_state).params
@@ -67,13 +70,13 @@ def main(argv, overrides):
   try:
     parts = list(label_row_embeddings(pretrained, FLAGS.labels, overrides, FLAGS.splits, out.parent / "artifacts")
                  if FLAGS.labels else whole_record_embeddings(pretrained, FLAGS.splits))
+    ids = np.concatenate([p[1] for p in parts])
+    times = np.concatenate([p[2] if p[2] is not None else np.full(len(p[1]), np.datetime64("NaT"), "datetime64[us]")
+                            for p in parts])
+    splits = [p[0] for p in parts for _ in range(len(p[1]))]
+    write_embeddings(out, ids, times, splits, np.concatenate([p[3] for p in parts]))
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  ids = np.concatenate([p[1] for p in parts])
-  times = np.concatenate([p[2] if p[2] is not None else np.full(len(p[1]), np.datetime64("NaT"), "datetime64[us]")
-                          for p in parts])
-  splits = [p[0] for p in parts for _ in range(len(p[1]))]
-  write_embeddings(out, ids, times, splits, np.concatenate([p[3] for p in parts]))
   print(f"wrote {len(ids)} embeddings of dimension {parts[0][3].shape[1]} to {out}")
 
 

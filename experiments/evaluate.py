@@ -30,7 +30,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("pretrained", None, "The pre-training run's workdir.")
 flags.DEFINE_string("labels", "", "A MEDS labels parquet file ('' = the config's task.labels / task.synthetic).")
 flags.DEFINE_string("workdir", None, "Directory for the report.")
-flags.DEFINE_string("config", "configs/finetune.py:high_risk", "The task config (configs/finetune.py:<task>).")
+flags.DEFINE_string("config", "", "The task config (configs/finetune.py:<task>); '' = the --finetuned run's own, "
+                    "else configs/finetune.py:high_risk.")
 flags.DEFINE_string("task_type", "", "binary, multiclass, multilabel, regression or survival ('' = the config's).")
 flags.DEFINE_string("label_column", "", "Omics / tabular runs: the label column to evaluate (e.g. cell_type).")
 flags.DEFINE_string("finetuned", "", "A fine-tuning run's workdir to score instead of the linear probe.")
@@ -42,6 +43,18 @@ flags.DEFINE_integer("bootstrap_samples", 200, "Bootstrap resamples for the conf
 flags.mark_flags_as_required(["pretrained", "workdir"])
 
 
+def task_config(overrides):
+  """--config, or the fine-tuned run's saved config (so its scores are of the same task)."""
+  if FLAGS.config or not FLAGS.finetuned:
+    return load_config(FLAGS.config or "configs/finetune.py:high_risk", overrides)
+  from biofm_jax.config import set_field
+  from biofm_jax.train.finetune import saved_config
+  config = saved_config(FLAGS.finetuned)
+  for name, value in overrides.items():
+    set_field(config, name, value)
+  return config
+
+
 def main(argv, overrides):
   del argv
   from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
@@ -51,7 +64,13 @@ def main(argv, overrides):
     overrides["task.labels"] = FLAGS.labels
   if FLAGS.task_type:
     overrides["task.type"] = FLAGS.task_type
-  options = EvaluationOptions(subgroups=tuple(FLAGS.subgroups), few_shot_ks=tuple(int(k) for k in FLAGS.few_shot_ks),
+  try:
+    ks = tuple(int(k) for k in FLAGS.few_shot_ks)
+  except ValueError:
+    sys.exit(f"error: --few_shot_ks must be integers, got {FLAGS.few_shot_ks}")
+  if FLAGS.few_shot_seeds < 1:
+    sys.exit(f"error: --few_shot_seeds must be at least 1, got {FLAGS.few_shot_seeds}")
+  options = EvaluationOptions(subgroups=tuple(FLAGS.subgroups), few_shot_ks=ks,
                               few_shot_seeds=tuple(range(FLAGS.few_shot_seeds)),
                               bootstrap_samples=FLAGS.bootstrap_samples, finetuned_workdir=FLAGS.finetuned or None,
                               from_scratch_steps=FLAGS.from_scratch_steps)
@@ -60,7 +79,7 @@ def main(argv, overrides):
       from biofm_jax.eval.record_tasks import evaluate_record_labels
       report = evaluate_record_labels(FLAGS.pretrained, FLAGS.workdir, FLAGS.label_column, options)
     else:
-      config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
+      config = finetune_config(task_config(overrides), FLAGS.pretrained)
       report = evaluate_task(config, FLAGS.workdir, options)
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

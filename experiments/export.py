@@ -9,6 +9,8 @@ returns: for a pre-training run the modality's own embedding by default, `fused`
 multimodal model's fused embedding, or `contrastive:<modality>` for a contrastive
 projection; for a fine-tuning run the task head's logits (`task`, the default; export.json
 then holds the task: type, classes, label statistics, survival intervals) or `embedding`.
+Logits are raw: apply a sigmoid / softmax, or for regression `* label_std + label_mean`
+from export.json (`biofm_jax.objectives.supervised.predictions` does it with the library).
 Load it with `biofm_jax.export.load_exported(out)`: it runs on tokenised batches with jax
 and numpy only.
 """

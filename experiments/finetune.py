@@ -44,6 +44,11 @@ def main(argv, overrides):
     summary = train_and_evaluate(config, FLAGS.workdir)
   except ValueError as e:  # bad labels or a checkpoint that does not fit: one clear line
     sys.exit(f"error: {e}")
+  import jax
+  if jax.process_count() > 1:  # scoring embeds in one process
+    print(f"trained {summary['steps']} steps; score it with experiments/evaluate.py --finetuned={FLAGS.workdir} "
+          f"in one process")
+    return
   scores = score_finetuned(FLAGS.workdir, config)
   path = pathlib.Path(FLAGS.workdir) / "finetune_metrics.json"
   path.write_text(json.dumps(scores, indent=2))

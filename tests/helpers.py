@@ -42,7 +42,14 @@ def final_params(workdir, config):
   import orbax.checkpoint as ocp
   step_dir = pathlib.Path(workdir) / "checkpoints"
   latest = max(int(p.name) for p in step_dir.iterdir() if p.name.isdigit())
-  restored = ocp.StandardCheckpointer().restore(step_dir / str(latest) / "state")
+  path = step_dir / str(latest) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  # Onto this process's first device, whatever mesh and process count wrote the step.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(metadata))
+  restored = checkpointer.restore(path, target)
   return jax.tree.map(np.asarray, restored["params"])
 
 

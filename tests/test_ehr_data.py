@@ -282,6 +282,29 @@ def test_process_sharding_is_disjoint_and_covers(records):
   assert seen[0] | seen[1] == set(range(1, len(records) + 1))
 
 
+class ToyNoise(grain.transforms.RandomMap):
+  def random_map(self, example, rng):
+    return {**example, "noise": rng.random()}
+
+
+def test_global_batches_are_the_same_for_any_number_of_processes(records):
+  """Global batch k holds the same examples, with the same random transforms, whether one
+  process reads it or each of 2 or 3 reads its share: runs may change process count."""
+  def global_batches(count, steps=8):
+    iterators = [pipeline.make_iterator(pipeline.make_train_dataset(
+        records, [ToyExample(), ToyNoise()], modality="toy", global_batch_size=12, seed=3, process_index=i,
+        process_count=count)) for i in range(count)]
+    out = []
+    for _ in range(steps):
+      parts = [next(it)["toy"] for it in iterators]
+      out.append({int(i): float(n) for p in parts for i, n in zip(p["id"], p["noise"])})
+    return out
+  single = global_batches(1)
+  assert len(single[0]) == 12 and len({frozenset(b) for b in single}) == len(single)
+  for count in (2, 3):
+    assert global_batches(count) == single
+
+
 def test_train_reshuffles_every_epoch(records):
   ds = pipeline.make_train_dataset(records, [ToyExample()], modality="toy",
                                    global_batch_size=len(records), seed=0,

@@ -162,11 +162,8 @@ def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_
 
 
 def test_a_checkpoint_that_does_not_match_the_config_is_named(pretrained, tmp_path):
-  pinned = load_config(f"{FINETUNE}:high_risk,tiny")
-  with pinned.unlocked():
-    pinned.model = {"num_layers": 3, "embed_dim": 32}
   with pytest.raises(ValueError, match="model.num_layers: checkpoint 2, config 3"):
-    finetune_config(pinned, pretrained)
+    task_config(pretrained, model__num_layers=3, model__embed_dim=32)  # embed_dim matches: only one named
   # A backbone built differently from the checkpoint (here wider MLPs) names each parameter that differs.
   from biofm_jax.train.finetune import load_pretrained, open_labeled_data
   from biofm_jax.train.setup import build_training

@@ -103,6 +103,19 @@ def test_labels_for_unknown_subjects_and_without_history_are_errors_naming_row_a
     LabeledEHRData(ehr, read_labels(tmp_path / "nt.parquet", {"type": "binary"}))
 
 
+def test_a_class_without_training_rows_is_an_error(cohort, tmp_path):
+  root, path, ehr = cohort
+  labels = read_labels(path, {"type": "binary"})
+  data = LabeledEHRData(ehr, labels)
+  held_out = set(data.split_labels("held_out").subject_ids.tolist())
+  names = np.where(np.isin(labels.subject_ids, list(held_out)) & (np.arange(len(labels)) % 7 == 0), "rare",
+                   np.where(labels.targets[B.TASK_LABEL] > 0, "high", "low"))
+  multi = write_labels(tmp_path / "multi.parquet", labels.subject_ids, labels.prediction_times,
+                       categorical_value=names.tolist())
+  with pytest.raises(ValueError, match="classes \\['rare'\\] have no row in the training split"):
+    LabeledEHRData(ehr, read_labels(multi, {"type": "multiclass"}))
+
+
 def _with_extra_events(root, out, subject_id, events):
   """A copy of the MEDS cohort at `out` with `events` [(time, code, value)] added to one subject."""
   import shutil

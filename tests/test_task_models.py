@@ -35,6 +35,11 @@ def test_discrete_time_likelihood_matches_a_by_hand_computation():
   grad = jax.grad(lambda z: survival.negative_log_likelihood(z, jnp.array([5.0]), jnp.array([False]), EDGES).sum())(
       jnp.asarray(z[:1]))
   assert float(jnp.abs(grad).sum()) == 0.0
+  # The last interval is closed: an event at the horizon (the last training event) is an event in it.
+  at_horizon = survival.negative_log_likelihood(jnp.asarray(z[:1]), jnp.array([80.0]), jnp.array([True]), EDGES)
+  np.testing.assert_allclose(at_horizon, [-(np.log(1 - h[0, :3]).sum() + np.log(h[0, 3]))], rtol=1e-5)
+  past = survival.negative_log_likelihood(jnp.asarray(z[:1]), jnp.array([81.0]), jnp.array([True]), EDGES)
+  np.testing.assert_allclose(past, [-np.log(1 - h[0]).sum()], rtol=1e-5)  # past it: survived all four
   curve = survival.survival_curve(z)
   assert (np.diff(curve, axis=1) <= 0).all() and np.allclose(curve[:, -1], np.exp(-survival.risk_score(z)))
 

@@ -61,6 +61,7 @@ def task_info(labels: Labels, train_rows: np.ndarray, num_time_bins: int = 8) ->
     edges = np.concatenate([[0.0], cuts[cuts > 0]])
     at_risk = np.array([(times >= start).sum() for start in edges[:-1]])
     interval = np.searchsorted(edges, times[events], side="right") - 1
+    interval[times[events] == edges[-1]] = len(edges) - 2  # the last interval is closed (objectives/survival.py)
     died = np.bincount(interval[interval < len(edges) - 1], minlength=len(edges) - 1)
     return TaskInfo(kind, len(edges) - 1, time_bin_edges=tuple(float(e) for e in edges),
                     prior_logits=_logit((died + 0.5) / (at_risk + 1.0)))
@@ -114,7 +115,7 @@ class LabeledEHRData:
   examples_keyed_by_modality = True
 
   def __init__(self, ehr: EHRData, labels: Labels, *, num_time_bins: int = 8):
-    self.ehr, self.labels = ehr, labels
+    self.ehr, self.labels, self.num_time_bins = ehr, labels, num_time_bins
     dataset = ehr.dataset
     split_of = {int(s): name for name, ids in dataset.splits.items() for s in ids}
     splits = np.array([split_of.get(int(s), "") for s in labels.subject_ids], dtype=object)
@@ -133,6 +134,7 @@ class LabeledEHRData:
     train = self._rows.get("train", np.zeros(0, np.int64))
     if not len(train):
       raise ValueError(f"labels {labels.path}: no label rows for subjects of the training split")
+    _check_classes_in_training(labels, train)
     self.info = task_info(labels, train, num_time_bins)
 
   def with_train_rows(self, rows: np.ndarray) -> LabeledEHRData:
@@ -141,7 +143,7 @@ class LabeledEHRData:
     out = copy.copy(self)
     out._sources = {**self._sources, "train": LabeledSource(train._meds, train._positions[rows], train.labels.rows(rows))}
     out._rows = {**self._rows, "train": self._rows["train"][rows]}
-    out.info = task_info(train.labels, rows, max(len(self.info.time_bin_edges) - 1, 1))
+    out.info = task_info(train.labels, rows, self.num_time_bins)
     return out
 
   def source(self, split: str) -> LabeledSource:
@@ -190,6 +192,17 @@ class LabeledEHRData:
     for low, high, name in AGE_BANDS:
       bands[(ages >= low) & (ages < high)] = name
     return {**source.labels.covariates, "age_years": ages, "age_band": bands}
+
+
+def _check_classes_in_training(labels: Labels, train_rows: np.ndarray) -> None:
+  """A class no training row has would get a head output that never trains."""
+  if labels.task_type != "multiclass":
+    return
+  seen = set(np.unique(labels.targets[batch.TASK_LABEL][train_rows]).tolist())
+  unseen = [name for i, name in enumerate(labels.classes) if i not in seen]
+  if unseen:
+    raise ValueError(f"labels {labels.path}: classes {unseen} have no row in the training split; drop those "
+                     f"rows or merge the classes")
 
 
 def _check_known_subjects(labels: Labels, splits: np.ndarray, root) -> None:

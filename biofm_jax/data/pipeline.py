@@ -1,8 +1,10 @@
 """The Grain input pipeline, modality-agnostic.
 
 This module owns the order of operations from a random-access source to per-process
-batches: shard the record index by process, shuffle, repeat, apply a modality's
-transforms, wrap each example under its modality name and batch. It also owns the
+batches. Training: shuffle, repeat, apply a modality's transforms and wrap each example
+under its modality name, all on the one global stream; then each process takes every
+P-th example of it and batches them. Evaluation: shard the records by process, transform,
+batch, pad. It also owns the
 registry of modality data modules and the iterator whose state is checkpointed.
 
 Multimodal examples come keyed by modality already (`multimodal.MultimodalData`, for
@@ -11,7 +13,8 @@ from their nested spec, every PRESENT False. `make_mixed_train_dataset` mixes
 single-modality streams by weight (multi-task pre-training) into the same format.
 
 Batches are built on the `MapDataset` (before `to_iter_dataset`), so which records form
-batch k depends only on the seed and the process, never on the number of workers.
+global batch k depends only on the seed: not on the number of workers, nor on the number
+of processes (each holds a fixed share of it), so a run may change either on restart.
 """
 from __future__ import annotations
 
@@ -135,18 +138,24 @@ def _shard(source: Any, process_index: int, process_count: int) -> grain.MapData
   return ds[process_index::process_count] if process_count > 1 else ds
 
 
-def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int,
-                   index: int, count: int) -> tuple[grain.MapDataset, int]:
-  """The shard of `source` for process `index`, shuffled every epoch, repeated, transformed;
-  and the number of records in the shard."""
-  ds = _shard(source, index, count)
+def _process_view(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+  """Process p's examples of the global stream: p, p + P, p + 2P, ... So global batch k is
+  the same set of examples whatever the number of processes (only their row order in the
+  global array differs), and a run can change its process count between restarts."""
+  return ds[process_index::process_count] if process_count > 1 else ds
+
+
+def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int) -> tuple[grain.MapDataset, int]:
+  """The global training stream of `source`: shuffled every epoch, repeated, transformed
+  (random transforms seeded by position in this global stream, never by process); and the
+  number of records."""
+  ds = grain.MapDataset.source(source)
   num_records = len(ds)
   if num_records == 0:
-    raise ValueError(f"pipeline: the {name} training source has no records for "
-                     f"process {index} of {count} ({len(source)} records in all)")
+    raise ValueError(f"pipeline: the {name} training source has no records")
   # Shuffle before repeat: grain folds the epoch into the shuffle seed.
   ds = ds.shuffle(seed=seed % 2**32).repeat(None)
-  ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM, process_index=index)
+  ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM, process_index=0)
   return ds, num_records
 
 
@@ -161,13 +170,12 @@ def make_train_dataset(source: Any, transforms: Sequence[Any], *, modality: str 
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
   name = modality or "multimodal"
-  ds, num_records = _endless_train(source, transforms, name=name, seed=seed, index=index,
-                                   count=count)
+  ds, num_records = _endless_train(source, transforms, name=name, seed=seed)
   if modality is not None:
     ds = ds.map(_WrapModality(modality))
-  log.info("pipeline: %s train, %d records on process %d of %d, batches of %d",
+  log.info("pipeline: %s train, %d records, process %d of %d, batches of %d",
            name, num_records, index, count, batch_size)
-  return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+  return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(
       read_options or DEFAULT_READ_OPTIONS)
 
 
@@ -177,11 +185,12 @@ def make_mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, f
                              read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """Single-modality training streams mixed by weight into multimodal batches.
 
-  Each module's training split goes its own way (shard, shuffle, repeat, its transforms,
+  Each module's training split goes its own way (shuffle, repeat, its transforms,
   seeded by `multimodal.modality_seed(seed, name)`, so adding a modality never changes
   another's stream), then becomes a multimodal example with only that modality present.
-  Grain's `MapDataset.mix` interleaves the streams deterministically in proportion to the
-  weights, so batch k depends only on the seed and the process, and the iterator resumes.
+  Grain's `MapDataset.mix` interleaves the global streams deterministically in proportion
+  to the weights before each process takes its share, so global batch k depends only on
+  the seed, and the iterator resumes.
   """
   names = sorted(modules)
   bad = {m: w for m, w in weights.items() if not (math.isfinite(float(w)) and float(w) > 0)}
@@ -195,12 +204,12 @@ def make_mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, f
   for m in names:
     ds, _ = _endless_train(modules[m].source(multimodal.TRAIN_SPLIT),
                            modules[m].transforms(train=True), name=m,
-                           seed=multimodal.modality_seed(seed, m), index=index, count=count)
+                           seed=multimodal.modality_seed(seed, m))
     streams.append(ds.map(_OnlyModality(m, specs)))
   ds = grain.MapDataset.mix(streams, [float(weights[m]) for m in names])
   log.info("pipeline: mixed train of %s, weights %s, process %d of %d, batches of %d",
            "+".join(names), [float(weights[m]) for m in names], index, count, batch_size)
-  return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+  return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(
       read_options or DEFAULT_READ_OPTIONS)
 
 

@@ -84,8 +84,19 @@ def train_from_scratch(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   return workdir
 
 
-def _finetuned_scores(workdir, splits) -> tuple[dict[str, np.ndarray], dict]:
+def _finetuned_scores(workdir, splits, expected) -> tuple[dict[str, np.ndarray], dict]:
+  """Scores of a fine-tuning run on `splits`, checked to be of the same task and rows as
+  the evaluation's (`expected`: its labelled data module)."""
   config, data, setup, params = finetune.open_finetuned(workdir)
+  if data.info.type != expected.info.type:
+    raise ValueError(f"the run in {workdir} was fine-tuned for a {data.info.type} task, but the evaluation is of "
+                     f"a {expected.info.type} task; evaluate with that run's task config")
+  for split in splits:
+    ours, theirs = data.split_labels(split), expected.split_labels(split)
+    if not (np.array_equal(ours.subject_ids, theirs.subject_ids)
+            and np.array_equal(ours.prediction_times, theirs.prediction_times)):
+      raise ValueError(f"the run in {workdir} was fine-tuned on other {split} label rows ({ours.path}) than the "
+                       f"evaluation's ({theirs.path}); use the same labels")
   scores = {s: finetune.predict_split(setup, params, data, s, batch_size=config.data.batch_size)[0] for s in splits}
   return scores, {"workdir": str(workdir), "mode": config.finetune.mode, "init": config.finetune.init,
                   "steps": config.train.num_steps, "train_labels": len(data.split_labels("train"))}
@@ -140,11 +151,11 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   if options.from_scratch_steps:
     log.info("evaluation: training the architecture from scratch for %d steps", options.from_scratch_steps)
     scratch_dir = train_from_scratch(config, out_dir / "from_scratch", options.from_scratch_steps)
-    scores[SCRATCH], descriptions[SCRATCH] = _finetuned_scores(scratch_dir, splits)
+    scores[SCRATCH], descriptions[SCRATCH] = _finetuned_scores(scratch_dir, splits, data)
   main_method = PROBE
   if options.finetuned_workdir:
     main_method = "finetuned"
-    scores[main_method], descriptions[main_method] = _finetuned_scores(options.finetuned_workdir, splits)
+    scores[main_method], descriptions[main_method] = _finetuned_scores(options.finetuned_workdir, splits, data)
   few_shot = {PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
               COUNT_LOGISTIC: (counts["train"], counts["held_out"], "logistic"),
               COUNT_GBM: (counts["train"], counts["held_out"], "gbm")} if "held_out" in splits else {}

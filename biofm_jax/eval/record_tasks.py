@@ -139,8 +139,11 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
   covariates = {s: {} for s in splits}
   few_shot = ({downstream.PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
                baseline: (features["train"], features["held_out"], model_name)} if "held_out" in splits else {})
+  # Rows without a label, or with a class training never saw, cannot be scored: say how many.
+  dropped = {s: int(len(data.source(s)) - len(ids[s])) for s in every}
   task = {"name": label_column, "type": info.type, "labels": f"{data.name} label column {label_column!r}",
-          "classes": list(info.classes), "rows": {s: int(len(ids[s])) for s in every}, "outputs": info.num_outputs}
+          "classes": list(info.classes), "rows": {s: int(len(ids[s])) for s in every},
+          "rows_without_a_training_class": dropped, "outputs": info.num_outputs}
   model = {"name": downstream.PROBE, "pretrained": str(workdir), **descriptions[downstream.PROBE]}
   out_dir.mkdir(parents=True, exist_ok=True)
   return downstream.write_evaluation(out_dir, task, model, info, scores, descriptions, targets, covariates,

@@ -150,7 +150,8 @@ class LoRAModel:
       lead, n_in, _ = _split_axes(path[-2], kernel.ndim)
       a2 = a.reshape(a.shape[:lead] + (-1, self.rank))
       b2 = b.reshape(b.shape[:lead] + (self.rank, -1))
-      flat[path] = kernel + (scale * (a2 @ b2)).reshape(kernel.shape).astype(kernel.dtype)
+      # The kernel is frozen: no gradient is computed for it, only for the adapters.
+      flat[path] = jax.lax.stop_gradient(kernel) + (scale * (a2 @ b2)).reshape(kernel.shape).astype(kernel.dtype)
     params["backbone"] = traverse_util.unflatten_dict(flat)
     return params
 

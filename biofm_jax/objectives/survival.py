@@ -22,8 +22,12 @@ import numpy as np
 
 
 def interval_index(times: jax.Array, edges) -> jax.Array:
-  """int32 index of the interval holding each time (times >= 0)."""
-  return (jnp.searchsorted(jnp.asarray(edges, jnp.float32), times, side="right") - 1).astype(jnp.int32)
+  """int32 index of the interval [edges[k], edges[k+1]) holding each time (times >= 0); the
+  last interval is closed, so a time at the horizon (the last training event) is in it, and
+  J marks a time past the horizon."""
+  edges = jnp.asarray(edges, jnp.float32)
+  j = jnp.searchsorted(edges, times, side="right") - 1
+  return jnp.where(times == edges[-1], len(edges) - 2, j).astype(jnp.int32)
 
 
 def negative_log_likelihood(hazard_logits: jax.Array, times: jax.Array, events: jax.Array, edges) -> jax.Array:

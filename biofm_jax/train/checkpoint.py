@@ -6,15 +6,20 @@ One checkpoint step holds three items:
            of an uninterrupted one,
   config - the resolved config as JSON, for the record.
 Orbax writes a step into a temporary directory and renames it only when complete, so a
-write interrupted by a crash or kill -9 is never taken as the latest step.
+write interrupted by a crash or kill -9 is never taken as the latest step. A step written
+by N processes resumes with M: the state restores onto any mesh, and the data position is
+the same for every process (see `restore`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pathlib
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -48,11 +53,31 @@ class Checkpointer:
     return saved
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-    """Restores `step` into `abstract_state`'s shardings; sets `data_iterator`'s position."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=grain.checkpoint.CheckpointRestore(data_iterator))
-    restored = self._manager.restore(step, args=args)
-    return restored.state
+    """Restores `step` into `abstract_state`'s shardings; sets `data_iterator`'s position.
+
+    Written by another number of processes, the step has no data state for this process:
+    every process's stream is its share of one global stream (`data/pipeline.py`), so all
+    of them stood at the same position, which this process then takes."""
+    if self._data_state_path(step, jax.process_index(), jax.process_count()).exists():
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                data=grain.checkpoint.CheckpointRestore(data_iterator))
+      return self._manager.restore(step, args=args).state
+    data_iterator.set_state(self._shared_data_state(step))
+    return self.restore_state(step, abstract_state)
+
+  def _data_state_path(self, step: int, index: int, count: int) -> pathlib.Path:
+    return pathlib.Path(self.directory) / str(step) / "data" / f"process_{index}-of-{count}.json"
+
+  def _shared_data_state(self, step: int) -> dict:
+    files = sorted((pathlib.Path(self.directory) / str(step) / "data").glob("process_*-of-*.json"))
+    states = [json.loads(f.read_text()) for f in files]
+    if not states or any(state != states[0] for state in states):
+      raise ValueError(f"checkpoint step {step} in {self.directory}: written by another number of processes "
+                       f"({[f.name for f in files]}) whose data positions differ or are missing; it cannot "
+                       f"resume with {jax.process_count()} process(es)")
+    logging.info("checkpoint: step %d was written by %d process(es); resuming its data position with %d",
+                 step, len(files), jax.process_count())
+    return states[0]
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Only the train state (e.g. to evaluate or fine-tune from a checkpoint)."""

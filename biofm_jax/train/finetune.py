@@ -46,6 +46,14 @@ def pretrained_checkpoint(workdir: str | pathlib.Path) -> tuple[pathlib.Path, in
     checkpointer.close()
 
 
+def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The (locked) config saved in a run's latest checkpoint."""
+  _, _, saved = pretrained_checkpoint(workdir)
+  config = ml_collections.ConfigDict(saved)
+  config.lock()
+  return config
+
+
 def finetune_config(finetune: ml_collections.ConfigDict, pretrained_workdir: str | pathlib.Path,
                     ) -> ml_collections.ConfigDict:
   """The fine-tuning run's config: `finetune`'s sections over the pre-training run's model,
@@ -64,9 +72,9 @@ def finetune_config(finetune: ml_collections.ConfigDict, pretrained_workdir: str
 
 
 def check_architecture(finetune: ml_collections.ConfigDict, saved: dict) -> None:
-  """A fine-tuning config may name model fields (to pin what it expects); any that differ
-  from the checkpoint's are an error naming them."""
-  wanted = config_to_dict(finetune).get("model") or {}
+  """A fine-tuning config may pin model fields (`--config.model.num_layers=12`; None = take
+  the checkpoint's); any that differ from the checkpoint's are an error naming them."""
+  wanted = {k: v for k, v in (config_to_dict(finetune).get("model") or {}).items() if v is not None}
   have = saved.get("model") or {}
   differ = sorted(k for k in wanted if k in have and wanted[k] != have[k])
   if differ:
@@ -118,7 +126,9 @@ def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir
     raise ValueError("config.task.labels is empty: give a MEDS labels parquet file (or task.synthetic for "
                      "the synthetic cohort)")
   from biofm_jax.data.sources.synthetic_labels import write_synthetic_labels
-  path = artifacts_dir / f"labels_{config.task.synthetic}.parquet"
+  censor = config.task.synthetic_censor_fraction
+  suffix = f"_seed{config.seed}" + (f"_censor{censor:g}" if censor else "")
+  path = artifacts_dir / f"labels_{config.task.synthetic}{suffix}.parquet"  # other settings, other file
   if not path.exists():
     write_synthetic_labels(meds_root, path, config.task.synthetic, seed=config.seed,
                            censor_fraction=config.task.synthetic_censor_fraction)

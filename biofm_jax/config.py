@@ -139,7 +139,14 @@ MODEL_SIZES = {
     "small": dict(num_layers=4, embed_dim=128, num_heads=4, mlp_dim=512),
     # For real runs: 85M in the transformer, about 108M with a 15k-code vocabulary.
     "base": dict(num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072),
+    # For accelerator slices; sized (ahead of time, experiments/compile.py) with FSDP_SIZES.
+    "large": dict(num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096),  # ~300M
+    "1b": dict(num_layers=24, embed_dim=2048, num_heads=16, mlp_dim=8192),  # ~1.2B
+    "7b": dict(num_layers=32, embed_dim=4096, num_heads=32, mlp_dim=16384),  # ~6.4B
 }
+# Sizes that do not fit one accelerator's memory: parameters and optimiser state are
+# sharded over every device (FSDP), activations rematerialised, compute in bfloat16.
+FSDP_SIZES = ("large", "1b", "7b")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -164,6 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_model_size(config: ml_collections.ConfigDict, size: str) -> None:
+  """Sets the model's size; the FSDP sizes also shard the state over every device, keep
+  only the layer inputs for the backward pass, and compute in bfloat16."""
   if size not in MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
   config.model.update(MODEL_SIZES[size])
+  if size in FSDP_SIZES:
+    config.model.update(dtype="bfloat16", remat="full")
+    config.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -8,6 +8,8 @@ Arguments after the colon pick a preset:
   tiny  - unit tests and CI on a CPU (seconds)
   demo  - `make demo`: a small model on a generated cohort, a few minutes on 2 CPU cores
   base  - about 100M parameters, for accelerators
+  large, 1b, 7b - about 0.3B, 1.2B and 6.4B parameters, FSDP over every device, bf16 compute
+          (check what a slice needs first: experiments/compile.py)
 With `data.ehr.path` empty, a synthetic MEDS cohort is generated into the workdir.
 """
 from biofm_jax.config import apply_model_size, base_config
@@ -47,6 +49,13 @@ def get_config(arg=None):
     config.train.update(num_steps=100_000, warmup_steps=2000, learning_rate=3e-4, log_every=50,
                         eval_every=2000, eval_batches=50)
     config.checkpoint.update(every_steps=2000)
+  elif preset in ("large", "1b", "7b"):  # FSDP over every device: size them with experiments/compile.py
+    apply_model_size(config, preset)
+    config.data.ehr.update(max_len=1024, min_code_count=10)
+    config.data.batch_size = 512
+    config.train.update(num_steps=200_000, warmup_steps=2000, learning_rate=2e-4, log_every=50,
+                        eval_every=5000, eval_batches=50)
+    config.checkpoint.update(every_steps=2000)
   else:
-    raise ValueError(f"unknown preset {preset!r}: choose tiny, demo or base")
+    raise ValueError(f"unknown preset {preset!r}: choose tiny, demo, base, large, 1b or 7b")
   return config

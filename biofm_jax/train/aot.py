@@ -1,0 +1,103 @@
+"""Ahead-of-time sizing: what a configuration costs on a mesh, before anyone pays for it.
+
+`size_training` builds the training setup from a config alone (no data: `AbstractData`
+stands in for a data module with the config's shapes and a stated vocabulary size), and
+reports per device:
+  * the parameter and optimiser-state bytes from the state's shardings (exact, no compile),
+    so the 1/N shrinking of FSDP shows directly;
+  * with `compile=True`, the compiled train step's memory (argument + output - aliased +
+    temporaries, `memory_analysis`) and the compiler's FLOP count as a cross-check;
+  * model FLOPs per step (analytic: the compiler counts a scanned layer once) and the step
+    time they imply at a stated MFU of a stated per-device peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from biofm_jax.data import batch as B
+from biofm_jax.train.setup import build_training
+
+
+class AbstractData:
+  """A stand-in EHR data module: the shapes a config implies, without reading data."""
+  name = "ehr"
+
+  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
+    if "ehr" not in config.data:
+      raise ValueError(f"ahead-of-time sizing is built for EHR configs (config.data.ehr); this config has "
+                       f"{sorted(config.data.keys())}")
+    self.cfg, self.vocab_size = config.data.ehr, vocab_size
+    self.masked = config.objective.name == "masked"
+
+  def example_spec(self) -> dict:
+    return B.ehr_example_spec(self.cfg.max_len, with_targets=self.masked)
+
+  def embedding_spec(self) -> dict:
+    return B.ehr_example_spec(self.cfg.max_len, with_targets=False)
+
+  def model_info(self) -> dict:
+    return {"vocab_size": self.vocab_size, "num_value_bins": self.cfg.num_value_bins, "max_len": self.cfg.max_len}
+
+
+@dataclasses.dataclass
+class Sizing:
+  mesh: dict
+  num_params: int
+  param_bytes_per_device: int
+  optimizer_bytes_per_device: int
+  model_flops_per_step: float
+  compiled_bytes_per_device: int | None = None
+  compiler_flops_per_step: float | None = None
+
+  def step_seconds(self, peak_flops_per_device: float, mfu: float) -> float:
+    devices = math.prod(self.mesh.values())
+    return self.model_flops_per_step / (devices * peak_flops_per_device * mfu)
+
+  def bytes_per_device(self) -> int:
+    """What must fit: the compiled step's memory when compiled, else the state alone."""
+    return self.compiled_bytes_per_device or (self.param_bytes_per_device + self.optimizer_bytes_per_device)
+
+
+def bytes_per_device(abstract_tree: Any) -> int:
+  """Bytes of the largest shard set on one device: each leaf's shard shape times its itemsize."""
+  per_device: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(abstract_tree):
+    sharding = leaf.sharding
+    shard = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    for device in sharding.device_set:
+      per_device[device] = per_device.get(device, 0) + shard
+  return max(per_device.values(), default=0)
+
+
+def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000, compile: bool = True) -> Sizing:
+  setup = build_training(config, AbstractData(config, vocab_size))
+  abstract = setup.abstract_state
+  sizing = Sizing(
+      mesh=dict(setup.mesh.shape), num_params=sum(x.size for x in jax.tree.leaves(abstract.params)),
+      param_bytes_per_device=bytes_per_device(abstract.params),
+      optimizer_bytes_per_device=bytes_per_device(abstract.opt_state),
+      model_flops_per_step=config.data.batch_size * setup.model.flops_per_example())
+  if compile:
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype,
+                                                        sharding=_batch_sharding(setup)), setup.init_batch)
+    compiled = setup.train_step.lower(abstract, batch).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+      sizing.compiled_bytes_per_device = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+      sizing.compiler_flops_per_step = float(cost["flops"])
+  return sizing
+
+
+def _batch_sharding(setup):
+  from biofm_jax import parallel
+  return parallel.batch_sharding(setup.mesh)

@@ -25,6 +25,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/checkpoint.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -30,21 +30,11 @@ flags.mark_flags_as_required(["pretrained", "out"])
 
 def whole_record_embeddings(pretrained: pathlib.Path, splits):
   from biofm_jax.eval.embeddings import embed_split
-  from biofm_jax.train.checkpoint import Checkpointer
-  from biofm_jax.train.finetune import pretrained_checkpoint
-  from biofm_jax.train.loop import open_data_module
-  from biofm_jax.train.setup import build_training
-  import ml_collections
-  directory, step, saved = pretrained_checkpoint(pretrained)
-  config = ml_collections.ConfigDict(saved)
-  data = open_data_module(config, pretrained / "artifacts")
+  from biofm_jax.train.loop import open_run
+  config, data, setup, params, _ = open_run(pretrained)
   if data.name != "ehr":  # stratify.py joins on integer MEDS subject ids
     raise ValueError(f"whole-record embeddings are written for EHR runs; {pretrained} is a {data.name!r} run "
                      f"(use biofm_jax.eval.embeddings.embed_split from Python)")
-  setup = build_training(config, data)
-  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
-  params = checkpointer.restore_state(step, setup.abstract_state).params
-  checkpointer.close()
   for split in splits:
     source = data.source(split)
     yield split, source.subject_ids, None, embed_split(setup, params, data, split, batch_size=config.data.batch_size)

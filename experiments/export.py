@@ -49,28 +49,17 @@ def main(argv, overrides):
   del argv
   import dataclasses
 
-  import ml_collections
-
   from biofm_jax.config import load_config
   from biofm_jax.export import export_embedding_model
-  from biofm_jax.train.checkpoint import Checkpointer
-  from biofm_jax.train.loop import open_data_module
-  from biofm_jax.train.setup import batch_spec, build_training
+  from biofm_jax.train.loop import open_run
+  from biofm_jax.train.setup import batch_spec
 
   workdir = pathlib.Path(FLAGS.workdir).absolute()
-  checkpoints = Checkpointer(workdir / "checkpoints", keep=1)
-  step = checkpoints.latest_step()
-  if step is None:
-    sys.exit(f"error: no checkpoint in {workdir / 'checkpoints'}")
   try:
-    config = (load_config(FLAGS.config, overrides) if FLAGS.config
-              else ml_collections.ConfigDict(checkpoints.restore_config(step)))
-    data = open_data_module(config, workdir / "artifacts")
+    config, data, setup, params, step = open_run(workdir, load_config(FLAGS.config, overrides) if FLAGS.config
+                                                 else None)
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  setup = build_training(config, data)
-  params = checkpoints.restore_state(step, setup.abstract_state).params
-  checkpoints.close()
   inputs = {m: spec for m, spec in batch_spec(data, embedding=True).items() if m != "task"}  # targets are not inputs
   metadata = {"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides, "step": step,
               "workdir": str(workdir)}

@@ -154,14 +154,9 @@ def assert_resume_reproduces(spec: str, workdir, *, stop_at: int, num_steps: int
 def pretrain_and_restore(spec: str, workdir, **overrides):
   """Trains `spec` in `workdir`, then rebuilds its data module and training setup and
   restores the latest parameters: (config, data module, setup, params, metrics)."""
-  from biofm_jax.train.checkpoint import Checkpointer
-  from biofm_jax.train.loop import open_data_module
-  from biofm_jax.train.setup import build_training
+  from biofm_jax.train.loop import open_run
   config = config_for(spec, **{"train.log_every": 10, "train.eval_every": 100, "checkpoint.every_steps": 1000,
                                **{k.replace("__", "."): v for k, v in overrides.items()}})
   train(config, workdir)
-  data = open_data_module(config, pathlib.Path(workdir) / "artifacts")
-  setup = build_training(config, data)
-  checkpoints = Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=2)
-  params = checkpoints.restore_state(checkpoints.latest_step(), setup.abstract_state).params
+  config, data, setup, params, _ = open_run(workdir, config)
   return config, data, setup, params, read_metrics(workdir)

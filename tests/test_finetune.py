@@ -59,8 +59,9 @@ def test_regression_fine_tuning_predicts_the_planted_risk_in_its_own_units(pretr
   scores = score_finetuned(tmp_path / "risk", config)
   assert scores["held_out"]["r2"] > 0.2 and scores["held_out"]["pearson"] > 0.5, scores
   # Targets are standardised for training; predictions come back in the label's units.
-  from biofm_jax.train.finetune import open_finetuned, predict_split
-  _, data, setup, params = open_finetuned(tmp_path / "risk")
+  from biofm_jax.train.finetune import predict_split
+  from biofm_jax.train.loop import open_run
+  _, data, setup, params, _ = open_run(tmp_path / "risk")
   predicted, _ = predict_split(setup, params, data, "held_out", batch_size=16)
   truth = data.split_labels("held_out").targets["label"]
   assert abs(predicted.mean() - truth.mean()) < 0.5 * truth.std()
@@ -96,9 +97,9 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
   from biofm_jax.data import pipeline
   from biofm_jax.export import load_exported
   from biofm_jax.objectives.survival import risk_score
-  from biofm_jax.train.finetune import open_finetuned
+  from biofm_jax.train.loop import open_run
   from biofm_jax.train.step import jit_embed_step
-  _, data, setup, params = open_finetuned(tmp_path / "survival")
+  _, data, setup, params, _ = open_run(tmp_path / "survival")
   exported = load_exported(tmp_path / "export")
   assert exported.info["task"]["type"] == "survival" and exported.info["output"] == ["task", "logits"]
   assert not list((tmp_path / "export" / "artifacts").glob("labels_*"))

@@ -12,8 +12,8 @@ from sklearn.multiclass import OneVsRestClassifier
 
 import helpers
 from biofm_jax.eval.downstream import EvaluationOptions
-from biofm_jax.eval.record_tasks import evaluate_record_labels, open_pretrained
-from biofm_jax.train.loop import train_and_evaluate
+from biofm_jax.eval.record_tasks import evaluate_record_labels
+from biofm_jax.train.loop import open_run, train_and_evaluate
 
 FAST = EvaluationOptions(few_shot_ks=(1, 4), few_shot_seeds=(0, 1), bootstrap_samples=50)
 
@@ -35,7 +35,7 @@ def test_expression_probe_is_reported_beside_l1_logistic_regression_on_normalise
   assert report["summary"] and (tmp_path / "report" / "report.md").exists()
 
   # The baseline is what an independent scikit-learn pipeline gives on the same cells.
-  _, data, _, _ = open_pretrained(run)
+  _, data, _, _, _ = open_run(run)
   adata = anndata.read_h5ad(data.dataset.path)
   names = tuple(data.dataset.label_names)
 

@@ -87,7 +87,8 @@ def train_from_scratch(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 def _finetuned_scores(workdir, splits, expected) -> tuple[dict[str, np.ndarray], dict]:
   """Scores of a fine-tuning run on `splits`, checked to be of the same task and rows as
   the evaluation's (`expected`: its labelled data module)."""
-  config, data, setup, params = finetune.open_finetuned(workdir)
+  from biofm_jax.train.loop import open_run
+  config, data, setup, params, _ = open_run(workdir)
   if data.info.type != expected.info.type:
     raise ValueError(f"the run in {workdir} was fine-tuned for a {data.info.type} task, but the evaluation is of "
                      f"a {expected.info.type} task; evaluate with that run's task config")

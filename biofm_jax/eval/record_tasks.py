@@ -17,7 +17,6 @@ import logging
 import pathlib
 from typing import Any
 
-import ml_collections
 import numpy as np
 import scipy.sparse as sp
 
@@ -95,30 +94,13 @@ def label_targets(data, label_column: str, splits) -> tuple[TaskInfo, dict[str, 
   return info, ids, rows
 
 
-def open_pretrained(workdir: pathlib.Path):
-  """(config, data module, setup, params) of a pre-training run, from its own saved config."""
-  from biofm_jax.train.checkpoint import Checkpointer
-  from biofm_jax.train.finetune import pretrained_checkpoint
-  from biofm_jax.train.loop import open_data_module
-  from biofm_jax.train.setup import build_training
-  directory, step, saved = pretrained_checkpoint(workdir)
-  config = ml_collections.ConfigDict(saved)
-  data = open_data_module(config, workdir / "artifacts")
-  setup = build_training(config, data)
-  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
-  try:
-    params = checkpointer.restore_state(step, setup.abstract_state).params
-  finally:
-    checkpointer.close()
-  return config, data, setup, params
-
-
 def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str | pathlib.Path, label_column: str,
                            options: downstream.EvaluationOptions = downstream.EvaluationOptions()) -> dict:
   """Probe vs the modality's classical baseline on `label_column`; writes the report."""
   from biofm_jax.eval.embeddings import embed_split
+  from biofm_jax.train.loop import open_run
   workdir, out_dir = pathlib.Path(pretrained_workdir).absolute(), pathlib.Path(out_dir).absolute()
-  config, data, setup, params = open_pretrained(workdir)
+  config, data, setup, params, _ = open_run(workdir)
   splits = tuple(options.splits)
   every = ("train",) + splits
   features = raw_features(data, every)

@@ -205,31 +205,12 @@ def target_arrays(labels, info) -> dict[str, Any]:
   return {"label": labels.targets[B.TASK_LABEL]}
 
 
-def open_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None):
-  """(config, labelled data, setup, params) of a fine-tuning run's latest checkpoint."""
-  from biofm_jax.train.checkpoint import Checkpointer
-  from biofm_jax.train.setup import build_training
-  workdir = pathlib.Path(workdir).absolute()
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=1000, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"fine-tuned run {workdir}: no checkpoint")
-    if config is None:
-      config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    data = open_labeled_data(config, workdir / "artifacts")
-    setup = build_training(config, data)
-    params = checkpointer.restore_state(step, setup.abstract_state).params
-  finally:
-    checkpointer.close()
-  return config, data, setup, params
-
-
 def score_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
                     splits=("tuning", "held_out")) -> dict[str, dict[str, float]]:
   """Task metrics (`eval/metrics.py`) of a fine-tuned run on each split."""
   from biofm_jax.eval.metrics import task_metrics
-  config, data, setup, params = open_finetuned(workdir, config)
+  from biofm_jax.train.loop import open_run
+  config, data, setup, params, _ = open_run(workdir, config)
   out = {}
   for split in splits:
     scores, _ = predict_split(setup, params, data, split, batch_size=config.data.batch_size)

@@ -96,6 +96,25 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
   return module or open_module()
 
 
+def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):
+  """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training
+  or fine-tuning, with the config saved in the checkpoint unless `config` is given."""
+  workdir = pathlib.Path(workdir).absolute()
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=1000, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
+    if config is None:
+      config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    data = open_data_module(config, workdir / "artifacts")
+    setup = build_training(config, data)
+    params = checkpointer.restore_state(step, setup.abstract_state).params
+  finally:
+    checkpointer.close()
+  return config, data, setup, params, step
+
+
 def make_train_iterator(data_module, config: ml_collections.ConfigDict):
   """The endless, checkpointable stream of per-process training batches."""
   make = getattr(data_module, "make_train_dataset", None)  # a module with its own (mixed) stream

@@ -40,6 +40,14 @@ setup(
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
                 # the test suite executes notebooks/
-                "nbformat>=5.9,<6", "nbclient>=0.10,<0.12", "ipykernel>=6.29,<8"],
+                "nbformat>=5.9,<6", "nbclient>=0.10,<0.12", "ipykernel>=6.29,<8",
+                # the TPU compiler, so tests/test_scaling.py compiles for a TPU slice
+                "jax[tpu]>=0.10.2,<0.11"],
+        # Only benchmarks/peer.py uses these (the PyTorch / Hugging Face BERT peer); tested with
+        # torch 2.13.0+cpu and transformers 5.24.0.
+        "peer": ["torch>=2.13,<2.14", "transformers>=5.24,<6"],
+        # The TPU compiler, for experiments/compile.py --topology=v5p-256 etc. on a CPU machine:
+        # jax's own extra picks the libtpu its version was built with (0.0.42.* for jax 0.10.2).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

@@ -159,7 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=2, embed_dim=32, num_heads=2, head_dim=0, mlp_dim=64, dropout_rate=0.0,
       position="rope", norm="rmsnorm", dtype="float32", param_dtype="float32",
       remat="none", scan_layers=True)
-  config.data = dict(batch_size=32, num_workers=0)
+  config.data = dict(batch_size=32, num_workers=0,
+                     prepared="")  # a directory from experiments/prepare.py: read it instead of raw files
   config.train = dict(
       num_steps=1000, learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1,
       weight_decay=0.01, adam_b1=0.9, adam_b2=0.98, grad_clip_norm=1.0, grad_accum_steps=1,

@@ -66,11 +66,11 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
           **dict(metadata or {})}
   (out / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
   if artifacts_dir is not None:
-    shutil.copytree(artifacts_dir, out / ARTIFACTS_DIR, ignore=_skip_generated_data)
+    shutil.copytree(artifacts_dir, out / ARTIFACTS_DIR, ignore=skip_generated_data)
   return out
 
 
-def _skip_generated_data(directory: str, names: list[str]) -> list[str]:
+def skip_generated_data(directory: str, names: list[str]) -> list[str]:
   """Vocabularies and statistics are small JSON files; generated cohorts and labels are
   data, not artifacts of the model."""
   return [name for name in names if name.startswith(("synthetic", "labels_"))]

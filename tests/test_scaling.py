@@ -1,11 +1,14 @@
 """Size presets up to billions of parameters, FSDP shrinking per-device state as 1/N, and
-the ahead-of-time compile command on a fake CPU mesh."""
+the ahead-of-time compile command on a fake CPU mesh and on a TPU slice (TPU compiler)."""
+import importlib.util
+import re
 import subprocess
 import sys
 
 import pytest
 
 import helpers
+from biofm_jax.hardware import topology
 from biofm_jax.train.aot import size_training
 
 
@@ -37,3 +40,30 @@ def test_compile_command_reports_memory_flops_and_step_time_and_what_does_not_fi
   too_big = subprocess.run(run + ["--config=configs/ehr_bert.py:7b", "--nocompile", "--device_memory_gb=4"],
                            cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert too_big.returncode == 1 and "does not fit" in too_big.stdout, too_big.stdout + too_big.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, devices, tpu_topology", [
+    ("v5p-256", 128, "v5p:4x4x8"), ("v4-32", 16, "v4:2x2x4"), ("v5e-256", 256, "v5e:16x16"),
+    ("v6e-8", 8, "v6e:2x4"), ("h100-16", 16, None)])
+def test_topology_names_resolve_to_the_slices_cloud_tpu_and_gpu_hosts_have(name, devices, tpu_topology):
+  slice_ = topology(name)
+  assert (slice_.num_devices, slice_.tpu_topology) == (devices, tpu_topology)
+
+
+@pytest.mark.parametrize("name, message", [("v5p-3", "no v5p slice of that size"), ("x9-8", "unknown kind"),
+                                           ("v5p", "expected <kind>-<count>")])
+def test_bad_topology_names_are_refused(name, message):
+  with pytest.raises(ValueError, match=message):
+    topology(name)
+
+
+def test_compile_command_sizes_a_tpu_slice_with_the_tpu_compiler():
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("the TPU compiler (libtpu, pip install -e '.[tpu]') is not installed")
+  run = subprocess.run([sys.executable, "experiments/compile.py", "--config=configs/ehr_bert.py:tiny",
+                        "--topology=v5e-4"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "v5e-4 (4 devices, TPU compiler, topology v5e:2x2), mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in run.stdout
+  memory = float(re.search(r"compiled step memory\s+([\d.]+) GiB per device \(TPU\)", run.stdout).group(1))
+  assert 0 < memory < 1, run.stdout
+  assert "of 16 GiB per device" in run.stdout and "of 197 TFLOP/s" in run.stdout  # v5e's datasheet

@@ -45,6 +45,10 @@ class AbstractData:
     return {"vocab_size": self.vocab_size, "num_value_bins": self.cfg.num_value_bins, "max_len": self.cfg.max_len}
 
 
+class DoesNotFit(Exception):
+  """The compiler found the step too large for a device's memory (its message says by how much)."""
+
+
 @dataclasses.dataclass
 class Sizing:
   mesh: dict
@@ -75,8 +79,11 @@ def bytes_per_device(abstract_tree: Any) -> int:
   return max(per_device.values(), default=0)
 
 
-def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000, compile: bool = True) -> Sizing:
-  setup = build_training(config, AbstractData(config, vocab_size))
+def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000, compile: bool = True,
+                  devices: list | None = None) -> Sizing:
+  """`devices`: the mesh's devices (default jax.devices(), fake CPU devices in
+  experiments/compile.py; `Topology.devices()` for a TPU slice)."""
+  setup = build_training(config, AbstractData(config, vocab_size), devices)
   abstract = setup.abstract_state
   sizing = Sizing(
       mesh=dict(setup.mesh.shape), num_params=sum(x.size for x in jax.tree.leaves(abstract.params)),
@@ -86,7 +93,12 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
   if compile:
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype,
                                                         sharding=_batch_sharding(setup)), setup.init_batch)
-    compiled = setup.train_step.lower(abstract, batch).compile()
+    try:
+      compiled = setup.train_step.lower(abstract, batch).compile()
+    except Exception as e:  # the TPU compiler refuses what cannot fit, naming the bytes
+      if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+        raise DoesNotFit(str(e).split("\n")[0][:2000]) from e
+      raise
     memory = compiled.memory_analysis()
     if memory is not None:
       sizing.compiled_bytes_per_device = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -101,3 +113,4 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
 def _batch_sharding(setup):
   from biofm_jax import parallel
   return parallel.batch_sharding(setup.mesh)
+

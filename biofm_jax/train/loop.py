@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from biofm_jax import parallel
 from biofm_jax.config import config_to_dict, write_run_info
 from biofm_jax.data import pipeline
+from biofm_jax.data.prepared import open_prepared
 from biofm_jax.eval.baselines import reference_losses
 from biofm_jax.train.checkpoint import Checkpointer
 from biofm_jax.train.metrics import MetricWriter, Throughput, format_duration, measure_peak_flops
@@ -72,6 +73,10 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
   """The configured data module: one modality, or the multimodal join when `config.data`
   has a `multimodal` section. With several processes, process 0 prepares shared artifacts
   (a generated cohort, the vocabulary) before the others open them."""
+  prepared = config.data.get("prepared", "")
+  if prepared and ("task" in config or "multimodal" in config.data):
+    raise ValueError(f"config.data.prepared={prepared!r}: prepared datasets serve single-modality "
+                     f"pre-training; fine-tuning and multimodal runs read their raw sources")
   if "task" in config:  # fine-tuning on labels (train/finetune.py)
     from biofm_jax.train.finetune import open_labeled_data
     def open_module():
@@ -87,6 +92,9 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
       raise ValueError(f"config.data must configure exactly one of {sorted(pipeline.DATA_MODULES)} (or have "
                        f"a 'multimodal' section); found {modalities}")
     def open_module():
+      if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
+        return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
+                             objective=config.objective.name, artifacts_dir=artifacts_dir)
       return pipeline.DATA_MODULES[modalities[0]](config.data[modalities[0]], objective=config.objective.name,
                                                   artifacts_dir=artifacts_dir)
   if jax.process_count() == 1:

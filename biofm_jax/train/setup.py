@@ -61,8 +61,10 @@ def example_batch(data_module, num_examples: int) -> dict:
           for modality, spec in batch_spec(data_module).items()}
 
 
-def build_training(config: ml_collections.ConfigDict, data_module) -> TrainingSetup:
-  mesh = parallel.make_mesh(config.mesh)
+def build_training(config: ml_collections.ConfigDict, data_module, devices=None) -> TrainingSetup:
+  """`devices`: the mesh's devices, jax.devices() by default; ahead-of-time sizing passes a
+  TPU topology's (train/aot.py)."""
+  mesh = parallel.make_mesh(config.mesh, devices)
   rules = parallel.logical_rules(config.mesh)
   accum = config.train.grad_accum_steps
   parallel.check_batch_divides_mesh(config.data.batch_size, mesh, accum)

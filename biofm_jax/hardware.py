@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
@@ -26,6 +27,9 @@ class Topology:
     if importlib.util.find_spec("libtpu") is None:  # the TPU compiler: an optional extra
       raise RuntimeError(f"topology {self.name} compiles with the TPU compiler, which comes with the "
                          f"libtpu wheel that the installed jax names: pip install -e '.[tpu]'")
+    # Compile-only: no TPU is opened, so several sizing processes may hold libtpu at once
+    # (without this, the second one fails on libtpu's lock file).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     return list(topologies.get_topology_desc(topology_name=self.tpu_topology, platform="tpu").devices)
 

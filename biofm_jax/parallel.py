@@ -7,6 +7,7 @@ The same code runs on one CPU (a 1x1x1 mesh), 8 fake CPU devices, a GPU node or 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -119,9 +120,47 @@ def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, accum_steps: in
 
 
 def make_global_batch(host_batch: Any, mesh: Mesh) -> Any:
-  """Per-process numpy batch -> global `jax.Array`s sharded over the batch axes."""
+  """Per-process numpy batch -> global `jax.Array`s sharded over the batch axes. Each
+  process passes its data shard's rows (`data_shard`): processes sharing a shard pass the
+  same rows."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+  _, count = data_shard(mesh)
+  def to_global(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * count,) + x.shape[1:])
+  return jax.tree.map(to_global, host_batch)
+
+
+@functools.cache
+def data_shard(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): which slice of every global batch this process reads, of how many.
+
+  With the batch axes spanning every process this is (process index, process count). When
+  another axis spans processes (tensor parallelism across hosts), processes whose devices
+  hold the same batch rows form one shard and must read the same examples."""
+  return shard_layout(batch_rows_by_process(mesh))[jax.process_index()]
+
+
+def batch_rows_by_process(mesh: Mesh) -> dict[int, tuple[int, ...]]:
+  """process index -> the batch-shard rows (0 .. data x fsdp - 1) its devices hold."""
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  rows: dict[int, set[int]] = {}
+  for device, index in batch_sharding(mesh).devices_indices_map((shards,)).items():
+    rows.setdefault(device.process_index, set()).update(range(*index[0].indices(shards)))
+  return {process: tuple(sorted(r)) for process, r in rows.items()}
+
+
+def shard_layout(rows_by_process: dict[int, tuple[int, ...]]) -> dict[int, tuple[int, int]]:
+  """process -> (data shard index, shard count): processes holding the same rows share a
+  shard; shards must be disjoint, equal and contiguous (each process feeds one block)."""
+  distinct = sorted(set(rows_by_process.values()))
+  flat = [row for rows in distinct for row in rows]
+  contiguous = all(rows == tuple(range(rows[0], rows[0] + len(rows))) for rows in distinct)
+  if len(flat) != len(set(flat)) or len({len(rows) for rows in distinct}) != 1 or not contiguous:
+    raise ValueError(f"mesh: processes hold overlapping, unequal or scattered parts of the batch "
+                     f"(process -> batch rows: {rows_by_process}); order the mesh's devices so that "
+                     f"each process holds one contiguous block of the data x fsdp axes")
+  return {process: (distinct.index(rows), len(distinct)) for process, rows in rows_by_process.items()}
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

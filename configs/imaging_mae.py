@@ -7,7 +7,8 @@ Run:
 `data.imaging.path` is a directory (DICOM, NIfTI, PNG/JPEG, .npy; scanned recursively)
 or a manifest CSV with `subject_id`, `path` and optional `split`, `modality` and label
 columns. Empty: a synthetic dataset with planted lesions is generated in the workdir.
-Presets: tiny (CPU tests), demo (a few minutes on a CPU), base (ViT-B/16 at 224 x 224).
+Presets: tiny (CPU tests), demo (a few minutes on a CPU), base (ViT-B/16 at 224 x 224),
+large / 1b / 7b (FSDP over every device, bf16; size them first with experiments/compile.py).
 """
 from biofm_jax.config import apply_model_size, base_config
 
@@ -62,8 +63,17 @@ def imaging_config(preset: str, spatial_dims: int):
     config.train.update(num_steps=100_000, warmup_steps=5000, learning_rate=1.5e-4, log_every=50,
                         eval_every=2000, eval_batches=20)
     config.checkpoint.update(every_steps=2000)
+  elif preset in ("large", "1b", "7b"):  # FSDP over every device: size them with experiments/compile.py
+    apply_model_size(config, preset)
+    config.model.decoder.update(num_layers=8, embed_dim=512, num_heads=16, mlp_dim=2048)
+    config.data.imaging.update(image_size=(224,) * spatial_dims if spatial_dims == 2 else (128,) * 3,
+                               patch_size=(16,) * spatial_dims)
+    config.data.batch_size = 1024 if spatial_dims == 2 else 256
+    config.train.update(num_steps=200_000, warmup_steps=10_000, learning_rate=1.5e-4, log_every=50,
+                        eval_every=5000, eval_batches=20)
+    config.checkpoint.update(every_steps=2000)
   else:
-    raise ValueError(f"unknown preset {preset!r}: choose tiny, demo or base")
+    raise ValueError(f"unknown preset {preset!r}: choose tiny, demo, base, large, 1b or 7b")
   return config
 
 

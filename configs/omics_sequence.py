@@ -44,6 +44,13 @@ def get_config(arg=None):
     config.train.update(num_steps=100_000, warmup_steps=2000, learning_rate=1e-4, log_every=50,
                         eval_every=2000, eval_batches=50)
     config.checkpoint.update(every_steps=2000)
+  elif preset in ("large", "1b", "7b"):  # FSDP over every device: size them with experiments/compile.py
+    apply_model_size(config, preset)
+    config.data.sequence.update(max_len=2048)  # 12 kb of DNA at kmer=6
+    config.data.batch_size = 512
+    config.train.update(num_steps=200_000, warmup_steps=5000, learning_rate=1e-4, log_every=50,
+                        eval_every=5000, eval_batches=50)
+    config.checkpoint.update(every_steps=2000)
   else:
-    raise ValueError(f"unknown preset {preset!r}: choose tiny, protein or base")
+    raise ValueError(f"unknown preset {preset!r}: choose tiny, protein, base, large, 1b or 7b")
   return config

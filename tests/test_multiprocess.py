@@ -64,3 +64,13 @@ def test_a_run_resumes_with_another_number_of_processes(tmp_path):
   for workdir in (tmp_path / "two_then_one", tmp_path / "one_then_two"):
     helpers.assert_curves_close(helpers.train_losses(workdir), helpers.train_losses(reference), atol=1e-5)
     helpers.assert_trees_close(helpers.final_params(workdir, None), helpers.final_params(reference, None), atol=1e-5)
+
+
+def test_a_tensor_axis_across_processes_feeds_both_the_same_examples(tmp_path):
+  """One device per process and mesh (1, 1, 2): the tensor axis spans the processes, the
+  batch is replicated over them, so both read the whole global batch."""
+  overrides = {**helpers.constant_lr_overrides(STEPS), **helpers.mesh_overrides((1, 1, 2))}
+  run_processes(tmp_path / "two", overrides, devices_per_process=1)
+  helpers.train(helpers.config_for(SPEC, **helpers.constant_lr_overrides(STEPS)), tmp_path / "one")
+  helpers.assert_curves_close(helpers.train_losses(tmp_path / "two"), helpers.train_losses(tmp_path / "one"),
+                              atol=1e-5)

@@ -1,5 +1,6 @@
 """Sharded training on 8 fake CPU devices: same numbers on every mesh, real shards."""
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -98,3 +99,24 @@ def test_dimensions_that_do_not_divide_the_mesh_are_replicated():
            "even": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((10, 8), np.float32), ("vocab", "embed"))}
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   assert shardings["odd"].spec == P(None, "fsdp") and shardings["even"].spec == P("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("rows_by_process, expected", [
+    ({0: (0, 1), 1: (2, 3)}, {0: (0, 2), 1: (1, 2)}),  # batch axes span the processes
+    ({0: (0, 1), 1: (0, 1)}, {0: (0, 1), 1: (0, 1)}),  # tensor spans them: both read the same
+    ({0: (0,), 1: (1,), 2: (0,), 3: (1,)}, {0: (0, 2), 1: (1, 2), 2: (0, 2), 3: (1, 2)}),
+])
+def test_processes_holding_the_same_batch_rows_read_the_same_examples(rows_by_process, expected):
+  assert parallel.shard_layout(rows_by_process) == expected
+
+
+@pytest.mark.parametrize("rows_by_process", [{0: (0, 1), 1: (1, 2)}, {0: (0,), 1: (1, 2)}, {0: (0, 2), 1: (1, 3)}])
+def test_overlapping_unequal_or_scattered_batch_rows_are_refused(rows_by_process):
+  with pytest.raises(ValueError, match="overlapping, unequal or scattered"):
+    parallel.shard_layout(rows_by_process)
+
+
+def test_one_process_reads_the_whole_batch_on_any_mesh():
+  for shape in ((8, 1, 1), (2, 2, 2), (1, 1, 8)):
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape))))
+    assert parallel.data_shard(mesh) == (0, 1)

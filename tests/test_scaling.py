@@ -12,9 +12,12 @@ from biofm_jax.hardware import topology
 from biofm_jax.train.aot import size_training
 
 
-@pytest.mark.parametrize("preset, low, high", [("large", 0.25e9, 0.4e9), ("1b", 1.0e9, 1.5e9), ("7b", 6.0e9, 7.0e9)])
-def test_size_presets_have_the_parameters_they_promise(preset, low, high):
-  sizing = size_training(helpers.config_for(f"configs/ehr_bert.py:{preset}"), compile=False)
+@pytest.mark.parametrize("spec, low, high", [
+    ("ehr_bert.py:large", 0.25e9, 0.4e9), ("ehr_bert.py:1b", 1.0e9, 1.5e9), ("ehr_bert.py:7b", 6.0e9, 7.0e9),
+    ("ehr_gpt.py:1b", 1.0e9, 1.5e9), ("imaging_mae.py:large", 0.3e9, 0.4e9), ("imaging_mae3d.py:1b", 1.0e9, 1.5e9),
+    ("imaging_mae.py:7b", 6.0e9, 7.0e9), ("omics_sequence.py:1b", 1.0e9, 1.5e9)])
+def test_size_presets_have_the_parameters_they_promise(spec, low, high):
+  sizing = size_training(helpers.config_for(f"configs/{spec}"), compile=False)
   assert low < sizing.num_params < high, sizing.num_params
   assert sizing.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
 
@@ -67,6 +70,9 @@ def test_compile_command_sizes_a_tpu_slice_with_the_tpu_compiler():
   memory = float(re.search(r"compiled step memory\s+([\d.]+) GiB per device \(TPU\)", run.stdout).group(1))
   assert 0 < memory < 1, run.stdout
   assert "of 16 GiB per device" in run.stdout and "of 197 TFLOP/s" in run.stdout  # v5e's datasheet
+  images = subprocess.run([sys.executable, "experiments/compile.py", "--config=configs/imaging_mae3d.py:tiny",
+                           "--topology=v5e-4"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert images.returncode == 0 and "compiled step memory" in images.stdout, images.stderr[-2000:]
   # The TPU compiler's own refusal becomes "does not fit", with its figures.
   too_big = subprocess.run([sys.executable, "experiments/compile.py", "--config=configs/ehr_bert.py:7b",
                             "--topology=v5e-256"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)

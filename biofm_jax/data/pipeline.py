@@ -12,6 +12,9 @@ which `example_modality` gives None): they are not wrapped, and the eval padding
 from their nested spec, every PRESENT False. `make_mixed_train_dataset` mixes
 single-modality streams by weight (multi-task pre-training) into the same format.
 
+"Process" here means a data shard: the training loop passes `parallel.data_shard`, so
+processes whose devices hold the same batch rows (a tensor axis across hosts) share one.
+
 Batches are built on the `MapDataset` (before `to_iter_dataset`), so which records form
 global batch k depends only on the seed: not on the number of workers, nor on the number
 of processes (each holds a fixed share of it), so a run may change either on restart.

@@ -1,7 +1,8 @@
 """Ahead-of-time sizing: what a configuration costs on a mesh, before anyone pays for it.
 
 `size_training` builds the training setup from a config alone (no data: `AbstractData`
-stands in for a data module with the config's shapes and a stated vocabulary size), and
+stands in for an EHR, imaging or sequence data module with the config's shapes and a
+stated vocabulary size), and
 reports per device:
   * the parameter and optimiser-state bytes from the state's shardings (exact, no compile),
     so the 1/N shrinking of FSDP shows directly;
@@ -25,24 +26,44 @@ from biofm_jax.train.setup import build_training
 
 
 class AbstractData:
-  """A stand-in EHR data module: the shapes a config implies, without reading data."""
-  name = "ehr"
+  """A stand-in data module: the shapes a config implies, without reading data.
+
+  EHR and sequence configs take their vocabulary size from `vocab_size` (the data decides
+  it in a real run; a sequence tokenizer's is fixed by the config); imaging configs need
+  nothing more than their settings. Expression and tabular inputs are sized by the data
+  itself (gene panel, columns), so they are not covered."""
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
-    if "ehr" not in config.data:
-      raise ValueError(f"ahead-of-time sizing is built for EHR configs (config.data.ehr); this config has "
-                       f"{sorted(config.data.keys())}")
-    self.cfg, self.vocab_size = config.data.ehr, vocab_size
-    self.masked = config.objective.name == "masked"
+    present = [m for m in ("ehr", "imaging", "sequence") if m in config.data]
+    if len(present) != 1 or "multimodal" in config.data:
+      raise ValueError(f"ahead-of-time sizing is built for EHR, imaging and sequence configs "
+                       f"(config.data.ehr / imaging / sequence); this config has {sorted(config.data.keys())}")
+    self.name, cfg = present[0], config.data[present[0]]
+    masked = config.objective.name == "masked"
+    if self.name == "ehr":
+      self._spec = B.ehr_example_spec(cfg.max_len, with_targets=masked)
+      self._embedding_spec = B.ehr_example_spec(cfg.max_len, with_targets=False)
+      self._info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
+    elif self.name == "sequence":
+      from biofm_jax.data.sequence import tokenizer_from_config
+      self._spec = B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True)
+      self._embedding_spec = B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False)
+      self._info = {"vocab_size": tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
+                    "max_len": cfg.max_len}
+    else:  # imaging: the real module's shapes, from its settings alone
+      from biofm_jax.data.imaging import ImagingData, ImagingSettings
+      module = ImagingData(None, ImagingSettings.from_config(cfg), objective=config.objective.name)
+      self._spec, self._embedding_spec, self._info = (module.example_spec(), module.embedding_spec(),
+                                                      module.model_info())
 
   def example_spec(self) -> dict:
-    return B.ehr_example_spec(self.cfg.max_len, with_targets=self.masked)
+    return dict(self._spec)
 
   def embedding_spec(self) -> dict:
-    return B.ehr_example_spec(self.cfg.max_len, with_targets=False)
+    return dict(self._embedding_spec)
 
   def model_info(self) -> dict:
-    return {"vocab_size": self.vocab_size, "num_value_bins": self.cfg.num_value_bins, "max_len": self.cfg.max_len}
+    return dict(self._info)
 
 
 class DoesNotFit(Exception):

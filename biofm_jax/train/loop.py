@@ -125,15 +125,23 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | Non
 
 def make_train_iterator(data_module, config: ml_collections.ConfigDict):
   """The endless, checkpointable stream of per-process training batches."""
+  layout = data_layout(parallel.make_mesh(config.mesh))
   make = getattr(data_module, "make_train_dataset", None)  # a module with its own (mixed) stream
   if make is not None:
-    dataset = make(global_batch_size=config.data.batch_size, seed=config.seed)
+    dataset = make(global_batch_size=config.data.batch_size, seed=config.seed, **layout)
   else:
     dataset = pipeline.make_train_dataset(
         data_module.source(TRAIN_SPLIT), data_module.transforms(train=True),
         modality=pipeline.example_modality(data_module), global_batch_size=config.data.batch_size,
-        seed=config.seed)
+        seed=config.seed, **layout)
   return pipeline.make_iterator(dataset, num_workers=config.data.num_workers)
+
+
+def data_layout(mesh) -> dict[str, int]:
+  """This process's data shard of `mesh`, as the pipeline's process layout: processes
+  whose devices hold the same batch rows read the same examples."""
+  index, count = parallel.data_shard(mesh)
+  return {"process_index": index, "process_count": count}
 
 
 def has_split(data_module, split: str) -> bool:
@@ -164,7 +172,8 @@ def evaluate(setup, params, data_module, config) -> dict[str, float]:
   dataset = pipeline.make_eval_dataset(
       data_module.source(EVAL_SPLIT), data_module.transforms(train=False),
       modality=pipeline.example_modality(data_module),
-      global_batch_size=config.data.batch_size, seed=config.seed, example_spec=data_module.example_spec())
+      global_batch_size=config.data.batch_size, seed=config.seed, example_spec=data_module.example_spec(),
+      **data_layout(setup.mesh))
   sums, counts = {}, {}
   for i, host_batch in enumerate(pipeline.make_iterator(dataset)):
     if config.train.eval_batches and i >= config.train.eval_batches:

@@ -34,3 +34,12 @@ def run(main: Callable[[list[str], dict[str, str]], None]) -> None:
     configure_logging()
     main(rest, overrides)
   app.run(wrapped, argv=argv)
+
+
+def load_config_or_exit(spec: str, overrides: dict[str, str]):
+  """The config `spec` with `overrides`, or exit with the field and problem named."""
+  from biofm_jax.config import load_config
+  try:
+    return load_config(spec, overrides)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error in --config: {e}")

@@ -24,7 +24,6 @@ import time
 from absl import flags
 
 from biofm_jax import cli
-from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file and preset, e.g. configs/ehr_bert.py:tiny.")
@@ -35,10 +34,7 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv, overrides):
   del argv
   from biofm_jax.data import pipeline, prepared
-  try:
-    config = load_config(FLAGS.config, overrides)
-  except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error in --config: {e}")
+  config = cli.load_config_or_exit(FLAGS.config, overrides)
   modalities = [m for m in config.data.keys() if m in pipeline.DATA_MODULES]
   if "multimodal" in config.data or len(modalities) != 1:
     sys.exit(f"error: prepare takes a config with one modality (one of {sorted(pipeline.DATA_MODULES)}); "

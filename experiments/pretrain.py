@@ -10,12 +10,10 @@ every process.
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
 from biofm_jax import cli, parallel
-from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file and preset, e.g. configs/ehr_bert.py:tiny. Override "
@@ -29,10 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv, overrides):
   del argv
-  try:
-    config = load_config(FLAGS.config, overrides)
-  except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error in --config: {e}")
+  config = cli.load_config_or_exit(FLAGS.config, overrides)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from biofm_jax.train.loop import train_and_evaluate  # after distributed init: it touches devices
   summary = train_and_evaluate(config, FLAGS.workdir)

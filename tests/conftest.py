@@ -27,3 +27,17 @@ def synthetic_meds(tmp_path_factory):
   """A small synthetic MEDS cohort shared by the tests of one worker process."""
   from biofm_jax.data.sources.synthetic import write_synthetic_meds
   return write_synthetic_meds(tmp_path_factory.mktemp("meds") / "cohort", num_subjects=300, seed=0)
+
+
+# The files that take longest on a cold compile cache, longest first. The parallel runner
+# hands out whole files in collection order, so starting these first keeps one worker
+# from running a two-minute file alone at the end (longest-first scheduling).
+SLOW_FILES = ("test_multimodal_retrieval.py", "test_multimodal_training.py", "test_multiprocess.py",
+              "test_notebooks.py", "test_omics_training.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+  items.sort(key=rank)  # stable: each file keeps its own order

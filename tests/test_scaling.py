@@ -70,9 +70,6 @@ def test_compile_command_sizes_a_tpu_slice_with_the_tpu_compiler():
   memory = float(re.search(r"compiled step memory\s+([\d.]+) GiB per device \(TPU\)", run.stdout).group(1))
   assert 0 < memory < 1, run.stdout
   assert "of 16 GiB per device" in run.stdout and "of 197 TFLOP/s" in run.stdout  # v5e's datasheet
-  images = subprocess.run([sys.executable, "experiments/compile.py", "--config=configs/imaging_mae3d.py:tiny",
-                           "--topology=v5e-4"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
-  assert images.returncode == 0 and "compiled step memory" in images.stdout, images.stderr[-2000:]
   # The TPU compiler's own refusal becomes "does not fit", with its figures.
   too_big = subprocess.run([sys.executable, "experiments/compile.py", "--config=configs/ehr_bert.py:7b",
                             "--topology=v5e-256"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)

@@ -23,9 +23,13 @@ demo: install
 test: install
 	$(PY) -m pytest -x -n 2 --dist loadfile tests
 
+# Step speed and MFU, input pipeline, checkpoint cost, and the PyTorch / Hugging Face peer
+# (its extra, torch CPU + transformers, is installed here only). Figures go to benchmarks/RESULTS.md.
 bench: install
+	$(PY) -m pip install -q -e ".[peer]"
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
 
 clean:
 	rm -rf runs .pytest_cache

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 
 from biofm_jax.config import load_config
+from biofm_jax.eval import classical
+from biofm_jax.eval.metrics import task_metrics
 from biofm_jax.train.loop import train_and_evaluate
 from biofm_jax.train.metrics import read_metrics
 
@@ -160,3 +162,17 @@ def pretrain_and_restore(spec: str, workdir, **overrides):
   train(config, workdir)
   config, data, setup, params, _ = open_run(workdir, config)
   return config, data, setup, params, read_metrics(workdir)
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+  """Held-out accuracy of the reports' linear probe (L2 logistic regression, as
+  `experiments/evaluate.py` fits it) on embeddings."""
+  labels = test_y.astype(int)
+  probs = classical.fit_predict("logistic", "multiclass", train_x, train_y.astype(int), test_x,
+                                num_classes=int(max(train_y.max(), labels.max())) + 1)
+  return task_metrics("multiclass", {"label": labels}, probs)["accuracy"]
+
+
+def probe_auroc(train_x, train_y, test_x, test_y) -> float:
+  probs = classical.fit_predict("logistic", "binary", train_x, train_y.astype(int), test_x)
+  return task_metrics("binary", {"label": test_y.astype(int)}, probs)["auroc"]

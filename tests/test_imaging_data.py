@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import grain
 import ml_collections
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import pytest
 
 import helpers
 from biofm_jax.eval.embeddings import embed_split
-from biofm_jax.eval.probes import linear_probe_auroc
 from biofm_jax.train.metrics import read_metrics
 
 SPEC_2D, SPEC_3D = "configs/imaging_mae.py:tiny", "configs/imaging_mae3d.py:tiny"
@@ -42,7 +41,7 @@ def test_linear_probe_on_mae_embeddings_finds_the_lesion(tmp_path):
   train_x, train_y = embeddings_and_labels(["train"])
   test_x, test_y = embeddings_and_labels(["tuning", "held_out"])
   assert train_x.shape == (len(train_y), config.model.embed_dim) and np.isfinite(train_x).all()
-  auroc = linear_probe_auroc(train_x, train_y, test_x, test_y)
+  auroc = helpers.probe_auroc(train_x, train_y, test_x, test_y)
   print(f"lesion AUROC of a linear probe on MAE embeddings: {auroc:.3f} ({len(test_y)} held-out images)")
   assert auroc > 0.75
 

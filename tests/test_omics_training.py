@@ -6,25 +6,10 @@ import numpy as np
 import pytest
 
 import helpers
-from biofm_jax.eval import classical
 from biofm_jax.eval.embeddings import embed_split
-from biofm_jax.eval.metrics import task_metrics
 
 EXPRESSION, EXPRESSION_RANK = "configs/omics_expression.py:tiny", "configs/omics_expression.py:tiny_rank"
 DNA, PROTEIN = "configs/omics_sequence.py:tiny", "configs/omics_sequence.py:protein"
-
-
-def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
-  """Held-out accuracy of the reports' linear probe (L2 logistic regression) on embeddings."""
-  labels = test_y.astype(int)
-  probs = classical.fit_predict("logistic", "multiclass", train_x, train_y.astype(int), test_x,
-                                num_classes=int(max(train_y.max(), labels.max())) + 1)
-  return task_metrics("multiclass", {"label": labels}, probs)["accuracy"]
-
-
-def probe_auroc(train_x, train_y, test_x, test_y) -> float:
-  probs = classical.fit_predict("logistic", "binary", train_x, train_y.astype(int), test_x)
-  return task_metrics("binary", {"label": test_y.astype(int)}, probs)["auroc"]
 
 
 def pretrain_and_embed(spec, workdir, label: str, **overrides):
@@ -44,7 +29,7 @@ def pretrain_and_embed(spec, workdir, label: str, **overrides):
 def test_expression_loss_falls_and_embeddings_separate_cell_types(spec, tmp_path):
   (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(spec, tmp_path, "cell_type",
                                                                      train__num_steps=300)
-  accuracy = probe_accuracy(train_x, train_y, test_x, test_y)
+  accuracy = helpers.probe_accuracy(train_x, train_y, test_x, test_y)
   chance = np.bincount(test_y.astype(int)).max() / len(test_y)
   print(f"{spec}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}; cell-type probe accuracy {accuracy:.3f} "
         f"(majority class {chance:.3f})")
@@ -69,7 +54,7 @@ def test_expression_trains_on_an_anndata_file_written_by_anndata(tmp_path):
   (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(
       EXPRESSION_RANK, tmp_path / "run", "cell_type", data__omics__path=str(tmp_path / "cells.h5ad"),
       data__omics__layer="counts", data__omics__backed=True, train__num_steps=200)
-  accuracy = probe_accuracy(train_x, train_y, test_x, test_y)
+  accuracy = helpers.probe_accuracy(train_x, train_y, test_x, test_y)
   print(f"anndata-written file: cell-type probe accuracy {accuracy:.3f} on {len(test_y)} held-out cells")
   assert losses[-1] < losses[0] and accuracy > 0.6
 
@@ -77,7 +62,7 @@ def test_expression_trains_on_an_anndata_file_written_by_anndata(tmp_path):
 @pytest.mark.parametrize("spec", [DNA, PROTEIN])
 def test_sequence_loss_falls_and_embeddings_find_the_motif(spec, tmp_path):
   (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(spec, tmp_path, "motif", train__num_steps=300)
-  auroc = probe_auroc(train_x, train_y, test_x, test_y)
+  auroc = helpers.probe_auroc(train_x, train_y, test_x, test_y)
   print(f"{spec}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}; motif probe AUROC {auroc:.3f}")
   assert losses[-1] < 0.9 * losses[0]
   assert auroc > 0.7

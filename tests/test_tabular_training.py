@@ -6,7 +6,6 @@ import numpy as np
 
 import helpers
 from biofm_jax.eval.embeddings import embed_split
-from biofm_jax.eval.probes import linear_probe_auroc
 
 SPEC = "configs/tabular_features.py:tiny"
 
@@ -45,8 +44,8 @@ def test_breast_cancer_probe_is_close_to_logistic_regression_on_raw_features(tmp
   assert train_raw.shape[1] == 30 and train_x.shape[0] == len(train_y)
   losses = [r["train/loss"] for r in metrics if "train/loss" in r]
   assert losses[-1] < 0.7 * losses[0]
-  probe = linear_probe_auroc(train_x, train_y, test_x, test_y)
-  raw = linear_probe_auroc(train_raw, train_y, test_raw, test_y)
+  probe = helpers.probe_auroc(train_x, train_y, test_x, test_y)
+  raw = helpers.probe_auroc(train_raw, train_y, test_raw, test_y)
   print(f"breast cancer ({len(test_y)} held-out cases): probe on embeddings AUROC {probe:.3f}, "
         f"logistic regression on the 30 raw features AUROC {raw:.3f}")
   assert probe > raw - 0.05
@@ -59,7 +58,7 @@ def test_synthetic_radiomics_loss_falls_and_embeddings_keep_the_label(tmp_path):
   print(f"synthetic table: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, held-out {evals}")
   # The held-out loss is measured from step 100 on; the untrained loss is the first train loss.
   assert losses[-1] < 0.8 * losses[0] and evals[-1] < 0.8 * losses[0]
-  auroc = linear_probe_auroc(train_x, train_y, test_x, test_y)
+  auroc = helpers.probe_auroc(train_x, train_y, test_x, test_y)
   print(f"synthetic table: 'malignant' AUROC of a linear probe on embeddings {auroc:.3f}")
   assert auroc > 0.7
 

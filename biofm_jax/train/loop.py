@@ -94,7 +94,8 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
     def open_module():
       if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
         return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
-                             objective=config.objective.name, artifacts_dir=artifacts_dir)
+                             objective=config.objective.name,
+                             artifacts_dir=artifacts_dir if jax.process_index() == 0 else None)  # one writer
       return pipeline.DATA_MODULES[modalities[0]](config.data[modalities[0]], objective=config.objective.name,
                                                   artifacts_dir=artifacts_dir)
   if jax.process_count() == 1:

@@ -74,9 +74,9 @@ def pretrain_command(spec: str, workdir, overrides: dict) -> list[str]:
 
 
 def start_pretrain(spec: str, workdir, overrides: dict, log_path, env: dict | None = None) -> subprocess.Popen:
-  """Starts experiments/pretrain.py as a subprocess with the same 8 fake devices."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-         **(env or {})}
+  """Starts experiments/pretrain.py as a subprocess with the test process's XLA flags (the
+  same 8 fake devices and compiler settings, so its numbers match an in-process run)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   log = open(log_path, "ab")
   return subprocess.Popen(pretrain_command(spec, workdir, overrides), stdout=log, stderr=subprocess.STDOUT,
                           env=env, cwd=REPO)

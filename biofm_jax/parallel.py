@@ -105,13 +105,6 @@ def _divisible(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> N
   return NamedSharding(mesh, P(*(axes if fits(size, axes) else None for size, axes in zip(shape, spec))))
 
 
-def global_batch_size_per_process(global_batch_size: int) -> int:
-  count = jax.process_count()
-  if global_batch_size % count:
-    raise ValueError(f"data.batch_size={global_batch_size} is not divisible by {count} processes")
-  return global_batch_size // count
-
-
 def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, accum_steps: int) -> None:
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch_size % (shards * accum_steps):

@@ -80,6 +80,14 @@ class _PaddingExample(grain.transforms.Map):
     return {m: batch.padding_example(spec) for m, spec in self.spec_by_modality.items()}
 
 
+def has_split(data_module: Any, split: str) -> bool:
+  """Whether the module's `split` exists and holds records."""
+  try:
+    return len(data_module.source(split)) > 0
+  except (KeyError, ValueError):  # the dataset has no such split
+    return False
+
+
 def example_modality(data_module: Any) -> str | None:
   """The `modality` argument for a module's pipelines: its name, or None when its examples
   come keyed by modality already (a multimodal module)."""

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator, Mapping
 import grain
 import numpy as np
 
+from biofm_jax.data import pipeline
+
 MANIFEST_FILE, MODULE_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "data_module.pkl", "artifacts", "tfds"
 BUILDER_NAME, BUILDER_VERSION = "biofm_prepared", "1.0.0"
 FORMAT_VERSION = 1
@@ -176,7 +178,7 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
     raise FileExistsError(f"{out}: a prepared dataset is there already; choose a new --out")
   if getattr(module, "examples_keyed_by_modality", False):
     raise ValueError("prepare: multimodal data modules are not supported; prepare each modality")
-  splits = splits or [s for s in ("train", "tuning", "held_out") if _has_split(module, s)]
+  splits = splits or [s for s in ("train", "tuning", "held_out") if pipeline.has_split(module, s)]
   if not splits:
     raise ValueError(f"prepare: the {module.name} data module has no records in any split")
   count = deterministic_prefix(module)
@@ -207,13 +209,6 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
   tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
   tmp.replace(out / MANIFEST_FILE)  # the manifest last: its presence means complete
   return manifest
-
-
-def _has_split(module: Any, split: str) -> bool:
-  try:
-    return len(module.source(split)) > 0
-  except (KeyError, ValueError):
-    return False
 
 
 # ================================================================ reading
@@ -247,9 +242,13 @@ class PreparedData:
     if split not in self.manifest["records"]:
       raise ValueError(f"{self.directory}: no prepared split {split!r}; it has "
                        f"{sorted(self.manifest['records'])}")
+    return PreparedSource(self._builder.as_data_source(split=split), self.manifest["fields"])
+
+  @functools.cached_property
+  def _builder(self):
+    """The TFDS builder, read from its directory once (every split's source comes from it)."""
     import tensorflow_datasets as tfds
-    builder = tfds.builder_from_directory(str(self.directory / self.manifest["tfds_dir"]))
-    return PreparedSource(builder.as_data_source(split=split), self.manifest["fields"])
+    return tfds.builder_from_directory(str(self.directory / self.manifest["tfds_dir"]))
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     full = self._module.transforms(train=train, mask=mask)

@@ -145,13 +145,6 @@ def data_layout(mesh) -> dict[str, int]:
   return {"process_index": index, "process_count": count}
 
 
-def has_split(data_module, split: str) -> bool:
-  try:
-    return len(data_module.source(split)) > 0
-  except ValueError:  # the dataset has no such split
-    return False
-
-
 def check_resume_compatible(saved: dict, config: ml_collections.ConfigDict, step: int) -> None:
   """Fails, naming the fields, if the checkpoint was written under other data or model settings."""
   current = config_to_dict(config)
@@ -251,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   data_module = open_data_module(config, workdir / "artifacts")
   if pipeline.example_modality(data_module) is not None:  # a multimodal module logged its join per split
     log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
-  evaluates = has_split(data_module, EVAL_SPLIT)
+  evaluates = pipeline.has_split(data_module, EVAL_SPLIT)
   if not evaluates:
     log.warning("no %r split with records: periodic evaluation is skipped", EVAL_SPLIT)
   baselines = (reference_losses(data_module, config, train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT)

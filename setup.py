@@ -42,7 +42,11 @@ setup(
                 # the test suite executes notebooks/
                 "nbformat>=5.9,<6", "nbclient>=0.10,<0.12", "ipykernel>=6.29,<8",
                 # the TPU compiler, so tests/test_scaling.py compiles for a TPU slice
-                "jax[tpu]>=0.10.2,<0.11"],
+                "jax[tpu]>=0.10.2,<0.11",
+                # the MEDS tools tests/test_meds_tools.py runs against the library: ACES labels,
+                # meds-evaluation scoring, meds-testing-helpers data (they add polars 1.x and hydra,
+                # and change no pinned version above)
+                "es-aces>=0.7.3,<0.8", "meds-evaluation>=0.0.6,<0.1", "meds-testing-helpers>=0.3.1,<0.4"],
         # Only benchmarks/peer.py uses these (the PyTorch / Hugging Face BERT peer); tested with
         # torch 2.13.0+cpu and transformers 5.24.0.
         "peer": ["torch>=2.13,<2.14", "transformers>=5.24,<6"],

@@ -10,9 +10,13 @@ config, the model code or the training code.
                      example, keyed by modality), the output, and the run it came from
   artifacts/         the vocabularies and preprocessing statistics the inputs were made with
 
-`load_exported(directory)` gives an `ExportedModel` that needs only jax and numpy:
-`model(batch) -> [B, D]` numpy embeddings. Inputs are the tokenised / normalised batches the
-data modules produce (see `data/batch.py`); the saved artifacts are those modules' inputs.
+  loader.py          `export_loader.py`, copied: `load_exported(directory)` gives an
+                     `ExportedModel` that needs only jax, numpy and flatbuffers, not the library
+
+`model(batch) -> [B, D]` numpy outputs. Inputs are the tokenised / normalised batches the
+data modules produce (see `data/batch.py`); the saved artifacts and export.json's `data`
+section (the run's data config: tokeniser settings, windowing) say how they were made, so
+`experiments/predict.py` can go from raw MEDS records to predictions with them alone.
 """
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ import shutil
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-MODEL_FILE, PARAMS_FILE, INFO_FILE, ARTIFACTS_DIR = "model.jax_export", "params.npz", "export.json", "artifacts"
-FORMAT_VERSION = 1
+from biofm_jax import export_loader
+from biofm_jax.export_loader import (ARTIFACTS_DIR, FORMAT_VERSION, INFO_FILE, LOADER_FILE, MODEL_FILE, PARAMS_FILE,
+                                     ExportedModel, load_exported)
+
+__all__ = ["export_embedding_model", "load_exported", "ExportedModel"]
 
 
 def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Mapping[str, tuple]],
@@ -40,7 +46,7 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise ValueError(f"export: {out} exists and is not empty; choose a new directory")
-  # As `train.step.output_path`, not imported: this module (the loader) imports only jax and numpy.
+  # As `train.step.output_path`.
   path = (output, "embedding") if isinstance(output, str) else tuple(output)
   leaves, treedef = jax.tree.flatten(jax.device_get(params))
   leaves = [np.asarray(leaf) for leaf in leaves]
@@ -67,6 +73,7 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
   (out / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
   if artifacts_dir is not None:
     shutil.copytree(artifacts_dir, out / ARTIFACTS_DIR, ignore=skip_generated_data)
+  shutil.copyfile(export_loader.__file__, out / LOADER_FILE)  # the standalone loader travels with the model
   return out
 
 
@@ -74,45 +81,3 @@ def skip_generated_data(directory: str, names: list[str]) -> list[str]:
   """Vocabularies and statistics are small JSON files; generated cohorts and labels are
   data, not artifacts of the model."""
   return [name for name in names if name.startswith(("synthetic", "labels_"))]
-
-
-class ExportedModel:
-  """A loaded export: `model(batch)` runs it on a dict of numpy arrays shaped as `inputs`."""
-
-  def __init__(self, directory: str | os.PathLike):
-    self.directory = pathlib.Path(directory)
-    for name in (MODEL_FILE, PARAMS_FILE, INFO_FILE):
-      if not (self.directory / name).exists():
-        raise FileNotFoundError(f"{self.directory}: not an exported model (no {name})")
-    self.info = json.loads((self.directory / INFO_FILE).read_text())
-    if self.info.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{self.directory}: export format {self.info.get('format_version')}, this loader "
-                       f"reads {FORMAT_VERSION}")
-    self.exported = jax.export.deserialize(bytearray((self.directory / MODEL_FILE).read_bytes()))
-    with np.load(self.directory / PARAMS_FILE) as arrays:
-      self.params = [jnp.asarray(arrays[f"arr_{i}"]) for i in range(len(arrays.files))]
-    self.inputs = self.info["inputs"]
-
-  def check(self, batch: Mapping[str, Mapping[str, Any]]) -> dict:
-    """The batch as the exported function takes it; errors name the modality and field."""
-    out = {}
-    for modality, fields in self.inputs.items():
-      if modality not in batch:
-        raise ValueError(f"{self.directory}: the batch lacks modality {modality!r} (expects {sorted(self.inputs)})")
-      out[modality] = {}
-      for name, spec in fields.items():
-        if name not in batch[modality]:
-          raise ValueError(f"{self.directory}: batch[{modality!r}] lacks field {name!r}")
-        value = np.asarray(batch[modality][name])
-        if list(value.shape[1:]) != spec["shape"] or value.dtype.name != spec["dtype"]:
-          raise ValueError(f"{self.directory}: batch[{modality!r}][{name!r}] is {value.dtype.name}"
-                           f"{list(value.shape)}, expected {spec['dtype']}[batch, *{spec['shape']}]")
-        out[modality][name] = value
-    return out
-
-  def __call__(self, batch: Mapping[str, Mapping[str, Any]]) -> np.ndarray:
-    return np.asarray(self.exported.call(self.params, self.check(batch)))
-
-
-def load_exported(directory: str | os.PathLike) -> ExportedModel:
-  return ExportedModel(directory)

@@ -7,8 +7,9 @@ Run:
 The model, data and objective sections come from the pre-training run (`--pretrained`), so
 the backbone and tokenisation are exactly the pre-trained ones; this file sets the task,
 how to adapt (full / frozen / lora), the optimiser and the checkpoints. The argument picks
-a task preset for the synthetic cohort (`task.synthetic`, used when `task.labels` is
-empty): high_risk (binary), mortality (binary, rare), risk (regression), survival
+a task preset: `binary` for your own labels (`task.labels`, e.g. an ACES output folder; set
+`task.type` for other kinds), or one for the synthetic cohort (`task.synthetic`, used when
+`task.labels` is empty): high_risk (binary), mortality (binary, rare), risk (regression), survival
 (time to event with a planted hazard). Add `,tiny` (e.g. `high_risk,tiny`) for the
 CPU-sized schedule that tests use. The `model` fields are unset (taken from the
 checkpoint); one set here pins what the checkpoint must have (e.g.
@@ -19,6 +20,7 @@ import ml_collections
 from biofm_jax.config import base_config
 
 TASKS = {
+    "binary": dict(type="binary"),  # your own labels: --config.task.labels=<file or ACES task folder>
     "high_risk": dict(type="binary", synthetic="high_risk"),
     "mortality": dict(type="binary", synthetic="mortality"),
     "risk": dict(type="regression", synthetic="risk"),
@@ -41,13 +43,20 @@ def get_config(arg=None):
   # pins what the checkpoint must have, and a mismatch is an error naming it.
   config.model = {name: None for name in base.model.keys()}
   config.task = dict(
-      name=task_name, type="binary",
+      name="",  # the report's title; "" = the labels' name (ACES task folder or file stem)
+      type="binary",
       labels="",  # a MEDS labels parquet file (or directory); "" uses task.synthetic
       synthetic="", synthetic_censor_fraction=0.0,  # labels for a synthetic pre-training cohort
       value_column="",  # "" = the MEDS default for the type (boolean_value, float_value, ...)
       label_columns=(),  # multilabel: the boolean columns
       classes=(),  # multiclass: class names in id order ("" = sorted values)
       time_column="", event_column="",  # survival ("" = float_value, boolean_value)
+      # A label row's input: the events at or before its prediction_time (meds.LabelSchema's
+      # rule, "inclusive"), or "strict": only those strictly before it.
+      prediction_time_cut="inclusive",
+      # Rows naming unknown subjects or with no event the cut keeps are dropped and counted;
+      # True makes them an error (experiments/*.py --strict_labels).
+      strict_labels=False,
       num_time_bins=8,  # survival: discrete-time intervals, equal numbers of training events
       embedding="")  # the backbone output to put the head on ("" = ehr/embedding)
   config.task.update(TASKS[task_name])

@@ -2,14 +2,20 @@
 
   python experiments/evaluate.py --pretrained=runs/ehr_bert --labels=labels.parquet --workdir=runs/eval \
       [--config=configs/finetune.py:high_risk] [--task_type=binary] [--finetuned=runs/ft] \
-      [--from_scratch_steps=300] [--subgroups=sex,age_band,site]
+      [--from_scratch_steps=300] [--subgroups=sex,age_band,site] [--strict_labels] [--task_name=NAME]
 
 By default the model is scored by a linear probe on its frozen embeddings; `--finetuned`
 scores a fine-tuning run instead (the probe is then listed beside it). Every report also
 holds the count-of-codes baselines (logistic regression and gradient boosting), the same
 architecture trained from scratch on the same labels when `--from_scratch_steps` > 0, and
 a few-shot sweep. Written to `--workdir`: report.json (`held_out.auroc` etc.), report.md,
-report.html and the plots. `--config` supplies the task section (type, columns, time
+report.html, the plots, and every model's per-row predictions as
+`predictions/<model>/<split>.parquet` in meds-evaluation's schema (`--overwrite` to replace
+them). `--labels` takes a MEDS labels file or an ACES output folder as written; rows of
+unknown subjects or without an event at or before their prediction time are dropped and
+counted (`report.json`'s task.rows_dropped) unless `--strict_labels`. Subgroups come from
+labels columns, or from codes (`--subgroup_codes`, default sex from GENDER// or SEX//, race
+from RACE//, ethnicity from ETHNICITY//), plus the age band. `--config` supplies the task section (type, columns, time
 bins) and the fine-tuning settings used for the from-scratch baseline.
 
 For an expression or feature-table model, `--label_column` names one of the run's label
@@ -36,7 +42,14 @@ flags.DEFINE_string("task_type", "", "binary, multiclass, multilabel, regression
 flags.DEFINE_string("label_column", "", "Omics / tabular runs: the label column to evaluate (e.g. cell_type).")
 flags.DEFINE_string("finetuned", "", "A fine-tuning run's workdir to score instead of the linear probe.")
 flags.DEFINE_integer("from_scratch_steps", 0, "Steps of the from-scratch baseline (0: leave it out).")
-flags.DEFINE_list("subgroups", ["sex", "age_band"], "Covariate columns to report metrics per value of.")
+flags.DEFINE_list("subgroups", ["sex", "age_band", "race", "ethnicity"],
+                  "Covariate columns to report metrics per value of.")
+flags.DEFINE_list("subgroup_codes", ["sex=GENDER//|SEX//", "race=RACE//", "ethnicity=ETHNICITY//"],
+                  "name=prefix|prefix: a subgroup read from the first code with one of the prefixes.")
+flags.DEFINE_bool("strict_labels", False, "Label rows of unknown subjects or without history are an error, "
+                  "not dropped and counted.")
+flags.DEFINE_string("task_name", "", "The report's title ('' = the labels' name: ACES task folder or file stem).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing <workdir>/predictions folder.")
 flags.DEFINE_list("few_shot_ks", ["1", "2", "4", "8", "16", "32", "64", "128"], "Labels per class in the sweep.")
 flags.DEFINE_integer("few_shot_seeds", 3, "Seeds per k in the few-shot sweep.")
 flags.DEFINE_integer("bootstrap_samples", 200, "Bootstrap resamples for the confidence intervals.")
@@ -64,13 +77,24 @@ def main(argv, overrides):
     overrides["task.labels"] = FLAGS.labels
   if FLAGS.task_type:
     overrides["task.type"] = FLAGS.task_type
+  if FLAGS.strict_labels:
+    overrides["task.strict_labels"] = True
+  if FLAGS.task_name:
+    overrides["task.name"] = FLAGS.task_name
+  elif FLAGS.labels:  # the title follows the labels given, not the config's preset
+    overrides["task.name"] = ""
   try:
     ks = tuple(int(k) for k in FLAGS.few_shot_ks)
   except ValueError:
     sys.exit(f"error: --few_shot_ks must be integers, got {FLAGS.few_shot_ks}")
   if FLAGS.few_shot_seeds < 1:
     sys.exit(f"error: --few_shot_seeds must be at least 1, got {FLAGS.few_shot_seeds}")
-  options = EvaluationOptions(subgroups=tuple(FLAGS.subgroups), few_shot_ks=ks,
+  subgroup_codes = tuple((name, tuple(prefixes.split("|"))) for name, _, prefixes in
+                         (item.partition("=") for item in FLAGS.subgroup_codes))
+  if any(not name or not all(prefixes) for name, prefixes in subgroup_codes):
+    sys.exit(f"error: --subgroup_codes takes name=PREFIX|PREFIX,..., got {FLAGS.subgroup_codes}")
+  options = EvaluationOptions(subgroups=tuple(FLAGS.subgroups), subgroup_codes=subgroup_codes, few_shot_ks=ks,
+                              overwrite=FLAGS.overwrite,
                               few_shot_seeds=tuple(range(FLAGS.few_shot_seeds)),
                               bootstrap_samples=FLAGS.bootstrap_samples, finetuned_workdir=FLAGS.finetuned or None,
                               from_scratch_steps=FLAGS.from_scratch_steps)

@@ -11,8 +11,12 @@ projection; for a fine-tuning run the task head's logits (`task`, the default; e
 then holds the task: type, classes, label statistics, survival intervals) or `embedding`.
 Logits are raw: apply a sigmoid / softmax, or for regression `* label_std + label_mean`
 from export.json (`biofm_jax.objectives.supervised.predictions` does it with the library).
-Load it with `biofm_jax.export.load_exported(out)`: it runs on tokenised batches with jax
-and numpy only.
+
+Beside the serialised function go the tokeniser (`artifacts/ehr_vocab.json`: codes and
+value bins), export.json's `data` section (the run's data config: `max_len`, the window
+rule) and, for a fine-tuned model, its `task` (type, classes, label columns, the
+prediction-time cut), so `experiments/predict.py --exported=<out>` scores raw MEDS records
+with it alone. `<out>/loader.py` loads the model with jax, numpy and flatbuffers only.
 """
 from __future__ import annotations
 
@@ -49,12 +53,14 @@ def main(argv, overrides):
   del argv
   import dataclasses
 
-  from biofm_jax.config import load_config
+  from biofm_jax.config import config_to_dict, load_config
   from biofm_jax.export import export_embedding_model
   from biofm_jax.train.loop import open_run
   from biofm_jax.train.setup import batch_spec
 
   workdir = pathlib.Path(FLAGS.workdir).absolute()
+  if not (workdir / "checkpoints").is_dir():
+    sys.exit(f"error: {workdir} has no checkpoints directory: not a training run")
   try:
     config, data, setup, params, step = open_run(workdir, load_config(FLAGS.config, overrides) if FLAGS.config
                                                  else None)
@@ -62,9 +68,10 @@ def main(argv, overrides):
     sys.exit(f"error: {e}")
   inputs = {m: spec for m, spec in batch_spec(data, embedding=True).items() if m != "task"}  # targets are not inputs
   metadata = {"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides, "step": step,
-              "workdir": str(workdir)}
+              "workdir": str(workdir), "data": config_to_dict(config.data)}
   if "task" in config:
-    metadata["task"] = {"name": config.task.name, **dataclasses.asdict(data.info)}
+    metadata["task"] = {"name": config.task.name, **dataclasses.asdict(data.info), "config": config_to_dict(config.task),
+                        "prediction_time_cut": data.cut}
   out = export_embedding_model(setup.model, params, inputs, FLAGS.out, output=output_path(FLAGS.output, data),
                                artifacts_dir=workdir / "artifacts", metadata=metadata)
   print(f"exported step {step} of {workdir} to {out}")

@@ -7,8 +7,12 @@ The backbone comes from the latest checkpoint of `--pretrained` (a partial resto
 model with a new head); `--config.finetune.init=scratch` trains the same architecture
 from random initialisation instead, the baseline pre-training must beat. Running the same
 command again resumes. The held-out metrics are printed and written to
-`<workdir>/finetune_metrics.json`; `experiments/evaluate.py --finetuned=<workdir>` writes
-the full validation report.
+`<workdir>/finetune_metrics.json`, and each split's per-row predictions to
+`<workdir>/predictions/finetuned/<split>.parquet` in meds-evaluation's schema (an existing
+folder is replaced only with `--overwrite`); `experiments/evaluate.py --finetuned=<workdir>`
+writes the full validation report. `--config.task.labels` takes a MEDS labels file or an
+ACES output folder as written; rows without usable history are dropped and counted unless
+`--strict_labels`.
 """
 from __future__ import annotations
 
@@ -28,16 +32,27 @@ flags.DEFINE_string("workdir", None, "Directory for the fine-tuning run.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("strict_labels", False, "Label rows of unknown subjects or without history are an error, "
+                  "not dropped and counted.")
+flags.DEFINE_string("task_name", "", "The task's name in reports ('' = the labels' name).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing <workdir>/predictions folder.")
 flags.mark_flags_as_required(["config", "pretrained", "workdir"])
 
 
 def main(argv, overrides):
   del argv
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from biofm_jax.train.finetune import finetune_config, score_finetuned
+  from biofm_jax.eval import metrics, predictions
+  from biofm_jax.train.finetune import finetune_config, predict_finetuned
   from biofm_jax.train.loop import train_and_evaluate
+  overrides = dict(overrides)
+  if FLAGS.strict_labels:
+    overrides["task.strict_labels"] = True
+  if FLAGS.task_name:
+    overrides["task.name"] = FLAGS.task_name
   try:
     config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
+    predictions.check_writable(FLAGS.workdir, FLAGS.overwrite)
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   try:
@@ -49,15 +64,21 @@ def main(argv, overrides):
     print(f"trained {summary['steps']} steps; score it with experiments/evaluate.py --finetuned={FLAGS.workdir} "
           f"in one process")
     return
-  scores = score_finetuned(FLAGS.workdir, config)
+  data, by_split = predict_finetuned(FLAGS.workdir, config)
+  targets = {split: data.split_labels(split).metric_targets() for split in by_split}
+  scores = {split: metrics.task_metrics(data.info.type, targets[split], values) for split, values in by_split.items()}
+  written = predictions.write_predictions(FLAGS.workdir, {"finetuned": {
+      split: predictions.prediction_table(data.info.type, predictions.label_row_ids(data.split_labels(split)),
+                                          targets[split], values, data.info.classes)
+      for split, values in by_split.items()}}, overwrite=FLAGS.overwrite)
   path = pathlib.Path(FLAGS.workdir) / "finetune_metrics.json"
   path.write_text(json.dumps(scores, indent=2))
   print(f"\n=== fine-tuning ({config.task.name}, {config.task.type}, mode {config.finetune.mode}, "
         f"init {config.finetune.init}) ===")
   print(f"  steps {summary['steps']}, final train loss {summary.get('train/loss', float('nan')):.4f}")
-  for split, metrics in scores.items():
-    print(f"  {split:<9} " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-  print(f"  written to {path}")
+  for split, values in scores.items():
+    print(f"  {split:<9} " + ", ".join(f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float)))
+  print(f"  written to {path} and {written}/finetuned/")
 
 
 if __name__ == "__main__":

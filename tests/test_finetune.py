@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse
 from sklearn.linear_model import LogisticRegression
@@ -122,20 +124,23 @@ def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_
   report = evaluate_task(task_config(pretrained, **few), tmp_path / "report", options)
   saved = json.loads((tmp_path / "report" / "report.json").read_text())
   assert saved["held_out"]["auroc"] == pytest.approx(report["splits"]["held_out"]["metrics"]["auroc"])
-  assert set(saved["baselines"]) == {"linear_probe", "count_codes_logistic", "count_codes_gbm", "from_scratch"}
+  assert set(saved["baselines"]) == {"probe", "count_lr", "count_gbm", "from_scratch"}
+  assert saved["task"]["name"] == "high_risk" and saved["task"]["prediction_time_cut"] == "inclusive"
   assert saved["task"]["rows"]["train"] == 32  # 16 per class
   lo, hi = saved["splits"]["held_out"]["intervals"]["auroc"]
   assert lo <= saved["held_out"]["auroc"] <= hi
   assert set(saved["splits"]["held_out"]["subgroups"]) == {"sex", "age_band"}
+  assert set(saved["splits"]["held_out"]["subgroups_not_formed"]) == {"race", "ethnicity"}  # no RACE// codes
+  assert "RACE//" in saved["splits"]["held_out"]["subgroups_not_formed"]["race"]
   assert saved["few_shot"]["k"] == [1, 4, 16] and set(saved["few_shot"]["methods"]) == {
-      "linear_probe", "count_codes_logistic", "count_codes_gbm"}
+      "probe", "count_lr", "count_gbm"}
   for name in ("report.md", "report.html", "roc.png", "calibration.png", "few_shot.png"):
     assert (tmp_path / "report" / name).exists(), name
 
   # Pre-training helps with few labels: fine-tuning and the probe beat training from scratch.
   finetuned = saved["held_out"]["auroc"]
   scratch = saved["baselines"]["from_scratch"]["held_out"]["metrics"]["auroc"]
-  probe = saved["baselines"]["linear_probe"]["held_out"]["metrics"]["auroc"]
+  probe = saved["baselines"]["probe"]["held_out"]["metrics"]["auroc"]
   assert finetuned > scratch + 0.05 and probe > scratch + 0.05, (finetuned, probe, scratch)
   assert any("from scratch" in line and f"{finetuned - scratch:+.3f}" in line for line in saved["summary"])
   assert "from scratch" in (tmp_path / "report" / "report.md").read_text()
@@ -158,8 +163,24 @@ def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_
   model = make_pipeline(StandardScaler(with_mean=False), LogisticRegression(C=1.0, max_iter=2000))
   model.fit(counts(records["train"]), y["train"])
   independent = roc_auc_score(y["held_out"], model.predict_proba(counts(records["held_out"]))[:, 1])
-  reported = saved["baselines"]["count_codes_logistic"]["held_out"]["metrics"]["auroc"]
+  reported = saved["baselines"]["count_lr"]["held_out"]["metrics"]["auroc"]
   assert reported == pytest.approx(independent, abs=1e-9)
+
+  # Every model's predictions, in meds-evaluation's schema, score as the report says.
+  predictions = tmp_path / "report" / "predictions"
+  assert {p.name for p in predictions.iterdir()} == {"finetuned", "probe", "count_lr", "count_gbm", "from_scratch"}
+  for model, body in [("finetuned", saved["splits"]), *((m, b) for m, b in saved["baselines"].items())]:
+    for split in ("tuning", "held_out"):
+      table = pq.read_table(predictions / model / f"{split}.parquet")
+      assert table.column_names == ["subject_id", "prediction_time", "boolean_value", "predicted_boolean_value",
+                                    "predicted_boolean_probability"]
+      assert table.schema.field("prediction_time").type == pa.timestamp("us")
+      np.testing.assert_array_equal(table.column("subject_id").to_numpy(), data.split_labels(split).subject_ids)
+      auroc = roc_auc_score(table.column("boolean_value").to_numpy(zero_copy_only=False),
+                            table.column("predicted_boolean_probability").to_numpy())
+      assert auroc == pytest.approx(body[split]["metrics"]["auroc"], abs=1e-6), (model, split)
+  with pytest.raises(ValueError, match="predictions exists: pass --overwrite"):
+    evaluate_task(task_config(pretrained, **few), tmp_path / "report", options)
 
 
 def test_a_checkpoint_that_does_not_match_the_config_is_named(pretrained, tmp_path):
@@ -181,10 +202,14 @@ def test_command_line_errors_name_what_is_wrong(pretrained, tmp_path):
   from biofm_jax.data.labels import write_labels
   labels = write_labels(tmp_path / "unknown.parquet", [424242, 424243],
                         np.array(["2020-01-01", "2020-02-01"], "datetime64[us]"), boolean_value=[True, False])
-  result = subprocess.run(
-      [sys.executable, "experiments/evaluate.py", f"--pretrained={pretrained}", f"--labels={labels}",
-       f"--workdir={tmp_path / 'eval'}", "--config=configs/finetune.py:high_risk,tiny"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  command = [sys.executable, "experiments/evaluate.py", f"--pretrained={pretrained}", f"--labels={labels}",
+             f"--workdir={tmp_path / 'eval'}", "--config=configs/finetune.py:high_risk,tiny"]
+  result = subprocess.run(command, cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "error: labels" in result.stderr and "no usable label rows" in result.stderr, result.stderr[-2000:]
+  assert "2 name subjects the MEDS dataset does not have" in result.stderr
+  result = subprocess.run(command + ["--strict_labels"], cwd=helpers.REPO, capture_output=True, text=True,
+                          timeout=300)
   assert result.returncode != 0
   assert "error: labels" in result.stderr and "subject_id 424242" in result.stderr, result.stderr[-2000:]
   result = subprocess.run(

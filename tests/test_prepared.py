@@ -113,4 +113,4 @@ def test_a_prepared_module_says_when_something_needs_the_raw_data(tmp_path):
   config = config_for("configs/ehr_bert.py:tiny")
   _, opened = _prepare(config, tmp_path / "prepared")
   with pytest.raises(RuntimeError, match="has no raw dataset .* needs the raw data"):
-    opened.dataset.record_before(0, None)
+    opened.dataset.record_until(0, None)

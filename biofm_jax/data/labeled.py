@@ -1,19 +1,24 @@
 """Labelled EHR examples for fine-tuning and evaluation, with the prediction-time cut enforced.
 
 `LabeledEHRData` joins a labels file (`labels.py`) to a MEDS dataset: one example per label
-row, made of the subject's static rows and the events strictly before the row's
-`prediction_time`, tokenised exactly as in pre-training, plus the row's targets under
-`batch.TASK`. The cut happens in the source (`MEDSSource.record_before`), before any
+row, made of the subject's static rows and the events a label at the row's
+`prediction_time` may use, tokenised exactly as in pre-training, plus the row's targets
+under `batch.TASK`. The cut follows `meds.LabelSchema` ("data may be used ... up to and
+including this time", `cut="inclusive"`, the default); `cut="strict"` keeps only events
+strictly before it. It happens in the source (`MEDSSource.record_until`), before any
 transform sees the record, so no later event can reach the model whatever the config.
 
 Label rows take their subject's MEDS split. Rows naming subjects the dataset does not
-have, rows without a prediction time, and prediction times at or before a subject's
-first event (no history to predict from) are errors naming the file, row and subject.
+have, and rows whose subject has no event the cut keeps (no history to predict from), are
+dropped and counted (`dropped`, per split, in the logs and the report); with
+`strict_labels=True` they are an error naming the file, row and subject. Rows without a
+prediction time, and a label column with one class in the training split, are errors.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 import grain
@@ -23,7 +28,14 @@ from biofm_jax.data import batch
 from biofm_jax.data.ehr import EHRData, TokenizeEHR, _birth_time
 from biofm_jax.data.labels import Labels
 
+log = logging.getLogger("biofm_jax")
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
+CUTS = ("inclusive", "strict")  # events at or before the prediction time (MEDS) / strictly before it
+UNKNOWN_SUBJECT = "unknown_subject"
+UNKNOWN = "unknown"  # a subgroup value no code or column gives
+# Subgroups read from a record's codes, as MEDS ETLs write them (MIMIC-IV: GENDER//F, others SEX//F,
+# RACE//..., ETHNICITY//...): the value is what follows the first matching prefix.
+SUBGROUP_CODE_PREFIXES = {"sex": ("GENDER//", "SEX//"), "race": ("RACE//",), "ethnicity": ("ETHNICITY//",)}
 _US_PER_YEAR = 86_400 * 1_000_000 * 365.25
 
 
@@ -74,18 +86,33 @@ def task_info(labels: Labels, train_rows: np.ndarray, num_time_bins: int = 8) ->
   return TaskInfo(kind, labels.num_outputs, classes=labels.classes, prior_logits=_logit(np.atleast_1d(prevalence)))
 
 
+def history_rows(meds: Any, subject_ids: np.ndarray, prediction_times: np.ndarray, cut: str):
+  """For label rows (`subject_ids`, `prediction_times`) over a `MEDSSource`: (positions in
+  it, whether the subject is in it, whether the subject has an event that `cut` keeps,
+  the subject's first timed event or NaT)."""
+  n = len(meds.subject_ids)
+  positions = np.minimum(np.searchsorted(meds.subject_ids, subject_ids), max(n - 1, 0))
+  known = np.zeros(len(subject_ids), bool) if not n else meds.subject_ids[positions] == subject_ids
+  first_events = np.full(len(subject_ids), np.datetime64("NaT"), "datetime64[us]")
+  first_events[known] = meds.first_event_times()[positions[known]]
+  times = np.asarray(prediction_times, "datetime64[us]")
+  usable = known & ~np.isnat(first_events) & (first_events <= times if cut == "inclusive" else first_events < times)
+  return positions, known, usable, first_events
+
+
 class LabeledSource:
   """The label rows of one split; record i = that row's history (cut) and its targets."""
 
-  def __init__(self, meds_source: Any, positions: np.ndarray, labels: Labels):
-    self._meds, self._positions, self.labels = meds_source, positions, labels
+  def __init__(self, meds_source: Any, positions: np.ndarray, labels: Labels, inclusive: bool = True):
+    self._meds, self._positions, self.labels, self.inclusive = meds_source, positions, labels, inclusive
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict:
     i = int(index)
-    record = self._meds.record_before(int(self._positions[i]), self.labels.prediction_times[i])
+    record = self._meds.record_until(int(self._positions[i]), self.labels.prediction_times[i],
+                                     inclusive=self.inclusive)
     record["targets"] = {k: v[i] for k, v in self.labels.targets.items()}
     return record
 
@@ -114,26 +141,40 @@ class LabeledEHRData:
   modality = "ehr"
   examples_keyed_by_modality = True
 
-  def __init__(self, ehr: EHRData, labels: Labels, *, num_time_bins: int = 8):
-    self.ehr, self.labels, self.num_time_bins = ehr, labels, num_time_bins
+  def __init__(self, ehr: EHRData, labels: Labels, *, num_time_bins: int = 8, cut: str = "inclusive",
+               strict_labels: bool = False):
+    if cut not in CUTS:
+      raise ValueError(f"task.prediction_time_cut {cut!r}: expected one of {CUTS}")
+    self.ehr, self.labels, self.num_time_bins, self.cut = ehr, labels, num_time_bins, cut
     dataset = ehr.dataset
-    split_of = {int(s): name for name, ids in dataset.splits.items() for s in ids}
-    splits = np.array([split_of.get(int(s), "") for s in labels.subject_ids], dtype=object)
-    _check_known_subjects(labels, splits, dataset.root)
     if np.isnat(labels.prediction_times).any():
       row = int(np.flatnonzero(np.isnat(labels.prediction_times))[0])
       raise ValueError(f"labels {labels.path}: EHR labels need a prediction_time; row {row} "
                        f"(subject_id {labels.subject_ids[row]}) has none")
-    self._rows = {name: np.flatnonzero(splits == name) for name in dataset.splits}
-    self._sources: dict[str, LabeledSource] = {}
-    for name, rows in self._rows.items():
-      meds = dataset.source(name)
-      positions = np.searchsorted(meds.subject_ids, labels.subject_ids[rows])
-      _check_history_before(labels, rows, meds.first_event_times()[positions])
-      self._sources[name] = LabeledSource(meds, positions, labels.rows(rows))
+    split_of = {int(s): name for name, ids in dataset.splits.items() for s in ids}
+    splits = np.array([split_of.get(int(s), "") for s in labels.subject_ids], dtype=object)
+    usable = np.zeros(len(labels), bool)
+    first_events = np.full(len(labels), np.datetime64("NaT"), "datetime64[us]")
+    positions = np.zeros(len(labels), np.int64)
+    meds_sources = {name: dataset.source(name) for name in dataset.splits}
+    for name, meds in meds_sources.items():
+      rows = np.flatnonzero(splits == name)
+      positions[rows], _, usable[rows], first_events[rows] = history_rows(
+          meds, labels.subject_ids[rows], labels.prediction_times[rows], cut)
+    self.dropped = _dropped_counts(splits, usable, dataset.splits)
+    if strict_labels:
+      _check_all_rows_usable(labels, splits, usable, first_events, self.dropped, dataset.root, cut)
+    if self.dropped["total"]:
+      log.warning("labels %s: dropped %d of %d rows (%s)", labels.path, self.dropped["total"], len(labels),
+                  _describe_dropped(self.dropped, cut))
+    self._rows = {name: np.flatnonzero((splits == name) & usable) for name in dataset.splits}
+    self._sources: dict[str, LabeledSource] = {
+        name: LabeledSource(meds_sources[name], positions[rows], labels.rows(rows), inclusive=cut == "inclusive")
+        for name, rows in self._rows.items()}
     train = self._rows.get("train", np.zeros(0, np.int64))
     if not len(train):
-      raise ValueError(f"labels {labels.path}: no label rows for subjects of the training split")
+      raise ValueError(f"labels {labels.path}: no usable label rows for subjects of the training split "
+                       f"({_describe_dropped(self.dropped, cut) or 'none in the labels file'})")
     _check_classes_in_training(labels, train)
     self.info = task_info(labels, train, num_time_bins)
 
@@ -141,7 +182,8 @@ class LabeledEHRData:
     """A copy whose training split keeps only `rows` (indices into it): few-shot training."""
     train = self.source("train")
     out = copy.copy(self)
-    out._sources = {**self._sources, "train": LabeledSource(train._meds, train._positions[rows], train.labels.rows(rows))}
+    out._sources = {**self._sources, "train": LabeledSource(train._meds, train._positions[rows], train.labels.rows(rows),
+                                                            train.inclusive)}
     out._rows = {**self._rows, "train": self._rows["train"][rows]}
     out.info = task_info(train.labels, rows, self.num_time_bins)
     return out
@@ -170,6 +212,7 @@ class LabeledEHRData:
     out: dict[str, Any] = {f"labels_{name}": len(rows) for name, rows in self._rows.items()}
     out["task"] = self.info.type
     out["outputs"] = self.info.num_outputs
+    out["labels_dropped"] = self.dropped["total"]
     return out
 
   def records(self, split: str):
@@ -177,49 +220,95 @@ class LabeledEHRData:
     source = self.source(split)
     return [source[i] for i in range(len(source))]
 
-  def covariates(self, split: str) -> dict[str, np.ndarray]:
-    """Subgroup columns of `split`'s rows: the labels file's own extra columns, plus the
-    age at the prediction time and its band ("unknown" without a birth event)."""
+  def splits(self) -> tuple[str, ...]:
+    return tuple(self._sources)
+
+  def covariates(self, split: str, subgroup_codes: Mapping[str, tuple[str, ...]] | None = None,
+                 ) -> dict[str, np.ndarray]:
+    """Subgroup columns of `split`'s rows: the labels file's own extra columns; one column per
+    entry of `subgroup_codes` ({name: code prefixes}, default `SUBGROUP_CODE_PREFIXES`) read
+    from each row's record, unless the labels file has that column; and the age at the
+    prediction time and its band. A row without the code or a birth event is "unknown"."""
     source = self.source(split)
+    prefixes = {name: tuple(p) for name, p in (SUBGROUP_CODE_PREFIXES if subgroup_codes is None
+                                               else subgroup_codes).items()
+                if name not in source.labels.covariates}
     ages = np.full(len(source), np.nan)
+    from_codes = {name: np.full(len(source), UNKNOWN, dtype=object) for name in prefixes}
     for i in range(len(source)):
       record = source[i]
       codes = np.asarray(record["codes"], dtype=object)
       birth = _birth_time(codes, record["times"])
       if birth is not None:
         ages[i] = (source.labels.prediction_times[i] - birth).astype(np.int64) / _US_PER_YEAR
-    bands = np.array(["unknown"] * len(ages), dtype=object)
+      for name, starts in prefixes.items():
+        match = next((str(c) for c in codes if str(c).startswith(starts)), None)
+        if match is not None:
+          from_codes[name][i] = match[next(len(p) for p in starts if match.startswith(p)):]
+    bands = np.array([UNKNOWN] * len(ages), dtype=object)
     for low, high, name in AGE_BANDS:
       bands[(ages >= low) & (ages < high)] = name
-    return {**source.labels.covariates, "age_years": ages, "age_band": bands}
+    return {**from_codes, **source.labels.covariates, "age_years": ages, "age_band": bands}
 
 
 def _check_classes_in_training(labels: Labels, train_rows: np.ndarray) -> None:
-  """A class no training row has would get a head output that never trains."""
-  if labels.task_type != "multiclass":
+  """A class no training row has would get a head output that never trains; a binary or
+  multilabel column with one value in training, or survival without an event, teaches nothing."""
+  if labels.task_type == "survival":
+    if not labels.targets[batch.TASK_EVENT][train_rows].any():
+      raise ValueError(f"labels {labels.path}: the event column has no event among the {len(train_rows)} "
+                       "training rows; a survival model cannot learn a hazard from censoring alone")
     return
-  seen = set(np.unique(labels.targets[batch.TASK_LABEL][train_rows]).tolist())
-  unseen = [name for i, name in enumerate(labels.classes) if i not in seen]
-  if unseen:
-    raise ValueError(f"labels {labels.path}: classes {unseen} have no row in the training split; drop those "
-                     f"rows or merge the classes")
+  if labels.task_type == "regression":
+    return
+  targets = labels.targets[batch.TASK_LABEL][train_rows]
+  if labels.task_type == "multiclass":
+    seen = set(np.unique(targets).tolist())
+    unseen = [name for i, name in enumerate(labels.classes) if i not in seen]
+    if unseen:
+      raise ValueError(f"labels {labels.path}: classes {unseen} have no row in the training split; drop those "
+                       f"rows or merge the classes")
+    if len(seen) < 2:
+      raise ValueError(f"labels {labels.path}: column {labels.columns[0]!r} has one class "
+                       f"({labels.classes[targets[0]]}) in the training split's {len(train_rows)} rows")
+    return
+  columns = targets.reshape(len(targets), -1)
+  for j, name in enumerate(labels.columns):
+    values = np.unique(columns[:, j])
+    if len(values) < 2:
+      raise ValueError(f"labels {labels.path}: column {name!r} has one class ({bool(values[0])}) in the "
+                       f"training split's {len(train_rows)} rows; a classifier needs both")
 
 
-def _check_known_subjects(labels: Labels, splits: np.ndarray, root) -> None:
-  unknown = np.flatnonzero(splits == "")
-  if len(unknown):
-    row = int(unknown[0])
-    raise ValueError(f"labels {labels.path}: {len(unknown)} of {len(labels)} rows name subjects that the MEDS "
-                     f"dataset {root} does not have (or has in no split); first: row {row}, subject_id "
-                     f"{labels.subject_ids[row]}")
+def _dropped_counts(splits: np.ndarray, usable: np.ndarray, split_names) -> dict[str, Any]:
+  """{"unknown_subject": n, "no_history": {split: n}, "total": n} over every split."""
+  no_history = {name: int(((splits == name) & ~usable).sum()) for name in split_names}
+  unknown = int((splits == "").sum())
+  return {UNKNOWN_SUBJECT: unknown, "no_history": no_history, "total": unknown + sum(no_history.values())}
 
 
-def _check_history_before(labels: Labels, rows: np.ndarray, first_events: np.ndarray) -> None:
-  times = labels.prediction_times[rows]
-  empty = np.isnat(first_events) | (times <= first_events)
-  if empty.any():
-    i = int(np.flatnonzero(empty)[0])
-    row = int(rows[i])
-    raise ValueError(f"labels {labels.path}: {int(empty.sum())} rows have a prediction_time at or before the "
-                     f"subject's first event, so the model would see no history; first: row {row}, subject_id "
-                     f"{labels.subject_ids[row]}, prediction_time {times[i]}, first event {first_events[i]}")
+def _describe_dropped(dropped: Mapping[str, Any], cut: str) -> str:
+  parts = []
+  if dropped[UNKNOWN_SUBJECT]:
+    parts.append(f"{dropped[UNKNOWN_SUBJECT]} name subjects the MEDS dataset does not have (or has in no split)")
+  no_history = {k: v for k, v in dropped["no_history"].items() if v}
+  if no_history:
+    when = "at or before" if cut == "inclusive" else "strictly before"
+    parts.append(f"{sum(no_history.values())} have no event {when} their prediction_time ("
+                 + ", ".join(f"{k} {v}" for k, v in no_history.items()) + ")")
+  return "; ".join(parts)
+
+
+def _check_all_rows_usable(labels: Labels, splits, usable, first_events, dropped, root, cut: str) -> None:
+  """`strict_labels`: a row that would be dropped is an error naming the first one."""
+  if not dropped["total"]:
+    return
+  row = int(np.flatnonzero(~usable)[0])
+  if splits[row] == "":
+    first = f"row {row}, subject_id {labels.subject_ids[row]} (not in {root})"
+  else:
+    first = (f"row {row}, subject_id {labels.subject_ids[row]}, prediction_time {labels.prediction_times[row]}, "
+             f"first event {first_events[row]}")
+  raise ValueError(f"labels {labels.path}: {dropped['total']} of {len(labels)} rows cannot be used: "
+                   f"{_describe_dropped(dropped, cut)}; first: {first} (without strict_labels they are dropped "
+                   f"and counted)")

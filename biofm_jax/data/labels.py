@@ -52,6 +52,7 @@ class Labels:
   targets: dict[str, np.ndarray]
   classes: tuple[str, ...] = ()  # multiclass class names (id = index); multilabel column names
   covariates: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  columns: tuple[str, ...] = ()  # the file's columns the targets were read from
 
   def __len__(self) -> int:
     return len(self.subject_ids)
@@ -62,6 +63,13 @@ class Labels:
         self, subject_ids=self.subject_ids[index], prediction_times=self.prediction_times[index],
         targets={k: v[index] for k, v in self.targets.items()},
         covariates={k: v[index] for k, v in self.covariates.items()})
+
+  def metric_targets(self) -> dict[str, np.ndarray]:
+    """The targets in the form `eval/metrics.py` scores: {"time", "event"} for survival,
+    else {"label"} (class ids, 0/1 columns or values)."""
+    if self.task_type == "survival":
+      return {"time": self.targets[batch.TASK_TIME], "event": self.targets[batch.TASK_EVENT]}
+    return {"label": self.targets[batch.TASK_LABEL]}
 
   @property
   def num_outputs(self) -> int:
@@ -157,8 +165,9 @@ def _natural_key(name: str):
   return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-def read_labels(path: str | pathlib.Path, task: Mapping[str, Any]) -> Labels:
-  """Reads and checks the labels at `path` for `task` (a mapping such as `config.task`)."""
+def read_labels(path: str | pathlib.Path, task: Mapping[str, Any], *, with_targets: bool = True) -> Labels:
+  """Reads and checks the labels at `path` for `task` (a mapping such as `config.task`).
+  `with_targets=False` reads the rows alone (rows to score, whose outcome is not known)."""
   path = pathlib.Path(path)
   table = _read_table(path)
   if not len(table):
@@ -168,16 +177,27 @@ def read_labels(path: str | pathlib.Path, task: Mapping[str, Any]) -> Labels:
     times = _column(table, path, PREDICTION_TIME, "timestamp")
   else:
     times = np.full(len(table), np.datetime64("NaT"), "datetime64[us]")
-  targets, classes, used = _targets(table, path, task)
+  targets, classes, used = _targets(table, path, task) if with_targets else ({}, tuple(task.get("classes") or ()), [])
   skip = {SUBJECT_ID, PREDICTION_TIME, *used}
   covariates = {name: table.column(name).to_numpy(zero_copy_only=False)
                 for name in table.column_names if name not in skip and _is_scalar(table.column(name).type)}
-  return Labels(path, task["type"], subject_ids, times, targets, classes, covariates)
+  return Labels(path, task["type"], subject_ids, times, targets, classes, covariates, tuple(used))
 
 
 def _is_scalar(t: pa.DataType) -> bool:
   return not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t)
               or pa.types.is_fixed_size_list(t) or pa.types.is_map(t))
+
+
+def labels_name(path: str | pathlib.Path) -> str:
+  """A task's name from its labels: the folder's name for a folder (ACES writes
+  `<cohort_dir>/<task name>/<shard>.parquet`), the file's stem otherwise, or its folder's
+  name when the stem is only a shard name (`0.parquet`, `held_out.parquet`)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return path.name
+  shard_like = path.stem.isdigit() or path.stem in ("train", "tuning", "held_out")
+  return path.parent.name if shard_like and path.parent.name else path.stem
 
 
 def write_labels(path: str | pathlib.Path, subject_ids, prediction_times, **columns) -> pathlib.Path:

@@ -9,7 +9,8 @@
   * the same architecture trained from scratch on the same labels (`from_scratch_steps`);
   * a few-shot sweep (k labels per class, several seeds) of the probe and the count baselines;
 and writes the report (`report.py`): metrics per split, bootstrap intervals, subgroups,
-curves, and summary lines that say whether and by how much pre-training helps.
+curves, and summary lines that say whether and by how much pre-training helps; and every
+model's per-row predictions in meds-evaluation's schema (`predictions.py`).
 """
 from __future__ import annotations
 
@@ -22,25 +23,29 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.data import batch as B
-from biofm_jax.eval import classical, metrics, report as report_lib
+from biofm_jax.data.labeled import SUBGROUP_CODE_PREFIXES, UNKNOWN
+from biofm_jax.eval import classical, metrics, predictions as predictions_lib, report as report_lib
 from biofm_jax.train import finetune
 
 log = logging.getLogger("biofm_jax")
-PROBE, COUNT_LOGISTIC, COUNT_GBM, SCRATCH = ("linear_probe", "count_codes_logistic", "count_codes_gbm",
-                                            "from_scratch")
-DEFAULT_SUBGROUPS = ("sex", "age_band")
+# Model names: report.json's keys and the predictions/<model>/ folders.
+PROBE, COUNT_LOGISTIC, COUNT_GBM, SCRATCH, FINETUNED = "probe", "count_lr", "count_gbm", "from_scratch", "finetuned"
+DEFAULT_SUBGROUPS = ("sex", "age_band", "race", "ethnicity")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationOptions:
   splits: tuple[str, ...] = ("tuning", "held_out")
-  subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS  # covariate columns; absent defaults are skipped
+  subgroups: tuple[str, ...] = DEFAULT_SUBGROUPS  # covariate columns; defaults that cannot be formed are noted
+  # subgroup -> code prefixes: a row's value is the suffix of its record's first such code
+  subgroup_codes: tuple[tuple[str, tuple[str, ...]], ...] = tuple(SUBGROUP_CODE_PREFIXES.items())
   bootstrap_samples: int = 200
   few_shot_ks: tuple[int, ...] = classical.DEFAULT_KS
   few_shot_seeds: tuple[int, ...] = (0, 1, 2)
   finetuned_workdir: str | None = None
   from_scratch_steps: int = 0  # > 0: train the architecture from scratch for this many steps
   seed: int = 0
+  overwrite: bool = False  # replace an existing predictions/ folder
 
 
 def classical_targets(labels, info):
@@ -108,17 +113,46 @@ def _split_entry(info, targets, scores, covariates, options: EvaluationOptions, 
   if with_details:
     entry["intervals"] = metrics.bootstrap_intervals(info.type, targets, scores,
                                                      num_samples=options.bootstrap_samples, seed=options.seed)
-    groups = {c: covariates[c] for c in options.subgroups if c in covariates}
+    groups, not_formed = subgroup_columns(options, covariates)
     if groups:
       entry["subgroups"] = metrics.subgroup_metrics(info.type, targets, scores, groups)
+    if not_formed:
+      entry["subgroups_not_formed"] = not_formed
   return entry
 
 
+def subgroup_columns(options: EvaluationOptions, covariates: dict) -> tuple[dict, dict[str, str]]:
+  """({column: values} of the subgroups that can be formed, {column: why not} of the others):
+  a column every row of which is unknown forms no subgroup."""
+  prefixes = dict(options.subgroup_codes)
+  groups, not_formed = {}, {}
+  for column in options.subgroups:
+    values = covariates.get(column)
+    if values is None:
+      not_formed[column] = "no such column in the labels"
+    elif all(metrics.group_key(v) in (metrics.MISSING, UNKNOWN) for v in values):
+      source = (f"no record has a code starting with {' or '.join(prefixes[column])}" if column in prefixes
+                else "no row has a value")
+      not_formed[column] = f"every row is unknown: {source}"
+    else:
+      groups[column] = values
+  return groups, not_formed
+
+
 def _check_subgroups(options: EvaluationOptions, covariates: dict) -> None:
-  unknown = [c for c in options.subgroups if c not in covariates and c not in DEFAULT_SUBGROUPS]
+  known = set(DEFAULT_SUBGROUPS) | {name for name, _ in options.subgroup_codes}
+  unknown = [c for c in options.subgroups if c not in covariates and c not in known]
   if unknown:
     raise ValueError(f"subgroup columns {unknown} are not in the labels file; covariates available: "
                      f"{sorted(covariates)}")
+
+
+def task_description(config: ml_collections.ConfigDict, data) -> dict:
+  """The report's task section: name, type, labels, rows per split and the rows dropped."""
+  train = data.split_labels("train")
+  return {"name": config.task.name, "type": data.info.type, "labels": str(train.path),
+          "prediction_time_cut": data.cut, "rows": {s: len(data.split_labels(s)) for s in data.splits()},
+          "rows_dropped": data.dropped, "outputs": data.info.num_outputs}
 
 
 def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
@@ -126,12 +160,13 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   """Scores everything above for `config` (a `finetune.finetune_config`) and writes the
   report into `out_dir`; returns the report dict."""
   out_dir = pathlib.Path(out_dir).absolute()
+  predictions_lib.check_writable(out_dir, options.overwrite)
   out_dir.mkdir(parents=True, exist_ok=True)
   data = finetune.open_labeled_data(config, out_dir / "artifacts")
   info, splits = data.info, tuple(options.splits)
   labels = {s: data.split_labels(s) for s in ("train",) + splits}
-  targets = {s: finetune.target_arrays(labels[s], info) for s in splits}
-  covariates = {s: data.covariates(s) for s in splits}
+  targets = {s: labels[s].metric_targets() for s in splits}
+  covariates = {s: data.covariates(s, dict(options.subgroup_codes)) for s in splits}
   _check_subgroups(options, covariates[splits[-1]])
   train_y = classical_targets(labels["train"], info)
 
@@ -155,25 +190,29 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
     scores[SCRATCH], descriptions[SCRATCH] = _finetuned_scores(scratch_dir, splits, data)
   main_method = PROBE
   if options.finetuned_workdir:
-    main_method = "finetuned"
+    main_method = FINETUNED
     scores[main_method], descriptions[main_method] = _finetuned_scores(options.finetuned_workdir, splits, data)
   few_shot = {PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
               COUNT_LOGISTIC: (counts["train"], counts["held_out"], "logistic"),
               COUNT_GBM: (counts["train"], counts["held_out"], "gbm")} if "held_out" in splits else {}
-  task = {"name": config.task.name, "type": info.type, "labels": str(labels["train"].path),
-          "rows": {s: len(v) for s, v in labels.items()}, "outputs": info.num_outputs}
   model = {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]}
-  return write_evaluation(out_dir, task, model, info, scores, descriptions, targets, covariates, train_y, few_shot,
-                          options)
+  row_ids = {s: predictions_lib.label_row_ids(labels[s]) for s in splits}
+  return write_evaluation(out_dir, task_description(config, data), model, info, scores, descriptions, targets,
+                          covariates, train_y, few_shot, options, row_ids=row_ids)
 
 
 def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, dict[str, np.ndarray]],
                      descriptions: dict, targets: dict, covariates: dict, train_y, few_shot_features: dict,
-                     options: EvaluationOptions) -> dict[str, Any]:
+                     options: EvaluationOptions, *, row_ids: dict[str, tuple]) -> dict[str, Any]:
   """The report of `scores` ({method: {split: predictions}}, `model["name"]` the main one),
   written into `out_dir`: metrics per split, intervals and subgroups on held_out, the other
-  methods as baselines, the few-shot sweep of `few_shot_features`, curves and summary."""
+  methods as baselines, the few-shot sweep of `few_shot_features`, curves and summary; and
+  every method's predictions of every split (`row_ids`: {split: {id column: values}}) under
+  `out_dir/predictions/`."""
   main_method, splits = model["name"], tuple(options.splits)
+  predictions_lib.write_predictions(out_dir, {
+      name: {s: predictions_lib.prediction_table(info.type, row_ids[s], targets[s], by_split[s], info.classes)
+             for s in splits} for name, by_split in scores.items()}, overwrite=options.overwrite)
   report: dict[str, Any] = {
       "task": task, "model": model,
       "splits": {s: _split_entry(info, targets[s], scores[main_method][s], covariates[s], options,
@@ -185,7 +224,8 @@ def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, d
   }
   if info.type in ("binary", "multiclass") and few_shot_features:
     report["few_shot"] = few_shot_report(info, train_y, targets["held_out"], few_shot_features, options)
-  report["summary"] = report_lib.summary_lines(report) + pretraining_lines(report, main_method)
+  report["summary"] = (report_lib.summary_lines(report) + pretraining_lines(report, main_method)
+                       + dropped_rows_lines(task))
   curves = {name: metrics.curves(info.type, targets["held_out"], by_split["held_out"])
             for name, by_split in scores.items()} if "held_out" in splits else None
   report_lib.write_report(out_dir, report, curves_by_method=curves)
@@ -204,6 +244,16 @@ def few_shot_report(info, train_y, test_targets, features: dict[str, tuple], opt
   sweep = classical.few_shot_sweep({name: method(*args) for name, args in features.items()}, train_y, score,
                                    ks=options.few_shot_ks, seeds=options.few_shot_seeds)
   return {"metric": metric, **sweep}
+
+
+def dropped_rows_lines(task: dict) -> list[str]:
+  """What the evaluation could not score: label rows dropped, per reason and split."""
+  dropped = task.get("rows_dropped") or {}
+  if not dropped.get("total"):
+    return []
+  per_split = ", ".join(f"{split} {n}" for split, n in dropped["no_history"].items() if n)
+  return [f"{dropped['total']} label rows were dropped: {dropped['unknown_subject']} of unknown subjects, "
+          f"{sum(dropped['no_history'].values())} without an event before the cut ({per_split or 'none'})"]
 
 
 def pretraining_lines(report: dict, main_method: str) -> list[str]:

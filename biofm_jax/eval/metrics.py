@@ -90,7 +90,7 @@ def subgroup_metrics(task_type: str, targets: Mapping[str, np.ndarray], predicti
   n = len(predictions)
   result: dict[str, dict[str, dict]] = {}
   for column, values in groups.items():
-    keys = np.array([_group_key(v) for v in np.asarray(values, dtype=object).reshape(-1)], dtype=object)
+    keys = np.array([group_key(v) for v in np.asarray(values, dtype=object).reshape(-1)], dtype=object)
     if len(keys) != n:
       raise ValueError(f"group column {column!r} has {len(keys)} rows, predictions have {n}")
     result[column] = {}
@@ -267,7 +267,7 @@ def _percentile_interval(values, tail) -> tuple[float, float]:
   return (float(lo), float(hi))
 
 
-def _group_key(value) -> str:
+def group_key(value) -> str:
   if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
     return MISSING
   return str(value)

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from biofm_jax.data.labeled import TaskInfo
-from biofm_jax.eval import downstream
+from biofm_jax.eval import downstream, predictions
 
 log = logging.getLogger("biofm_jax")
 NORMALIZE_TOTAL = 1e4
@@ -100,6 +100,7 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
   from biofm_jax.eval.embeddings import embed_split
   from biofm_jax.train.loop import open_run
   workdir, out_dir = pathlib.Path(pretrained_workdir).absolute(), pathlib.Path(out_dir).absolute()
+  predictions.check_writable(out_dir, options.overwrite)
   config, data, setup, params, _ = open_run(workdir)
   splits = tuple(options.splits)
   every = ("train",) + splits
@@ -128,5 +129,7 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
           "rows_without_a_training_class": dropped, "outputs": info.num_outputs}
   model = {"name": downstream.PROBE, "pretrained": str(workdir), **descriptions[downstream.PROBE]}
   out_dir.mkdir(parents=True, exist_ok=True)
+  # Records have no MEDS prediction time: their predictions are keyed by the row's index in its split.
+  row_ids = {s: {"row_index": rows[s].astype(np.int64)} for s in splits}
   return downstream.write_evaluation(out_dir, task, model, info, scores, descriptions, targets, covariates,
-                                     train_y, few_shot, options)
+                                     train_y, few_shot, options, row_ids=row_ids)

@@ -7,7 +7,8 @@ This module owns how a finished evaluation is written down; it computes no metri
    "model": {"name": str (optional, default "model"), ...free-form description...},
    "splits": {"held_out": {"n": int, "metrics": {metric: value},
                            "intervals": {metric: [lo, hi]},           # optional
-                           "subgroups": {column: {value: {"n": ..., metric: ...}}}},  # optional
+                           "subgroups": {column: {value: {"n": ..., metric: ...}}},  # optional
+                           "subgroups_not_formed": {column: why}},  # optional
               "tuning": {...same shape...}, ...},
    "baselines": {method_name: {"held_out": {"metrics": {...}, "intervals": {...}}, ...}},  # optional
    "few_shot": {"metric": "auroc", "k": [1, 2, 4, ...],                   # optional
@@ -167,6 +168,9 @@ def _report_blocks(report, plots):
     for column, by_value in (body.get("subgroups") or {}).items():
       blocks.append(("heading", 3, f"Subgroups of {split} by {column}"))
       blocks.append(_subgroup_table(column, by_value))
+    if body.get("subgroups_not_formed"):
+      blocks.append(("heading", 3, f"Subgroups of {split} not formed"))
+      blocks.append(("bullets", [f"{column}: {why}" for column, why in body["subgroups_not_formed"].items()]))
   if report.get("few_shot"):
     blocks.append(("heading", 2, f"Few-shot ({report['few_shot'].get('metric', 'metric')}, mean ± std)"))
     blocks.append(_few_shot_table(report["few_shot"]))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
-from typing import Any
 
 import jax
 import ml_collections
@@ -23,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
+from biofm_jax.data.labels import labels_name
 
 log = logging.getLogger("biofm_jax")
 # Sections of the pre-training config that define the backbone and its inputs.
@@ -66,6 +66,8 @@ def finetune_config(finetune: ml_collections.ConfigDict, pretrained_workdir: str
   data.update({k: finetune.data[k] for k in DATA_FIELDS_FROM_FINETUNE if k in finetune.data})
   config.data = ml_collections.ConfigDict(data)
   config.finetune.pretrained = str(pathlib.Path(pretrained_workdir).absolute())
+  if not config.task.name:  # reports are titled by the task: the labels' own name unless one is given
+    config.task.name = labels_name(config.task.labels) if config.task.labels else config.task.synthetic
   check_architecture(finetune, saved)
   config.lock()
   return config
@@ -100,7 +102,9 @@ def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.
     ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")
   ehr = ehr_lib.EHRData.from_config(ehr_cfg, objective=config.objective.name, artifacts_dir=artifacts_dir)
   labels = read_labels(labels_path(config, ehr_cfg.path, artifacts_dir), config.task)
-  data = LabeledEHRData(ehr, labels, num_time_bins=config.task.num_time_bins)
+  data = LabeledEHRData(ehr, labels, num_time_bins=config.task.num_time_bins,
+                        cut=config.task.get("prediction_time_cut", "inclusive"),
+                        strict_labels=config.task.get("strict_labels", False))
   if config.finetune.train_labels_per_class:
     rows = few_label_rows(data.split_labels("train"), config.finetune.train_labels_per_class,
                           config.finetune.label_seed)
@@ -197,22 +201,19 @@ def predict_split(setup, params, data, split: str, *, batch_size: int) -> tuple[
   return predictions(data.info, out["logits"]), out["embedding"]
 
 
-def target_arrays(labels, info) -> dict[str, Any]:
-  """Targets of `labels` in the form `eval/metrics.py` scores (label ids, times, events)."""
-  from biofm_jax.data import batch as B
-  if info.type == "survival":
-    return {"time": labels.targets[B.TASK_TIME], "event": labels.targets[B.TASK_EVENT]}
-  return {"label": labels.targets[B.TASK_LABEL]}
+def predict_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
+                      splits=("tuning", "held_out")):
+  """(labelled data module, {split: scores}) of a fine-tuned run on each split."""
+  from biofm_jax.train.loop import open_run
+  config, data, setup, params, _ = open_run(workdir, config)
+  return data, {split: predict_split(setup, params, data, split, batch_size=config.data.batch_size)[0]
+                for split in splits}
 
 
 def score_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
                     splits=("tuning", "held_out")) -> dict[str, dict[str, float]]:
   """Task metrics (`eval/metrics.py`) of a fine-tuned run on each split."""
   from biofm_jax.eval.metrics import task_metrics
-  from biofm_jax.train.loop import open_run
-  config, data, setup, params, _ = open_run(workdir, config)
-  out = {}
-  for split in splits:
-    scores, _ = predict_split(setup, params, data, split, batch_size=config.data.batch_size)
-    out[split] = task_metrics(data.info.type, target_arrays(data.split_labels(split), data.info), scores)
-  return out
+  data, scores = predict_finetuned(workdir, config, splits)
+  return {split: task_metrics(data.info.type, data.split_labels(split).metric_targets(), scores[split])
+          for split in splits}

@@ -336,11 +336,14 @@ class MEDSSource:
         "numeric_values": self._values[rows].copy(),
     }
 
-  def record_before(self, index: int, cutoff: np.datetime64) -> dict:
-    """Record `index` cut to its static rows and the events strictly before `cutoff` (a
-    label's prediction time): an event at the prediction time itself is not history."""
+  def record_until(self, index: int, prediction_time: np.datetime64, *, inclusive: bool = True) -> dict:
+    """Record `index` cut to what a label at `prediction_time` may use: its static rows and
+    the events at or before that time (`meds.LabelSchema`: "data may be used ... up to and
+    including this time"), or with `inclusive=False` only those strictly before it."""
     record = self[index]
-    keep = np.isnat(record["times"]) | (record["times"] < np.datetime64(cutoff, "us"))
+    cutoff = np.datetime64(prediction_time, "us")
+    before = record["times"] <= cutoff if inclusive else record["times"] < cutoff
+    keep = np.isnat(record["times"]) | before
     return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
 
   def first_event_times(self) -> np.ndarray:
@@ -405,6 +408,12 @@ class MEDSDataset:
     positions = np.searchsorted(self._events.subject_ids, ids)
     return MEDSSource(ids, self._events.starts[positions], self._events.ends[positions],
                       self._events)
+
+  def all_subjects(self) -> MEDSSource:
+    """The records of every subject with events, in any split or none, by increasing id
+    (scoring new records, where splits do not matter)."""
+    events = self._events
+    return MEDSSource(events.subject_ids, events.starts, events.ends, events)
 
   def __repr__(self) -> str:
     return (f"MEDSDataset({str(self.root)!r}, subjects={self.stats['subjects']}, "

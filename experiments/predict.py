@@ -1,0 +1,60 @@
+"""Scores raw MEDS records with an exported fine-tuned model and writes predictions.
+
+  python experiments/predict.py --exported=exports/high_risk --meds=/data/new_meds \
+      --labels=rows.parquet --out=predictions.parquet [--overwrite] [--strict_labels]
+
+Only the export folder is needed (experiments/export.py of a fine-tuning run): its
+vocabulary and value bins tokenise the records, its export.json gives the window rule, the
+task and the prediction-time cut, and its serialised function computes the logits. No
+training config or checkpoint is read. `--labels` holds the rows to score in
+`meds.LabelSchema` (`subject_id`, `prediction_time`; an ACES output folder works as
+written); when it also holds the outcome (`boolean_value`, ...) the predictions file carries
+it, in meds-evaluation's schema, ready for `meds-evaluation-cli`. Rows of unknown subjects
+or without history are dropped and counted (`--strict_labels`: an error); the count of rows
+none of whose codes the model's vocabulary knows is printed.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import flags
+
+from biofm_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("exported", None, "The export folder (experiments/export.py of a fine-tuning run).")
+flags.DEFINE_string("meds", None, "The MEDS dataset with the records to score.")
+flags.DEFINE_string("labels", None, "The rows to score: a meds.LabelSchema parquet file or folder.")
+flags.DEFINE_string("out", None, "The predictions parquet file to write.")
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.DEFINE_bool("strict_labels", False, "Rows of unknown subjects or without history are an error.")
+flags.DEFINE_integer("batch_size", 64, "Rows per call of the exported function.")
+flags.mark_flags_as_required(["exported", "meds", "labels", "out"])
+
+
+def main(argv, overrides):
+  del argv
+  if overrides:
+    sys.exit(f"error: predict.py takes no --config overrides (the export fixes the model): {sorted(overrides)}")
+  if pathlib.Path(FLAGS.out).exists() and not FLAGS.overwrite:  # before any work
+    sys.exit(f"error: {FLAGS.out} exists: pass --overwrite to replace it")
+  from biofm_jax.eval.predict_meds import score_meds
+  from biofm_jax.eval.predictions import write_table
+  try:
+    scored = score_meds(FLAGS.exported, FLAGS.meds, FLAGS.labels, strict_labels=FLAGS.strict_labels,
+                        batch_size=FLAGS.batch_size)
+    path = write_table(FLAGS.out, scored.table, overwrite=FLAGS.overwrite)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(f"scored {scored.scored} of {scored.rows} rows -> {path}")
+  if scored.dropped_unknown_subject or scored.dropped_no_history:
+    print(f"  dropped: {scored.dropped_unknown_subject} rows of subjects not in {FLAGS.meds}, "
+          f"{scored.dropped_no_history} without an event at or before the prediction time")
+  if scored.no_known_code:
+    print(f"  warning: {scored.no_known_code} of {scored.scored} scored rows had no code known to the model's "
+          f"vocabulary: their predictions rest on the model's prior alone")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -84,3 +84,26 @@ def test_resuming_with_other_data_settings_fails_naming_them(reference, syntheti
   changed = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=310, data__ehr__max_len=64))
   with pytest.raises(ValueError, match=r"data\.ehr\.max_len: 32 -> 64"):
     helpers.train(changed, workdir)
+
+
+@pytest.mark.parametrize("damage", ["array", "json"])
+def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_step_resumes_exactly(
+    reference, synthetic_meds, tmp_path, damage):
+  import shutil
+  ref_dir, ref_config = reference
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, workdir)
+  newest = workdir / "checkpoints" / "300"
+  if damage == "array":  # a state data file cut in half
+    target = max((p for p in (newest / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  else:  # the data iterator's JSON position cut short
+    target = newest / "data" / "process_0-of-1.json"
+  target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  config = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=300))
+  helpers.train(config, workdir)
+  assert (workdir / "checkpoints" / "300.unreadable").is_dir()
+  assert Checkpointer(workdir / "checkpoints", keep=2).latest_step() == 300  # written again
+  # Steps 291-300 were trained again from step 290, exactly as the first time.
+  helpers.assert_curves_close(helpers.train_losses(workdir), helpers.train_losses(ref_dir), atol=1e-6)
+  helpers.assert_trees_close(helpers.final_params(workdir, config), helpers.final_params(ref_dir, ref_config),
+                             atol=1e-6)

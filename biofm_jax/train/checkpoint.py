@@ -9,6 +9,11 @@ Orbax writes a step into a temporary directory and renames it only when complete
 write interrupted by a crash or kill -9 is never taken as the latest step. A step written
 by N processes resumes with M: the state restores onto any mesh, and the data position is
 the same for every process (see `restore`).
+
+A step that is on disk but cannot be read (a truncated array file, a cut JSON file) is set
+aside as `<step>.unreadable` with a warning naming it and the error, and the run resumes
+from the newest step before it that reads (`restore_latest`): the previous step was
+complete on disk, so nothing is lost but the steps since.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -24,6 +29,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
+
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 class Checkpointer:
@@ -51,6 +58,46 @@ class Checkpointer:
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any,
+                     check_config: Callable[[dict, int], None] | None = None) -> tuple[int | None, Any]:
+    """(step, state) of the newest step that reads, restored as `restore` does; (None, None)
+    when there is no step. Unreadable steps are set aside; `check_config(saved, step)` runs
+    on the step's config outside the fallback, so a config that does not fit stays an error."""
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        saved = self.restore_config(step)
+      except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for one bad file
+        failures.append(self._set_aside(step, e))
+        continue
+      if check_config is not None:
+        check_config(saved, step)
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # noqa: BLE001
+        failures.append(self._set_aside(step, e))
+    if failures:
+      raise ValueError(f"checkpoints in {self.directory}: no step can be read (" + "; ".join(failures) + "); "
+                       "they were set aside, so the next run starts from scratch")
+    return None, None
+
+  def _set_aside(self, step: int, error: Exception) -> str:
+    """Renames an unreadable step out of Orbax's sight (process 0; every process waits)."""
+    what = f"step {step}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+    logging.warning("checkpoint %s/%d cannot be read (%s); setting it aside as %d%s and falling back to the "
+                    "previous step", self.directory, step, what, step, UNREADABLE_SUFFIX)
+    path = pathlib.Path(self.directory) / str(step)
+    if jax.process_index() == 0:
+      aside = path.with_name(f"{step}{UNREADABLE_SUFFIX}")
+      if aside.exists():
+        aside = path.with_name(f"{step}{UNREADABLE_SUFFIX}.{os.getpid()}")
+      path.rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._manager.reload()
+    return what
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores `step` into `abstract_state`'s shardings; sets `data_iterator`'s position.

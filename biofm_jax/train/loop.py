@@ -261,10 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # ------------------------------------------------------------ 4. state: restore or init
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-  latest = checkpointer.latest_step()
+  latest, state = checkpointer.restore_latest(
+      setup.abstract_state, train_iter, lambda saved, step: check_resume_compatible(saved, config, step))
   if latest is not None:
-    check_resume_compatible(checkpointer.restore_config(latest), config, latest)
-    state = checkpointer.restore(latest, setup.abstract_state, train_iter)
     log.info("resumed from checkpoint step %d", latest)
   else:
     state = setup.init_state(config.seed)

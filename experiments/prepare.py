@@ -33,16 +33,17 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv, overrides):
   del argv
-  from biofm_jax.data import pipeline, prepared
+  from biofm_jax.data import prepared
+  from biofm_jax.modalities import registry
   config = cli.load_config_or_exit(FLAGS.config, overrides)
-  modalities = [m for m in config.data.keys() if m in pipeline.DATA_MODULES]
+  modalities = registry.configured(config.data)
   if "multimodal" in config.data or len(modalities) != 1:
-    sys.exit(f"error: prepare takes a config with one modality (one of {sorted(pipeline.DATA_MODULES)}); "
+    sys.exit(f"error: prepare takes a config with one modality (one of {sorted(registry.MODALITIES)}); "
              f"found {modalities or list(config.data.keys())}")
   modality, out = modalities[0], pathlib.Path(FLAGS.out)
   start = time.perf_counter()
   try:
-    module = pipeline.DATA_MODULES[modality](config.data[modality], objective=config.objective.name,
+    module = registry.open_data_module(modality, config.data[modality], objective=config.objective.name,
                                              artifacts_dir=out / prepared.ARTIFACTS_DIR)
     manifest = prepared.prepare(module, out, data_config=config.data[modality].to_dict(),
                                 objective=config.objective.name)

@@ -30,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def synthetic_meds(tmp_path_factory):
   """A small synthetic MEDS cohort shared by the tests of one worker process."""
-  from biofm_jax.data.sources.synthetic import write_synthetic_meds
+  from biofm_jax.modalities.ehr.synthetic import write_synthetic_meds
   return write_synthetic_meds(tmp_path_factory.mktemp("meds") / "cohort", num_subjects=300, seed=0)
 
 

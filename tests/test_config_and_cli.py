@@ -51,7 +51,7 @@ def test_overrides_are_typed():
 def test_base_preset_is_about_100m_parameters():
   import jax
   from biofm_jax.data.batch import ehr_example_spec
-  from biofm_jax.models.model import build_model
+  from biofm_jax.modalities.registry import build_model
   config = load_config(str(helpers.REPO / "configs/ehr_bert.py:base"))
   model = build_model(config, {"ehr": {"vocab_size": 15_000, "num_value_bins": 10, "max_len": 512}})
   batch = {"ehr": {name: jax.ShapeDtypeStruct((1, 512), dtype)

@@ -7,7 +7,8 @@ import grain
 import numpy as np
 import pytest
 
-from biofm_jax.data import batch, ehr, pipeline
+from biofm_jax.data import batch, pipeline
+from biofm_jax.modalities.ehr import data as ehr
 
 NAT = np.datetime64("NaT", "us")
 T0 = np.datetime64("2000-01-01T00:00:00", "us")
@@ -400,7 +401,7 @@ def test_ehr_data_on_a_meds_directory(records, tmp_path):
 
 
 def test_ehr_data_from_synthetic_cohort(artifacts):
-  pytest.importorskip("biofm_jax.data.sources.synthetic")
+  pytest.importorskip("biofm_jax.modalities.ehr.synthetic")
   data = ehr.EHRData.from_config(ehr_config(), objective="masked", artifacts_dir=artifacts)
   vocab_path = artifacts / ehr.VOCAB_FILENAME
   assert vocab_path.exists() and ehr.EHRVocab.load(vocab_path) == data.vocab
@@ -427,7 +428,7 @@ def test_ehr_data_from_synthetic_cohort(artifacts):
 
 
 def test_ehr_data_reuses_vocab_and_checks_config(artifacts):
-  pytest.importorskip("biofm_jax.data.sources.synthetic")
+  pytest.importorskip("biofm_jax.modalities.ehr.synthetic")
   vocab_path = artifacts / ehr.VOCAB_FILENAME
   if not vocab_path.exists():
     ehr.EHRData.from_config(ehr_config(), objective="masked", artifacts_dir=artifacts)

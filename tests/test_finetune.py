@@ -71,7 +71,7 @@ def test_regression_fine_tuning_predicts_the_planted_risk_in_its_own_units(pretr
 
 def test_multilabel_fine_tuning_on_two_boolean_columns(pretrained, tmp_path):
   from biofm_jax.data.labels import write_labels
-  from biofm_jax.data.sources.synthetic_labels import synthetic_labels
+  from biofm_jax.modalities.ehr.synthetic_labels import synthetic_labels
   cols = synthetic_labels(pretrained / "artifacts" / "synthetic_meds", "high_risk")
   path = write_labels(tmp_path / "multi.parquet", cols["subject_id"], cols["prediction_time"],
                       high_risk=cols["risk"] > 0.5, died=cols["died"], sex=cols["sex"])

@@ -6,7 +6,7 @@ import pytest
 
 from biofm_jax.config import base_config
 from biofm_jax.data import batch as B
-from biofm_jax.models import model as model_lib
+from biofm_jax.modalities import registry
 from biofm_jax.models.fusion import FUSIONS, MultimodalModel
 
 BATCH = 4
@@ -50,7 +50,7 @@ def random_batch(seed: int, present: dict[str, np.ndarray]) -> dict:
 
 
 def build(fusion: str, projection_dim: int = 8) -> MultimodalModel:
-  return model_lib.build_model(make_config(fusion, projection_dim), INFO)
+  return registry.build_model(make_config(fusion, projection_dim), INFO)
 
 
 @pytest.fixture(scope="module", params=FUSIONS)

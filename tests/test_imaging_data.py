@@ -1,17 +1,14 @@
 """Tests of the imaging transforms, `ImagingData` and imaging through the Grain pipeline."""
 from __future__ import annotations
 
-import importlib.util
 
 import ml_collections
 import numpy as np
 import pytest
 
-from biofm_jax.data import batch, imaging, pipeline
-from biofm_jax.data import imaging_transforms as T
-
-HAVE_SOURCES = all(importlib.util.find_spec(f"biofm_jax.data.sources.{m}") is not None
-                   for m in ("imaging", "synthetic_imaging"))
+from biofm_jax.data import batch, pipeline
+from biofm_jax.modalities.imaging import data as imaging
+from biofm_jax.modalities.imaging import transforms as T
 
 
 def record(image, *, path="scan.npy", spacing=None, modality="OT", labels=(0.0,)):
@@ -351,7 +348,6 @@ def test_model_info_summary_and_labels(hand_built_data):
 
 
 # ================================================================ synthetic data, end to end
-@pytest.mark.skipif(not HAVE_SOURCES, reason="sources/imaging.py not written yet")
 @pytest.mark.parametrize("dims,size", [(2, 32), (3, 16)], ids=["2d", "3d"])
 def test_from_config_on_synthetic_images_end_to_end(tmp_path, dims, size):
   cfg = imaging_cfg(spatial_dims=dims, image_size=(size,) * dims, patch_size=(8,) * dims,

@@ -1,5 +1,5 @@
-"""Tests for the imaging source (sources/imaging.py), the shared hash split (sources/splits.py)
-and the synthetic image generator (sources/synthetic_imaging.py).
+"""Tests for the imaging source (modalities/imaging/source.py), the shared hash split (sources/splits.py)
+and the synthetic image generator (modalities/imaging/synthetic.py).
 
 Real files that packages ship (pydicom's CT_small.dcm and MR_small.dcm, nibabel's NIfTI test
 files) are checked against what their headers state; DICOM series, NIfTI orientations,
@@ -23,8 +23,9 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from biofm_jax.data.sources import splits, synthetic_imaging
-from biofm_jax.data.sources.imaging import STAT_KEYS, ImagingDataset
+from biofm_jax.data.sources import splits
+from biofm_jax.modalities.imaging import synthetic as synthetic_imaging
+from biofm_jax.modalities.imaging.source import STAT_KEYS, ImagingDataset
 
 # Bundled with pydicom; download=False so a missing file fails instead of fetching.
 CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
@@ -346,7 +347,7 @@ def test_missing_path_and_channel_mix(tmp_path, caplog):
   mixed = _write_manifest(tmp_path / "mixed.csv", header, rows)
   with pytest.raises(ValueError, match=r"a.png has 1 channel.*b.png has 3 channel"):
     ImagingDataset(mixed, spatial_dims=2)
-  with caplog.at_level(logging.WARNING, logger="biofm_jax.data.sources.imaging"):
+  with caplog.at_level(logging.WARNING, logger="biofm_jax.modalities.imaging.source"):
     dataset = ImagingDataset(manifest, spatial_dims=2, on_error="skip")
   assert dataset.stats["skipped_missing"] == 1 and dataset.stats["skipped_channels"] == 1
   assert dataset.stats["skipped"] == 2 and dataset.stats["items"] == 3 and dataset.channels == 1

@@ -5,11 +5,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from biofm_jax.data import batch as B
-from biofm_jax.data.ehr import EHRData, EHRVocab
-from biofm_jax.data.labeled import LabeledEHRData
+from biofm_jax.modalities.ehr.data import EHRData, EHRVocab
+from biofm_jax.modalities.ehr.labeled import LabeledEHRData
 from biofm_jax.data.labels import read_labels, write_labels
-from biofm_jax.data.sources.meds import MEDSDataset
-from biofm_jax.data.sources.synthetic_labels import synthetic_labels, write_synthetic_labels
+from biofm_jax.modalities.ehr.meds import MEDSDataset
+from biofm_jax.modalities.ehr.synthetic_labels import synthetic_labels, write_synthetic_labels
 
 MAX_LEN = 64
 

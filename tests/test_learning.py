@@ -3,7 +3,7 @@ context-free unigram baseline on the held-out (tuning) split by a wide margin.""
 import pytest
 
 import helpers
-from biofm_jax.data.sources.synthetic import write_synthetic_meds
+from biofm_jax.modalities.ehr.synthetic import write_synthetic_meds
 from biofm_jax.train.metrics import read_metrics
 
 

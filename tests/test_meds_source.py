@@ -1,4 +1,4 @@
-"""Tests for the MEDS reader (sources/meds.py) and the synthetic cohort (sources/synthetic.py).
+"""Tests for the MEDS reader (modalities/ehr/meds.py) and the synthetic cohort (modalities/ehr/synthetic.py).
 
 Three kinds: our own synthetic cohort round-trips; a MEDS directory written by hand in the
 shapes other tools produce; and bad input, which must fail with errors that name the file,
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from biofm_jax.data.sources import synthetic
-from biofm_jax.data.sources.meds import MEDSDataset, STAT_KEYS, hash_splits
+from biofm_jax.modalities.ehr import synthetic as synthetic
+from biofm_jax.modalities.ehr.meds import MEDSDataset, STAT_KEYS, hash_splits
 
 NUM_SUBJECTS = 200
 

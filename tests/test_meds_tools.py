@@ -221,8 +221,8 @@ def test_an_exported_model_scores_new_meds_records_without_the_library(aces_coho
 
 def _held_out_batch(export, meds_root, labels) -> dict:
   """A tokenised batch of records, made with the export's own vocabulary and window rule."""
-  from biofm_jax.data.ehr import EHRVocab, TokenizeEHR
-  from biofm_jax.data.sources.meds import MEDSDataset
+  from biofm_jax.modalities.ehr.data import EHRVocab, TokenizeEHR
+  from biofm_jax.modalities.ehr.meds import MEDSDataset
   info = json.loads((export / "export.json").read_text())
   tokenize = TokenizeEHR(EHRVocab.load(export / "artifacts" / "ehr_vocab.json"), info["data"]["ehr"]["max_len"],
                          info["data"]["ehr"]["window"])

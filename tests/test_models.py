@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.model import build_model
-from biofm_jax.objectives import build_objective, weighted_loss
+from biofm_jax.modalities.registry import build_model
+from biofm_jax.modalities.registry import build_objective
+from biofm_jax.objectives import weighted_loss
 
 V, K, L, N = 40, 5, 12, 4
 

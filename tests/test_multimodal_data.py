@@ -14,8 +14,8 @@ import pytest
 
 from biofm_jax.config import load_config
 from biofm_jax.data import batch, join, multimodal, pipeline
-from biofm_jax.data.imaging import ImagingData
-from biofm_jax.data.tabular import TabularData
+from biofm_jax.modalities.imaging.data import ImagingData
+from biofm_jax.modalities.tabular.data import TabularData
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -357,7 +357,7 @@ def test_real_tabular_and_imaging_modules_join_by_subject(tmp_path):
 def test_expression_source_subject_ids_come_from_obs_or_cell_ids(tmp_path):
   anndata = pytest.importorskip("anndata")
   import pandas as pd
-  from biofm_jax.data.sources.anndata import ExpressionDataset
+  from biofm_jax.modalities.omics.anndata import ExpressionDataset
   x = np.ones((4, 3), np.float32)
   obs = pd.DataFrame({"subject_id": pd.Categorical(["p1", "p1", None, "p2"]),
                       "split": ["train"] * 4},

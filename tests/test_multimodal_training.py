@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import helpers
-from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.modalities import registry
 from biofm_jax.eval.retrieval import recall_at_k
 
 SPEC = "configs/multimodal_fusion.py:tiny"
@@ -44,7 +44,7 @@ def test_resume_reproduces_the_uninterrupted_run(stream, tmp_path):
 def test_mixed_batches_hold_one_modality_per_example(tmp_path):
   config = helpers.config_for(SPEC, data__multimodal__mix_weights="ehr=1,imaging=1,omics=1,tabular=1",
                               objective__contrastive__weight=0.0)
-  data = MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=tmp_path)
+  data = registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=tmp_path)
   batch = next(iter(data.make_train_dataset(global_batch_size=16, seed=0, process_index=0, process_count=1)))
   present = np.stack([batch[m]["present"] for m in data.modalities], axis=1)
   np.testing.assert_array_equal(present.sum(axis=1), 1)
@@ -62,7 +62,7 @@ def test_mixed_batches_hold_one_modality_per_example(tmp_path):
 def test_bad_multimodal_configs_are_clear_errors(overrides, message, tmp_path):
   config = helpers.config_for(SPEC, **overrides)
   with pytest.raises(ValueError, match=message):
-    MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=tmp_path)
+    registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=tmp_path)
 
 
 def test_contrastive_pairs_must_name_configured_modalities(tmp_path):

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from biofm_jax.data import batch, omics, pipeline
-from biofm_jax.data.sources import anndata as anndata_source
+from biofm_jax.data import batch, pipeline
+from biofm_jax.modalities.omics import data as omics
+from biofm_jax.modalities.omics import anndata as anndata_source
 from biofm_jax.data.sources import splits as splits_lib
-from biofm_jax.data.sources.synthetic_omics import write_synthetic_anndata
+from biofm_jax.modalities.omics.synthetic import write_synthetic_anndata
 
 NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
 

@@ -30,11 +30,11 @@ def test_losses_and_parameters_agree_across_meshes(runs):
 
 
 def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
-  from biofm_jax.data import pipeline
+  from biofm_jax.modalities import registry
   from biofm_jax.train.setup import build_training
 
   config = helpers.config_for(SPEC, **overrides(synthetic_meds), **helpers.mesh_overrides((2, 2, 2)))
-  data = pipeline.DATA_MODULES["ehr"](config.data.ehr, objective="masked", artifacts_dir=tmp_path)
+  data = registry.open_data_module("ehr", config.data.ehr, objective="masked", artifacts_dir=tmp_path)
   state = build_training(config, data).init_state(seed=0)
   params = state.params
 

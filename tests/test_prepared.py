@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from biofm_jax.data import ehr, pipeline, prepared
+from biofm_jax.data import pipeline, prepared
+from biofm_jax.modalities import registry
+from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.train.loop import make_train_iterator
 from tests.helpers import REPO, config_for, train, train_losses
 
@@ -18,15 +20,15 @@ CONFIGS = ["configs/ehr_bert.py:tiny", "configs/imaging_mae3d.py:tiny", "configs
 
 
 def _modality(config) -> str:
-  return next(m for m in config.data.keys() if m in pipeline.DATA_MODULES)
+  return registry.configured(config.data)[0]
 
 
 def _prepare(config, out):
   """(raw module, prepared module): what experiments/prepare.py writes, opened as training does."""
   modality = _modality(config)
   section = config.data[modality]
-  raw = pipeline.DATA_MODULES[modality](section, objective=config.objective.name,
-                                        artifacts_dir=out / prepared.ARTIFACTS_DIR)
+  raw = registry.open_data_module(modality, section, objective=config.objective.name,
+                                   artifacts_dir=out / prepared.ARTIFACTS_DIR)
   prepared.prepare(raw, out, data_config=section.to_dict(), objective=config.objective.name)
   opened = prepared.open_prepared(out, modality=modality, data_config=section.to_dict(),
                                   objective=config.objective.name, artifacts_dir=out.parent / "copied")

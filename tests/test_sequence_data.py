@@ -8,8 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from biofm_jax.data import batch, pipeline, sequence
-from biofm_jax.data.sources import fasta, splits, synthetic_sequences
+from biofm_jax.data import batch, pipeline
+from biofm_jax.modalities.sequence import data as sequence
+from biofm_jax.data.sources import splits
+from biofm_jax.modalities.sequence import fasta as fasta
+from biofm_jax.modalities.sequence import synthetic as synthetic_sequences
 
 MULTI_LINE = (">r1 first record motif=1\n"
               "ACGTACGTAC\n"

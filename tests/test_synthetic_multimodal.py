@@ -17,10 +17,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from biofm_jax.data.sources import synthetic_multimodal as mm
-from biofm_jax.data.sources.anndata import ExpressionDataset
-from biofm_jax.data.sources.imaging import ImagingDataset
-from biofm_jax.data.sources.meds import MEDSDataset
-from biofm_jax.data.sources.tabular import TabularDataset
+from biofm_jax.modalities.omics.anndata import ExpressionDataset
+from biofm_jax.modalities.imaging.source import ImagingDataset
+from biofm_jax.modalities.ehr.meds import MEDSDataset
+from biofm_jax.modalities.tabular.source import TabularDataset
 
 NUM_SUBJECTS, SEED = 200, 0
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -215,7 +215,10 @@ def test_deterministic_and_a_second_call_rewrites_nothing(cohort, tmp_path):
 
 def test_data_modules_open_the_cohort_with_the_tiny_configs(cohort, latents, tmp_path):
   from biofm_jax.config import load_config
-  from biofm_jax.data import ehr, imaging, omics, tabular
+  from biofm_jax.modalities.ehr import data as ehr
+  from biofm_jax.modalities.imaging import data as imaging
+  from biofm_jax.modalities.omics import data as omics
+  from biofm_jax.modalities.tabular import data as tabular
   paths = cohort[1]
   specs = {"ehr": ("ehr_bert.py:tiny", ehr.EHRData),
            "imaging": ("imaging_mae.py:tiny", imaging.ImagingData),

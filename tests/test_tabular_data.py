@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from biofm_jax.data import batch, pipeline, tabular
+from biofm_jax.data import batch, pipeline
+from biofm_jax.modalities.tabular import data as tabular
 from biofm_jax.data.sources import splits as splits_lib
-from biofm_jax.data.sources import synthetic_tabular
-from biofm_jax.data.sources.tabular import TabularDataset
+from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
+from biofm_jax.modalities.tabular.source import TabularDataset
 
 # A hand-written table: "n/a" and "?" are junk in numeric columns, empty cells are
 # missing, "Canon" appears only outside the training split, "const" is constant.

@@ -9,7 +9,7 @@ import pytest
 from lifelines.utils import concordance_index
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.model import build_model
+from biofm_jax.modalities.registry import build_model
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives import survival
 from biofm_jax.objectives.supervised import SupervisedObjective
@@ -155,7 +155,7 @@ def test_frozen_mode_cuts_the_backbone_gradient_and_full_mode_does_not():
 
 
 def test_multiclass_and_multilabel_terms_match_optax_and_probabilities_are_normalised():
-  from biofm_jax.data.labeled import TaskInfo
+  from biofm_jax.modalities.ehr.labeled import TaskInfo
   from biofm_jax.objectives.supervised import predictions
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)

@@ -5,8 +5,8 @@ import numpy as np
 
 import helpers
 from biofm_jax import parallel
-from biofm_jax.models.model import build_model
-from biofm_jax.objectives import build_objective
+from biofm_jax.modalities.registry import build_model
+from biofm_jax.modalities.registry import build_objective
 from biofm_jax.train import state as state_lib
 from biofm_jax.train import step as step_lib
 from biofm_jax.train.metrics import read_metrics

@@ -33,7 +33,7 @@ import logging
 import operator
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -262,21 +262,22 @@ class MultimodalData:
 
   @classmethod
   def from_config(cls, data_cfg: Any, *, objectives: Any, artifacts_dir: str | os.PathLike,
-                  seed: int = 0) -> MultimodalData:
+                  open_modality: Callable[..., Any], registered: Sequence[str], seed: int = 0) -> MultimodalData:
     """Opens each modality in `data_cfg.multimodal.modalities` from its own section of
-    `data_cfg` (= config.data) with its objective's name (config.objective.<modality>.name).
+    `data_cfg` (= config.data) with its objective's name (config.objective.<modality>.name),
+    through `open_modality(name, section, objective=, artifacts_dir=)` (the modality
+    registry's, which also gives the `registered` names).
 
     With every path empty, a synthetic cohort is generated under artifacts_dir (once;
     reused on resume); a mix of given and empty paths is an error, since the generated
     subjects would never match the given ones.
     """
-    from biofm_jax.data import pipeline  # pipeline imports this module
     settings = data_cfg.multimodal
     modalities = tuple(settings.modalities)
-    unknown = sorted(set(modalities) - set(pipeline.DATA_MODULES))
+    unknown = sorted(set(modalities) - set(registered))
     if unknown or len(modalities) < 2:
       raise ValueError(f"data.multimodal.modalities is {modalities}, expected two or more of "
-                       f"{sorted(pipeline.DATA_MODULES)}")
+                       f"{sorted(registered)}")
     for m in modalities:
       if m not in data_cfg or m not in objectives:
         raise ValueError(f"data.multimodal.modalities names {m!r}, but config.data.{m} or "
@@ -296,8 +297,7 @@ class MultimodalData:
       section = data_cfg[m].copy_and_resolve_references()
       with section.unlocked():
         section.path = paths[m]
-      modules[m] = pipeline.DATA_MODULES[m](section, objective=objectives[m].name,
-                                            artifacts_dir=Path(artifacts_dir) / m)
+      modules[m] = open_modality(m, section, objective=objectives[m].name, artifacts_dir=Path(artifacts_dir) / m)
     rate = float(settings.modality_dropout)
     return cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
                sampling=settings.sampling, seed=seed, mix_weights=mix_weights)

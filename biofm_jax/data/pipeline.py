@@ -4,8 +4,8 @@ This module owns the order of operations from a random-access source to per-proc
 batches. Training: shuffle, repeat, apply a modality's transforms and wrap each example
 under its modality name, all on the one global stream; then each process takes every
 P-th example of it and batches them. Evaluation: shard the records by process, transform,
-batch, pad. It also owns the
-registry of modality data modules and the iterator whose state is checkpointed.
+batch, pad. It also owns the iterator whose state is checkpointed. Which data module a
+modality has is the modality registry's (`modalities/registry.py`).
 
 Multimodal examples come keyed by modality already (`multimodal.MultimodalData`, for
 which `example_modality` gives None): they are not wrapped, and the eval padding is built
@@ -23,21 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from biofm_jax.data import batch, ehr, imaging, multimodal, omics, sequence, tabular
-
-# Modality name -> `from_config(cfg, *, objective, artifacts_dir)` of its data module.
-DATA_MODULES: dict[str, Callable[..., Any]] = {
-    "ehr": ehr.EHRData.from_config,
-    "imaging": imaging.ImagingData.from_config,
-    "tabular": tabular.TabularData.from_config,
-    "sequence": sequence.SequenceData.from_config,
-    "omics": omics.OmicsData.from_config,
-}
+from biofm_jax.data import batch, multimodal
 
 # Streams of randomness derived from the one config seed; distinct per use and process.
 _TRAIN_STREAM, _EVAL_STREAM = 1, 2

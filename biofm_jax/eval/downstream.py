@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.data import batch as B
-from biofm_jax.data.labeled import SUBGROUP_CODE_PREFIXES, UNKNOWN
+from biofm_jax.modalities.ehr.labeled import SUBGROUP_CODE_PREFIXES, UNKNOWN
 from biofm_jax.eval import classical, metrics, predictions as predictions_lib, report as report_lib
 from biofm_jax.train import finetune
 

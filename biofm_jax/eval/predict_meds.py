@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 
 from biofm_jax.data import batch as B
-from biofm_jax.data.ehr import VOCAB_FILENAME, EHRVocab, TokenizeEHR
-from biofm_jax.data.labeled import CUTS, TaskInfo, history_rows
+from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR
+from biofm_jax.modalities.ehr.labeled import CUTS, TaskInfo, history_rows
 from biofm_jax.data.labels import read_labels
-from biofm_jax.data.sources.meds import MEDSDataset
+from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.eval import predictions as predictions_lib
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.objectives.supervised import predictions as task_predictions

@@ -18,60 +18,22 @@ import pathlib
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
-from biofm_jax.data.labeled import TaskInfo
+from biofm_jax.modalities.ehr.labeled import TaskInfo
 from biofm_jax.eval import downstream, predictions
+from biofm_jax.modalities import registry
 
 log = logging.getLogger("biofm_jax")
-NORMALIZE_TOTAL = 1e4
-RAW_BASELINES = {"omics": ("l1_logistic_expression", "l1_logistic",
-                           "L1 logistic regression on normalised counts (log1p)"),
-                 "tabular": ("logistic_raw_features", "logistic",
-                             "logistic regression on the raw features (mean-imputed, missing indicators, one-hot)")}
-
-
-def expression_features(source) -> sp.csr_matrix:
-  """[cells, genes] counts scaled to NORMALIZE_TOTAL per cell (the usual normalize_total)."""
-  rows, cols, values = [], [], []
-  for i in range(len(source)):
-    record = source[i]
-    counts = record["counts"].astype(np.float64)
-    total = counts.sum()
-    rows.append(np.full(len(counts), i))
-    cols.append(record["genes"])
-    values.append(counts * (NORMALIZE_TOTAL / total) if total > 0 else counts)
-  return sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
-                       shape=(len(source), len(source.gene_names)), dtype=np.float32)
-
-
-def table_features(train_source, source) -> np.ndarray:
-  """[rows, F + F + categories]: numeric values (NaN -> training mean), missingness
-  indicators, and one-hot categories seen in training."""
-  means = np.nanmean(np.where(np.isfinite(train_source.numeric), train_source.numeric, np.nan), axis=0)
-  means = np.where(np.isfinite(means), means, 0.0)
-  numeric = np.asarray(source.numeric, np.float64)
-  missing = ~np.isfinite(numeric)
-  parts = [np.where(missing, means, numeric), missing.astype(np.float64)]
-  for j in range(train_source.categorical.shape[1]):
-    seen = sorted({str(v) for v in train_source.categorical[:, j] if _present(v)})
-    values = np.array([str(v) if _present(v) else "" for v in source.categorical[:, j]], dtype=object)
-    parts.append(np.stack([values == c for c in seen], axis=1).astype(np.float64) if seen
-                 else np.zeros((len(values), 0)))
-  return np.concatenate(parts, axis=1)
-
-
-def _present(value) -> bool:
-  return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value) != ""
 
 
 def raw_features(data, splits) -> dict[str, Any]:
-  if data.name == "omics":
-    return {s: expression_features(data.source(s)) for s in splits}
-  if data.name == "tabular":
-    return {s: table_features(data.source("train"), data.source(s)) for s in splits}
-  raise ValueError(f"record labels are evaluated for omics and tabular runs; this run's data is {data.name!r} "
-                   f"(for EHR, give a MEDS labels file)")
+  """{split: the modality's raw features for its registered classical baseline}."""
+  baseline = registry.get(data.name).baseline
+  if baseline is None:
+    raise ValueError(f"record labels are evaluated for modalities with a raw-feature baseline "
+                     f"({[m.name for m in registry.MODALITIES.values() if m.baseline]}); this run's data is "
+                     f"{data.name!r} (for EHR, give a MEDS labels file)")
+  return {s: baseline.features(data.source("train"), data.source(s)) for s in splits}
 
 
 def label_targets(data, label_column: str, splits) -> tuple[TaskInfo, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -109,7 +71,8 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
   log.info("evaluation: embedding %s with the pre-trained %s model", ", ".join(every), data.name)
   embeddings = {s: embed_split(setup, params, data, s, batch_size=config.data.batch_size)[rows[s]] for s in every}
   features = {s: features[s][rows[s]] for s in every}
-  baseline, model_name, description = RAW_BASELINES[data.name]
+  raw = registry.get(data.name).baseline
+  baseline, model_name, description = raw.name, raw.model, raw.description
   train_y = ids["train"]
   scores = {
       downstream.PROBE: {s: downstream.fit_predict("logistic", info, embeddings["train"], train_y, embeddings[s],

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.layers import MLP, ACTIVATION_AXES, Block, TransformerConfig, embed_init, kernel_init, make_norm
+from biofm_jax.models.layers import (MLP, ACTIVATION_AXES, Block, TransformerConfig, embed_init, kernel_init, make_norm,
+                                     transformer_config)
 from biofm_jax.models.modalities import Encoded, encoder_flops, masked_mean
 from biofm_jax.models.transformer import TransformerStack, flops_per_token
 
@@ -241,7 +242,6 @@ class MultimodalModel(nn.Module):
 
 def build_multimodal_model(config: ml_collections.ConfigDict, modalities: Mapping[str, Any]) -> MultimodalModel:
   """Towers take `model.fusion.modality_layers` blocks; the fusion block `model.num_layers`."""
-  from biofm_jax.models.model import transformer_config  # model.py imports this module lazily
   fusion_cfg_dict = config.model.fusion
   order = tuple(sorted(modalities))
   tower_cfgs = tuple(transformer_config(config.model, max_len=modalities[name].num_tokens(), causal=False,

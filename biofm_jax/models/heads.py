@@ -39,7 +39,7 @@ class MAEDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: jax.Array, visible: jax.Array, masked: jax.Array, *, train: bool) -> jax.Array:
-    from biofm_jax.models.encoders.imaging import sincos_position_embedding
+    from biofm_jax.modalities.imaging.encoder import sincos_position_embedding
     from biofm_jax.models.transformer import TransformerStack
 
     cfg = self.cfg

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 Array = jax.Array
 DType = Any
@@ -153,3 +154,20 @@ class Block(nn.Module):
     x = x + drop(Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions))
     x = x + drop(MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
     return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def transformer_config(model_cfg: ml_collections.ConfigDict, *, max_len: int, causal: bool,
+                       **replace: Any) -> TransformerConfig:
+  for name in ("dtype", "param_dtype"):
+    if model_cfg[name] not in DTYPES:
+      raise ValueError(f"model.{name} must be one of {sorted(DTYPES)}, got {model_cfg[name]!r}")
+  fields = dict(
+      num_layers=model_cfg.num_layers, embed_dim=model_cfg.embed_dim, num_heads=model_cfg.num_heads,
+      head_dim=model_cfg.head_dim, mlp_dim=model_cfg.mlp_dim, dropout_rate=model_cfg.dropout_rate,
+      position=model_cfg.position, max_len=max_len, causal=causal, norm=model_cfg.norm,
+      dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
+      scan_layers=model_cfg.scan_layers)
+  return TransformerConfig(**{**fields, **replace})

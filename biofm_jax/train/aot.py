@@ -21,40 +21,27 @@ import jax
 import ml_collections
 import numpy as np
 
-from biofm_jax.data import batch as B
+from biofm_jax.modalities import registry
 from biofm_jax.train.setup import build_training
 
 
 class AbstractData:
   """A stand-in data module: the shapes a config implies, without reading data.
 
-  EHR and sequence configs take their vocabulary size from `vocab_size` (the data decides
-  it in a real run; a sequence tokenizer's is fixed by the config); imaging configs need
-  nothing more than their settings. Expression and tabular inputs are sized by the data
-  itself (gene panel, columns), so they are not covered."""
+  Each modality's registry row says how (`sizing`): EHR configs take their vocabulary size
+  from `vocab_size` (the data decides it in a real run; a sequence tokenizer's is fixed by
+  the config); imaging configs need nothing more than their settings. Expression and
+  tabular inputs are sized by the data itself (gene panel, columns), so they have none."""
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
-    present = [m for m in ("ehr", "imaging", "sequence") if m in config.data]
-    if len(present) != 1 or "multimodal" in config.data:
-      raise ValueError(f"ahead-of-time sizing is built for EHR, imaging and sequence configs "
-                       f"(config.data.ehr / imaging / sequence); this config has {sorted(config.data.keys())}")
-    self.name, cfg = present[0], config.data[present[0]]
-    masked = config.objective.name == "masked"
-    if self.name == "ehr":
-      self._spec = B.ehr_example_spec(cfg.max_len, with_targets=masked)
-      self._embedding_spec = B.ehr_example_spec(cfg.max_len, with_targets=False)
-      self._info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
-    elif self.name == "sequence":
-      from biofm_jax.data.sequence import tokenizer_from_config
-      self._spec = B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True)
-      self._embedding_spec = B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False)
-      self._info = {"vocab_size": tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
-                    "max_len": cfg.max_len}
-    else:  # imaging: the real module's shapes, from its settings alone
-      from biofm_jax.data.imaging import ImagingData, ImagingSettings
-      module = ImagingData(None, ImagingSettings.from_config(cfg), objective=config.objective.name)
-      self._spec, self._embedding_spec, self._info = (module.example_spec(), module.embedding_spec(),
-                                                      module.model_info())
+    sizable = [name for name, m in registry.MODALITIES.items() if m.sizing is not None]
+    present = registry.configured(config.data)
+    if len(present) != 1 or "multimodal" in config.data or registry.get(present[0]).sizing is None:
+      raise ValueError(f"ahead-of-time sizing is built for single-modality configs of {sizable} "
+                       f"(config.data.<modality>); this config has {sorted(config.data.keys())}")
+    self.name = present[0]
+    self._spec, self._embedding_spec, self._info = registry.get(self.name).sizing(
+        config.data[self.name], config.objective.name, vocab_size)
 
   def example_spec(self) -> dict:
     return dict(self._spec)

@@ -86,8 +86,8 @@ def check_architecture(finetune: ml_collections.ConfigDict, saved: dict) -> None
 
 def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
   """`LabeledEHRData` for `config.task`, tokenised with the pre-trained run's vocabulary."""
-  from biofm_jax.data import ehr as ehr_lib
-  from biofm_jax.data.labeled import LabeledEHRData
+  from biofm_jax.modalities.ehr import data as ehr_lib
+  from biofm_jax.modalities.ehr.labeled import LabeledEHRData
   from biofm_jax.data.labels import read_labels
   if "ehr" not in config.data:
     raise ValueError("fine-tuning is built for EHR pre-training runs (config.data.ehr); "
@@ -129,7 +129,7 @@ def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir
   if not config.task.synthetic:
     raise ValueError("config.task.labels is empty: give a MEDS labels parquet file (or task.synthetic for "
                      "the synthetic cohort)")
-  from biofm_jax.data.sources.synthetic_labels import write_synthetic_labels
+  from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
   censor = config.task.synthetic_censor_fraction
   suffix = f"_seed{config.seed}" + (f"_censor{censor:g}" if censor else "")
   path = artifacts_dir / f"labels_{config.task.synthetic}{suffix}.parquet"  # other settings, other file

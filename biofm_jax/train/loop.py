@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from biofm_jax import parallel
 from biofm_jax.config import config_to_dict, write_run_info
 from biofm_jax.data import pipeline
+from biofm_jax.modalities import registry
 from biofm_jax.data.prepared import open_prepared
 from biofm_jax.eval.baselines import reference_losses
 from biofm_jax.train.checkpoint import Checkpointer
@@ -82,22 +83,21 @@ def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.P
     def open_module():
       return open_labeled_data(config, artifacts_dir)
   elif "multimodal" in config.data:
-    from biofm_jax.data.multimodal import MultimodalData
     def open_module():
-      return MultimodalData.from_config(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
-                                        seed=config.seed)
+      return registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
+                                           seed=config.seed)
   else:
-    modalities = [name for name in config.data.keys() if name in pipeline.DATA_MODULES]
+    modalities = registry.configured(config.data)
     if len(modalities) != 1:
-      raise ValueError(f"config.data must configure exactly one of {sorted(pipeline.DATA_MODULES)} (or have "
+      raise ValueError(f"config.data must configure exactly one of {sorted(registry.MODALITIES)} (or have "
                        f"a 'multimodal' section); found {modalities}")
     def open_module():
       if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
         return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
                              objective=config.objective.name,
                              artifacts_dir=artifacts_dir if jax.process_index() == 0 else None)  # one writer
-      return pipeline.DATA_MODULES[modalities[0]](config.data[modalities[0]], objective=config.objective.name,
-                                                  artifacts_dir=artifacts_dir)
+      return registry.open_data_module(modalities[0], config.data[modalities[0]], objective=config.objective.name,
+                                       artifacts_dir=artifacts_dir)
   if jax.process_count() == 1:
     return open_module()
   module = open_module() if jax.process_index() == 0 else None

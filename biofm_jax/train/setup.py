@@ -17,8 +17,8 @@ from jax.sharding import Mesh
 
 from biofm_jax import parallel
 from biofm_jax.data.pipeline import example_modality
-from biofm_jax.models.model import build_model
-from biofm_jax.objectives import Objective, build_objective
+from biofm_jax.modalities.registry import build_model, build_objective
+from biofm_jax.objectives import Objective
 from biofm_jax.train import state as state_lib
 from biofm_jax.train import step as step_lib
 

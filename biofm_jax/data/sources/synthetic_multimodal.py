@@ -61,11 +61,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biofm_jax.data.sources import synthetic, synthetic_imaging, synthetic_omics
-from biofm_jax.data.sources import synthetic_tabular
+from biofm_jax.modalities.ehr import synthetic as synthetic
+from biofm_jax.modalities.imaging import synthetic as synthetic_imaging
+from biofm_jax.modalities.omics import synthetic as synthetic_omics
+from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
-from biofm_jax.data.sources.synthetic_catalogue import CONDITION_INDEX, CONDITIONS
+from biofm_jax.modalities.ehr.synthetic_catalogue import CONDITION_INDEX, CONDITIONS
 
 MODALITIES = ("ehr", "imaging", "omics", "tabular")
 DEFAULT_MISSING = {"ehr": 0.1, "imaging": 0.3, "omics": 0.4, "tabular": 0.2}

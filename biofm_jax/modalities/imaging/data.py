@@ -1,7 +1,7 @@
 """The imaging modality's data module: validated settings and `ImagingData`.
 
 This module owns how `config.data.imaging` becomes a source and a list of Grain
-transforms (defined in `imaging_transforms.py`, re-exported here) for 2D images and 3D
+transforms (defined in `transforms.py`, re-exported here) for 2D images and 3D
 volumes alike, and what the pipeline and training loop ask of a modality: `source`,
 `transforms`, `example_spec`, `model_info`, `summary`, plus `labels` for linear probes.
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from biofm_jax.data import batch
 from biofm_jax.data.config_fields import config_field, require
-from biofm_jax.data.imaging_transforms import (  # noqa: F401  (re-exported)
+from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exported)
     INTENSITY_MODES, CenterResize, IntensityJitter, MaskPatches, NormalizeIntensity,
     RandomFlip, RandomResizedCrop, ResampleToSpacing, ToImagingExample, record_name,
     resize_linear, sample_crop_box)
@@ -153,7 +153,7 @@ class ImagingData:
     if objective not in OBJECTIVES:  # before any data is generated or read
       raise ValueError(f"ImagingData: objective {objective!r}, expected one of {OBJECTIVES}")
     settings = ImagingSettings.from_config(cfg)
-    from biofm_jax.data.sources import imaging as imaging_source  # readers only when needed
+    from biofm_jax.modalities.imaging import source as imaging_source
     path = Path(cfg.path) if cfg.path else _synthetic_images(cfg, settings, Path(artifacts_dir))
     dataset = imaging_source.ImagingDataset(path, spatial_dims=settings.spatial_dims,
                                             on_error=settings.on_error)
@@ -247,7 +247,7 @@ def _stack_labels(records: Iterable[Mapping[str, Any]], num_labels: int) -> np.n
 
 def _synthetic_images(cfg: Any, settings: ImagingSettings, artifacts_dir: Path) -> Path:
   """The synthetic images under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.data.sources.synthetic_imaging import write_synthetic_images
+  from biofm_jax.modalities.imaging.synthetic import write_synthetic_images
   root = artifacts_dir / SYNTHETIC_DIRNAME
   # The source reads a folder through the manifest.csv in its root, labels included.
   if not (root / MANIFEST_FILENAME).exists():

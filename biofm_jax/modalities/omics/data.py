@@ -1,6 +1,6 @@
 """The expression modality's data module: tokenisation, masking, `OmicsData`.
 
-This module owns how one cell record (see `sources/anndata.py`: the cell's expressed
+This module owns how one cell record (see `anndata.py`: the cell's expressed
 genes and their counts) becomes the token-sequence fields named in `batch.py`:
 
 * `GeneVocab` (in `gene_vocab.py`, re-exported here): gene id -> token id, plus each
@@ -33,7 +33,7 @@ import numpy as np
 from biofm_jax.data import batch
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
-from biofm_jax.data.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
+from biofm_jax.modalities.omics.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
     VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
     GeneVocab, normalize_counts, quantile_bins)
 
@@ -204,7 +204,7 @@ class OmicsData:
     if objective not in OBJECTIVES:  # before any data is generated or read
       raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
     settings = OmicsSettings.from_config(cfg)
-    from biofm_jax.data.sources import anndata as anndata_source  # anndata only when needed
+    from biofm_jax.modalities.omics import anndata as anndata_source
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     path = Path(settings.path) if settings.path else _synthetic_file(settings, artifacts_dir)
@@ -264,7 +264,7 @@ class OmicsData:
 
 def _synthetic_file(settings: OmicsSettings, artifacts_dir: Path) -> Path:
   """The synthetic file under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.data.sources.synthetic_omics import write_synthetic_anndata
+  from biofm_jax.modalities.omics.synthetic import write_synthetic_anndata
   path = artifacts_dir / SYNTHETIC_FILENAME
   if not path.exists():  # written by rename: if it is there, it is whole
     log.info("omics: writing a synthetic AnnData file of %d cells", settings.synthetic_cells)

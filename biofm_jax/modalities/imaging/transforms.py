@@ -8,7 +8,7 @@ draws the same numbers):
   -> RandomFlip -> IntensityJitter -> ToImagingExample -> MaskPatches
 
 A record is `{"path", "subject_id", "image": float32 [*spatial, C], "spacing": (mm per
-spatial axis), "modality", "labels"}` as `sources/imaging.py` reads it. 2D ([H, W, C])
+spatial axis), "modality", "labels"}` as `source.py` reads it. 2D ([H, W, C])
 and 3D ([D, H, W, C]) share every line: the number of spatial dims is `image.ndim - 1`.
 
 Transforms never modify their input in place (a source may hand out cached arrays); each

@@ -1,6 +1,6 @@
 """The sequence modality's data module: DNA and protein tokenizers, masking, `SequenceData`.
 
-This module owns how one FASTA record (see `sources/fasta.py`) becomes the token-sequence
+This module owns how one FASTA record (see `fasta.py`) becomes the token-sequence
 arrays named in `batch.py` (`batch.token_sequence_spec(max_len, with_values=False, ...)`):
 
 * `SequenceTokenizer`: a fixed vocabulary (nothing is learnt from data), saved as a JSON
@@ -28,10 +28,11 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from biofm_jax.data import batch, ehr
+from biofm_jax.data import batch
+from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import check_masking_args
-from biofm_jax.data.sources import fasta
+from biofm_jax.modalities.sequence import fasta as fasta
 
 TOKENIZER_FORMAT = "biofm_jax.sequence_tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
@@ -377,7 +378,7 @@ class SequenceData:
 
 def _synthetic_fasta(cfg: Any, artifacts_dir: Path) -> Path:
   """The synthetic FASTA under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.data.sources.synthetic_sequences import write_synthetic_fasta
+  from biofm_jax.modalities.sequence.synthetic import write_synthetic_fasta
   path = artifacts_dir / SYNTHETIC_FILENAME
   # write_synthetic_fasta renames a finished file into place: if it is there, it is whole.
   if not path.exists():

@@ -1,6 +1,6 @@
 """The EHR modality's data module: vocabulary, tokenisation, masking and `EHRData`.
 
-This module owns how one MEDS subject record (see `sources/meds.py`) becomes the
+This module owns how one MEDS subject record (see `meds.py`) becomes the
 fixed-shape arrays named in `batch.py`:
 
 * `EHRVocab`: code -> token id and per-code quantile edges for numeric values, built once
@@ -285,7 +285,7 @@ class EHRData:
   def from_config(cls, cfg: Any, *, objective: str,
                   artifacts_dir: str | os.PathLike) -> EHRData:
     """Opens the MEDS dataset named by `cfg` (= config.data.ehr) and its vocabulary."""
-    from biofm_jax.data.sources import meds as meds_source  # pyarrow only when needed
+    from biofm_jax.modalities.ehr import meds as meds_source
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     root = Path(cfg.path) if cfg.path else _synthetic_cohort(cfg, artifacts_dir)
@@ -354,7 +354,7 @@ def _synthetic_cohort(cfg: Any, artifacts_dir: Path) -> Path:
   """The synthetic cohort under artifacts_dir, written once (reused on resume)."""
   import meds
 
-  from biofm_jax.data.sources import synthetic
+  from biofm_jax.modalities.ehr import synthetic as synthetic
   root = artifacts_dir / "synthetic_meds"
   # write_synthetic_meds renames a finished cohort into place: if it is there, it is whole.
   if not (root / meds.dataset_metadata_filepath).exists():

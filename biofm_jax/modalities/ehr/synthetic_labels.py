@@ -19,7 +19,7 @@ The latent risk drives the cardiometabolic codes, labs and deaths in the history
 (from the static gender row) as a covariate for subgroup reports.
 
 CLI:
-  python -m biofm_jax.data.sources.synthetic_labels --meds /tmp/meds --task mortality --out labels.parquet
+  python -m biofm_jax.modalities.ehr.synthetic_labels --meds /tmp/meds --task mortality --out labels.parquet
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from biofm_jax.data.labels import write_labels
-from biofm_jax.data.sources.meds import MEDSDataset
-from biofm_jax.data.sources.synthetic import LATENTS_FILEPATH
-from biofm_jax.data.sources.synthetic_catalogue import STATIC_CODES
+from biofm_jax.modalities.ehr.meds import MEDSDataset
+from biofm_jax.modalities.ehr.synthetic import LATENTS_FILEPATH
+from biofm_jax.modalities.ehr.synthetic_catalogue import STATIC_CODES
 
 TASKS = ("mortality", "high_risk", "risk", "planted_survival")
 _US_PER_DAY = 86_400 * 1_000_000

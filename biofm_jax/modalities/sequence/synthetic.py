@@ -16,7 +16,7 @@ masked language model can learn the motif, and a linear probe on its embeddings 
 find which records carry it. The output is a pure function of the arguments.
 
 CLI:
-  python -m biofm_jax.data.sources.synthetic_sequences --out /tmp/seqs.fa --alphabet dna
+  python -m biofm_jax.modalities.sequence.synthetic --out /tmp/seqs.fa --alphabet dna
 """
 from __future__ import annotations
 

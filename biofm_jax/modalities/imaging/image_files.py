@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from biofm_jax.data.sources.image_items import Item, ItemError
+from biofm_jax.modalities.imaging.image_items import Item, ItemError
 
 _MODES_TO_RGB = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 

@@ -20,7 +20,7 @@ of subjects without MEDS_BIRTH, several events sharing a visit's timestamp, Zipf
 frequencies with rare codes, timelines from 10 to `max_events` rows (some over 256).
 
 CLI:
-  python -m biofm_jax.data.sources.synthetic --out /tmp/meds --num_subjects 2000 --seed 0
+  python -m biofm_jax.modalities.ehr.synthetic --out /tmp/meds --num_subjects 2000 --seed 0
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from biofm_jax.data.sources.atomic import atomic_directory
-from biofm_jax.data.sources.synthetic_catalogue import (
+from biofm_jax.modalities.ehr.synthetic_catalogue import (
     BACKGROUND, CKD, CODES, CODE_ID, CONDITIONS, CONDITION_INDEX, CREATININE, DX_CHANCE,
     DX_CODE, DX_CONDITION, ED, EGFR, HEART_FAILURE, INPATIENT, LABS, LAB_EFFECTS, LAB_HIGH,
     LAB_IDS, LAB_LOG_SCALE, LAB_LOW, LAB_MEANS, LAB_SDS, MED_CODE, MED_CONDITION, OUTPATIENT,

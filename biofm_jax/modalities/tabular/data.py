@@ -1,6 +1,6 @@
 """The tabular modality's data module: feature statistics, transforms and `TabularData`.
 
-This module owns how one row of a feature table (see `sources/tabular.py`) becomes the
+This module owns how one row of a feature table (see `source.py`) becomes the
 fixed-shape arrays named in `batch.py` (one token per column, FT-Transformer style):
 
 * `TabularStats`: per numeric column the training mean and standard deviation, per
@@ -270,7 +270,7 @@ class TabularData:
     if min_count < 1:
       raise ValueError(f"{_CONFIG_PREFIX}.min_category_count is {min_count}, expected >= 1")
     _check_mask_rate(mask_rate)  # before any data is generated or read
-    from biofm_jax.data.sources import tabular as tabular_source  # pyarrow only when needed
+    from biofm_jax.modalities.tabular import source as tabular_source
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     labels = _names(get("label_columns"), "label_columns")
@@ -349,7 +349,7 @@ def _names(value: Any, name: str) -> tuple[str, ...]:
 
 def _synthetic_table(artifacts_dir: Path, num_rows: int, seed: int) -> Path:
   """The synthetic table under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.data.sources import synthetic_tabular
+  from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
   root = artifacts_dir / SYNTHETIC_DIRNAME
   # write_synthetic_table renames a finished folder into place: if it is there, it is whole.
   if not (root / synthetic_tabular.DATA_FILENAME).exists():

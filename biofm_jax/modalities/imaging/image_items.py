@@ -3,7 +3,7 @@
 `Item` is one candidate or validated image (a file, or the files of a DICOM series) with what
 its header said; `ItemError` is an index-time problem with one item, whose `reason` names the
 stats["skipped_<reason>"] counter that on_error="skip" adds to. The per-format readers
-(dicom.py, image_files.py) fill and raise these; imaging.py collects them.
+(dicom.py, image_files.py) fill and raise these; source.py collects them.
 """
 from __future__ import annotations
 

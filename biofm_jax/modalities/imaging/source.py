@@ -48,10 +48,10 @@ from typing import Sequence
 
 import numpy as np
 
-from biofm_jax.data.sources import dicom
-from biofm_jax.data.sources import image_files
+from biofm_jax.modalities.imaging import dicom as dicom
+from biofm_jax.modalities.imaging import image_files as image_files
 from biofm_jax.data.sources import splits as splits_lib
-from biofm_jax.data.sources.image_items import Item, ItemError
+from biofm_jax.modalities.imaging.image_items import Item, ItemError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
-from biofm_jax.data.ehr import EHRData, TokenizeEHR, _birth_time
+from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR, _birth_time
 from biofm_jax.data.labels import Labels
 
 log = logging.getLogger("biofm_jax")

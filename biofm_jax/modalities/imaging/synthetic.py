@@ -23,7 +23,7 @@ an affine carrying SPACING_MM (RAS+, so the reader's [D, H, W] equals the array 
 here), "png" 2D only, uint8 after a CT window of [-250, 350] HU.
 
 CLI:
-  python -m biofm_jax.data.sources.synthetic_imaging --out /tmp/img --spatial_dims 2 \
+  python -m biofm_jax.modalities.imaging.synthetic --out /tmp/img --spatial_dims 2 \
       --num_subjects 200 --seed 0
 """
 from __future__ import annotations

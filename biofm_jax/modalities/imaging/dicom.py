@@ -28,7 +28,7 @@ import pydicom
 import pydicom.pixels
 from pydicom.errors import InvalidDicomError
 
-from biofm_jax.data.sources.image_items import Item, ItemError
+from biofm_jax.modalities.imaging.image_items import Item, ItemError
 
 _SPACING_RTOL = 0.01
 

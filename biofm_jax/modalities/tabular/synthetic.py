@@ -26,7 +26,7 @@ Deterministic given (num_rows, seed). Written to a hidden sibling folder and ren
 place (atomic_directory), so a crash never leaves a half-written table.
 
 CLI:
-  python -m biofm_jax.data.sources.synthetic_tabular --out /tmp/tab --num_rows 600 --seed 0
+  python -m biofm_jax.modalities.tabular.synthetic --out /tmp/tab --num_rows 600 --seed 0
 """
 from __future__ import annotations
 

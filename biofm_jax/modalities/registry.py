@@ -1,0 +1,180 @@
+"""The one table of modalities: what each registered modality brings, by name.
+
+Shared code (the training loop, preparation, the model builder, the objective lookup,
+ahead-of-time sizing, record-label evaluation) reads this table and knows no modality by
+name. A row (`Modality`) names:
+
+  data        from_config(cfg, *, objective, artifacts_dir) -> the data module
+  model       (config, model_info) -> the modality's model description (encoder and heads)
+  objectives  {objective name: (objective cfg, modality name, model_info) -> Objective}: the
+              pre-training objectives this modality trains with
+  sizing      (data cfg, objective name, vocab_size) -> (example spec, embedding spec,
+              model_info) from the config alone, for `train/aot.py`; None when the data
+              decides the shapes (gene panels, table columns)
+  baseline    the classical model on raw features that record-label reports put beside
+              the probe (`eval/record_tasks.py`); None where labels come from elsewhere
+
+Adding a modality: a folder `modalities/<name>/` with those pieces, and one row below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import ml_collections
+
+from biofm_jax.data import batch as B
+from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.modalities.ehr import data as ehr_data
+from biofm_jax.modalities.ehr.encoder import EHREncoder
+from biofm_jax.modalities.imaging import data as imaging_data
+from biofm_jax.modalities.imaging import model as imaging_model
+from biofm_jax.modalities.imaging.mae import MaskedAutoencoding
+from biofm_jax.modalities.omics import baseline as omics_baseline
+from biofm_jax.modalities.omics import data as omics_data
+from biofm_jax.modalities.sequence import data as sequence_data
+from biofm_jax.modalities.tabular import baseline as tabular_baseline
+from biofm_jax.modalities.tabular import data as tabular_data
+from biofm_jax.modalities.tabular import model as tabular_model
+from biofm_jax.modalities.tabular.masked_features import MaskedFeatureModelling
+from biofm_jax.models import model as model_lib
+from biofm_jax.models.modalities import TokenModality
+from biofm_jax.objectives import Objective
+from biofm_jax.objectives.autoregressive import NextEventModelling
+from biofm_jax.objectives.masked import MaskedCodeModelling
+from biofm_jax.objectives.multimodal import build_multimodal_objective
+
+
+@dataclasses.dataclass(frozen=True)
+class RawBaseline:
+  """A classical model on a modality's raw features, for record-label reports."""
+  name: str  # the report's name for it
+  model: str  # `eval/classical.fit_predict`'s model name
+  description: str
+  features: Callable[[Any, Any], Any]  # (train source, source) -> [rows, features]
+
+
+@dataclasses.dataclass(frozen=True)
+class Modality:
+  name: str
+  data: Callable[..., Any]
+  model: Callable[[ml_collections.ConfigDict, Mapping[str, Any]], Any]
+  objectives: Mapping[str, Callable[..., Objective]]
+  sizing: Callable[[Any, str, int], tuple[dict, dict, dict]] | None = None
+  baseline: RawBaseline | None = None
+
+
+# ---------------------------------------------------------------- shared pieces of rows
+def _masked(cfg, modality, info) -> Objective:
+  return MaskedCodeModelling(modality=modality, code_loss_weight=cfg.get("code_loss_weight", 1.0),
+                             value_loss_weight=cfg.get("value_loss_weight", 0.0),
+                             has_values=info.get("num_value_bins", 0) > 0)
+
+
+def _next_event(cfg, modality, info) -> Objective:
+  del cfg, info
+  return NextEventModelling(modality=modality)
+
+
+def _token_model(name: str, encoder=None):
+  def build(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> TokenModality:
+    del config
+    extra = {} if encoder is None else {"encoder": encoder}
+    return TokenModality(name, vocab_size=info["vocab_size"], num_value_bins=info["num_value_bins"],
+                         max_len=info["max_len"], **extra)
+  return build
+
+
+def _ehr_sizing(cfg, objective: str, vocab_size: int):
+  spec = B.ehr_example_spec(cfg.max_len, with_targets=objective == "masked")
+  return (spec, B.ehr_example_spec(cfg.max_len, with_targets=False),
+          {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len})
+
+
+def _sequence_sizing(cfg, objective: str, vocab_size: int):
+  del objective, vocab_size  # the tokenizer fixes the vocabulary
+  return (B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True),
+          B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False),
+          {"vocab_size": sequence_data.tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
+           "max_len": cfg.max_len})
+
+
+def _imaging_sizing(cfg, objective: str, vocab_size: int):
+  del vocab_size
+  module = imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), objective=objective)
+  return module.example_spec(), module.embedding_spec(), module.model_info()
+
+
+# ---------------------------------------------------------------- the table
+MODALITIES: dict[str, Modality] = {m.name: m for m in (
+    Modality("ehr", ehr_data.EHRData.from_config, _token_model("ehr", EHREncoder),
+             {"masked": _masked, "autoregressive": _next_event}, sizing=_ehr_sizing),
+    Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
+             {"mae": lambda cfg, modality, info: MaskedAutoencoding(norm_pix_loss=cfg.norm_pix_loss)},
+             sizing=_imaging_sizing),
+    Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"), {"masked": _masked},
+             baseline=RawBaseline("l1_logistic_expression", "l1_logistic",
+                                  "L1 logistic regression on normalised counts (log1p)",
+                                  omics_baseline.expression_features)),
+    Modality("sequence", sequence_data.SequenceData.from_config, _token_model("sequence"), {"masked": _masked},
+             sizing=_sequence_sizing),
+    Modality("tabular", tabular_data.TabularData.from_config, tabular_model.model_modality,
+             {"masked_features": lambda cfg, modality, info: MaskedFeatureModelling(
+                 category_loss_weight=cfg.category_loss_weight)},
+             baseline=RawBaseline("logistic_raw_features", "logistic",
+                                  "logistic regression on the raw features (mean-imputed, missing indicators, "
+                                  "one-hot)", tabular_baseline.table_features)),
+)}
+
+
+# ---------------------------------------------------------------- lookups
+def get(name: str) -> Modality:
+  if name not in MODALITIES:
+    raise ValueError(f"unknown modality {name!r}; registered: {sorted(MODALITIES)}")
+  return MODALITIES[name]
+
+
+def configured(data_config: Mapping[str, Any]) -> list[str]:
+  """The registered modalities a `config.data` section configures, in the table's order."""
+  return [name for name in MODALITIES if name in data_config]
+
+
+def open_data_module(name: str, cfg: Any, *, objective: str, artifacts_dir) -> Any:
+  return get(name).data(cfg, objective=objective, artifacts_dir=artifacts_dir)
+
+
+def open_multimodal_data(data_cfg: Any, *, objectives: Any, artifacts_dir, seed: int = 0):
+  """The multimodal join (`data/multimodal.py`) of the modalities `data_cfg.multimodal` names."""
+  return MultimodalData.from_config(data_cfg, objectives=objectives, artifacts_dir=artifacts_dir, seed=seed,
+                                    open_modality=open_data_module, registered=tuple(MODALITIES))
+
+
+def model_modalities(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]) -> dict:
+  """{modality: its model description} from each data module's `model_info()`."""
+  return {name: get(name).model(config, info) for name, info in data_info.items()}
+
+
+def build_model(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]):
+  """The pre-training model for `data_info` (`{modality: model_info}`, e.g.
+  `{"ehr": {"vocab_size": ..., ...}}`): `models/model.py` over the registered descriptions."""
+  if not data_info:
+    raise ValueError(f"no model for modalities []; registered: {sorted(MODALITIES)}")
+  unknown = sorted(set(data_info) - set(MODALITIES))
+  if unknown:
+    raise ValueError(f"no model for modalities {sorted(data_info)}; registered: {sorted(MODALITIES)}")
+  return model_lib.build_model(config, model_modalities(config, data_info))
+
+
+def build_objective(cfg: ml_collections.ConfigDict, modality: str = "ehr",
+                    info: Mapping[str, Any] | None = None) -> Objective:
+  """The objective `cfg.name` for `modality`; `info` is the data module's `model_info()`
+  (for "multimodal": one `model_info()` per modality, and a section of `cfg` per modality)."""
+  if cfg.name == "multimodal":  # `info` is {modality: model_info}
+    return build_multimodal_objective(cfg, info or {}, build_objective)
+  builders = get(modality).objectives
+  if cfg.name not in builders:
+    known = sorted({name for m in MODALITIES.values() for name in m.objectives})
+    detail = (f"{modality} trains with {sorted(builders)}" if cfg.name in known
+              else f"known objectives: {known}")
+    raise ValueError(f"objective.name={cfg.name!r} is not one of {sorted(builders)} ({detail})")
+  return builders[cfg.name](cfg, modality, dict(info if info is not None else {"num_value_bins": 1}))

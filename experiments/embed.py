@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["pretrained", "out"])
 
 def whole_record_embeddings(pretrained: pathlib.Path, splits):
   from biofm_jax.eval.embeddings import embed_split
-  from biofm_jax.train.loop import open_run
+  from biofm_jax.train.runs import open_run
   config, data, setup, params, _ = open_run(pretrained)
   if data.name != "ehr":  # stratify.py joins on integer MEDS subject ids
     raise ValueError(f"whole-record embeddings are written for EHR runs; {pretrained} is a {data.name!r} run "

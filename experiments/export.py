@@ -55,7 +55,7 @@ def main(argv, overrides):
 
   from biofm_jax.config import config_to_dict, load_config
   from biofm_jax.export import export_embedding_model
-  from biofm_jax.train.loop import open_run
+  from biofm_jax.train.runs import open_run
   from biofm_jax.train.setup import batch_spec
 
   workdir = pathlib.Path(FLAGS.workdir).absolute()

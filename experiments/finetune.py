@@ -43,8 +43,8 @@ def main(argv, overrides):
   del argv
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from biofm_jax.eval import metrics, predictions
-  from biofm_jax.train.finetune import finetune_config, predict_finetuned
-  from biofm_jax.train.loop import train_and_evaluate
+  from biofm_jax.eval.finetuned import predict_finetuned
+  from biofm_jax.train.finetune import finetune, finetune_config
   overrides = dict(overrides)
   if FLAGS.strict_labels:
     overrides["task.strict_labels"] = True
@@ -56,7 +56,7 @@ def main(argv, overrides):
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   try:
-    summary = train_and_evaluate(config, FLAGS.workdir)
+    summary = finetune(config, FLAGS.workdir)
   except ValueError as e:  # bad labels or a checkpoint that does not fit: one clear line
     sys.exit(f"error: {e}")
   import jax

@@ -156,7 +156,7 @@ def assert_resume_reproduces(spec: str, workdir, *, stop_at: int, num_steps: int
 def pretrain_and_restore(spec: str, workdir, **overrides):
   """Trains `spec` in `workdir`, then rebuilds its data module and training setup and
   restores the latest parameters: (config, data module, setup, params, metrics)."""
-  from biofm_jax.train.loop import open_run
+  from biofm_jax.train.runs import open_run
   config = config_for(spec, **{"train.log_every": 10, "train.eval_every": 100, "checkpoint.every_steps": 1000,
                                **{k.replace("__", "."): v for k, v in overrides.items()}})
   train(config, workdir)

@@ -22,7 +22,8 @@ from sklearn.preprocessing import StandardScaler
 import helpers
 from biofm_jax.config import load_config
 from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
-from biofm_jax.train.finetune import finetune_config, score_finetuned
+from biofm_jax.eval.finetuned import score_finetuned
+from biofm_jax.train.finetune import finetune, finetune_config
 from biofm_jax.train.loop import train_and_evaluate
 
 FINETUNE = str(helpers.REPO / "configs" / "finetune.py")
@@ -45,7 +46,7 @@ def task_config(pretrained, preset="high_risk,tiny", **overrides):
 @pytest.mark.parametrize("mode", ["frozen", "lora"])
 def test_frozen_and_lora_fine_tuning_keep_the_pretrained_backbone_exactly(pretrained, tmp_path, mode):
   config = task_config(pretrained, finetune__mode=mode, train__num_steps=30, train__eval_every=30)
-  summary = train_and_evaluate(config, tmp_path / mode)
+  summary = finetune(config, tmp_path / mode)
   tuned = helpers.final_params(tmp_path / mode, config)
   original = helpers.final_params(pretrained, None)
   helpers.assert_trees_close(tuned["backbone"], original, atol=0.0)  # restored whole, then never moved
@@ -57,12 +58,12 @@ def test_frozen_and_lora_fine_tuning_keep_the_pretrained_backbone_exactly(pretra
 
 def test_regression_fine_tuning_predicts_the_planted_risk_in_its_own_units(pretrained, tmp_path):
   config = task_config(pretrained, "risk,tiny")
-  train_and_evaluate(config, tmp_path / "risk")
+  finetune(config, tmp_path / "risk")
   scores = score_finetuned(tmp_path / "risk", config)
   assert scores["held_out"]["r2"] > 0.2 and scores["held_out"]["pearson"] > 0.5, scores
   # Targets are standardised for training; predictions come back in the label's units.
-  from biofm_jax.train.finetune import predict_split
-  from biofm_jax.train.loop import open_run
+  from biofm_jax.eval.finetuned import predict_split
+  from biofm_jax.train.runs import open_run
   _, data, setup, params, _ = open_run(tmp_path / "risk")
   predicted, _ = predict_split(setup, params, data, "held_out", batch_size=16)
   truth = data.split_labels("held_out").targets["label"]
@@ -77,14 +78,14 @@ def test_multilabel_fine_tuning_on_two_boolean_columns(pretrained, tmp_path):
                       high_risk=cols["risk"] > 0.5, died=cols["died"], sex=cols["sex"])
   config = task_config(pretrained, task__type="multilabel", task__labels=str(path),
                        task__label_columns="('high_risk', 'died')", train__num_steps=30, train__eval_every=30)
-  train_and_evaluate(config, tmp_path / "multi")
+  finetune(config, tmp_path / "multi")
   held_out = score_finetuned(tmp_path / "multi", config)["held_out"]
   assert 0.55 < held_out["macro_auroc"] <= 1.0, held_out
 
 
 def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretrained, tmp_path):
   config = task_config(pretrained, "survival,tiny", task__synthetic_censor_fraction=0.7)
-  train_and_evaluate(config, tmp_path / "survival")
+  finetune(config, tmp_path / "survival")
   scores = score_finetuned(tmp_path / "survival", config)
   held_out = scores["held_out"]
   assert held_out["events"] < 0.45 * held_out["n"]  # heavily censored
@@ -99,7 +100,7 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
   from biofm_jax.data import pipeline
   from biofm_jax.export import load_exported
   from biofm_jax.objectives.survival import risk_score
-  from biofm_jax.train.loop import open_run
+  from biofm_jax.train.runs import open_run
   from biofm_jax.train.step import jit_embed_step
   _, data, setup, params, _ = open_run(tmp_path / "survival")
   exported = load_exported(tmp_path / "export")
@@ -118,7 +119,7 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
 def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_same_few_labels(pretrained, tmp_path):
   few = dict(finetune__train_labels_per_class=16)
   tuned = tmp_path / "finetuned"
-  train_and_evaluate(task_config(pretrained, **few), tuned)
+  finetune(task_config(pretrained, **few), tuned)
   options = EvaluationOptions(finetuned_workdir=str(tuned), from_scratch_steps=60, few_shot_ks=(1, 4, 16),
                               few_shot_seeds=(0, 1), bootstrap_samples=100)
   report = evaluate_task(task_config(pretrained, **few), tmp_path / "report", options)
@@ -187,12 +188,11 @@ def test_a_checkpoint_that_does_not_match_the_config_is_named(pretrained, tmp_pa
   with pytest.raises(ValueError, match="model.num_layers: checkpoint 2, config 3"):
     task_config(pretrained, model__num_layers=3, model__embed_dim=32)  # embed_dim matches: only one named
   # A backbone built differently from the checkpoint (here wider MLPs) names each parameter that differs.
-  from biofm_jax.train.finetune import load_pretrained, open_labeled_data
-  from biofm_jax.train.setup import build_training
+  from biofm_jax.train.finetune import build_finetune_training, load_pretrained, open_labeled_data
   config = task_config(pretrained)
   with config.unlocked():
     config.model.mlp_dim = 48
-  setup = build_training(config, open_labeled_data(config, tmp_path / "artifacts"))
+  setup = build_finetune_training(config, open_labeled_data(config, tmp_path / "artifacts"))
   with pytest.raises(ValueError, match=r"does not match the model's backbone .*mlp.*checkpoint \(2, 32, 64\), "
                                        r"model \(2, 32, 48\)"):
     load_pretrained(setup.init_state(0), setup, pretrained)

@@ -267,7 +267,7 @@ def test_train_pipeline_matches_the_spec_and_is_deterministic_eval_pads_absent()
 def test_mixed_stream_follows_the_weights_and_resumes_exactly():
   modules = fake_modules()
   weights = {"ehr": 0.5, "imaging": 0.3, "tabular": 0.2}
-  make = lambda: pipeline.make_iterator(pipeline.make_mixed_train_dataset(
+  make = lambda: pipeline.make_iterator(multimodal.mixed_train_dataset(
       modules, weights, global_batch_size=10, seed=2, process_index=0, process_count=1))
   it = make()
   batches = [next(it) for _ in range(30)]
@@ -286,8 +286,8 @@ def test_mixed_stream_follows_the_weights_and_resumes_exactly():
     got = next(resumed)
     assert all(np.array_equal(e[m][k], got[m][k]) for m in e for k in e[m])
   with pytest.raises(ValueError, match="finite weight > 0"):
-    pipeline.make_mixed_train_dataset(modules, {"ehr": 1.0}, global_batch_size=10, seed=2,
-                                      process_index=0, process_count=1)
+    multimodal.mixed_train_dataset(modules, {"ehr": 1.0}, global_batch_size=10, seed=2,
+                                   process_index=0, process_count=1)
 
 
 # ================================================================ real modules

@@ -13,7 +13,8 @@ from sklearn.multiclass import OneVsRestClassifier
 import helpers
 from biofm_jax.eval.downstream import EvaluationOptions
 from biofm_jax.eval.record_tasks import evaluate_record_labels
-from biofm_jax.train.loop import open_run, train_and_evaluate
+from biofm_jax.train.loop import train_and_evaluate
+from biofm_jax.train.runs import open_run
 
 FAST = EvaluationOptions(few_shot_ks=(1, 4), few_shot_seeds=(0, 1), bootstrap_samples=50)
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import batch, pipeline
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
 
@@ -121,6 +121,28 @@ def present_example(example: Mapping[str, Any], spec: Mapping[str, Any], where: 
 
 def absent_example(spec: Mapping[str, Any]) -> dict:
   return batch.padding_example(batch.with_presence(spec))
+
+
+class OnlyModality(grain.transforms.Map):
+  """example -> {modality: example + PRESENT True, every other modality: padding}."""
+
+  def __init__(self, modality: str, specs: Mapping[str, Mapping[str, Any]]):
+    self.modality, self.specs = modality, {m: dict(spec) for m, spec in specs.items()}
+
+  def map(self, example):
+    where = f"{self.modality} example in a mixed multimodal stream"
+    return {m: present_example(example, spec, where) if m == self.modality
+            else absent_example(spec) for m, spec in self.specs.items()}
+
+
+def mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float], *, global_batch_size: int,
+                        seed: int, **layout) -> grain.IterDataset:
+  """Each module's own training examples (seeded by `modality_seed(seed, name)`) as
+  multimodal examples with only that modality present, mixed by weight (`pipeline`)."""
+  specs = {m: modules[m].example_spec() for m in modules}
+  streams = {m: (modules[m].source(TRAIN_SPLIT), [*modules[m].transforms(train=True), OnlyModality(m, specs)],
+                 modality_seed(seed, m)) for m in modules}
+  return pipeline.make_mixed_train_dataset(streams, weights, global_batch_size=global_batch_size, **layout)
 
 
 class JoinModalities(grain.transforms.RandomMap):
@@ -305,10 +327,9 @@ class MultimodalData:
   def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout) -> grain.IterDataset:
     """The training stream: joined subjects, or with `mix_weights` a weighted mixture of
     each modality's own examples (multi-task pre-training)."""
-    from biofm_jax.data import pipeline
     if self.mix_weights:
-      return pipeline.make_mixed_train_dataset(self.modules, self.mix_weights, global_batch_size=global_batch_size,
-                                               seed=seed, **layout)
+      return mixed_train_dataset(self.modules, self.mix_weights, global_batch_size=global_batch_size, seed=seed,
+                                 **layout)
     return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True), modality=None,
                                        global_batch_size=global_batch_size, seed=seed, **layout)
 

@@ -9,8 +9,8 @@ modality has is the modality registry's (`modalities/registry.py`).
 
 Multimodal examples come keyed by modality already (`multimodal.MultimodalData`, for
 which `example_modality` gives None): they are not wrapped, and the eval padding is built
-from their nested spec, every PRESENT False. `make_mixed_train_dataset` mixes
-single-modality streams by weight (multi-task pre-training) into the same format.
+from their nested spec, every PRESENT False. `make_mixed_train_dataset` mixes streams by
+weight (the multimodal module's multi-task pre-training).
 
 "Process" here means a data shard: the training loop passes `parallel.data_shard`, so
 processes whose devices hold the same batch rows (a tensor axis across hosts) share one.
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import batch, multimodal
+from biofm_jax.data import batch
 
 # Streams of randomness derived from the one config seed; distinct per use and process.
 _TRAIN_STREAM, _EVAL_STREAM = 1, 2
@@ -46,18 +46,6 @@ class _WrapModality(grain.transforms.Map):
 
   def map(self, example):
     return {self.modality: example}
-
-
-class _OnlyModality(grain.transforms.Map):
-  """example -> {modality: example + PRESENT True, every other modality: padding}."""
-
-  def __init__(self, modality: str, specs: Mapping[str, Mapping[str, Any]]):
-    self.modality, self.specs = modality, {m: dict(spec) for m, spec in specs.items()}
-
-  def map(self, example):
-    where = f"{self.modality} example in a mixed multimodal stream"
-    return {m: multimodal.present_example(example, spec, where) if m == self.modality
-            else multimodal.absent_example(spec) for m, spec in self.specs.items()}
 
 
 class _PaddingExample(grain.transforms.Map):
@@ -181,34 +169,30 @@ def make_train_dataset(source: Any, transforms: Sequence[Any], *, modality: str 
       read_options or DEFAULT_READ_OPTIONS)
 
 
-def make_mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float], *,
-                             global_batch_size: int, seed: int,
+def make_mixed_train_dataset(streams: Mapping[str, tuple[Any, Sequence[Any], int]], weights: Mapping[str, float], *,
+                             global_batch_size: int,
                              process_index: int | None = None, process_count: int | None = None,
                              read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-  """Single-modality training streams mixed by weight into multimodal batches.
+  """Training streams mixed by weight into one stream of batches.
 
-  Each module's training split goes its own way (shuffle, repeat, its transforms,
-  seeded by `multimodal.modality_seed(seed, name)`, so adding a modality never changes
-  another's stream), then becomes a multimodal example with only that modality present.
-  Grain's `MapDataset.mix` interleaves the global streams deterministically in proportion
-  to the weights before each process takes its share, so global batch k depends only on
-  the seed, and the iterator resumes.
+  `streams` is {name: (source, transforms, seed)}: each goes its own way (shuffle, repeat,
+  its transforms, its seed, so adding a stream never changes another), and its transforms
+  end in the examples the mixed batches hold (the multimodal module's: every modality
+  keyed, only the stream's own present; `multimodal.py`). Grain's `MapDataset.mix`
+  interleaves the global streams deterministically in proportion to the weights before
+  each process takes its share, so global batch k depends only on the seeds, and the
+  iterator resumes.
   """
-  names = sorted(modules)
+  names = sorted(streams)
   bad = {m: w for m, w in weights.items() if not (math.isfinite(float(w)) and float(w) > 0)}
   if set(weights) != set(names) or bad:
     raise ValueError(f"pipeline: mixing weights {dict(weights)} must give every module "
                      f"{names} a finite weight > 0 (and name no other)")
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
-  specs = {m: modules[m].example_spec() for m in names}
-  streams = []
-  for m in names:
-    ds, _ = _endless_train(modules[m].source(multimodal.TRAIN_SPLIT),
-                           modules[m].transforms(train=True), name=m,
-                           seed=multimodal.modality_seed(seed, m))
-    streams.append(ds.map(_OnlyModality(m, specs)))
-  ds = grain.MapDataset.mix(streams, [float(weights[m]) for m in names])
+  mixed = [_endless_train(source, transforms, name=m, seed=seed)[0]
+           for m, (source, transforms, seed) in ((m, streams[m]) for m in names)]
+  ds = grain.MapDataset.mix(mixed, [float(weights[m]) for m in names])
   log.info("pipeline: mixed train of %s, weights %s, process %d of %d, batches of %d",
            "+".join(names), [float(weights[m]) for m in names], index, count, batch_size)
   return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(

@@ -25,7 +25,9 @@ import numpy as np
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.labeled import SUBGROUP_CODE_PREFIXES, UNKNOWN
 from biofm_jax.eval import classical, metrics, predictions as predictions_lib, report as report_lib
+from biofm_jax.eval import finetuned as finetuned_lib
 from biofm_jax.train import finetune
+from biofm_jax.train.runs import open_run
 
 log = logging.getLogger("biofm_jax")
 # Model names: report.json's keys and the predictions/<model>/ folders.
@@ -68,10 +70,9 @@ def fit_predict(model: str, info, train_x, train_y, test_x, seed: int = 0) -> np
 def frozen_embeddings(config: ml_collections.ConfigDict, data, splits: Sequence[str]) -> dict[str, np.ndarray]:
   """{split: [rows, D]} pooled embeddings of the pre-trained backbone (no head, no training)."""
   from biofm_jax.eval.embeddings import embed_split
-  from biofm_jax.train.setup import build_training
   frozen = ml_collections.ConfigDict(config.to_dict())
   frozen.finetune.mode = "frozen"
-  setup = build_training(frozen, data)
+  setup = finetune.build_finetune_training(frozen, data)
   state = finetune.load_pretrained(setup.init_state(config.seed), setup, config.finetune.pretrained)
   return {split: embed_split(setup, state.params, data, split, batch_size=config.data.batch_size,
                              output=("task", "embedding")) for split in splits}
@@ -79,20 +80,18 @@ def frozen_embeddings(config: ml_collections.ConfigDict, data, splits: Sequence[
 
 def train_from_scratch(config: ml_collections.ConfigDict, workdir: pathlib.Path, num_steps: int) -> pathlib.Path:
   """Trains the fine-tuning architecture from random initialisation on the same labels."""
-  from biofm_jax.train.loop import train_and_evaluate
   scratch = ml_collections.ConfigDict(config.to_dict())
   scratch.finetune.update(init="scratch", mode="full")
   scratch.train.num_steps = num_steps
   scratch.train.eval_every = num_steps
   scratch.checkpoint.every_steps = num_steps
-  train_and_evaluate(scratch, workdir)
+  finetune.finetune(scratch, workdir)
   return workdir
 
 
 def _finetuned_scores(workdir, splits, expected) -> tuple[dict[str, np.ndarray], dict]:
   """Scores of a fine-tuning run on `splits`, checked to be of the same task and rows as
   the evaluation's (`expected`: its labelled data module)."""
-  from biofm_jax.train.loop import open_run
   config, data, setup, params, _ = open_run(workdir)
   if data.info.type != expected.info.type:
     raise ValueError(f"the run in {workdir} was fine-tuned for a {data.info.type} task, but the evaluation is of "
@@ -103,7 +102,7 @@ def _finetuned_scores(workdir, splits, expected) -> tuple[dict[str, np.ndarray],
             and np.array_equal(ours.prediction_times, theirs.prediction_times)):
       raise ValueError(f"the run in {workdir} was fine-tuned on other {split} label rows ({ours.path}) than the "
                        f"evaluation's ({theirs.path}); use the same labels")
-  scores = {s: finetune.predict_split(setup, params, data, s, batch_size=config.data.batch_size)[0] for s in splits}
+  scores = {s: finetuned_lib.predict_split(setup, params, data, s, batch_size=config.data.batch_size)[0] for s in splits}
   return scores, {"workdir": str(workdir), "mode": config.finetune.mode, "init": config.finetune.init,
                   "steps": config.train.num_steps, "train_labels": len(data.split_labels("train"))}
 

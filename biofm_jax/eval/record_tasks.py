@@ -60,7 +60,7 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
                            options: downstream.EvaluationOptions = downstream.EvaluationOptions()) -> dict:
   """Probe vs the modality's classical baseline on `label_column`; writes the report."""
   from biofm_jax.eval.embeddings import embed_split
-  from biofm_jax.train.loop import open_run
+  from biofm_jax.train.runs import open_run
   workdir, out_dir = pathlib.Path(pretrained_workdir).absolute(), pathlib.Path(out_dir).absolute()
   predictions.check_writable(out_dir, options.overwrite)
   config, data, setup, params, _ = open_run(workdir)

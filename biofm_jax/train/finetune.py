@@ -1,14 +1,16 @@
 """Fine-tuning from a pre-training run: config, labelled data, task model, partial restore.
 
-Fine-tuning runs the pre-training loop (`loop.train_and_evaluate`) on a config that
-`finetune_config` builds from two parts:
+`finetune(config, workdir)` is fine-tuning's entry: it hands the one training loop
+(`loop.train_and_evaluate`) its labelled data (`open_labeled_data`), its setup (the
+`TaskModel` over the pre-trained backbone and the supervised objective,
+`build_finetune_training`) and its first state (the backbone restored from the
+pre-training checkpoint, `initial_state`). The config comes from `finetune_config`, from
+two parts:
   * the pre-training run's own config, read from its checkpoint: model, data and objective
     sections, so the backbone and the tokenisation are exactly the pre-trained ones;
   * the fine-tuning config file (`configs/finetune.py`): task, finetune, train, checkpoint.
-The loop then opens `LabeledEHRData` (`open_labeled_data`), builds the `TaskModel`
-(`build_task_model`) and the supervised objective, and starts from the pre-trained
-backbone (`load_pretrained`): a partial restore of the checkpoint's parameters into the
-new tree, with every architecture difference named if they do not fit.
+The backbone is a partial restore of the checkpoint's parameters into the new tree
+(`load_pretrained`), with every architecture difference named if they do not fit.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
 from biofm_jax.data.labels import labels_name
+from biofm_jax.modalities.registry import build_model
+from biofm_jax.models.task import LoRAModel, TaskModel, trainable
+from biofm_jax.objectives.supervised import SupervisedObjective
+from biofm_jax.train.checkpoint import Checkpointer
+from biofm_jax.train.loop import train_and_evaluate
+from biofm_jax.train.setup import TrainingSetup, build_training, data_info
 
 log = logging.getLogger("biofm_jax")
 # Sections of the pre-training config that define the backbone and its inputs.
@@ -32,7 +40,6 @@ DATA_FIELDS_FROM_FINETUNE = ("batch_size", "num_workers")
 
 def pretrained_checkpoint(workdir: str | pathlib.Path) -> tuple[pathlib.Path, int, dict]:
   """(checkpoints directory, latest step, saved config) of a pre-training run."""
-  from biofm_jax.train.checkpoint import Checkpointer
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   if not directory.exists():
     raise ValueError(f"pretrained run {workdir}: no checkpoints directory {directory}")
@@ -140,7 +147,6 @@ def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir
 
 
 def build_task_model(config: ml_collections.ConfigDict, backbone, info):
-  from biofm_jax.models.task import LoRAModel, TaskModel
   mode = config.finetune.mode
   embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else ("ehr", "embedding")
   # LoRA's backbone is frozen by the optimiser's labels, not by cutting its gradient: the
@@ -154,7 +160,6 @@ def build_task_model(config: ml_collections.ConfigDict, backbone, info):
 
 
 def build_task_objective(info):
-  from biofm_jax.objectives.supervised import SupervisedObjective
   return SupervisedObjective(info.type, info.num_outputs, info.time_bin_edges)
 
 
@@ -192,28 +197,25 @@ def _check_shapes(saved, target, workdir) -> None:
                      f"({len(problems)} parameters differ): " + "; ".join(problems[:8]))
 
 
-def predict_split(setup, params, data, split: str, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(scores, pooled embeddings) of every label row of `split` under a task model."""
-  from biofm_jax.eval.embeddings import embed_split_outputs
-  from biofm_jax.objectives.supervised import predictions
-  out = embed_split_outputs(setup, params, data, split, {"logits": ("task", "logits"),
-                                                         "embedding": ("task", "embedding")}, batch_size=batch_size)
-  return predictions(data.info, out["logits"]), out["embedding"]
+def build_finetune_training(config: ml_collections.ConfigDict, data, devices=None) -> TrainingSetup:
+  """The training setup of a fine-tuning run: the pre-training model for the data as the
+  backbone of a task model, the task's supervised objective, and the optimiser's labels
+  for the adaptation mode (full, frozen, LoRA)."""
+  backbone = build_model(config, data_info(data))
+  return build_training(config, data, devices, model=build_task_model(config, backbone, data.info),
+                        objective=build_task_objective(data.info), trainable=trainable(config.finetune.mode))
 
 
-def predict_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
-                      splits=("tuning", "held_out")):
-  """(labelled data module, {split: scores}) of a fine-tuned run on each split."""
-  from biofm_jax.train.loop import open_run
-  config, data, setup, params, _ = open_run(workdir, config)
-  return data, {split: predict_split(setup, params, data, split, batch_size=config.data.batch_size)[0]
-                for split in splits}
+def initial_state(config: ml_collections.ConfigDict, setup: TrainingSetup):
+  """A fresh fine-tuning state: the pre-trained backbone, or all random with init=scratch."""
+  state = setup.init_state(config.seed)
+  if config.finetune.init == "pretrained":
+    return load_pretrained(state, setup, config.finetune.pretrained)
+  return state
 
 
-def score_finetuned(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
-                    splits=("tuning", "held_out")) -> dict[str, dict[str, float]]:
-  """Task metrics (`eval/metrics.py`) of a fine-tuned run on each split."""
-  from biofm_jax.eval.metrics import task_metrics
-  data, scores = predict_finetuned(workdir, config, splits)
-  return {split: task_metrics(data.info.type, data.split_labels(split).metric_targets(), scores[split])
-          for split in splits}
+def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Fine-tunes as `config` (a `finetune_config`) says, in `workdir`; returns the run's
+  summary. Running it again resumes."""
+  return train_and_evaluate(config, workdir, open_data=lambda artifacts: open_labeled_data(config, artifacts),
+                            build=build_finetune_training, initial_state=lambda setup: initial_state(config, setup))

@@ -15,7 +15,7 @@ import os
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -71,57 +71,39 @@ class StopRequested:
 
 
 def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
-  """The configured data module: one modality, or the multimodal join when `config.data`
-  has a `multimodal` section. With several processes, process 0 prepares shared artifacts
-  (a generated cohort, the vocabulary) before the others open them."""
+  """Pre-training's data module: the one configured modality (from its raw source or a
+  prepared dataset), or the multimodal join when `config.data` has a `multimodal` section,
+  as the modality registry opens them."""
+  if "task" in config:
+    raise ValueError("this is a fine-tuning config (it has a task section): run it with "
+                     "biofm_jax.train.finetune.finetune / experiments/finetune.py")
   prepared = config.data.get("prepared", "")
-  if prepared and ("task" in config or "multimodal" in config.data):
+  if prepared and "multimodal" in config.data:
     raise ValueError(f"config.data.prepared={prepared!r}: prepared datasets serve single-modality "
                      f"pre-training; fine-tuning and multimodal runs read their raw sources")
-  if "task" in config:  # fine-tuning on labels (train/finetune.py)
-    from biofm_jax.train.finetune import open_labeled_data
-    def open_module():
-      return open_labeled_data(config, artifacts_dir)
-  elif "multimodal" in config.data:
-    def open_module():
-      return registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
-                                           seed=config.seed)
-  else:
-    modalities = registry.configured(config.data)
-    if len(modalities) != 1:
-      raise ValueError(f"config.data must configure exactly one of {sorted(registry.MODALITIES)} (or have "
-                       f"a 'multimodal' section); found {modalities}")
-    def open_module():
-      if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
-        return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
-                             objective=config.objective.name,
-                             artifacts_dir=artifacts_dir if jax.process_index() == 0 else None)  # one writer
-      return registry.open_data_module(modalities[0], config.data[modalities[0]], objective=config.objective.name,
-                                       artifacts_dir=artifacts_dir)
+  if "multimodal" in config.data:
+    return registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
+                                         seed=config.seed)
+  modalities = registry.configured(config.data)
+  if len(modalities) != 1:
+    raise ValueError(f"config.data must configure exactly one of {sorted(registry.MODALITIES)} (or have "
+                     f"a 'multimodal' section); found {modalities}")
+  if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
+    return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
+                         objective=config.objective.name,
+                         artifacts_dir=artifacts_dir if jax.process_index() == 0 else None)  # one writer
+  return registry.open_data_module(modalities[0], config.data[modalities[0]], objective=config.objective.name,
+                                   artifacts_dir=artifacts_dir)
+
+
+def open_once(open_module: Callable[[], Any]):
+  """`open_module()`, with several processes first in process 0: it writes the shared
+  artifacts (a generated cohort, the vocabulary) that the others then read."""
   if jax.process_count() == 1:
     return open_module()
   module = open_module() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("biofm_jax: data artifacts prepared")
   return module or open_module()
-
-
-def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):
-  """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training
-  or fine-tuning, with the config saved in the checkpoint unless `config` is given."""
-  workdir = pathlib.Path(workdir).absolute()
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=1000, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
-    if config is None:
-      config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    data = open_data_module(config, workdir / "artifacts")
-    setup = build_training(config, data)
-    params = checkpointer.restore_state(step, setup.abstract_state).params
-  finally:
-    checkpointer.close()
-  return config, data, setup, params, step
 
 
 def make_train_iterator(data_module, config: ml_collections.ConfigDict):
@@ -229,8 +211,15 @@ def peak_flops(config) -> float:
   return measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Pre-trains as `config` says, in `workdir`; returns the run's summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       open_data: Callable[[pathlib.Path], Any] | None = None,
+                       build: Callable[..., Any] = build_training,
+                       initial_state: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+  """Trains as `config` says, in `workdir`; returns the run's summary. What is trained comes
+  from the caller: `open_data(artifacts_dir)` gives the data module, `build(config, data)`
+  the training setup, `initial_state(setup)` the state of a fresh run. The defaults
+  pre-train (`open_data_module`, the registry's model and objective, a fresh
+  initialisation); fine-tuning passes its own (`train/finetune.py: finetune`)."""
   start_time = time.time()
   workdir = pathlib.Path(workdir).absolute()
   is_chief = jax.process_index() == 0
@@ -241,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     write_run_info(config, workdir)
 
   # ------------------------------------------------------------ 2. data
-  data_module = open_data_module(config, workdir / "artifacts")
+  artifacts_dir = workdir / "artifacts"
+  data_module = open_once(lambda: (open_data or (lambda d: open_data_module(config, d)))(artifacts_dir))
   if pipeline.example_modality(data_module) is not None:  # a multimodal module logged its join per split
     log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
   evaluates = pipeline.has_split(data_module, EVAL_SPLIT)
@@ -254,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   train_iter = make_train_iterator(data_module, config)
 
   # ------------------------------------------------------------ 3. model, objective, optimiser, steps
-  setup = build_training(config, data_module)
+  setup = build(config, data_module)
   log.info("mesh %s on %d devices (%d processes)", dict(setup.mesh.shape), jax.device_count(),
            jax.process_count())
 
@@ -266,10 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if latest is not None:
     log.info("resumed from checkpoint step %d", latest)
   else:
-    state = setup.init_state(config.seed)
-    if "finetune" in config and config.finetune.init == "pretrained":
-      from biofm_jax.train.finetune import load_pretrained
-      state = load_pretrained(state, setup, config.finetune.pretrained)
+    state = initial_state(setup) if initial_state is not None else setup.init_state(config.seed)
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("model: %s parameters", f"{num_params:,}")

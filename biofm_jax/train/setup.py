@@ -61,25 +61,23 @@ def example_batch(data_module, num_examples: int) -> dict:
           for modality, spec in batch_spec(data_module).items()}
 
 
-def build_training(config: ml_collections.ConfigDict, data_module, devices=None) -> TrainingSetup:
+def build_training(config: ml_collections.ConfigDict, data_module, devices=None, *, model=None,
+                   objective: Objective | None = None, trainable=None) -> TrainingSetup:
   """`devices`: the mesh's devices, jax.devices() by default; ahead-of-time sizing passes a
-  TPU topology's (train/aot.py)."""
+  TPU topology's (train/aot.py). `model` and `objective` default to the pre-training ones
+  the modality registry builds for the data; fine-tuning passes its own, with `trainable`
+  (params -> "train" / "freeze" labels for the optimiser; train/finetune.py)."""
   mesh = parallel.make_mesh(config.mesh, devices)
   rules = parallel.logical_rules(config.mesh)
   accum = config.train.grad_accum_steps
   parallel.check_batch_divides_mesh(config.data.batch_size, mesh, accum)
   info = data_info(data_module)
-  model = build_model(config, info)
-  if "task" in config:  # fine-tuning: the pre-training model under a task head (train/finetune.py)
-    from biofm_jax.models.task import trainable
-    from biofm_jax.train import finetune
-    model = finetune.build_task_model(config, model, data_module.info)
-    objective = finetune.build_task_objective(data_module.info)
-    tx = state_lib.make_optimizer(config.train, trainable=trainable(config.finetune.mode))
-  else:
+  if model is None:
+    model = build_model(config, info)
+  if objective is None:
     objective = build_objective(config.objective, modality=data_module.name,
                                 info=info if example_modality(data_module) is None else info[data_module.name])
-    tx = state_lib.make_optimizer(config.train)
+  tx = state_lib.make_optimizer(config.train, trainable=trainable)
   schedule = state_lib.learning_rate_schedule(config.train)
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))
   abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)

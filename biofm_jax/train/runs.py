@@ -1,0 +1,41 @@
+"""Reopening a finished run: its config, data module, setup and parameters, for scoring,
+embedding and export.
+
+`open_run(workdir)` reads the config saved in the latest checkpoint and rebuilds what that
+run trained: a pre-training run through the loop's data module and the registry's model, a
+fine-tuning run (its config has a `task`) through `finetune.py`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import ml_collections
+
+from biofm_jax.train import finetune, loop
+from biofm_jax.train.checkpoint import Checkpointer
+from biofm_jax.train.setup import build_training
+
+
+def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):
+  """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training
+  or fine-tuning, with the config saved in the checkpoint unless `config` is given."""
+  workdir = pathlib.Path(workdir).absolute()
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=1000, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
+    if config is None:
+      config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    artifacts_dir = workdir / "artifacts"
+    if "task" in config:  # a fine-tuning run
+      data = loop.open_once(lambda: finetune.open_labeled_data(config, artifacts_dir))
+      setup = finetune.build_finetune_training(config, data)
+    else:
+      data = loop.open_once(lambda: loop.open_data_module(config, artifacts_dir))
+      setup = build_training(config, data)
+    params = checkpointer.restore_state(step, setup.abstract_state).params
+  finally:
+    checkpointer.close()
+  return config, data, setup, params, step

@@ -28,6 +28,7 @@ from biofm_jax import parallel  # noqa: E402
 from biofm_jax.config import load_config  # noqa: E402
 from biofm_jax.train.checkpoint import Checkpointer  # noqa: E402
 from biofm_jax.train.loop import make_train_iterator, open_data_module  # noqa: E402
+from biofm_jax.train import state as state_lib  # noqa: E402
 from biofm_jax.train.setup import build_training  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def main():
   print(json.dumps({
       "config": args.config, "backend": jax.default_backend(), "devices": jax.device_count(),
       "machine": platform.processor() or platform.machine(),
-      "num_params": sum(x.size for x in jax.tree.leaves(state.params)), "checkpoint_bytes": size,
+      "num_params": state_lib.param_count(state.params), "checkpoint_bytes": size,
       "steps": args.steps, "save_every": args.every, "train_s_without_saves": plain,
       "train_s_with_async_saves": with_saves,
       "async_save_share": (with_saves - plain) / plain if args.steps else None,

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from biofm_jax import parallel  # noqa: E402
 from biofm_jax.config import load_config  # noqa: E402
 from biofm_jax.train.loop import make_train_iterator, open_data_module, peak_flops  # noqa: E402
+from biofm_jax.train import state as state_lib  # noqa: E402
 from biofm_jax.train.setup import build_training  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def time_train_step(config, data, batches, steps: int) -> dict:
   return {"step_time_s": step_time, "examples_per_s": config.data.batch_size / step_time,
           "tokens_per_s": tokens / step_time,
           "model_flops_per_step": config.data.batch_size * setup.model.flops_per_example(),
-          "num_params": sum(x.size for x in jax.tree.leaves(state.params))}
+          "num_params": state_lib.param_count(state.params)}
 
 
 def time_pipeline(config, data, batches_to_read: int, workers: int) -> tuple[dict, list]:

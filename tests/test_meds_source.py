@@ -177,8 +177,12 @@ def test_source_is_picklable_and_grain_compatible(cohort):
   clone = pickle.loads(pickle.dumps(source))
   _assert_same_record(clone[3], source[3])
   _assert_same_record(source[-1], source[len(source) - 1])
-  with pytest.raises(IndexError):
+  with pytest.raises(IndexError, match=f"MEDSSource: index {len(source)} out of range for {len(source)} subjects"):
     source[len(source)]
+  with pytest.raises(IndexError, match=f"index {-len(source) - 1} out of range"):
+    source[-len(source) - 1]
+  with pytest.raises(TypeError):
+    source[1.5]
   dataset = grain.MapDataset.source(source).shuffle(seed=0)
   assert {int(dataset[i]["subject_id"]) for i in range(len(source))} == set(
       source.subject_ids.tolist())

@@ -21,6 +21,7 @@ UNK_ID = 1
 MASK_ID = 2
 CLS_ID = 3
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[MASK]", "[CLS]")
+NUM_SPECIAL = len(SPECIAL_TOKENS)  # the first real token's id in every token vocabulary
 
 # Value-bin ids: 0 means "this event has no numeric value"; 1..num_bins are quantile bins.
 NO_VALUE_BIN = 0

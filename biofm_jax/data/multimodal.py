@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import operator
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 from biofm_jax.data import batch, pipeline
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
+from biofm_jax.data.sources.indexing import checked_index
 
 SAMPLING = ("uniform", "balanced")
 SYNTHETIC_DIRNAME = "synthetic_multimodal"
@@ -96,10 +96,7 @@ class MultimodalSource:
     return [str(self.join.subject_ids[self.subject_index(i)]) for i in range(len(self))]
 
   def __getitem__(self, index: int) -> dict:
-    i = operator.index(index)
-    i = i + len(self) if i < 0 else i
-    if not 0 <= i < len(self):
-      raise IndexError(f"MultimodalSource: index {index} out of range for {len(self)} items")
+    i = checked_index(index, len(self), "MultimodalSource ... items")
     s, join = self.subject_index(i), self.join
     records = {m: tuple(int(r) for r in join.records[m][o[s]:o[s + 1]])
                for m, o in join.offsets.items() if o[s + 1] > o[s]}

@@ -29,7 +29,8 @@ from scipy.stats import pearsonr
 from sklearn.calibration import calibration_curve
 from sklearn import metrics as skm
 
-TASK_TYPES = ("binary", "multiclass", "multilabel", "regression", "survival")
+from biofm_jax.data.batch import TASK_TYPES
+
 
 _TARGET_FIELDS = {"binary": ("label",), "multiclass": ("label",), "multilabel": ("label",),
                   "regression": ("label",), "survival": ("time", "event")}

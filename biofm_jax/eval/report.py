@@ -3,7 +3,7 @@
 This module owns how a finished evaluation is written down; it computes no metric itself
 (see biofm_jax.eval.metrics). The report dict it takes:
 
-  {"task": {"name": str, "type": one of metrics.TASK_TYPES, ...},
+  {"task": {"name": str, "type": one of data/batch.TASK_TYPES, ...},
    "model": {"name": str (optional, default "model"), ...free-form description...},
    "splits": {"held_out": {"n": int, "metrics": {metric: value},
                            "intervals": {metric: [lo, hi]},           # optional

@@ -23,6 +23,7 @@ import numpy as np
 
 from biofm_jax.modalities import registry
 from biofm_jax.train.setup import build_training
+from biofm_jax.train.state import param_count
 
 
 class AbstractData:
@@ -94,7 +95,7 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
   setup = build_training(config, AbstractData(config, vocab_size), devices)
   abstract = setup.abstract_state
   sizing = Sizing(
-      mesh=dict(setup.mesh.shape), num_params=sum(x.size for x in jax.tree.leaves(abstract.params)),
+      mesh=dict(setup.mesh.shape), num_params=param_count(abstract.params),
       param_bytes_per_device=bytes_per_device(abstract.params),
       optimizer_bytes_per_device=bytes_per_device(abstract.opt_state),
       model_flops_per_step=config.data.batch_size * setup.model.flops_per_example())

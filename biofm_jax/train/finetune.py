@@ -31,6 +31,7 @@ from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import Checkpointer
 from biofm_jax.train.loop import train_and_evaluate
 from biofm_jax.train.setup import TrainingSetup, build_training, data_info
+from biofm_jax.train.state import param_count
 
 log = logging.getLogger("biofm_jax")
 # Sections of the pre-training config that define the backbone and its inputs.
@@ -180,7 +181,7 @@ def load_pretrained(state, setup, pretrained_workdir: str | pathlib.Path):
   params = dict(state.params)
   params["backbone"] = restored["params"]
   log.info("fine-tuning from %s (step %d): %d backbone parameters restored", pretrained_workdir, step,
-           sum(x.size for x in jax.tree.leaves(params["backbone"])))
+           param_count(params["backbone"]))
   return state.replace(params=params)
 
 

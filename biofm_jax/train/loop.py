@@ -28,6 +28,7 @@ from biofm_jax.data import pipeline
 from biofm_jax.modalities import registry
 from biofm_jax.data.prepared import open_prepared
 from biofm_jax.eval.baselines import reference_losses
+from biofm_jax.train import state as state_lib
 from biofm_jax.train.checkpoint import Checkpointer
 from biofm_jax.train.metrics import MetricWriter, Throughput, format_duration, measure_peak_flops
 from biofm_jax.train.setup import build_training
@@ -258,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     state = initial_state(setup) if initial_state is not None else setup.init_state(config.seed)
   start_step = int(jax.device_get(state.step))
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  num_params = state_lib.param_count(state.params)
   log.info("model: %s parameters", f"{num_params:,}")
 
   # ------------------------------------------------------------ 5. the loop

@@ -27,6 +27,7 @@ import numpy as np
 
 from biofm_jax.data import batch
 from biofm_jax.data.masking import bert_masking, check_masking_args
+from biofm_jax.modalities.ehr.meds import US_PER_DAY
 
 BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
@@ -34,8 +35,6 @@ VOCAB_FORMAT_VERSION = 1
 VOCAB_FILENAME = "ehr_vocab.json"
 WINDOWS = ("recent", "earliest")
 OBJECTIVES = ("masked", "autoregressive")
-_NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
-_US_PER_DAY = 86_400 * 1_000_000
 _DAYS_PER_YEAR = 365.25
 _RECORD_FIELDS = ("codes", "times", "numeric_values")
 
@@ -77,11 +76,11 @@ class EHRVocab:
 
   @property
   def size(self) -> int:
-    return _NUM_SPECIAL + len(self.codes)
+    return batch.NUM_SPECIAL + len(self.codes)
 
   @functools.cached_property
   def _ids(self) -> dict[str, int]:
-    return {code: _NUM_SPECIAL + i for i, code in enumerate(self.codes)}
+    return {code: batch.NUM_SPECIAL + i for i, code in enumerate(self.codes)}
 
   @functools.cached_property
   def _edge_arrays(self) -> dict[str, np.ndarray]:
@@ -233,11 +232,11 @@ class TokenizeEHR(grain.transforms.Map):
       # From the window's first event, never its last: a position's input must not tell a
       # causal model how much history follows it.
       first = times[timed].min()
-      offsets = (times[timed] - first).astype(np.int64) / _US_PER_DAY
+      offsets = (times[timed] - first).astype(np.int64) / US_PER_DAY
       out[batch.EHR_TIME][events][timed] = offsets
       out[batch.EHR_TIME_KNOWN][events] = timed
       if birth is not None:
-        ages = (times[timed] - birth).astype(np.int64) / (_US_PER_DAY * _DAYS_PER_YEAR)
+        ages = (times[timed] - birth).astype(np.int64) / (US_PER_DAY * _DAYS_PER_YEAR)
         out[batch.EHR_AGE][events][timed] = ages
         out[batch.EHR_AGE_KNOWN][events] = timed
     return out

@@ -26,6 +26,7 @@ import numpy as np
 
 from biofm_jax.data import batch
 from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR, _birth_time
+from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.data.labels import Labels
 
 log = logging.getLogger("biofm_jax")
@@ -36,7 +37,7 @@ UNKNOWN = "unknown"  # a subgroup value no code or column gives
 # Subgroups read from a record's codes, as MEDS ETLs write them (MIMIC-IV: GENDER//F, others SEX//F,
 # RACE//..., ETHNICITY//...): the value is what follows the first matching prefix.
 SUBGROUP_CODE_PREFIXES = {"sex": ("GENDER//", "SEX//"), "race": ("RACE//",), "ethnicity": ("ETHNICITY//",)}
-_US_PER_YEAR = 86_400 * 1_000_000 * 365.25
+_US_PER_YEAR = US_PER_DAY * 365.25
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,6 @@ logs subject ids or record contents.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import pathlib
 from typing import Sequence
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 # hash_splits lives in splits.py (shared by all modalities); re-exported for old imports.
 from biofm_jax.data.sources.splits import STANDARD_SPLITS as _STANDARD_SPLITS
 from biofm_jax.data.sources.splits import hash_splits  # noqa: F401
+from biofm_jax.data.sources.indexing import checked_index
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ _CODE = meds.DataSchema.code_name
 _VALUE = meds.DataSchema.numeric_value_name
 _REQUIRED_COLUMNS = tuple(meds.DataSchema.required_columns())
 _READ_COLUMNS = (_SUBJECT, _TIME, _CODE, _VALUE)
+
+US_PER_DAY = 86_400 * 1_000_000  # MEDS times are microseconds
 
 # numpy's NaT is int64 min, so static rows (null time) sort before every timed row.
 _NAT = np.iinfo(np.int64).min
@@ -323,11 +325,7 @@ class MEDSSource:
     return len(self.subject_ids)
 
   def __getitem__(self, index: int) -> dict:
-    i = operator.index(index)
-    if i < 0:
-      i += len(self)
-    if not 0 <= i < len(self):
-      raise IndexError(f"MEDSSource: index {index} out of range for {len(self)} subjects")
+    i = checked_index(index, len(self), "MEDSSource ... subjects")
     rows = slice(self._starts[i], self._ends[i])
     return {
         "subject_id": np.int64(self.subject_ids[i]),

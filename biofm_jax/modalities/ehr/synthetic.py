@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from biofm_jax.data.sources.atomic import atomic_directory
+from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.modalities.ehr.synthetic_catalogue import (
     BACKGROUND, CKD, CODES, CODE_ID, CONDITIONS, CONDITION_INDEX, CREATININE, DX_CHANCE,
     DX_CODE, DX_CONDITION, ED, EGFR, HEART_FAILURE, INPATIENT, LABS, LAB_EFFECTS, LAB_HIGH,
@@ -45,7 +46,6 @@ from biofm_jax.modalities.ehr.synthetic_catalogue import (
 
 LATENTS_FILEPATH = os.path.join("metadata", "synthetic_latents.parquet")
 
-_US_PER_DAY = 86_400 * 1_000_000
 
 
 def _day(iso: str) -> int:
@@ -169,7 +169,7 @@ def _simulate_subject(rng: np.random.Generator, max_events: int, *, risk: float 
   squeeze = min(1.0, (_LAST_DAY - start_day) / span)
   visit_days = start_day + (visit_offsets * squeeze).astype(np.int64)
   onset_days = start_day + (onset_days - start_day) * squeeze
-  visit_times = visit_days * _US_PER_DAY + minutes * 60_000_000
+  visit_times = visit_days * US_PER_DAY + minutes * 60_000_000
   visit_times.sort()  # only reorders visits on the same day
   times = visit_times[visit_index]
   last_day = visit_days[visit_index[-1]]
@@ -179,11 +179,11 @@ def _simulate_subject(rng: np.random.Generator, max_events: int, *, risk: float 
   head_times = [0]
   if has_birth:
     head_codes.append(CODE_ID[meds.birth_code])
-    head_times.append(birth_day * _US_PER_DAY)
+    head_times.append(birth_day * US_PER_DAY)
   tail_codes, tail_times = [], []
   if died:
     tail_codes.append(CODE_ID[meds.death_code])
-    tail_times.append(int(times[-1]) + int(rng.integers(1, 90)) * _US_PER_DAY)
+    tail_times.append(int(times[-1]) + int(rng.integers(1, 90)) * US_PER_DAY)
   n_head, n_tail = len(head_codes), len(tail_codes)
   static = np.zeros(n_head + len(codes) + n_tail, bool)
   static[0] = True

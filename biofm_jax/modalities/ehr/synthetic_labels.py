@@ -31,12 +31,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from biofm_jax.data.labels import write_labels
-from biofm_jax.modalities.ehr.meds import MEDSDataset
+from biofm_jax.modalities.ehr.meds import US_PER_DAY, MEDSDataset
 from biofm_jax.modalities.ehr.synthetic import LATENTS_FILEPATH
 from biofm_jax.modalities.ehr.synthetic_catalogue import STATIC_CODES
 
 TASKS = ("mortality", "high_risk", "risk", "planted_survival")
-_US_PER_DAY = 86_400 * 1_000_000
 
 
 def _prediction_time(times: np.ndarray, rng: np.random.Generator) -> np.datetime64 | None:
@@ -73,7 +72,7 @@ def synthetic_labels(meds_root: str | pathlib.Path, task: str, *, seed: int = 0,
       rows["prediction_time"].append(cutoff)
       rows["sex"].append("F" if STATIC_CODES[0] in set(codes) else "M")
       rows["died"].append(bool(len(death)))
-      rows["time"].append(max((end - cutoff).astype(np.int64) / _US_PER_DAY, 1.0))
+      rows["time"].append(max((end - cutoff).astype(np.int64) / US_PER_DAY, 1.0))
       rows["risk"].append(float(latents.loc[int(record["subject_id"]), "risk"]))
   out = {k: np.asarray(v) for k, v in rows.items()}
   if task == "planted_survival":

@@ -41,7 +41,6 @@ import collections
 import csv
 import dataclasses
 import logging
-import operator
 import os
 import pathlib
 from typing import Sequence
@@ -52,6 +51,7 @@ from biofm_jax.modalities.imaging import dicom as dicom
 from biofm_jax.modalities.imaging import image_files as image_files
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.imaging.image_items import Item, ItemError
+from biofm_jax.data.sources.indexing import checked_index
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +288,7 @@ class ImagingSource:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict:
-    i = operator.index(index)
-    if i < 0:
-      i += len(self)
-    if not 0 <= i < len(self):
-      raise IndexError(f"ImagingSource: index {index} out of range for {len(self)} items")
+    i = checked_index(index, len(self), "ImagingSource ... items")
     path = self.paths[i]
     try:
       image = _read_pixels(self._kinds[i], self._files[i], len(self._stored_shapes[i]) - 1)

@@ -28,7 +28,6 @@ obs_names), so a donor's cells share a split. Logs carry counts only.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import pathlib
 import threading
@@ -41,6 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from biofm_jax.data.sources import splits as splits_lib
+from biofm_jax.data.sources.indexing import checked_index
 
 log = logging.getLogger(__name__)
 
@@ -344,11 +344,7 @@ class ExpressionSource:
     return len(self.rows)
 
   def __getitem__(self, index: int) -> dict:
-    i = operator.index(index)
-    if i < 0:
-      i += len(self)
-    if not 0 <= i < len(self):
-      raise IndexError(f"ExpressionSource: index {index} out of range for {len(self)} cells")
+    i = checked_index(index, len(self), "ExpressionSource ... cells")
     genes, counts = self._reader.row(int(self.rows[i]))
     return {"cell_id": str(self.cell_ids[i]), "genes": genes, "counts": counts,
             "labels": self.labels[i].copy()}

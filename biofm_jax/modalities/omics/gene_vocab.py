@@ -25,7 +25,6 @@ VOCAB_FILENAME = "gene_vocab.json"
 # Training cells the vocabulary scans at most (evenly spaced): gene lists and medians are
 # stable long before this, and it bounds start-up time and memory on atlas-sized files.
 VOCAB_MAX_CELLS = 50_000
-_NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
 
 
 # ================================================================ normalisation
@@ -95,16 +94,16 @@ class GeneVocab:
 
   @property
   def size(self) -> int:
-    return _NUM_SPECIAL + len(self.genes)
+    return batch.NUM_SPECIAL + len(self.genes)
 
   @functools.cached_property
   def _ids(self) -> dict[str, int]:
-    return {gene: _NUM_SPECIAL + i for i, gene in enumerate(self.genes)}
+    return {gene: batch.NUM_SPECIAL + i for i, gene in enumerate(self.genes)}
 
   @functools.cached_property
   def medians_by_token(self) -> np.ndarray:
     """float64 [size]: each token's median (1 for special tokens, never used)."""
-    return np.concatenate([np.ones(_NUM_SPECIAL), np.asarray(self.gene_medians, np.float64)])
+    return np.concatenate([np.ones(batch.NUM_SPECIAL), np.asarray(self.gene_medians, np.float64)])
 
   def map_panel(self, gene_names: Sequence[str]) -> np.ndarray:
     """int32 token id of each of another dataset's genes; UNK_ID where this vocab lacks it."""

@@ -43,11 +43,11 @@ TOKENIZER_ALPHABETS = {"nucleotide": "dna", "amino_acid": "protein"}
 CROPS = ("random", "start")
 OBJECTIVES = ("masked",)
 MAX_KMER = 8  # 4**8 = 65,536 k-mer tokens; beyond that the embedding table dominates
-_NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
 _BASES = "ACGT"
 _SINGLE_BASES = _BASES + "N"
 _IUPAC_AMBIGUITY = "RYSWKMBDHV"  # read as N, as the FASTA reader does
-_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY" + "XBZUO"  # standard, then ambiguous and rare
+# standard, then ambiguous and rare: the letters the FASTA reader accepts for proteins
+_AMINO_ACIDS = (fasta.AMINO_ACIDS + fasta.AMBIGUOUS_AMINO_ACIDS + fasta.RARE_AMINO_ACIDS).decode()
 _CONFIG_PREFIX = "config.data.sequence"
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class SequenceTokenizer:
     full = len(raw) // self.k
     codes = self._base_codes[raw[: full * self.k]].reshape(full, self.k)
     powers = 4 ** np.arange(self.k - 1, -1, -1, dtype=np.int64)
-    kmer_ids = (_NUM_SPECIAL + codes @ powers).astype(np.int32)
+    kmer_ids = (batch.NUM_SPECIAL + codes @ powers).astype(np.int32)
     kmer_ids[(codes == 4).any(axis=1)] = batch.UNK_ID
     return np.concatenate([kmer_ids, self._residue_ids[raw[full * self.k:]]])
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import operator
 import os
 import pathlib
 import re
@@ -47,6 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from biofm_jax.data.sources import splits as splits_lib
+from biofm_jax.data.sources.indexing import checked_index
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".faa", ".frn", ".fas")
 _WHITESPACE = b" \t\r\n\v\f"
 _DNA_BASES = b"ACGTN"
 _IUPAC_AMBIGUITY = b"RYSWKMBDHV"
-_AMINO_ACIDS = b"ACDEFGHIKLMNPQRSTVWY"
-_AMBIGUOUS_AMINO_ACIDS = b"XBZ"
-_RARE_AMINO_ACIDS = b"UO"
+AMINO_ACIDS = b"ACDEFGHIKLMNPQRSTVWY"
+AMBIGUOUS_AMINO_ACIDS = b"XBZ"
+RARE_AMINO_ACIDS = b"UO"
 _LOWERCASE = bytes(range(ord("a"), ord("z") + 1))
 _TO_N = bytes.maketrans(_IUPAC_AMBIGUITY, b"N" * len(_IUPAC_AMBIGUITY))
 _SPLIT_WORD = re.compile(r"(?:^|\s)split=(\S+)")
@@ -81,7 +81,7 @@ def _alphabet_bytes(alphabet: str) -> tuple[bytes, bytes]:
   if alphabet == "dna":
     return _DNA_BASES + _IUPAC_AMBIGUITY, b"N" + _IUPAC_AMBIGUITY
   if alphabet == "protein":
-    return _AMINO_ACIDS + _AMBIGUOUS_AMINO_ACIDS + _RARE_AMINO_ACIDS, _AMBIGUOUS_AMINO_ACIDS
+    return AMINO_ACIDS + AMBIGUOUS_AMINO_ACIDS + RARE_AMINO_ACIDS, AMBIGUOUS_AMINO_ACIDS
   raise ValueError(f"FASTA alphabet {alphabet!r}, expected one of {ALPHABETS}")
 
 
@@ -153,7 +153,7 @@ def _scan_file(path: pathlib.Path, file_index: int, alphabet: str, index: _Index
   deletable = _WHITESPACE + accepted + accepted.lower()
   ambiguous_both = ambiguous + ambiguous.lower()
   iupac_both = _IUPAC_AMBIGUITY + _IUPAC_AMBIGUITY.lower()
-  rare_both = _RARE_AMINO_ACIDS + _RARE_AMINO_ACIDS.lower()
+  rare_both = RARE_AMINO_ACIDS + RARE_AMINO_ACIDS.lower()
   record: _Scan | None = None
   offset = 0
 
@@ -276,11 +276,7 @@ class FastaSource:
     return os.pread(handle, size, start)  # positioned: threads need no lock
 
   def __getitem__(self, index: int) -> dict:
-    i = operator.index(index)
-    if i < 0:
-      i += len(self)
-    if not 0 <= i < len(self):
-      raise IndexError(f"FastaSource: index {index} out of range for {len(self)} records")
+    i = checked_index(index, len(self), "FastaSource ... records")
     file, start = int(self._file_index[i]), int(self._starts[i])
     raw = self._read(file, start, int(self._ends[i]) - start)
     residues = normalise_residues(raw, self.alphabet)

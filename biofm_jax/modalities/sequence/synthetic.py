@@ -27,11 +27,13 @@ import pathlib
 
 import numpy as np
 
+from biofm_jax.modalities.sequence import fasta
+
 DNA_MOTIF = "TATAGCGCATGC"
 PROTEIN_MOTIF = "WCHMYWKPCW"
 LINE_WIDTH = 60
 _DNA_LETTERS = np.array(list("ACGT"))
-_AMINO_ACIDS = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+_AMINO_ACIDS = np.array(list(fasta.AMINO_ACIDS.decode()))
 # Approximate amino-acid frequencies in UniProt, in the order of _AMINO_ACIDS.
 _AMINO_ACID_FREQUENCIES = np.array([8.3, 1.4, 5.5, 6.8, 3.9, 7.1, 2.3, 5.9, 5.8, 9.7, 2.4,
                                     4.1, 4.7, 3.9, 5.5, 6.6, 5.3, 6.9, 1.1, 2.9])

@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import operator
 import os
 import pathlib
 from typing import Sequence
@@ -49,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from biofm_jax.data.sources import splits as splits_lib
+from biofm_jax.data.sources.indexing import checked_index
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +225,7 @@ class TabularSource:
     return len(self.subject_ids)
 
   def __getitem__(self, index: int) -> dict:
-    i = operator.index(index)
-    if i < 0:
-      i += len(self)
-    if not 0 <= i < len(self):
-      raise IndexError(f"TabularSource: index {index} out of range for {len(self)} rows")
+    i = checked_index(index, len(self), "TabularSource ... rows")
     # Copies: a transform that writes into its input must not change the table.
     return {"subject_id": self.subject_ids[i], "numeric": self.numeric[i].copy(),
             "categorical": self.categorical[i].copy(), "labels": self.labels[i].copy()}

@@ -207,7 +207,7 @@ def test_stats_json_round_trip_and_column_check(tmp_path, hand_dataset):
                                        r"'const'\].*not in the stats \['const'\]"):
     stats.check_columns(other, where=f"tabular stats {path}")
   path.write_text('{"format": "something else"}')
-  with pytest.raises(ValueError, match=r"tabular_stats\.json.*'format'"):
+  with pytest.raises(ValueError, match=r"tabular_stats\.json: format 'something else', expected 'biofm_jax.tabular_stats'"):
     tabular.TabularStats.load(path)
 
 

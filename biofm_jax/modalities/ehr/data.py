@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ import grain
 import meds
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import artifacts, batch
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 
@@ -33,6 +32,8 @@ BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
 VOCAB_FORMAT_VERSION = 1
 VOCAB_FILENAME = "ehr_vocab.json"
+_VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
+                 "special_tokens": list(batch.SPECIAL_TOKENS)}
 WINDOWS = ("recent", "earliest")
 OBJECTIVES = ("masked", "autoregressive")
 _DAYS_PER_YEAR = 365.25
@@ -109,34 +110,14 @@ class EHRVocab:
     return bins
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes human-readable JSON atomically (tmp file, then rename)."""
-    path = Path(path)
-    payload = {
-        "format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-        "special_tokens": list(batch.SPECIAL_TOKENS), "min_count": self.min_count,
-        "num_value_bins": self.num_value_bins, "num_rare_codes": self.num_rare_codes,
-        "codes": list(self.codes),
-        "value_bin_edges": {c: list(e) for c, e in self.value_bin_edges.items()},
-    }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Writes human-readable JSON atomically (`data/artifacts.py`)."""
+    artifacts.write_json(path, _VOCAB_HEADER, {
+        "min_count": self.min_count, "num_value_bins": self.num_value_bins, "num_rare_codes": self.num_rare_codes,
+        "codes": list(self.codes), "value_bin_edges": {c: list(e) for c, e in self.value_bin_edges.items()}})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> EHRVocab:
-    path = Path(path)
-    try:
-      payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"EHR vocabulary {path}: cannot read JSON ({e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != VOCAB_FORMAT:
-      raise ValueError(f"EHR vocabulary {path}: 'format' is not {VOCAB_FORMAT!r}")
-    if payload.get("format_version") != VOCAB_FORMAT_VERSION:
-      raise ValueError(f"EHR vocabulary {path}: format_version "
-                       f"{payload.get('format_version')!r}, expected {VOCAB_FORMAT_VERSION}")
-    if payload.get("special_tokens") != list(batch.SPECIAL_TOKENS):
-      raise ValueError(f"EHR vocabulary {path}: special_tokens "
-                       f"{payload.get('special_tokens')!r}, expected {list(batch.SPECIAL_TOKENS)}")
+    payload = artifacts.read_json(path, _VOCAB_HEADER, "EHR vocabulary")
     try:
       return cls(codes=tuple(payload["codes"]),
                  value_bin_edges={c: tuple(float(x) for x in e)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import artifacts, batch
 
 VOCAB_FORMAT = "biofm_jax.gene_vocab"
 VOCAB_FORMAT_VERSION = 1
+_VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
+                 "special_tokens": list(batch.SPECIAL_TOKENS)}
 VOCAB_FILENAME = "gene_vocab.json"
 # Training cells the vocabulary scans at most (evenly spaced): gene lists and medians are
 # stable long before this, and it bounds start-up time and memory on atlas-sized files.
@@ -116,34 +116,15 @@ class GeneVocab:
     return int((self.map_panel(gene_names) != batch.UNK_ID).sum())
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes human-readable JSON atomically (tmp file, then rename)."""
-    path = Path(path)
-    payload = {
-        "format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-        "special_tokens": list(batch.SPECIAL_TOKENS), "num_value_bins": self.num_value_bins,
-        "normalize_total": self.normalize_total, "log1p": self.log1p,
+    """Writes human-readable JSON atomically (`data/artifacts.py`)."""
+    artifacts.write_json(path, _VOCAB_HEADER, {
+        "num_value_bins": self.num_value_bins, "normalize_total": self.normalize_total, "log1p": self.log1p,
         "num_training_cells": self.num_training_cells,
-        "genes": list(self.genes), "gene_medians": list(self.gene_medians),
-    }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+        "genes": list(self.genes), "gene_medians": list(self.gene_medians)})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> GeneVocab:
-    path = Path(path)
-    try:
-      payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"gene vocabulary {path}: cannot read JSON ({e})") from e
-    if not isinstance(payload, dict):
-      raise ValueError(f"gene vocabulary {path}: expected a JSON object")
-    header = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-              "special_tokens": list(batch.SPECIAL_TOKENS)}
-    for key, expected in header.items():
-      if payload.get(key) != expected:
-        raise ValueError(f"gene vocabulary {path}: {key} {payload.get(key)!r}, "
-                         f"expected {expected!r}")
+    payload = artifacts.read_json(path, _VOCAB_HEADER, "gene vocabulary")
     try:
       total = payload["normalize_total"]
       vocab = cls(genes=tuple(str(g) for g in payload["genes"]),

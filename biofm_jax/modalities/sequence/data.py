@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import artifacts, batch
 from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import check_masking_args
@@ -36,6 +35,8 @@ from biofm_jax.modalities.sequence import fasta as fasta
 
 TOKENIZER_FORMAT = "biofm_jax.sequence_tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
+_TOKENIZER_HEADER = {"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_FORMAT_VERSION,
+                     "special_tokens": list(batch.SPECIAL_TOKENS)}
 TOKENIZER_FILENAME = "sequence_tokenizer.json"
 SYNTHETIC_FILENAME = "synthetic_sequences.fa"
 # Tokenizer kind -> the FASTA alphabet it reads.
@@ -158,24 +159,16 @@ class SequenceTokenizer:
     return "".join(self._decoded[ids].tolist())
 
   # -------------------------------------------------------------- artifact
+  def _fields(self) -> dict:
+    return {"kind": self.kind, "k": self.k, "vocab_size": self.vocab_size, "tokens": list(self.tokens)}
+
   def to_json(self) -> str:
-    return json.dumps({"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_FORMAT_VERSION,
-                       "kind": self.kind, "k": self.k, "vocab_size": self.vocab_size,
-                       "special_tokens": list(batch.SPECIAL_TOKENS),
-                       "tokens": list(self.tokens)}, indent=1) + "\n"
+    return artifacts.to_json(_TOKENIZER_HEADER, self._fields())
 
   @classmethod
   def from_json(cls, text: str, where: str = "sequence tokenizer JSON") -> SequenceTokenizer:
     """Rebuilds the tokenizer and checks that its token list is the one saved."""
-    try:
-      payload = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: cannot read JSON ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != TOKENIZER_FORMAT:
-      raise ValueError(f"{where}: 'format' is not {TOKENIZER_FORMAT!r}")
-    if payload.get("format_version") != TOKENIZER_FORMAT_VERSION:
-      raise ValueError(f"{where}: format_version {payload.get('format_version')!r}, "
-                       f"expected {TOKENIZER_FORMAT_VERSION}")
+    payload = artifacts.parse_json(text, _TOKENIZER_HEADER, where)
     try:
       tokenizer = cls(kind=payload["kind"], k=payload["k"])
     except KeyError as e:
@@ -186,11 +179,8 @@ class SequenceTokenizer:
     return tokenizer
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the JSON atomically (tmp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(self.to_json())
-    os.replace(tmp, path)
+    """Writes the JSON atomically (`data/artifacts.py`)."""
+    artifacts.write_json(path, _TOKENIZER_HEADER, self._fields())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> SequenceTokenizer:

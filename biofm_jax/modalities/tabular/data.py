@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import artifacts, batch
 from biofm_jax.data.config_fields import config_field
 
 OBJECTIVES = ("masked_features",)
 STATS_FORMAT = "biofm_jax.tabular_stats"
 STATS_FORMAT_VERSION = 1
+_STATS_HEADER = {"format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION}
 STATS_FILENAME = "tabular_stats.json"
 SYNTHETIC_DIRNAME = "synthetic_tabular"
 SYNTHETIC_LABEL_COLUMNS = ("malignant",)  # used when path is "" and label_columns is empty
@@ -125,26 +125,12 @@ class TabularStats:
                        "(use a new workdir for a new table)")
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes human-readable JSON atomically (tmp file, then rename)."""
-    path = Path(path)
-    payload = {"format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION,
-               **dataclasses.asdict(self)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Writes human-readable JSON atomically (`data/artifacts.py`)."""
+    artifacts.write_json(path, _STATS_HEADER, dataclasses.asdict(self))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> TabularStats:
-    path = Path(path)
-    try:
-      payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"tabular stats {path}: cannot read JSON ({e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != STATS_FORMAT:
-      raise ValueError(f"tabular stats {path}: 'format' is not {STATS_FORMAT!r}")
-    if payload.get("format_version") != STATS_FORMAT_VERSION:
-      raise ValueError(f"tabular stats {path}: format_version {payload.get('format_version')!r}, "
-                       f"expected {STATS_FORMAT_VERSION}")
+    payload = artifacts.read_json(path, _STATS_HEADER, "tabular stats")
     try:
       stats = cls(
           numeric_columns=tuple(str(c) for c in payload["numeric_columns"]),

@@ -119,7 +119,7 @@ def measure_ours(config_spec: str, overrides: list[str], steps: int) -> dict:
     batches = [next(iterator) for _ in range(2)]
     step = throughput.time_train_step(config, data, batches, steps)
     lengths = np.asarray(batches[0][data.name]["mask"]).sum(axis=1).astype(int).tolist()
-    spec = model_spec(config, data.model_info(), lengths)
+    spec = model_spec(config, data.model_info()[data.name], lengths)
   return {"side": "ours", "framework": f"jax {jax.__version__}", "backend": jax.default_backend(),
           "devices": jax.device_count(), "cpu_threads": len(os.sched_getaffinity(0)),
           "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": steps, "warmup_steps": 1,

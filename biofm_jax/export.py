@@ -41,8 +41,8 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
                            artifacts_dir: str | os.PathLike | None = None,
                            metadata: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Serialises `model.apply(params, batch)[output...]` for batches shaped like `batch_spec`
-  (`{modality: {field: (shape, dtype)}}`, no batch axis), e.g. `setup.batch_spec(data,
-  embedding=True)`. `params` may be sharded; they are gathered to the host."""
+  (`{modality: {field: (shape, dtype)}}`, no batch axis), e.g. a data module's
+  `embedding_spec()`. `params` may be sharded; they are gathered to the host."""
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise ValueError(f"export: {out} exists and is not empty; choose a new directory")

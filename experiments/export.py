@@ -56,7 +56,6 @@ def main(argv, overrides):
   from biofm_jax.config import config_to_dict, load_config
   from biofm_jax.export import export_embedding_model
   from biofm_jax.train.runs import open_run
-  from biofm_jax.train.setup import batch_spec
 
   workdir = pathlib.Path(FLAGS.workdir).absolute()
   if not (workdir / "checkpoints").is_dir():
@@ -66,7 +65,7 @@ def main(argv, overrides):
                                                  else None)
   except (KeyError, ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  inputs = {m: spec for m, spec in batch_spec(data, embedding=True).items() if m != "task"}  # targets are not inputs
+  inputs = {m: spec for m, spec in data.embedding_spec().items() if m != "task"}  # targets are not inputs
   metadata = {"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides, "step": step,
               "workdir": str(workdir), "data": config_to_dict(config.data)}
   if "task" in config:

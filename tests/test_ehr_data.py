@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from biofm_jax.data import batch, pipeline
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ehr import data as ehr
 
 NAT = np.datetime64("NaT", "us")
@@ -224,9 +225,8 @@ def batch_equal(a, b):
 
 
 def ehr_train(records, vocab, **kw):
-  transforms = [ehr.TokenizeEHR(vocab, 16), ehr.MaskEHR(vocab.size)]
-  args = dict(modality="ehr", global_batch_size=8, seed=3, process_index=0,
-              process_count=1)
+  transforms = [ehr.TokenizeEHR(vocab, 16), ehr.MaskEHR(vocab.size), KeyByModality("ehr")]
+  args = dict(global_batch_size=8, seed=3, process_index=0, process_count=1)
   return pipeline.make_train_dataset(records, transforms, **{**args, **kw})
 
 
@@ -274,7 +274,7 @@ def toy_ids(batches):
 def test_process_sharding_is_disjoint_and_covers(records):
   seen = []
   for index in (0, 1):
-    ds = pipeline.make_train_dataset(records, [ToyExample()], modality="toy",
+    ds = pipeline.make_train_dataset(records, [ToyExample(), KeyByModality("toy")],
                                      global_batch_size=10, seed=0, process_index=index,
                                      process_count=2)
     it = pipeline.make_iterator(ds)
@@ -293,7 +293,7 @@ def test_global_batches_are_the_same_for_any_number_of_processes(records):
   process reads it or each of 2 or 3 reads its share: runs may change process count."""
   def global_batches(count, steps=8):
     iterators = [pipeline.make_iterator(pipeline.make_train_dataset(
-        records, [ToyExample(), ToyNoise()], modality="toy", global_batch_size=12, seed=3, process_index=i,
+        records, [ToyExample(), ToyNoise(), KeyByModality("toy")], global_batch_size=12, seed=3, process_index=i,
         process_count=count)) for i in range(count)]
     out = []
     for _ in range(steps):
@@ -307,7 +307,7 @@ def test_global_batches_are_the_same_for_any_number_of_processes(records):
 
 
 def test_train_reshuffles_every_epoch(records):
-  ds = pipeline.make_train_dataset(records, [ToyExample()], modality="toy",
+  ds = pipeline.make_train_dataset(records, [ToyExample(), KeyByModality("toy")],
                                    global_batch_size=len(records), seed=0,
                                    process_index=0, process_count=1)
   it = pipeline.make_iterator(ds)
@@ -319,8 +319,8 @@ def test_train_reshuffles_every_epoch(records):
 @pytest.mark.parametrize("index", [0, 1])
 def test_eval_covers_once_and_pads_with_zero_weight(records, index):
   records = records[:59]  # shards of 30 and 29: both processes still yield 5 batches
-  ds = pipeline.make_eval_dataset(records, [ToyExample()], modality="toy",
-                                  global_batch_size=14, seed=0, example_spec=TOY_SPEC,
+  ds = pipeline.make_eval_dataset(records, [ToyExample(), KeyByModality("toy")],
+                                  global_batch_size=14, seed=0, example_spec={"toy": TOY_SPEC},
                                   process_index=index, process_count=2)
   batches = list(ds)
   assert len(batches) == 5 and all(b["toy"]["id"].shape == (7,) for b in batches)
@@ -331,10 +331,10 @@ def test_eval_covers_once_and_pads_with_zero_weight(records, index):
 
 
 def test_eval_masks_the_same_positions_every_time(records, vocab):
-  transforms = [ehr.TokenizeEHR(vocab, 16), ehr.MaskEHR(vocab.size)]
-  spec = batch.ehr_example_spec(16, with_targets=True)
+  transforms = [ehr.TokenizeEHR(vocab, 16), ehr.MaskEHR(vocab.size), KeyByModality("ehr")]
+  spec = {"ehr": batch.ehr_example_spec(16, with_targets=True)}
   make = lambda: list(pipeline.make_eval_dataset(
-      records[:13], transforms, modality="ehr", global_batch_size=8, seed=5,
+      records[:13], transforms, global_batch_size=8, seed=5,
       example_spec=spec, process_index=0, process_count=1))
   first, second = make(), make()
   assert len(first) == 2 and all(batch_equal(a, b) for a, b in zip(first, second))
@@ -405,9 +405,8 @@ def test_ehr_data_from_synthetic_cohort(artifacts):
   data = ehr.EHRData.from_config(ehr_config(), objective="masked", artifacts_dir=artifacts)
   vocab_path = artifacts / ehr.VOCAB_FILENAME
   assert vocab_path.exists() and ehr.EHRVocab.load(vocab_path) == data.vocab
-  assert data.model_info() == {"vocab_size": data.vocab.size, "num_value_bins": 8,
-                               "max_len": 32}
-  assert [type(t) for t in data.transforms(train=True)] == [ehr.TokenizeEHR, ehr.MaskEHR]
+  assert data.model_info() == {"ehr": {"vocab_size": data.vocab.size, "num_value_bins": 8, "max_len": 32}}
+  assert [type(t) for t in data.transforms(train=True)] == [ehr.TokenizeEHR, ehr.MaskEHR, KeyByModality]
 
   summary = data.summary()
   train = data.source("train")
@@ -421,10 +420,10 @@ def test_ehr_data_from_synthetic_cohort(artifacts):
   assert all(isinstance(v, (int, float)) for v in summary.values())
 
   it = pipeline.make_iterator(pipeline.make_train_dataset(
-      train, data.transforms(train=True), modality=data.name, global_batch_size=4,
+      train, data.transforms(train=True), global_batch_size=4,
       seed=0, process_index=0, process_count=1))
   example = {k: v[0] for k, v in next(it)["ehr"].items()}
-  batch.check_example(example, data.example_spec(), "synthetic batch")
+  batch.check_example(example, data.example_spec()["ehr"], "synthetic batch")
 
 
 def test_ehr_data_reuses_vocab_and_checks_config(artifacts):
@@ -436,8 +435,8 @@ def test_ehr_data_reuses_vocab_and_checks_config(artifacts):
   data = ehr.EHRData.from_config(ehr_config(), objective="autoregressive",
                                  artifacts_dir=artifacts)
   assert vocab_path.stat().st_mtime_ns == before  # loaded, not rebuilt
-  assert [type(t) for t in data.transforms(train=False)] == [ehr.TokenizeEHR]
-  assert "target_mask" not in data.example_spec()
+  assert [type(t) for t in data.transforms(train=False)] == [ehr.TokenizeEHR, KeyByModality]
+  assert "target_mask" not in data.example_spec()["ehr"]
   with pytest.raises(ValueError, match="min_count=5.*min_code_count=3"):
     ehr.EHRData.from_config(ehr_config(min_code_count=3), objective="masked",
                             artifacts_dir=artifacts)

@@ -7,20 +7,18 @@ from biofm_jax import parallel
 from biofm_jax.data import pipeline
 from biofm_jax.export import export_embedding_model, load_exported
 from biofm_jax.train import step as step_lib
-from biofm_jax.train.setup import batch_spec
 
 
 @pytest.mark.parametrize("spec, output", [("configs/ehr_bert.py:tiny", "ehr"),
                                           ("configs/multimodal_fusion.py:tiny", ("fused", "embedding"))])
 def test_export_round_trip_matches_the_library_model(spec, output, tmp_path):
   config, data, setup, params, _ = helpers.pretrain_and_restore(spec, tmp_path / "run", train__num_steps=2)
-  out = export_embedding_model(setup.model, params, batch_spec(data, embedding=True), tmp_path / "export",
+  out = export_embedding_model(setup.model, params, data.embedding_spec(), tmp_path / "export",
                                output=output, artifacts_dir=tmp_path / "run" / "artifacts",
                                metadata={"config": spec})
   assert not list((out / "artifacts").glob("synthetic*"))
   dataset = pipeline.make_eval_dataset(data.source("tuning"), data.transforms(train=False, mask=False),
-                                       modality=pipeline.example_modality(data), global_batch_size=16,
-                                       seed=0, example_spec=data.embedding_spec())
+                                       global_batch_size=16, seed=0, example_spec=data.embedding_spec())
   batch = next(iter(pipeline.make_iterator(dataset)))
   embed = step_lib.jit_embed_step(setup.model, output, setup.state_shardings.params, setup.mesh, setup.rules)
   expected = np.asarray(embed(params, parallel.make_global_batch(batch, setup.mesh)))
@@ -37,7 +35,7 @@ def test_export_round_trip_matches_the_library_model(spec, output, tmp_path):
   with pytest.raises(ValueError, match=f"batch\\['{modality}'\\]\\['{field}'\\]"):
     model(wrong)
   with pytest.raises(ValueError, match="not empty"):
-    export_embedding_model(setup.model, params, batch_spec(data, embedding=True), out, output=output)
+    export_embedding_model(setup.model, params, data.embedding_spec(), out, output=output)
 
 
 def test_export_command_writes_a_model_that_loads(tmp_path):

@@ -106,7 +106,7 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
   exported = load_exported(tmp_path / "export")
   assert exported.info["task"]["type"] == "survival" and exported.info["output"] == ["task", "logits"]
   assert not list((tmp_path / "export" / "artifacts").glob("labels_*"))
-  dataset = pipeline.make_eval_dataset(data.source("held_out"), data.transforms(train=False), modality=None,
+  dataset = pipeline.make_eval_dataset(data.source("held_out"), data.transforms(train=False),
                                        global_batch_size=16, seed=0, example_spec=data.example_spec())
   batch = next(iter(pipeline.make_iterator(dataset)))
   logits = jit_embed_step(setup.model, ("task", "logits"), setup.state_shardings.params, setup.mesh, setup.rules)(

@@ -290,9 +290,9 @@ def assert_batches_equal(a, b):
 
 def test_train_pipeline_matches_spec_and_resumes(hand_built_data):
   data = hand_built_data
-  spec = data.example_spec()
+  spec = data.example_spec()[data.name]
   dataset = pipeline.make_train_dataset(
-      data.source("train"), data.transforms(train=True), modality=data.name,
+      data.source("train"), data.transforms(train=True),
       global_batch_size=4, seed=7, process_index=0, process_count=1)
   iterator = pipeline.make_iterator(dataset)
   first = take(iterator, 2)
@@ -312,7 +312,7 @@ def test_eval_pipeline_pads_and_masks_repeatably(hand_built_data):
   data = hand_built_data
   def eval_batches():
     dataset = pipeline.make_eval_dataset(
-        data.source("tuning"), data.transforms(train=False), modality=data.name,
+        data.source("tuning"), data.transforms(train=False),
         global_batch_size=4, seed=7, example_spec=data.example_spec(), process_index=0,
         process_count=1)
     return list(pipeline.make_iterator(dataset))
@@ -335,7 +335,7 @@ def test_transforms_pickle_for_worker_processes(hand_built_data):
 def test_model_info_summary_and_labels(hand_built_data):
   data = hand_built_data
   dims = data.settings.spatial_dims
-  info = data.model_info()
+  info = data.model_info()[data.name]
   assert info == {"image_shape": (8,) * dims, "channels": 1, "patch_shape": (4,) * dims,
                   "num_patches": 2 ** dims, "spatial_dims": dims}
   assert info["num_patches"] == batch.num_patches(info["image_shape"], info["patch_shape"])
@@ -355,9 +355,9 @@ def test_from_config_on_synthetic_images_end_to_end(tmp_path, dims, size):
   data = imaging.ImagingData.from_config(cfg, objective="mae", artifacts_dir=tmp_path)
   assert (tmp_path / imaging.SYNTHETIC_DIRNAME).is_dir()
   assert data.summary()["items_train"] > 0
-  spec = data.example_spec()
+  spec = data.example_spec()[data.name]
   train = pipeline.make_iterator(pipeline.make_train_dataset(
-      data.source("train"), data.transforms(train=True), modality=data.name,
+      data.source("train"), data.transforms(train=True),
       global_batch_size=4, seed=0, process_index=0, process_count=1))
   host_batch = next(train)["imaging"]
   for name, (shape, dtype) in spec.items():

@@ -14,6 +14,7 @@ import pytest
 
 from biofm_jax.config import load_config
 from biofm_jax.data import batch, join, multimodal, pipeline
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.imaging.data import ImagingData
 from biofm_jax.modalities.tabular.data import TabularData
 
@@ -60,16 +61,16 @@ class FakeModule:
     return FakeSource(self.splits[split], 100 * self.number)
 
   def transforms(self, train, mask=True):
-    return [ToVector(self.width)] + ([AddNoise()] if mask else [])
+    return [ToVector(self.width)] + ([AddNoise()] if mask else []) + [KeyByModality(self.name)]
 
   def embedding_spec(self):
-    return {"x": ((self.width,), np.float32), "valid": ((), np.bool_)}
+    return {self.name: {"x": ((self.width,), np.float32), "valid": ((), np.bool_)}}
 
   def example_spec(self):
-    return {**self.embedding_spec(), "noise": ((2,), np.float32)}
+    return {self.name: {**self.embedding_spec()[self.name], "noise": ((2,), np.float32)}}
 
   def model_info(self):
-    return {"width": self.width}
+    return {self.name: {"width": self.width}}
 
   def summary(self):
     return {f"records_{s}": len(ids) for s, ids in self.splits.items()}
@@ -155,7 +156,7 @@ def test_empty_train_source_is_an_error_naming_it_and_empty_tuning_is_absent():
   item = data.source("tuning")[0]
   assert item["subject_id"] == "20" and set(item["records"]) == {"ehr"}
   example = apply(data.transforms(train=False), item)
-  assert_padding(example["tabular"], modules["tabular"].example_spec())
+  assert_padding(example["tabular"], modules["tabular"].example_spec()["tabular"])
   with pytest.raises(ValueError, match="unknown split 'validation'"):
     data.source("validation")
 
@@ -172,7 +173,7 @@ def test_examples_carry_presence_padding_and_each_modality_s_own_content():
     example = apply(transforms, item)
     assert set(example) == {"ehr", "imaging", "tabular"}
     for m, module in modules.items():
-      spec = module.embedding_spec()
+      spec = module.embedding_spec()[m]
       if m in item["records"]:
         own = ToVector(module.width).map(module.source("train")[item["records"][m][0]])
         assert example[m][batch.PRESENT] and set(example[m]) == set(spec) | {batch.PRESENT}
@@ -221,7 +222,7 @@ def test_modality_dropout_rate_is_about_right_never_drops_all_and_is_seeded():
     for m in ("ehr", "imaging"):
       if not example[m][batch.PRESENT]:
         dropped[m] += 1
-        assert_padding(example[m], fake_modules()[m].example_spec())
+        assert_padding(example[m], fake_modules()[m].example_spec()[m])
   assert abs(dropped["imaging"] / n - 0.5) < 0.05 and abs(dropped["ehr"] / n - 0.3) < 0.05
   ehr_only = next(i for i in range(len(source)) if set(source[i]["records"]) == {"ehr"})
   assert all(apply(transforms, source[ehr_only], s)["ehr"][batch.PRESENT] for s in range(50))
@@ -239,9 +240,8 @@ def test_modality_dropout_rate_is_about_right_never_drops_all_and_is_seeded():
 # ================================================================ pipelines
 def test_train_pipeline_matches_the_spec_and_is_deterministic_eval_pads_absent():
   data = multimodal.MultimodalData(fake_modules(), dropout={"imaging": 0.3})
-  assert pipeline.example_modality(data) is None
   make = lambda: pipeline.make_iterator(pipeline.make_train_dataset(
-      data.source("train"), data.transforms(train=True), modality=None, global_batch_size=4,
+      data.source("train"), data.transforms(train=True), global_batch_size=4,
       seed=5, process_index=0, process_count=1))
   first, second = make(), make()
   for _ in range(3):
@@ -251,7 +251,7 @@ def test_train_pipeline_matches_the_spec_and_is_deterministic_eval_pads_absent()
         assert a[m][name].shape == (4,) + shape and a[m][name].dtype == np.dtype(dtype)
         assert np.array_equal(a[m][name], b[m][name])
   batches = list(pipeline.make_eval_dataset(
-      data.source("tuning"), data.transforms(train=False), modality=None, global_batch_size=4,
+      data.source("tuning"), data.transforms(train=False), global_batch_size=4,
       seed=5, example_spec=data.example_spec(), process_index=0, process_count=1))
   assert len(batches) == 1
   present = {m: batches[0][m][batch.PRESENT].tolist() for m in data.modalities}
@@ -259,8 +259,8 @@ def test_train_pipeline_matches_the_spec_and_is_deterministic_eval_pads_absent()
                      "tabular": [False] * 4}
   assert not batches[0]["ehr"]["x"][2:].any()
   with pytest.raises(ValueError, match="must be keyed by modality"):
-    pipeline.make_eval_dataset(data.source("tuning"), [], modality=None, global_batch_size=4,
-                               seed=5, example_spec=fake_modules()["ehr"].example_spec(),
+    pipeline.make_eval_dataset(data.source("tuning"), [], global_batch_size=4,
+                               seed=5, example_spec=fake_modules()["ehr"].example_spec()["ehr"],
                                process_index=0, process_count=1)
 
 
@@ -275,7 +275,7 @@ def test_mixed_stream_follows_the_weights_and_resumes_exactly():
   assert (sum(present.values()) == 1).all()  # exactly one modality per example
   for m, w in weights.items():
     assert abs(present[m].mean() - w) < 0.02, (m, present[m].mean())
-    spec = batch.with_presence(modules[m].example_spec())
+    spec = batch.with_presence(modules[m].example_spec()[m])
     assert {k: batches[0][m][k].shape[1:] for k in spec} == {k: s for k, (s, _) in spec.items()}
     assert not batches[0][m]["x"][~present[m][:10]].any()
   state = it.get_state()
@@ -332,23 +332,23 @@ def test_real_tabular_and_imaging_modules_join_by_subject(tmp_path):
   assert summary["train_pattern_imaging"] == 4 and summary["train_pattern_tabular"] == 2
   assert summary["train_several_records_imaging"] == 2 and summary["tuning_subjects"] == 4
   assert summary["tabular_rows_train"] == 8 and summary["imaging_items_train"] == 12
-  assert data.model_info()["imaging"] == modules["imaging"].model_info()
+  assert data.model_info()["imaging"] == modules["imaging"].model_info()["imaging"]
   # Deterministic transforms (no masking): the module's own pipeline gives the same arrays.
   source = data.source("tuning")
   for m, module in modules.items():
     own = list(pipeline.make_eval_dataset(
-        module.source("tuning"), module.transforms(train=False, mask=False), modality=m,
+        module.source("tuning"), module.transforms(train=False, mask=False),
         global_batch_size=len(module.source("tuning")), seed=0,
         example_spec=module.embedding_spec(), process_index=0, process_count=1))[0][m]
     for i in range(len(source)):
       example = apply(data.transforms(train=False, mask=False), source[i])
       if m not in source[i]["records"]:
-        assert_padding(example[m], module.embedding_spec())
+        assert_padding(example[m], module.embedding_spec()[m])
         continue
       row = source[i]["records"][m][0]
-      assert all(np.array_equal(example[m][k], own[k][row]) for k in module.embedding_spec())
+      assert all(np.array_equal(example[m][k], own[k][row]) for k in module.embedding_spec()[m])
   first = next(pipeline.make_iterator(pipeline.make_train_dataset(
-      data.source("train"), data.transforms(train=True), modality=None, global_batch_size=6,
+      data.source("train"), data.transforms(train=True), global_batch_size=6,
       seed=0, process_index=0, process_count=1)))
   for m, spec in data.example_spec().items():
     assert {k: first[m][k].shape for k in spec} == {k: (6,) + s for k, (s, _) in spec.items()}

@@ -344,8 +344,8 @@ def test_from_config_on_the_synthetic_file(tmp_path, mode):
   data = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
   assert (tmp_path / omics.SYNTHETIC_FILENAME).exists() and (tmp_path / omics.VOCAB_FILENAME).exists()
   assert data.name == "omics"
-  assert data.model_info() == {"vocab_size": data.vocab.size,
-                               "num_value_bins": 8 if mode == "binned" else 0, "max_len": 32}
+  assert data.model_info() == {"omics": {"vocab_size": data.vocab.size,
+                                         "num_value_bins": 8 if mode == "binned" else 0, "max_len": 32}}
   summary = data.summary()
   assert summary["cells_train"] == 96 and summary["panel_overlap"] == len(data.vocab.genes)
   assert summary["train_cells_truncated"] > 0  # 200 genes do not fit in 31 slots
@@ -357,9 +357,9 @@ def test_from_config_on_the_synthetic_file(tmp_path, mode):
   for transform in data.transforms(train=True):
     example = (transform.random_map(example, np.random.default_rng(0))
                if isinstance(transform, omics.MaskExpression) else transform.map(example))
-  batch.check_example(example, data.example_spec(), "cell")
+  batch.check_example(example["omics"], data.example_spec()["omics"], "cell")
   embed_example = data.transforms(train=False, mask=False)[0].map(source[0])
-  batch.check_example(embed_example, data.embedding_spec(), "cell")
+  batch.check_example(embed_example, data.embedding_spec()["omics"], "cell")
   # A second open reuses the file and the vocabulary; a changed config is refused.
   assert omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path).vocab == data.vocab
   with pytest.raises(ValueError, match=r"gene_vocab\.json: built with .* config\.data\.omics asks"):
@@ -391,7 +391,7 @@ def test_synthetic_file_is_deterministic(tmp_path):
 def test_pipeline_end_to_end_with_resume(tmp_path):
   data = omics.OmicsData.from_config(omics_config(tmp_path, synthetic_cells=80, backed=True),
                                      objective="masked", artifacts_dir=tmp_path)
-  options = dict(modality="omics", global_batch_size=8, seed=7, process_index=0, process_count=1)
+  options = dict(global_batch_size=8, seed=7, process_index=0, process_count=1)
   train = pipeline.make_train_dataset(data.source("train"), data.transforms(train=True), **options)
   iterator = pipeline.make_iterator(train)
   next(iterator)

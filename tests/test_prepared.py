@@ -47,8 +47,8 @@ def _assert_batches_equal(a, b, where):
 def _eval_batches(module, config, count):
   spec = module.example_spec()
   dataset = pipeline.make_eval_dataset(
-      module.source("tuning"), module.transforms(train=False), modality=pipeline.example_modality(module),
-      global_batch_size=config.data.batch_size, seed=config.seed, example_spec=spec)
+      module.source("tuning"), module.transforms(train=False), global_batch_size=config.data.batch_size,
+      seed=config.seed, example_spec=spec)
   iterator = iter(dataset)
   return [next(iterator) for _ in range(count)]
 

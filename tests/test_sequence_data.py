@@ -321,10 +321,10 @@ def test_sequence_data_from_synthetic_fasta(tmp_path, overrides, vocab_size):
   assert (tmp_path / sequence.SYNTHETIC_FILENAME).exists()
   saved = sequence.SequenceTokenizer.load(tmp_path / sequence.TOKENIZER_FILENAME)
   assert saved == data.tokenizer and saved.vocab_size == vocab_size
-  assert data.model_info() == {"vocab_size": vocab_size, "num_value_bins": 0, "max_len": 64}
-  assert data.example_spec() == batch.token_sequence_spec(64, with_values=False, with_targets=True)
-  assert data.embedding_spec() == batch.token_sequence_spec(64, with_values=False,
-                                                            with_targets=False)
+  assert data.model_info() == {"sequence": {"vocab_size": vocab_size, "num_value_bins": 0, "max_len": 64}}
+  assert data.example_spec() == {"sequence": batch.token_sequence_spec(64, with_values=False, with_targets=True)}
+  assert data.embedding_spec() == {"sequence": batch.token_sequence_spec(64, with_values=False,
+                                                                         with_targets=False)}
   summary = data.summary()
   assert summary["records_train"] + summary["records_tuning"] + summary["records_held_out"] == 60
   train = data.source("train")
@@ -337,9 +337,9 @@ def test_sequence_data_from_synthetic_fasta(tmp_path, overrides, vocab_size):
   assert names == ("motif",) and labels.shape == (summary["records_train"], 1)
   assert set(np.unique(labels).tolist()) == {0.0, 1.0}
 
-  spec = data.example_spec()
+  spec = data.example_spec()[data.name]
   ds = pipeline.make_train_dataset(data.source("train"), data.transforms(train=True),
-                                   modality=data.name, global_batch_size=4, seed=0,
+                                   global_batch_size=4, seed=0,
                                    process_index=0, process_count=1)
   it = pipeline.make_iterator(ds)
   for _ in range(3):
@@ -354,12 +354,12 @@ def test_sequence_data_from_synthetic_fasta(tmp_path, overrides, vocab_size):
     assert all(np.array_equal(e["sequence"][f], got["sequence"][f]) for f in spec)
     assert all(got["sequence"][f].shape == (4,) + shape for f, (shape, _) in spec.items())
   eval_batches = list(pipeline.make_eval_dataset(
-      data.source("tuning"), data.transforms(train=False, mask=False), modality=data.name,
+      data.source("tuning"), data.transforms(train=False, mask=False),
       global_batch_size=4, seed=0, example_spec=data.embedding_spec(), process_index=0,
       process_count=1))
   tuning = data.source("tuning")
   tokens = np.concatenate([b["sequence"][batch.TOKENS] for b in eval_batches])
-  assert set(eval_batches[0]["sequence"]) == set(data.embedding_spec())
+  assert set(eval_batches[0]["sequence"]) == set(data.embedding_spec()["sequence"])
   for i in range(len(tuning)):  # evaluation sees each record's start, unmasked, in order
     ids = data.tokenizer.encode(tuning[i]["sequence"])[:63].tolist()
     assert tokens[i].tolist() == [batch.CLS_ID] + ids + [batch.PAD_ID] * (63 - len(ids))
@@ -391,7 +391,7 @@ def test_worker_processes_reopen_the_files_and_resume(dna_fasta, tmp_path):
   cfg = sequence_config(path=str(gz), kmer=3)
   data = sequence.SequenceData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
   ds = pipeline.make_train_dataset(data.source("train"), data.transforms(train=True),
-                                   modality=data.name, global_batch_size=4, seed=1,
+                                   global_batch_size=4, seed=1,
                                    process_index=0, process_count=1)
   in_process = pipeline.make_iterator(ds)
   expected = [next(in_process) for _ in range(4)]

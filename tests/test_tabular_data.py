@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from biofm_jax.data import batch, pipeline
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.tabular import data as tabular
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
@@ -290,8 +291,7 @@ def test_from_config_writes_synthetic_table_and_reuses_stats(tmp_path):
                                          artifacts_dir=tmp_path)
   assert (tmp_path / "synthetic_tabular" / "data.parquet").exists()
   assert (tmp_path / "tabular_stats.json").exists()
-  assert data.model_info() == {"num_numeric": 24, "num_categorical": 2,
-                               "num_categories": 1 + 4 + 4}
+  assert data.model_info() == {"tabular": {"num_numeric": 24, "num_categorical": 2, "num_categories": 1 + 4 + 4}}
   values, names = data.labels("train")
   assert names == ("malignant",) and values.shape == (48, 1) and values.dtype == np.float32
   summary = data.summary()
@@ -326,9 +326,9 @@ def test_synthetic_table_is_deterministic_with_planted_structure():
 def test_pipeline_end_to_end_spec_padding_and_resume(tmp_path):
   data = tabular.TabularData.from_config(tabular_cfg(), objective="masked_features",
                                          artifacts_dir=tmp_path)
-  spec = data.example_spec()
+  spec = data.example_spec()[data.name]
   dataset = pipeline.make_train_dataset(
-      data.source("train"), data.transforms(train=True), modality=data.name,
+      data.source("train"), data.transforms(train=True),
       global_batch_size=8, seed=5, process_index=0, process_count=1)
   iterator = pipeline.make_iterator(dataset)
   for host_batch in take(iterator, 2):
@@ -343,8 +343,8 @@ def test_pipeline_end_to_end_spec_padding_and_resume(tmp_path):
 
   def eval_batches():
     ds = pipeline.make_eval_dataset(
-        data.source("tuning"), data.transforms(train=False), modality=data.name,
-        global_batch_size=4, seed=5, example_spec=spec, process_index=0, process_count=1)
+        data.source("tuning"), data.transforms(train=False),
+        global_batch_size=4, seed=5, example_spec={"tabular": spec}, process_index=0, process_count=1)
     return list(pipeline.make_iterator(ds))
   batches = eval_batches()
   valid = np.concatenate([b["tabular"][batch.TABULAR_VALID] for b in batches])
@@ -352,9 +352,9 @@ def test_pipeline_end_to_end_spec_padding_and_resume(tmp_path):
   assert not batches[-1]["tabular"][batch.TABULAR_VALUE_MASK][2:].any()
   assert_batches_equal(eval_batches(), batches)
   embed = data.transforms(train=False, mask=False)
-  batch.check_example(embed[0].map(data.source("tuning")[0]), data.embedding_spec(), "row")
+  batch.check_example(embed[0].map(data.source("tuning")[0]), data.embedding_spec()["tabular"], "row")
   restored = pickle.loads(pickle.dumps(data.transforms(train=True)))
-  assert [type(t) for t in restored] == [tabular.StandardizeRow, tabular.MaskFeatures]
+  assert [type(t) for t in restored] == [tabular.StandardizeRow, tabular.MaskFeatures, KeyByModality]
 
 
 def test_breast_cancer_table_reads_30_numeric_features(tmp_path):
@@ -369,7 +369,7 @@ def test_breast_cancer_table_reads_30_numeric_features(tmp_path):
   data = tabular.TabularData.from_config(
       tabular_cfg(path=str(path), id_column="case_id", label_columns=("diagnosis",)),
       objective="masked_features", artifacts_dir=tmp_path / "artifacts")
-  assert data.model_info() == {"num_numeric": 30, "num_categorical": 0, "num_categories": 1}
+  assert data.model_info() == {"tabular": {"num_numeric": 30, "num_categorical": 0, "num_categories": 1}}
   assert "diagnosis" not in data.dataset.numeric_columns
   assert data.dataset.stats["missing_numeric_cells"] == 0
   rows = sum(len(data.source(s)) for s in data.dataset.splits)
@@ -380,4 +380,4 @@ def test_breast_cancer_table_reads_30_numeric_features(tmp_path):
   np.testing.assert_allclose(data.source("train").numeric, bunch.data[order])
   example = data.transforms(train=True)[1].random_map(
       data.transforms(train=True)[0].map(data.source("train")[0]), np.random.default_rng(0))
-  batch.check_example(example, data.example_spec(), "row")
+  batch.check_example(example, data.example_spec()["tabular"], "row")

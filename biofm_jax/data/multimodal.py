@@ -38,6 +38,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch, pipeline
+from biofm_jax.data.module import only
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
 from biofm_jax.data.sources.indexing import checked_index
@@ -121,13 +122,14 @@ def absent_example(spec: Mapping[str, Any]) -> dict:
 
 
 class OnlyModality(grain.transforms.Map):
-  """example -> {modality: example + PRESENT True, every other modality: padding}."""
+  """{modality: example} -> {modality: example + PRESENT True, every other modality: padding}."""
 
   def __init__(self, modality: str, specs: Mapping[str, Mapping[str, Any]]):
     self.modality, self.specs = modality, {m: dict(spec) for m, spec in specs.items()}
 
-  def map(self, example):
+  def map(self, keyed):
     where = f"{self.modality} example in a mixed multimodal stream"
+    example = only(keyed, self.modality, where)
     return {m: present_example(example, spec, where) if m == self.modality
             else absent_example(spec) for m, spec in self.specs.items()}
 
@@ -136,7 +138,7 @@ def mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float]
                         seed: int, **layout) -> grain.IterDataset:
   """Each module's own training examples (seeded by `modality_seed(seed, name)`) as
   multimodal examples with only that modality present, mixed by weight (`pipeline`)."""
-  specs = {m: modules[m].example_spec() for m in modules}
+  specs = {m: only(modules[m].example_spec(), m, f"the {m} data module") for m in modules}
   streams = {m: (modules[m].source(TRAIN_SPLIT), [*modules[m].transforms(train=True), OnlyModality(m, specs)],
                  modality_seed(seed, m)) for m in modules}
   return pipeline.make_mixed_train_dataset(streams, weights, global_batch_size=global_batch_size, **layout)
@@ -175,7 +177,7 @@ class JoinModalities(grain.transforms.RandomMap):
       else:
         raise TypeError(f"{where}: transform {position} ({type(transform).__name__}) is "
                         "neither a grain Map, a grain RandomMap nor a callable")
-    return present_example(x, self.specs[m], where)
+    return present_example(only(x, m, where), self.specs[m], where)
 
 
 class ModalityDropout(grain.transforms.RandomMap):
@@ -253,7 +255,6 @@ def _open_sources(modules: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 class MultimodalData:
   """Several data modules joined by subject, as the pipeline and training loop see them."""
   name = "multimodal"
-  examples_keyed_by_modality = True  # pipeline: do not wrap examples under `name`
 
   def __init__(self, modules: Mapping[str, Any], *, require: Sequence[str] = (),
                dropout: Mapping[str, float] | None = None, sampling: str = "uniform",
@@ -327,7 +328,7 @@ class MultimodalData:
     if self.mix_weights:
       return mixed_train_dataset(self.modules, self.mix_weights, global_batch_size=global_batch_size, seed=seed,
                                  **layout)
-    return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True), modality=None,
+    return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True), name=self.name,
                                        global_batch_size=global_batch_size, seed=seed, **layout)
 
   def source(self, split: str) -> MultimodalSource:
@@ -341,7 +342,7 @@ class MultimodalData:
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     """JoinModalities over each module's own transforms; ModalityDropout when training."""
-    specs = {m: module.example_spec() if mask else module.embedding_spec()
+    specs = {m: only(module.example_spec() if mask else module.embedding_spec(), m, f"the {m} data module")
              for m, module in self.modules.items()}
     join = JoinModalities(self._sources, {m: module.transforms(train, mask=mask)
                                           for m, module in self.modules.items()},
@@ -350,13 +351,15 @@ class MultimodalData:
     return [join] + ([ModalityDropout(rates)] if train and rates else [])
 
   def example_spec(self) -> dict:
-    return {m: batch.with_presence(module.example_spec()) for m, module in self.modules.items()}
+    return {m: batch.with_presence(spec) for module in self.modules.values()
+            for m, spec in module.example_spec().items()}
 
   def embedding_spec(self) -> dict:
-    return {m: batch.with_presence(module.embedding_spec()) for m, module in self.modules.items()}
+    return {m: batch.with_presence(spec) for module in self.modules.values()
+            for m, spec in module.embedding_spec().items()}
 
   def model_info(self) -> dict[str, Any]:
-    return {m: module.model_info() for m, module in self.modules.items()}
+    return {m: info for module in self.modules.values() for m, info in module.model_info().items()}
 
   def summary(self) -> dict[str, int]:
     """Each module's summary prefixed by its name, then the join's counts per split."""

@@ -1,16 +1,16 @@
 """The Grain input pipeline, modality-agnostic.
 
 This module owns the order of operations from a random-access source to per-process
-batches. Training: shuffle, repeat, apply a modality's transforms and wrap each example
-under its modality name, all on the one global stream; then each process takes every
-P-th example of it and batches them. Evaluation: shard the records by process, transform,
-batch, pad. It also owns the iterator whose state is checkpointed. Which data module a
-modality has is the modality registry's (`modalities/registry.py`).
+batches. Training: shuffle, repeat, apply a data module's transforms, all on the one
+global stream; then each process takes every P-th example of it and batches them.
+Evaluation: shard the records by process, transform, batch, pad. It also owns the
+iterator whose state is checkpointed. Which data module a modality has is the modality
+registry's (`modalities/registry.py`).
 
-Multimodal examples come keyed by modality already (`multimodal.MultimodalData`, for
-which `example_modality` gives None): they are not wrapped, and the eval padding is built
-from their nested spec, every PRESENT False. `make_mixed_train_dataset` mixes streams by
-weight (the multimodal module's multi-task pre-training).
+Every data module's transforms end in examples keyed by modality (`data/module.py`), so
+the eval padding is built from the keyed spec (every PRESENT False in a multimodal one).
+`make_mixed_train_dataset` mixes streams by weight (the multimodal module's multi-task
+pre-training).
 
 "Process" here means a data shard: the training loop passes `parallel.data_shard`, so
 processes whose devices hold the same batch rows (a tensor axis across hosts) share one.
@@ -38,16 +38,6 @@ DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 log = logging.getLogger(__name__)
 
 
-class _WrapModality(grain.transforms.Map):
-  """example -> {modality: example}; a class (not a lambda) so workers can pickle it."""
-
-  def __init__(self, modality: str):
-    self.modality = modality
-
-  def map(self, example):
-    return {self.modality: example}
-
-
 class _PaddingExample(grain.transforms.Map):
   """Any index -> one all-padding example {modality: zeros and False}: zero loss weight,
   and PRESENT False where the spec has it (multimodal examples)."""
@@ -67,20 +57,11 @@ def has_split(data_module: Any, split: str) -> bool:
     return False
 
 
-def example_modality(data_module: Any) -> str | None:
-  """The `modality` argument for a module's pipelines: its name, or None when its examples
-  come keyed by modality already (a multimodal module)."""
-  return None if getattr(data_module, "examples_keyed_by_modality", False) else data_module.name
-
-
-def _nested_spec(modality: str | None, example_spec: Mapping[str, Any]) -> dict[str, dict]:
-  """{modality: spec}: the one modality's spec, or with modality None the spec as given,
-  which must then be keyed by modality."""
-  if modality is not None:
-    return {modality: dict(example_spec)}
+def _keyed_spec(example_spec: Mapping[str, Any]) -> dict[str, dict]:
+  """The spec as `{modality: {field: (shape, dtype)}}`, checked."""
   flat = [name for name, value in example_spec.items() if not isinstance(value, Mapping)]
   if flat:
-    raise ValueError(f"pipeline: with modality=None the example_spec must be keyed by modality "
+    raise ValueError(f"pipeline: the example_spec must be keyed by modality "
                      f"({{modality: {{field: (shape, dtype)}}}}); {flat} are not")
   return {m: dict(spec) for m, spec in example_spec.items()}
 
@@ -149,20 +130,15 @@ def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: i
   return ds, num_records
 
 
-def make_train_dataset(source: Any, transforms: Sequence[Any], *, modality: str | None,
-                       global_batch_size: int, seed: int, process_index: int | None = None,
-                       process_count: int | None = None,
-                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-  """An endless stream of per-process batches, reshuffled every epoch.
-
-  `modality=None`: the examples are keyed by modality already (multimodal), not wrapped.
-  """
+def make_train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: int, seed: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       read_options: grain.ReadOptions | None = None, name: str = "") -> grain.IterDataset:
+  """An endless stream of per-process batches, reshuffled every epoch; `name` (the data
+  module's) is for messages."""
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
-  name = modality or "multimodal"
+  name = name or type(source).__name__
   ds, num_records = _endless_train(source, transforms, name=name, seed=seed)
-  if modality is not None:
-    ds = ds.map(_WrapModality(modality))
   log.info("pipeline: %s train, %d records, process %d of %d, batches of %d",
            name, num_records, index, count, batch_size)
   return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(
@@ -199,8 +175,7 @@ def make_mixed_train_dataset(streams: Mapping[str, tuple[Any, Sequence[Any], int
       read_options or DEFAULT_READ_OPTIONS)
 
 
-def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str | None,
-                      global_batch_size: int, seed: int,
+def make_eval_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: int, seed: int,
                       example_spec: Mapping[str, Any],
                       process_index: int | None = None, process_count: int | None = None,
                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
@@ -209,17 +184,15 @@ def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str |
   Every process yields the same number of batches (collectives in the eval step need
   it), so shorter shards get one more padding example where the split does not divide.
   Random transforms use a fixed seed per record position: each evaluation masks the same
-  positions. `modality=None`: examples keyed by modality already, `example_spec` is
-  `{modality: spec}` and padding examples have every PRESENT False.
+  positions. `example_spec` is the module's, `{modality: spec}`; padding examples are
+  zeros and False (every PRESENT False in a multimodal one).
   """
-  spec_by_modality = _nested_spec(modality, example_spec)
+  spec_by_modality = _keyed_spec(example_spec)
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
   ds = _shard(source, index, count)
   ds = _apply_transforms(ds, transforms, seed=seed, stream=_EVAL_STREAM,
                          process_index=index)
-  if modality is not None:
-    ds = ds.map(_WrapModality(modality))
   num_records = len(ds)
   largest_shard = math.ceil(len(source) / count)
   num_batches = math.ceil(largest_shard / batch_size)
@@ -228,7 +201,7 @@ def make_eval_dataset(source: Any, transforms: Sequence[Any], *, modality: str |
     padding = grain.MapDataset.range(num_padding).map(_PaddingExample(spec_by_modality))
     ds = grain.MapDataset.concatenate([ds, padding]) if num_records else padding
   log.info("pipeline: %s eval, %d records and %d padding examples on process %d of %d",
-           modality or "keyed-by-modality", num_records, num_padding, index, count)
+           "+".join(spec_by_modality), num_records, num_padding, index, count)
   return ds.batch(batch_size, drop_remainder=False).to_iter_dataset(
       read_options or DEFAULT_READ_OPTIONS)
 

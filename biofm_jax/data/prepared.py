@@ -35,6 +35,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import pipeline
+from biofm_jax.data.module import KeyByModality
 
 MANIFEST_FILE, MODULE_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "data_module.pkl", "artifacts", "tfds"
 BUILDER_NAME, BUILDER_VERSION = "biofm_prepared", "1.0.0"
@@ -55,7 +56,7 @@ def deterministic_prefix(module: Any) -> int:
   count = 0
   while all(count < len(t) for t in lists):
     first = lists[0][count]
-    if isinstance(first, grain.transforms.RandomMap):
+    if isinstance(first, (grain.transforms.RandomMap, KeyByModality)):  # prepared records stay flat
       break
     if any(_fingerprint(t[count]) != _fingerprint(first) for t in lists[1:]):
       break
@@ -176,7 +177,7 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
   out = pathlib.Path(out)
   if (out / MANIFEST_FILE).exists():
     raise FileExistsError(f"{out}: a prepared dataset is there already; choose a new --out")
-  if getattr(module, "examples_keyed_by_modality", False):
+  if len(module.model_info()) != 1:
     raise ValueError("prepare: multimodal data modules are not supported; prepare each modality")
   splits = splits or [s for s in ("train", "tuning", "held_out") if pipeline.has_split(module, s)]
   if not splits:

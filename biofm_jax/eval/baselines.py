@@ -57,11 +57,11 @@ def reference_losses(data_module, config, *, train_split: str, eval_split: str,
 
   def batches(split):
     dataset = pipeline.make_eval_dataset(
-        data_module.source(split), data_module.transforms(train=False), modality=data_module.name,
+        data_module.source(split), data_module.transforms(train=False),
         global_batch_size=config.data.batch_size, seed=config.seed, example_spec=data_module.example_spec())
     return pipeline.make_iterator(dataset)
 
   loss = unigram_cross_entropy(take(batches(train_split), max_train_batches),
                                take(batches(eval_split), config.train.eval_batches),
-                               data_module.model_info()["vocab_size"], config.objective.name)
+                               data_module.model_info()[data_module.name]["vocab_size"], config.objective.name)
   return {"baseline/unigram_code_loss": float(loss)}

@@ -23,8 +23,8 @@ def embed_split(setup, params, data_module, split: str, *, batch_size: int, seed
   modality, and for a multimodal data module the fused embedding.
   """
   if output is None:
-    modality = pipeline.example_modality(data_module)
-    output = ("fused", "embedding") if modality is None else modality
+    modalities = list(data_module.model_info())
+    output = modalities[0] if len(modalities) == 1 else ("fused", "embedding")
   return embed_split_outputs(setup, params, data_module, split, {"embedding": output}, batch_size=batch_size,
                              seed=seed)["embedding"]
 
@@ -36,7 +36,6 @@ def embed_split_outputs(setup, params, data_module, split: str, outputs: Mapping
     raise NotImplementedError("embed_split runs in one process; gather per-process shards for more")
   source = data_module.source(split)
   dataset = pipeline.make_eval_dataset(source, data_module.transforms(train=False, mask=False),
-                                       modality=pipeline.example_modality(data_module),
                                        global_batch_size=batch_size, seed=seed,
                                        example_spec=data_module.embedding_spec())
   embed = step_lib.jit_embed_step(setup.model, dict(outputs), setup.state_shardings.params, setup.mesh,

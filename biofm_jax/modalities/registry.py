@@ -102,7 +102,7 @@ def _sequence_sizing(cfg, objective: str, vocab_size: int):
 def _imaging_sizing(cfg, objective: str, vocab_size: int):
   del vocab_size
   module = imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), objective=objective)
-  return module.example_spec(), module.embedding_spec(), module.model_info()
+  return module.example_spec()["imaging"], module.embedding_spec()["imaging"], module.model_info()["imaging"]
 
 
 # ---------------------------------------------------------------- the table
@@ -163,6 +163,18 @@ def build_model(config: ml_collections.ConfigDict, data_info: Mapping[str, Mappi
   if unknown:
     raise ValueError(f"no model for modalities {sorted(data_info)}; registered: {sorted(MODALITIES)}")
   return model_lib.build_model(config, model_modalities(config, data_info))
+
+
+def objective_for(cfg: ml_collections.ConfigDict, info: Mapping[str, Mapping[str, Any]]) -> Objective:
+  """The pre-training objective `cfg.name` for a data module whose `model_info()` is `info`
+  (`{modality: model_info}`: one modality, or several for "multimodal")."""
+  if cfg.name == "multimodal":
+    return build_objective(cfg, "multimodal", info)
+  if len(info) != 1:
+    raise ValueError(f"objective.name={cfg.name!r} trains one modality; the data has {sorted(info)} "
+                     f"(use the multimodal objective)")
+  (modality, single), = info.items()
+  return build_objective(cfg, modality, single)
 
 
 def build_objective(cfg: ml_collections.ConfigDict, modality: str = "ehr",

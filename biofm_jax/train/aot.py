@@ -45,13 +45,13 @@ class AbstractData:
         config.data[self.name], config.objective.name, vocab_size)
 
   def example_spec(self) -> dict:
-    return dict(self._spec)
+    return {self.name: dict(self._spec)}
 
   def embedding_spec(self) -> dict:
-    return dict(self._embedding_spec)
+    return {self.name: dict(self._embedding_spec)}
 
   def model_info(self) -> dict:
-    return dict(self._info)
+    return {self.name: dict(self._info)}
 
 
 class DoesNotFit(Exception):

@@ -30,7 +30,7 @@ from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import Checkpointer
 from biofm_jax.train.loop import train_and_evaluate
-from biofm_jax.train.setup import TrainingSetup, build_training, data_info
+from biofm_jax.train.setup import TrainingSetup, build_training
 from biofm_jax.train.state import param_count
 
 log = logging.getLogger("biofm_jax")
@@ -202,7 +202,7 @@ def build_finetune_training(config: ml_collections.ConfigDict, data, devices=Non
   """The training setup of a fine-tuning run: the pre-training model for the data as the
   backbone of a task model, the task's supervised objective, and the optimiser's labels
   for the adaptation mode (full, frozen, LoRA)."""
-  backbone = build_model(config, data_info(data))
+  backbone = build_model(config, data.model_info())
   return build_training(config, data, devices, model=build_task_model(config, backbone, data.info),
                         objective=build_task_objective(data.info), trainable=trainable(config.finetune.mode))
 

@@ -110,14 +110,13 @@ def open_once(open_module: Callable[[], Any]):
 def make_train_iterator(data_module, config: ml_collections.ConfigDict):
   """The endless, checkpointable stream of per-process training batches."""
   layout = data_layout(parallel.make_mesh(config.mesh))
-  make = getattr(data_module, "make_train_dataset", None)  # a module with its own (mixed) stream
+  make = getattr(data_module, "make_train_dataset", None)  # a module's own stream (`data/module.py`)
   if make is not None:
     dataset = make(global_batch_size=config.data.batch_size, seed=config.seed, **layout)
   else:
     dataset = pipeline.make_train_dataset(
-        data_module.source(TRAIN_SPLIT), data_module.transforms(train=True),
-        modality=pipeline.example_modality(data_module), global_batch_size=config.data.batch_size,
-        seed=config.seed, **layout)
+        data_module.source(TRAIN_SPLIT), data_module.transforms(train=True), global_batch_size=config.data.batch_size,
+        seed=config.seed, name=data_module.name, **layout)
   return pipeline.make_iterator(dataset, num_workers=config.data.num_workers)
 
 
@@ -148,7 +147,6 @@ def evaluate(setup, params, data_module, config) -> dict[str, float]:
   """One pass over the tuning split (or `train.eval_batches` batches): exact token averages."""
   dataset = pipeline.make_eval_dataset(
       data_module.source(EVAL_SPLIT), data_module.transforms(train=False),
-      modality=pipeline.example_modality(data_module),
       global_batch_size=config.data.batch_size, seed=config.seed, example_spec=data_module.example_spec(),
       **data_layout(setup.mesh))
   sums, counts = {}, {}
@@ -233,8 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # ------------------------------------------------------------ 2. data
   artifacts_dir = workdir / "artifacts"
   data_module = open_once(lambda: (open_data or (lambda d: open_data_module(config, d)))(artifacts_dir))
-  if pipeline.example_modality(data_module) is not None:  # a multimodal module logged its join per split
-    log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
+  log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
   evaluates = pipeline.has_split(data_module, EVAL_SPLIT)
   if not evaluates:
     log.warning("no %r split with records: periodic evaluation is skipped", EVAL_SPLIT)

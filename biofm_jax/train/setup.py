@@ -16,8 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from biofm_jax import parallel
-from biofm_jax.data.pipeline import example_modality
-from biofm_jax.modalities.registry import build_model, build_objective
+from biofm_jax.modalities.registry import build_model, objective_for
 from biofm_jax.objectives import Objective
 from biofm_jax.train import state as state_lib
 from biofm_jax.train import step as step_lib
@@ -42,23 +41,10 @@ class TrainingSetup:
     return state_lib.create_sharded_state(self.model, self.tx, self.init_batch, self.mesh, self.rules, seed)
 
 
-def data_info(data_module) -> dict:
-  """`{modality: model_info}`: one entry, or one per modality of a multimodal data module."""
-  if example_modality(data_module) is None:  # examples keyed by modality already
-    return dict(data_module.model_info())
-  return {data_module.name: data_module.model_info()}
-
-
-def batch_spec(data_module, embedding: bool = False) -> dict:
-  """`{modality: {field: (shape, dtype)}}` of one example, as batches are keyed."""
-  spec = data_module.embedding_spec() if embedding else data_module.example_spec()
-  return dict(spec) if example_modality(data_module) is None else {data_module.name: spec}
-
-
 def example_batch(data_module, num_examples: int) -> dict:
   """Zeros shaped like a batch of `num_examples`, to trace the model's init."""
   return {modality: {name: np.zeros((num_examples,) + shape, dtype) for name, (shape, dtype) in spec.items()}
-          for modality, spec in batch_spec(data_module).items()}
+          for modality, spec in data_module.example_spec().items()}
 
 
 def build_training(config: ml_collections.ConfigDict, data_module, devices=None, *, model=None,
@@ -71,12 +57,11 @@ def build_training(config: ml_collections.ConfigDict, data_module, devices=None,
   rules = parallel.logical_rules(config.mesh)
   accum = config.train.grad_accum_steps
   parallel.check_batch_divides_mesh(config.data.batch_size, mesh, accum)
-  info = data_info(data_module)
+  info = data_module.model_info()
   if model is None:
     model = build_model(config, info)
   if objective is None:
-    objective = build_objective(config.objective, modality=data_module.name,
-                                info=info if example_modality(data_module) is None else info[data_module.name])
+    objective = objective_for(config.objective, info)
   tx = state_lib.make_optimizer(config.train, trainable=trainable)
   schedule = state_lib.learning_rate_schedule(config.train)
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))

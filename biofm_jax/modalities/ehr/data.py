@@ -25,6 +25,7 @@ import meds
 import numpy as np
 
 from biofm_jax.data import artifacts, batch
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 
@@ -284,19 +285,18 @@ class EHRData:
     `mask=False` leaves out the masking (embedding extraction)."""
     del train
     tokenize = TokenizeEHR(self.vocab, self.max_len, self.window)
-    if mask and self.objective == "masked":
-      return [tokenize, MaskEHR(self.vocab.size, self.mask_rate)]
-    return [tokenize]
+    masking = [MaskEHR(self.vocab.size, self.mask_rate)] if mask and self.objective == "masked" else []
+    return [tokenize, *masking, KeyByModality(self.name)]
 
   def example_spec(self) -> dict:
-    return batch.ehr_example_spec(self.max_len, with_targets=self.objective == "masked")
+    return {self.name: batch.ehr_example_spec(self.max_len, with_targets=self.objective == "masked")}
 
   def embedding_spec(self) -> dict:
-    return batch.ehr_example_spec(self.max_len, with_targets=False)
+    return {self.name: batch.ehr_example_spec(self.max_len, with_targets=False)}
 
-  def model_info(self) -> dict[str, int]:
-    return {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins,
-            "max_len": self.max_len}
+  def model_info(self) -> dict[str, dict[str, int]]:
+    return {self.name: {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins,
+                        "max_len": self.max_len}}
 
   def summary(self) -> dict[str, int | float]:
     """Counts for the logs; reads the train and tuning splits once, then cached."""

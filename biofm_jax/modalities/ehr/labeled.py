@@ -140,7 +140,6 @@ class LabeledEHRData:
   """A labelled EHR task as the pipeline, the training loop and the evaluation see it."""
   name = "labeled_ehr"
   modality = "ehr"
-  examples_keyed_by_modality = True
 
   def __init__(self, ehr: EHRData, labels: Labels, *, num_time_bins: int = 8, cut: str = "inclusive",
                strict_labels: bool = False):
@@ -202,12 +201,12 @@ class LabeledEHRData:
     return [TokenizeLabeled(TokenizeEHR(self.ehr.vocab, self.ehr.max_len, self.ehr.window), self.info)]
 
   def example_spec(self) -> dict:
-    return {"ehr": self.ehr.embedding_spec(), batch.TASK: batch.task_example_spec(self.info.type, self.info.num_outputs)}
+    return {**self.ehr.embedding_spec(), batch.TASK: batch.task_example_spec(self.info.type, self.info.num_outputs)}
 
   embedding_spec = example_spec
 
   def model_info(self) -> dict[str, dict]:
-    return {"ehr": self.ehr.model_info()}
+    return self.ehr.model_info()
 
   def summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {f"labels_{name}": len(rows) for name, rows in self._rows.items()}

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exported)
     INTENSITY_MODES, CenterResize, IntensityJitter, MaskPatches, NormalizeIntensity,
@@ -179,21 +180,21 @@ class ImagingData:
     finish = [ToImagingExample(s.channels, s.image_size)]
     if mask:
       finish.append(MaskPatches(s.num_patches, s.mask_ratio))
-    return prepare + geometry + finish
+    return prepare + geometry + finish + [KeyByModality(self.name)]
 
   def embedding_spec(self) -> dict:
     """The example spec without MAE masking (see `transforms(mask=False)`)."""
     s = self.settings
-    return batch.imaging_example_spec(s.image_size, s.channels, s.patch_size, None)
+    return {self.name: batch.imaging_example_spec(s.image_size, s.channels, s.patch_size, None)}
 
   def example_spec(self) -> dict:
     s = self.settings
-    return batch.imaging_example_spec(s.image_size, s.channels, s.patch_size, s.mask_ratio)
+    return {self.name: batch.imaging_example_spec(s.image_size, s.channels, s.patch_size, s.mask_ratio)}
 
-  def model_info(self) -> dict[str, Any]:
+  def model_info(self) -> dict[str, dict[str, Any]]:
     s = self.settings
-    return {"image_shape": s.image_size, "channels": s.channels, "patch_shape": s.patch_size,
-            "num_patches": s.num_patches, "spatial_dims": s.spatial_dims}
+    return {self.name: {"image_shape": s.image_size, "channels": s.channels, "patch_shape": s.patch_size,
+                        "num_patches": s.num_patches, "spatial_dims": s.spatial_dims}}
 
   def summary(self) -> dict[str, int]:
     """Counts for the logs: items per split, the source's stats and the patch layout."""

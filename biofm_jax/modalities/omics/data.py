@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.omics.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
@@ -224,22 +225,21 @@ class OmicsData:
     s = self.settings
     tokenize = TokenizeExpression(self.vocab, self.panel_map, s.max_len, self.mode,
                                   s.normalize_total, s.log1p, s.num_value_bins)
-    if not mask:
-      return [tokenize]
-    return [tokenize, MaskExpression(self.mode, self.vocab.size, s.mask_rate)]
+    masking = [MaskExpression(self.mode, self.vocab.size, s.mask_rate)] if mask else []
+    return [tokenize, *masking, KeyByModality(self.name)]
 
   def example_spec(self) -> dict:
-    return batch.token_sequence_spec(self.settings.max_len, with_values=self.mode == "binned",
-                                     with_targets=True)
+    return {self.name: batch.token_sequence_spec(self.settings.max_len, with_values=self.mode == "binned",
+                                                 with_targets=True)}
 
   def embedding_spec(self) -> dict:
-    return batch.token_sequence_spec(self.settings.max_len, with_values=self.mode == "binned",
-                                     with_targets=False)
+    return {self.name: batch.token_sequence_spec(self.settings.max_len, with_values=self.mode == "binned",
+                                                 with_targets=False)}
 
-  def model_info(self) -> dict[str, int]:
-    return {"vocab_size": self.vocab.size,
-            "num_value_bins": self.settings.num_value_bins if self.mode == "binned" else 0,
-            "max_len": self.settings.max_len}
+  def model_info(self) -> dict[str, dict[str, int]]:
+    return {self.name: {"vocab_size": self.vocab.size,
+                        "num_value_bins": self.settings.num_value_bins if self.mode == "binned" else 0,
+                        "max_len": self.settings.max_len}}
 
   def summary(self) -> dict[str, int]:
     """Counts for the logs: cells per split, the file's stats, vocabulary and truncation."""

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import artifacts, batch
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import check_masking_args
@@ -335,18 +336,18 @@ class SequenceData:
     repeatable by the pipeline's fixed seed. `mask=False` (embeddings, probes) leaves the
     masking out."""
     tokenize = TokenizeSequence(self.tokenizer, self.max_len, "random" if train else "start")
-    return [tokenize, MaskTokens(self.tokenizer.vocab_size, self.mask_rate)] if mask else [tokenize]
+    masking = [MaskTokens(self.tokenizer.vocab_size, self.mask_rate)] if mask else []
+    return [tokenize, *masking, KeyByModality(self.name)]
 
   def example_spec(self) -> dict:
-    return batch.token_sequence_spec(self.max_len, with_values=False, with_targets=True)
+    return {self.name: batch.token_sequence_spec(self.max_len, with_values=False, with_targets=True)}
 
   def embedding_spec(self) -> dict:
     """The example spec without masking targets (see `transforms(mask=False)`)."""
-    return batch.token_sequence_spec(self.max_len, with_values=False, with_targets=False)
+    return {self.name: batch.token_sequence_spec(self.max_len, with_values=False, with_targets=False)}
 
-  def model_info(self) -> dict[str, int]:
-    return {"vocab_size": self.tokenizer.vocab_size, "num_value_bins": 0,
-            "max_len": self.max_len}
+  def model_info(self) -> dict[str, dict[str, int]]:
+    return {self.name: {"vocab_size": self.tokenizer.vocab_size, "num_value_bins": 0, "max_len": self.max_len}}
 
   def summary(self) -> dict[str, int]:
     """Counts for the logs, from the FASTA index alone (no sequence is read)."""

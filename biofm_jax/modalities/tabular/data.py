@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import artifacts, batch
+from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field
 
 OBJECTIVES = ("masked_features",)
@@ -283,29 +284,30 @@ class TabularData:
     extraction and probes need.
     """
     del train
-    return [StandardizeRow(self.stats)] + ([MaskFeatures(self.mask_rate)] if mask else [])
+    masking = [MaskFeatures(self.mask_rate)] if mask else []
+    return [StandardizeRow(self.stats), *masking, KeyByModality(self.name)]
 
   def example_spec(self) -> dict:
-    return batch.tabular_example_spec(*self._shape, with_targets=True)
+    return {self.name: batch.tabular_example_spec(*self._shape, with_targets=True)}
 
   def embedding_spec(self) -> dict:
     """The example spec without masking (see `transforms(mask=False)`)."""
-    return batch.tabular_example_spec(*self._shape, with_targets=False)
+    return {self.name: batch.tabular_example_spec(*self._shape, with_targets=False)}
 
   @property
   def _shape(self) -> tuple[int, int]:
     return len(self.stats.numeric_columns), len(self.stats.categorical_columns)
 
-  def model_info(self) -> dict[str, int]:
+  def model_info(self) -> dict[str, dict[str, int]]:
     num_numeric, num_categorical = self._shape
-    return {"num_numeric": num_numeric, "num_categorical": num_categorical,
-            "num_categories": self.stats.num_categories}
+    return {self.name: {"num_numeric": num_numeric, "num_categorical": num_categorical,
+                        "num_categories": self.stats.num_categories}}
 
   def summary(self) -> dict[str, int]:
     """Counts for the logs: rows per split, the source's stats and the statistics'."""
     out = {f"rows_{split}": int(len(rows)) for split, rows in self.dataset.splits.items()}
     out.update({f"tabular_{k}": v for k, v in dict(getattr(self.dataset, "stats", {})).items()})
-    out.update(self.model_info())
+    out.update(self.model_info()[self.name])
     out["labels"] = len(self.dataset.label_columns)
     out["train_constant_columns"] = self.stats.num_constant_columns
     out["train_empty_columns"] = self.stats.num_empty_columns

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from biofm_jax.models.layers import TransformerConfig, kernel_init, zeros_init
+from biofm_jax.models.patches import sincos_position_embedding
+from biofm_jax.models.transformer import TransformerStack
 
 
 class TokenClassifier(nn.Module):
@@ -39,9 +41,6 @@ class MAEDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: jax.Array, visible: jax.Array, masked: jax.Array, *, train: bool) -> jax.Array:
-    from biofm_jax.modalities.imaging.encoder import sincos_position_embedding
-    from biofm_jax.models.transformer import TransformerStack
-
     cfg = self.cfg
     x = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                  kernel_init=kernel_init(("embed", "decoder_embed")), bias_init=zeros_init(("decoder_embed",)),

@@ -12,12 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-
-
-def normalize_patches(patches, eps: float = 1e-6):
-  mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True)
-  return (patches - mean) / jnp.sqrt(var + eps)
+from biofm_jax.models.patches import normalize_patches
 
 
 @dataclasses.dataclass(frozen=True)

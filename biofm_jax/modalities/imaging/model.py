@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from biofm_jax.data import batch as B
-from biofm_jax.modalities.imaging.encoder import ImagingEncoder, grid_shape
+from biofm_jax.modalities.imaging.encoder import ImagingEncoder
 from biofm_jax.models.heads import MAEDecoder
 from biofm_jax.models.layers import TransformerConfig, transformer_config
 from biofm_jax.models.modalities import Encoded, masked_mean
+from biofm_jax.models.patches import grid_shape
 from biofm_jax.models.transformer import flops_per_token
 
 

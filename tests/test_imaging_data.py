@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from biofm_jax.data import batch, pipeline
+from biofm_jax.data.masking import MaskPatches
 from biofm_jax.modalities.imaging import data as imaging
 from biofm_jax.modalities.imaging import transforms as T
 
@@ -201,7 +202,7 @@ def test_to_imaging_example_channel_rules():
 
 @pytest.mark.parametrize("total,ratio", [(64, 0.75), (512, 0.9), (4, 0.5)])
 def test_mask_patches_split_is_disjoint_complete_sorted_and_seeded(total, ratio):
-  mask = T.MaskPatches(total, ratio)
+  mask = MaskPatches(total, ratio)
   out = mask.random_map({batch.IMAGE: np.zeros(1)}, rng(5))
   visible, masked = out[batch.IMAGE_VISIBLE], out[batch.IMAGE_MASKED]
   num_visible = batch.num_visible_patches(total, ratio)

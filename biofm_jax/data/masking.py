@@ -1,15 +1,19 @@
-"""BERT-style token masking shared by every token-sequence modality (EHR, expression, DNA/protein).
+"""Masking shared by modalities: BERT-style token masking for every token sequence (EHR,
+expression, DNA/protein) and MAE patch masking for every patch modality (images, ECG).
 
-One function draws the random numbers in a fixed order and count, whatever the content,
-so the stream of numbers per record position, and therefore the masking, is stable.
+Each draws its random numbers in a fixed order and count, whatever the content, so the
+stream of numbers per record position, and therefore the masking, is stable.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
+import grain
 import numpy as np
 
 from biofm_jax.data import batch
 
-NUM_SPECIAL = len(batch.SPECIAL_TOKENS)
+NUM_SPECIAL = batch.NUM_SPECIAL
 
 
 def check_masking_args(owner: str, vocab_size: int, mask_rate: float) -> None:
@@ -36,3 +40,24 @@ def bert_masking(tokens: np.ndarray, candidates: np.ndarray, rng: np.random.Gene
   swap = selected & (action_u >= 0.8) & (action_u < 0.9)
   new_tokens[swap] = random_ids[swap]
   return selected, new_tokens
+
+
+class MaskPatches(grain.transforms.RandomMap):
+  """MAE masking: a random split of patch ids into sorted visible and masked sets."""
+
+  def __init__(self, num_patches: int, mask_ratio: float = 0.75):
+    if num_patches < 2:
+      raise ValueError(f"MaskPatches: num_patches {num_patches} must be >= 2 (one visible, "
+                       f"one masked)")
+    if not 0.0 < mask_ratio < 1.0:
+      raise ValueError(f"MaskPatches: mask_ratio {mask_ratio} must be in (0, 1)")
+    self.num_patches, self.mask_ratio = int(num_patches), float(mask_ratio)
+    self.num_visible = batch.num_visible_patches(self.num_patches, self.mask_ratio)
+
+  def random_map(self, example: Mapping[str, np.ndarray],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    order = rng.permutation(self.num_patches).astype(np.int32)
+    out = dict(example)
+    out[batch.IMAGE_VISIBLE] = np.sort(order[: self.num_visible])
+    out[batch.IMAGE_MASKED] = np.sort(order[self.num_visible:])
+    return out

@@ -21,10 +21,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exported)
-    INTENSITY_MODES, CenterResize, IntensityJitter, MaskPatches, NormalizeIntensity,
+    INTENSITY_MODES, CenterResize, IntensityJitter, NormalizeIntensity,
     RandomFlip, RandomResizedCrop, ResampleToSpacing, ToImagingExample, record_name,
     resize_linear, sample_crop_box)
 

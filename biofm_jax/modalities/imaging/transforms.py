@@ -5,7 +5,7 @@ or `RandomMap` (seeded by Grain per record position, so a resumed or repeated pi
 draws the same numbers):
 
   ResampleToSpacing -> NormalizeIntensity -> RandomResizedCrop | CenterResize
-  -> RandomFlip -> IntensityJitter -> ToImagingExample -> MaskPatches
+  -> RandomFlip -> IntensityJitter -> ToImagingExample (then data/masking.MaskPatches)
 
 A record is `{"path", "subject_id", "image": float32 [*spatial, C], "spacing": (mm per
 spatial axis), "modality", "labels"}` as `source.py` reads it. 2D ([H, W, C])
@@ -326,24 +326,3 @@ class ToImagingExample(grain.transforms.Map):
                          f"repetition); convert the images or change data.imaging.channels")
     return {batch.IMAGE: np.ascontiguousarray(image, dtype=np.float32),
             batch.IMAGE_VALID: np.asarray(True)}
-
-
-class MaskPatches(grain.transforms.RandomMap):
-  """MAE masking: a random split of patch ids into sorted visible and masked sets."""
-
-  def __init__(self, num_patches: int, mask_ratio: float = 0.75):
-    if num_patches < 2:
-      raise ValueError(f"MaskPatches: num_patches {num_patches} must be >= 2 (one visible, "
-                       f"one masked)")
-    if not 0.0 < mask_ratio < 1.0:
-      raise ValueError(f"MaskPatches: mask_ratio {mask_ratio} must be in (0, 1)")
-    self.num_patches, self.mask_ratio = int(num_patches), float(mask_ratio)
-    self.num_visible = batch.num_visible_patches(self.num_patches, self.mask_ratio)
-
-  def random_map(self, example: Mapping[str, np.ndarray],
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    order = rng.permutation(self.num_patches).astype(np.int32)
-    out = dict(example)
-    out[batch.IMAGE_VISIBLE] = np.sort(order[: self.num_visible])
-    out[batch.IMAGE_MASKED] = np.sort(order[self.num_visible:])
-    return out

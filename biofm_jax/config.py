@@ -1,6 +1,7 @@
 """Config helpers: load a config file, apply overrides, lock it, record it in a workdir.
 
-Configs are Python files in `configs/` with `get_config(arg=None)` returning an
+Configs are the modules of `biofm_jax/configs/` (the repository's `configs/` links there),
+each with `get_config(arg=None)` returning an
 `ml_collections.ConfigDict`. The command line loads them through absl's
 `config_flags` (`--config=configs/ehr_bert.py:tiny --config.train.num_steps=10`);
 notebooks and tests use `load_config`, which applies the same override syntax. Either

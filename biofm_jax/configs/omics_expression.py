@@ -14,6 +14,8 @@ synthetic AnnData with cell types and marker genes is generated in the workdir.
 """
 from biofm_jax.config import apply_model_size, base_config
 
+MODALITY = "omics"  # the fusion config reads this modality's sections here
+
 
 def get_config(arg=None):
   preset = arg or "tiny"

@@ -14,6 +14,8 @@ With `data.ehr.path` empty, a synthetic MEDS cohort is generated into the workdi
 """
 from biofm_jax.config import apply_model_size, base_config
 
+MODALITY = "ehr"  # the fusion config reads this modality's sections here
+
 
 def get_config(arg=None):
   preset = arg or "tiny"

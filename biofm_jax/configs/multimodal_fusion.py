@@ -6,8 +6,9 @@ Run:
       --config.data.ehr.path=/path/to/meds --config.data.imaging.path=/path/to/manifest.csv \
       --config.data.omics.path=/path/to/bulk.h5ad --config.data.tabular.path=/path/to/features.csv
 
-Each modality's section is that modality's own config section (see ehr_bert.py,
-imaging_mae.py, omics_expression.py, tabular_features.py). With every path empty, a
+Each registered modality's section is that modality's own config section, taken from the
+config that names it in `MODALITY` (ehr_bert.py, imaging_mae.py, omics_expression.py,
+tabular_features.py, ...): list the ones to fuse in `data.multimodal.modalities`. With every path empty, a
 synthetic cohort is generated in the workdir: one latent state per subject shapes all
 four modalities, and each modality is missing for a share of subjects. With real data,
 set every path of the modalities listed in `data.multimodal.modalities` (and list only
@@ -24,20 +25,23 @@ to weighted mixing of single-modality examples (multi-task pre-training).
 
 Presets: tiny (CPU tests), demo (`make demo`: a few minutes on 2 CPU cores), base.
 """
-import pathlib
+import importlib
+import pkgutil
 
-from biofm_jax.config import apply_model_size, base_config, load_config
-
-MODALITY_CONFIGS = {"ehr": "ehr_bert.py", "imaging": "imaging_mae.py", "omics": "omics_expression.py",
-                    "tabular": "tabular_features.py"}
+from biofm_jax import configs
+from biofm_jax.config import apply_model_size, base_config
 
 
 def _modality_sections(preset: str) -> dict:
-  """Each modality's data and objective sections, from its own config file."""
+  """{modality: (data section, objective section)} from each single-modality config that
+  names its MODALITY (ehr_bert.py, imaging_mae.py, ...), at `preset`."""
   sections = {}
-  for modality, filename in MODALITY_CONFIGS.items():
-    single = load_config(f"{pathlib.Path(__file__).with_name(filename)}:{preset}")
-    sections[modality] = (single.data[modality].to_dict(), single.objective.to_dict())
+  for module_info in pkgutil.iter_modules(configs.__path__):
+    module = importlib.import_module(f"{configs.__name__}.{module_info.name}")
+    modality = getattr(module, "MODALITY", None)
+    if modality is not None:
+      single = module.get_config(preset)
+      sections[modality] = (single.data[modality].to_dict(), single.objective.to_dict())
   return sections
 
 

@@ -7,12 +7,7 @@ Run:
 Same presets and data settings as `ehr_bert.py`; the stack is causal and the loss is the
 next event's code (report: eval/perplexity). No masking transform runs.
 """
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("ehr_bert", pathlib.Path(__file__).with_name("ehr_bert.py"))
-ehr_bert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ehr_bert)
+from biofm_jax.configs import ehr_bert
 
 
 def get_config(arg=None):

@@ -6,12 +6,7 @@ Run:
 
 Same settings and presets as `imaging_mae.py`, with 3D patches (cubes) over [D, H, W].
 """
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("imaging_mae", pathlib.Path(__file__).with_name("imaging_mae.py"))
-imaging_mae = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(imaging_mae)
+from biofm_jax.configs import imaging_mae
 
 
 def get_config(arg=None):

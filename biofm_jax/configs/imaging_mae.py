@@ -12,6 +12,8 @@ large / 1b / 7b (FSDP over every device, bf16; size them first with experiments/
 """
 from biofm_jax.config import apply_model_size, base_config
 
+MODALITY = "imaging"  # the fusion config reads this modality's sections here
+
 
 def imaging_config(preset: str, spatial_dims: int):
   """The shared body of the 2D and 3D imaging MAE configs."""

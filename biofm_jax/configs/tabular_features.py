@@ -12,6 +12,8 @@ features (they are for probes). Empty: a synthetic radiomics-like table is gener
 """
 from biofm_jax.config import apply_model_size, base_config
 
+MODALITY = "tabular"  # the fusion config reads this modality's sections here
+
 
 def get_config(arg=None):
   preset = arg or "tiny"

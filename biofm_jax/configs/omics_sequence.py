@@ -13,6 +13,8 @@ FASTA with a planted motif is generated in the workdir.
 """
 from biofm_jax.config import apply_model_size, base_config
 
+MODALITY = "sequence"  # the fusion config reads this modality's sections here
+
 
 def get_config(arg=None):
   preset = arg or "tiny"

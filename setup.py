@@ -36,6 +36,7 @@ setup(
         "pandas>=2.0,<3",
         "matplotlib>=3.8,<4",  # validation report plots
         "lifelines>=0.29,<0.31",  # C-index and Kaplan-Meier estimates in reports
+        "wfdb>=4.3,<5",  # ECG waveforms in PhysioNet's WFDB format (modalities/ecg)
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",

@@ -25,6 +25,10 @@ import ml_collections
 
 from biofm_jax.data import batch as B
 from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.modalities.ecg import baseline as ecg_baseline
+from biofm_jax.modalities.ecg import data as ecg_data
+from biofm_jax.modalities.ecg import model as ecg_model
+from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.modalities.imaging import data as imaging_data
@@ -124,6 +128,12 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
              baseline=RawBaseline("logistic_raw_features", "logistic",
                                   "logistic regression on the raw features (mean-imputed, missing indicators, "
                                   "one-hot)", tabular_baseline.table_features)),
+    Modality("ecg", ecg_data.ECGData.from_config, ecg_model.model_modality,
+             {"mae": lambda cfg, modality, info: ECGReconstruction(norm_pix_loss=cfg.norm_pix_loss)},
+             sizing=ecg_data.sizing,
+             baseline=RawBaseline("logistic_rhythm_features", "logistic",
+                                  "logistic regression on RR-interval irregularity and per-lead amplitudes",
+                                  ecg_baseline.rhythm_features)),
 )}
 
 

@@ -1,0 +1,117 @@
+"""The ECG modality in a model: per-lead 1D patches in (ST-MEM style), the MAE decoder's
+reconstruction of the masked patches out.
+
+Each lead is cut into patches of `patch_size` samples; a patch becomes a token by one
+linear map shared by all leads, plus a learned embedding of its lead and fixed sin-cos
+positions over the (lead, time) grid. Tokens of absent leads, and all-padding patches,
+are masked out of attention. `model_modality(config, model_info)` is the registry's model
+entry (`modalities/registry.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from biofm_jax.data import batch as B
+from biofm_jax.modalities.ecg import data as ecg_data
+from biofm_jax.models.heads import MAEDecoder
+from biofm_jax.models.layers import TransformerConfig, embed_init, kernel_init, transformer_config, zeros_init
+from biofm_jax.models.modalities import Encoded, masked_mean
+from biofm_jax.models.patches import sincos_position_embedding
+from biofm_jax.models.transformer import flops_per_token
+
+
+class ECGEncoder(nn.Module):
+  """An ECG batch -> (tokens, mask, positions, patches); with MAE ids only visible tokens."""
+  cfg: TransformerConfig
+  num_leads: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, ecg: Mapping[str, jax.Array], *, train: bool):
+    cfg = self.cfg
+    patches = einops.rearrange(ecg[ecg_data.SIGNAL], "b (n p) l -> b (l n) p", p=self.patch_size)
+    grid = (self.num_leads, patches.shape[1] // self.num_leads)
+    tokens = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=kernel_init(("patch", "embed")), bias_init=zeros_init(("embed",)),
+                      name="patch_embedding")(patches)
+    leads = self.param("lead_embedding", embed_init((None, "embed")), (self.num_leads, cfg.embed_dim),
+                       cfg.param_dtype)
+    position = jnp.asarray(sincos_position_embedding(grid, cfg.embed_dim)) + jnp.repeat(leads, grid[1], axis=0)
+    tokens = tokens + position.astype(cfg.dtype)[None]
+    mask = ecg[ecg_data.TOKEN_PRESENT]
+    positions = jnp.broadcast_to(jnp.arange(patches.shape[1], dtype=jnp.int32), patches.shape[:2])
+    if ecg_data.VISIBLE in ecg:
+      visible = ecg[ecg_data.VISIBLE]
+      tokens = jnp.take_along_axis(tokens, visible[..., None], axis=1)
+      mask = jnp.take_along_axis(mask, visible, axis=1)
+      positions = visible
+    tokens = nn.Dropout(cfg.dropout_rate, deterministic=not train)(tokens)
+    return tokens, mask, positions, patches
+
+
+@dataclasses.dataclass(frozen=True)
+class ECGModality:
+  """12-lead (or any lead set) ECG waveforms as per-lead patch tokens."""
+  num_leads: int
+  patches_per_lead: int
+  patch_size: int
+  num_masked: int
+  decoder_cfg: TransformerConfig
+  name: str = ecg_data.NAME
+  position: str = "sincos"
+
+  def encode(self, cfg: TransformerConfig, example: Mapping[str, jax.Array], *, train: bool) -> Encoded:
+    if cfg.position == "rope":
+      raise ValueError("model.position 'rope' is for token sequences; ECG patches use 'sincos' or 'learned'")
+    tokens, mask, positions, patches = ECGEncoder(cfg, self.num_leads, self.patch_size,
+                                                  name="ecg_encoder")(example, train=train)
+    return Encoded(tokens, mask, positions, patches)
+
+  def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
+            prefix: str = "") -> dict[str, jax.Array]:
+    del cfg
+    out = {"hidden": hidden, "embedding": masked_mean(hidden, encoded.mask)}
+    if ecg_data.MASKED in example:
+      masked, patches = example[ecg_data.MASKED], encoded.extra
+      decoder = MAEDecoder(self.decoder_cfg, (self.num_leads, self.patches_per_lead), patch_dim=self.patch_size,
+                           name=f"{prefix}decoder")
+      out["predicted_patches"] = decoder(hidden, example[ecg_data.VISIBLE], masked, train=train)
+      out["target_patches"] = jnp.take_along_axis(patches, masked[..., None], axis=1).astype(jnp.float32)
+    return out
+
+  def num_tokens(self) -> int:
+    return self.num_leads * self.patches_per_lead
+
+  def encoded_tokens(self) -> int:
+    return self.num_tokens() - self.num_masked
+
+  def head_output_dim(self) -> int:
+    return 0  # the decoder is counted in `extra_flops`
+
+  def extra_flops(self, encoder_dim: int) -> float:
+    """Patch embedding, the decoder over every token, and its projections in and out."""
+    total, masked, patch = self.num_tokens(), self.num_masked, self.patch_size
+    decoder = total * flops_per_token(self.decoder_cfg, total, output_dim=0)
+    project = 3 * 2 * ((total - masked) * encoder_dim * self.decoder_cfg.embed_dim
+                       + masked * self.decoder_cfg.embed_dim * patch)
+    return decoder + project + 3 * 2 * patch * encoder_dim * total
+
+
+def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> ECGModality:
+  tokens = info["num_leads"] * info["patches_per_lead"]
+  decoder = config.model.decoder
+  decoder_cfg = transformer_config(config.model, max_len=tokens, causal=False, dropout_rate=0.0,
+                                   num_layers=decoder.num_layers, embed_dim=decoder.embed_dim,
+                                   num_heads=decoder.num_heads, head_dim=0, mlp_dim=decoder.mlp_dim,
+                                   position="sincos")
+  return ECGModality(num_leads=info["num_leads"], patches_per_lead=info["patches_per_lead"],
+                     patch_size=info["patch_size"],
+                     num_masked=tokens - B.num_visible_patches(tokens, config.data.ecg.mask_ratio),
+                     decoder_cfg=decoder_cfg)

@@ -29,7 +29,7 @@ from biofm_jax.config import load_config  # noqa: E402
 from biofm_jax.train.checkpoint import Checkpointer  # noqa: E402
 from biofm_jax.train.loop import make_train_iterator, open_data_module  # noqa: E402
 from biofm_jax.train import state as state_lib  # noqa: E402
-from biofm_jax.train.setup import build_training  # noqa: E402
+from biofm_jax.train.build import build_training  # noqa: E402
 
 
 def timed_run(setup, state, iterator, config, steps: int, checkpointer: Checkpointer | None, every: int):

@@ -30,7 +30,7 @@ from biofm_jax import parallel  # noqa: E402
 from biofm_jax.config import load_config  # noqa: E402
 from biofm_jax.train.loop import make_train_iterator, open_data_module, peak_flops  # noqa: E402
 from biofm_jax.train import state as state_lib  # noqa: E402
-from biofm_jax.train.setup import build_training  # noqa: E402
+from biofm_jax.train.build import build_training  # noqa: E402
 
 
 def time_train_step(config, data, batches, steps: int) -> dict:

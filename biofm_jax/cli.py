@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 from typing import Callable
+from absl import app
+from biofm_jax.config import split_config_overrides
+from biofm_jax.config import load_config
 
 QUIET_LOGGERS = ("absl", "orbax", "jax", "grain")  # their INFO lines drown the run's progress
 
@@ -25,9 +28,7 @@ def run(main: Callable[[list[str], dict[str, str]], None]) -> None:
   """absl's app.run for `main(argv, overrides)`, with `--config.a.b=v` taken out of argv
   (`load_config` applies them and names an unknown field; absl would only see an unknown
   flag), and logging configured."""
-  from absl import app
 
-  from biofm_jax.config import split_config_overrides
   argv, overrides = split_config_overrides(sys.argv)
 
   def wrapped(rest):
@@ -38,7 +39,6 @@ def run(main: Callable[[list[str], dict[str, str]], None]) -> None:
 
 def load_config_or_exit(spec: str, overrides: dict[str, str]):
   """The config `spec` with `overrides`, or exit with the field and problem named."""
-  from biofm_jax.config import load_config
   try:
     return load_config(spec, overrides)
   except (KeyError, ValueError, FileNotFoundError) as e:

@@ -19,6 +19,7 @@ import subprocess
 from typing import Any, Mapping
 
 import ml_collections
+from biofm_jax import parallel
 
 # Packages whose versions are recorded beside every run, so a result can be reproduced.
 RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
@@ -152,7 +153,6 @@ FSDP_SIZES = ("large", "1b", "7b")
 
 def base_config() -> ml_collections.ConfigDict:
   """Sections every experiment shares: seed, model defaults, train, mesh, checkpoint, logging."""
-  from biofm_jax import parallel  # late import: parallel imports jax, configs should load fast
 
   config = ml_collections.ConfigDict()
   config.seed = 0

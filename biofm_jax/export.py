@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from biofm_jax import export_loader
+from biofm_jax.data.artifacts import skip_generated_data
 from biofm_jax.export_loader import (ARTIFACTS_DIR, FORMAT_VERSION, INFO_FILE, LOADER_FILE, MODEL_FILE, PARAMS_FILE,
                                      ExportedModel, load_exported)
 
@@ -77,7 +78,3 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
   return out
 
 
-def skip_generated_data(directory: str, names: list[str]) -> list[str]:
-  """Vocabularies and statistics are small JSON files; generated cohorts and labels are
-  data, not artifacts of the model."""
-  return [name for name in names if name.startswith(("synthetic", "labels_"))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from jax.experimental import topologies
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
@@ -30,7 +31,6 @@ class Topology:
     # Compile-only: no TPU is opened, so several sizing processes may hold libtpu at once
     # (without this, the second one fails on libtpu's lock file).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
     return list(topologies.get_topology_desc(topology_name=self.tpu_topology, platform="tpu").devices)
 
 

@@ -29,12 +29,12 @@ flags.mark_flags_as_required(["pretrained", "out"])
 
 
 def whole_record_embeddings(pretrained: pathlib.Path, splits):
-  from biofm_jax.eval.embeddings import embed_split
+  from biofm_jax.train.embed import embed_split
   from biofm_jax.train.runs import open_run
   config, data, setup, params, _ = open_run(pretrained)
   if data.name != "ehr":  # stratify.py joins on integer MEDS subject ids
     raise ValueError(f"whole-record embeddings are written for EHR runs; {pretrained} is a {data.name!r} run "
-                     f"(use biofm_jax.eval.embeddings.embed_split from Python)")
+                     f"(use biofm_jax.train.embed.embed_split from Python)")
   for split in splits:
     source = data.source(split)
     yield split, source.subject_ids, None, embed_split(setup, params, data, split, batch_size=config.data.batch_size)
@@ -55,7 +55,7 @@ def main(argv, overrides):
   del argv
   import numpy as np
 
-  from biofm_jax.eval.embeddings import write_embeddings
+  from biofm_jax.train.embed import write_embeddings
   pretrained, out = pathlib.Path(FLAGS.pretrained).absolute(), pathlib.Path(FLAGS.out)
   try:
     parts = list(label_row_embeddings(pretrained, FLAGS.labels, overrides, FLAGS.splits, out.parent / "artifacts")

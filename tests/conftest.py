@@ -34,11 +34,16 @@ def synthetic_meds(tmp_path_factory):
   return write_synthetic_meds(tmp_path_factory.mktemp("meds") / "cohort", num_subjects=300, seed=0)
 
 
-# The files that take longest on a cold compile cache, longest first. The parallel runner
-# hands out whole files in collection order, so starting these first keeps one worker
-# from running a two-minute file alone at the end (longest-first scheduling).
-SLOW_FILES = ("test_multimodal_retrieval.py", "test_multimodal_training.py", "test_multiprocess.py",
-              "test_notebooks.py", "test_omics_training.py")
+# The files that take longest on a cold compile cache, longest first (seconds of one worker,
+# measured on the 2-core machine). The parallel runner hands out whole files in collection
+# order when told not to reorder them by test count (pytest.ini: --no-loadscope-reorder), so
+# starting these first keeps one worker from running a three-minute file alone at the end.
+SLOW_FILES = ("test_omics_training.py",  # ~480 s
+              "test_multimodal_training.py",  # ~400 s
+              "test_finetune.py",  # ~240 s
+              "test_multimodal_retrieval.py",  # ~210 s, one test in a subprocess
+              "test_resume.py", "test_multiprocess.py", "test_imaging_training.py", "test_tabular_training.py",
+              "test_notebooks.py", "test_meds_tools.py", "test_parallel.py", "test_export.py", "test_ecg.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -20,7 +20,7 @@ from biofm_jax.config import load_config
 from biofm_jax.eval import classical
 from biofm_jax.eval.metrics import task_metrics
 from biofm_jax.train.loop import train_and_evaluate
-from biofm_jax.train.metrics import read_metrics
+from biofm_jax.train.metric_writer import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 QUIET = {"train.peak_flops_per_device": 1e9}  # skip the matmul peak measurement in tests

@@ -17,6 +17,7 @@ from sklearn.metrics import r2_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from biofm_jax.data.labels import few_shot_indices
 from biofm_jax.eval import classical as C
 
 BACKGROUND_CODES = [f"ICD10/C{i:02d}" for i in range(30)] + [f"LAB/L{i:02d}" for i in range(20)]
@@ -172,7 +173,7 @@ def test_gbm_does_not_do_survival():
 @pytest.mark.parametrize("model", C.MODELS)
 def test_one_example_per_class_still_fits(binary_cohort, model):
   b = binary_cohort
-  rows = C.few_shot_indices(b["train_y"], k=1, seed=0)
+  rows = few_shot_indices(b["train_y"], k=1, seed=0)
   predictions = C.fit_predict(model, "binary", b["train_x"][rows], b["train_y"][rows], b["test_x"])
   assert np.isfinite(predictions).all() and ((predictions >= 0) & (predictions <= 1)).all()
 
@@ -192,12 +193,12 @@ def test_unknown_model_is_rejected(binary_cohort):
 
 def test_few_shot_indices_take_k_per_class_deterministically():
   labels = np.array([0] * 50 + [1] * 30 + [2] * 3)
-  rows = C.few_shot_indices(labels, k=4, seed=7)
+  rows = few_shot_indices(labels, k=4, seed=7)
   assert np.bincount(labels[rows]).tolist() == [4, 4, 3]  # class 2 has only 3 rows: all of them
   assert (np.diff(rows) > 0).all()  # sorted, no repeats
-  np.testing.assert_array_equal(rows, C.few_shot_indices(labels, k=4, seed=7))
-  assert not np.array_equal(rows, C.few_shot_indices(labels, k=4, seed=8))
-  assert set(C.few_shot_indices(labels, k=2, seed=7)) <= set(rows)  # nested in k for one seed
+  np.testing.assert_array_equal(rows, few_shot_indices(labels, k=4, seed=7))
+  assert not np.array_equal(rows, few_shot_indices(labels, k=4, seed=8))
+  assert set(few_shot_indices(labels, k=2, seed=7)) <= set(rows)  # nested in k for one seed
 
 
 def test_sweep_drops_ks_that_some_class_cannot_supply():

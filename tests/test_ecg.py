@@ -20,7 +20,7 @@ from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ecg.source import ECGDataset
 from biofm_jax.modalities.ecg.synthetic import write_synthetic_ecg
 from biofm_jax.modalities.ehr.synthetic import write_synthetic_meds
-from biofm_jax.train.metrics import read_metrics
+from biofm_jax.train.metric_writer import read_metrics
 
 LEADS = ("I", "II", "V1")
 

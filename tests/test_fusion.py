@@ -37,9 +37,9 @@ def random_example(modality: str, rng: np.random.Generator) -> dict:
     return ex
   if modality == "imaging":
     visible = np.stack([rng.permutation(4) for _ in range(BATCH)]).astype(np.int32)
-    return {B.IMAGE: rng.normal(size=(BATCH, 8, 8, 1)).astype(np.float32), B.IMAGE_VALID: np.ones(BATCH, bool),
+    return {B.IMAGE: rng.normal(size=(BATCH, 8, 8, 1)).astype(np.float32), B.VALID: np.ones(BATCH, bool),
             B.IMAGE_VISIBLE: visible[:, :2], B.IMAGE_MASKED: visible[:, 2:]}
-  return {B.TABULAR_VALID: np.ones(BATCH, bool), B.TABULAR_VALUES: rng.normal(size=(BATCH, 3)).astype(np.float32),
+  return {B.VALID: np.ones(BATCH, bool), B.TABULAR_VALUES: rng.normal(size=(BATCH, 3)).astype(np.float32),
           B.TABULAR_MISSING: rng.random((BATCH, 3)) < 0.3,
           B.TABULAR_CATEGORIES: rng.integers(0, 5, (BATCH, 1)).astype(np.int32)}
 

@@ -187,9 +187,9 @@ def test_to_imaging_example_channel_rules():
   assert out[batch.IMAGE].shape == (4, 4, 3) and out[batch.IMAGE].dtype == np.float32
   assert all(np.array_equal(out[batch.IMAGE][..., c], gray[0][..., 0].astype(np.float32))
              for c in range(3))
-  assert out[batch.IMAGE_VALID].dtype == np.bool_ and out[batch.IMAGE_VALID].shape == ()
-  assert out[batch.IMAGE_VALID]
-  assert set(out) == {batch.IMAGE, batch.IMAGE_VALID}  # nothing outside the batch contract
+  assert out[batch.VALID].dtype == np.bool_ and out[batch.VALID].shape == ()
+  assert out[batch.VALID]
+  assert set(out) == {batch.IMAGE, batch.VALID}  # nothing outside the batch contract
   assert T.ToImagingExample(3).map(record(rgb))[batch.IMAGE].shape == (4, 4, 3)
   assert T.ToImagingExample(1).map(record(gray[1]))[batch.IMAGE].shape == (4, 4, 1)
   with pytest.raises(ValueError, match="photo.png.*3 channel.*channels=1"):
@@ -301,7 +301,7 @@ def test_train_pipeline_matches_spec_and_resumes(hand_built_data):
     assert set(host_batch) == {"imaging"}
     for i in range(4):
       batch.check_example({k: v[i] for k, v in host_batch["imaging"].items()}, spec, "batch")
-    assert host_batch["imaging"][batch.IMAGE_VALID].all()
+    assert host_batch["imaging"][batch.VALID].all()
   state = iterator.get_state()
   expected = take(iterator, 3)  # crosses the epoch boundary (12 records, batches of 4)
   resumed = pipeline.make_iterator(dataset)
@@ -319,7 +319,7 @@ def test_eval_pipeline_pads_and_masks_repeatably(hand_built_data):
     return list(pipeline.make_iterator(dataset))
   batches = eval_batches()
   assert len(batches) == 2
-  valid = np.concatenate([b["imaging"][batch.IMAGE_VALID] for b in batches])
+  valid = np.concatenate([b["imaging"][batch.VALID] for b in batches])
   assert valid.tolist() == [True] * 6 + [False] * 2
   assert not batches[1]["imaging"][batch.IMAGE][2:].any()
   assert_batches_equal(eval_batches(), batches)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import helpers
-from biofm_jax.eval.embeddings import embed_split
-from biofm_jax.train.metrics import read_metrics
+from biofm_jax.train.embed import embed_split
+from biofm_jax.train.metric_writer import read_metrics
 
 SPEC_2D, SPEC_3D = "configs/imaging_mae.py:tiny", "configs/imaging_mae3d.py:tiny"
 

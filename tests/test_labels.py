@@ -6,7 +6,7 @@ import pytest
 
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.data import EHRData, EHRVocab
-from biofm_jax.modalities.ehr.labeled import LabeledEHRData
+from biofm_jax.modalities.ehr.task_data import EHRTaskData
 from biofm_jax.data.labels import read_labels, write_labels
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.modalities.ehr.synthetic_labels import synthetic_labels, write_synthetic_labels
@@ -90,7 +90,7 @@ def test_rows_of_unknown_subjects_or_without_history_are_dropped_and_counted_or_
     cohort, tmp_path):
   root, path, ehr = cohort
   good = read_labels(path, {"type": "binary"})
-  data = LabeledEHRData(ehr, good)
+  data = EHRTaskData(ehr, good)
   held_out = data.split_labels("held_out")
   # Two unknown subjects, one training row and one held-out row with no event at or before their time.
   train_ids = list(data.split_labels("train").subject_ids[:6])
@@ -99,7 +99,7 @@ def test_rows_of_unknown_subjects_or_without_history_are_dropped_and_counted_or_
   early = np.datetime64("1900-01-01", "us")
   times = train_times[:1] + [early] + train_times[2:] + [train_times[0]] * 2 + [early, held_out.prediction_times[1]]
   labels = _labels_for(cohort, tmp_path, ids, times)
-  lenient = LabeledEHRData(ehr, labels)
+  lenient = EHRTaskData(ehr, labels)
   assert lenient.dropped == {"unknown_subject": 2, "no_history": {"train": 1, "tuning": 0, "held_out": 1}, "total": 4}
   assert len(lenient.split_labels("train")) == 5 and len(lenient.split_labels("held_out")) == 1
   assert lenient.summary()["labels_dropped"] == 4
@@ -107,59 +107,59 @@ def test_rows_of_unknown_subjects_or_without_history_are_dropped_and_counted_or_
   with pytest.raises(ValueError, match="4 of 10 rows cannot be used: 2 name subjects the MEDS dataset does not "
                                        "have .*; 2 have no event at or before their prediction_time \\(train 1, "
                                        "held_out 1\\); first: row 1, subject_id"):
-    LabeledEHRData(ehr, labels, strict_labels=True)
+    EHRTaskData(ehr, labels, strict_labels=True)
   no_time = write_labels(tmp_path / "nt.parquet", ids[:4], times[:4], boolean_value=[True, False] * 2)
   table = pq.read_table(no_time).drop_columns(["prediction_time"])
   pq.write_table(table, tmp_path / "nt.parquet")
   with pytest.raises(ValueError, match="EHR labels need a prediction_time; row 0"):
-    LabeledEHRData(ehr, read_labels(tmp_path / "nt.parquet", {"type": "binary"}))
+    EHRTaskData(ehr, read_labels(tmp_path / "nt.parquet", {"type": "binary"}))
 
 
 def test_an_event_at_the_prediction_time_is_history_unless_the_cut_is_strict(cohort, tmp_path):
   """A label whose prediction time is a subject's first event (ACES's trigger): MEDS keeps it."""
   root, path, ehr = cohort
-  good = LabeledEHRData(ehr, read_labels(path, {"type": "binary"}))
+  good = EHRTaskData(ehr, read_labels(path, {"type": "binary"}))
   source = good.source("train")
   ids = source.labels.subject_ids[:10]
   firsts = np.array([source._meds.first_event_times()[p] for p in source._positions[:4]])
   # Four rows at the subject's first event, six at their ordinary (later) times.
   labels = _labels_for(cohort, tmp_path, ids, np.concatenate([firsts, source.labels.prediction_times[4:10]]))
-  inclusive = LabeledEHRData(ehr, labels)
+  inclusive = EHRTaskData(ehr, labels)
   record = inclusive.source("train")[0]
   assert _last_time(record) == firsts[0]  # the event at the prediction time is seen
   assert inclusive.dropped["total"] == 0
-  strict = LabeledEHRData(ehr, labels, cut="strict")
+  strict = EHRTaskData(ehr, labels, cut="strict")
   assert strict.dropped["no_history"]["train"] == 4  # nothing strictly before a first event
   with pytest.raises(ValueError, match="4 of 10 rows cannot be used: 4 have no event strictly before"):
-    LabeledEHRData(ehr, labels, cut="strict", strict_labels=True)
+    EHRTaskData(ehr, labels, cut="strict", strict_labels=True)
   with pytest.raises(ValueError, match="task.prediction_time_cut 'before'"):
-    LabeledEHRData(ehr, labels, cut="before")
+    EHRTaskData(ehr, labels, cut="before")
 
 
 def test_a_label_column_with_one_class_in_training_is_named(cohort, tmp_path):
   root, path, ehr = cohort
   labels = read_labels(path, {"type": "binary"})
-  data = LabeledEHRData(ehr, labels)
+  data = EHRTaskData(ehr, labels)
   train = set(data.split_labels("train").subject_ids.tolist())
   only_true = np.where(np.isin(labels.subject_ids, list(train)), True, labels.targets[B.TASK_LABEL] > 0)
   one = write_labels(tmp_path / "one.parquet", labels.subject_ids, labels.prediction_times,
                      boolean_value=only_true.tolist())
   with pytest.raises(ValueError, match="one.parquet: column 'boolean_value' has one class \\(True\\) in the "
                                        "training split"):
-    LabeledEHRData(ehr, read_labels(one, {"type": "binary"}))
+    EHRTaskData(ehr, read_labels(one, {"type": "binary"}))
 
 
 def test_a_class_without_training_rows_is_an_error(cohort, tmp_path):
   root, path, ehr = cohort
   labels = read_labels(path, {"type": "binary"})
-  data = LabeledEHRData(ehr, labels)
+  data = EHRTaskData(ehr, labels)
   held_out = set(data.split_labels("held_out").subject_ids.tolist())
   names = np.where(np.isin(labels.subject_ids, list(held_out)) & (np.arange(len(labels)) % 7 == 0), "rare",
                    np.where(labels.targets[B.TASK_LABEL] > 0, "high", "low"))
   multi = write_labels(tmp_path / "multi.parquet", labels.subject_ids, labels.prediction_times,
                        categorical_value=names.tolist())
   with pytest.raises(ValueError, match="classes \\['rare'\\] have no row in the training split"):
-    LabeledEHRData(ehr, read_labels(multi, {"type": "multiclass"}))
+    EHRTaskData(ehr, read_labels(multi, {"type": "multiclass"}))
 
 
 def _with_extra_events(root, out, subject_id, events):
@@ -185,7 +185,7 @@ def _with_extra_events(root, out, subject_id, events):
 def test_events_after_the_prediction_time_never_reach_the_model(cohort, tmp_path):
   root, path, ehr = cohort
   labels = read_labels(path, {"type": "binary"})
-  before = LabeledEHRData(ehr, labels)
+  before = EHRTaskData(ehr, labels)
   split = "train"
   source = before.source(split)
   row = 3
@@ -196,9 +196,9 @@ def test_events_after_the_prediction_time_never_reach_the_model(cohort, tmp_path
   tokenize = before.transforms(train=True)[0]
   expected = tokenize.map(source[row])
   for cut in ("inclusive", "strict"):
-    after = LabeledEHRData(ehr_data_with_vocab(ehr, _with_extra_events(root, tmp_path / f"future_{cut}", subject,
+    after = EHRTaskData(ehr_data_with_vocab(ehr, _with_extra_events(root, tmp_path / f"future_{cut}", subject,
                                                                        future)), labels, cut=cut)
-    strict_before = LabeledEHRData(ehr, labels, cut=cut)
+    strict_before = EHRTaskData(ehr, labels, cut=cut)
     got, want = tokenize.map(after.source(split)[row]), tokenize.map(strict_before.source(split)[row])
     for name in want["ehr"]:
       np.testing.assert_array_equal(got["ehr"][name], want["ehr"][name], err_msg=name)
@@ -206,16 +206,16 @@ def test_events_after_the_prediction_time_never_reach_the_model(cohort, tmp_path
   # the strict cut; one just before it is seen by both.
   at = [(cutoff, "DX//HEART_FAILURE", np.nan)]
   changed_root = _with_extra_events(root, tmp_path / "at", subject, at)
-  inclusive = LabeledEHRData(ehr_data_with_vocab(ehr, changed_root), labels)
+  inclusive = EHRTaskData(ehr_data_with_vocab(ehr, changed_root), labels)
   assert len(inclusive.source(split)[row]["codes"]) == len(source[row]["codes"]) + 1
   assert _last_time(inclusive.source(split)[row]) == cutoff
-  strict = LabeledEHRData(ehr_data_with_vocab(ehr, changed_root), labels, cut="strict")
+  strict = EHRTaskData(ehr_data_with_vocab(ehr, changed_root), labels, cut="strict")
   assert _last_time(strict.source(split)[row]) < cutoff
-  assert len(strict.source(split)[row]["codes"]) == len(LabeledEHRData(ehr, labels, cut="strict").source(split)[row]["codes"])
+  assert len(strict.source(split)[row]["codes"]) == len(EHRTaskData(ehr, labels, cut="strict").source(split)[row]["codes"])
   past = [(cutoff - np.timedelta64(1, "m"), "DX//HEART_FAILURE", np.nan)]
-  changed = LabeledEHRData(ehr_data_with_vocab(ehr, _with_extra_events(root, tmp_path / "past", subject, past)),
+  changed = EHRTaskData(ehr_data_with_vocab(ehr, _with_extra_events(root, tmp_path / "past", subject, past)),
                            labels, cut="strict")
-  assert len(changed.source(split)[row]["codes"]) == len(LabeledEHRData(ehr, labels, cut="strict").source(split)[row]["codes"]) + 1
+  assert len(changed.source(split)[row]["codes"]) == len(EHRTaskData(ehr, labels, cut="strict").source(split)[row]["codes"]) + 1
   assert not np.array_equal(tokenize.map(changed.source(split)[row])["ehr"][B.EHR_TIME], expected["ehr"][B.EHR_TIME])
 
 
@@ -231,7 +231,7 @@ def ehr_data_with_vocab(ehr: EHRData, root) -> EHRData:
 
 def test_labeled_examples_carry_targets_splits_and_covariates(cohort):
   _, path, ehr = cohort
-  data = LabeledEHRData(ehr, read_labels(path, {"type": "binary"}))
+  data = EHRTaskData(ehr, read_labels(path, {"type": "binary"}))
   dataset = ehr.dataset
   for split in ("train", "tuning", "held_out"):
     labels = data.split_labels(split)

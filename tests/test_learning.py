@@ -4,7 +4,7 @@ import pytest
 
 import helpers
 from biofm_jax.modalities.ehr.synthetic import write_synthetic_meds
-from biofm_jax.train.metrics import read_metrics
+from biofm_jax.train.metric_writer import read_metrics
 
 
 @pytest.fixture(scope="module")

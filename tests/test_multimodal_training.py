@@ -6,7 +6,7 @@ import pytest
 
 import helpers
 from biofm_jax.modalities import registry
-from biofm_jax.eval.retrieval import recall_at_k
+from biofm_jax.train.retrieval import recall_at_k
 
 SPEC = "configs/multimodal_fusion.py:tiny"
 CONTRASTIVE_TERMS = ("ehr_imaging", "ehr_omics", "ehr_tabular", "imaging_tabular")

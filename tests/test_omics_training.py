@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import helpers
-from biofm_jax.eval.embeddings import embed_split
+from biofm_jax.train.embed import embed_split
 
 EXPRESSION, EXPRESSION_RANK = "configs/omics_expression.py:tiny", "configs/omics_expression.py:tiny_rank"
 DNA, PROTEIN = "configs/omics_sequence.py:tiny", "configs/omics_sequence.py:protein"

@@ -31,7 +31,7 @@ def test_losses_and_parameters_agree_across_meshes(runs):
 
 def test_parameters_are_sharded_as_the_rules_say(synthetic_meds, tmp_path):
   from biofm_jax.modalities import registry
-  from biofm_jax.train.setup import build_training
+  from biofm_jax.train.build import build_training
 
   config = helpers.config_for(SPEC, **overrides(synthetic_meds), **helpers.mesh_overrides((2, 2, 2)))
   data = registry.open_data_module("ehr", config.data.ehr, objective="masked", artifacts_dir=tmp_path)

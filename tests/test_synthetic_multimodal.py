@@ -16,7 +16,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from biofm_jax.data.sources import synthetic_multimodal as mm
+from biofm_jax.modalities import synthetic_cohort as mm
 from biofm_jax.modalities.omics.anndata import ExpressionDataset
 from biofm_jax.modalities.imaging.source import ImagingDataset
 from biofm_jax.modalities.ehr.meds import MEDSDataset

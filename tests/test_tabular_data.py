@@ -231,7 +231,7 @@ def random_examples(num_rows, num_numeric=12, num_categorical=4, seed=0):
   for _ in range(num_rows):
     missing = rng.random(num_numeric) < 0.3
     values = np.where(missing, 0, rng.normal(size=num_numeric)).astype(np.float32)
-    yield {batch.TABULAR_VALID: np.asarray(True), batch.TABULAR_VALUES: values,
+    yield {batch.VALID: np.asarray(True), batch.TABULAR_VALUES: values,
            batch.TABULAR_MISSING: missing,
            batch.TABULAR_CATEGORIES: np.where(rng.random(num_categorical) < 0.3, 0,
                                               rng.integers(1, 9, num_categorical)).astype(np.int32)}
@@ -347,7 +347,7 @@ def test_pipeline_end_to_end_spec_padding_and_resume(tmp_path):
         global_batch_size=4, seed=5, example_spec={"tabular": spec}, process_index=0, process_count=1)
     return list(pipeline.make_iterator(ds))
   batches = eval_batches()
-  valid = np.concatenate([b["tabular"][batch.TABULAR_VALID] for b in batches])
+  valid = np.concatenate([b["tabular"][batch.VALID] for b in batches])
   assert valid.tolist() == [True] * 6 + [False] * 2
   assert not batches[-1]["tabular"][batch.TABULAR_VALUE_MASK][2:].any()
   assert_batches_equal(eval_batches(), batches)

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 
 import helpers
-from biofm_jax.eval.embeddings import embed_split
+from biofm_jax.train.embed import embed_split
 
 SPEC = "configs/tabular_features.py:tiny"
 

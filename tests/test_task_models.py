@@ -57,7 +57,7 @@ def test_a_survival_head_recovers_a_planted_hazard_under_heavy_censoring(censor_
   edges = tuple(np.concatenate([[0.0], np.quantile(time[event], [0.2, 0.4, 0.6, 0.8, 1.0])]).tolist())
   objective = SupervisedObjective("survival", len(edges) - 1, edges)
   train, test = slice(0, 2000), slice(2000, None)
-  batch = {B.TASK: {B.TASK_VALID: np.ones(2000, bool), B.TASK_TIME: time[train], B.TASK_EVENT: event[train]}}
+  batch = {B.TASK: {B.VALID: np.ones(2000, bool), B.TASK_TIME: time[train], B.TASK_EVENT: event[train]}}
   params = {"w": jnp.zeros((d, len(edges) - 1)), "b": jnp.zeros(len(edges) - 1)}
 
   def loss(p):
@@ -78,7 +78,7 @@ def test_a_survival_head_recovers_a_planted_hazard_under_heavy_censoring(censor_
 
 def test_supervised_terms_ignore_padding_and_match_optax():
   logits = jnp.array([[2.0], [-1.0], [0.5], [3.0]])
-  batch = {B.TASK: {B.TASK_VALID: np.array([True, True, True, False]),
+  batch = {B.TASK: {B.VALID: np.array([True, True, True, False]),
                     B.TASK_LABEL: np.array([1.0, 0.0, 0.0, 1.0], np.float32)}}
   objective = SupervisedObjective("binary")
   sums, counts = objective.sums({"task": {"logits": logits}}, batch), objective.counts(batch)
@@ -100,7 +100,7 @@ def _batch(n=4, seed=0):
   ehr = {name: np.zeros((n,) + shape, dtype) for name, (shape, dtype) in B.ehr_example_spec(16, False).items()}
   ehr[B.EHR_CODES][:] = rng.integers(4, 40, (n, 16))
   ehr[B.EHR_MASK][:] = True
-  return {"ehr": ehr, B.TASK: {B.TASK_VALID: np.ones(n, bool), B.TASK_LABEL: rng.integers(0, 2, n).astype(np.float32)}}
+  return {"ehr": ehr, B.TASK: {B.VALID: np.ones(n, bool), B.TASK_LABEL: rng.integers(0, 2, n).astype(np.float32)}}
 
 
 def test_lora_starts_as_the_task_model_and_trains_only_adapters_and_head():
@@ -155,20 +155,20 @@ def test_frozen_mode_cuts_the_backbone_gradient_and_full_mode_does_not():
 
 
 def test_multiclass_and_multilabel_terms_match_optax_and_probabilities_are_normalised():
-  from biofm_jax.modalities.ehr.labeled import TaskInfo
+  from biofm_jax.modalities.ehr.task_data import TaskInfo
   from biofm_jax.objectives.supervised import predictions
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
   valid = np.array([True] * 4 + [False])
   classes = np.array([0, 2, 1, 2, 0], np.int32)
   sums = SupervisedObjective("multiclass", 3).sums({"task": {"logits": logits}},
-                                                   {B.TASK: {B.TASK_VALID: valid, B.TASK_LABEL: classes}})
+                                                   {B.TASK: {B.VALID: valid, B.TASK_LABEL: classes}})
   expected = optax.softmax_cross_entropy_with_integer_labels(logits[:4], classes[:4]).sum()
   np.testing.assert_allclose(sums["task_loss"], expected, rtol=1e-6)
   assert float(sums["accuracy"]) == float((np.argmax(logits[:4], -1) == classes[:4]).sum())
   multi = rng.integers(0, 2, (5, 3)).astype(np.float32)
   sums = SupervisedObjective("multilabel", 3).sums({"task": {"logits": logits}},
-                                                   {B.TASK: {B.TASK_VALID: valid, B.TASK_LABEL: multi}})
+                                                   {B.TASK: {B.VALID: valid, B.TASK_LABEL: multi}})
   np.testing.assert_allclose(sums["task_loss"], optax.sigmoid_binary_cross_entropy(logits[:4], multi[:4]).mean(-1).sum(),
                              rtol=1e-6)
   probs = predictions(TaskInfo("multiclass", 3), logits)

@@ -9,7 +9,7 @@ from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
 from biofm_jax.train import state as state_lib
 from biofm_jax.train import step as step_lib
-from biofm_jax.train.metrics import read_metrics
+from biofm_jax.train.metric_writer import read_metrics
 from test_models import L, V, K, make_batch, model_config
 
 

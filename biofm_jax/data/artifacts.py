@@ -48,3 +48,9 @@ def read_json(path: str | os.PathLike, header: Mapping[str, Any], what: str) -> 
   except OSError as e:
     raise ValueError(f"{what} {path}: cannot read JSON ({e})") from e
   return parse_json(text, header, f"{what} {path}")
+
+
+def skip_generated_data(directory: str, names: list[str]) -> list[str]:
+  """Vocabularies and statistics are small JSON files; generated cohorts and labels are
+  data, not artifacts of the model."""
+  return [name for name in names if name.startswith(("synthetic", "labels_"))]

@@ -5,14 +5,18 @@ value is a dict of fixed-shape numpy arrays whose leading axis is the batch. Var
 length is expressed by padding plus an explicit boolean mask, never by ragged arrays,
 so every shape is static inside `jax.jit`.
 
-This module is the only place that names the fields, so data modules and model encoders
-agree without importing each other.
+This module names the fields modalities share (a modality added in its own folder names its
+own there, e.g. `modalities/ecg/data.py`), so data modules and model encoders agree without
+importing each other.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 import numpy as np
+
+# Every example that can be padding (images, table rows, task targets, ECGs) says so here.
+VALID = "valid"  # bool []: a real example; False for the eval pipeline's padding examples
 
 # ---------------------------------------------------------------- EHR token ids
 # Special tokens occupy the first ids of every EHR vocabulary.
@@ -76,7 +80,6 @@ def check_example(example: Mapping[str, np.ndarray],
 # [H, W, C] for 2D, [D, H, W, C] for 3D (D = slices). Masked-autoencoder pre-training
 # splits the spatial shape into patches numbered in row-major order over the patch grid.
 IMAGE = "image"  # float32 [*spatial, channels], normalised intensities
-IMAGE_VALID = "valid"  # bool []: a real example; False for the eval pipeline's padding examples
 IMAGE_VISIBLE = "visible_patches"  # int32 [num_visible]: patch ids the encoder sees (MAE)
 IMAGE_MASKED = "masked_patches"  # int32 [num_masked]: patch ids to reconstruct (MAE)
 
@@ -100,7 +103,7 @@ def num_visible_patches(total: int, mask_ratio: float) -> int:
 def imaging_example_spec(image_shape: tuple[int, ...], channels: int, patch_shape: tuple[int, ...],
                          mask_ratio: float | None) -> dict[str, tuple[tuple[int, ...], type]]:
   """Shape and dtype of one imaging example; MAE patch ids when `mask_ratio` is given."""
-  spec = {IMAGE: (tuple(image_shape) + (channels,), np.float32), IMAGE_VALID: ((), np.bool_)}
+  spec = {IMAGE: (tuple(image_shape) + (channels,), np.float32), VALID: ((), np.bool_)}
   if mask_ratio is not None:
     total = num_patches(tuple(image_shape), tuple(patch_shape))
     visible = num_visible_patches(total, mask_ratio)
@@ -113,7 +116,6 @@ def imaging_example_spec(image_shape: tuple[int, ...], channels: int, patch_shap
 # Imaging-derived features (radiomics, cell morphology) and other tables: one token per
 # column. Numeric columns are standardised with training-split statistics; categorical
 # columns hold ids into one shared category vocabulary (0 = missing or unseen).
-TABULAR_VALID = IMAGE_VALID  # bool []: a real row; False for the eval pipeline's padding rows
 TABULAR_VALUES = "values"  # float32 [num_numeric]: standardised values, 0 where missing or masked
 TABULAR_MISSING = "missing"  # bool [num_numeric]: the value is missing (NaN or empty) in the source
 TABULAR_CATEGORIES = "categories"  # int32 [num_categorical]: category ids, 0 where missing or masked
@@ -126,7 +128,7 @@ TABULAR_TARGET_CATEGORIES = "target_categories"  # int32 [num_categorical]
 
 def tabular_example_spec(num_numeric: int, num_categorical: int,
                          with_targets: bool) -> dict[str, tuple[tuple[int, ...], type]]:
-  spec = {TABULAR_VALID: ((), np.bool_), TABULAR_VALUES: ((num_numeric,), np.float32),
+  spec = {VALID: ((), np.bool_), TABULAR_VALUES: ((num_numeric,), np.float32),
           TABULAR_MISSING: ((num_numeric,), np.bool_), TABULAR_CATEGORIES: ((num_categorical,), np.int32)}
   if with_targets:
     spec.update({TABULAR_VALUE_MASK: ((num_numeric,), np.bool_),
@@ -175,9 +177,8 @@ def padding_example(spec: Mapping[str, tuple[tuple[int, ...], type]]) -> dict[st
 
 # ---------------------------------------------------------------- downstream task targets
 # Fine-tuning batches carry one more sub-dict, TASK, beside the modalities: the label of
-# each example (see `data/labels.py`). Padding examples have TASK_VALID False.
+# each example (see `data/labels.py`). Padding examples have VALID False.
 TASK = "task"
-TASK_VALID = IMAGE_VALID  # bool []: a labelled example; False for the eval pipeline's padding
 TASK_LABEL = "label"  # binary, regression: float32 []; multiclass: int32 []; multilabel: float32 [K]
 TASK_TIME = "time"  # survival: float32 [] days from the prediction time to the event or censoring
 TASK_EVENT = "event"  # survival: bool [] the event was observed (False: censored at TASK_TIME)
@@ -186,7 +187,7 @@ TASK_TYPES = ("binary", "multiclass", "multilabel", "regression", "survival")
 
 def task_example_spec(task_type: str, num_labels: int = 1) -> dict[str, tuple[tuple[int, ...], type]]:
   """Shape and dtype of one example's targets; `num_labels` is K for multilabel tasks."""
-  spec: dict[str, tuple[tuple[int, ...], type]] = {TASK_VALID: ((), np.bool_)}
+  spec: dict[str, tuple[tuple[int, ...], type]] = {VALID: ((), np.bool_)}
   if task_type == "survival":
     spec.update({TASK_TIME: ((), np.float32), TASK_EVENT: ((), np.bool_)})
   elif task_type == "multiclass":

@@ -211,3 +211,17 @@ def write_labels(path: str | pathlib.Path, subject_ids, prediction_times, **colu
   pq.write_table(pa.table(fields), tmp)
   tmp.replace(path)
   return path
+
+
+def few_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """Sorted row indices of k rows per class (every row of a class with fewer than k).
+
+  Each class's rows are shuffled once per seed and the first k taken, so for one seed
+  the k=2 draw contains the k=1 draw: a sweep's curve moves with k, not with resampling.
+  """
+  if k < 1:
+    raise ValueError(f"few-shot k must be at least 1, got {k}")
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
+  return np.sort(np.concatenate(picks)) if picks else np.array([], np.int64)

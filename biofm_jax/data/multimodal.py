@@ -44,7 +44,6 @@ from biofm_jax.data.sources.splits import STANDARD_SPLITS
 from biofm_jax.data.sources.indexing import checked_index
 
 SAMPLING = ("uniform", "balanced")
-SYNTHETIC_DIRNAME = "synthetic_multimodal"
 
 log = logging.getLogger(__name__)
 
@@ -282,13 +281,18 @@ class MultimodalData:
 
   @classmethod
   def from_config(cls, data_cfg: Any, *, objectives: Any, artifacts_dir: str | os.PathLike,
-                  open_modality: Callable[..., Any], registered: Sequence[str], seed: int = 0) -> MultimodalData:
+                  open_modality: Callable[..., Any], registered: Sequence[str], seed: int = 0,
+                  check_objectives: Callable[..., None] = lambda *a, **k: None,
+                  synthetic_paths: Callable[..., dict[str, str]] | None = None) -> MultimodalData:
     """Opens each modality in `data_cfg.multimodal.modalities` from its own section of
     `data_cfg` (= config.data) with its objective's name (config.objective.<modality>.name),
     through `open_modality(name, section, objective=, artifacts_dir=)` (the modality
-    registry's, which also gives the `registered` names).
+    registry's, which also gives the `registered` names). `check_objectives(objectives,
+    modalities, mixing=, sampling=)` refuses objectives the join cannot serve (the registry's
+    contrastive check), before any data is read.
 
-    With every path empty, a synthetic cohort is generated under artifacts_dir (once;
+    With every path empty, `synthetic_paths(data_cfg, artifacts_dir, modalities)` gives
+    the paths of a generated cohort (the registry's, written once under artifacts_dir and
     reused on resume); a mix of given and empty paths is an error, since the generated
     subjects would never match the given ones.
     """
@@ -303,11 +307,12 @@ class MultimodalData:
         raise ValueError(f"data.multimodal.modalities names {m!r}, but config.data.{m} or "
                          f"config.objective.{m} is missing")
     mix_weights = parse_mix_weights(settings.mix_weights, modalities)
-    _check_contrastive(objectives.get("contrastive"), modalities, mixing=mix_weights is not None,
-                       sampling=settings.sampling)
+    check_objectives(objectives, modalities, mixing=mix_weights is not None, sampling=settings.sampling)
     paths = {m: str(data_cfg[m].path) for m in modalities}
     if not any(paths.values()):
-      paths = _synthetic_cohort(data_cfg, Path(artifacts_dir), modalities)
+      if synthetic_paths is None:
+        raise ValueError(f"data.{{{','.join(modalities)}}}.path are all empty; give each listed modality's path")
+      paths = synthetic_paths(data_cfg, Path(artifacts_dir), modalities)
     elif not all(paths.values()):
       empty = sorted(m for m, path in paths.items() if not path)
       raise ValueError(f"data.multimodal: data.{{{','.join(empty)}}}.path is empty while other modalities "
@@ -387,30 +392,3 @@ def parse_mix_weights(text: str, modalities: Sequence[str]) -> dict[str, float] 
     raise ValueError(f"data.multimodal.mix_weights is {text!r}, expected 'name=weight,...' with a positive "
                      f"weight for each of {list(modalities)}")
   return weights
-
-
-def _check_contrastive(section: Any, modalities: Sequence[str], *, mixing: bool, sampling: str) -> None:
-  """Fails before any data is read when contrastive alignment cannot work as configured."""
-  if section is None or not section.weight > 0:
-    return
-  from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
-  pairs_of_configured_modalities(section.pairs, modalities)
-  if mixing:
-    raise ValueError("data.multimodal.mix_weights mixes single-modality examples, so no example holds a "
-                     "pair for objective.contrastive; set objective.contrastive.weight=0 or join by subject")
-  if sampling == "balanced":
-    log.warning("multimodal: balanced sampling repeats the subjects of rare availability patterns, so a "
-                "batch can hold one subject twice and contrastive alignment then treats its second copy "
-                "as a negative; prefer uniform sampling with large contrastive batches")
-
-
-def _synthetic_cohort(data_cfg: Any, artifacts_dir: Path, modalities: Sequence[str]) -> dict[str, str]:
-  """The synthetic multimodal cohort's paths; written once under artifacts_dir."""
-  from biofm_jax.data.sources.synthetic_multimodal import write_synthetic_multimodal
-  imaging = data_cfg.get("imaging")
-  paths = write_synthetic_multimodal(
-      artifacts_dir / SYNTHETIC_DIRNAME, num_subjects=int(data_cfg.multimodal.synthetic_subjects),
-      seed=int(data_cfg.multimodal.synthetic_seed),
-      spatial_dims=int(imaging.spatial_dims) if imaging is not None else 2,
-      image_size=max(imaging.image_size) if imaging is not None else 32)
-  return {m: str(paths[m]) for m in modalities}

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
+from absl import flags
 
 # Streams of randomness derived from the one config seed; distinct per use and process.
 _TRAIN_STREAM, _EVAL_STREAM = 1, 2
@@ -222,6 +223,5 @@ def _ensure_absl_flags_parsed() -> None:
   Marking them parsed keeps every flag at its default; a script under `app.run` has
   parsed them already and is left alone.
   """
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

@@ -35,6 +35,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import pipeline
+from biofm_jax.data.artifacts import skip_generated_data
 from biofm_jax.data.module import KeyByModality
 
 MANIFEST_FILE, MODULE_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "data_module.pkl", "artifacts", "tfds"
@@ -99,7 +100,7 @@ class _DetachedDataset:
 
 def _features(example: Mapping[str, Any], where: str):
   """A TFDS feature per field, from the first example; any shape may vary between examples."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # loads TensorFlow (seconds): only prepared datasets need it
   features = {}
   for name, value in example.items():
     if isinstance(value, (str, bytes)):
@@ -125,7 +126,7 @@ def _field_spec(example: Mapping[str, Any]) -> dict[str, dict]:
 def _builder_class():
   """The TFDS builder class, made once (tensorflow_datasets loads only when preparing or
   reading); unregistered: it is opened by directory, never by name."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # loads TensorFlow (seconds): only prepared datasets need it
 
   class BiofmPrepared(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """One modality's records after its deterministic transforms (written by biofm_jax)."""
@@ -173,7 +174,7 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
   """Writes `module`'s splits, after its deterministic transforms, as a prepared dataset at
   `out` (which must not hold one yet); returns the manifest. The module's artifacts
   (vocabulary, statistics) should already sit in `out/artifacts`."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # loads TensorFlow (seconds): only prepared datasets need it
   out = pathlib.Path(out)
   if (out / MANIFEST_FILE).exists():
     raise FileExistsError(f"{out}: a prepared dataset is there already; choose a new --out")
@@ -248,7 +249,7 @@ class PreparedData:
   @functools.cached_property
   def _builder(self):
     """The TFDS builder, read from its directory once (every split's source comes from it)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # loads TensorFlow (seconds): only prepared datasets need it
     return tfds.builder_from_directory(str(self.directory / self.manifest["tfds_dir"]))
 
   def transforms(self, train: bool, mask: bool = True) -> list:
@@ -302,7 +303,6 @@ def open_prepared(directory: str | os.PathLike, *, modality: str, data_config: M
                      f"truncated since preparation); prepare again")
   module = pickle.loads(module_bytes)
   if artifacts_dir is not None and (directory / ARTIFACTS_DIR).is_dir():
-    from biofm_jax.export import skip_generated_data
     shutil.copytree(directory / ARTIFACTS_DIR, artifacts_dir, ignore=skip_generated_data,
                     dirs_exist_ok=True)
   log.info("prepared %s data at %s: %s", modality, directory,

@@ -8,7 +8,7 @@ without them cannot say what pre-training bought. This module owns:
 - `CodeCountFeaturizer`: EHRSHOT's count-of-codes features for EHR records.
 - `fit_predict`: the baseline models (`MODELS`) for binary, multiclass, regression
   and survival labels, returning test predictions in one format per task.
-- `few_shot_indices` / `few_shot_sweep`: k labelled examples per class over several
+- `few_shot_sweep`: k labelled examples per class (`data/labels.few_shot_indices`) over several
   seeds, with any method (a foundation-model probe too) plugged in as a callable.
 """
 from __future__ import annotations
@@ -24,6 +24,10 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from biofm_jax.data.labels import few_shot_indices
+from lifelines import CoxPHFitter
+from lifelines.exceptions import ConvergenceError
 
 MODELS = ("logistic", "l1_logistic", "gbm")
 TASK_TYPES = ("binary", "multiclass", "regression", "survival")
@@ -211,8 +215,6 @@ def _cox_risk(train_x, train_y: Mapping, test_x) -> np.ndarray:
 
 def _lifelines_cox_beta(x: np.ndarray, time: np.ndarray, event: np.ndarray) -> np.ndarray | None:
   """lifelines' CoxPHFitter coefficients (Efron ties), or None when Newton fails to converge."""
-  from lifelines import CoxPHFitter
-  from lifelines.exceptions import ConvergenceError
 
   frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
   frame["time"], frame["event"] = time, event
@@ -250,20 +252,6 @@ def _cox_objective(beta, x, event, tie_end, penalizer):
   grad_loglik = x.T @ (event - row_weight)
   n = len(eta)
   return -loglik / n + 0.5 * penalizer * beta @ beta, -grad_loglik / n + penalizer * beta
-
-
-def few_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-  """Sorted row indices of k rows per class (every row of a class with fewer than k).
-
-  Each class's rows are shuffled once per seed and the first k taken, so for one seed
-  the k=2 draw contains the k=1 draw: a sweep's curve moves with k, not with resampling.
-  """
-  if k < 1:
-    raise ValueError(f"few-shot k must be at least 1, got {k}")
-  labels = np.asarray(labels)
-  rng = np.random.default_rng(seed)
-  picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
-  return np.sort(np.concatenate(picks)) if picks else np.array([], np.int64)
 
 
 def few_shot_sweep(fit_predict_fns: Mapping[str, Callable[[np.ndarray], np.ndarray]], train_labels: np.ndarray,

@@ -23,11 +23,12 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.data import batch as B
-from biofm_jax.modalities.ehr.labeled import SUBGROUP_CODE_PREFIXES, UNKNOWN
+from biofm_jax.modalities.ehr.task_data import SUBGROUP_CODE_PREFIXES, UNKNOWN
 from biofm_jax.eval import classical, metrics, predictions as predictions_lib, report as report_lib
 from biofm_jax.eval import finetuned as finetuned_lib
 from biofm_jax.train import finetune
 from biofm_jax.train.runs import open_run
+from biofm_jax.train.embed import embed_split
 
 log = logging.getLogger("biofm_jax")
 # Model names: report.json's keys and the predictions/<model>/ folders.
@@ -58,7 +59,7 @@ def classical_targets(labels, info):
   return y.astype(np.int64) if info.type in ("binary", "multiclass") else y
 
 
-def fit_predict(model: str, info, train_x, train_y, test_x, seed: int = 0) -> np.ndarray:
+def fit_predict_task(model: str, info, train_x, train_y, test_x, seed: int = 0) -> np.ndarray:
   """`classical.fit_predict`, with multilabel tasks fitted as one binary model per label."""
   if info.type == "multilabel":
     return np.stack([classical.fit_predict(model, "binary", train_x, train_y[:, j].astype(np.int64), test_x,
@@ -69,7 +70,6 @@ def fit_predict(model: str, info, train_x, train_y, test_x, seed: int = 0) -> np
 
 def frozen_embeddings(config: ml_collections.ConfigDict, data, splits: Sequence[str]) -> dict[str, np.ndarray]:
   """{split: [rows, D]} pooled embeddings of the pre-trained backbone (no head, no training)."""
-  from biofm_jax.eval.embeddings import embed_split
   frozen = ml_collections.ConfigDict(config.to_dict())
   frozen.finetune.mode = "frozen"
   setup = finetune.build_finetune_training(frozen, data)
@@ -172,13 +172,13 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   log.info("evaluation: embedding %s with the pre-trained backbone", ", ".join(("train",) + splits))
   embeddings = frozen_embeddings(config, data, ("train",) + splits)
   scores: dict[str, dict[str, np.ndarray]] = {
-      PROBE: {s: fit_predict("logistic", info, embeddings["train"], train_y, embeddings[s], options.seed)
+      PROBE: {s: fit_predict_task("logistic", info, embeddings["train"], train_y, embeddings[s], options.seed)
               for s in splits}}
   featurizer = classical.CodeCountFeaturizer().fit(data.records("train"))
   counts = {s: featurizer.transform(data.records(s)) for s in ("train",) + splits}
   for name, model in ((COUNT_LOGISTIC, "logistic"), (COUNT_GBM, "gbm")):
     if info.type == "multilabel" or info.type in classical.SUPPORTED_TASKS[model]:
-      scores[name] = {s: fit_predict(model, info, counts["train"], train_y, counts[s], options.seed) for s in splits}
+      scores[name] = {s: fit_predict_task(model, info, counts["train"], train_y, counts[s], options.seed) for s in splits}
   descriptions = {PROBE: {"method": "logistic/ridge/Cox regression on frozen pooled embeddings"},
                   COUNT_LOGISTIC: {"method": "count-of-codes features, L2 logistic regression (EHRSHOT)",
                                    "features": len(featurizer.feature_names)},
@@ -236,7 +236,7 @@ def few_shot_report(info, train_y, test_targets, features: dict[str, tuple], opt
   metric = metrics.primary_metric(info.type)
 
   def method(train_x, test_x, model) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda rows: fit_predict(model, info, train_x[rows], train_y[rows], test_x, options.seed)
+    return lambda rows: fit_predict_task(model, info, train_x[rows], train_y[rows], test_x, options.seed)
 
   def score(predictions) -> float:
     return metrics.task_metrics(info.type, test_targets, predictions)[metric]

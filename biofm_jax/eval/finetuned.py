@@ -6,7 +6,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from biofm_jax.eval.embeddings import embed_split_outputs
+from biofm_jax.train.embed import embed_split_outputs
 from biofm_jax.eval.metrics import task_metrics
 from biofm_jax.objectives.supervised import predictions
 from biofm_jax.train.runs import open_run

@@ -21,12 +21,13 @@ import pyarrow as pa
 
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR
-from biofm_jax.modalities.ehr.labeled import CUTS, TaskInfo, history_rows
+from biofm_jax.modalities.ehr.task_data import CUTS, TaskInfo, history_rows
 from biofm_jax.data.labels import read_labels
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.eval import predictions as predictions_lib
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.objectives.supervised import predictions as task_predictions
+import pyarrow.parquet as pq
 
 log = logging.getLogger("biofm_jax")
 _TASK_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(TaskInfo))
@@ -107,7 +108,6 @@ def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, lab
 
 def _has_targets(path, task: dict) -> bool:
   """Whether the labels file holds the task's outcome columns (else its rows are only scored)."""
-  import pyarrow.parquet as pq
   path = pathlib.Path(path)
   files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
   if not files or not files[0].exists():

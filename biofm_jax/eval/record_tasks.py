@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from biofm_jax.modalities.ehr.labeled import TaskInfo
+from biofm_jax.modalities.ehr.task_data import TaskInfo
 from biofm_jax.eval import downstream, predictions
 from biofm_jax.modalities import registry
+from biofm_jax.train.embed import embed_split
+from biofm_jax.train.runs import open_run
 
 log = logging.getLogger("biofm_jax")
 
@@ -59,8 +61,6 @@ def label_targets(data, label_column: str, splits) -> tuple[TaskInfo, dict[str, 
 def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str | pathlib.Path, label_column: str,
                            options: downstream.EvaluationOptions = downstream.EvaluationOptions()) -> dict:
   """Probe vs the modality's classical baseline on `label_column`; writes the report."""
-  from biofm_jax.eval.embeddings import embed_split
-  from biofm_jax.train.runs import open_run
   workdir, out_dir = pathlib.Path(pretrained_workdir).absolute(), pathlib.Path(out_dir).absolute()
   predictions.check_writable(out_dir, options.overwrite)
   config, data, setup, params, _ = open_run(workdir)
@@ -75,9 +75,9 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
   baseline, model_name, description = raw.name, raw.model, raw.description
   train_y = ids["train"]
   scores = {
-      downstream.PROBE: {s: downstream.fit_predict("logistic", info, embeddings["train"], train_y, embeddings[s],
+      downstream.PROBE: {s: downstream.fit_predict_task("logistic", info, embeddings["train"], train_y, embeddings[s],
                                                    options.seed) for s in splits},
-      baseline: {s: downstream.fit_predict(model_name, info, features["train"], train_y, features[s], options.seed)
+      baseline: {s: downstream.fit_predict_task(model_name, info, features["train"], train_y, features[s], options.seed)
                  for s in splits}}
   descriptions = {downstream.PROBE: {"method": "logistic regression on frozen pooled embeddings"},
                   baseline: {"method": description, "features": int(features["train"].shape[1])}}

@@ -19,6 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from biofm_jax.eval.report import png_bytes, to_json_safe, write_atomic
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+from sklearn.metrics import silhouette_score
+from scipy.stats import chi2_contingency
+from scipy.stats import kruskal
+from lifelines import KaplanMeierFitter
+from lifelines.statistics import multivariate_logrank_test
+from matplotlib.figure import Figure
+from sklearn.metrics import adjusted_rand_score
 
 MAX_PCA_DIMS = 32
 SILHOUETTE_ROWS = 2000  # silhouette is O(n^2); a seeded sample keeps k selection cheap
@@ -134,9 +144,6 @@ def cluster(embeddings: np.ndarray, *, num_clusters: int | None = None, k_range=
   `k_range` is inclusive. Clusters are renumbered by decreasing size, so cluster 0 is the largest.
   info: k, silhouette {k: score}, explained_variance, and `projection` [N, 2] for plotting.
   """
-  from sklearn.cluster import KMeans
-  from sklearn.decomposition import PCA
-  from sklearn.preprocessing import StandardScaler
   x = np.asarray(embeddings, np.float64)
   n = len(x)
   candidates = [num_clusters] if num_clusters else list(range(k_range[0], min(k_range[1], n - 1) + 1))
@@ -161,7 +168,6 @@ def cluster(embeddings: np.ndarray, *, num_clusters: int | None = None, k_range=
 
 
 def _silhouette(z: np.ndarray, labels: np.ndarray) -> float:
-  from sklearn.metrics import silhouette_score
   return float(silhouette_score(z, labels)) if 2 <= len(np.unique(labels)) < len(labels) else math.nan
 
 
@@ -186,7 +192,6 @@ def describe_clusters(cluster_labels, table: pd.DataFrame, *, outcomes: list[str
   if survival:
     result["survival"] = describe_survival(labels, table[survival[0]], table[survival[1]])
   if reference:
-    from sklearn.metrics import adjusted_rand_score
     present = table[reference].notna().to_numpy()
     result["reference"] = {"column": reference, "rows": int(present.sum()), "adjusted_rand": float(
         adjusted_rand_score(table[reference][present].astype(str), labels[present]))}
@@ -238,7 +243,6 @@ def _std(x: np.ndarray) -> float:
 
 
 def _chi_square(counts: np.ndarray) -> dict:
-  from scipy.stats import chi2_contingency
   counts = counts[counts.sum(axis=1) > 0][:, counts.sum(axis=0) > 0]
   if min(counts.shape) < 2:  # one cluster or one level left: nothing to test
     return {"test": "chi-square", "statistic": math.nan, "p_value": math.nan}
@@ -247,7 +251,6 @@ def _chi_square(counts: np.ndarray) -> dict:
 
 
 def _kruskal(groups: list[np.ndarray]) -> dict:
-  from scipy.stats import kruskal
   groups = [g for g in groups if g.size]
   try:
     statistic, p_value = kruskal(*groups) if len(groups) >= 2 else (math.nan, math.nan)
@@ -258,8 +261,6 @@ def _kruskal(groups: list[np.ndarray]) -> dict:
 
 def describe_survival(labels: np.ndarray, times: pd.Series, events: pd.Series) -> dict:
   """Log-rank test across clusters and the Kaplan-Meier median survival per cluster (None: not reached)."""
-  from lifelines import KaplanMeierFitter
-  from lifelines.statistics import multivariate_logrank_test
   t = pd.to_numeric(times, errors="coerce").to_numpy(float)
   present = ~np.isnan(t) & events.notna().to_numpy()
   if (t[present] < 0).any():
@@ -346,7 +347,6 @@ def markdown_report(report: dict) -> str:
 
 
 def _pca_figure(per_row: pd.DataFrame):
-  from matplotlib.figure import Figure
   figure = Figure(figsize=(5.5, 4.5))
   axes = figure.subplots()
   for c, rows in per_row.groupby("cluster"):
@@ -357,8 +357,6 @@ def _pca_figure(per_row: pd.DataFrame):
 
 
 def _km_figure(per_row: pd.DataFrame, survival: dict):
-  from lifelines import KaplanMeierFitter
-  from matplotlib.figure import Figure
   figure = Figure(figsize=(5.5, 4.5))
   axes = figure.subplots()
   rows = per_row.dropna(subset=[survival["time"], survival["event"]])

@@ -13,23 +13,28 @@ name. A row (`Modality`) names:
               decides the shapes (gene panels, table columns)
   baseline    the classical model on raw features that record-label reports put beside
               the probe (`eval/record_tasks.py`); None where labels come from elsewhere
+  reference_losses  (data module, config, train_split=, eval_split=) -> {name: loss} that
+              a pre-trained model must beat, logged by the loop; None for none
 
 Adding a modality: a folder `modalities/<name>/` with those pieces, and one row below.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import logging
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
 from biofm_jax.data import batch as B
 from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.modalities import synthetic_cohort
 from biofm_jax.modalities.ecg import baseline as ecg_baseline
 from biofm_jax.modalities.ecg import data as ecg_data
 from biofm_jax.modalities.ecg import model as ecg_model
 from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ehr import data as ehr_data
+from biofm_jax.modalities.ehr import unigram as ehr_unigram
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.modalities.imaging import data as imaging_data
 from biofm_jax.modalities.imaging import model as imaging_model
@@ -45,8 +50,11 @@ from biofm_jax.models import model as model_lib
 from biofm_jax.models.modalities import TokenModality
 from biofm_jax.objectives import Objective
 from biofm_jax.objectives.autoregressive import NextEventModelling
+from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
 from biofm_jax.objectives.masked import MaskedCodeModelling
 from biofm_jax.objectives.multimodal import build_multimodal_objective
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Modality:
   objectives: Mapping[str, Callable[..., Objective]]
   sizing: Callable[[Any, str, int], tuple[dict, dict, dict]] | None = None
   baseline: RawBaseline | None = None
+  reference_losses: Callable[..., dict[str, float]] | None = None
 
 
 # ---------------------------------------------------------------- shared pieces of rows
@@ -112,7 +121,8 @@ def _imaging_sizing(cfg, objective: str, vocab_size: int):
 # ---------------------------------------------------------------- the table
 MODALITIES: dict[str, Modality] = {m.name: m for m in (
     Modality("ehr", ehr_data.EHRData.from_config, _token_model("ehr", EHREncoder),
-             {"masked": _masked, "autoregressive": _next_event}, sizing=_ehr_sizing),
+             {"masked": _masked, "autoregressive": _next_event}, sizing=_ehr_sizing,
+             reference_losses=ehr_unigram.reference_losses),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": lambda cfg, modality, info: MaskedAutoencoding(norm_pix_loss=cfg.norm_pix_loss)},
              sizing=_imaging_sizing),
@@ -153,10 +163,36 @@ def open_data_module(name: str, cfg: Any, *, objective: str, artifacts_dir) -> A
   return get(name).data(cfg, objective=objective, artifacts_dir=artifacts_dir)
 
 
+def check_contrastive(objectives: Any, modalities: Sequence[str], *, mixing: bool, sampling: str) -> None:
+  """Fails before any data is read when contrastive alignment cannot work as configured."""
+  section = objectives.get("contrastive")
+  if section is None or not section.weight > 0:
+    return
+  pairs_of_configured_modalities(section.pairs, modalities)
+  if mixing:
+    raise ValueError("data.multimodal.mix_weights mixes single-modality examples, so no example holds a "
+                     "pair for objective.contrastive; set objective.contrastive.weight=0 or join by subject")
+  if sampling == "balanced":
+    log.warning("multimodal: balanced sampling repeats the subjects of rare availability patterns, so a "
+                "batch can hold one subject twice and contrastive alignment then treats its second copy "
+                "as a negative; prefer uniform sampling with large contrastive batches")
+
+
 def open_multimodal_data(data_cfg: Any, *, objectives: Any, artifacts_dir, seed: int = 0):
   """The multimodal join (`data/multimodal.py`) of the modalities `data_cfg.multimodal` names."""
   return MultimodalData.from_config(data_cfg, objectives=objectives, artifacts_dir=artifacts_dir, seed=seed,
-                                    open_modality=open_data_module, registered=tuple(MODALITIES))
+                                    open_modality=open_data_module, registered=tuple(MODALITIES),
+                                    check_objectives=check_contrastive,
+                                    synthetic_paths=synthetic_cohort.run_cohort_paths)
+
+
+def reference_losses(data_module, config, *, train_split: str, eval_split: str) -> dict[str, float]:
+  """The losses `data_module`'s modality says a model must beat (`{}` for none, and for
+  joined modalities)."""
+  row = MODALITIES.get(data_module.name)
+  if row is None or row.reference_losses is None:
+    return {}
+  return row.reference_losses(data_module, config, train_split=train_split, eval_split=eval_split)
 
 
 def model_modalities(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]) -> dict:

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from biofm_jax.objectives.base import Objective
+from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
 
 CONTRASTIVE = "contrastive"
 
@@ -47,7 +48,6 @@ class MultimodalObjective:
 def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build_one) -> MultimodalObjective:
   """`cfg` is config.objective: a section per modality (its own objective's fields plus
   `weight`) and a `contrastive` section; `build_one(section, modality, info)` builds one."""
-  from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
   parts = []
   for modality in sorted(info):
     if modality not in cfg:

@@ -3,7 +3,7 @@
 `SupervisedObjective` reads the head's logits (`outputs["task"]["logits"]`, see
 `models/task.py`) and the targets under `batch.TASK`, and reports (sum, count) terms like
 every pre-training objective, so the same train step, gradient accumulation and exact
-evaluation averages serve fine-tuning. Padding examples (TASK_VALID False) weigh nothing.
+evaluation averages serve fine-tuning. Padding examples (VALID False) weigh nothing.
 
 `predictions` turns logits into what reports score: probabilities (binary, multiclass,
 multilabel), values in the label's units (regression), a risk score (survival).
@@ -33,7 +33,7 @@ class SupervisedObjective:
     return {"task_loss": 1.0}
 
   def counts(self, batch):
-    valid = batch[B.TASK][B.TASK_VALID].astype(jnp.float32).sum()
+    valid = batch[B.TASK][B.VALID].astype(jnp.float32).sum()
     counts = {"task_loss": valid}
     if self.task_type in ("binary", "multiclass"):
       counts["accuracy"] = valid
@@ -41,7 +41,7 @@ class SupervisedObjective:
 
   def sums(self, outputs, batch):
     task = batch[B.TASK]
-    valid = task[B.TASK_VALID].astype(jnp.float32)
+    valid = task[B.VALID].astype(jnp.float32)
     logits = outputs["task"]["logits"].astype(jnp.float32)
     if self.task_type == "binary":
       z, y = logits[:, 0], task[B.TASK_LABEL]

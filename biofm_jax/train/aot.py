@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.modalities import registry
-from biofm_jax.train.setup import build_training
+from biofm_jax.train.build import build_training
 from biofm_jax.train.state import param_count
+from biofm_jax import parallel
 
 
 class AbstractData:
@@ -120,6 +121,5 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
 
 
 def _batch_sharding(setup):
-  from biofm_jax import parallel
   return parallel.batch_sharding(setup.mesh)
 

@@ -29,6 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
+from jax.experimental import multihost_utils
 
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -94,7 +95,6 @@ class Checkpointer:
         aside = path.with_name(f"{step}{UNREADABLE_SUFFIX}.{os.getpid()}")
       path.rename(aside)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
     self._manager.reload()
     return what

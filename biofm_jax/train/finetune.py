@@ -24,13 +24,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
-from biofm_jax.data.labels import labels_name
+from biofm_jax.data import batch as B
+from biofm_jax.data.labels import few_shot_indices, labels_name, read_labels
+from biofm_jax.modalities.ehr import data as ehr_lib
+from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
+from biofm_jax.modalities.ehr.task_data import EHRTaskData
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import Checkpointer
+from biofm_jax.train.build import TrainingSetup, build_training
 from biofm_jax.train.loop import train_and_evaluate
-from biofm_jax.train.setup import TrainingSetup, build_training
 from biofm_jax.train.state import param_count
 
 log = logging.getLogger("biofm_jax")
@@ -93,10 +97,7 @@ def check_architecture(finetune: ml_collections.ConfigDict, saved: dict) -> None
 
 
 def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
-  """`LabeledEHRData` for `config.task`, tokenised with the pre-trained run's vocabulary."""
-  from biofm_jax.modalities.ehr import data as ehr_lib
-  from biofm_jax.modalities.ehr.labeled import LabeledEHRData
-  from biofm_jax.data.labels import read_labels
+  """`EHRTaskData` for `config.task`, tokenised with the pre-trained run's vocabulary."""
   if "ehr" not in config.data:
     raise ValueError("fine-tuning is built for EHR pre-training runs (config.data.ehr); "
                      f"the pretrained run has data sections {sorted(config.data.keys())}")
@@ -110,9 +111,9 @@ def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.
     ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")
   ehr = ehr_lib.EHRData.from_config(ehr_cfg, objective=config.objective.name, artifacts_dir=artifacts_dir)
   labels = read_labels(labels_path(config, ehr_cfg.path, artifacts_dir), config.task)
-  data = LabeledEHRData(ehr, labels, num_time_bins=config.task.num_time_bins,
-                        cut=config.task.get("prediction_time_cut", "inclusive"),
-                        strict_labels=config.task.get("strict_labels", False))
+  data = EHRTaskData(ehr, labels, num_time_bins=config.task.num_time_bins,
+                     cut=config.task.get("prediction_time_cut", "inclusive"),
+                     strict_labels=config.task.get("strict_labels", False))
   if config.finetune.train_labels_per_class:
     rows = few_label_rows(data.split_labels("train"), config.finetune.train_labels_per_class,
                           config.finetune.label_seed)
@@ -123,8 +124,6 @@ def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.
 def few_label_rows(labels, k: int, seed: int) -> np.ndarray:
   """Few-shot training rows: k per class for binary and multiclass labels (as the few-shot
   sweep of the reports draws them), k rows for other tasks; fixed by the seed."""
-  from biofm_jax.data import batch as B
-  from biofm_jax.eval.classical import few_shot_indices
   if labels.task_type in ("binary", "multiclass"):
     return few_shot_indices(labels.targets[B.TASK_LABEL].astype(np.int64), k, seed)
   return np.sort(np.random.default_rng([seed, k]).choice(len(labels), min(k, len(labels)), replace=False))
@@ -137,7 +136,6 @@ def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir
   if not config.task.synthetic:
     raise ValueError("config.task.labels is empty: give a MEDS labels parquet file (or task.synthetic for "
                      "the synthetic cohort)")
-  from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
   censor = config.task.synthetic_censor_fraction
   suffix = f"_seed{config.seed}" + (f"_censor{censor:g}" if censor else "")
   path = artifacts_dir / f"labels_{config.task.synthetic}{suffix}.parquet"  # other settings, other file

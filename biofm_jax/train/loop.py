@@ -25,13 +25,13 @@ from jax.experimental import multihost_utils
 from biofm_jax import parallel
 from biofm_jax.config import config_to_dict, write_run_info
 from biofm_jax.data import pipeline
-from biofm_jax.modalities import registry
 from biofm_jax.data.prepared import open_prepared
-from biofm_jax.eval.baselines import reference_losses
+from biofm_jax.modalities import registry
 from biofm_jax.train import state as state_lib
+from biofm_jax.train.build import build_training
 from biofm_jax.train.checkpoint import Checkpointer
-from biofm_jax.train.metrics import MetricWriter, Throughput, format_duration, measure_peak_flops
-from biofm_jax.train.setup import build_training
+from biofm_jax.train.metric_writer import MetricWriter, Throughput, format_duration, measure_peak_flops
+from biofm_jax.train.retrieval import cross_modal_recall
 
 log = logging.getLogger("biofm_jax")
 TRAIN_SPLIT, EVAL_SPLIT = "train", "tuning"
@@ -176,7 +176,6 @@ def evaluate_retrieval(setup, params, data_module, config) -> dict[str, float]:
   contrastive = getattr(setup.objective, "contrastive", None)
   if contrastive is None or jax.process_count() > 1:
     return {}
-  from biofm_jax.eval.retrieval import cross_modal_recall
   recall = cross_modal_recall(setup, params, data_module, EVAL_SPLIT, contrastive.pairs,
                               batch_size=config.data.batch_size, ks=(1, 10))
   log.info("cross-modal retrieval on the %s split: %s", EVAL_SPLIT, " | ".join(
@@ -235,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   evaluates = pipeline.has_split(data_module, EVAL_SPLIT)
   if not evaluates:
     log.warning("no %r split with records: periodic evaluation is skipped", EVAL_SPLIT)
-  baselines = (reference_losses(data_module, config, train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT)
+  baselines = (registry.reference_losses(data_module, config, train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT)
                if evaluates else {})
   for key, value in baselines.items():
     log.info("%s: %.4f (a context-free model's loss on the %s evaluation batches)", key, value, EVAL_SPLIT)

@@ -14,7 +14,7 @@ import ml_collections
 
 from biofm_jax.train import finetune, loop
 from biofm_jax.train.checkpoint import Checkpointer
-from biofm_jax.train.setup import build_training
+from biofm_jax.train.build import build_training
 
 
 def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):

@@ -24,6 +24,13 @@ STANDARD_SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 
 
+def ordered(names) -> list[str]:
+  """Split names in the one order every source lists them: the standard splits first, in
+  their order, then any others alphabetically."""
+  names = set(names)
+  return [s for s in STANDARD_SPLITS if s in names] + sorted(names - set(STANDARD_SPLITS))
+
+
 def splitmix64(x: np.ndarray) -> np.ndarray:
   """The splitmix64 finaliser: a fixed, well-mixed hash of uint64 values."""
   x = x + np.uint64(0x9E3779B97F4A7C15)

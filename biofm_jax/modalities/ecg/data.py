@@ -35,6 +35,7 @@ from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ecg.source import ECGDataset
+from biofm_jax.modalities.ecg.synthetic import write_synthetic_ecg
 
 NAME = "ecg"
 OBJECTIVES = ("mae",)
@@ -42,7 +43,7 @@ SYNTHETIC_DIRNAME = "synthetic_ecg"
 # Fields of an ECG example (the MAE patch ids share the batch contract's names).
 SIGNAL = "signal"
 TOKEN_PRESENT = "token_present"
-VALID = batch.IMAGE_VALID
+VALID = batch.VALID
 VISIBLE, MASKED = batch.IMAGE_VISIBLE, batch.IMAGE_MASKED
 _MIN_LEAD_SD = 1e-3  # mV: a flat lead is scaled by this, not by ~0
 
@@ -218,6 +219,5 @@ class ECGData:
 
 def _synthetic_manifest(cfg: Any, artifacts_dir: Path) -> Path:
   """A synthetic cohort with a planted rhythm label, written once under artifacts_dir."""
-  from biofm_jax.modalities.ecg.synthetic import write_synthetic_ecg  # only runs without data
   return write_synthetic_ecg(artifacts_dir / SYNTHETIC_DIRNAME, num_subjects=int(_field(cfg, "synthetic_subjects")),
                              seed=int(_field(cfg, "synthetic_seed")))

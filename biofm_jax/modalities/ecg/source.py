@@ -244,8 +244,7 @@ class ECGDataset:
       if split_of.setdefault(record.subject_id, name) != name:
         raise ValueError(f"{self.path}: subject {record.subject_id!r} is in splits {split_of[record.subject_id]!r} "
                          f"and {name!r}; a subject must stay in one split")
-    order = [s for s in splits_lib.STANDARD_SPLITS if s in set(names)] + sorted(
-        set(names) - set(splits_lib.STANDARD_SPLITS))
+    order = splits_lib.ordered(set(names))
     return {s: np.flatnonzero(names == s).astype(np.int64) for s in order}
 
   def source(self, split: str) -> ECGSource:

@@ -28,6 +28,8 @@ from biofm_jax.data import artifacts, batch
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
+from biofm_jax.modalities.ehr import synthetic as synthetic
+from biofm_jax.modalities.ehr import meds as meds_source
 
 BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
@@ -266,7 +268,6 @@ class EHRData:
   def from_config(cls, cfg: Any, *, objective: str,
                   artifacts_dir: str | os.PathLike) -> EHRData:
     """Opens the MEDS dataset named by `cfg` (= config.data.ehr) and its vocabulary."""
-    from biofm_jax.modalities.ehr import meds as meds_source
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     root = Path(cfg.path) if cfg.path else _synthetic_cohort(cfg, artifacts_dir)
@@ -332,9 +333,7 @@ def _unk_counts(vocab: EHRVocab, records: Iterable[Mapping[str, Any]]) -> dict[s
 
 def _synthetic_cohort(cfg: Any, artifacts_dir: Path) -> Path:
   """The synthetic cohort under artifacts_dir, written once (reused on resume)."""
-  import meds
 
-  from biofm_jax.modalities.ehr import synthetic as synthetic
   root = artifacts_dir / "synthetic_meds"
   # write_synthetic_meds renames a finished cohort into place: if it is there, it is whole.
   if not (root / meds.dataset_metadata_filepath).exists():

@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # hash_splits lives in splits.py (shared by all modalities); re-exported for old imports.
-from biofm_jax.data.sources.splits import STANDARD_SPLITS as _STANDARD_SPLITS
 from biofm_jax.data.sources.splits import hash_splits  # noqa: F401
+from biofm_jax.data.sources.splits import ordered as ordered_splits
 from biofm_jax.data.sources.indexing import checked_index
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   if conflicts:
     raise ValueError(f"{path}: {conflicts} subject(s) appear in more than one split")
   found = set(names.tolist())
-  order = [s for s in _STANDARD_SPLITS if s in found] + sorted(found - set(_STANDARD_SPLITS))
+  order = ordered_splits(found)
   return {name: np.unique(ids[names == name]) for name in order}
 
 

@@ -28,6 +28,8 @@ from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exporte
     INTENSITY_MODES, CenterResize, IntensityJitter, NormalizeIntensity,
     RandomFlip, RandomResizedCrop, ResampleToSpacing, ToImagingExample, record_name,
     resize_linear, sample_crop_box)
+from biofm_jax.modalities.imaging.synthetic import write_synthetic_images
+from biofm_jax.modalities.imaging import source as imaging_source
 
 OBJECTIVES = ("mae",)
 ON_ERROR = ("raise", "skip")
@@ -155,7 +157,6 @@ class ImagingData:
     if objective not in OBJECTIVES:  # before any data is generated or read
       raise ValueError(f"ImagingData: objective {objective!r}, expected one of {OBJECTIVES}")
     settings = ImagingSettings.from_config(cfg)
-    from biofm_jax.modalities.imaging import source as imaging_source
     path = Path(cfg.path) if cfg.path else _synthetic_images(cfg, settings, Path(artifacts_dir))
     dataset = imaging_source.ImagingDataset(path, spatial_dims=settings.spatial_dims,
                                             on_error=settings.on_error)
@@ -249,7 +250,6 @@ def _stack_labels(records: Iterable[Mapping[str, Any]], num_labels: int) -> np.n
 
 def _synthetic_images(cfg: Any, settings: ImagingSettings, artifacts_dir: Path) -> Path:
   """The synthetic images under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.modalities.imaging.synthetic import write_synthetic_images
   root = artifacts_dir / SYNTHETIC_DIRNAME
   # The source reads a folder through the manifest.csv in its root, labels included.
   if not (root / MANIFEST_FILENAME).exists():

@@ -27,7 +27,7 @@ class MaskedAutoencoding:
   def counts(self, batch):
     imaging = batch["imaging"]
     masked_per_example = imaging[B.IMAGE_MASKED].shape[1]
-    return {"reconstruction_loss": imaging[B.IMAGE_VALID].astype(jnp.float32).sum() * masked_per_example}
+    return {"reconstruction_loss": imaging[B.VALID].astype(jnp.float32).sum() * masked_per_example}
 
   def sums(self, outputs, batch):
     out = outputs["imaging"]
@@ -35,5 +35,5 @@ class MaskedAutoencoding:
     if self.norm_pix_loss:
       target = normalize_patches(target)
     per_patch = jnp.mean((out["predicted_patches"] - target) ** 2, axis=-1)  # [B, M]
-    valid = batch["imaging"][B.IMAGE_VALID].astype(jnp.float32)[:, None]
+    valid = batch["imaging"][B.VALID].astype(jnp.float32)[:, None]
     return {"reconstruction_loss": jnp.sum(per_patch * valid)}

@@ -251,8 +251,7 @@ def _manifest_splits(items: list[Item], csv_path: pathlib.Path,
                        "must stay in one split")
   stats["items_without_split"] = sum(not item.split for item in items)
   names = {item.split for item in items if item.split}
-  order = [s for s in splits_lib.STANDARD_SPLITS if s in names] + sorted(
-      names - set(splits_lib.STANDARD_SPLITS))
+  order = splits_lib.ordered(names)
   split_names = np.array([item.split for item in items], dtype=object)
   return {name: np.flatnonzero(split_names == name).astype(np.int64) for name in order}
 

@@ -80,7 +80,7 @@ def _simulate_image(rng: np.random.Generator, spatial_dims: int, size: int,
   `soft_tissue` (the body's base intensity in HU) and `body_radii` ([spatial_dims], in
   units of the half image) are drawn when None; each organ's contrast to the body is one
   of `organ_contrasts` (HU) plus noise. A caller sets them to plant a latent state in the
-  image (synthetic_multimodal.py).
+  image (modalities/synthetic_cohort.py).
   """
   grid = _grid(size, spatial_dims)
   shape = grid.shape[1:]

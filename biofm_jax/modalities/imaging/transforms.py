@@ -299,7 +299,7 @@ class IntensityJitter(grain.transforms.RandomMap):
 
 # ================================================================ examples and masking
 class ToImagingExample(grain.transforms.Map):
-  """Record -> {IMAGE: float32 [*image_shape, channels], IMAGE_VALID: True}.
+  """Record -> {IMAGE: float32 [*image_shape, channels], VALID: True}.
 
   A one-channel image becomes three by repetition only when `channels` is 3; three
   channels are never silently averaged to one (a grayscale/RGB mismatch must be explicit).
@@ -325,4 +325,4 @@ class ToImagingExample(grain.transforms.Map):
                          f"for channels={self.channels}; only 1 -> 3 is converted (by "
                          f"repetition); convert the images or change data.imaging.channels")
     return {batch.IMAGE: np.ascontiguousarray(image, dtype=np.float32),
-            batch.IMAGE_VALID: np.asarray(True)}
+            batch.VALID: np.asarray(True)}

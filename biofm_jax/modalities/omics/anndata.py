@@ -306,8 +306,7 @@ def _column_splits(obs: pd.DataFrame, column: str, kept: np.ndarray,
   names = values.astype(str).to_numpy(dtype=object)
   stats["cells_without_split"] = int((missing & kept).sum())
   found = set(names[kept & ~missing].tolist())
-  order = [s for s in splits_lib.STANDARD_SPLITS if s in found] + sorted(
-      found - set(splits_lib.STANDARD_SPLITS))
+  order = splits_lib.ordered(found)
   return {name: np.flatnonzero(kept & ~missing & (names == name)).astype(np.int64)
           for name in order}
 

@@ -37,6 +37,8 @@ from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.omics.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
     VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
     GeneVocab, normalize_counts, quantile_bins)
+from biofm_jax.modalities.omics.synthetic import write_synthetic_anndata
+from biofm_jax.modalities.omics import anndata as anndata_source
 
 SYNTHETIC_FILENAME = "synthetic_omics.h5ad"
 MODES = ("binned", "rank")
@@ -205,7 +207,6 @@ class OmicsData:
     if objective not in OBJECTIVES:  # before any data is generated or read
       raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
     settings = OmicsSettings.from_config(cfg)
-    from biofm_jax.modalities.omics import anndata as anndata_source
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     path = Path(settings.path) if settings.path else _synthetic_file(settings, artifacts_dir)
@@ -264,7 +265,6 @@ class OmicsData:
 
 def _synthetic_file(settings: OmicsSettings, artifacts_dir: Path) -> Path:
   """The synthetic file under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.modalities.omics.synthetic import write_synthetic_anndata
   path = artifacts_dir / SYNTHETIC_FILENAME
   if not path.exists():  # written by rename: if it is there, it is whole
     log.info("omics: writing a synthetic AnnData file of %d cells", settings.synthetic_cells)

@@ -22,6 +22,8 @@ import pathlib
 import numpy as np
 
 from biofm_jax.data.sources import splits as splits_lib
+import pandas as pd
+import scipy.sparse as sp
 
 MARKERS_PER_TYPE = 8
 MARKER_FOLD_CHANGE = 12.0  # how far above its base mean a marker gene is expressed
@@ -52,7 +54,7 @@ def synthetic_counts(num_cells: int, num_genes: int, num_cell_types: int, seed: 
 
   `cell_types` (int [cells]; None: drawn uniformly) and `log_effects` (float [cells, genes]
   added to the log of every mean; None: none) let a caller plant per-cell (or per-sample)
-  structure, e.g. synthetic_multimodal.py's subject latents.
+  structure, e.g. modalities/synthetic_cohort.py's subject latents.
   """
   rng = np.random.default_rng(seed)
   means = np.tile(_base_means(num_genes, rng), (num_cell_types, 1))
@@ -86,9 +88,7 @@ def write_synthetic_anndata(path: str | os.PathLike, *, num_cells: int = 600,
                             num_genes: int = 200, num_cell_types: int = 4,
                             seed: int = 0) -> pathlib.Path:
   """Writes the .h5ad to `path` atomically and returns the path."""
-  import anndata
-  import pandas as pd
-  import scipy.sparse as sp
+  import anndata  # heavy; only writing a synthetic .h5ad needs it
 
   if num_cells < 1 or num_genes < 1 or num_cell_types < 1:
     raise ValueError(f"write_synthetic_anndata: num_cells {num_cells}, num_genes {num_genes} "

@@ -33,6 +33,7 @@ from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import check_masking_args
 from biofm_jax.modalities.sequence import fasta as fasta
+from biofm_jax.modalities.sequence.synthetic import write_synthetic_fasta
 
 TOKENIZER_FORMAT = "biofm_jax.sequence_tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
@@ -369,7 +370,6 @@ class SequenceData:
 
 def _synthetic_fasta(cfg: Any, artifacts_dir: Path) -> Path:
   """The synthetic FASTA under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.modalities.sequence.synthetic import write_synthetic_fasta
   path = artifacts_dir / SYNTHETIC_FILENAME
   # write_synthetic_fasta renames a finished file into place: if it is there, it is whole.
   if not path.exists():

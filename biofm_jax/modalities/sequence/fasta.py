@@ -361,8 +361,7 @@ class FastaDataset:
       names.append(match.group(1) if match else None)
     self.stats["records_without_split"] = names.count(None)
     present = {n for n in names if n is not None}
-    order = [s for s in splits_lib.STANDARD_SPLITS if s in present] + sorted(
-        present - set(splits_lib.STANDARD_SPLITS))
+    order = splits_lib.ordered(present)
     names = np.asarray(names, dtype=object)
     return {name: np.flatnonzero(names == name).astype(np.int64) for name in order}
 

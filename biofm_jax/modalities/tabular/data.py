@@ -30,6 +30,8 @@ import numpy as np
 from biofm_jax.data import artifacts, batch
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field
+from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
+from biofm_jax.modalities.tabular import source as tabular_source
 
 OBJECTIVES = ("masked_features",)
 STATS_FORMAT = "biofm_jax.tabular_stats"
@@ -176,7 +178,7 @@ def _record_name(record: Mapping[str, Any]) -> str:
 
 
 class StandardizeRow(grain.transforms.Map):
-  """Record -> TABULAR_VALID, TABULAR_VALUES, TABULAR_MISSING and TABULAR_CATEGORIES."""
+  """Record -> VALID, TABULAR_VALUES, TABULAR_MISSING and TABULAR_CATEGORIES."""
 
   def __init__(self, stats: TabularStats):
     self.stats = stats
@@ -192,7 +194,7 @@ class StandardizeRow(grain.transforms.Map):
                        f"categorical values, expected {f} and {c} as in the stats")
     missing = ~np.isfinite(numeric)
     values = np.where(missing, 0.0, (np.where(missing, 0.0, numeric) - self.means) / self.stds)
-    return {batch.TABULAR_VALID: np.asarray(True),
+    return {batch.VALID: np.asarray(True),
             batch.TABULAR_VALUES: values.astype(np.float32),
             batch.TABULAR_MISSING: missing,
             batch.TABULAR_CATEGORIES: self.stats.category_ids(cells)}
@@ -257,7 +259,6 @@ class TabularData:
     if min_count < 1:
       raise ValueError(f"{_CONFIG_PREFIX}.min_category_count is {min_count}, expected >= 1")
     _check_mask_rate(mask_rate)  # before any data is generated or read
-    from biofm_jax.modalities.tabular import source as tabular_source
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     labels = _names(get("label_columns"), "label_columns")
@@ -337,7 +338,6 @@ def _names(value: Any, name: str) -> tuple[str, ...]:
 
 def _synthetic_table(artifacts_dir: Path, num_rows: int, seed: int) -> Path:
   """The synthetic table under artifacts_dir, written once (reused on resume)."""
-  from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
   root = artifacts_dir / SYNTHETIC_DIRNAME
   # write_synthetic_table renames a finished folder into place: if it is there, it is whole.
   if not (root / synthetic_tabular.DATA_FILENAME).exists():

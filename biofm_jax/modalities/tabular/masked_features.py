@@ -25,7 +25,7 @@ class MaskedFeatureModelling:
 
   def _selected(self, batch):
     tab = batch["tabular"]
-    valid = tab[B.TABULAR_VALID][:, None]
+    valid = tab[B.VALID][:, None]
     return tab[B.TABULAR_VALUE_MASK] & valid, tab[B.TABULAR_CATEGORY_MASK] & valid
 
   def counts(self, batch):

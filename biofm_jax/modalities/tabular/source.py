@@ -49,6 +49,8 @@ import pyarrow.compute as pc
 
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,6 @@ def _table_files(path: pathlib.Path) -> list[pathlib.Path]:
 def _read_csv(path: pathlib.Path, use_threads: bool = True) -> pa.Table:
   """Every column as strings: our rules, not pyarrow's type inference, decide the kinds
   (and ids like "007" keep their leading zeros)."""
-  import pyarrow.csv as pacsv
   ragged = []  # (line, fields, expected) of the first malformed row
 
   def on_invalid_row(row) -> str:
@@ -118,7 +119,6 @@ def _read_csv(path: pathlib.Path, use_threads: bool = True) -> pa.Table:
 
 def _read_file(path: pathlib.Path) -> pa.Table:
   if path.suffix.lower() == ".parquet":
-    import pyarrow.parquet as pq
     try:
       return pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -394,8 +394,7 @@ class TabularDataset:
     names = column_texts(column, self._where(column=SPLIT_COLUMN))
     self.stats["rows_without_split"] = int(is_none(names).sum())
     present = {n for n in names.tolist() if n is not None}
-    order = [s for s in splits_lib.STANDARD_SPLITS if s in present] + sorted(
-        present - set(splits_lib.STANDARD_SPLITS))
+    order = splits_lib.ordered(present)
     return {name: np.flatnonzero(names == name).astype(np.int64) for name in order}
 
   # -------------------------------------------------------------- access

@@ -116,7 +116,7 @@ def synthetic_table(num_rows: int = 600, seed: int = 0, *, malignant: np.ndarray
                     factors: np.ndarray | None = None) -> pa.Table:
   """The table that `write_synthetic_table` writes, in memory.
 
-  A caller may plant its own structure (synthetic_multimodal.py): `malignant` (0/1
+  A caller may plant its own structure (modalities/synthetic_cohort.py): `malignant` (0/1
   [num_rows]) replaces the labels drawn from the site rates, and `factors` ([num_rows, 3]:
   f_size, f_intensity, f_heterogeneity) are used as given, without the malignant shift.
   """

@@ -1,6 +1,6 @@
 """Labelled EHR examples for fine-tuning and evaluation, with the prediction-time cut enforced.
 
-`LabeledEHRData` joins a labels file (`labels.py`) to a MEDS dataset: one example per label
+`EHRTaskData` joins a labels file (`labels.py`) to a MEDS dataset: one example per label
 row, made of the subject's static rows and the events a label at the row's
 `prediction_time` may use, tokenised exactly as in pre-training, plus the row's targets
 under `batch.TASK`. The cut follows `meds.LabelSchema` ("data may be used ... up to and
@@ -128,7 +128,7 @@ class TokenizeLabeled(grain.transforms.Map):
     self.tokenize, self.info = tokenize, info
 
   def map(self, record: Mapping[str, Any]) -> dict:
-    task = {batch.TASK_VALID: np.bool_(True)}
+    task = {batch.VALID: np.bool_(True)}
     for name, value in record["targets"].items():
       task[name] = np.asarray(value, batch.task_example_spec(self.info.type, self.info.num_outputs)[name][1])
     if self.info.type == "regression":
@@ -136,7 +136,7 @@ class TokenizeLabeled(grain.transforms.Map):
     return {"ehr": self.tokenize.map(record), batch.TASK: task}
 
 
-class LabeledEHRData:
+class EHRTaskData:
   """A labelled EHR task as the pipeline, the training loop and the evaluation see it."""
   name = "labeled_ehr"
   modality = "ehr"
@@ -178,7 +178,7 @@ class LabeledEHRData:
     _check_classes_in_training(labels, train)
     self.info = task_info(labels, train, num_time_bins)
 
-  def with_train_rows(self, rows: np.ndarray) -> LabeledEHRData:
+  def with_train_rows(self, rows: np.ndarray) -> EHRTaskData:
     """A copy whose training split keeps only `rows` (indices into it): few-shot training."""
     train = self.source("train")
     out = copy.copy(self)

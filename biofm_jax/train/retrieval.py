@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from biofm_jax.eval.embeddings import embed_split_outputs
+from biofm_jax.train.embed import embed_split_outputs
 
 
 def recall_at_k(queries: np.ndarray, candidates: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:

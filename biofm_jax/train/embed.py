@@ -13,6 +13,9 @@ import numpy as np
 from biofm_jax import parallel
 from biofm_jax.data import pipeline
 from biofm_jax.train import step as step_lib
+import pathlib
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def embed_split(setup, params, data_module, split: str, *, batch_size: int, seed: int = 0,
@@ -51,10 +54,7 @@ def write_embeddings(path, subject_ids, prediction_times, splits, embeddings: np
   """Writes the embeddings parquet file that `experiments/stratify.py` reads: subject_id,
   prediction_time (null when embeddings are of whole records), split, embedding
   (fixed-size list of float32). Written to a temporary name and renamed."""
-  import pathlib
 
-  import pyarrow as pa
-  import pyarrow.parquet as pq
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   embeddings = np.asarray(embeddings, np.float32)

@@ -44,7 +44,7 @@ whole cohort is written to a hidden sibling and renamed into place (atomic_direc
 calling again on a finished cohort only checks cohort.json and returns its paths.
 
 CLI:
-  python -m biofm_jax.data.sources.synthetic_multimodal --out /tmp/cohort \
+  python -m biofm_jax.modalities.synthetic_cohort --out /tmp/cohort \
       --num_subjects 400 --seed 0 [--spatial_dims 2 --image_size 32 --num_genes 300 \
       --missing ehr=0.1,imaging=0.3,omics=0.4,tabular=0.2]
 """
@@ -55,7 +55,7 @@ import csv
 import json
 import os
 import pathlib
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,10 +68,13 @@ from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
 from biofm_jax.modalities.ehr.synthetic_catalogue import CONDITION_INDEX, CONDITIONS
+import pandas as pd
+import scipy.sparse as sp
 
 MODALITIES = ("ehr", "imaging", "omics", "tabular")
 DEFAULT_MISSING = {"ehr": 0.1, "imaging": 0.3, "omics": 0.4, "tabular": 0.2}
 LATENTS_FILENAME = "latents.csv"
+SYNTHETIC_DIRNAME = "synthetic_multimodal"  # under a run's artifacts
 COHORT_FILENAME = "cohort.json"
 OMICS_FILENAME = "omics.h5ad"
 NUM_SUBTYPES = 4
@@ -218,9 +221,7 @@ def _log_effects(num_genes: int, latents: _Latents, rng: np.random.Generator) ->
 
 
 def _write_omics(path: pathlib.Path, latents: _Latents, seed: int, num_genes: int) -> None:
-  import anndata
-  import pandas as pd
-  import scipy.sparse as sp
+  import anndata  # heavy; only writing a synthetic .h5ad needs it
 
   n = len(latents.risk)
   rng = np.random.default_rng([seed, 3])
@@ -334,6 +335,22 @@ def write_synthetic_multimodal(out_dir: str | os.PathLike, *, num_subjects: int 
       raise
     _check_existing(out, arguments)  # another process finished the same cohort first
   return cohort_paths(out)
+
+
+def run_cohort_paths(data_cfg: Any, artifacts_dir: pathlib.Path, modalities: Sequence[str]) -> dict[str, str]:
+  """A run's cohort paths for `modalities` (`data/multimodal.py`'s `synthetic_paths`): the
+  cohort of `data_cfg.multimodal`'s size and seed, written once under artifacts_dir."""
+  missing = [m for m in modalities if m not in MODALITIES]
+  if missing:
+    raise ValueError(f"data.multimodal.modalities names {missing}, which the synthetic cohort does not have "
+                     f"({list(MODALITIES)}); give every listed modality's data.<modality>.path")
+  imaging = data_cfg.get("imaging")
+  paths = write_synthetic_multimodal(
+      artifacts_dir / SYNTHETIC_DIRNAME, num_subjects=int(data_cfg.multimodal.synthetic_subjects),
+      seed=int(data_cfg.multimodal.synthetic_seed),
+      spatial_dims=int(imaging.spatial_dims) if imaging is not None else 2,
+      image_size=max(imaging.image_size) if imaging is not None else 32)
+  return {m: str(paths[m]) for m in modalities}
 
 
 def _parse_missing(text: str) -> dict[str, float]:

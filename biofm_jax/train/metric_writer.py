@@ -17,6 +17,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -27,7 +28,6 @@ class MetricWriter:
     if not enabled:
       return
     self._truncate_after(resume_step)
-    from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
     self._tb = SummaryWriter(os.fspath(pathlib.Path(workdir) / "tensorboard"), purge_step=resume_step + 1,
                              flush_secs=10)
 

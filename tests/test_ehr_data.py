@@ -10,6 +10,8 @@ import pytest
 from biofm_jax.data import batch, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ehr import data as ehr
+from biofm_jax.modalities.ehr import meds as meds_reader
+from biofm_jax.modalities.ehr import windows
 
 NAT = np.datetime64("NaT", "us")
 T0 = np.datetime64("2000-01-01T00:00:00", "us")
@@ -451,3 +453,67 @@ def test_an_events_inputs_do_not_depend_on_later_events(vocab):
   for field in batch.EHR_INPUT_FIELDS:
     np.testing.assert_array_equal(a[field][:4], b[field][:4], err_msg=field)
   assert a["time_days"][4] != b["time_days"][4]
+
+
+# ================================================================ training windows
+def test_cover_windows_hold_every_event_with_the_configured_overlap():
+  rng = np.random.default_rng(0)
+  static = rng.integers(0, 4, 200)
+  events = static + np.maximum(rng.lognormal(4, 1.2, 200).astype(np.int64), 1)
+  max_len, overlap = 32, 0.25
+  subjects, starts, lengths = windows.cover_windows(static, events, max_len, overlap)
+  for s in range(200):  # brute force: the set of events each subject's windows hold
+    mine = subjects == s
+    held = set()
+    for start, length in zip(starts[mine], lengths[mine]):
+      held |= set(range(start, start + length))
+    room = max(max_len - 1 - static[s], 1)
+    assert held == set(range(events[s] - static[s])), s
+    assert (lengths[mine] <= room).all() and lengths[mine].max() == min(room, events[s] - static[s])
+    stride = np.diff(starts[mine])
+    assert (stride[:-1] == room - int(overlap * room)).all() if len(stride) > 1 else True
+  assert windows.event_coverage(events, static, starts, lengths, subjects) == 1.0
+  one = windows.event_coverage(events, static, np.maximum(events - static - (max_len - 1 - static), 0),
+                               np.minimum(max_len - 1 - static, events - static), np.arange(200))
+  assert one < 0.6  # one recent window per subject leaves most of a heavy tail untrained
+  with pytest.raises(ValueError, match="window_overlap 1.0"):
+    windows.cover_windows(static, events, max_len, 1.0)
+
+
+def test_a_window_keeps_static_rows_and_its_records_birth_for_ages(synthetic_meds):
+  dataset = meds_reader.MEDSDataset(synthetic_meds)
+  records = dataset.source("train")
+  static, events = records.static_counts(), records.event_counts()
+  long = int(np.argmax(events))
+  for i in (long, 0):
+    record = records[i]
+    assert static[i] == np.isnat(record["times"]).sum() and events[i] == len(record["codes"])
+  subjects, starts, lengths = windows.cover_windows(static, events, 16, 0.0)
+  source = windows.WindowSource(records, static, subjects, starts, lengths)
+  last = np.flatnonzero(subjects == long)[-1]
+  window, full = source[last], records[long]
+  s = static[long]
+  assert list(window["codes"][:s]) == list(full["codes"][:s])  # demographics stay
+  assert list(window["codes"][s:]) == list(full["codes"][s + starts[last]:s + starts[last] + lengths[last]])
+  assert not (window["codes"] == "MEDS_BIRTH").any() and not np.isnat(window["birth_time"])
+  vocab = ehr.EHRVocab.build([full], min_count=1, num_value_bins=2)
+  tokenized, whole = ehr.TokenizeEHR(vocab, 16).map(window), ehr.TokenizeEHR(vocab, 1 + len(full["codes"])).map(full)
+  n = len(window["codes"])
+  np.testing.assert_allclose(tokenized[batch.EHR_AGE][1 + s:1 + n],
+                             whole[batch.EHR_AGE][1 + s + starts[last]:1 + s + starts[last] + lengths[last]], rtol=1e-6)
+  assert tokenized[batch.EHR_AGE_KNOWN][1 + s:1 + n].all()
+
+
+def test_ehr_training_covers_every_event_and_logs_padding_and_coverage(tmp_path):
+  from tests.helpers import config_for, train
+  from biofm_jax.train.metric_writer import read_metrics
+  config = config_for("configs/ehr_bert.py:tiny", train__num_steps=4, train__log_every=2, train__eval_every=4)
+  data = ehr.EHRData.from_config(config.data.ehr, objective="masked", artifacts_dir=tmp_path / "run" / "artifacts")
+  summary = data.summary()
+  assert summary["train_event_coverage"] == 1.0 and summary["train_windows"] > summary["subjects_train"]
+  assert summary["train_subjects_truncated"] > 0  # the tiny preset's timelines do not fit one window
+  train(config, tmp_path / "run")
+  rows = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+  assert [r["step"] for r in rows] == [2, 4]
+  assert all(0.0 <= r["train/padding_fraction"] < 1.0 and r["data/train_event_coverage"] == 1.0 for r in rows)
+  assert all(r["perf/real_tokens_per_s"] <= r["perf/tokens_per_s"] for r in rows)

@@ -53,9 +53,13 @@ def _eval_batches(module, config, count):
   return [next(iterator) for _ in range(count)]
 
 
+# Prepared datasets hold one window per record: EHR runs from them train on one window per subject.
+ONE_WINDOW = {"data__ehr__train_windows": "one"}
+
+
 @pytest.mark.parametrize("spec", CONFIGS)
 def test_prepared_dataset_yields_the_raw_sources_batches(spec, tmp_path):
-  config = config_for(spec)
+  config = config_for(spec, **(ONE_WINDOW if "ehr" in spec else {}))
   raw, opened = _prepare(config, tmp_path / "prepared")
   for split in ("train", "tuning"):
     assert len(opened.source(split)) == len(raw.source(split))
@@ -71,17 +75,17 @@ def test_prepared_dataset_yields_the_raw_sources_batches(spec, tmp_path):
 
 
 def test_training_on_a_prepared_dataset_equals_training_on_the_raw_source(tmp_path):
-  raw_run = train(config_for("configs/ehr_bert.py:tiny", train__num_steps=10, train__log_every=1),
+  raw_run = train(config_for("configs/ehr_bert.py:tiny", train__num_steps=10, train__log_every=1, **ONE_WINDOW),
                   tmp_path / "raw")
   out = tmp_path / "prepared"
   result = subprocess.run([sys.executable, str(REPO / "experiments/prepare.py"),
-                           "--config=configs/ehr_bert.py:tiny", f"--out={out}"],
+                           "--config=configs/ehr_bert.py:tiny", "--config.data.ehr.train_windows=one", f"--out={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "applied once    TokenizeEHR" in result.stdout
   assert list((out / "tfds").rglob("*.array_record-*")), "ArrayRecord files expected"
   config = config_for("configs/ehr_bert.py:tiny", train__num_steps=10, train__log_every=1,
-                      data__prepared=str(out))
+                      data__prepared=str(out), **ONE_WINDOW)
   prepared_run = train(config, tmp_path / "from_prepared")
   np.testing.assert_allclose(list(train_losses(tmp_path / "from_prepared").values()),
                              list(train_losses(tmp_path / "raw").values()), rtol=1e-6)
@@ -111,8 +115,15 @@ def test_mismatched_or_damaged_prepared_datasets_are_refused(tmp_path):
     prepared.open_prepared(out, modality="tabular", data_config=section, objective=config.objective.name)
 
 
-def test_a_prepared_module_says_when_something_needs_the_raw_data(tmp_path):
+def test_training_windows_are_not_prepared_yet(tmp_path):
   config = config_for("configs/ehr_bert.py:tiny")
+  assert config.data.ehr.train_windows == "cover"
+  with pytest.raises(ValueError, match=r"prepare with --config.data.ehr.train_windows=one"):
+    _prepare(config, tmp_path / "prepared")
+
+
+def test_a_prepared_module_says_when_something_needs_the_raw_data(tmp_path):
+  config = config_for("configs/ehr_bert.py:tiny", **ONE_WINDOW)
   _, opened = _prepare(config, tmp_path / "prepared")
   with pytest.raises(RuntimeError, match="has no raw dataset .* needs the raw data"):
     opened.dataset.record_until(0, None)

@@ -24,7 +24,10 @@ def get_config(arg=None):
       path="",  # a MEDS dataset directory; "" generates a synthetic cohort in the workdir
       synthetic_subjects=2000, synthetic_seed=0,
       max_len=128,  # tokens per timeline including the CLS token
-      window="recent",  # keep the most recent events of long timelines ("earliest" for the first)
+      window="recent",  # evaluation: the most recent events of long timelines ("earliest" for the first)
+      # training: "cover" cuts long timelines into windows that hold every event each epoch
+      # (consecutive, sharing `window_overlap` of their room with the next); "one": one window
+      train_windows="cover", window_overlap=0.25,
       min_code_count=5,  # codes seen fewer times in the training split become [UNK]
       num_value_bins=10,  # per-code quantile bins of numeric values
       mask_rate=0.15)

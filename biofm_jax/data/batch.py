@@ -156,6 +156,17 @@ def token_sequence_spec(max_len: int, *, with_values: bool,
   return {name: ((max_len,), EHR_DTYPES[name]) for name in fields}
 
 
+def token_slots(host_batch: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[int, int]:
+  """(real tokens, token slots) of a batch's token sequences (modalities with TOKEN_MASK):
+  what padding costs. Modalities without a token mask (images, tables) are not counted."""
+  real = slots = 0
+  for fields in host_batch.values():
+    mask = fields.get(TOKEN_MASK) if isinstance(fields, Mapping) else None
+    if mask is not None:
+      real, slots = real + int(np.count_nonzero(mask)), slots + int(np.size(mask))
+  return real, slots
+
+
 # ---------------------------------------------------------------- multimodal examples
 # A multimodal batch holds one sub-dict per configured modality, each with that
 # modality's fields (above) plus PRESENT. A subject without a modality (or whose modality

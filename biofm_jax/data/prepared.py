@@ -178,6 +178,11 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
   out = pathlib.Path(out)
   if (out / MANIFEST_FILE).exists():
     raise FileExistsError(f"{out}: a prepared dataset is there already; choose a new --out")
+  windows = getattr(module, "train_windows", "one")
+  if windows != "one":
+    raise ValueError(f"prepare: the {module.name} data trains on windows over whole records (train_windows="
+                     f"{windows!r}); a prepared dataset holds one window per record for now: prepare with "
+                     f"--config.data.{module.name}.train_windows=one")
   if len(module.model_info()) != 1:
     raise ValueError("prepare: multimodal data modules are not supported; prepare each modality")
   splits = splits or [s for s in ("train", "tuning", "held_out") if pipeline.has_split(module, s)]
@@ -234,6 +239,11 @@ class PreparedData:
   """A data module whose records come from a prepared dataset; every other question (the
   example spec, model info, the transforms after the prepared ones) goes to the module
   stored at preparation."""
+
+  # Prepared records are one per source item: training reads them as they are (no training
+  # windows of the raw module's own stream), and their coverage is the preparation's.
+  make_train_dataset = None
+  train_event_coverage = None
 
   def __init__(self, directory: pathlib.Path, manifest: dict, module: Any):
     self.directory, self.manifest, self._module = directory, manifest, module

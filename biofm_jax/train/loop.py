@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from biofm_jax import parallel
 from biofm_jax.config import config_to_dict, write_run_info
+from biofm_jax.data import batch as batch_lib
 from biofm_jax.data import pipeline
 from biofm_jax.data.prepared import open_prepared
 from biofm_jax.modalities import registry
@@ -185,10 +186,12 @@ def evaluate_retrieval(setup, params, data_module, config) -> dict[str, float]:
 
 
 def log_progress(step: int, num_steps: int, train: dict, perf: dict, objective) -> None:
-  log.info("step %*d/%d | loss %.4f%s | lr %.2e | %s ex/s | %s tok/s | MFU %.2f%% | ETA %s",
+  real = (f" ({perf['perf/real_tokens_per_s']:,.0f} real, {100 * train['train/padding_fraction']:.0f}% padding)"
+          if "perf/real_tokens_per_s" in perf else "")
+  log.info("step %*d/%d | loss %.4f%s | lr %.2e | %s ex/s | %s tok/s%s | MFU %.2f%% | ETA %s",
            len(str(num_steps)), step, num_steps, train["train/loss"], loss_parts(train, objective),
            train["train/learning_rate"], f"{perf.get('perf/examples_per_s', 0):,.0f}",
-           f"{perf.get('perf/tokens_per_s', 0):,.0f}", 100 * perf.get("perf/mfu", 0.0),
+           f"{perf.get('perf/tokens_per_s', 0):,.0f}", real, 100 * perf.get("perf/mfu", 0.0),
            format_duration(perf.get("perf/eta_s", 0)))
 
 
@@ -268,10 +271,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
            setup.model.tokens_per_example())
   last_train, last_eval, stopped_early = {}, {}, False
   step = start_step
+  tokens = [0, 0]  # this process's real tokens and token slots since the last log line
+  coverage = getattr(data_module, "train_event_coverage", None)
+  coverage = {"data/train_event_coverage": coverage()} if coverage is not None and is_chief else {}
   try:
     with StopRequested() as stop:
       while step < num_steps:
-        state, metrics = setup.train_step(state, parallel.make_global_batch(next(train_iter), setup.mesh))
+        host_batch = next(train_iter)
+        real, slots = batch_lib.token_slots(host_batch)
+        tokens[0], tokens[1] = tokens[0] + real, tokens[1] + slots
+        state, metrics = setup.train_step(state, parallel.make_global_batch(host_batch, setup.mesh))
         step += 1
         if step == start_step + 1:  # time from the end of the first (compiling) step
           jax.block_until_ready(metrics)
@@ -279,7 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if step % config.train.log_every == 0 or step == num_steps:
           last_train = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
           perf = throughput.report(step)
-          writer.write(step, {**last_train, **perf})
+          if tokens[1]:  # token sequences: what padding cost since the last line
+            last_train["train/padding_fraction"] = 1.0 - tokens[0] / tokens[1]
+            perf["perf/real_tokens_per_s"] = perf.get("perf/tokens_per_s", 0.0) * tokens[0] / tokens[1]
+          tokens = [0, 0]
+          writer.write(step, {**last_train, **perf, **coverage})
           log_progress(step, num_steps, last_train, perf, setup.objective)
         if evaluates and (step % config.train.eval_every == 0 or step == num_steps):
           last_eval = evaluate(setup, state.params, data_module, config)

@@ -24,12 +24,13 @@ import grain
 import meds
 import numpy as np
 
-from biofm_jax.data import artifacts, batch
+from biofm_jax.data import artifacts, batch, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.modalities.ehr import synthetic as synthetic
 from biofm_jax.modalities.ehr import meds as meds_source
+from biofm_jax.modalities.ehr.windows import TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage
 
 BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
@@ -175,11 +176,6 @@ def _check_record(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np
   return codes, times, values
 
 
-def _birth_time(codes: np.ndarray, times: np.ndarray) -> np.datetime64 | None:
-  timed_births = np.flatnonzero((codes == BIRTH_CODE) & ~np.isnat(times))
-  return times[timed_births[0]] if len(timed_births) else None
-
-
 def _window(times: np.ndarray, keep: int, window: str) -> np.ndarray:
   """Indices of the rows kept: static rows (demographics) always, then the most recent
   (or the earliest) timed events that fit."""
@@ -201,7 +197,9 @@ class TokenizeEHR(grain.transforms.Map):
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     codes, times, values = _check_record(record)
-    birth = _birth_time(codes, times)  # from the whole record: the window may cut it
+    # From the whole record (a training window carries its record's): the window may cut it.
+    birth = record.get("birth_time", birth_time(codes, times))
+    birth = None if birth is None or np.isnat(birth) else birth
     kept = _window(times, self.max_len - 1, self.window)
     codes, times, values = codes[kept], times[kept], values[kept]
     out = {name: np.zeros(shape, dtype)
@@ -256,13 +254,17 @@ class EHRData:
   name = "ehr"
 
   def __init__(self, dataset: Any, vocab: EHRVocab, *, max_len: int, window: str,
-               mask_rate: float, objective: str):
+               mask_rate: float, objective: str, train_windows: str = "one", window_overlap: float = 0.0):
     if objective not in OBJECTIVES:
       raise ValueError(f"EHRData: objective {objective!r}, expected one of {OBJECTIVES}")
+    if train_windows not in TRAIN_WINDOWS:
+      raise ValueError(f"config.data.ehr.train_windows is {train_windows!r}, expected one of {TRAIN_WINDOWS}")
     self.dataset, self.vocab = dataset, vocab
     self.max_len, self.window, self.mask_rate, self.objective = (max_len, window,
                                                                  mask_rate, objective)
+    self.train_windows, self.window_overlap = train_windows, float(window_overlap)
     self._summary: dict[str, int] | None = None
+    self._windows = None
 
   @classmethod
   def from_config(cls, cfg: Any, *, objective: str,
@@ -275,11 +277,31 @@ class EHRData:
     vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME,
                                  min_count=cfg.min_code_count,
                                  num_value_bins=cfg.num_value_bins)
-    return cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window,
-               mask_rate=cfg.mask_rate, objective=objective)
+    # Runs saved before training windows existed trained on one window per subject.
+    return cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
+               objective=objective, train_windows=cfg.get("train_windows", "one"),
+               window_overlap=cfg.get("window_overlap", 0.0))
 
   def source(self, split: str):
+    """One record per subject of `split` (evaluation, embeddings, joins)."""
     return self.dataset.source(split)
+
+  def training_source(self, split: str = "train"):
+    """What training reads: with `train_windows="cover"` the windows that cover every event
+    of `split` (`windows.py`), else one record per subject."""
+    if self.train_windows == "one":
+      return self.source(split)
+    if self._windows is None or self._windows[0] != split:
+      records = self.source(split)
+      static, events = records.static_counts(), records.event_counts()
+      subjects, starts, lengths = cover_windows(static, events, self.max_len, self.window_overlap)
+      self._windows = (split, WindowSource(records, static, subjects, starts, lengths))
+    return self._windows[1]
+
+  def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout):
+    """The training stream over `training_source()` (the loop's hook, `data/module.py`)."""
+    return pipeline.make_train_dataset(self.training_source(), self.transforms(train=True),
+                                       global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     """The same for train and eval: eval masking is made repeatable by its fixed seed.
@@ -309,10 +331,26 @@ class EHRData:
       out["codes_below_min_count"] = self.vocab.num_rare_codes
       out.update(_unk_counts(self.vocab, self._split_records("tuning")))
       counts = np.array([len(r["codes"]) for r in self._split_records("train")], np.int64)
-      out.update({f"train_{k}": v for k, v in window_stats(counts, self.max_len).items()})
+      stats = window_stats(counts, self.max_len)
+      out.update({f"train_{k}": v for k, v in stats.items()})
+      if len(self.dataset.splits.get("train", ())):
+        out["train_windows"] = len(self.training_source())
+        out["train_event_coverage"] = round(self.train_event_coverage(), 6)
       out.update({f"meds_{k}": v for k, v in dict(self.dataset.stats).items()})
       self._summary = out
     return dict(self._summary)
+
+  def train_event_coverage(self) -> float:
+    """The share of the training split's timed events that an epoch's training windows hold."""
+    source = self.training_source()
+    if isinstance(source, WindowSource):
+      return event_coverage(source.records.event_counts(), source.static_counts, source.starts, source.lengths,
+                            source.subjects)
+    static, events = source.static_counts(), source.event_counts()
+    room = np.maximum(self.max_len - 1 - static, 1)
+    timed = events - static
+    starts = np.maximum(timed - room, 0) if self.window == "recent" else np.zeros_like(timed)
+    return event_coverage(events, static, starts, np.minimum(room, timed), np.arange(len(events)))
 
   def _split_records(self, split: str) -> Iterable[Mapping[str, Any]]:
     if split not in self.dataset.splits or not len(self.dataset.splits[split]):

@@ -344,6 +344,15 @@ class MEDSSource:
     keep = np.isnat(record["times"]) | before
     return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
 
+  def event_counts(self) -> np.ndarray:
+    """int64 [subjects]: rows per subject, static ones included."""
+    return (self._ends - self._starts).astype(np.int64)
+
+  def static_counts(self) -> np.ndarray:
+    """int64 [subjects]: rows with a null time per subject (they sort first in a record)."""
+    static = np.concatenate([[0], np.cumsum(np.isnat(self._times), dtype=np.int64)])
+    return static[self._ends] - static[self._starts]
+
   def first_event_times(self) -> np.ndarray:
     """datetime64[us] [subjects]: each subject's first timed event; NaT for static-only ones.
     Rows are sorted with static rows (NaT) first, so it is the first non-NaT row."""

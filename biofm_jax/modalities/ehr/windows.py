@@ -1,0 +1,100 @@
+"""Training windows that cover every event of every training timeline, each epoch.
+
+One window per subject (the most recent `max_len - 1` events) never trains on the rest of
+a long timeline: on heavy-tailed cohorts most events. Here a timeline of n timed events,
+with s static rows (always kept) and room r = max_len - 1 - s for timed events, becomes
+consecutive windows of r events that start every r - overlap events, the last one ending
+at the timeline's end: every event is in at least one window, and consecutive windows
+share `overlap` events of context. A timeline that fits is one window.
+
+Consecutive windows rather than random ones: coverage is exact each epoch (not only in
+expectation), the number of windows is known before training, and they are a pure
+function of the data, so global batch k depends only on the seed (the pipeline shuffles
+the windows every epoch). Evaluation keeps one deterministic window per subject.
+
+A window is read as its subject's record cut to the static rows plus its events; the
+record's birth time travels with it (`birth_time`), so ages stay known in later windows.
+"""
+from __future__ import annotations
+
+import meds
+import numpy as np
+
+from biofm_jax.data.sources.indexing import checked_index
+
+TRAIN_WINDOWS = ("one", "cover")
+
+
+def birth_time(codes: np.ndarray, times: np.ndarray) -> np.datetime64 | None:
+  """The time of the record's first timed MEDS_BIRTH row, or None."""
+  timed_births = np.flatnonzero((codes == meds.birth_code) & ~np.isnat(times))
+  return times[timed_births[0]] if len(timed_births) else None
+
+
+def cover_windows(static_counts: np.ndarray, event_counts: np.ndarray, max_len: int,
+                  overlap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(subject index, first timed event, timed events) per window, subjects in order.
+
+  `static_counts` and `event_counts` are per subject (rows with a null time, all rows);
+  `overlap` is the share of a window's room that the next window repeats, in [0, 1).
+  """
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f"window_overlap {overlap!r}: expected a fraction in [0, 1)")
+  static = np.asarray(static_counts, np.int64)
+  timed = np.asarray(event_counts, np.int64) - static
+  room = np.maximum(max_len - 1 - static, 1)
+  stride = np.maximum(room - np.floor(overlap * room).astype(np.int64), 1)
+  # Windows per subject: 1 if it fits, else ceil((n - r) / stride) + 1 (the last one flush with the end).
+  extra = np.where(timed > room, -(-(timed - room) // stride), 0)
+  count = extra + 1
+  subject = np.repeat(np.arange(len(timed)), count)
+  k = np.arange(len(subject)) - np.repeat(np.cumsum(count) - count, count)  # window number within its subject
+  last_start = np.maximum(timed - room, 0)
+  start = np.minimum(k * stride[subject], last_start[subject])
+  length = np.minimum(room[subject], timed[subject])
+  return subject, start, length
+
+
+def event_coverage(event_counts: np.ndarray, static_counts: np.ndarray, starts: np.ndarray,
+                   lengths: np.ndarray, subjects: np.ndarray) -> float:
+  """Share of the timed events that at least one window holds."""
+  timed = np.asarray(event_counts, np.int64) - np.asarray(static_counts, np.int64)
+  total = int(timed.sum())
+  if not total:
+    return 1.0
+  covered = 0
+  order = np.lexsort((starts, subjects))
+  reach = np.full(len(timed), 0, np.int64)  # per subject: events [0, reach) are covered so far
+  for w in order:  # windows of a subject in start order: count what each adds past the reach
+    s, first, end = subjects[w], starts[w], starts[w] + lengths[w]
+    covered += max(0, end - max(first, reach[s]))
+    reach[s] = max(reach[s], end)
+  return covered / total
+
+
+class WindowSource:
+  """The training windows of a per-subject source (`meds.MEDSSource`): item w is subject
+  `subjects[w]`'s record cut to its static rows and timed events [start, start + length)."""
+
+  def __init__(self, records, static_counts: np.ndarray, subjects: np.ndarray, starts: np.ndarray,
+               lengths: np.ndarray):
+    self.records, self.static_counts = records, np.asarray(static_counts, np.int64)
+    self.subjects, self.starts, self.lengths = subjects, starts, lengths
+    self.subject_ids = np.asarray(records.subject_ids)[subjects]
+
+  def __len__(self) -> int:
+    return len(self.subjects)
+
+  def __getitem__(self, index: int) -> dict:
+    w = checked_index(index, len(self), "WindowSource ... windows")
+    record = self.records[int(self.subjects[w])]
+    static = int(self.static_counts[self.subjects[w]])
+    first = static + int(self.starts[w])
+    rows = np.concatenate([np.arange(static), np.arange(first, first + int(self.lengths[w]))])
+    codes, times = record["codes"], record["times"]
+    birth = birth_time(codes, times)
+    return {**record, "codes": codes[rows], "times": times[rows], "numeric_values": record["numeric_values"][rows],
+            "birth_time": np.datetime64("NaT", "us") if birth is None else birth}
+
+  def __repr__(self) -> str:
+    return f"WindowSource(windows={len(self)}, subjects={len(np.unique(self.subjects))})"

@@ -26,9 +26,21 @@ RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grai
                      "einops", "ml-collections", "numpy", "pyarrow", "meds")
 
 
+def resolve_config_path(path: str) -> str:
+  """`path`, or for `configs/<name>.py` from another directory the package's own config (the
+  commands' defaults name configs that way)."""
+  parts = pathlib.Path(path).parts
+  if not os.path.exists(path) and parts[:1] == ("configs",):
+    packaged = pathlib.Path(__file__).resolve().parent.joinpath("configs", *parts[1:])
+    if packaged.exists():
+      return str(packaged)
+  return path
+
+
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]`, applies `{"train.num_steps": 10, ...}` and locks the result."""
   path, _, arg = spec.partition(":")
+  path = resolve_config_path(path)
   module_spec = importlib.util.spec_from_file_location("_biofm_config", path)
   if module_spec is None or not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")

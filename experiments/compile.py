@@ -58,7 +58,7 @@ def main(argv, overrides):
     print(f"=== {FLAGS.config} on {where} ===\n  does not fit: the compiler says {e}")
     sys.exit(1)
   except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   gib = 2**30
   compiler = "TPU" if slice_ and slice_.tpu_topology else "XLA:CPU"
   print(f"=== {FLAGS.config} on {where}, mesh {sizing.mesh} ===")

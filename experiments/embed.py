@@ -11,7 +11,6 @@ columns; `experiments/stratify.py` clusters it.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import flags
 
@@ -66,7 +65,7 @@ def main(argv, overrides):
     splits = [p[0] for p in parts for _ in range(len(p[1]))]
     write_embeddings(out, ids, times, splits, np.concatenate([p[3] for p in parts]))
   except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   print(f"wrote {len(ids)} embeddings of dimension {parts[0][3].shape[1]} to {out}")
 
 

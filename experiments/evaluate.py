@@ -24,7 +24,6 @@ normalised counts (expression) or logistic regression on the raw features (table
 """
 from __future__ import annotations
 
-import sys
 
 from absl import flags
 
@@ -86,13 +85,13 @@ def main(argv, overrides):
   try:
     ks = tuple(int(k) for k in FLAGS.few_shot_ks)
   except ValueError:
-    sys.exit(f"error: --few_shot_ks must be integers, got {FLAGS.few_shot_ks}")
+    cli.fail(f"--few_shot_ks must be integers, got {FLAGS.few_shot_ks}")
   if FLAGS.few_shot_seeds < 1:
-    sys.exit(f"error: --few_shot_seeds must be at least 1, got {FLAGS.few_shot_seeds}")
+    cli.fail(f"--few_shot_seeds must be at least 1, got {FLAGS.few_shot_seeds}")
   subgroup_codes = tuple((name, tuple(prefixes.split("|"))) for name, _, prefixes in
                          (item.partition("=") for item in FLAGS.subgroup_codes))
   if any(not name or not all(prefixes) for name, prefixes in subgroup_codes):
-    sys.exit(f"error: --subgroup_codes takes name=PREFIX|PREFIX,..., got {FLAGS.subgroup_codes}")
+    cli.fail(f"--subgroup_codes takes name=PREFIX|PREFIX,..., got {FLAGS.subgroup_codes}")
   options = EvaluationOptions(subgroups=tuple(FLAGS.subgroups), subgroup_codes=subgroup_codes, few_shot_ks=ks,
                               overwrite=FLAGS.overwrite,
                               few_shot_seeds=tuple(range(FLAGS.few_shot_seeds)),
@@ -106,7 +105,7 @@ def main(argv, overrides):
       config = finetune_config(task_config(overrides), FLAGS.pretrained)
       report = evaluate_task(config, FLAGS.workdir, options)
   except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   print(f"\n=== validation report: {report['task']['name']} ({report['task']['type']}) ===")
   for line in report["summary"]:
     print("  " + line)

@@ -21,7 +21,6 @@ with it alone. `<out>/loader.py` loads the model with jax, numpy and flatbuffers
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import flags
 
@@ -59,12 +58,12 @@ def main(argv, overrides):
 
   workdir = pathlib.Path(FLAGS.workdir).absolute()
   if not (workdir / "checkpoints").is_dir():
-    sys.exit(f"error: {workdir} has no checkpoints directory: not a training run")
+    cli.fail(f"{workdir} has no checkpoints directory: not a training run")
   try:
     config, data, setup, params, step = open_run(workdir, load_config(FLAGS.config, overrides) if FLAGS.config
                                                  else None)
   except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   inputs = {m: spec for m, spec in data.embedding_spec().items() if m != "task"}  # targets are not inputs
   metadata = {"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides, "step": step,
               "workdir": str(workdir), "data": config_to_dict(config.data)}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 from absl import flags
 
@@ -54,11 +53,11 @@ def main(argv, overrides):
     config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
     predictions.check_writable(FLAGS.workdir, FLAGS.overwrite)
   except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   try:
     summary = finetune(config, FLAGS.workdir)
   except ValueError as e:  # bad labels or a checkpoint that does not fit: one clear line
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   import jax
   if jax.process_count() > 1:  # scoring embeds in one process
     print(f"trained {summary['steps']} steps; score it with experiments/evaluate.py --finetuned={FLAGS.workdir} "

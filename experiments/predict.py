@@ -16,7 +16,6 @@ none of whose codes the model's vocabulary knows is printed.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import flags
 
@@ -36,9 +35,9 @@ flags.mark_flags_as_required(["exported", "meds", "labels", "out"])
 def main(argv, overrides):
   del argv
   if overrides:
-    sys.exit(f"error: predict.py takes no --config overrides (the export fixes the model): {sorted(overrides)}")
+    cli.fail(f"predict.py takes no --config overrides (the export fixes the model): {sorted(overrides)}")
   if pathlib.Path(FLAGS.out).exists() and not FLAGS.overwrite:  # before any work
-    sys.exit(f"error: {FLAGS.out} exists: pass --overwrite to replace it")
+    cli.fail(f"{FLAGS.out} exists: pass --overwrite to replace it")
   from biofm_jax.eval.predict_meds import score_meds
   from biofm_jax.eval.predictions import write_table
   try:
@@ -46,7 +45,7 @@ def main(argv, overrides):
                         batch_size=FLAGS.batch_size)
     path = write_table(FLAGS.out, scored.table, overwrite=FLAGS.overwrite)
   except (KeyError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   print(f"scored {scored.scored} of {scored.rows} rows -> {path}")
   if scored.dropped_unknown_subject or scored.dropped_no_history:
     print(f"  dropped: {scored.dropped_unknown_subject} rows of subjects not in {FLAGS.meds}, "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 from absl import flags
@@ -38,7 +37,7 @@ def main(argv, overrides):
   config = cli.load_config_or_exit(FLAGS.config, overrides)
   modalities = registry.configured(config.data)
   if "multimodal" in config.data or len(modalities) != 1:
-    sys.exit(f"error: prepare takes a config with one modality (one of {sorted(registry.MODALITIES)}); "
+    cli.fail(f"prepare takes a config with one modality (one of {sorted(registry.MODALITIES)}); "
              f"found {modalities or list(config.data.keys())}")
   modality, out = modalities[0], pathlib.Path(FLAGS.out)
   start = time.perf_counter()
@@ -48,7 +47,7 @@ def main(argv, overrides):
     manifest = prepared.prepare(module, out, data_config=config.data[modality].to_dict(),
                                 objective=config.objective.name)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(f"{e}")
   print(f"=== prepared {modality} data in {time.perf_counter() - start:.1f} s: {out} ===")
   print(f"  records         {json.dumps(manifest['records'])}")
   print(f"  applied once    {', '.join(manifest['applied_transforms']) or 'nothing (every transform is random)'}")

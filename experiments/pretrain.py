@@ -10,6 +10,7 @@ every process.
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags
 
@@ -32,6 +33,8 @@ def main(argv, overrides):
   from biofm_jax.train.loop import train_and_evaluate  # after distributed init: it touches devices
   summary = train_and_evaluate(config, FLAGS.workdir)
   print_summary(summary)
+  if summary["stopped_early"]:  # SIGTERM: checkpointed, not finished
+    sys.exit(cli.EXIT_STOPPED_BY_SIGTERM)
 
 
 def print_summary(summary: dict) -> None:

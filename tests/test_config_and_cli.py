@@ -17,15 +17,23 @@ def run_cli(tmp_path, *overrides):
 
 def test_unknown_field_on_the_command_line_is_named(tmp_path):
   code, output = run_cli(tmp_path, "--config.train.num_stepz=5")
-  assert code != 0
+  assert code == 2
   assert "train.num_stepz" in output and "Traceback" not in output
   assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was started
 
 
-def test_missing_meds_directory_is_named(tmp_path):
+def test_a_data_error_is_one_line_and_exit_status_2_with_the_traceback_only_when_verbose(tmp_path):
   code, output = run_cli(tmp_path, f"--config.data.ehr.path={tmp_path / 'no_such_dataset'}")
-  assert code != 0
-  assert "no_such_dataset" in output
+  assert code == 2 and "Traceback" not in output
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "no_such_dataset" in errors[0]
+  code, output = run_cli(tmp_path, f"--config.data.ehr.path={tmp_path / 'no_such_dataset'}", "--verbose")
+  assert code != 0 and "Traceback" in output and "no_such_dataset" in output
+
+
+def test_a_config_error_is_one_line_and_exit_status_2(tmp_path):
+  code, output = run_cli(tmp_path, "--config.train.learning_rate=fast")
+  assert code == 2 and "Traceback" not in output and "error: in --config:" in output
 
 
 @pytest.mark.parametrize("spec", ["configs/ehr_bert.py:tiny", "configs/ehr_bert.py:demo",
@@ -72,3 +80,13 @@ def test_run_info_records_config_versions_and_commit(tmp_path):
   assert start["versions"]["jax"] and start["versions"]["orbax-checkpoint"]
   assert start["git_commit"]
   assert "num_steps" in (tmp_path / "config.txt").read_text()
+
+
+def test_packaged_configs_load_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = load_config("configs/finetune.py:binary")
+  assert config.task.type == "binary"
+  from biofm_jax.configs import ecg_mae
+  assert ecg_mae.get_config("tiny").data.ecg.length == 250
+  with pytest.raises(FileNotFoundError, match="configs/nope.py"):
+    load_config("configs/nope.py")

@@ -52,4 +52,4 @@ def test_export_command_writes_a_model_that_loads(tmp_path):
   assert (tmp_path / "export" / "artifacts").is_dir()
   missing = subprocess.run([*command[:3], f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}"],
                            capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
-  assert missing.returncode != 0 and "no checkpoint" in missing.stderr
+  assert missing.returncode == 2 and "no checkpoint" in missing.stderr

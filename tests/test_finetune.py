@@ -205,15 +205,15 @@ def test_command_line_errors_name_what_is_wrong(pretrained, tmp_path):
   command = [sys.executable, "experiments/evaluate.py", f"--pretrained={pretrained}", f"--labels={labels}",
              f"--workdir={tmp_path / 'eval'}", "--config=configs/finetune.py:high_risk,tiny"]
   result = subprocess.run(command, cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert "error: labels" in result.stderr and "no usable label rows" in result.stderr, result.stderr[-2000:]
   assert "2 name subjects the MEDS dataset does not have" in result.stderr
   result = subprocess.run(command + ["--strict_labels"], cwd=helpers.REPO, capture_output=True, text=True,
                           timeout=300)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert "error: labels" in result.stderr and "subject_id 424242" in result.stderr, result.stderr[-2000:]
   result = subprocess.run(
       [sys.executable, "experiments/finetune.py", "--config=configs/finetune.py:high_risk,tiny",
        f"--pretrained={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'ft'}"],
       cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0 and "no checkpoints directory" in result.stderr, result.stderr[-2000:]
+  assert result.returncode == 2 and "no checkpoints directory" in result.stderr, result.stderr[-2000:]

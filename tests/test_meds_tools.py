@@ -186,7 +186,7 @@ def test_an_exported_model_scores_new_meds_records_without_the_library(aces_coho
   np.testing.assert_allclose(scored["predicted_boolean_probability"].to_numpy()[rows],
                              held_out["predicted_boolean_probability"].to_numpy(), atol=1e-5)
   again = subprocess.run(predict, cwd=helpers.REPO, capture_output=True, text=True, timeout=600)
-  assert again.returncode != 0 and "exists: pass --overwrite" in again.stderr
+  assert again.returncode == 2 and "exists: pass --overwrite" in again.stderr
 
   # Records whose codes the vocabulary has never seen: scored, and counted as such.
   unknown_root = tmp_path / "renamed"

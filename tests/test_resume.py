@@ -57,7 +57,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(synthetic_meds, tmp_path):
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
     assert time.time() < deadline and process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
     time.sleep(0.1)
-  assert helpers.kill(process, signal.SIGTERM) == 0, (tmp_path / "run.log").read_text()[-3000:]
+  # Checkpointed, not finished: 143 (128 + SIGTERM) tells a scheduler to requeue the run.
+  assert helpers.kill(process, signal.SIGTERM) == 143, (tmp_path / "run.log").read_text()[-3000:]
   saved = Checkpointer(tmp_path / "checkpoints", keep=2).latest_step()
   last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
   assert saved is not None and saved == last_logged
@@ -109,3 +110,38 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_step_resu
   helpers.assert_curves_close(helpers.train_losses(workdir), helpers.train_losses(ref_dir), atol=1e-6)
   helpers.assert_trees_close(helpers.final_params(workdir, config), helpers.final_params(ref_dir, ref_config),
                              atol=1e-6)
+
+
+def test_reading_a_finished_run_falls_back_past_a_cut_step_and_leaves_it_in_place(reference, tmp_path):
+  import dataclasses
+  import shutil
+  import types
+
+  import jax
+
+  from biofm_jax.train import finetune
+  from biofm_jax.train.runs import open_run
+  ref_dir, ref_config = reference
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, workdir)
+  for target in [p for p in (workdir / "checkpoints" / "300" / "state").rglob("*")
+                 if p.is_file() and p.parent.name == "d"]:
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  _, _, _, params, step = open_run(workdir)
+  assert step == 290 and (workdir / "checkpoints" / "300").is_dir()  # read past, not moved
+  assert not (workdir / "checkpoints" / "300.unreadable").exists()
+  # Fine-tuning's restore of the backbone falls back the same way.
+  @dataclasses.dataclass
+  class State:
+    params: dict
+
+    def replace(self, **fields):
+      return dataclasses.replace(self, **fields)
+  setup = types.SimpleNamespace(abstract_state=types.SimpleNamespace(
+      params={"backbone": jax.eval_shape(lambda: params)}))
+  backbone = finetune.load_pretrained(State({"backbone": None}), setup, workdir).params["backbone"]
+  helpers.assert_trees_close(backbone, params, atol=0)
+  missing = tmp_path / "no_such_run"
+  with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
+    open_run(missing)
+  assert not missing.exists()  # a mistyped workdir is not created

@@ -88,3 +88,9 @@ def test_every_modality_folder_is_one_registered_row():
   for name, row in registry.MODALITIES.items():
     assert row.name == name and row.objectives, name
     assert row.data.__module__.startswith(f"biofm_jax.modalities.{name}."), (name, row.data.__module__)
+
+
+def test_every_module_imports():
+  import importlib
+  for name, _, _ in _modules():
+    importlib.import_module(name)

@@ -15,6 +15,8 @@ from biofm_jax.modalities.tabular import data as tabular
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 from biofm_jax.modalities.tabular.source import TabularDataset
+from tests.helpers import REPO
+from biofm_jax.config import load_config
 
 # A hand-written table: "n/a" and "?" are junk in numeric columns, empty cells are
 # missing, "Canon" appears only outside the training split, "const" is constant.
@@ -381,3 +383,31 @@ def test_breast_cancer_table_reads_30_numeric_features(tmp_path):
   example = data.transforms(train=True)[1].random_map(
       data.transforms(train=True)[0].map(data.source("train")[0]), np.random.default_rng(0))
   batch.check_example(example, data.example_spec()["tabular"], "row")
+
+
+# ================================================================ delimiters and default labels
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_tables_with_other_delimiters_read_as_the_comma_one(tmp_path, hand_dataset, delimiter):
+  rows = [row.replace(",", delimiter) for row in ROWS]
+  path = write_csv(tmp_path / "other.csv", header=HEADER.replace(",", delimiter), rows=rows)
+  for given in ("", delimiter):  # detected, or named in data.tabular.delimiter
+    d = TabularDataset(path, label_columns=("malignant",), delimiter=given)
+    assert d.numeric_columns == hand_dataset.numeric_columns
+    np.testing.assert_array_equal(d.source("train").numeric, hand_dataset.source("train").numeric)
+  with pytest.raises(ValueError, match=r"delimiter is ';;'; expected one character"):
+    TabularDataset(path, delimiter=";;")
+
+
+def test_a_users_table_needs_no_label_override_and_generated_tables_declare_theirs(tmp_path):
+  config = load_config(str(REPO / "configs/tabular_features.py:tiny"))
+  assert config.data.tabular.label_columns == ()
+  own = write_csv(tmp_path / "own.csv", header=HEADER.replace(",malignant", ""),
+                  rows=[row.rsplit(",", 2)[0] + "," + row.rsplit(",", 1)[1] for row in ROWS])
+  with config.unlocked():
+    config.data.tabular.path = str(own)
+  data = tabular.TabularData.from_config(config.data.tabular, objective="masked_features",
+                                         artifacts_dir=tmp_path / "a")
+  assert data.dataset.label_columns == () and "malignant" not in data.dataset.numeric_columns
+  generated = synthetic_tabular.write_synthetic_table(tmp_path / "gen", num_rows=60, seed=0)
+  declared = TabularDataset(generated)  # no label_columns given: the file's own
+  assert declared.label_columns == ("malignant",) and "malignant" not in declared.numeric_columns

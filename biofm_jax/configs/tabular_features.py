@@ -21,7 +21,8 @@ def get_config(arg=None):
   config.data.tabular = dict(
       path="",
       id_column="subject_id",
-      label_columns=("malignant",),  # kept out of the features; used by probes
+      label_columns=(),  # kept out of the features, used by probes; () = those a generated table declares
+      delimiter="",  # CSV delimiter; "" detects , ; tab or |
       categorical_columns=(),  # () = auto: boolean and mostly-text columns are categorical
       exclude_columns=(),
       min_category_count=3,  # rarer categories in the training split become "unseen" (id 0)

@@ -58,18 +58,19 @@ import pathlib
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
-from biofm_jax.modalities.ehr import synthetic as synthetic
-from biofm_jax.modalities.imaging import synthetic as synthetic_imaging
-from biofm_jax.modalities.omics import synthetic as synthetic_omics
-from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
+from biofm_jax.modalities.ehr import synthetic as synthetic
 from biofm_jax.modalities.ehr.synthetic_catalogue import CONDITION_INDEX, CONDITIONS
-import pandas as pd
-import scipy.sparse as sp
+from biofm_jax.modalities.imaging import synthetic as synthetic_imaging
+from biofm_jax.modalities.omics import synthetic as synthetic_omics
+from biofm_jax.modalities.tabular import source as tabular_source
+from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 
 MODALITIES = ("ehr", "imaging", "omics", "tabular")
 DEFAULT_MISSING = {"ehr": 0.1, "imaging": 0.3, "omics": 0.4, "tabular": 0.2}
@@ -261,6 +262,7 @@ def _write_tabular(root: pathlib.Path, latents: _Latents, seed: int) -> None:
   table = table.add_column(table.schema.get_field_index(synthetic_tabular.LABEL_COLUMN) + 1,
                            "sex", sex)
   root.mkdir(parents=True)
+  table = tabular_source.declare_label_columns(table, [synthetic_tabular.LABEL_COLUMN])
   pq.write_table(table, root / synthetic_tabular.DATA_FILENAME)
 
 

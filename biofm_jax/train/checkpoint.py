@@ -83,9 +83,25 @@ class Checkpointer:
                        "they were set aside, so the next run starts from scratch")
     return None, None
 
+  def newest_readable(self, read: Callable[[int], Any], at_most: int | None = None) -> tuple[int, Any]:
+    """(step, read(step)) for the newest step (up to `at_most`) that `read` succeeds on. Steps
+    it fails on are logged and skipped, not moved (a finished run is only read here); none
+    readable, or no step at all, is a ValueError naming the directory."""
+    failures = []
+    for step in sorted((s for s in self.all_steps() if at_most is None or s <= at_most), reverse=True):
+      try:
+        return step, read(step)
+      except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for one bad file
+        failures.append(_describe(step, e))
+        logging.warning("checkpoint %s/%d cannot be read (%s); trying the previous step", self.directory, step,
+                        failures[-1])
+    if failures:
+      raise ValueError(f"checkpoints in {self.directory}: no step can be read (" + "; ".join(failures) + ")")
+    raise ValueError(f"no checkpoint in {self.directory}")
+
   def _set_aside(self, step: int, error: Exception) -> str:
     """Renames an unreadable step out of Orbax's sight (process 0; every process waits)."""
-    what = f"step {step}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+    what = _describe(step, error)
     logging.warning("checkpoint %s/%d cannot be read (%s); setting it aside as %d%s and falling back to the "
                     "previous step", self.directory, step, what, step, UNREADABLE_SUFFIX)
     path = pathlib.Path(self.directory) / str(step)
@@ -139,3 +155,9 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _describe(step: int, error: Exception) -> str:
+  """"step N: Type: first line of the message" (TensorStore's messages run to pages)."""
+  message = str(error).strip()
+  return f"step {step}: {type(error).__name__}: {message.splitlines()[0][:300] if message else ''}"

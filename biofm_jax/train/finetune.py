@@ -50,10 +50,10 @@ def pretrained_checkpoint(workdir: str | pathlib.Path) -> tuple[pathlib.Path, in
     raise ValueError(f"pretrained run {workdir}: no checkpoints directory {directory}")
   checkpointer = Checkpointer(directory, keep=1000, async_save=False)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"pretrained run {workdir}: no complete checkpoint in {directory}")
-    return directory, step, checkpointer.restore_config(step)
+    step, saved = checkpointer.newest_readable(checkpointer.restore_config)
+    return directory, step, saved
+  except ValueError as e:
+    raise ValueError(f"pretrained run {workdir}: {e}") from None
   finally:
     checkpointer.close()
 
@@ -166,16 +166,23 @@ def load_pretrained(state, setup, pretrained_workdir: str | pathlib.Path):
   """`state` with its backbone parameters replaced by the pre-training checkpoint's,
   restored directly into the backbone's shardings. Shapes must match: every differing
   parameter is named."""
-  directory, step, _ = pretrained_checkpoint(pretrained_workdir)
+  directory, newest, _ = pretrained_checkpoint(pretrained_workdir)
   target = setup.abstract_state.params["backbone"]
-  item = directory / str(step) / "state"
-  saved = ocp.PyTreeCheckpointer().metadata(item)
-  saved = getattr(saved, "item_metadata", saved)
-  saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
-  _check_shapes(saved_params, target, pretrained_workdir)
-  restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-      partial_restore=True))
+
+  def restore(step: int):
+    item = directory / str(step) / "state"
+    saved = ocp.PyTreeCheckpointer().metadata(item)
+    saved = getattr(saved, "item_metadata", saved)
+    saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
+    _check_shapes(saved_params, target, pretrained_workdir)
+    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True))
+  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
+  try:  # a step whose arrays were cut short falls back to the one before
+    step, restored = checkpointer.newest_readable(restore, at_most=newest)
+  finally:
+    checkpointer.close()
   params = dict(state.params)
   params["backbone"] = restored["params"]
   log.info("fine-tuning from %s (step %d): %d backbone parameters restored", pretrained_workdir, step,

@@ -21,13 +21,13 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | Non
   """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training
   or fine-tuning, with the config saved in the checkpoint unless `config` is given."""
   workdir = pathlib.Path(workdir).absolute()
+  if not (workdir / "checkpoints").is_dir():  # before the checkpointer, which would create it
+    raise FileNotFoundError(f"{workdir}: no checkpoints directory; not a training run's workdir")
   checkpointer = Checkpointer(workdir / "checkpoints", keep=1000, async_save=False)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ValueError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
+    newest, saved = checkpointer.newest_readable(checkpointer.restore_config)
     if config is None:
-      config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+      config = ml_collections.ConfigDict(saved)
     artifacts_dir = workdir / "artifacts"
     if "task" in config:  # a fine-tuning run
       data = loop.open_once(lambda: finetune.open_labeled_data(config, artifacts_dir))
@@ -35,7 +35,9 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | Non
     else:
       data = loop.open_once(lambda: loop.open_data_module(config, artifacts_dir))
       setup = build_training(config, data)
-    params = checkpointer.restore_state(step, setup.abstract_state).params
+    # The newest step whose state reads too (a step cut short falls back to the one before).
+    step, state = checkpointer.newest_readable(lambda s: checkpointer.restore_state(s, setup.abstract_state),
+                                               at_most=newest)
   finally:
     checkpointer.close()
-  return config, data, setup, params, step
+  return config, data, setup, state.params, step

@@ -25,7 +25,8 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
-from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR, _birth_time
+from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR
+from biofm_jax.modalities.ehr.windows import birth_time
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.data.labels import Labels
 
@@ -238,7 +239,7 @@ class EHRTaskData:
     for i in range(len(source)):
       record = source[i]
       codes = np.asarray(record["codes"], dtype=object)
-      birth = _birth_time(codes, record["times"])
+      birth = birth_time(codes, record["times"])
       if birth is not None:
         ages[i] = (source.labels.prediction_times[i] - birth).astype(np.int64) / _US_PER_YEAR
       for name, starts in prefixes.items():

@@ -39,7 +39,6 @@ STATS_FORMAT_VERSION = 1
 _STATS_HEADER = {"format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION}
 STATS_FILENAME = "tabular_stats.json"
 SYNTHETIC_DIRNAME = "synthetic_tabular"
-SYNTHETIC_LABEL_COLUMNS = ("malignant",)  # used when path is "" and label_columns is empty
 MISSING_CATEGORY_ID = 0  # missing or unseen: never a reconstruction target
 _CONFIG_PREFIX = "config.data.tabular"
 # A training std at or below this is a constant column: divide by 1, not by ~0.
@@ -266,12 +265,12 @@ class TabularData:
       path = Path(get("path"))
     else:
       path = _synthetic_table(artifacts_dir, int(get("synthetic_rows")), int(get("synthetic_seed")))
-      labels = labels or SYNTHETIC_LABEL_COLUMNS  # the label must not become a feature
     categorical = _names(get("categorical_columns"), "categorical_columns")
     dataset = tabular_source.TabularDataset(
         path, id_column=str(get("id_column")), label_columns=labels,
         categorical_columns=categorical or None,  # () in a config means "auto"
-        exclude_columns=_names(get("exclude_columns"), "exclude_columns"))
+        exclude_columns=_names(get("exclude_columns"), "exclude_columns"),
+        delimiter=str(cfg.get("delimiter", "")))
     stats = _load_or_build_stats(dataset, artifacts_dir / STATS_FILENAME, min_count)
     return cls(dataset, stats, mask_rate=mask_rate, objective=objective)
 

@@ -37,6 +37,8 @@ Errors are ValueErrors naming the file, the (1-based data) row and the column.
 from __future__ import annotations
 
 import collections
+import csv
+import json
 import logging
 import math
 import os
@@ -87,16 +89,44 @@ def _table_files(path: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-def _read_csv(path: pathlib.Path, use_threads: bool = True) -> pa.Table:
+DELIMITERS = ",;\t|"
+# Parquet schema metadata in which a generated table names its label columns, so they stay
+# out of the features when the config names none (`synthetic.py`, the joint cohort).
+LABEL_COLUMNS_KEY = b"biofm_jax.label_columns"
+
+
+def sniff_delimiter(path: pathlib.Path) -> str:
+  """The delimiter of a CSV file from its first lines: `,`, `;`, tab or `|`."""
+  with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+    sample = "".join(f.readline() for _ in range(20))
+  try:
+    return csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+  except csv.Error:
+    return ","  # one column, or nothing to tell: the standard
+
+
+def declare_label_columns(table: pa.Table, names) -> pa.Table:
+  """`table` with `names` declared as its label columns (for a generated table)."""
+  return table.replace_schema_metadata({**(table.schema.metadata or {}), LABEL_COLUMNS_KEY: json.dumps(list(names))})
+
+
+def declared_label_columns(table: pa.Table) -> tuple[str, ...]:
+  """The label columns a generated parquet table declares in its schema metadata."""
+  raw = (table.schema.metadata or {}).get(LABEL_COLUMNS_KEY)
+  return tuple(json.loads(raw)) if raw else ()
+
+
+def _read_csv(path: pathlib.Path, use_threads: bool = True, delimiter: str = "") -> pa.Table:
   """Every column as strings: our rules, not pyarrow's type inference, decide the kinds
-  (and ids like "007" keep their leading zeros)."""
+  (and ids like "007" keep their leading zeros). `delimiter` "" is sniffed from the file."""
+  delimiter = delimiter or sniff_delimiter(path)
   ragged = []  # (line, fields, expected) of the first malformed row
 
   def on_invalid_row(row) -> str:
     ragged.append((row.number, row.actual_columns, row.expected_columns))
     return "error"
   read_options = pacsv.ReadOptions(use_threads=use_threads)
-  parse_options = pacsv.ParseOptions(invalid_row_handler=on_invalid_row)
+  parse_options = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid_row)
   try:
     reader = pacsv.open_csv(path, read_options=read_options, parse_options=parse_options)
     names = reader.schema.names
@@ -107,7 +137,7 @@ def _read_csv(path: pathlib.Path, use_threads: bool = True) -> pa.Table:
                                              strings_can_be_null=False))
   except (pa.ArrowInvalid, OSError) as e:
     if ragged and ragged[0][0] is None and use_threads:
-      return _read_csv(path, use_threads=False)  # only one thread knows line numbers
+      return _read_csv(path, use_threads=False, delimiter=delimiter)  # only one thread knows line numbers
     if ragged:
       line, fields, expected = ragged[0]
       raise ValueError(f"{path}, line {line}: {fields} fields, expected {expected} as in "
@@ -117,13 +147,13 @@ def _read_csv(path: pathlib.Path, use_threads: bool = True) -> pa.Table:
     raise ValueError(f"{path}: cannot read as CSV ({reason})") from None
 
 
-def _read_file(path: pathlib.Path) -> pa.Table:
+def _read_file(path: pathlib.Path, delimiter: str = "") -> pa.Table:
   if path.suffix.lower() == ".parquet":
     try:
       return pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
       raise ValueError(f"{path}: cannot read as parquet ({e})") from None
-  return _read_csv(path)
+  return _read_csv(path, delimiter=delimiter)
 
 
 def _concat(tables: list[pa.Table], files: list[pathlib.Path]) -> pa.Table:
@@ -251,21 +281,26 @@ class TabularDataset:
                label_columns: Sequence[str] = (),
                categorical_columns: Sequence[str] | None = None,
                exclude_columns: Sequence[str] = (),
-               fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0):
+               fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0,
+               delimiter: str = ""):
     self.path = pathlib.Path(path)
+    if delimiter and (len(delimiter) != 1 or delimiter in "\"\n\r"):
+      raise ValueError(f"data.tabular.delimiter is {delimiter!r}; expected one character such as ',' or ';' "
+                       f"('' detects it)")
     self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
     label_columns = _column_names(label_columns, "label_columns")
     exclude_columns = _column_names(exclude_columns, "exclude_columns")
     if categorical_columns is not None:
       categorical_columns = _column_names(categorical_columns, "categorical_columns")
     self._files = _table_files(self.path)
-    tables = [_read_file(f) for f in self._files]
+    tables = [_read_file(f, delimiter) for f in self._files]
     self._file_rows = [t.num_rows for t in tables]
     table = _concat(tables, self._files) if len(tables) > 1 else tables[0]
     self.stats["files"], self.stats["rows"] = len(self._files), table.num_rows
     if table.num_rows == 0:
       raise ValueError(f"{self.path}: the table has no rows")
     names = table.schema.names
+    label_columns = label_columns or declared_label_columns(tables[0])
     self._check_names(names, id_column, label_columns, categorical_columns, exclude_columns)
 
     self.subject_ids = self._read_ids(table.column(id_column), id_column)

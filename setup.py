@@ -28,6 +28,10 @@ setup(
         "absl-py>=2.1,<3",
         "scipy>=1.11,<2",
         "pydicom>=3.0,<4",
+        # pixel decoders pydicom uses for compressed transfer syntaxes archives hold: JPEG
+        # baseline/extended/lossless (libjpeg), JPEG 2000 (openjpeg), RLE, JPEG-LS (CharLS)
+        "pylibjpeg>=2.1,<3", "pylibjpeg-libjpeg>=2.5,<3", "pylibjpeg-openjpeg>=2.6,<3", "pylibjpeg-rle>=2.2,<3",
+        "pyjpegls>=1.5,<2",
         "nibabel>=5.2,<6",
         "pillow>=10,<14",
         "scikit-learn>=1.8,<2",  # l1_ratio=1.0 alone selects L1 (the expression baseline) from 1.8

@@ -54,6 +54,110 @@ def _write_manifest(path: pathlib.Path, header: list[str], rows: list[list]) -> 
 
 
 # ---------------------------------------------------------------- DICOM files pydicom ships
+# Compressed transfer syntaxes as archives hold them (pydicom's bundled files, named here:
+# get_testdata_files() may try the network).
+COMPRESSED = ["JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm",
+              "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+              "SC_rgb_rle.dcm"]
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_compressed_dicom_decodes_through_the_installed_plugins(tmp_path, name):
+  source_file = get_testdata_file(name, download=False)
+  shutil.copy(source_file, tmp_path / name)
+  dataset = ImagingDataset(tmp_path, spatial_dims=2)
+  assert dataset.stats["skipped"] == 0
+  record = _only_record(dataset)
+  header = pydicom.dcmread(source_file)
+  assert header.file_meta.TransferSyntaxUID.is_compressed
+  channels = int(header.get("SamplesPerPixel", 1))
+  assert record["image"].shape == (header.Rows, header.Columns, channels)
+  expected = header.pixel_array
+  if channels == 1:
+    expected = pydicom.pixels.apply_modality_lut(expected, header)
+  np.testing.assert_array_equal(record["image"].reshape(expected.shape), expected.astype(np.float32))
+  assert np.ptp(record["image"]) > 0
+
+
+def test_a_multi_frame_rt_dose_file_is_a_volume_along_its_frame_offsets(tmp_path):
+  source_file = get_testdata_file("rtdose.dcm", download=False)
+  shutil.copy(source_file, tmp_path / "dose.dcm")
+  record = _only_record(ImagingDataset(tmp_path, spatial_dims=3))
+  header = pydicom.dcmread(source_file)
+  assert record["image"].shape == (15, 10, 10, 1)
+  np.testing.assert_array_equal(record["image"][..., 0], header.pixel_array.astype(np.float32))
+  np.testing.assert_allclose(record["spacing"], [5.0, 10.0, 10.0])  # GridFrameOffsetVector steps of 5 mm
+  with pytest.raises(ValueError, match="is a 3D volume of shape"):  # frames are not 2D images
+    ImagingDataset(tmp_path, spatial_dims=2)
+
+
+def _enhanced_mr(path, positions, slopes):
+  """An enhanced MR file as scanners write them: frames in acquisition order, each with its
+  own position and rescale in PerFrameFunctionalGroupsSequence, spacing shared."""
+  from pydicom.dataset import Dataset, FileMetaDataset
+  from pydicom.sequence import Sequence
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+  frames = len(positions)
+  stored = np.arange(frames * 4 * 5, dtype=np.uint16).reshape(frames, 4, 5)
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+  meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.Modality, ds.SeriesInstanceUID, ds.NumberOfFrames = "MR", generate_uid(), frames
+  ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 4, 5, 1, "MONOCHROME2"
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+  measures, orientation = Dataset(), Dataset()
+  measures.PixelSpacing, measures.SliceThickness = [0.8, 0.6], 2.0
+  orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+  shared = Dataset()
+  shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
+  ds.SharedFunctionalGroupsSequence = Sequence([shared])
+  per_frame = []
+  for z, slope in zip(positions, slopes):
+    plane, transform, group = Dataset(), Dataset(), Dataset()
+    plane.ImagePositionPatient = [0.0, 0.0, z]
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = slope, -1.0, "US"
+    group.PlanePositionSequence, group.PixelValueTransformationSequence = Sequence([plane]), Sequence([transform])
+    per_frame.append(group)
+  ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+  ds.PixelData = stored.tobytes()
+  ds.save_as(path, enforce_file_format=True)
+  return stored
+
+
+def test_an_enhanced_mr_file_is_a_volume_ordered_by_frame_position_with_per_frame_rescale(tmp_path):
+  positions, slopes = [7.5, 0.0, 2.5, 5.0], [1.0, 2.0, 3.0, 4.0]
+  stored = _enhanced_mr(tmp_path / "enhanced.dcm", positions, slopes)
+  record = _only_record(ImagingDataset(tmp_path, spatial_dims=3))
+  order = np.argsort(positions)  # inferior to superior along the slice normal
+  expected = np.stack([stored[f] * slopes[f] - 1.0 for f in order]).astype(np.float32)
+  np.testing.assert_array_equal(record["image"][..., 0], expected)
+  np.testing.assert_allclose(record["spacing"], [2.5, 0.8, 0.6])  # from positions, never SliceThickness
+  _enhanced_mr(tmp_path / "gap.dcm", [0.0, 2.5, 5.0, 9.0], slopes)
+  (tmp_path / "enhanced.dcm").unlink()
+  with pytest.raises(ValueError, match=r"gap\.dcm: multi-frame DICOM: inconsistent slice spacing: gap 4 mm"):
+    ImagingDataset(tmp_path, spatial_dims=3)
+
+
+def test_multi_frame_captures_without_geometry_are_refused_as_not_a_volume(tmp_path):
+  shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm", download=False), tmp_path / "cine.dcm")
+  with pytest.raises(ValueError, match=r"cine\.dcm: multi-frame DICOM \(NumberOfFrames=2\) without frame geometry"):
+    ImagingDataset(tmp_path, spatial_dims=3)
+  shutil.copy(get_testdata_file("rtdose.dcm", download=False), tmp_path / "dose.dcm")
+  dataset = ImagingDataset(tmp_path, spatial_dims=3, on_error="skip")
+  assert dataset.stats["skipped_unsupported"] == 1 and dataset.stats["format_dicom_multiframe"] == 1
+
+
+def test_a_damaged_compressed_stream_is_a_read_error_naming_the_file(tmp_path):
+  # JPEG-lossy.dcm: a 12-bit JPEG Extended stream whose scan header is malformed (every
+  # installed decoder refuses it; JPGExtended.dcm is the same image, well formed).
+  shutil.copy(get_testdata_file("JPEG-lossy.dcm", download=False), tmp_path / "lossy.dcm")
+  dataset = ImagingDataset(tmp_path, spatial_dims=2)
+  with pytest.raises(ValueError, match=r"lossy\.dcm"):
+    dataset.source(next(s for s, rows in dataset.splits.items() if len(rows)))[0]
+
+
 @pytest.mark.parametrize("name, modality", [("CT_small.dcm", "CT"), ("MR_small.dcm", "MR")])
 def test_pydicom_files_shape_spacing_and_rescale(tmp_path, name, modality):
   source_file = get_testdata_file(name, download=False)

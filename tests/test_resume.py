@@ -145,3 +145,27 @@ def test_reading_a_finished_run_falls_back_past_a_cut_step_and_leaves_it_in_plac
   with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
     open_run(missing)
   assert not missing.exists()  # a mistyped workdir is not created
+
+
+def test_every_file_of_a_step_is_checked_against_its_recorded_size(reference, tmp_path):
+  import shutil
+  ref_dir, _ = reference
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir / "checkpoints", workdir)
+  checkpointer = Checkpointer(workdir, keep=2, async_save=False)
+  try:
+    assert sorted(p.name for p in workdir.glob("*.sizes.json")) == ["290.sizes.json", "300.sizes.json"]
+    files = [p for p in (workdir / "300").rglob("*") if p.is_file()]
+    kinds = {p.parent.name if p.parent.name in ("d", "data", "config") else p.name for p in files}
+    assert {"d", "data", "config"} <= kinds and len(files) >= 5  # arrays, data position, config, Orbax metadata
+    for file in files:  # each kind of file, cut in turn, is named before anything reads it
+      original = file.read_bytes()
+      file.write_bytes(original[:-1])
+      with pytest.raises(ValueError, match=rf"{file.name} has {len(original) - 1} bytes; it had {len(original)}"):
+        checkpointer.check_sizes(300)
+      with pytest.raises(ValueError, match=file.name):
+        checkpointer.restore_config(300)
+      file.write_bytes(original)
+    checkpointer.check_sizes(300)
+  finally:
+    checkpointer.close()

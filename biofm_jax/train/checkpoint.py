@@ -10,10 +10,13 @@ write interrupted by a crash or kill -9 is never taken as the latest step. A ste
 by N processes resumes with M: the state restores onto any mesh, and the data position is
 the same for every process (see `restore`).
 
-A step that is on disk but cannot be read (a truncated array file, a cut JSON file) is set
-aside as `<step>.unreadable` with a warning naming it and the error, and the run resumes
-from the newest step before it that reads (`restore_latest`): the previous step was
-complete on disk, so nothing is lost but the steps since.
+Once a step is complete on disk, the size of every file in it is recorded beside it
+(`<step>.sizes.json`), and every read first checks them: a file cut short (a full disk, a
+killed copy) is named before TensorStore reads garbage. A step that is on disk but cannot be
+read (a truncated array file, a cut JSON file) is set aside as `<step>.unreadable` with a
+warning naming it and the error, and the run resumes from the newest step before it that
+reads (`restore_latest`): the previous step was complete on disk, so nothing is lost but the
+steps since.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from biofm_jax.config import config_to_dict
 from jax.experimental import multihost_utils
 
 UNREADABLE_SUFFIX = ".unreadable"
+SIZES_SUFFIX = ".sizes.json"
 
 
 class Checkpointer:
@@ -55,6 +59,7 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator),
                               config=ocp.args.JsonSave(config_to_dict(config)))
+    self._record_sizes()  # of the steps an earlier (async) save has finished
     saved = self._manager.save(step, args=args, force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
@@ -110,10 +115,48 @@ class Checkpointer:
       if aside.exists():
         aside = path.with_name(f"{step}{UNREADABLE_SUFFIX}.{os.getpid()}")
       path.rename(aside)
+      if self._sizes_path(step).exists():  # the record goes with its step; a new step gets its own
+        self._sizes_path(step).rename(aside.with_name(aside.name + SIZES_SUFFIX))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
     self._manager.reload()
     return what
+
+  def _sizes_path(self, step: int) -> pathlib.Path:
+    return pathlib.Path(self.directory) / f"{step}{SIZES_SUFFIX}"
+
+  def _record_sizes(self) -> None:
+    """Writes `<step>.sizes.json` (relative path -> bytes) for complete steps without one."""
+    if jax.process_index() != 0:
+      return
+    steps = self.all_steps()  # finalized steps only: Orbax renames a step into place when complete
+    for stale in pathlib.Path(self.directory).glob(f"*{SIZES_SUFFIX}"):
+      name = stale.name[:-len(SIZES_SUFFIX)]
+      if name.isdigit() and int(name) not in steps:  # a step Orbax removed (max_to_keep)
+        stale.unlink(missing_ok=True)
+    for step in steps:
+      target = self._sizes_path(step)
+      if target.exists():
+        continue
+      root = pathlib.Path(self.directory) / str(step)
+      sizes = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+      tmp = target.with_name(target.name + ".tmp")
+      tmp.write_text(json.dumps(sizes, sort_keys=True))
+      tmp.replace(target)
+
+  def check_sizes(self, step: int) -> None:
+    """ValueError naming the first file of `step` that is missing or not the size it had when
+    the step was complete (steps written before sizes were recorded pass)."""
+    path = self._sizes_path(step)
+    if not path.exists():
+      return
+    root = pathlib.Path(self.directory) / str(step)
+    for relative, size in json.loads(path.read_text()).items():
+      file = root / relative
+      actual = file.stat().st_size if file.exists() else None
+      if actual != size:
+        state = "is missing" if actual is None else f"has {actual} bytes"
+        raise ValueError(f"{file} {state}; it had {size} when step {step} was written (cut short or changed)")
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores `step` into `abstract_state`'s shardings; sets `data_iterator`'s position.
@@ -121,6 +164,7 @@ class Checkpointer:
     Written by another number of processes, the step has no data state for this process:
     every process's stream is its share of one global stream (`data/pipeline.py`), so all
     of them stood at the same position, which this process then takes."""
+    self.check_sizes(step)
     if self._data_state_path(step, jax.process_index(), jax.process_count()).exists():
       args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                 data=grain.checkpoint.CheckpointRestore(data_iterator))
@@ -144,16 +188,20 @@ class Checkpointer:
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Only the train state (e.g. to evaluate or fine-tune from a checkpoint)."""
+    self.check_sizes(step)
     return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
 
   def restore_config(self, step: int) -> dict:
+    self.check_sizes(step)
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._record_sizes()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._record_sizes()
     self._manager.close()
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from biofm_jax.modalities.ecg import data as ecg_data
-from biofm_jax.models.patches import normalize_patches
+from biofm_jax.objectives.reconstruction import patch_error_sum
 
 
 def _weights(ecg) -> jnp.ndarray:
@@ -35,6 +35,5 @@ class ECGReconstruction:
 
   def sums(self, outputs, batch):
     out = outputs[ecg_data.NAME]
-    target = normalize_patches(out["target_patches"]) if self.norm_pix_loss else out["target_patches"]
-    per_patch = jnp.mean((out["predicted_patches"] - target) ** 2, axis=-1)  # [B, M]
-    return {"reconstruction_loss": jnp.sum(per_patch * _weights(batch[ecg_data.NAME]))}
+    return {"reconstruction_loss": patch_error_sum(out["predicted_patches"], out["target_patches"],
+                                                   _weights(batch[ecg_data.NAME]), norm_pix_loss=self.norm_pix_loss)}

@@ -22,7 +22,6 @@ lead order, zero for leads the record lacks; `lead_present` bool [leads]; `fs` (
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -35,6 +34,7 @@ import wfdb
 
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
+from biofm_jax.data.sources.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 BITS_PER_SAMPLE = {"8": 8, "16": 16, "24": 24, "32": 32, "61": 16, "80": 8, "160": 16, "212": 12,
                    "310": 32 / 3, "311": 32 / 3}
 SKIP_REASONS = ("header", "format", "missing", "truncated", "leads")
-_RESERVED_COLUMNS = ("subject_id", "path", "split")
 _NAMED_SKIPS = 5  # files named in the skip warning
 
 
@@ -112,36 +111,10 @@ def _scan_folder(root: pathlib.Path) -> list[Record]:
           for hea in sorted(root.rglob("*.hea")) if not any(p.startswith(".") for p in hea.parts)]
 
 
-def _label(csv_path: pathlib.Path, line: int, column: str, text: str) -> float:
-  if not text.strip():
-    return float("nan")
-  try:
-    return float(text)
-  except ValueError:
-    raise ValueError(f"{csv_path}: line {line}, column {column!r}: {text!r} is not a number; "
-                     "label columns must be numeric (empty for missing)") from None
-
-
 def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Record], tuple[str, ...]]:
-  with open(csv_path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in reader.fieldnames or ()]
-    missing = [c for c in ("subject_id", "path") if c not in columns]
-    if missing or len(set(columns)) != len(columns):
-      raise ValueError(f"{csv_path}: manifest columns {columns}; expected unique names including "
-                       f"'subject_id' and 'path' (missing {missing})")
-    reader.fieldnames = columns
-    label_names = tuple(c for c in columns if c not in _RESERVED_COLUMNS)
-    records = []
-    for row in reader:
-      subject, relative = (row.get("subject_id") or "").strip(), (row.get("path") or "").strip()
-      if not subject or not relative:
-        raise ValueError(f"{csv_path}: line {reader.line_num}: empty 'subject_id' or 'path'")
-      path = (csv_path.parent / relative).resolve()
-      records.append(Record(subject_id=subject, path=str(path.with_suffix("") if path.suffix == ".hea" else path),
-                            split=(row.get("split") or "").strip(),
-                            labels=tuple(_label(csv_path, reader.line_num, c, row.get(c) or "") for c in label_names)))
-  return records, label_names
+  rows, label_names, _ = read_manifest(csv_path, reserved=("split",))
+  return [Record(subject_id=row.subject_id, path=str(row.path.with_suffix("") if row.path.suffix == ".hea" else row.path),
+                 split=row.fields["split"], labels=row.labels) for row in rows], label_names
 
 
 class ECGSource:

@@ -10,10 +10,18 @@ LUT) is applied per slice, so CT is in Hounsfield units. MONOCHROME1 is not inve
 counts it). In a directory scan with spatial_dims=2 every DICOM file is its own 2D item; a
 manifest row naming a folder is always read as one series.
 
-Index-time checks here: unreadable or corrupt headers, multi-frame files, unsupported samples
-per pixel or transfer syntax, truncated uncompressed files (shorter than their pixels), and a
-series with mixed slice sizes, orientations or pixel spacings, missing geometry, or
-inconsistent slice spacing (> 1% from the median gap). They raise image_items.ItemError.
+A multi-frame file (enhanced CT/MR, RT dose, NM) is one 3D item when its frames have
+geometry: per-frame ImagePositionPatient in PerFrameFunctionalGroupsSequence (orientation and
+pixel spacing per frame or shared), or GridFrameOffsetVector along the slice normal. Frames
+are ordered along the normal like a series' slices, with the same spacing checks, and the
+rescale (PixelValueTransformationSequence, per frame or shared) applies per frame. Frames
+without geometry (a cine loop, a stack of captures) are not a volume and are refused.
+
+Index-time checks here: unreadable or corrupt headers, multi-frame files without frame
+geometry, unsupported samples per pixel or transfer syntax (a compressed one without an
+installed decoder), truncated uncompressed files (shorter than their pixels), and a series or
+multi-frame volume with mixed slice sizes, orientations or pixel spacings, missing geometry,
+or inconsistent slice spacing (> 1% from the median gap). They raise image_items.ItemError.
 """
 from __future__ import annotations
 
@@ -65,10 +73,7 @@ def dicom_file_item(item: Item, ds: pydicom.Dataset) -> Item:
   path = item.files[0]
   if "Rows" not in ds or "Columns" not in ds:
     raise ItemError("corrupt", f"{path}: DICOM file has no image (Rows/Columns missing)")
-  frames = int(ds.get("NumberOfFrames", 1) or 1)
-  if frames > 1:
-    raise ItemError("unsupported", f"{path}: multi-frame DICOM (NumberOfFrames={frames}) "
-                                   "is not supported; expected one frame per file")
+  frames = _number_of_frames(ds, path)
   channels = int(ds.get("SamplesPerPixel", 1))
   if channels not in (1, 3):
     raise ItemError("unsupported", f"{path}: SamplesPerPixel={channels}, expected 1 or 3")
@@ -82,11 +87,18 @@ def dicom_file_item(item: Item, ds: pydicom.Dataset) -> Item:
       raise ItemError("unsupported", f"{path}: no installed pixel decoder for transfer "
                                      f"syntax {syntax.name}; install pylibjpeg or gdcm")
   else:  # stored raw: the pixels alone need this many bytes, so a shorter file is cut
-    needed = -(-ds.Rows * ds.Columns * channels * int(ds.get("BitsAllocated", 16)) // 8)
+    needed = -(-frames * ds.Rows * ds.Columns * channels * int(ds.get("BitsAllocated", 16)) // 8)
     size = os.path.getsize(path)
     if size < needed:
+      frames_text = f"{frames} frames of " if frames > 1 else ""
       raise ItemError("truncated", f"{path}: truncated DICOM file ({size} bytes, the "
-                                   f"{ds.Rows}x{ds.Columns} pixels alone need {needed})")
+                                   f"{frames_text}{ds.Rows}x{ds.Columns} pixels alone need {needed})")
+  if frames > 1:
+    order, gap, pixel_spacing = frame_geometry(ds, path)
+    return dataclasses.replace(
+        item, kind="dicom_multiframe", shape=(frames, int(ds.Rows), int(ds.Columns)), channels=channels,
+        spacing=(gap,) + pixel_spacing, modality=item.modality or str(ds.get("Modality", "") or ""),
+        flags=("dicom_monochrome1",) if ds.get("PhotometricInterpretation") == "MONOCHROME1" else ())
   spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
   flags = ()
   if not spacing or len(spacing) != 2:
@@ -97,6 +109,89 @@ def dicom_file_item(item: Item, ds: pydicom.Dataset) -> Item:
       item, shape=(int(ds.Rows), int(ds.Columns)), channels=channels,
       spacing=tuple(float(s) for s in spacing), flags=flags,
       modality=item.modality or str(ds.get("Modality", "") or ""))
+
+
+def _number_of_frames(ds: pydicom.Dataset, path: str) -> int:
+  try:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+  except (TypeError, ValueError):
+    raise ItemError("corrupt", f"{path}: field NumberOfFrames is {ds.get('NumberOfFrames')!r}, not a number")
+
+
+def _first(sequence_owner, *names):
+  """The element at the end of a chain of one-item sequences, or None."""
+  node = sequence_owner
+  for name in names[:-1]:
+    seq = node.get(name) if node is not None else None
+    node = seq[0] if seq else None
+  return node.get(names[-1]) if node is not None else None
+
+
+def _functional(ds: pydicom.Dataset, frame: int, sequence: str, field: str):
+  """A field of a functional group: the frame's own, else the shared one."""
+  per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+  value = _first(per_frame[frame], sequence, field) if per_frame and frame < len(per_frame) else None
+  if value is None:
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    value = _first(shared[0], sequence, field) if shared else None
+  return value
+
+
+def _ordered_along_normal(positions: np.ndarray, orientation: np.ndarray, where: str,
+                          names: Sequence[str]) -> tuple[np.ndarray, float]:
+  """(order, mean gap) of slices at `positions` along the normal of `orientation`, with the
+  series' spacing check (every gap within 1% of the median); `names` name the slices."""
+  normal = np.cross(orientation[:3], orientation[3:])
+  along_normal = positions @ normal
+  order = np.argsort(along_normal, kind="stable")
+  gaps = np.diff(along_normal[order])
+  median = float(np.median(gaps))
+  worst = int(np.argmax(np.abs(gaps - median)))
+  if median <= 1e-6 or abs(gaps[worst] - median) > _SPACING_RTOL * median:
+    raise ItemError("series_spacing", f"{where}: inconsistent slice spacing: gap {gaps[worst]:.4g} mm between "
+                    f"{names[order[worst]]} and {names[order[worst + 1]]}, median gap {median:.4g} mm "
+                    f"(tolerance {_SPACING_RTOL:.0%})")
+  return order, float(gaps.mean())
+
+
+def frame_geometry(ds: pydicom.Dataset, path: str) -> tuple[np.ndarray, float, tuple[float, float]]:
+  """(frame order along the slice normal, slice spacing, (row, column) spacing) of a
+  multi-frame file; ItemError when its frames have no geometry."""
+  frames = _number_of_frames(ds, path)
+  try:
+    if ds.get("PerFrameFunctionalGroupsSequence"):
+      positions = np.array([[float(v) for v in _functional(ds, f, "PlanePositionSequence", "ImagePositionPatient")]
+                            for f in range(frames)])
+      orientations = np.array([[float(v) for v in _functional(ds, f, "PlaneOrientationSequence",
+                                                                "ImageOrientationPatient")] for f in range(frames)])
+      spacings = np.array([[float(v) for v in _functional(ds, f, "PixelMeasuresSequence", "PixelSpacing")]
+                           for f in range(frames)])
+    elif ds.get("GridFrameOffsetVector") is not None:
+      orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+      offsets = np.array([float(v) for v in ds.GridFrameOffsetVector])
+      if len(offsets) != frames:
+        raise ItemError("series_geometry", f"{path}: GridFrameOffsetVector has {len(offsets)} offsets for "
+                                           f"{frames} frames")
+      normal = np.cross(orientation[:3], orientation[3:])
+      positions = np.array([float(v) for v in ds.ImagePositionPatient])[None] + offsets[:, None] * normal[None]
+      orientations = np.repeat(orientation[None], frames, axis=0)
+      spacings = np.repeat(np.array([[float(v) for v in ds.PixelSpacing]]), frames, axis=0)
+    else:
+      raise ItemError("unsupported", f"{path}: multi-frame DICOM (NumberOfFrames={frames}) without frame "
+                                     "geometry (no PerFrameFunctionalGroupsSequence positions, no "
+                                     "GridFrameOffsetVector): a cine loop or a stack of captures, not a volume")
+  except ItemError:
+    raise
+  except (TypeError, ValueError, AttributeError):
+    raise ItemError("series_geometry", f"{path}: multi-frame DICOM frames lack ImagePositionPatient, "
+                                       "ImageOrientationPatient or PixelSpacing; cannot order them") from None
+  if orientations.shape != (frames, 6) or not np.allclose(orientations, orientations[0], atol=1e-3):
+    raise ItemError("series_geometry", f"{path}: multi-frame DICOM frames differ in ImageOrientationPatient")
+  if spacings.shape != (frames, 2) or not np.allclose(spacings, spacings[0], rtol=_SPACING_RTOL):
+    raise ItemError("series_geometry", f"{path}: multi-frame DICOM frames differ in PixelSpacing")
+  order, gap = _ordered_along_normal(positions, orientations[0], f"{path}: multi-frame DICOM",
+                                     [f"frame {f + 1}" for f in range(frames)])
+  return order, gap, (float(spacings[0, 0]), float(spacings[0, 1]))
 
 
 def _dicom_series_item(item: Item, headers: Sequence[tuple[str, pydicom.Dataset]]) -> Item:
@@ -121,21 +216,12 @@ def _dicom_series_item(item: Item, headers: Sequence[tuple[str, pydicom.Dataset]
                                        "ImageOrientationPatient (or it is malformed)")
   if not np.allclose([s.spacing for s in slices], slices[0].spacing, rtol=_SPACING_RTOL):
     raise ItemError("series_geometry", f"{folder}: DICOM series slices differ in PixelSpacing")
-  normal = np.cross(orientations[0, :3], orientations[0, 3:])
-  along_normal = positions @ normal
-  order = np.argsort(along_normal, kind="stable")
-  gaps = np.diff(along_normal[order])
-  median = float(np.median(gaps))
-  worst = int(np.argmax(np.abs(gaps - median)))
-  if median <= 1e-6 or abs(gaps[worst] - median) > _SPACING_RTOL * median:
-    first, second = (headers[order[worst]][0], headers[order[worst + 1]][0])
-    raise ItemError("series_spacing", f"{folder}: DICOM series has inconsistent slice "
-                    f"spacing: gap {gaps[worst]:.4g} mm between {first} and {second}, "
-                    f"median gap {median:.4g} mm (tolerance {_SPACING_RTOL:.0%})")
+  order, gap = _ordered_along_normal(positions, orientations[0], f"{folder}: DICOM series",
+                                     [path for path, _ in headers])
   flags = tuple(sorted(set(f for s in slices for f in s.flags)))
   return dataclasses.replace(
       slices[0], path=folder, kind="dicom_series", files=tuple(slices[i].files[0] for i in order),
-      shape=(len(slices),) + slices[0].shape, spacing=(float(gaps.mean()),) + slices[0].spacing,
+      shape=(len(slices),) + slices[0].shape, spacing=(gap,) + slices[0].spacing,
       flags=flags)
 
 
@@ -174,6 +260,22 @@ def read_dicom_pixels(path: str) -> np.ndarray:
   if int(ds.get("SamplesPerPixel", 1)) == 1:  # the modality LUT is defined for gray only
     pixels = pydicom.pixels.apply_modality_lut(pixels, ds)
   return np.asarray(pixels, np.float32).reshape(int(ds.Rows), int(ds.Columns), -1)
+
+
+def read_dicom_multiframe_pixels(path: str) -> np.ndarray:
+  """A multi-frame volume as float32 [D, H, W, C], frames ordered along the slice normal, each
+  with its own rescale (or the shared one, or the file's)."""
+  ds = pydicom.dcmread(path, force=True)
+  order, _, _ = frame_geometry(ds, path)
+  pixels = np.asarray(ds.pixel_array, np.float32).reshape(len(order), int(ds.Rows), int(ds.Columns), -1)
+  if int(ds.get("SamplesPerPixel", 1)) == 1:
+    for f in range(len(order)):
+      slope = _functional(ds, f, "PixelValueTransformationSequence", "RescaleSlope")
+      intercept = _functional(ds, f, "PixelValueTransformationSequence", "RescaleIntercept")
+      slope = float(slope if slope is not None else ds.get("RescaleSlope", 1.0) or 1.0)
+      intercept = float(intercept if intercept is not None else ds.get("RescaleIntercept", 0.0) or 0.0)
+      pixels[f] = pixels[f] * slope + intercept
+  return pixels[order]
 
 
 def read_dicom_series_pixels(files: Sequence[str]) -> np.ndarray:

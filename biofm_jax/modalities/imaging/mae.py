@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.patches import normalize_patches
+from biofm_jax.objectives.reconstruction import patch_error_sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +31,6 @@ class MaskedAutoencoding:
 
   def sums(self, outputs, batch):
     out = outputs["imaging"]
-    target = out["target_patches"]
-    if self.norm_pix_loss:
-      target = normalize_patches(target)
-    per_patch = jnp.mean((out["predicted_patches"] - target) ** 2, axis=-1)  # [B, M]
     valid = batch["imaging"][B.VALID].astype(jnp.float32)[:, None]
-    return {"reconstruction_loss": jnp.sum(per_patch * valid)}
+    return {"reconstruction_loss": patch_error_sum(out["predicted_patches"], out["target_patches"], valid,
+                                                   norm_pix_loss=self.norm_pix_loss)}

@@ -38,7 +38,6 @@ counts only.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import logging
 import os
@@ -52,13 +51,13 @@ from biofm_jax.modalities.imaging import image_files as image_files
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.imaging.image_items import Item, ItemError
 from biofm_jax.data.sources.indexing import checked_index
+from biofm_jax.data.sources.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
-_RESERVED_COLUMNS = ("subject_id", "path", "split", "modality")
 _PIL_KINDS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
-_KINDS = ("dicom", "dicom_series", "nifti", "png", "jpeg", "npy")
+_KINDS = ("dicom", "dicom_series", "dicom_multiframe", "nifti", "png", "jpeg", "npy")
 _SKIP_REASONS = ("missing", "corrupt", "truncated", "unsupported", "series_spacing",
                  "series_size", "series_geometry", "rank", "channels")
 _IGNORED_PREFIXES = (".", "_")  # hidden files, macOS resource forks, _SUCCESS markers
@@ -101,6 +100,8 @@ def _read_pixels(kind: str, files: Sequence[str], stored_rank: int) -> np.ndarra
   """The stored pixels as float32 [*stored spatial shape, C], in physical units."""
   if kind == "dicom_series":
     return dicom.read_dicom_series_pixels(files)
+  if kind == "dicom_multiframe":
+    return dicom.read_dicom_multiframe_pixels(files[0])
   if kind == "dicom":
     return dicom.read_dicom_pixels(files[0])
   if kind == "nifti":
@@ -153,42 +154,17 @@ def _scan_directory(root: pathlib.Path, spatial_dims: int, stats: dict) -> list[
   return items
 
 
-def _parse_label(csv_path: pathlib.Path, line: int, column: str, text: str) -> float:
-  if not text.strip():
-    return float("nan")
-  try:
-    return float(text)
-  except ValueError:
-    raise ValueError(f"{csv_path}: line {line}, column {column!r}: {text!r} is not a number; "
-                     "label columns must be numeric (empty for missing)") from None
-
-
 def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Item], tuple[str, ...], bool]:
   """Candidate items, label column names, and whether a split column is present."""
-  with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet BOMs
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in reader.fieldnames or ()]
-    missing = [c for c in ("subject_id", "path") if c not in columns]
-    if missing or len(set(columns)) != len(columns):
-      raise ValueError(f"{csv_path}: manifest columns {columns}; expected unique names "
-                       f"including 'subject_id' and 'path' (missing {missing})")
-    reader.fieldnames = columns
-    label_names = tuple(c for c in columns if c not in _RESERVED_COLUMNS)
-    items = []
-    for row in reader:
-      line = reader.line_num
-      subject, relative = (row.get("subject_id") or "").strip(), (row.get("path") or "").strip()
-      if not subject or not relative:
-        raise ValueError(f"{csv_path}: line {line}: empty 'subject_id' or 'path'")
-      path = (csv_path.parent / relative).resolve()
-      kind = "series_folder" if path.is_dir() else (
-          _file_kind(path) if path.is_file() else "missing")
-      files = (tuple(str(p) for p in _visible_files(path, recursive=False)
-                     if _file_kind(p) == "dicom") if path.is_dir() else (str(path),))
-      items.append(Item(
-          subject_id=subject, path=str(path), kind=kind or "unsupported", files=files,
-          modality=(row.get("modality") or "").strip(), split=(row.get("split") or "").strip(),
-          labels=tuple(_parse_label(csv_path, line, c, row.get(c) or "") for c in label_names)))
+  rows, label_names, columns = read_manifest(csv_path, reserved=("split", "modality"))
+  items = []
+  for row in rows:
+    path = row.path
+    kind = "series_folder" if path.is_dir() else (_file_kind(path) if path.is_file() else "missing")
+    files = (tuple(str(p) for p in _visible_files(path, recursive=False)
+                   if _file_kind(p) == "dicom") if path.is_dir() else (str(path),))
+    items.append(Item(subject_id=row.subject_id, path=str(path), kind=kind or "unsupported", files=files,
+                      modality=row.fields["modality"], split=row.fields["split"], labels=row.labels))
   return items, label_names, "split" in columns
 
 

@@ -369,12 +369,30 @@ def test_from_config_on_the_synthetic_file(tmp_path, mode):
     omics.OmicsData.from_config(cfg, objective="autoregressive", artifacts_dir=tmp_path)
 
 
-def test_a_panel_with_no_overlap_is_refused(tmp_path, counts):
+def test_vocabulary_coverage_is_reported_and_enforced_and_gene_ids_map_through_a_table(tmp_path, counts):
   write_synthetic_anndata(tmp_path / "synthetic_omics.h5ad", num_cells=50)
-  omics.OmicsData.from_config(omics_config(tmp_path), objective="masked", artifacts_dir=tmp_path)
-  other = write_h5ad(tmp_path / "other.h5ad", counts)  # genes G0.. vs GENE0001..
-  with pytest.raises(ValueError, match=r"other\.h5ad: none of its 12 genes is in the gene vocabulary"):
-    omics.OmicsData.from_config(omics_config(tmp_path, path=str(other), label_columns=()),
+  own = omics.OmicsData.from_config(omics_config(tmp_path), objective="masked", artifacts_dir=tmp_path)
+  assert own.summary()["vocab_gene_coverage"] > 0.9 and own.summary()["vocab_count_coverage"] > 0.99
+  other = write_h5ad(tmp_path / "other.h5ad", counts)  # genes G0.. vs the vocabulary's GENE0001..
+  config = lambda **kw: omics_config(tmp_path, path=str(other), label_columns=(), **kw)  # noqa: E731
+  with pytest.raises(ValueError, match=r"other\.h5ad: the gene vocabulary \(\d+ genes\) knows 0 of its 12 genes, "
+                                       r"0\.0% of its counts .* most expressed unknown: \['G"):
+    omics.OmicsData.from_config(config(), objective="masked", artifacts_dir=tmp_path)
+  # Another id system (as Ensembl ids against symbols): a table maps them onto the vocabulary's.
+  table = tmp_path / "ids.csv"
+  table.write_text("file_id,vocab_id\n" + "".join(f"G{j},GENE{j + 1:04d}\n" for j in range(12)))
+  mapped = omics.OmicsData.from_config(config(gene_id_map=str(table)), objective="masked", artifacts_dir=tmp_path)
+  assert mapped.panel_overlap == 12 and mapped.summary()["vocab_count_coverage"] == 1.0
+  # Half the table: coverage is the share of counts whose genes are known, checked against the floor.
+  totals = counts.sum(axis=0)
+  table.write_text("file_id,vocab_id\n" + "".join(f"G{j},GENE{j + 1:04d}\n" for j in range(6)))
+  share = totals[:6].sum() / totals.sum()
+  partial = omics.OmicsData.from_config(config(gene_id_map=str(table), min_vocab_coverage=0.0),
+                                        objective="masked", artifacts_dir=tmp_path)
+  assert partial.summary()["vocab_count_coverage"] == pytest.approx(share, rel=1e-6)
+  top = f"G{6 + int(np.argmax(totals[6:]))}"
+  with pytest.raises(ValueError, match=rf"most expressed unknown: \['{top}'"):
+    omics.OmicsData.from_config(config(gene_id_map=str(table), min_vocab_coverage=min(share + 0.01, 1.0)),
                                 objective="masked", artifacts_dir=tmp_path)
 
 

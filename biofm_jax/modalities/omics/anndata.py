@@ -263,12 +263,14 @@ def _check_block(block: sp.csr_matrix, start: int, path: pathlib.Path, key: str,
 
 
 def _scan(rows: _Rows, shape: tuple[int, int], stored: int, cell_ids: np.ndarray,
-          gene_names: Sequence[str]) -> tuple[np.ndarray, int]:
-  """Validates every value; returns expressed genes per cell (int32) and explicit zeros."""
+          gene_names: Sequence[str]) -> tuple[np.ndarray, int, np.ndarray]:
+  """Validates every value; returns expressed genes per cell (int32), explicit zeros and each
+  gene's total count over all cells (float64; vocabulary coverage reads it)."""
   num_cells = shape[0]
   per_row = max(1, -(-stored // max(num_cells, 1)))
   block_rows = max(1, _VALUES_PER_BLOCK // per_row)
   expressed = np.zeros(num_cells, np.int32)
+  totals = np.zeros(shape[1], np.float64)
   explicit_zeros = 0
   for start in range(0, num_cells, block_rows):
     stop = min(start + block_rows, num_cells)
@@ -279,7 +281,8 @@ def _scan(rows: _Rows, shape: tuple[int, int], stored: int, cell_ids: np.ndarray
     zeros = np.bincount(zero_rows, minlength=stop - start)
     explicit_zeros += int(zeros.sum()) if rows.fmt != "dense" else 0
     expressed[start:stop] = stored_per_row - zeros
-  return expressed, explicit_zeros
+    totals += np.bincount(block.indices, weights=block.data, minlength=shape[1])
+  return expressed, explicit_zeros, totals
 
 
 def _subject_ids(obs: pd.DataFrame, cell_ids: np.ndarray) -> np.ndarray:
@@ -365,6 +368,7 @@ class ExpressionDataset:
       `subject_id` when the file has one (a missing value falls back to the cell id), else
       the cell ids; multimodal joins match cells to a subject's other modalities by it.
     genes_per_cell: int32 [cells] expressed genes of every obs row (0 = skipped).
+    gene_totals: float64 [genes] each gene's summed counts over every cell.
     stats: counts only, safe to log; every key is listed in `STAT_KEYS`.
   """
 
@@ -387,8 +391,8 @@ class ExpressionDataset:
     self.cell_ids = obs.index.astype(str).to_numpy(dtype=object)
     self.subject_ids = _subject_ids(obs, self.cell_ids)
     self._reader = _Rows(self.path, self.key, fmt, matrix)
-    self.genes_per_cell, explicit_zeros = _scan(self._reader, shape, stored, self.cell_ids,
-                                                self.gene_names)
+    self.genes_per_cell, explicit_zeros, self.gene_totals = _scan(self._reader, shape, stored, self.cell_ids,
+                                                                  self.gene_names)
     kept = self.genes_per_cell > 0
     self.stats.update(cells=shape[0], genes=shape[1], nonzeros=int(self.genes_per_cell.sum()),
                       empty_cells=int((~kept).sum()), explicit_zeros=explicit_zeros,

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import grain
 import numpy as np
+import pyarrow.csv as pacsv
 
 from biofm_jax.data import batch
 from biofm_jax.data.module import KeyByModality
@@ -144,6 +145,8 @@ class OmicsSettings:
   backed: bool
   layer: str | None
   gene_column: str | None
+  gene_id_map: str  # a CSV mapping the file's gene ids (first column) to the vocabulary's (second)
+  min_vocab_coverage: float  # share of the file's counts whose genes the vocabulary must know
   label_columns: tuple[str, ...]
   tokenization: str
   max_len: int
@@ -160,7 +163,8 @@ class OmicsSettings:
     labels = get("label_columns")
     settings = cls(
         path=str(get("path") or ""), backed=bool(get("backed")), layer=get("layer") or None,
-        gene_column=get("gene_column") or None,
+        gene_column=get("gene_column") or None, gene_id_map=str(cfg.get("gene_id_map", "") or ""),
+        min_vocab_coverage=float(cfg.get("min_vocab_coverage", 0.5)),
         label_columns=(labels,) if isinstance(labels, str) else tuple(labels or ()),
         tokenization=str(get("tokenization")), max_len=int(get("max_len")),
         num_value_bins=int(get("num_value_bins")),
@@ -175,6 +179,8 @@ class OmicsSettings:
              ">= 0 (0 = off)")
     _require(0 < settings.mask_rate <= 1, "mask_rate", settings.mask_rate, "in (0, 1]")
     _require(settings.synthetic_cells >= 1, "synthetic_cells", settings.synthetic_cells, ">= 1")
+    _require(0.0 <= settings.min_vocab_coverage <= 1.0, "min_vocab_coverage", settings.min_vocab_coverage,
+             "a fraction in [0, 1]")
     return settings
 
 
@@ -193,12 +199,20 @@ class OmicsData:
       raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
     self.dataset, self.vocab, self.settings, self.objective = dataset, vocab, settings, objective
     self.mode = settings.tokenization
-    self.panel_map = vocab.map_panel(dataset.gene_names)
+    names = map_gene_ids(dataset.gene_names, settings.gene_id_map)
+    self.panel_map = vocab.map_panel(names)
     self.panel_overlap = int((self.panel_map != batch.UNK_ID).sum())
-    if not self.panel_overlap:
-      raise ValueError(f"{dataset.path}: none of its {len(dataset.gene_names)} genes is in the "
-                       f"gene vocabulary ({len(vocab.genes)} genes); expected an overlapping "
-                       "panel (same gene ids: set gene_column to the var column that matches)")
+    self.coverage = vocab_coverage(self.panel_map, getattr(dataset, "gene_totals", None))
+    log.info("omics %s: the vocabulary knows %d of %d genes (%.1f%%) holding %.1f%% of the counts",
+             dataset.path, self.panel_overlap, len(names), 100 * self.coverage["genes"],
+             100 * self.coverage["counts"])
+    if not self.panel_overlap or self.coverage["counts"] < settings.min_vocab_coverage:
+      missing = top_missing_genes(names, self.panel_map, getattr(dataset, "gene_totals", None))
+      raise ValueError(f"{dataset.path}: the gene vocabulary ({len(vocab.genes)} genes) knows {self.panel_overlap} "
+                       f"of its {len(names)} genes, {100 * self.coverage['counts']:.1f}% of its counts (below "
+                       f"{_CONFIG_PREFIX}.min_vocab_coverage={settings.min_vocab_coverage}); most expressed "
+                       f"unknown: {missing}. Match the gene ids: gene_column (a var column) or gene_id_map "
+                       f"(a CSV from these ids to the vocabulary's)")
 
   @classmethod
   def from_config(cls, cfg: Any, *, objective: str,
@@ -250,6 +264,8 @@ class OmicsData:
     out["vocab_genes"] = len(self.vocab.genes)
     out["panel_genes"] = len(self.panel_map)
     out["panel_overlap"] = self.panel_overlap
+    out["vocab_gene_coverage"] = round(self.coverage["genes"], 6)
+    out["vocab_count_coverage"] = round(self.coverage["counts"], 6)
     out["labels"] = len(self.dataset.label_names)
     train_rows = self.dataset.splits.get("train", np.zeros(0, np.int64))
     expressed = self.dataset.genes_per_cell[train_rows].astype(np.int64)
@@ -270,6 +286,37 @@ def _synthetic_file(settings: OmicsSettings, artifacts_dir: Path) -> Path:
     log.info("omics: writing a synthetic AnnData file of %d cells", settings.synthetic_cells)
     write_synthetic_anndata(path, num_cells=settings.synthetic_cells, seed=settings.synthetic_seed)
   return path
+
+
+def map_gene_ids(gene_names, map_path: str) -> tuple[str, ...]:
+  """`gene_names` through a two-column CSV (the file's id, the vocabulary's id; e.g. Ensembl
+  to symbol); ids the table does not list stay as they are."""
+  if not map_path:
+    return tuple(gene_names)
+  table = pacsv.read_csv(map_path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+  if table.num_columns < 2:
+    raise ValueError(f"{map_path}: gene_id_map needs two columns (the file's gene id, the vocabulary's); "
+                     f"it has {table.schema.names}")
+  sources, targets = (table.column(i).cast("string").to_pylist() for i in (0, 1))
+  mapping = dict(zip(sources, targets))
+  return tuple(mapping.get(str(g), str(g)) for g in gene_names)
+
+
+def vocab_coverage(panel_map: np.ndarray, gene_totals: np.ndarray | None) -> dict[str, float]:
+  """The share of a file's genes the vocabulary knows, and of its counts (1.0 without totals)."""
+  known = panel_map != batch.UNK_ID
+  counts = 1.0
+  if gene_totals is not None and float(np.sum(gene_totals)) > 0:
+    counts = float(np.sum(gene_totals[known]) / np.sum(gene_totals))
+  return {"genes": float(known.mean()) if len(known) else 0.0, "counts": counts}
+
+
+def top_missing_genes(gene_names, panel_map: np.ndarray, gene_totals: np.ndarray | None, k: int = 5) -> list[str]:
+  """The `k` most expressed genes the vocabulary lacks (file order without totals)."""
+  unknown = np.flatnonzero(panel_map == batch.UNK_ID)
+  if gene_totals is not None:
+    unknown = unknown[np.argsort(-np.asarray(gene_totals)[unknown], kind="stable")]
+  return [str(gene_names[i]) for i in unknown[:k]]
 
 
 def _load_or_build_vocab(dataset: Any, path: Path, settings: OmicsSettings) -> GeneVocab:

@@ -111,17 +111,20 @@ def test_bad_records_raise_naming_file_and_field_or_are_skipped_and_counted(tmp_
   assert all(dataset.stats[f"skipped_{reason}"] == 1 for reason in expected.values())
 
 
-def test_nan_samples_fail_at_read_time_or_blank_the_example_with_skip(tmp_path):
+def test_nan_samples_fail_at_read_time_or_are_replaced_and_listed_with_skip(tmp_path):
   signal = sine(3, 100, 1.0)
   signal[17, 1] = np.nan  # wfdb writes the format's invalid-sample value; it reads back as NaN
-  write_record(tmp_path, "nan", signal)
+  (tmp_path / "wf").mkdir()
+  write_record(tmp_path / "wf", "nan", signal)
+  write_record(tmp_path / "wf", "ok", sine(3, 100, 1.0))
+  (tmp_path / "m.csv").write_text("subject_id,path,split\n1,wf/nan.hea,train\n2,wf/ok.hea,train\n")
   with pytest.raises(ValueError, match=r"nan\.dat: field 'signal' is not finite \(nan\) at sample 17 of signal 1"):
-    ECGDataset(tmp_path, leads=LEADS).source(next(iter(ECGDataset(tmp_path, leads=LEADS).splits)))[0]
-  dataset = ECGDataset(tmp_path, leads=LEADS, on_error="skip")
-  item = dataset.source(next(iter(dataset.splits)))[0]
-  assert not item["readable"] and not item["signal"].any()
-  example = ToExample(length=200, patch=20).map(item)
-  assert not example[ecg.VALID]
+    ECGDataset(tmp_path / "m.csv", leads=LEADS).source("train")[0]
+  skip_file = str(tmp_path / "skipped.csv")
+  source = ECGDataset(tmp_path / "m.csv", leads=LEADS, on_error="skip", skip_file=skip_file).source("train")
+  item = source[0]
+  assert item["subject_id"] == "2" and item["readable"]  # the next readable record of the split
+  assert "nan" in (tmp_path / "skipped.csv").read_text() and ToExample(length=200, patch=20).map(item)[ecg.VALID]
 
 
 # ================================================================ transforms

@@ -420,24 +420,39 @@ def test_truncated_nifti_and_corrupt_png(tmp_path):
   assert list(_records(dataset)) == ["fine"]
 
 
-def test_read_time_problems_always_raise_naming_the_file(tmp_path):
+def test_read_time_problems_name_the_file_or_are_replaced_and_listed_once(tmp_path, caplog):
   # The last bytes cut: the header and the file size pass, the pixel data does not.
+  images = tmp_path / "images"
+  images.mkdir()
   data = pathlib.Path(CT_SMALL).read_bytes()
-  (tmp_path / "cut.dcm").write_bytes(data[:-200])
+  (images / "cut.dcm").write_bytes(data[:-200])
   image = np.ones((4, 5), np.float32)
+  np.save(images / "good.npy", image)
   image[1, 2] = np.nan
-  np.save(tmp_path / "nan.npy", image)
-  np.save(tmp_path / "inf.npy", np.full((4, 5), np.inf, np.float32))
-  dataset = ImagingDataset(tmp_path, spatial_dims=2, on_error="skip")
-  assert dataset.stats["items"] == 3 and dataset.stats["skipped"] == 0
+  np.save(images / "nan.npy", image)
+  np.save(images / "inf.npy", np.full((4, 5), np.inf, np.float32))
+  manifest = _write_manifest(tmp_path / "m.csv", ["subject_id", "path", "split"],
+                             [[n, f"images/{n}.{ext}", "train"] for n, ext in
+                              (("cut", "dcm"), ("good", "npy"), ("nan", "npy"), ("inf", "npy"))])
   messages = {"cut": "cut.dcm: could not read the pixel data",
               "nan": "nan.npy: 1 NaN/inf pixel", "inf": "inf.npy: 20 NaN/inf pixel"}
-  for name, indices in dataset.splits.items():
-    source = dataset.source(name)
-    for i in range(len(source)):
-      subject = source.subject_ids[i]
-      with pytest.raises(ValueError, match=messages[subject]):
-        source[i]
+  strict = ImagingDataset(manifest, spatial_dims=2).source("train")
+  for i, subject in enumerate(strict.subject_ids):
+    if subject in messages:
+      with pytest.raises(ValueError, match=messages[subject] + r".*on_error='skip' replaces such records"):
+        strict[i]
+  skip_file = str(tmp_path / "skipped.csv")
+  source = ImagingDataset(manifest, spatial_dims=2, on_error="skip", skip_file=skip_file).source("train")
+  assert source.subject_ids == ["cut", "good", "nan", "inf"]
+  # Each bad record is replaced by the next readable one of its split (cyclically): deterministic.
+  assert [source[i]["subject_id"] for i in range(4)] == ["good", "good", "good", "good"]
+  rows = list(csv.DictReader(open(skip_file)))
+  assert sorted(pathlib.Path(r["path"]).name for r in rows) == ["cut.dcm", "inf.npy", "nan.npy"]
+  assert all(r["reason"] and r["first_seen"] for r in rows)
+  caplog.clear()  # a resumed run: the listed files are not read (nor warned about) again
+  again = ImagingDataset(manifest, spatial_dims=2, on_error="skip", skip_file=skip_file).source("train")
+  assert [again[i]["subject_id"] for i in range(4)] == ["good"] * 4
+  assert "skipping unreadable" not in caplog.text and len(list(csv.DictReader(open(skip_file)))) == 3
 
 
 def test_missing_path_and_channel_mix(tmp_path, caplog):

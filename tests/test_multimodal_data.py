@@ -368,3 +368,23 @@ def test_expression_source_subject_ids_come_from_obs_or_cell_ids(tmp_path):
   assert list(with_column.subject_ids) == ["p1", "p1", "cell2", "p2"]
   assert list(ExpressionDataset(tmp_path / "b.h5ad").source("train").subject_ids) == [
       f"cell{i}" for i in range(4)]
+
+
+def test_a_record_standing_in_for_an_unreadable_one_is_absent_from_its_subjects_example():
+  from biofm_jax.data.sources.read_skips import REPLACED
+
+  class Replacing(FakeSource):  # as a source with on_error="skip" returns a stand-in record
+    def __getitem__(self, i):
+      return {**super().__getitem__(i), REPLACED: True}
+  modules = fake_modules()
+  imaging = modules["imaging"]
+  imaging.source = lambda split: Replacing(imaging.splits[split], 200) if split in imaging.splits else \
+      FakeModule.source(imaging, split)
+  data = multimodal.MultimodalData(modules)
+  source = data.source("train")
+  with_imaging = [i for i in range(len(source)) if "imaging" in source[i]["records"]]
+  assert with_imaging
+  for i in with_imaging:
+    example = apply(data.transforms(train=False), source[i])
+    assert not example["imaging"][batch.PRESENT]  # never paired with another subject's image
+    assert_padding(example["imaging"], modules["imaging"].example_spec()["imaging"])

@@ -39,6 +39,7 @@ import numpy as np
 
 from biofm_jax.data import batch, pipeline
 from biofm_jax.data.module import only
+from biofm_jax.data.sources.read_skips import REPLACED
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
 from biofm_jax.data.sources.indexing import checked_index
@@ -166,6 +167,8 @@ class JoinModalities(grain.transforms.RandomMap):
     where = (f"multimodal example (subject {item['subject_id']!r}), {m} record "
              f"{records[pick]} of split {item['split']!r}")
     x = self.sources[item["split"]][m][int(records[pick])]
+    if isinstance(x, Mapping) and x.get(REPLACED):  # another subject's record stands in: absent here
+      return absent_example(self.specs[m])
     for position, transform in enumerate(self.transforms[m]):
       if isinstance(transform, grain.transforms.RandomMap):
         x = transform.random_map(x, generator(position + 1))

@@ -33,6 +33,7 @@ import scipy.signal
 from biofm_jax.data import batch
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import MaskPatches
+from biofm_jax.data.sources import read_skips
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ecg.source import ECGDataset
 from biofm_jax.modalities.ecg.synthetic import write_synthetic_ecg
@@ -174,7 +175,8 @@ class ECGData:
       raise ValueError(f"ECGData: objective {objective!r}, expected one of {OBJECTIVES}")
     settings = settings_from_config(cfg)
     path = str(_field(cfg, "path")) or str(_synthetic_manifest(cfg, Path(artifacts_dir)))
-    dataset = ECGDataset(path, leads=settings["leads"], on_error=settings["on_error"])
+    dataset = ECGDataset(path, leads=settings["leads"], on_error=settings["on_error"],
+                         skip_file=read_skips.skip_file_for(artifacts_dir))
     return cls(dataset, settings, objective=objective)
 
   def source(self, split: str):

@@ -13,8 +13,8 @@ long enough for the header's sample count, and at least one configured lead. Rea
 (`wfdb.rdrecord`) checks the samples themselves: no NaN or infinity. `on_error="raise"`
 turns the first problem into a ValueError naming the file, the record and the field;
 `on_error="skip"` drops records failing at indexing (counted per reason in `stats`, the
-first few named in the log) and turns a record failing at read time into an example with
-`readable` False, which carries no loss weight (the file named once in the log).
+first few named in the log) and replaces a record failing at read time by the next readable
+one of its split, naming it in the run's skipped.csv (`data/sources/read_skips.py`).
 
 A record item: `signal` float32 [samples, leads] in physical units (mV) in the configured
 lead order, zero for leads the record lacks; `lead_present` bool [leads]; `fs` (Hz);
@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 import wfdb
 
+from biofm_jax.data.sources import read_skips
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
 from biofm_jax.data.sources.manifest import read_manifest
@@ -120,9 +121,12 @@ def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Record], tuple[str, ...
 class ECGSource:
   """One split's records; an item is read from disk when asked for (see the module docstring)."""
 
-  def __init__(self, records: Sequence[Record], leads: Sequence[str], on_error: str, num_labels: int):
+  def __init__(self, records: Sequence[Record], leads: Sequence[str], on_error: str, num_labels: int,
+               skip_file: str = ""):
     self.records, self.leads, self.on_error, self.num_labels = list(records), tuple(leads), on_error, num_labels
     self.subject_ids = [r.subject_id for r in self.records]
+    self.paths, self.skip_file = [r.path for r in self.records], skip_file
+    self._known_bad = read_skips.listed(skip_file)  # named by an earlier read: not read again
 
   def __len__(self) -> int:
     return len(self.records)
@@ -132,19 +136,17 @@ class ECGSource:
     return np.array([r.labels for r in self.records], np.float32).reshape(len(self.records), self.num_labels)
 
   def __getitem__(self, index: int) -> dict:
-    record = self.records[checked_index(index, len(self.records), "ECGSource ... records")]
+    i = checked_index(index, len(self.records), "ECGSource ... records")
+    return read_skips.read_or_replace(i, self.paths, self._read, on_error=self.on_error, skip_file=self.skip_file,
+                                      known_bad=self._known_bad)
+
+  def _read(self, i: int) -> dict:
+    record = self.records[i]
     present = np.array([c >= 0 for c in record.channels], bool)
     signal = np.zeros((record.num_samples, len(self.leads)), np.float32)
-    readable = True
-    try:
-      signal[:, present] = read_signal(record)
-    except ValueError:
-      if self.on_error == "raise":
-        raise
-      log.warning("ecg: skipping unreadable record %s (on_error='skip')", record.path, exc_info=True)
-      signal[:], readable = 0.0, False
+    signal[:, present] = read_signal(record)
     return {"subject_id": record.subject_id, "path": record.path, "signal": signal, "lead_present": present,
-            "fs": np.float32(record.fs), "labels": np.asarray(record.labels, np.float32), "readable": readable}
+            "fs": np.float32(record.fs), "labels": np.asarray(record.labels, np.float32), "readable": True}
 
   def __repr__(self) -> str:
     return f"ECGSource(records={len(self)}, leads={len(self.leads)})"
@@ -174,7 +176,8 @@ class ECGDataset:
   """The records under `path` (a folder or a manifest CSV), checked and split."""
 
   def __init__(self, path: str | os.PathLike, *, leads: Sequence[str], on_error: str = "raise",
-               split_seed: int = 0, fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1)):
+               split_seed: int = 0, fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), skip_file: str = ""):
+    self.skip_file = skip_file  # read-time skips (`data/sources/read_skips.py`)
     if on_error not in ("raise", "skip"):
       raise ValueError(f"ECGDataset: on_error={on_error!r}; expected 'raise' or 'skip'")
     self.path, self.leads, self.on_error = pathlib.Path(path), tuple(leads), on_error
@@ -224,4 +227,4 @@ class ECGDataset:
     if split not in self.splits:
       raise ValueError(f"ecg {self.path}: no split {split!r}; splits: {list(self.splits)}")
     return ECGSource([self.records[i] for i in self.splits[split]], self.leads, self.on_error,
-                     len(self.label_names))
+                     len(self.label_names), self.skip_file)

@@ -51,6 +51,7 @@ from biofm_jax.modalities.imaging import image_files as image_files
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.imaging.image_items import Item, ItemError
 from biofm_jax.data.sources.indexing import checked_index
+from biofm_jax.data.sources import read_skips
 from biofm_jax.data.sources.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,10 @@ class ImagingSource:
   without reading pixels, e.g. for a linear probe's targets.
   """
 
-  def __init__(self, items: Sequence[Item], spatial_dims: int, num_labels: int):
-    self.spatial_dims = spatial_dims
+  def __init__(self, items: Sequence[Item], spatial_dims: int, num_labels: int, *, on_error: str = "raise",
+               skip_file: str = ""):
+    self.spatial_dims, self.on_error, self.skip_file = spatial_dims, on_error, skip_file
+    self._known_bad = read_skips.listed(skip_file)  # named by an earlier read: not read again
     self.subject_ids = [item.subject_id for item in items]
     self.paths = [item.path for item in items]
     self._kinds = [item.kind for item in items]
@@ -264,6 +267,10 @@ class ImagingSource:
 
   def __getitem__(self, index: int) -> dict:
     i = checked_index(index, len(self), "ImagingSource ... items")
+    return read_skips.read_or_replace(i, self.paths, self._read, on_error=self.on_error,
+                                      skip_file=self.skip_file, known_bad=self._known_bad)
+
+  def _read(self, i: int) -> dict:
     path = self.paths[i]
     try:
       image = _read_pixels(self._kinds[i], self._files[i], len(self._stored_shapes[i]) - 1)
@@ -301,11 +308,13 @@ class ImagingDataset:
   """
 
   def __init__(self, path: str | os.PathLike, *, spatial_dims: int, on_error: str = "raise",
-               fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0):
+               fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0,
+               skip_file: str = ""):
     if spatial_dims not in (2, 3) or on_error not in ("raise", "skip"):
       raise ValueError(f"ImagingDataset: spatial_dims={spatial_dims!r}, on_error={on_error!r}; "
                        "expected 2 or 3, and 'raise' or 'skip'")
     self.path, self.spatial_dims = pathlib.Path(path), spatial_dims
+    self.on_error, self.skip_file = on_error, skip_file  # read-time skips (`data/sources/read_skips.py`)
     self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
     manifest = self.path / MANIFEST_NAME if self.path.is_dir() else self.path
     if self.path.is_dir() and not manifest.is_file():
@@ -365,7 +374,7 @@ class ImagingDataset:
       raise ValueError(f"{self.path}: unknown split {split!r}; available splits: "
                        f"{list(self.splits)}")
     return ImagingSource([self._items[i] for i in self.splits[split]], self.spatial_dims,
-                         len(self.label_names))
+                         len(self.label_names), on_error=self.on_error, skip_file=self.skip_file)
 
   def __repr__(self) -> str:
     return (f"ImagingDataset({str(self.path)!r}, items={self.stats['items']}, "

@@ -1,0 +1,83 @@
+"""Read-time skips: a record whose file passed indexing but fails when read (pixels cut short,
+NaN voxels, a damaged compressed stream, NaN ECG samples) is replaced, with
+`on_error="skip"`, by the next readable record of the same split, so batches stay full and a
+resumed run reads exactly what an uninterrupted one did.
+
+Each such file is named once in a CSV beside the run's artifacts (`<workdir>/skipped.csv`:
+path, reason, time first seen), appended with one write per line (atomic for short lines,
+so Grain's worker processes may share it). A file listed there is not read again: on resume
+its records go straight to their replacement. Without skip, the read error names the file
+and says that skip exists.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import logging
+import os
+import pathlib
+from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+SKIP_FILE = "skipped.csv"
+# Set in a record that stands in for an unreadable one: a join by subject must not pair it
+# with the subject it replaced (`data/multimodal.py` treats that modality as absent).
+REPLACED = "replaced_unreadable_record"
+_HEADER = "path,reason,first_seen\n"
+_MAX_REPLACEMENTS = 64  # consecutive unreadable records before giving up: the data is broken
+
+
+def skip_file_for(artifacts_dir: str | os.PathLike | None) -> str:
+  """`<workdir>/skipped.csv` for a run's artifacts directory ('' without one)."""
+  return str(pathlib.Path(artifacts_dir).parent / SKIP_FILE) if artifacts_dir else ""
+
+
+def listed(skip_file: str) -> set[str]:
+  """The paths a skip file lists (none when there is no file)."""
+  if not skip_file or not os.path.exists(skip_file):
+    return set()
+  with open(skip_file, newline="") as f:
+    return {row["path"] for row in csv.DictReader(f)}
+
+
+def record(skip_file: str, path: str, reason: str) -> None:
+  """Appends one line naming `path` (one write, so concurrent writers never interleave)."""
+  if not skip_file:
+    return
+  line = io.StringIO()
+  csv.writer(line).writerow([path, reason.splitlines()[0][:300],
+                             datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")])
+  fd = os.open(skip_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  try:
+    if os.fstat(fd).st_size == 0:
+      os.write(fd, _HEADER.encode())
+    os.write(fd, line.getvalue().encode())
+  finally:
+    os.close(fd)
+
+
+def read_or_replace(index: int, paths: Sequence[str], read: Callable[[int], dict], *, on_error: str,
+                    skip_file: str, known_bad: set[str]) -> dict:
+  """`read(index)`, or with on_error="skip" the first of index + 1, index + 2, ... (cyclic)
+  that reads; each failing file is recorded once and never read again by this source."""
+  if on_error != "skip":
+    try:
+      return read(index)
+    except ValueError as e:
+      raise ValueError(f"{e} (on_error='skip' replaces such records and names them in {SKIP_FILE})") from e
+  for step in range(min(_MAX_REPLACEMENTS, len(paths))):
+    i = (index + step) % len(paths)
+    if paths[i] in known_bad:
+      continue
+    try:
+      out = read(i)
+      return out if i == index else {**out, REPLACED: True}
+    except ValueError as e:
+      known_bad.add(paths[i])
+      if paths[i] not in listed(skip_file):
+        record(skip_file, paths[i], str(e))
+      log.warning("skipping unreadable %s (on_error='skip'): %s", paths[i], str(e).splitlines()[0][:300])
+  raise ValueError(f"{paths[index]} and the {_MAX_REPLACEMENTS - 1} records after it could not be read "
+                   f"(on_error='skip'); the data looks broken, see {skip_file or 'the log'}")

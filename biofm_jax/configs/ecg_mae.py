@@ -30,7 +30,7 @@ def get_config(arg=None):
       length=500,  # samples per training window (5 s at 100 Hz)
       patch_size=50,  # samples per patch, per lead
       mask_ratio=0.75,
-      on_error="raise",  # "skip" drops bad records at indexing and blanks unreadable ones at read time
+      on_error="raise",  # "skip": bad records dropped at indexing, unreadable ones replaced at read time
       synthetic_subjects=300, synthetic_seed=0)
   config.model.position = "sincos"
   config.model.decoder = dict(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)

@@ -31,7 +31,7 @@ def imaging_config(preset: str, spatial_dims: int):
       flip_axes=tuple(range(spatial_dims)),
       brightness=0.1, contrast=0.1,
       mask_ratio=0.75,
-      on_error="raise",  # "skip" drops unreadable or inconsistent images at indexing and counts them
+      on_error="raise",  # "skip": bad images dropped at indexing, unreadable ones replaced at read time
       synthetic_subjects=200, synthetic_seed=0)
   config.model.position = "sincos"
   config.model.decoder = dict(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)

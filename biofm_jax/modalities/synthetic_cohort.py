@@ -69,7 +69,7 @@ from biofm_jax.modalities.ehr import synthetic as synthetic
 from biofm_jax.modalities.ehr.synthetic_catalogue import CONDITION_INDEX, CONDITIONS
 from biofm_jax.modalities.imaging import synthetic as synthetic_imaging
 from biofm_jax.modalities.omics import synthetic as synthetic_omics
-from biofm_jax.modalities.tabular import source as tabular_source
+from biofm_jax.modalities.tabular import table_files
 from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 
 MODALITIES = ("ehr", "imaging", "omics", "tabular")
@@ -262,7 +262,7 @@ def _write_tabular(root: pathlib.Path, latents: _Latents, seed: int) -> None:
   table = table.add_column(table.schema.get_field_index(synthetic_tabular.LABEL_COLUMN) + 1,
                            "sex", sex)
   root.mkdir(parents=True)
-  table = tabular_source.declare_label_columns(table, [synthetic_tabular.LABEL_COLUMN])
+  table = table_files.declare_label_columns(table, [synthetic_tabular.LABEL_COLUMN])
   pq.write_table(table, root / synthetic_tabular.DATA_FILENAME)
 
 

@@ -37,8 +37,6 @@ Errors are ValueErrors naming the file, the (1-based data) row and the column.
 from __future__ import annotations
 
 import collections
-import csv
-import json
 import logging
 import math
 import os
@@ -51,8 +49,7 @@ import pyarrow.compute as pc
 
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
+from biofm_jax.modalities.tabular.table_files import concat_tables, declared_label_columns, read_table_file, table_files
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +57,6 @@ SPLIT_COLUMN = "split"
 # A string column is numeric when at least this share of its non-empty cells are numbers:
 # a few "n/a" or "?" cells in a measurement column are junk, a column of words is not.
 MIN_NUMERIC_FRACTION = 0.5
-_IGNORED_PREFIXES = (".", "_")  # hidden files and _SUCCESS markers beside parquet parts
 
 # Every key of TabularDataset.stats (ints, safe to log).
 STAT_KEYS = (
@@ -77,99 +73,6 @@ STAT_KEYS = (
 
 
 # ---------------------------------------------------------------- reading files
-def _table_files(path: pathlib.Path) -> list[pathlib.Path]:
-  expected = "expected a CSV file (.csv, .csv.gz), a .parquet file or a folder of them"
-  files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".parquet"
-                 and not p.name.startswith(_IGNORED_PREFIXES)) if path.is_dir() else [path]
-  if not files or not files[0].is_file():
-    raise ValueError(f"{path}: {'holds no parquet files' if path.is_dir() else 'does not exist'}"
-                     f"; {expected}")
-  if not files[0].name.lower().endswith((".csv", ".csv.gz", ".csv.bz2", ".parquet")):
-    raise ValueError(f"{path}: unsupported file type; {expected}")
-  return files
-
-
-DELIMITERS = ",;\t|"
-# Parquet schema metadata in which a generated table names its label columns, so they stay
-# out of the features when the config names none (`synthetic.py`, the joint cohort).
-LABEL_COLUMNS_KEY = b"biofm_jax.label_columns"
-
-
-def sniff_delimiter(path: pathlib.Path) -> str:
-  """The delimiter of a CSV file from its first lines: `,`, `;`, tab or `|`."""
-  with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-    sample = "".join(f.readline() for _ in range(20))
-  try:
-    return csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
-  except csv.Error:
-    return ","  # one column, or nothing to tell: the standard
-
-
-def declare_label_columns(table: pa.Table, names) -> pa.Table:
-  """`table` with `names` declared as its label columns (for a generated table)."""
-  return table.replace_schema_metadata({**(table.schema.metadata or {}), LABEL_COLUMNS_KEY: json.dumps(list(names))})
-
-
-def declared_label_columns(table: pa.Table) -> tuple[str, ...]:
-  """The label columns a generated parquet table declares in its schema metadata."""
-  raw = (table.schema.metadata or {}).get(LABEL_COLUMNS_KEY)
-  return tuple(json.loads(raw)) if raw else ()
-
-
-def _read_csv(path: pathlib.Path, use_threads: bool = True, delimiter: str = "") -> pa.Table:
-  """Every column as strings: our rules, not pyarrow's type inference, decide the kinds
-  (and ids like "007" keep their leading zeros). `delimiter` "" is sniffed from the file."""
-  delimiter = delimiter or sniff_delimiter(path)
-  ragged = []  # (line, fields, expected) of the first malformed row
-
-  def on_invalid_row(row) -> str:
-    ragged.append((row.number, row.actual_columns, row.expected_columns))
-    return "error"
-  read_options = pacsv.ReadOptions(use_threads=use_threads)
-  parse_options = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid_row)
-  try:
-    reader = pacsv.open_csv(path, read_options=read_options, parse_options=parse_options)
-    names = reader.schema.names
-    reader.close()
-    return pacsv.read_csv(
-        path, read_options=read_options, parse_options=parse_options,
-        convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in names},
-                                             strings_can_be_null=False))
-  except (pa.ArrowInvalid, OSError) as e:
-    if ragged and ragged[0][0] is None and use_threads:
-      return _read_csv(path, use_threads=False, delimiter=delimiter)  # only one thread knows line numbers
-    if ragged:
-      line, fields, expected = ragged[0]
-      raise ValueError(f"{path}, line {line}: {fields} fields, expected {expected} as in "
-                       "the header") from None
-    # pyarrow may quote the offending row after the second ": "; record contents stay out.
-    reason = ": ".join(str(e).splitlines()[0].split(": ")[:2])
-    raise ValueError(f"{path}: cannot read as CSV ({reason})") from None
-
-
-def _read_file(path: pathlib.Path, delimiter: str = "") -> pa.Table:
-  if path.suffix.lower() == ".parquet":
-    try:
-      return pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-      raise ValueError(f"{path}: cannot read as parquet ({e})") from None
-  return _read_csv(path, delimiter=delimiter)
-
-
-def _concat(tables: list[pa.Table], files: list[pathlib.Path]) -> pa.Table:
-  names = tables[0].schema.names
-  for table, file in zip(tables[1:], files[1:]):
-    if table.schema.names != names:
-      raise ValueError(f"{file}: columns {table.schema.names} differ from {files[0]}'s "
-                       f"{names}; every part of a table must have the same columns")
-  try:
-    return pa.concat_tables(tables, promote_options="permissive")
-  except pa.ArrowException as e:
-    raise ValueError(f"{files[0].parent}: parquet parts have incompatible column types "
-                     f"({e})") from None
-
-
-# ---------------------------------------------------------------- cells
 def _is_number(kind: pa.DataType) -> bool:
   return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
 
@@ -292,10 +195,10 @@ class TabularDataset:
     exclude_columns = _column_names(exclude_columns, "exclude_columns")
     if categorical_columns is not None:
       categorical_columns = _column_names(categorical_columns, "categorical_columns")
-    self._files = _table_files(self.path)
-    tables = [_read_file(f, delimiter) for f in self._files]
+    self._files = table_files(self.path)
+    tables = [read_table_file(f, delimiter) for f in self._files]
     self._file_rows = [t.num_rows for t in tables]
-    table = _concat(tables, self._files) if len(tables) > 1 else tables[0]
+    table = concat_tables(tables, self._files) if len(tables) > 1 else tables[0]
     self.stats["files"], self.stats["rows"] = len(self._files), table.num_rows
     if table.num_rows == 0:
       raise ValueError(f"{self.path}: the table has no rows")

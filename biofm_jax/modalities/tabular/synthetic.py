@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
-from biofm_jax.modalities.tabular import source as tabular_source
+from biofm_jax.modalities.tabular import table_files
 
 DATA_FILENAME = "data.parquet"
 ID_COLUMN, LABEL_COLUMN = "subject_id", "malignant"
@@ -154,7 +154,7 @@ def write_synthetic_table(out_dir: str | os.PathLike, *, num_rows: int = 600,
   out = pathlib.Path(out_dir)
   table = synthetic_table(num_rows, seed)
   with atomic_directory(out) as staging:
-    table = tabular_source.declare_label_columns(table, [LABEL_COLUMN])
+    table = table_files.declare_label_columns(table, [LABEL_COLUMN])
     pq.write_table(table, staging / DATA_FILENAME)
   return out
 

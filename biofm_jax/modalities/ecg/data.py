@@ -13,7 +13,7 @@ A token is present when its lead is in the record and it holds real samples; MAE
 reconstructs the masked present tokens only.
 
 Example fields (no batch axis): `signal` float32 [length, leads]; `token_present` bool
-[leads * patches_per_lead]; `valid` bool [] (False for padding and unreadable records);
+[leads * patches_per_lead]; `valid` bool [] (False for the eval pipeline's padding examples);
 with MAE masking `visible_patches` int32 [V] and `masked_patches` int32 [M].
 """
 from __future__ import annotations

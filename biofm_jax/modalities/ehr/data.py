@@ -265,6 +265,7 @@ class EHRData:
     self.train_windows, self.window_overlap = train_windows, float(window_overlap)
     self._summary: dict[str, int] | None = None
     self._windows = None
+    self._coverage: float | None = None
 
   @classmethod
   def from_config(cls, cfg: Any, *, objective: str,
@@ -341,7 +342,13 @@ class EHRData:
     return dict(self._summary)
 
   def train_event_coverage(self) -> float:
-    """The share of the training split's timed events that an epoch's training windows hold."""
+    """The share of the training split's timed events that an epoch's training windows hold
+    (computed once: the summary and the loop's metrics both ask)."""
+    if self._coverage is None:
+      self._coverage = self._count_train_event_coverage()
+    return self._coverage
+
+  def _count_train_event_coverage(self) -> float:
     source = self.training_source()
     if isinstance(source, WindowSource):
       return event_coverage(source.records.event_counts(), source.static_counts, source.starts, source.lengths,

@@ -36,6 +36,7 @@ setup(
         "pillow>=10,<14",
         "scikit-learn>=1.8,<2",  # l1_ratio=1.0 alone selects L1 (the expression baseline) from 1.8
         "anndata>=0.10,<0.13",
+        "scikit-misc>=0.5,<0.6",  # the loess of Seurat v3 highly-variable genes (modalities/omics/hvg.py), as scanpy
         "flatbuffers>=24,<26",  # jax.export serialisation (biofm_jax.export)
         "pandas>=2.0,<3",
         "matplotlib>=3.8,<4",  # validation report plots

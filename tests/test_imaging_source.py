@@ -15,6 +15,7 @@ import pathlib
 import pickle
 import shutil
 
+import grain
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -23,6 +24,7 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from biofm_jax.data import pipeline
 from biofm_jax.data.sources import splits
 from biofm_jax.modalities.imaging import synthetic as synthetic_imaging
 from biofm_jax.modalities.imaging.source import STAT_KEYS, ImagingDataset
@@ -448,11 +450,33 @@ def test_read_time_problems_name_the_file_or_are_replaced_and_listed_once(tmp_pa
   assert [source[i]["subject_id"] for i in range(4)] == ["good", "good", "good", "good"]
   rows = list(csv.DictReader(open(skip_file)))
   assert sorted(pathlib.Path(r["path"]).name for r in rows) == ["cut.dcm", "inf.npy", "nan.npy"]
-  assert all(r["reason"] and r["first_seen"] for r in rows)
+  # Read outside a training stream: no step, only the time.
+  assert all(r["reason"] and r["first_seen_time"] and r["first_seen_step"] == "" for r in rows)
   caplog.clear()  # a resumed run: the listed files are not read (nor warned about) again
   again = ImagingDataset(manifest, spatial_dims=2, on_error="skip", skip_file=skip_file).source("train")
   assert [again[i]["subject_id"] for i in range(4)] == ["good"] * 4
   assert "skipping unreadable" not in caplog.text and len(list(csv.DictReader(open(skip_file)))) == 3
+
+
+def test_read_time_skips_name_the_training_step_whose_batch_met_them(tmp_path):
+  names = [f"s{i}" for i in range(8)]
+  for name in names:
+    image = np.ones((4, 5), np.float32)
+    image[0, 0] = np.nan if name == "s5" else 1.0
+    np.save(tmp_path / f"{name}.npy", image)
+  manifest = _write_manifest(tmp_path / "m.csv", ["subject_id", "path", "split"],
+                             [[n, f"{n}.npy", "train"] for n in names])
+  skip_file = tmp_path / "skipped.csv"
+  source = ImagingDataset(manifest, spatial_dims=2, on_error="skip", skip_file=str(skip_file)).source("train")
+  dataset = pipeline.make_train_dataset(source, [lambda r: {"x": r["image"]}], global_batch_size=2, seed=5)
+  iterator = pipeline.make_iterator(dataset)
+  for _ in range(4):  # one epoch
+    next(iterator)
+  # The shuffled global stream: batch k (step k + 1) holds positions 2k and 2k + 1.
+  order = [grain.MapDataset.range(8).shuffle(seed=5)[p] for p in range(8)]
+  expected_step = order.index(source.subject_ids.index("s5")) // 2 + 1
+  [row] = list(csv.DictReader(open(skip_file)))
+  assert pathlib.Path(row["path"]).name == "s5.npy" and int(row["first_seen_step"]) == expected_step
 
 
 def test_missing_path_and_channel_mix(tmp_path, caplog):

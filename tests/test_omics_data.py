@@ -3,6 +3,7 @@ masking, the Grain pipeline and `OmicsData`, on .h5ad files the tests write them
 from __future__ import annotations
 
 import json
+import pathlib
 import pickle
 
 import anndata
@@ -15,6 +16,7 @@ import scipy.sparse as sp
 from biofm_jax.data import batch, pipeline
 from biofm_jax.modalities.omics import data as omics
 from biofm_jax.modalities.omics import anndata as anndata_source
+from biofm_jax.modalities.omics import hvg
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.omics.synthetic import write_synthetic_anndata
 
@@ -428,3 +430,63 @@ def test_pipeline_end_to_end_with_resume(tmp_path):
   batches = list(pipeline.make_iterator(evaluation))
   real = np.concatenate([b["omics"][batch.TOKEN_MASK][:, 0] for b in batches])
   assert real.sum() == len(data.source("tuning")) and len(real) % 8 == 0
+
+
+# ================================================================ highly-variable genes
+def hvg_reference():
+  """The committed matrix and scanpy's Seurat v3 result on it (tests/data/make_hvg_reference.py)."""
+  ref = json.loads((pathlib.Path(__file__).parent / "data" / "hvg_seurat_v3_reference.json").read_text())
+  matrix = sp.csr_matrix((np.asarray(ref["data"], np.float32), ref["indices"], ref["indptr"]),
+                         shape=(ref["num_cells"], ref["num_genes"]))
+  return ref, matrix
+
+
+def test_seurat_v3_matches_scanpy_streaming_cells(tmp_path):
+  ref, matrix = hvg_reference()
+  split = np.array(["train"] * matrix.shape[0], dtype=object)
+  path = write_h5ad(tmp_path / "hvg.h5ad", matrix, genes=[f"G{j:03d}" for j in range(matrix.shape[1])],
+                    obs_columns={"split": split})
+  source = anndata_source.ExpressionDataset(path, backed=True).source("train")
+  stats = hvg.seurat_v3(source, matrix.shape[1])
+  np.testing.assert_allclose(stats.means, ref["means"], rtol=1e-12)
+  np.testing.assert_allclose(stats.variances, ref["variances"], rtol=1e-9)
+  np.testing.assert_allclose(stats.variances_norm, ref["variances_norm"], rtol=1e-9)
+  assert sorted(stats.top(ref["n_top_genes"]).tolist()) == ref["highly_variable"]
+  # The clipping matters on this matrix: without it the outlier cells' genes would rank higher.
+  assert stats.variances_norm.max() < (stats.variances / np.maximum(stats.means, 1e-12)).max()
+
+
+def test_seurat_v3_refuses_normalised_values_and_too_few_cells():
+  ref, matrix = hvg_reference()
+  cells = [{"genes": matrix[i].indices, "counts": matrix[i].data / 3.0} for i in range(5)]
+  with pytest.raises(ValueError, match=r"need raw counts.*config\.data\.omics\.layer"):
+    hvg.seurat_v3(cells, matrix.shape[1])
+  with pytest.raises(ValueError, match="at least 2 cells"):
+    hvg.seurat_v3(cells[:1], matrix.shape[1])
+
+
+def test_highly_variable_vocabulary_limits_the_genes_read_and_survives_resume(tmp_path):
+  cfg = omics_config(tmp_path, highly_variable_genes=20, label_columns=())
+  data = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  chosen = data.vocab.highly_variable
+  assert len(chosen) == 20 and set(chosen) <= set(data.vocab.genes)
+  assert len(data.vocab.genes) > 20 and data.summary()["highly_variable_genes"] == 20
+  # The same genes scanpy-style selection would pick from the training cells' raw counts.
+  source = data.dataset.source("train")
+  expected = hvg.seurat_v3(source, len(data.dataset.gene_names)).top(20)
+  assert chosen == tuple(data.dataset.gene_names[g] for g in expected.tolist())
+  # Tokens come only from the chosen genes; coverage still counts every vocabulary gene.
+  allowed = {data.vocab.size - len(data.vocab.genes) + data.vocab.genes.index(g) for g in chosen}
+  examples = [data.transforms(train=False, mask=False)[0].map(source[i]) for i in range(30)]
+  tokens = np.concatenate([e[batch.TOKENS][e[batch.TOKEN_MASK]][1:] for e in examples])
+  assert len(tokens) and set(tokens.tolist()) <= allowed
+  assert data.summary()["vocab_count_coverage"] > 0.99
+  # A resume reads the saved selection; another count is refused.
+  again = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  assert again.vocab.highly_variable == chosen
+  with pytest.raises(ValueError, match="highly_variable_genes"):
+    omics.OmicsData.from_config(omics_config(tmp_path, highly_variable_genes=10, label_columns=()),
+                                objective="masked", artifacts_dir=tmp_path)
+  with pytest.raises(ValueError, match=r"highly_variable_genes=100000, but only \d+ genes vary"):
+    omics.OmicsData.from_config(omics_config(tmp_path / "more", highly_variable_genes=100_000, label_columns=()),
+                                objective="masked", artifacts_dir=tmp_path / "more")

@@ -26,7 +26,8 @@ def get_config(arg=None):
       layer="",  # "" = X; else the name of a layer holding raw counts
       gene_column="",  # "" = var_names; else a var column with gene ids
       gene_id_map="",  # a CSV mapping the file's gene ids to the vocabulary's (e.g. Ensembl -> symbol)
-      min_vocab_coverage=0.5,  # the vocabulary must know genes holding this share of the counts
+      min_vocab_coverage=0.5,
+      highly_variable_genes=0,  # > 0: read only this many highly-variable genes (Seurat v3, raw counts)  # the vocabulary must know genes holding this share of the counts
       label_columns=("cell_type",),  # obs columns kept for probes
       tokenization="binned",  # "binned" (scGPT) or "rank" (Geneformer)
       max_len=64,  # tokens per cell including CLS

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
+from biofm_jax.data.sources import read_skips
 from absl import flags
 
 # Streams of randomness derived from the one config seed; distinct per use and process.
@@ -117,16 +118,33 @@ def _process_view(ds: grain.MapDataset, process_index: int, process_count: int) 
   return ds[process_index::process_count] if process_count > 1 else ds
 
 
-def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int) -> tuple[grain.MapDataset, int]:
+class _ReadAtStep(grain.transforms.MapWithIndex):
+  """Reads record `index` at global stream `position`, telling read-time skips
+  (`sources/read_skips.py`) the training step whose batch holds it."""
+
+  def __init__(self, source: Any, global_batch_size: int | None):
+    self.source, self.global_batch_size = source, global_batch_size
+
+  def map_with_index(self, position: int, index: int):
+    # Global batch k (positions k*B .. k*B + B - 1) is trained at step k + 1.
+    step = position // self.global_batch_size + 1 if self.global_batch_size else None
+    with read_skips.at_step(step):
+      return self.source[int(index)]
+
+
+def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int,
+                   global_batch_size: int | None = None) -> tuple[grain.MapDataset, int]:
   """The global training stream of `source`: shuffled every epoch, repeated, transformed
   (random transforms seeded by position in this global stream, never by process); and the
-  number of records."""
-  ds = grain.MapDataset.source(source)
-  num_records = len(ds)
+  number of records. `global_batch_size` (when the stream alone fills the batches) dates
+  read-time skips by step."""
+  num_records = len(source)
   if num_records == 0:
     raise ValueError(f"pipeline: the {name} training source has no records")
-  # Shuffle before repeat: grain folds the epoch into the shuffle seed.
-  ds = ds.shuffle(seed=seed % 2**32).repeat(None)
+  # Shuffle before repeat: grain folds the epoch into the shuffle seed. Indices are shuffled
+  # and the source read at each position (the same order as shuffling the source itself).
+  ds = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat(None)
+  ds = ds.map_with_index(_ReadAtStep(source, global_batch_size))
   ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM, process_index=0)
   return ds, num_records
 
@@ -139,7 +157,8 @@ def make_train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_s
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
   name = name or type(source).__name__
-  ds, num_records = _endless_train(source, transforms, name=name, seed=seed)
+  ds, num_records = _endless_train(source, transforms, name=name, seed=seed,
+                                   global_batch_size=global_batch_size)
   log.info("pipeline: %s train, %d records, process %d of %d, batches of %d",
            name, num_records, index, count, batch_size)
   return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(

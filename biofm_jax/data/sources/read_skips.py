@@ -4,13 +4,15 @@ NaN voxels, a damaged compressed stream, NaN ECG samples) is replaced, with
 resumed run reads exactly what an uninterrupted one did.
 
 Each such file is named once in a CSV beside the run's artifacts (`<workdir>/skipped.csv`:
-path, reason, time first seen), appended with one write per line (atomic for short lines,
+path, reason, the training step whose batch first met it, and the time), appended with one write per line (atomic for short lines,
 so Grain's worker processes may share it). A file listed there is not read again: on resume
 its records go straight to their replacement. Without skip, the read error names the file
 and says that skip exists.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import datetime
 import io
@@ -25,7 +27,21 @@ SKIP_FILE = "skipped.csv"
 # Set in a record that stands in for an unreadable one: a join by subject must not pair it
 # with the subject it replaced (`data/multimodal.py` treats that modality as absent).
 REPLACED = "replaced_unreadable_record"
-_HEADER = "path,reason,first_seen\n"
+_HEADER = "path,reason,first_seen_step,first_seen_time\n"
+# The training step whose batch is being read, set around a read by the training stream
+# (`data/pipeline.py`), which knows each record's position in the global stream; unset
+# (written as "") for evaluation, embedding and mixed streams.
+_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("read_skips_step", default=None)
+
+
+@contextlib.contextmanager
+def at_step(step: int | None):
+  """Reads inside this block that fail are recorded as first seen at training `step`."""
+  token = _STEP.set(step)
+  try:
+    yield
+  finally:
+    _STEP.reset(token)
 _MAX_REPLACEMENTS = 64  # consecutive unreadable records before giving up: the data is broken
 
 
@@ -47,7 +63,8 @@ def record(skip_file: str, path: str, reason: str) -> None:
   if not skip_file:
     return
   line = io.StringIO()
-  csv.writer(line).writerow([path, reason.splitlines()[0][:300],
+  step = _STEP.get()
+  csv.writer(line).writerow([path, reason.splitlines()[0][:300], "" if step is None else step,
                              datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")])
   fd = os.open(skip_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
   try:

@@ -13,7 +13,8 @@ genes and their counts) becomes the token-sequence fields named in `batch.py`:
     "binned" (scGPT): the top expressed genes, ordered by token id, each with its value's
       quantile bin among the cell's own expressed values (1..num_value_bins);
     "rank" (Geneformer): genes ordered by value / training median, descending; tokens only.
-  Genes outside the vocabulary are dropped (they carry no identity and no median).
+  Genes outside the vocabulary are dropped (they carry no identity and no median), and so
+  are genes outside its highly-variable set when it has one (`hvg.py`).
 * `MaskExpression`: a Grain `RandomMap` adding masked-modelling targets: hidden value bins
   ("binned") or BERT-style hidden gene tokens ("rank").
 * `OmicsData`: what the pipeline and the training loop use (source, transforms, spec).
@@ -147,6 +148,7 @@ class OmicsSettings:
   gene_column: str | None
   gene_id_map: str  # a CSV mapping the file's gene ids (first column) to the vocabulary's (second)
   min_vocab_coverage: float  # share of the file's counts whose genes the vocabulary must know
+  highly_variable_genes: int  # > 0: the model reads only this many HVGs (Seurat v3); 0 = all
   label_columns: tuple[str, ...]
   tokenization: str
   max_len: int
@@ -165,6 +167,7 @@ class OmicsSettings:
         path=str(get("path") or ""), backed=bool(get("backed")), layer=get("layer") or None,
         gene_column=get("gene_column") or None, gene_id_map=str(cfg.get("gene_id_map", "") or ""),
         min_vocab_coverage=float(cfg.get("min_vocab_coverage", 0.5)),
+        highly_variable_genes=int(cfg.get("highly_variable_genes", 0)),
         label_columns=(labels,) if isinstance(labels, str) else tuple(labels or ()),
         tokenization=str(get("tokenization")), max_len=int(get("max_len")),
         num_value_bins=int(get("num_value_bins")),
@@ -179,6 +182,8 @@ class OmicsSettings:
              ">= 0 (0 = off)")
     _require(0 < settings.mask_rate <= 1, "mask_rate", settings.mask_rate, "in (0, 1]")
     _require(settings.synthetic_cells >= 1, "synthetic_cells", settings.synthetic_cells, ">= 1")
+    _require(settings.highly_variable_genes >= 0, "highly_variable_genes", settings.highly_variable_genes,
+             ">= 0 (0 = every gene)")
     _require(0.0 <= settings.min_vocab_coverage <= 1.0, "min_vocab_coverage", settings.min_vocab_coverage,
              "a fraction in [0, 1]")
     return settings
@@ -201,6 +206,7 @@ class OmicsData:
     self.mode = settings.tokenization
     names = map_gene_ids(dataset.gene_names, settings.gene_id_map)
     self.panel_map = vocab.map_panel(names)
+    self.read_map = vocab.map_panel(names, read_only=True)  # what the tokeniser keeps
     self.panel_overlap = int((self.panel_map != batch.UNK_ID).sum())
     self.coverage = vocab_coverage(self.panel_map, getattr(dataset, "gene_totals", None))
     log.info("omics %s: the vocabulary knows %d of %d genes (%.1f%%) holding %.1f%% of the counts",
@@ -238,7 +244,7 @@ class OmicsData:
     `mask=False` leaves out masking, as embedding extraction needs."""
     del train
     s = self.settings
-    tokenize = TokenizeExpression(self.vocab, self.panel_map, s.max_len, self.mode,
+    tokenize = TokenizeExpression(self.vocab, self.read_map, s.max_len, self.mode,
                                   s.normalize_total, s.log1p, s.num_value_bins)
     masking = [MaskExpression(self.mode, self.vocab.size, s.mask_rate)] if mask else []
     return [tokenize, *masking, KeyByModality(self.name)]
@@ -264,6 +270,7 @@ class OmicsData:
     out["vocab_genes"] = len(self.vocab.genes)
     out["panel_genes"] = len(self.panel_map)
     out["panel_overlap"] = self.panel_overlap
+    out["highly_variable_genes"] = int((self.read_map != batch.UNK_ID).sum()) if self.vocab.highly_variable else 0
     out["vocab_gene_coverage"] = round(self.coverage["genes"], 6)
     out["vocab_count_coverage"] = round(self.coverage["counts"], 6)
     out["labels"] = len(self.dataset.label_names)
@@ -321,14 +328,15 @@ def top_missing_genes(gene_names, panel_map: np.ndarray, gene_totals: np.ndarray
 
 def _load_or_build_vocab(dataset: Any, path: Path, settings: OmicsSettings) -> GeneVocab:
   """A resumed run must reuse the exact vocabulary (and medians) it was trained with."""
-  wanted = (settings.num_value_bins, settings.normalize_total, settings.log1p)
+  wanted = (settings.num_value_bins, settings.normalize_total, settings.log1p,
+            settings.highly_variable_genes)
   if path.exists():
     vocab = GeneVocab.load(path)
-    found = (vocab.num_value_bins, vocab.normalize_total, vocab.log1p)
+    found = (vocab.num_value_bins, vocab.normalize_total, vocab.log1p, len(vocab.highly_variable))
     if found != wanted:
       raise ValueError(f"gene vocabulary {path}: built with num_value_bins, normalize_total, "
-                       f"log1p = {found}, but {_CONFIG_PREFIX} asks for {wanted}; use a new "
-                       "workdir or match the config")
+                       f"log1p, highly_variable_genes = {found}, but {_CONFIG_PREFIX} asks for "
+                       f"{wanted}; use a new workdir or match the config")
     log.info("omics: loaded a vocabulary of %d genes", len(vocab.genes))
     return vocab
   if "train" not in dataset.splits or not len(dataset.splits["train"]):
@@ -336,8 +344,11 @@ def _load_or_build_vocab(dataset: Any, path: Path, settings: OmicsSettings) -> G
                      f"vocabulary from; splits: {list(dataset.splits)}")
   vocab = GeneVocab.build(dataset.source("train"), num_value_bins=settings.num_value_bins,
                           normalize_total=settings.normalize_total, log1p=settings.log1p,
-                          max_cells=VOCAB_MAX_CELLS)
+                          max_cells=VOCAB_MAX_CELLS,
+                          highly_variable_genes=settings.highly_variable_genes)
   vocab.save(path)
-  log.info("omics: built a vocabulary of %d genes from %d training cells", len(vocab.genes),
-           vocab.num_training_cells)
+  log.info("omics: built a vocabulary of %d genes from %d training cells%s", len(vocab.genes),
+           vocab.num_training_cells,
+           f"; the model reads its {len(vocab.highly_variable)} most variable (Seurat v3)"
+           if vocab.highly_variable else "")
   return vocab

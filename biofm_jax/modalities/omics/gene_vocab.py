@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from biofm_jax.data import artifacts, batch
+from biofm_jax.modalities.omics import hvg
 
 VOCAB_FORMAT = "biofm_jax.gene_vocab"
 VOCAB_FORMAT_VERSION = 1
@@ -66,13 +67,18 @@ class GeneVocab:
   normalize_total: float | None  # the normalisation the medians were computed under
   log1p: bool
   num_training_cells: int = 0  # cells the medians were computed from
+  # The genes the model reads, most variable first (Seurat v3 on the training cells' raw
+  # counts); () = every vocabulary gene. Kept in the vocabulary so resumes and fine-tuning
+  # read the same genes.
+  highly_variable: tuple[str, ...] = ()
 
   @classmethod
   def build(cls, train_source: Any, *, num_value_bins: int, normalize_total: float | None,
             log1p: bool, gene_names: Sequence[str] | None = None,
-            max_cells: int | None = None) -> GeneVocab:
+            max_cells: int | None = None, highly_variable_genes: int = 0) -> GeneVocab:
     """Scans `train_source` (the training split; evenly spaced `max_cells` of its cells
-    when given, to bound memory). Genes: those expressed in a scanned cell, in panel order."""
+    when given, to bound memory). Genes: those expressed in a scanned cell, in panel order.
+    `highly_variable_genes` > 0 also picks that many HVGs (`hvg.seurat_v3`) from the same cells."""
     if num_value_bins < 1:
       raise ValueError(f"GeneVocab.build: num_value_bins {num_value_bins} must be >= 1")
     names = tuple(gene_names if gene_names is not None else train_source.gene_names)
@@ -87,10 +93,19 @@ class GeneVocab:
       value_chunks.append(normalize_counts(record["counts"], normalize_total, log1p
                                            ).astype(np.float32))
     genes, medians = _gene_medians(gene_chunks, value_chunks)
+    chosen = ()
+    if highly_variable_genes:
+      stats = hvg.seurat_v3(train_source, len(names), positions, where="GeneVocab.build")
+      varying = int((stats.variances > 0).sum())
+      if varying < highly_variable_genes:
+        raise ValueError(f"GeneVocab.build: highly_variable_genes={highly_variable_genes}, but only "
+                         f"{varying} genes vary over the {len(positions)} training cells scanned")
+      # Only genes expressed in a scanned cell vary, so every HVG is a vocabulary gene.
+      chosen = tuple(names[g] for g in stats.top(highly_variable_genes).tolist())
     return cls(genes=tuple(names[g] for g in genes.tolist()),
                gene_medians=tuple(float(m) for m in medians), num_value_bins=num_value_bins,
                normalize_total=float(normalize_total) if normalize_total else None,
-               log1p=bool(log1p), num_training_cells=len(positions))
+               log1p=bool(log1p), num_training_cells=len(positions), highly_variable=chosen)
 
   @property
   def size(self) -> int:
@@ -105,9 +120,12 @@ class GeneVocab:
     """float64 [size]: each token's median (1 for special tokens, never used)."""
     return np.concatenate([np.ones(batch.NUM_SPECIAL), np.asarray(self.gene_medians, np.float64)])
 
-  def map_panel(self, gene_names: Sequence[str]) -> np.ndarray:
-    """int32 token id of each of another dataset's genes; UNK_ID where this vocab lacks it."""
+  def map_panel(self, gene_names: Sequence[str], *, read_only: bool = False) -> np.ndarray:
+    """int32 token id of each of another dataset's genes; UNK_ID where this vocab lacks it
+    (and, with `read_only`, where it is not one of the genes the model reads)."""
     ids = self._ids
+    if read_only and self.highly_variable:
+      ids = {gene: ids[gene] for gene in self.highly_variable}
     return np.fromiter((ids.get(str(g), batch.UNK_ID) for g in gene_names), dtype=np.int32,
                        count=len(gene_names))
 
@@ -119,7 +137,7 @@ class GeneVocab:
     """Writes human-readable JSON atomically (`data/artifacts.py`)."""
     artifacts.write_json(path, _VOCAB_HEADER, {
         "num_value_bins": self.num_value_bins, "normalize_total": self.normalize_total, "log1p": self.log1p,
-        "num_training_cells": self.num_training_cells,
+        "num_training_cells": self.num_training_cells, "highly_variable": list(self.highly_variable),
         "genes": list(self.genes), "gene_medians": list(self.gene_medians)})
 
   @classmethod
@@ -132,12 +150,17 @@ class GeneVocab:
                   num_value_bins=int(payload["num_value_bins"]),
                   normalize_total=float(total) if total else None,
                   log1p=bool(payload["log1p"]),
-                  num_training_cells=int(payload.get("num_training_cells", 0)))
+                  num_training_cells=int(payload.get("num_training_cells", 0)),
+                  highly_variable=tuple(str(g) for g in payload.get("highly_variable", ())))
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"gene vocabulary {path}: missing or malformed field ({e!r})") from e
     if len(vocab.genes) != len(vocab.gene_medians):
       raise ValueError(f"gene vocabulary {path}: {len(vocab.genes)} genes but "
                        f"{len(vocab.gene_medians)} gene_medians; expected one median per gene")
+    unknown = set(vocab.highly_variable) - set(vocab.genes)
+    if unknown:
+      raise ValueError(f"gene vocabulary {path}: highly_variable names {len(unknown)} genes that are "
+                       f"not in genes (e.g. {sorted(unknown)[:3]})")
     return vocab
 
 

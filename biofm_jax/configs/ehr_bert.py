@@ -28,6 +28,9 @@ def get_config(arg=None):
       # training: "cover" cuts long timelines into windows that hold every event each epoch
       # (consecutive, sharing `window_overlap` of their room with the next); "one": one window
       train_windows="cover", window_overlap=0.25,
+      # several windows per row of max_len tokens (attention, positions and targets kept
+      # apart), so short timelines stop paying for padding; batch_size then counts rows
+      pack=False,
       min_code_count=5,  # codes seen fewer times in the training split become [UNK]
       num_value_bins=10,  # per-code quantile bins of numeric values
       mask_rate=0.15)
@@ -49,14 +52,14 @@ def get_config(arg=None):
   elif preset == "base":
     apply_model_size(config, "base")
     config.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims_saveable", dropout_rate=0.1)
-    config.data.ehr.update(max_len=512, min_code_count=10)
+    config.data.ehr.update(max_len=512, min_code_count=10, pack=True)
     config.data.batch_size = 256
     config.train.update(num_steps=100_000, warmup_steps=2000, learning_rate=3e-4, log_every=50,
                         eval_every=2000, eval_batches=50)
     config.checkpoint.update(every_steps=2000)
   elif preset in ("large", "1b", "7b"):  # FSDP over every device: size them with experiments/compile.py
     apply_model_size(config, preset)
-    config.data.ehr.update(max_len=1024, min_code_count=10)
+    config.data.ehr.update(max_len=1024, min_code_count=10, pack=True)
     config.data.batch_size = 512
     config.train.update(num_steps=200_000, warmup_steps=2000, learning_rate=2e-4, log_every=50,
                         eval_every=5000, eval_batches=50)

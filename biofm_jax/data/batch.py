@@ -39,6 +39,11 @@ EHR_AGE_KNOWN = "age_known"  # bool: the subject has a birth event and the event
 EHR_TIME = "time_days"  # float32 days since the window's first timed event (>= 0)
 EHR_TIME_KNOWN = "time_known"  # bool: False for static events (null time) and padding
 EHR_MASK = "mask"  # bool: a real token (CLS or event), False for padding
+# Packed rows (`data/packing.py`): several examples share one row of max_len tokens.
+# int32 [length]: 1, 2, ... for the row's examples in order, 0 for padding. Attention never
+# crosses a segment, positions restart at each, and next-event targets never cross a
+# boundary. Present only when packing is on (then unpacked examples carry one segment).
+SEGMENT_IDS = "segment_ids"
 # Masked-modelling targets, added by the masking transform, [batch, length] each.
 EHR_TARGET_CODES = "target_codes"  # int32 original code ids
 EHR_TARGET_VALUE_BINS = "target_value_bins"  # int32 original value bins

@@ -183,6 +183,9 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
     raise ValueError(f"prepare: the {module.name} data trains on windows over whole records (train_windows="
                      f"{windows!r}); a prepared dataset holds one window per record for now: prepare with "
                      f"--config.data.{module.name}.train_windows=one")
+  if getattr(module, "pack", False):
+    raise ValueError(f"prepare: the {module.name} data packs several windows per row (pack=True), which a "
+                     f"prepared dataset does not hold yet: prepare with --config.data.{module.name}.pack=false")
   if len(module.model_info()) != 1:
     raise ValueError("prepare: multimodal data modules are not supported; prepare each modality")
   splits = splits or [s for s in ("train", "tuning", "held_out") if pipeline.has_split(module, s)]

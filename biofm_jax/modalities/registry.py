@@ -99,7 +99,7 @@ def _token_model(name: str, encoder=None):
 
 
 def _ehr_sizing(cfg, objective: str, vocab_size: int):
-  spec = B.ehr_example_spec(cfg.max_len, with_targets=objective == "masked")
+  spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)))
   return (spec, B.ehr_example_spec(cfg.max_len, with_targets=False),
           {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len})
 

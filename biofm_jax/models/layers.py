@@ -105,7 +105,7 @@ class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None) -> Array:
     cfg = self.cfg
     def projection(name):
       return nn.DenseGeneral((cfg.num_heads, cfg.kv_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -119,6 +119,11 @@ class Attention(nn.Module):
     # Keys that are padding are never attended to. Queries at padding positions still get
     # a finite output (they attend to the real keys) and are masked out by every loss.
     key_mask = mask[:, None, None, :]
+    if segments is not None:
+      # Packed rows: a query sees only keys of its own segment. Padding queries (segment 0)
+      # keep seeing every real key, as in unpacked rows, so their outputs stay finite.
+      same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
+      key_mask = key_mask & same[:, None]
     out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal)
     out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                           kernel_init=kernel_init(("heads", "kv", "embed")), use_bias=False,
@@ -147,11 +152,11 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array):
+  def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    x = x + drop(Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions))
+    x = x + drop(Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions, segments))
     x = x + drop(MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
     return nn.with_logical_constraint(x, ACTIVATION_AXES), None
 

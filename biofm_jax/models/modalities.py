@@ -26,6 +26,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from biofm_jax.data import batch as B
 from biofm_jax.models.encoders.tokens import TokenEncoder
 from biofm_jax.models.heads import TokenClassifier
 from biofm_jax.models.layers import TransformerConfig
@@ -37,6 +38,7 @@ class Encoded(NamedTuple):
   mask: jax.Array  # bool [B, T]: real tokens
   positions: jax.Array  # int32 [B, T]
   extra: Any = None  # what the heads need besides the hidden states (imaging: the patches)
+  segments: Any = None  # int32 [B, T] segment ids of packed rows (`data/packing.py`); None: one per row
 
 
 def masked_mean(hidden: jax.Array, mask: jax.Array) -> jax.Array:
@@ -59,7 +61,7 @@ class TokenModality:
   def encode(self, cfg: TransformerConfig, example: Mapping[str, jax.Array], *, train: bool) -> Encoded:
     tokens, mask, positions = self.encoder(cfg, self.vocab_size, self.num_value_bins,
                                       name=f"{self.name}_encoder")(example, train=train)
-    return Encoded(tokens, mask, positions)
+    return Encoded(tokens, mask, positions, segments=example.get(B.SEGMENT_IDS))
 
   def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
             prefix: str = "") -> dict[str, jax.Array]:

@@ -38,7 +38,7 @@ class SingleModalityModel(nn.Module):
     example = batch[self.modality.name]
     encoded = self.modality.encode(self.cfg, example, train=train)
     hidden = TransformerStack(self.cfg, name="transformer")(encoded.tokens, encoded.mask, encoded.positions,
-                                                           train=train)
+                                                           train=train, segments=encoded.segments)
     return {self.modality.name: self.modality.heads(self.cfg, hidden, encoded, example, train=train)}
 
   def tokens_per_example(self) -> int:

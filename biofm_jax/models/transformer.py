@@ -32,18 +32,20 @@ class TransformerStack(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, *, train: bool,
+               segments: jax.Array | None = None) -> jax.Array:
+    """`segments` (int32 [B, L], packed rows): attention stays within each segment."""
     cfg = self.cfg
     block = _block_class(cfg)
     if cfg.scan_layers:
       # One compiled block body, parameters stacked on a leading "layers" axis.
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, deterministic=not train, name="layers")(x, mask, positions)
+      x, _ = scanned(cfg, deterministic=not train, name="layers")(x, mask, positions, segments)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic=not train, name=f"layer_{i}")(x, mask, positions)
+        x, _ = block(cfg, deterministic=not train, name=f"layer_{i}")(x, mask, positions, segments)
     return make_norm(cfg, "final_norm")(x)
 
 

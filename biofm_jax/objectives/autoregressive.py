@@ -24,12 +24,20 @@ class NextEventModelling:
   def loss_weights(self):
     return {"code_loss": 1.0}
 
+  def _has_next(self, seq):
+    """bool [B, L-1]: position t + 1 holds a real token of t's own segment (packed rows:
+    the last event of one subject never predicts the next subject's CLS)."""
+    has_next = seq[B.TOKEN_MASK][:, 1:]
+    if B.SEGMENT_IDS in seq:
+      has_next = has_next & (seq[B.SEGMENT_IDS][:, 1:] == seq[B.SEGMENT_IDS][:, :-1])
+    return has_next
+
   def counts(self, batch):
-    has_next = batch[self.modality][B.TOKEN_MASK][:, 1:].astype(jnp.float32).sum()
+    has_next = self._has_next(batch[self.modality]).astype(jnp.float32).sum()
     return {"code_loss": has_next, "code_accuracy": has_next}
 
   def sums(self, outputs, batch):
     seq = batch[self.modality]
     logits = outputs[self.modality]["code_logits"][:, :-1]
-    loss, hits = cross_entropy_sums(logits, seq[B.TOKENS][:, 1:], seq[B.TOKEN_MASK][:, 1:])
+    loss, hits = cross_entropy_sums(logits, seq[B.TOKENS][:, 1:], self._has_next(seq))
     return {"code_loss": loss, "code_accuracy": hits}

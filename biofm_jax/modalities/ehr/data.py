@@ -24,7 +24,7 @@ import grain
 import meds
 import numpy as np
 
-from biofm_jax.data import artifacts, batch, pipeline
+from biofm_jax.data import artifacts, batch, packing, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
@@ -249,12 +249,22 @@ class MaskEHR(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
+def training_example_spec(max_len: int, objective: str, pack: bool) -> dict:
+  """The fields of a training (and evaluation) example: targets for masked modelling,
+  segment ids when rows are packed."""
+  spec = batch.ehr_example_spec(max_len, with_targets=objective == "masked")
+  if pack:
+    spec[batch.SEGMENT_IDS] = ((max_len,), np.int32)
+  return spec
+
+
 class EHRData:
   """The EHR modality as the pipeline and training loop see it."""
   name = "ehr"
 
   def __init__(self, dataset: Any, vocab: EHRVocab, *, max_len: int, window: str,
-               mask_rate: float, objective: str, train_windows: str = "one", window_overlap: float = 0.0):
+               mask_rate: float, objective: str, train_windows: str = "one", window_overlap: float = 0.0,
+               pack: bool = False):
     if objective not in OBJECTIVES:
       raise ValueError(f"EHRData: objective {objective!r}, expected one of {OBJECTIVES}")
     if train_windows not in TRAIN_WINDOWS:
@@ -263,8 +273,10 @@ class EHRData:
     self.max_len, self.window, self.mask_rate, self.objective = (max_len, window,
                                                                  mask_rate, objective)
     self.train_windows, self.window_overlap = train_windows, float(window_overlap)
+    self.pack = bool(pack)  # several training windows per row (`data/packing.py`)
     self._summary: dict[str, int] | None = None
     self._windows = None
+    self._packed: packing.PackedSource | None = None
     self._coverage: float | None = None
 
   @classmethod
@@ -281,7 +293,7 @@ class EHRData:
     # Runs saved before training windows existed trained on one window per subject.
     return cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
                objective=objective, train_windows=cfg.get("train_windows", "one"),
-               window_overlap=cfg.get("window_overlap", 0.0))
+               window_overlap=cfg.get("window_overlap", 0.0), pack=cfg.get("pack", False))
 
   def source(self, split: str):
     """One record per subject of `split` (evaluation, embeddings, joins)."""
@@ -300,20 +312,44 @@ class EHRData:
     return self._windows[1]
 
   def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout):
-    """The training stream over `training_source()` (the loop's hook, `data/module.py`)."""
-    return pipeline.make_train_dataset(self.training_source(), self.transforms(train=True),
+    """The training stream over `training_source()` (the loop's hook, `data/module.py`);
+    with `pack`, over rows of several windows (`packed_training_source()`)."""
+    if not self.pack:
+      return pipeline.make_train_dataset(self.training_source(), self.transforms(train=True),
+                                         global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
+    tokenize, *rest = self.transforms(train=True)
+    rest = [t for t in rest if not isinstance(t, packing.OneSegment)]
+    return pipeline.make_train_dataset(self.packed_training_source(),
+                                       [packing.PackTokenized(tokenize, self.max_len), *rest],
                                        global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
+
+  def packed_training_source(self) -> packing.PackedSource:
+    """The training windows packed into rows of max_len tokens (the plan is computed once)."""
+    if self._packed is None:
+      source = self.training_source()
+      self._packed = packing.PackedSource(source, self._token_lengths(source), self.max_len)
+    return self._packed
+
+  def _token_lengths(self, source) -> np.ndarray:
+    """Tokens each item of `source` becomes: CLS plus its rows, at most max_len - 1 of them."""
+    if isinstance(source, WindowSource):
+      rows = source.static_counts[source.subjects] + source.lengths
+    else:
+      rows = source.event_counts()
+    return 1 + np.minimum(rows, self.max_len - 1)
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     """The same for train and eval: eval masking is made repeatable by its fixed seed.
-    `mask=False` leaves out the masking (embedding extraction)."""
+    `mask=False` leaves out the masking (embedding extraction). With `pack`, examples are
+    one-segment rows so they match the packed training batches' spec."""
     del train
     tokenize = TokenizeEHR(self.vocab, self.max_len, self.window)
+    segments = [packing.OneSegment()] if self.pack and mask else []  # embeddings need no segment ids
     masking = [MaskEHR(self.vocab.size, self.mask_rate)] if mask and self.objective == "masked" else []
-    return [tokenize, *masking, KeyByModality(self.name)]
+    return [tokenize, *segments, *masking, KeyByModality(self.name)]
 
   def example_spec(self) -> dict:
-    return {self.name: batch.ehr_example_spec(self.max_len, with_targets=self.objective == "masked")}
+    return {self.name: training_example_spec(self.max_len, self.objective, self.pack)}
 
   def embedding_spec(self) -> dict:
     return {self.name: batch.ehr_example_spec(self.max_len, with_targets=False)}
@@ -337,6 +373,10 @@ class EHRData:
       if len(self.dataset.splits.get("train", ())):
         out["train_windows"] = len(self.training_source())
         out["train_event_coverage"] = round(self.train_event_coverage(), 6)
+        if self.pack:
+          packed = self.packed_training_source()
+          out["train_packed_rows"] = len(packed)
+          out["train_packed_padding"] = round(packed.padding_fraction(), 6)
       out.update({f"meds_{k}": v for k, v in dict(self.dataset.stats).items()})
       self._summary = out
     return dict(self._summary)

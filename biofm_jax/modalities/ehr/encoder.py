@@ -48,5 +48,5 @@ class EHREncoder(nn.Module):
     tokens += nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        kernel_init=kernel_init((None, "embed")), bias_init=zeros_init(("embed",)),
                        name="time_projection")(features)
-    tokens, positions = positions_and_dropout(self, cfg, tokens, train=train)
+    tokens, positions = positions_and_dropout(self, cfg, tokens, train=train, segments=ehr.get(B.SEGMENT_IDS))
     return tokens, ehr[B.EHR_MASK], positions

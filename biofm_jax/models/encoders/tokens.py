@@ -25,17 +25,29 @@ def embed_tokens(cfg: TransformerConfig, seq: dict[str, jax.Array], vocab_size: 
   return tokens
 
 
+def segment_positions(segments: jax.Array) -> jax.Array:
+  """int32 [B, L] position of each token within its segment (0 at each segment's first token)."""
+  index = jnp.arange(segments.shape[1], dtype=jnp.int32)
+  first = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  return index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
+
+
 def positions_and_dropout(module: nn.Module, cfg: TransformerConfig, tokens: jax.Array, *,
-                          train: bool) -> tuple[jax.Array, jax.Array]:
-  """Adds a learned position table when `cfg.position == "learned"` (RoPE is the stack's job)."""
+                          train: bool, segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Adds a learned position table when `cfg.position == "learned"` (RoPE is the stack's job).
+  Positions count from each segment's start in packed rows (`segments`, `data/packing.py`)."""
   length = tokens.shape[1]
   if cfg.position == "sincos":
     raise ValueError("model.position 'sincos' is for image patches; token sequences use 'rope' or 'learned'")
+  if segments is None:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape[:2])
+  else:
+    positions = segment_positions(segments)
   if cfg.position == "learned":
     table = module.param("position_embedding", embed_init((None, "embed")), (cfg.max_len, cfg.embed_dim),
                          cfg.param_dtype)
-    tokens += table[:length].astype(cfg.dtype)[None]
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape[:2])
+    rows = table[:length][None] if segments is None else table[positions]
+    tokens += rows.astype(cfg.dtype)
   return nn.Dropout(cfg.dropout_rate, deterministic=not train)(tokens), positions
 
 
@@ -48,5 +60,5 @@ class TokenEncoder(nn.Module):
   @nn.compact
   def __call__(self, seq: dict[str, jax.Array], *, train: bool):
     tokens = embed_tokens(self.cfg, seq, self.vocab_size, self.num_value_bins)
-    tokens, positions = positions_and_dropout(self, self.cfg, tokens, train=train)
+    tokens, positions = positions_and_dropout(self, self.cfg, tokens, train=train, segments=seq.get(B.SEGMENT_IDS))
     return tokens, seq[B.TOKEN_MASK], positions

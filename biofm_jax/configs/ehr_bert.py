@@ -22,6 +22,10 @@ def get_config(arg=None):
   config = base_config()
   config.data.ehr = dict(
       path="",  # a MEDS dataset directory; "" generates a synthetic cohort in the workdir
+      # "": read the MEDS data into memory; "auto": index it once into an on-disk event store
+      # under the run's artifacts and read records from there (memory does not grow with the
+      # rows); a path: a store built by experiments/index_meds.py (multi-host runs)
+      event_store="",
       synthetic_subjects=2000, synthetic_seed=0,
       max_len=128,  # tokens per timeline including the CLS token
       window="recent",  # evaluation: the most recent events of long timelines ("earliest" for the first)

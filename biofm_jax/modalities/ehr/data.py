@@ -29,6 +29,7 @@ from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.modalities.ehr import synthetic as synthetic
+from biofm_jax.modalities.ehr import event_store
 from biofm_jax.modalities.ehr import meds as meds_source
 from biofm_jax.modalities.ehr.windows import TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage
 
@@ -36,6 +37,7 @@ BIRTH_CODE = meds.birth_code
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
 VOCAB_FORMAT_VERSION = 1
 VOCAB_FILENAME = "ehr_vocab.json"
+EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
 _VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
                  "special_tokens": list(batch.SPECIAL_TOKENS)}
 WINDOWS = ("recent", "earliest")
@@ -73,9 +75,22 @@ class EHRVocab:
       has_value = np.isfinite(values)  # NaN means "no value"; inf would break quantiles
       valued_codes.append(codes[has_value])
       valued_values.append(values[has_value])
-    kept = sorted((c for c, n in counts.items() if n >= min_count),
-                  key=lambda c: (-counts[c], c))
-    edges = _quantile_edges(valued_codes, valued_values, set(kept), num_value_bins)
+    return cls.from_counts(counts, _values_by_code(valued_codes, valued_values), min_count=min_count,
+                           num_value_bins=num_value_bins)
+
+  @classmethod
+  def from_counts(cls, counts: Mapping[str, int], values: Mapping[str, np.ndarray], *, min_count: int,
+                  num_value_bins: int) -> EHRVocab:
+    """From training code counts and each code's finite training values (all of them, or a
+    uniform sample: an event store's, `event_store.py`)."""
+    if min_count < 1 or num_value_bins < 1:
+      raise ValueError(f"EHRVocab.build: min_count ({min_count}) and num_value_bins "
+                       f"({num_value_bins}) must be >= 1")
+    counts = {c: n for c, n in counts.items() if n > 0}
+    kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
+    qs = np.linspace(0.0, 1.0, num_value_bins + 1)[1:-1]
+    edges = {c: tuple(float(x) for x in np.quantile(np.asarray(values[c], np.float64), qs))
+             for c in sorted(set(kept) & set(values)) if len(values[c])}
     return cls(codes=tuple(kept), value_bin_edges=edges, num_value_bins=num_value_bins,
                min_count=min_count, num_rare_codes=len(counts) - len(kept))
 
@@ -133,24 +148,17 @@ class EHRVocab:
       raise ValueError(f"EHR vocabulary {path}: missing or malformed field ({e!r})") from e
 
 
-def _quantile_edges(code_chunks: list[np.ndarray], value_chunks: list[np.ndarray],
-                    kept: set[str], num_value_bins: int) -> dict[str, tuple[float, ...]]:
-  """num_value_bins - 1 interior quantiles of each kept code's training values."""
+def _values_by_code(code_chunks: list[np.ndarray], value_chunks: list[np.ndarray]) -> dict[str, np.ndarray]:
+  """Each code's values, grouped with one sort instead of a Python dict of lists."""
   codes = np.concatenate(code_chunks) if code_chunks else np.empty(0, object)
   if not len(codes):
     return {}
   values = np.concatenate(value_chunks).astype(np.float64)
-  # Group values by code with one sort instead of a Python dict of lists.
   order = np.argsort(codes, kind="stable")
   codes, values = codes[order], values[order]
   starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
   ends = np.r_[starts[1:], len(codes)]
-  qs = np.linspace(0.0, 1.0, num_value_bins + 1)[1:-1]
-  edges = {}
-  for start, end in zip(starts.tolist(), ends.tolist()):
-    if codes[start] in kept:
-      edges[codes[start]] = tuple(float(x) for x in np.quantile(values[start:end], qs))
-  return dict(sorted(edges.items()))
+  return {codes[s]: values[s:e] for s, e in zip(starts.tolist(), ends.tolist())}
 
 
 # ================================================================ tokenisation
@@ -286,7 +294,7 @@ class EHRData:
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     root = Path(cfg.path) if cfg.path else _synthetic_cohort(cfg, artifacts_dir)
-    dataset = meds_source.MEDSDataset(root)
+    dataset = open_dataset(root, str(cfg.get("event_store", "") or ""), artifacts_dir)
     vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME,
                                  min_count=cfg.min_code_count,
                                  num_value_bins=cfg.num_value_bins)
@@ -416,6 +424,23 @@ def _unk_counts(vocab: EHRVocab, records: Iterable[Mapping[str, Any]]) -> dict[s
           "tuning_unk_rate": unk / events if events else 0.0}
 
 
+def open_dataset(root: Path, store: str, artifacts_dir: Path):
+  """The MEDS data at `root`: in memory (`store` ""), or out of core from an event store
+  (`event_store.py`) at the path `store` names, or built once under the run's artifacts
+  ("auto"; one process: a multi-host run reads a store built by experiments/index_meds.py)."""
+  if not store:
+    return meds_source.MEDSDataset(root)
+  path = artifacts_dir / EVENT_STORE_DIR if store == "auto" else Path(store)
+  if store == "auto" and not (path / event_store.SOURCE_FILE).exists():
+    log.info("EHR: indexing %s into the event store %s", root, path)
+    event_store.build_event_store(root, path)
+  dataset = event_store.EventStore(path)
+  if dataset.root.resolve() != root.resolve():
+    raise ValueError(f"config.data.ehr.event_store={store!r}: the store at {path} indexes {dataset.root}, "
+                     f"but config.data.ehr.path is {root}")
+  return dataset
+
+
 def _synthetic_cohort(cfg: Any, artifacts_dir: Path) -> Path:
   """The synthetic cohort under artifacts_dir, written once (reused on resume)."""
 
@@ -441,9 +466,13 @@ def _load_or_build_vocab(dataset: Any, path: Path, *, min_count: int,
           f"workdir or match the config")
     log.info("EHR: loaded vocabulary of %d codes", len(vocab.codes))
     return vocab
-  source = dataset.source("train")
-  vocab = EHRVocab.build((source[i] for i in range(len(source))), min_count=min_count,
-                         num_value_bins=num_value_bins)
+  if isinstance(dataset, event_store.EventStore):  # counted and sampled when the store was built
+    vocab = EHRVocab.from_counts(dataset.training_code_counts, dataset.training_values(), min_count=min_count,
+                                 num_value_bins=num_value_bins)
+  else:
+    source = dataset.source("train")
+    vocab = EHRVocab.build((source[i] for i in range(len(source))), min_count=min_count,
+                           num_value_bins=num_value_bins)
   vocab.save(path)
   log.info("EHR: built vocabulary of %d codes (%d below min_count)", len(vocab.codes),
            vocab.num_rare_codes)

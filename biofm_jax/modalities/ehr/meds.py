@@ -43,13 +43,13 @@ _SUBJECT = meds.DataSchema.subject_id_name
 _TIME = meds.DataSchema.time_name
 _CODE = meds.DataSchema.code_name
 _VALUE = meds.DataSchema.numeric_value_name
-_REQUIRED_COLUMNS = tuple(meds.DataSchema.required_columns())
-_READ_COLUMNS = (_SUBJECT, _TIME, _CODE, _VALUE)
+REQUIRED_COLUMNS = tuple(meds.DataSchema.required_columns())
+READ_COLUMNS = (_SUBJECT, _TIME, _CODE, _VALUE)
 
 US_PER_DAY = 86_400 * 1_000_000  # MEDS times are microseconds
 
 # numpy's NaT is int64 min, so static rows (null time) sort before every timed row.
-_NAT = np.iinfo(np.int64).min
+NAT = np.iinfo(np.int64).min
 
 # Like pyarrow.dataset, skip files and folders starting with these: `_SUCCESS` markers,
 # `.crc` side files and macOS `._name.parquet` resource forks are not data.
@@ -77,7 +77,7 @@ _ACCEPTED_TYPES = {
 }
 
 
-def _check_column_types(path: pathlib.Path, schema: pa.Schema) -> None:
+def check_column_types(path: pathlib.Path, schema: pa.Schema) -> None:
   for name, (accepts, description) in _ACCEPTED_TYPES.items():
     if name not in schema.names:
       continue
@@ -88,7 +88,7 @@ def _check_column_types(path: pathlib.Path, schema: pa.Schema) -> None:
                        f"(meds.DataSchema) or {description} that casts to it safely")
 
 
-def _cast(path: pathlib.Path, name: str, column: pa.ChunkedArray,
+def cast_column(path: pathlib.Path, name: str, column: pa.ChunkedArray,
           target: pa.DataType) -> pa.ChunkedArray:
   """Casts to the standard type; fails (naming the file) on overflow, never wraps."""
   if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
@@ -112,50 +112,62 @@ class _FileEvents:
 
   def __init__(self, subjects, times, local_codes, code_strings, values, nan_values):
     self.subjects: np.ndarray = subjects  # int64
-    self.times: np.ndarray = times  # int64 microseconds, _NAT for static rows
+    self.times: np.ndarray = times  # int64 microseconds, NAT for static rows
     self.local_codes: np.ndarray = local_codes  # int32 indices into code_strings
     self.code_strings: list[str] = code_strings
     self.values: np.ndarray = values  # float32, NaN for no value
     self.nan_values: int = nan_values
 
 
-def _open_parquet(path: pathlib.Path) -> pq.ParquetFile:
+def open_parquet(path: pathlib.Path) -> pq.ParquetFile:
   try:
     return pq.ParquetFile(path)
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"{path}: not a readable parquet file ({e})") from e
 
 
-def _read_data_file(path: pathlib.Path) -> _FileEvents | None:
-  """Reads, validates and standardises one file; None when it has no rows."""
-  parquet = _open_parquet(path)
+def open_data_file(path: pathlib.Path) -> pq.ParquetFile:
+  """The parquet file, its MEDS columns and their types checked (errors name the file)."""
+  parquet = open_parquet(path)
   schema = parquet.schema_arrow
-  missing = [name for name in _REQUIRED_COLUMNS if name not in schema.names]
+  missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
   if missing:
     raise ValueError(f"{path}: missing required MEDS column(s) {missing}; "
-                     f"meds.DataSchema requires {list(_REQUIRED_COLUMNS)}")
-  _check_column_types(path, schema)
+                     f"meds.DataSchema requires {list(REQUIRED_COLUMNS)}")
+  check_column_types(path, schema)
+  return parquet
+
+
+def read_data_file(path: pathlib.Path) -> _FileEvents | None:
+  """Reads, validates and standardises one file; None when it has no rows."""
+  parquet = open_data_file(path)
   if parquet.metadata.num_rows == 0:
     return None
   try:
-    table = parquet.read(columns=[c for c in _READ_COLUMNS if c in schema.names])
+    table = parquet.read(columns=[c for c in READ_COLUMNS if c in parquet.schema_arrow.names])
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"{path}: parquet file could not be read ({e})") from e
+  return standardize_table(path, table)
 
+
+def standardize_table(path: pathlib.Path, table: pa.Table, first_row: int = 0) -> _FileEvents:
+  """Rows of a data file (all of it, or a batch starting at `first_row`) as compact arrays
+  of the standard MEDS types; errors name the file (and the rows, for a batch)."""
   for name in (_SUBJECT, _CODE):
     nulls = table.column(name).null_count
     if nulls:
-      raise ValueError(f"{path}: column {name!r} has {nulls} null value(s); "
+      where = f" (rows {first_row}..{first_row + table.num_rows - 1})" if first_row else ""
+      raise ValueError(f"{path}: column {name!r} has {nulls} null value(s){where}; "
                        "meds.DataSchema requires it to be non-null")
 
   standard = meds.DataSchema.schema()
-  subjects = _cast(path, _SUBJECT, table.column(_SUBJECT), pa.int64())
-  times = _cast(path, _TIME, table.column(_TIME), standard.field(_TIME).type)
-  times = pc.fill_null(times.cast(pa.int64()), _NAT)
-  codes = _cast(path, _CODE, table.column(_CODE), pa.large_string())
+  subjects = cast_column(path, _SUBJECT, table.column(_SUBJECT), pa.int64())
+  times = cast_column(path, _TIME, table.column(_TIME), standard.field(_TIME).type)
+  times = pc.fill_null(times.cast(pa.int64()), NAT)
+  codes = cast_column(path, _CODE, table.column(_CODE), pa.large_string())
   codes = codes.combine_chunks().dictionary_encode()
   if _VALUE in table.column_names:
-    values = _cast(path, _VALUE, table.column(_VALUE), standard.field(_VALUE).type)
+    values = cast_column(path, _VALUE, table.column(_VALUE), standard.field(_VALUE).type)
     null_values = values.null_count
     values = pc.fill_null(values, np.float32(np.nan)).to_numpy()
   else:  # numeric_value is optional in meds.DataSchema: absent means no values
@@ -185,7 +197,7 @@ def find_data_files(data_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 # ---------------------------------------------------------------- all events
-def _is_meds_sorted(subjects: np.ndarray, times: np.ndarray) -> bool:
+def is_meds_sorted(subjects: np.ndarray, times: np.ndarray) -> bool:
   step = np.diff(subjects)
   same_subject = step == 0
   return bool((step >= 0).all() and (times[1:][same_subject] >= times[:-1][same_subject]).all())
@@ -199,7 +211,7 @@ class _Events:
     parts: list[_FileEvents] = []
     subject_file_pairs = 0
     for path in files:
-      events = _read_data_file(path)
+      events = read_data_file(path)
       if events is None:
         stats["empty_files"] += 1
         continue
@@ -209,7 +221,7 @@ class _Events:
                            np.int32)
       events.local_codes = to_global[events.local_codes]
       stats["nan_values"] += events.nan_values
-      stats["unsorted_files"] += not _is_meds_sorted(events.subjects, events.times)
+      stats["unsorted_files"] += not is_meds_sorted(events.subjects, events.times)
       subject_file_pairs += len(np.unique(events.subjects))
       parts.append(events)
     if not parts:
@@ -220,7 +232,7 @@ class _Events:
     code_ids = np.concatenate([p.local_codes for p in parts])
     values = np.concatenate([p.values for p in parts])
     del parts
-    if not _is_meds_sorted(subjects, times):
+    if not is_meds_sorted(subjects, times):
       order = np.lexsort((times, subjects))  # stable: file order kept within equal times
       subjects, times, code_ids, values = (subjects[order], times[order], code_ids[order],
                                            values[order])
@@ -235,7 +247,7 @@ class _Events:
     self.code_vocab: np.ndarray = np.array(list(vocab), dtype=object)
     self.values: np.ndarray = values
 
-    static = times == _NAT
+    static = times == NAT
     stats["rows"] = len(subjects)
     stats["subjects"] = len(self.subject_ids)
     stats["codes"] = len(vocab)
@@ -251,9 +263,9 @@ class _Events:
 
 
 # ---------------------------------------------------------------- splits
-def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
+def read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   """Split name -> sorted unique subject ids, standard names first, others sorted."""
-  parquet = _open_parquet(path)
+  parquet = open_parquet(path)
   schema = parquet.schema_arrow
   subject_col = meds.SubjectSplitSchema.subject_id_name
   split_col = meds.SubjectSplitSchema.split_name
@@ -272,7 +284,7 @@ def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
     if table.column(name).null_count:
       raise ValueError(f"{path}: column {name!r} has {table.column(name).null_count} null "
                        "value(s)")
-  ids = _cast(path, subject_col, table.column(subject_col), pa.int64()).to_numpy()
+  ids = cast_column(path, subject_col, table.column(subject_col), pa.int64()).to_numpy()
   names = np.array(table.column(split_col).cast(pa.string()).to_pylist(), dtype=object)
   # A subject in two splits would leak between training and evaluation.
   order = np.argsort(ids, kind="stable")
@@ -284,6 +296,13 @@ def _read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   found = set(names.tolist())
   order = ordered_splits(found)
   return {name: np.unique(ids[names == name]) for name in order}
+
+
+def check_split_file_matches(path: pathlib.Path, listed_with_events: int, subjects: int) -> None:
+  """A split file that names none of the data's subjects belongs to another dataset."""
+  if subjects and not listed_with_events:
+    raise ValueError(f"{path}: names none of the data's {subjects} subjects; is it this dataset's "
+                     "split file? (remove it to split subjects by a hash of their id)")
 
 
 # Every key of MEDSDataset.stats (all ints):
@@ -397,10 +416,11 @@ class MEDSDataset:
       self.stats["fallback_split"] = 1
       return hash_splits(subject_ids, fractions, seed)
     splits = {}
-    for name, ids in _read_split_file(split_path).items():
+    for name, ids in read_split_file(split_path).items():
       has_events = np.isin(ids, subject_ids, assume_unique=True)
       self.stats["split_subjects_without_events"] += int((~has_events).sum())
       splits[name] = ids[has_events]
+    check_split_file_matches(split_path, sum(len(ids) for ids in splits.values()), len(subject_ids))
     listed = np.concatenate([np.zeros(0, np.int64), *splits.values()])
     self.stats["subjects_without_split"] = int(
         (~np.isin(subject_ids, listed, assume_unique=True)).sum())

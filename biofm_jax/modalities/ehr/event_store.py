@@ -1,0 +1,565 @@
+"""An out-of-core MEDS dataset: every event on disk, an index of subjects in memory.
+
+`build_event_store(meds_root, out, workers=N)` streams each MEDS data file by parquet
+batches (one file per worker process; memory bounded by a batch plus a file's subject
+index, never by the dataset) and writes:
+
+  out/
+    source.json          format, the MEDS root, every data file's size and mtime, stats
+    index.parquet        one row per (subject, file): rows [start, end) of that file's
+                         columns, static rows, first timed event, split
+    shards/<k>.codes     int32 code ids local to file k      (raw little-endian columns,
+    shards/<k>.times     int64 microseconds, NAT for static   read with os.pread: only the
+    shards/<k>.values    float32, NaN for no value            bytes a record needs)
+    shards/<k>.json      file k's code strings (local id -> code)
+    training_codes.json  every code's count over the training split
+    value_sketch/*.npy   per code, a uniform sample of its training values (see below)
+
+`EventStore(out)` then behaves like `meds.MEDSDataset` (splits, stats, `source(split)`
+with `record_until`, ...), so training, evaluation and fine-tuning read it unchanged; a
+training process holds only the subject index (about 40 bytes per subject) and the code
+tables. The store is written in a staging folder and renamed into place, so a killed
+build leaves nothing that training would read; a data file changed after the build is
+detected from its size and mtime, and refused.
+
+Rows are what `MEDSDataset` holds, with the same checks, errors and counts, plus
+`duplicate_rows`: rows identical to an earlier row of the same subject (time, code and
+value) are counted and, by default, dropped.
+
+Value quantiles come from a bottom-k sample: each training value gets a pseudo-random key
+(a hash of its file and row), and each code keeps the `SKETCH_SIZE` values with the
+smallest keys, so merging files' samples is exact (the k smallest of the union) and the
+result is a uniform sample without replacement of the code's values. A code with at most
+`SKETCH_SIZE` training values keeps all of them, so its quantiles are exact. Otherwise, by
+the Dvoretzky-Kiefer-Wolfowitz inequality, every quantile edge's rank among the code's
+values is within ERROR_BOUND (1.4 percentile points at SKETCH_SIZE = 20,000) of the exact
+one with probability at least 0.999 (tested in tests/test_event_store.py).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+from typing import Any, Iterator, Sequence
+
+import meds
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from biofm_jax.data.sources import splits as splits_lib
+from biofm_jax.data.sources.atomic import atomic_directory
+from biofm_jax.data.sources.indexing import checked_index
+from biofm_jax.modalities.ehr import meds as meds_source
+
+log = logging.getLogger(__name__)
+
+FORMAT = "biofm_jax.ehr_event_store"
+FORMAT_VERSION = 1
+SOURCE_FILE = "source.json"
+SKETCH_SIZE = 20_000
+SKETCH_FAILURE = 1e-3
+ERROR_BOUND = math.sqrt(math.log(2 / SKETCH_FAILURE) / (2 * SKETCH_SIZE))  # DKW: ~0.0138
+STAT_KEYS = meds_source.STAT_KEYS + ("duplicate_rows",)
+_BATCH_ROWS = 1 << 17
+_COLUMNS = (("codes", np.int32), ("times", np.int64), ("values", np.float32))
+_NAT = meds_source.NAT
+_TRAIN = meds.train_split
+
+
+# ================================================================ one data file
+@dataclasses.dataclass
+class _Chunk:
+  """Rows of whole subjects, sorted by (subject, time), static rows first."""
+  subjects: np.ndarray
+  times: np.ndarray
+  codes: np.ndarray  # int32 local to the file
+  values: np.ndarray
+
+
+def duplicate_rows(subjects: np.ndarray, times: np.ndarray, codes: np.ndarray,
+                   values: np.ndarray) -> np.ndarray:
+  """bool: rows identical (subject, time, code, value; NaN equal to NaN) to an earlier row."""
+  value_bits = np.where(np.isnan(values), np.float32(np.nan), values).view(np.int32)
+  order = np.lexsort((np.arange(len(subjects)), value_bits, codes, times, subjects))
+  same = np.zeros(len(subjects), bool)
+  keys = (subjects, times, codes, value_bits)
+  same[order[1:]] = np.logical_and.reduce([k[order[1:]] == k[order[:-1]] for k in keys])
+  return same
+
+
+class _Unsorted(Exception):
+  """A data file whose subjects' rows are not contiguous: it is sorted in memory instead."""
+
+
+def _batches(path: pathlib.Path, parquet: pq.ParquetFile, codes: dict[str, int],
+             stats: dict[str, int]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+  """The file's rows by batches, standardised, codes mapped to the file's local ids."""
+  columns = [c for c in meds_source.READ_COLUMNS if c in parquet.schema_arrow.names]
+  first = 0
+  try:
+    for record_batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+      events = meds_source.standardize_table(path, pa.Table.from_batches([record_batch]), first)
+      first += record_batch.num_rows
+      to_local = np.array([codes.setdefault(c, len(codes)) for c in events.code_strings], np.int32)
+      stats["nan_values"] += events.nan_values
+      yield events.subjects, events.times, to_local[events.local_codes], events.values
+  except (pa.ArrowException, OSError) as e:
+    raise ValueError(f"{path}: parquet file could not be read ({e})") from e
+
+
+def _sorted_chunks(batches, stats: dict[str, int]) -> Iterator[_Chunk]:
+  """Batches regrouped into chunks of whole subjects (a subject's rows may straddle
+  batches); raises _Unsorted when a subject's rows are not contiguous."""
+  carry: list[np.ndarray] | None = None
+  last_subject = None
+  unsorted_times = False
+  for batch in batches:
+    parts = batch if carry is None else [np.concatenate([c, b]) for c, b in zip(carry, batch)]
+    subjects = parts[0]
+    if len(subjects) and (np.any(np.diff(subjects) < 0)
+                          or (last_subject is not None and subjects[0] < last_subject)):
+      raise _Unsorted
+    tail = int(np.searchsorted(subjects, subjects[-1])) if len(subjects) else 0
+    carry = [p[tail:] for p in parts]
+    if tail:
+      chunk, unsorted_times = _sort_chunk([p[:tail] for p in parts], unsorted_times)
+      last_subject = int(chunk.subjects[-1]) + 1  # the next chunk starts with a later subject
+      yield chunk
+  if carry is not None and len(carry[0]):
+    chunk, unsorted_times = _sort_chunk(carry, unsorted_times)
+    yield chunk
+  stats["unsorted_files"] += unsorted_times
+
+
+def _sort_chunk(parts, unsorted: bool) -> tuple[_Chunk, bool]:
+  subjects, times, codes, values = parts
+  if not meds_source.is_meds_sorted(subjects, times):
+    order = np.lexsort((times, subjects))  # stable: file order kept within equal times
+    subjects, times, codes, values = subjects[order], times[order], codes[order], values[order]
+    unsorted = True
+  return _Chunk(subjects, times, codes, values), unsorted
+
+
+def _whole_file_chunk(path: pathlib.Path, codes: dict[str, int], stats: dict[str, int]) -> Iterator[_Chunk]:
+  """An unsorted file, read whole and sorted (memory bounded by this file, not the dataset)."""
+  events = meds_source.read_data_file(path)
+  to_local = np.array([codes.setdefault(c, len(codes)) for c in events.code_strings], np.int32)
+  stats["nan_values"] += events.nan_values
+  stats["unsorted_files"] += 1
+  order = np.lexsort((events.times, events.subjects))
+  yield _Chunk(events.subjects[order], events.times[order], to_local[events.local_codes][order],
+               events.values[order])
+
+
+@dataclasses.dataclass
+class _FileIndex:
+  """What indexing one data file gives back to the merge (all small: per subject or code)."""
+  file: int
+  subjects: np.ndarray
+  starts: np.ndarray
+  ends: np.ndarray
+  static_rows: np.ndarray
+  first_times: np.ndarray
+  has_birth: np.ndarray
+  has_death: np.ndarray
+  codes: list[str]
+  training_counts: np.ndarray  # per local code
+  sketch_codes: np.ndarray  # local code, key and value of the kept training values
+  sketch_keys: np.ndarray
+  sketch_values: np.ndarray
+  stats: dict[str, int]
+
+
+def _bottom_k(codes: np.ndarray, keys: np.ndarray, values: np.ndarray, k: int):
+  """Per code, the k entries with the smallest keys."""
+  order = np.lexsort((keys, codes))
+  codes, keys, values = codes[order], keys[order], values[order]
+  starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
+  rank = np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
+  keep = rank < k
+  return codes[keep], keys[keep], values[keep]
+
+
+class _Sketch:
+  """Bottom-k samples of values per code, compacted only when the pending entries outgrow
+  the kept ones (so each value is sorted O(1) times on average)."""
+
+  def __init__(self):
+    self.kept = (np.zeros(0, np.int32), np.zeros(0, np.uint64), np.zeros(0, np.float32))
+    self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    self.pending_rows = 0
+
+  def add(self, codes: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+    self.pending.append((codes.astype(np.int32), keys, values.astype(np.float32)))
+    self.pending_rows += len(codes)
+    if self.pending_rows > max(len(self.kept[0]), 1 << 20):
+      self._compact()
+
+  def _compact(self) -> None:
+    parts = [self.kept, *self.pending]
+    self.kept = _bottom_k(*(np.concatenate([p[i] for p in parts]) for i in range(3)), SKETCH_SIZE)
+    self.pending, self.pending_rows = [], 0
+
+  def result(self):
+    self._compact()
+    return self.kept
+
+
+def index_file(file: int, path: str, shard_prefix: str, train_ids: np.ndarray | None,
+               split_seed: int, split_fractions: Sequence[float], drop_duplicates: bool) -> _FileIndex | None:
+  """Streams data file `path` into `<shard_prefix>.{codes,times,values,json}`; None when empty.
+  `train_ids`: the training subjects from the split file, or None to hash-split."""
+  path = pathlib.Path(path)
+  stats = dict.fromkeys(STAT_KEYS, 0)
+  parquet = meds_source.open_data_file(path)
+  if parquet.metadata.num_rows == 0:
+    return None
+  codes: dict[str, int] = {}
+  try:
+    return _index_chunks(file, path, shard_prefix, _sorted_chunks(_batches(path, parquet, codes, stats), stats),
+                         codes, stats, train_ids, split_seed, split_fractions, drop_duplicates)
+  except _Unsorted:
+    codes.clear()
+    stats = dict.fromkeys(STAT_KEYS, 0)
+    return _index_chunks(file, path, shard_prefix, _whole_file_chunk(path, codes, stats), codes, stats,
+                         train_ids, split_seed, split_fractions, drop_duplicates)
+
+
+def _index_chunks(file, path, shard_prefix, chunks, codes, stats, train_ids, split_seed, split_fractions,
+                  drop_duplicates) -> _FileIndex:
+  files = {name: open(f"{shard_prefix}.{name}", "wb") for name, _ in _COLUMNS}
+  index: dict[str, list] = {k: [] for k in ("subjects", "starts", "ends", "static", "first", "birth", "death")}
+  counts = np.zeros(0, np.int64)
+  sketch = _Sketch()
+  written = 0
+  try:
+    for chunk in chunks:
+      duplicates = duplicate_rows(chunk.subjects, chunk.times, chunk.codes, chunk.values)
+      stats["duplicate_rows"] += int(duplicates.sum())
+      if drop_duplicates and duplicates.any():
+        keep = ~duplicates
+        chunk = _Chunk(chunk.subjects[keep], chunk.times[keep], chunk.codes[keep], chunk.values[keep])
+      rows = len(chunk.subjects)
+      for (name, dtype), column in zip(_COLUMNS, (chunk.codes, chunk.times, chunk.values)):
+        files[name].write(np.ascontiguousarray(column, dtype).tobytes())
+      starts = np.flatnonzero(np.r_[True, chunk.subjects[1:] != chunk.subjects[:-1]])
+      ends = np.r_[starts[1:], rows]
+      static = chunk.times == _NAT
+      subjects = chunk.subjects[starts]
+      index["subjects"].append(subjects)
+      index["starts"].append(written + starts)
+      index["ends"].append(written + ends)
+      index["static"].append(np.add.reduceat(static, starts).astype(np.int64))
+      timed_first = np.where(static, np.iinfo(np.int64).max, chunk.times)
+      first = np.minimum.reduceat(timed_first, starts)
+      index["first"].append(np.where(first == np.iinfo(np.int64).max, _NAT, first))
+      birth, death = codes.get(meds.birth_code, -1), codes.get(meds.death_code, -1)
+      index["birth"].append(np.logical_or.reduceat(chunk.codes == birth, starts))
+      index["death"].append(np.logical_or.reduceat(chunk.codes == death, starts))
+      stats["rows"] += rows
+      stats["static_rows"] += int(static.sum())
+      stats["numeric_values"] += int((~np.isnan(chunk.values)).sum())
+      # The training split's code counts and value sample.
+      train_subjects = (np.isin(subjects, train_ids) if train_ids is not None
+                        else _hash_train(subjects, split_seed, split_fractions))
+      train_rows = np.repeat(train_subjects, ends - starts)
+      counts = _add_counts(counts, np.bincount(chunk.codes[train_rows], minlength=len(codes)))
+      valued = train_rows & np.isfinite(chunk.values)
+      row_numbers = (written + np.flatnonzero(valued)).astype(np.uint64)
+      keys = splits_lib.splitmix64(row_numbers ^ (np.uint64(file) << np.uint64(40)))
+      sketch.add(chunk.codes[valued], keys, chunk.values[valued])
+      written += rows
+  finally:
+    for f in files.values():
+      f.close()
+  with open(f"{shard_prefix}.json", "w") as f:
+    json.dump(list(codes), f)
+  cat = lambda name, dtype: np.concatenate(index[name]).astype(dtype) if index[name] else np.zeros(0, dtype)  # noqa: E731
+  sketch_codes, sketch_keys, sketch_values = sketch.result()
+  return _FileIndex(file=file, subjects=cat("subjects", np.int64), starts=cat("starts", np.int64),
+                    ends=cat("ends", np.int64), static_rows=cat("static", np.int64),
+                    first_times=cat("first", np.int64), has_birth=cat("birth", bool), has_death=cat("death", bool),
+                    codes=list(codes), training_counts=_add_counts(counts, np.zeros(len(codes), np.int64)),
+                    sketch_codes=sketch_codes, sketch_keys=sketch_keys, sketch_values=sketch_values, stats=stats)
+
+
+def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  n = max(len(a), len(b))
+  return np.pad(a, (0, n - len(a))) + np.pad(b, (0, n - len(b)))
+
+
+def _hash_train(subjects: np.ndarray, seed: int, fractions: Sequence[float]) -> np.ndarray:
+  return np.isin(subjects, splits_lib.hash_splits(subjects, fractions, seed).get(_TRAIN, ()))
+
+
+# ================================================================ the whole store
+def _file_signature(path: pathlib.Path) -> dict[str, int]:
+  stat = path.stat()
+  return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def build_event_store(meds_root: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1,
+                      drop_duplicates: bool = True, fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                      fallback_seed: int = 0) -> pathlib.Path:
+  """Indexes the MEDS dataset at `meds_root` into an event store at `out` (see the module
+  docstring); `workers` data files are read at once, each in its own process."""
+  root, out = pathlib.Path(meds_root), pathlib.Path(out)
+  if (out / SOURCE_FILE).exists():
+    raise FileExistsError(f"{out}: an event store is there already; choose a new folder")
+  files = meds_source.find_data_files(root / meds.data_subdirectory)
+  split_path = root / meds.subject_splits_filepath
+  split_ids = meds_source.read_split_file(split_path) if split_path.exists() else None
+  train_ids = None if split_ids is None else split_ids.get(_TRAIN, np.zeros(0, np.int64))
+  with atomic_directory(out) as staging:
+    (staging / "shards").mkdir()
+    jobs = [(k, str(path), str(staging / "shards" / str(k)), train_ids, fallback_seed, tuple(fallback_fractions),
+             drop_duplicates) for k, path in enumerate(files)]
+    if workers > 1:
+      with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(index_file, *zip(*jobs)))
+    else:
+      parts = [index_file(*job) for job in jobs]
+    stats = _write_store(staging, root, files, [p for p in parts if p is not None], split_ids,
+                         fallback_fractions, fallback_seed)
+    stats["empty_files"] = sum(p is None for p in parts)
+    _write_json(staging / SOURCE_FILE, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "meds_root": str(root.resolve()),
+        "drop_duplicates": drop_duplicates,
+        "files": [{"path": str(p.relative_to(root / meds.data_subdirectory)), **_file_signature(p)} for p in files],
+        "stats": stats})
+  log.info("event store %s: %s", out, ", ".join(f"{k}={v}" for k, v in stats.items()))
+  return out
+
+
+def _write_json(path: pathlib.Path, payload: Any) -> None:
+  path.write_text(json.dumps(payload, indent=1))
+
+
+def _write_store(staging: pathlib.Path, root: pathlib.Path, files: list[pathlib.Path], parts: list[_FileIndex],
+                 split_ids: dict[str, np.ndarray] | None, fractions, seed) -> dict[str, int]:
+  if not parts:
+    raise ValueError(f"{root / meds.data_subdirectory}: all {len(files)} MEDS data file(s) have 0 rows")
+  stats = dict.fromkeys(STAT_KEYS, 0)
+  for part in parts:
+    for key in ("rows", "static_rows", "numeric_values", "nan_values", "unsorted_files", "duplicate_rows"):
+      stats[key] += part.stats[key]
+  stats["files"] = len(files)
+  # One code vocabulary over all files; each file keeps its local ids and a map to it.
+  vocab: dict[str, int] = {}
+  for part in parts:
+    np.save(staging / "shards" / f"{part.file}.code_map.npy",
+            np.array([vocab.setdefault(c, len(vocab)) for c in part.codes], np.int32))
+  code_maps = {p.file: np.load(staging / "shards" / f"{p.file}.code_map.npy") for p in parts}
+  counts = np.zeros(len(vocab), np.int64)
+  for part in parts:
+    np.add.at(counts, code_maps[part.file][: len(part.training_counts)], part.training_counts)
+  _write_json(staging / "training_codes.json", {"codes": list(vocab), "counts": counts.tolist()})
+  sketch = _bottom_k(np.concatenate([code_maps[p.file][p.sketch_codes] for p in parts]),
+                     np.concatenate([p.sketch_keys for p in parts]),
+                     np.concatenate([p.sketch_values for p in parts]), SKETCH_SIZE)
+  (staging / "value_sketch").mkdir()
+  np.save(staging / "value_sketch" / "codes.npy", sketch[0])
+  np.save(staging / "value_sketch" / "values.npy", sketch[2])
+
+  cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+  table = {"subject_id": cat("subjects"), "file": np.concatenate([np.full(len(p.subjects), p.file, np.int32)
+                                                                    for p in parts]),
+           "start": cat("starts"), "end": cat("ends"), "static_rows": cat("static_rows"),
+           "first_time": cat("first_times"), "has_birth": cat("has_birth"), "has_death": cat("has_death")}
+  order = np.lexsort((table["file"], table["subject_id"]))
+  table = {k: v[order] for k, v in table.items()}
+  subject_ids = np.unique(table["subject_id"])
+  stats["subjects"] = len(subject_ids)
+  stats["codes"] = len(vocab)
+  stats["subjects_in_multiple_files"] = len(table["subject_id"]) - len(subject_ids)
+  per_subject = lambda values, fn: fn.reduceat(values, np.searchsorted(table["subject_id"], subject_ids))  # noqa: E731
+  rows = table["end"] - table["start"]
+  stats["static_only_subjects"] = int((per_subject(rows - table["static_rows"], np.add) == 0).sum())
+  stats["subjects_without_birth"] = int((~per_subject(table["has_birth"], np.logical_or)).sum())
+  stats["subjects_with_death"] = int(per_subject(table["has_death"], np.logical_or).sum())
+  split_of = np.full(len(subject_ids), "", object)
+  if split_ids is None:
+    stats["fallback_split"] = 1
+    assigned = splits_lib.hash_splits(subject_ids, fractions, seed)
+  else:
+    assigned = {}
+    for name, ids in split_ids.items():
+      has_events = np.isin(ids, subject_ids, assume_unique=True)
+      stats["split_subjects_without_events"] += int((~has_events).sum())
+      assigned[name] = ids[has_events]
+    meds_source.check_split_file_matches(root / meds.subject_splits_filepath,
+                                         sum(len(v) for v in assigned.values()), len(subject_ids))
+  for name, ids in assigned.items():
+    split_of[np.searchsorted(subject_ids, ids)] = name
+  stats["subjects_without_split"] = int((split_of == "").sum())
+  table["split"] = split_of[np.searchsorted(subject_ids, table["subject_id"])]
+  pq.write_table(pa.table({k: pa.array(v.tolist() if k == "split" else v) for k, v in table.items()}),
+                 staging / "index.parquet")
+  return stats
+
+
+# ================================================================ reading
+class EventStore:
+  """An event store opened for reading; the interface of `meds.MEDSDataset`."""
+
+  def __init__(self, path: str | os.PathLike, *, check_source: bool = True):
+    self.path = pathlib.Path(path)
+    source_file = self.path / SOURCE_FILE
+    if not source_file.exists():
+      raise ValueError(f"{self.path}: not an event store (no {SOURCE_FILE}); build one with "
+                       "experiments/index_meds.py")
+    try:
+      info = json.loads(source_file.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{source_file}: not valid JSON ({e})") from e
+    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{source_file}: format {info.get('format')!r} version {info.get('format_version')!r}, "
+                       f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    self.root = pathlib.Path(info["meds_root"])
+    self.stats: dict[str, int] = dict(info["stats"])
+    if check_source:
+      self._check_unchanged(info["files"])
+    table = pq.read_table(self.path / "index.parquet")
+    col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    entry_subjects = col("subject_id")
+    self.subject_ids, first_entry = np.unique(entry_subjects, return_index=True)
+    # Per subject: its index entries [first_entry, next) (one per data file holding it).
+    self._entries = np.r_[first_entry, len(entry_subjects)].astype(np.int64)
+    self._file, self._start, self._end = col("file"), col("start"), col("end")
+    rows = self._end - self._start
+    self._rows = np.add.reduceat(rows, first_entry) if len(rows) else np.zeros(0, np.int64)
+    self._static = np.add.reduceat(col("static_rows"), first_entry) if len(rows) else np.zeros(0, np.int64)
+    first = col("first_time")
+    first = np.where(first == _NAT, np.iinfo(np.int64).max, first)
+    first = np.minimum.reduceat(first, first_entry) if len(first) else first
+    self._first_times = np.where(first == np.iinfo(np.int64).max, _NAT, first).view("datetime64[us]")
+    split_of = col("split")[first_entry]
+    self.splits = {name: self.subject_ids[split_of == name]
+                   for name in splits_lib.ordered(set(split_of.tolist()) - {""})}
+    codes = json.loads((self.path / "training_codes.json").read_text())
+    self.code_vocab = np.array(codes["codes"], dtype=object)
+    self.training_code_counts = dict(zip(codes["codes"], codes["counts"]))
+    self._code_maps = {int(p.name.split(".")[0]): np.load(p) for p in (self.path / "shards").glob("*.code_map.npy")}
+    log.info("event store %s: %d subjects, %s", self.path, len(self.subject_ids),
+             ", ".join(f"{k}={v}" for k, v in self.stats.items()))
+
+  def _check_unchanged(self, files: list[dict]) -> None:
+    for entry in files:
+      path = self.root / meds.data_subdirectory / entry["path"]
+      if not path.exists():
+        raise ValueError(f"{path}: was indexed in the event store {self.path} but is gone; rebuild the store")
+      now = _file_signature(path)
+      if now != {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}:
+        raise ValueError(f"{path}: changed after the event store {self.path} was built (size/mtime "
+                         f"{entry['size']}/{entry['mtime_ns']} then, {now['size']}/{now['mtime_ns']} now); "
+                         "rebuild the store")
+    found = {str(p.relative_to(self.root / meds.data_subdirectory))
+             for p in meds_source.find_data_files(self.root / meds.data_subdirectory)}
+    added = sorted(found - {e["path"] for e in files})
+    if added:
+      raise ValueError(f"{self.root / meds.data_subdirectory}: {len(added)} data file(s) added after the event "
+                       f"store {self.path} was built (e.g. {added[0]}); rebuild the store")
+
+  def training_values(self) -> dict[str, np.ndarray]:
+    """Per code, the sample of its training values (all of them up to SKETCH_SIZE)."""
+    codes = np.load(self.path / "value_sketch" / "codes.npy")
+    values = np.load(self.path / "value_sketch" / "values.npy")
+    order = np.argsort(codes, kind="stable")
+    codes, values = codes[order], values[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(codes)]
+    return {str(self.code_vocab[codes[s]]): values[s:e] for s, e in zip(starts, ends)}
+
+  def source(self, split: str) -> StoreSource:
+    if split not in self.splits:
+      raise ValueError(f"{self.path}: unknown split {split!r}; available splits: {list(self.splits)}")
+    return StoreSource(self, np.searchsorted(self.subject_ids, self.splits[split]))
+
+  def all_subjects(self) -> StoreSource:
+    return StoreSource(self, np.arange(len(self.subject_ids)))
+
+  def read(self, position: int, reader: _ShardReader) -> dict:
+    """The record of subject `position` (in subject id order)."""
+    parts = []
+    for e in range(self._entries[position], self._entries[position + 1]):
+      file = int(self._file[e])
+      codes, times, values = reader.read(file, int(self._start[e]), int(self._end[e]))
+      parts.append((self._code_maps[file][codes], times, values))
+    codes, times, values = (np.concatenate(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:  # a subject in several files: merged in time order, static rows first
+      order = np.argsort(times, kind="stable")
+      codes, times, values = codes[order], times[order], values[order]
+    return {"subject_id": np.int64(self.subject_ids[position]), "codes": self.code_vocab[codes],
+            "times": times.view("datetime64[us]"), "numeric_values": values}
+
+  def __repr__(self) -> str:
+    return f"EventStore({str(self.path)!r}, subjects={len(self.subject_ids)}, rows={self.stats['rows']})"
+
+
+class _ShardReader:
+  """Reads row ranges of the shard columns with os.pread: no memory map, so a process's
+  resident memory holds only the records it is reading. Opens files lazily (per process)."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path, self._fds = path, {}
+
+  def read(self, file: int, start: int, end: int):
+    out = []
+    for name, dtype in _COLUMNS:
+      key = (file, name)
+      if key not in self._fds:
+        self._fds[key] = os.open(self.path / "shards" / f"{file}.{name}", os.O_RDONLY)
+      size = np.dtype(dtype).itemsize
+      data = os.pread(self._fds[key], (end - start) * size, start * size)
+      if len(data) != (end - start) * size:
+        raise ValueError(f"{self.path / 'shards' / f'{file}.{name}'}: cut short (rows {start}..{end} asked); "
+                         "rebuild the event store")
+      out.append(np.frombuffer(data, dtype).copy())
+    return out
+
+  def __getstate__(self):
+    return {"path": self.path}  # file descriptors do not travel to worker processes
+
+  def __setstate__(self, state):
+    self.path, self._fds = state["path"], {}
+
+
+class StoreSource:
+  """The records of one split of an event store: the interface of `meds.MEDSSource`."""
+
+  def __init__(self, store: EventStore, positions: np.ndarray):
+    self._store, self._positions = store, np.asarray(positions, np.int64)
+    self.subject_ids = store.subject_ids[self._positions]
+    self._reader = _ShardReader(store.path)
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def __getitem__(self, index: int) -> dict:
+    i = checked_index(index, len(self), "StoreSource ... subjects")
+    return self._store.read(int(self._positions[i]), self._reader)
+
+  def record_until(self, index: int, prediction_time: np.datetime64, *, inclusive: bool = True) -> dict:
+    """As `meds.MEDSSource.record_until`: static rows and events at (or before) the time."""
+    record = self[index]
+    cutoff = np.datetime64(prediction_time, "us")
+    before = record["times"] <= cutoff if inclusive else record["times"] < cutoff
+    keep = np.isnat(record["times"]) | before
+    return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
+
+  def event_counts(self) -> np.ndarray:
+    return self._store._rows[self._positions].astype(np.int64)
+
+  def static_counts(self) -> np.ndarray:
+    return self._store._static[self._positions].astype(np.int64)
+
+  def first_event_times(self) -> np.ndarray:
+    return self._store._first_times[self._positions]
+
+  def __repr__(self) -> str:
+    return f"StoreSource(subjects={len(self)})"

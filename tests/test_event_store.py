@@ -1,0 +1,203 @@
+"""The out-of-core MEDS event store: the same records, counts and errors as the in-memory
+reader, duplicates counted and dropped, changes refused, value quantiles within their bound."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import meds
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from biofm_jax.modalities.ehr import data as ehr
+from biofm_jax.modalities.ehr import event_store as E
+from biofm_jax.modalities.ehr.meds import MEDSDataset
+from biofm_jax.modalities.ehr.synthetic import write_synthetic_meds
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def assert_same_records(a_source, b_source):
+  assert (a_source.subject_ids == b_source.subject_ids).all()
+  assert (a_source.event_counts() == b_source.event_counts()).all()
+  assert (a_source.static_counts() == b_source.static_counts()).all()
+  fa, fb = a_source.first_event_times(), b_source.first_event_times()
+  assert ((fa == fb) | (np.isnat(fa) & np.isnat(fb))).all()
+  for i in range(len(a_source)):
+    a, b = a_source[i], b_source[i]
+    assert a["subject_id"] == b["subject_id"] and (a["codes"] == b["codes"]).all()
+    assert np.array_equal(a["times"].view(np.int64), b["times"].view(np.int64)) and np.array_equal(a["numeric_values"], b["numeric_values"],
+                                                                      equal_nan=True)
+
+
+def write_meds(root: pathlib.Path, files: dict[str, pa.Table], splits: pa.Table | None = None) -> pathlib.Path:
+  (root / "data").mkdir(parents=True)
+  for name, table in files.items():
+    pq.write_table(table, root / "data" / name, row_group_size=7)  # small row groups: subjects straddle them
+  if splits is not None:
+    (root / "metadata").mkdir()
+    pq.write_table(splits, root / meds.subject_splits_filepath)
+  return root
+
+
+def events(subjects, times, codes, values=None):
+  t = pa.array(np.asarray(times, "datetime64[us]"), pa.timestamp("us"))
+  return pa.table({"subject_id": pa.array(subjects, pa.int64()), "time": t, "code": pa.array(codes, pa.string()),
+                   "numeric_value": pa.array(values if values is not None else [None] * len(subjects), pa.float32())})
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+  return write_synthetic_meds(tmp_path_factory.mktemp("store") / "cohort", num_subjects=300, seed=0)
+
+
+def test_the_store_reads_what_the_in_memory_reader_reads(cohort, tmp_path):
+  E.build_event_store(cohort, tmp_path / "store", workers=2, drop_duplicates=False)
+  memory, store = MEDSDataset(cohort), E.EventStore(tmp_path / "store")
+  assert {k: v for k, v in store.stats.items() if k != "duplicate_rows"} == memory.stats
+  assert store.splits.keys() == memory.splits.keys()
+  for split in memory.splits:
+    assert_same_records(memory.source(split), store.source(split))
+  assert_same_records(memory.all_subjects(), store.all_subjects())
+  # The prediction-time cut of fine-tuning: the same on both paths.
+  times = memory.source("train")[5]["times"]
+  cut = times[len(times) // 2]
+  a, b = memory.source("train").record_until(5, cut), store.source("train").record_until(5, cut)
+  assert np.array_equal(a["times"].view(np.int64), b["times"].view(np.int64)) and (a["codes"] == b["codes"]).all()
+  # The vocabulary from the store's counts and value samples equals the one from records.
+  train = memory.source("train")
+  from_records = ehr.EHRVocab.build((train[i] for i in range(len(train))), min_count=2, num_value_bins=5)
+  from_store = ehr.EHRVocab.from_counts(store.training_code_counts, store.training_values(), min_count=2,
+                                        num_value_bins=5)
+  assert from_store == from_records
+
+
+def test_duplicates_are_counted_and_dropped(cohort, tmp_path):
+  E.build_event_store(cohort, tmp_path / "store", drop_duplicates=True)
+  store, memory = E.EventStore(tmp_path / "store"), MEDSDataset(cohort)
+  assert store.stats["duplicate_rows"] > 0
+  assert store.stats["rows"] == memory.stats["rows"] - store.stats["duplicate_rows"]
+  source, raw = store.source("train"), memory.source("train")
+  for i in range(0, len(source), 17):
+    record, full = source[i], raw[i]
+    keep = ~E.duplicate_rows(np.zeros(len(full["codes"]), np.int64), full["times"].view(np.int64),
+                             np.unique(full["codes"], return_inverse=True)[1].astype(np.int32),
+                             full["numeric_values"])
+    assert (record["codes"] == full["codes"][keep]).all() and np.array_equal(record["times"].view(np.int64), full["times"][keep].view(np.int64))
+
+
+def test_unsorted_files_and_a_subject_in_two_files(tmp_path):
+  rng = np.random.default_rng(0)
+  n = 60
+  subjects = np.repeat([3, 1, 2, 5], n // 4)
+  times = np.datetime64("2020-01-01T00:00", "us") + rng.integers(0, 10**9, n).astype("timedelta64[s]")
+  codes = [f"C{c}" for c in rng.integers(0, 6, n)]
+  values = rng.normal(size=n).astype(np.float32)
+  order = rng.permutation(n)  # rows in no order at all
+  a = events(subjects[order], times[order], [codes[i] for i in order], values[order])
+  b = events([2, 2, 9], np.sort(times[:3]), ["X", "Y", "Z"], [1.0, None, 2.0])  # subject 2 again, in another file
+  root = write_meds(tmp_path / "meds", {"a.parquet": a, "b.parquet": b})
+  E.build_event_store(root, tmp_path / "store", drop_duplicates=False)
+  memory, store = MEDSDataset(root), E.EventStore(tmp_path / "store")
+  assert store.stats["unsorted_files"] == memory.stats["unsorted_files"] == 1
+  assert store.stats["subjects_in_multiple_files"] == memory.stats["subjects_in_multiple_files"] == 1
+  assert_same_records(memory.all_subjects(), store.all_subjects())
+
+
+def test_bad_input_gets_the_in_memory_readers_errors(tmp_path):
+  good = events([1, 1], ["2020-01-01", "2020-01-02"], ["A", "B"])
+  cases = {
+      "missing": good.drop(["code"]),
+      "nulls": good.set_column(2, "code", pa.array([None, "B"], pa.string())),
+      "types": good.set_column(2, "code", pa.array([1, 2], pa.int64())),
+  }
+  for name, table in cases.items():
+    root = write_meds(tmp_path / name, {"0.parquet": table})
+    with pytest.raises(ValueError) as memory_error:
+      MEDSDataset(root)
+    with pytest.raises(ValueError) as store_error:
+      E.build_event_store(root, tmp_path / f"{name}_store")
+    assert str(store_error.value) == str(memory_error.value), name
+    assert not (tmp_path / f"{name}_store").exists()  # nothing half-written
+  # A split file naming none of the data's subjects: an error saying so, on both paths.
+  splits = pa.table({"subject_id": pa.array([77], pa.int64()), "split": pa.array(["train"])})
+  root = write_meds(tmp_path / "other_splits", {"0.parquet": good}, splits)
+  for build in (lambda: MEDSDataset(root), lambda: E.build_event_store(root, tmp_path / "s")):
+    with pytest.raises(ValueError, match=r"subject_splits.parquet: names none of the data's 1 subjects"):
+      build()
+
+
+def test_a_changed_or_added_file_is_refused_and_a_killed_build_leaves_nothing(tmp_path, monkeypatch):
+  root = write_meds(tmp_path / "meds", {"0.parquet": events([1, 2], ["2020-01-01", "2020-01-02"], ["A", "B"])})
+  E.build_event_store(root, tmp_path / "store")
+  with pytest.raises(FileExistsError, match="an event store is there already"):
+    E.build_event_store(root, tmp_path / "store")
+  pq.write_table(events([1, 2, 3], ["2020-01-01"] * 3, ["A", "B", "C"]), root / "data" / "0.parquet")
+  with pytest.raises(ValueError, match=r"0\.parquet: changed after the event store .* rebuild the store"):
+    E.EventStore(tmp_path / "store")
+  pq.write_table(events([4], ["2020-01-01"], ["A"]), root / "data" / "1.parquet")
+  E.build_event_store(root, tmp_path / "store2")
+  pq.write_table(events([5], ["2020-01-01"], ["A"]), root / "data" / "2.parquet")
+  with pytest.raises(ValueError, match=r"1 data file\(s\) added after the event store .* \(e\.g\. 2\.parquet\)"):
+    E.EventStore(tmp_path / "store2")
+
+  def dies(*args):
+    raise KeyboardInterrupt  # a kill while the second file is indexed
+  real = E.index_file
+  monkeypatch.setattr(E, "index_file", lambda file, *rest: real(file, *rest) if file == 0 else dies())
+  with pytest.raises(KeyboardInterrupt):
+    E.build_event_store(root, tmp_path / "killed")
+  assert not (tmp_path / "killed").exists() and not list(tmp_path.glob(".killed*"))
+  with pytest.raises(ValueError, match="not an event store"):
+    E.EventStore(tmp_path / "killed")
+
+
+def test_value_quantiles_are_exact_for_small_codes_and_within_the_bound_for_large_ones(tmp_path):
+  rng = np.random.default_rng(3)
+  big = 4 * E.SKETCH_SIZE
+  values = np.concatenate([rng.lognormal(0.0, 1.0, big), rng.normal(5.0, 2.0, 500)]).astype(np.float32)
+  codes = ["BIG"] * big + ["SMALL"] * 500
+  subjects = np.repeat(np.arange(1, 101), len(codes) // 100 + 1)[: len(codes)]
+  times = np.datetime64("2020-01-01", "us") + np.arange(len(codes)).astype("timedelta64[s]")
+  root = write_meds(tmp_path / "meds", {"0.parquet": events(subjects, times, codes, values)},
+                    pa.table({"subject_id": pa.array(np.arange(1, 101), pa.int64()), "split": ["train"] * 100}))
+  E.build_event_store(root, tmp_path / "store", workers=1)
+  samples = E.EventStore(tmp_path / "store").training_values()
+  assert len(samples["BIG"]) == E.SKETCH_SIZE and len(samples["SMALL"]) == 500
+  assert sorted(samples["SMALL"].tolist()) == sorted(values[big:].tolist())  # every value: exact quantiles
+  qs = np.linspace(0, 1, 11)[1:-1]
+  full = np.sort(values[:big])
+  ranks = np.searchsorted(full, np.quantile(samples["BIG"].astype(np.float64), qs)) / big
+  assert np.abs(ranks - qs).max() <= E.ERROR_BOUND
+  assert E.ERROR_BOUND == pytest.approx(0.0138, abs=1e-4)
+
+
+def test_ehr_data_reads_an_event_store_and_the_command_builds_one(cohort, tmp_path):
+  import ml_collections
+  out = tmp_path / "events"
+  result = subprocess.run([sys.executable, str(REPO / "experiments" / "index_meds.py"), f"--meds={cohort}",
+                           f"--out={out}", "--workers=2"], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr
+  assert "indexed" in result.stdout and "duplicate_rows" in result.stdout
+  again = subprocess.run([sys.executable, str(REPO / "experiments" / "index_meds.py"), f"--meds={cohort}",
+                          f"--out={out}"], capture_output=True, text=True)
+  assert again.returncode == 2 and "error: " in again.stderr and "an event store is there already" in again.stderr
+  cfg = ml_collections.ConfigDict(dict(path=str(cohort), event_store=str(out), max_len=32, window="recent",
+                                       train_windows="cover", window_overlap=0.25, min_code_count=2,
+                                       num_value_bins=4, mask_rate=0.15, pack=True))
+  data = ehr.EHRData.from_config(cfg, objective="masked", artifacts_dir=tmp_path / "artifacts")
+  assert isinstance(data.dataset, E.EventStore)
+  summary = data.summary()
+  assert summary["train_event_coverage"] == 1.0 and summary["meds_duplicate_rows"] > 0
+  assert json.loads((tmp_path / "artifacts" / ehr.VOCAB_FILENAME).read_text())["codes"]
+  example = data.transforms(train=True)[0].map(data.training_source()[0])
+  assert example["mask"].sum() >= 2
+  with pytest.raises(ValueError, match="indexes .* but config.data.ehr.path is"):
+    ehr.EHRData.from_config(ml_collections.ConfigDict({**cfg.to_dict(), "path": str(tmp_path)}),
+                            objective="masked", artifacts_dir=tmp_path / "other")

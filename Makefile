@@ -29,6 +29,7 @@ bench: install
 	$(PY) -m pip install -q -e ".[peer]"
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/ehr_scale.py
 	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
 
 clean:

@@ -517,3 +517,5 @@ def test_ehr_training_covers_every_event_and_logs_padding_and_coverage(tmp_path)
   assert [r["step"] for r in rows] == [2, 4]
   assert all(0.0 <= r["train/padding_fraction"] < 1.0 and r["data/train_event_coverage"] == 1.0 for r in rows)
   assert all(r["perf/real_tokens_per_s"] <= r["perf/tokens_per_s"] for r in rows)
+  # What a (re)start costs, once: data, model, first compiled step.
+  assert rows[0]["perf/time_to_first_step_s"] > 0 and "perf/time_to_first_step_s" not in rows[1]

@@ -274,6 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   tokens = [0, 0]  # this process's real tokens and token slots since the last log line
   coverage = getattr(data_module, "train_event_coverage", None)
   coverage = {"data/train_event_coverage": coverage()} if coverage is not None and is_chief else {}
+  first_row: dict[str, float] = {}  # metrics written once, with the first logged step
   try:
     with StopRequested() as stop:
       while step < num_steps:
@@ -285,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if step == start_step + 1:  # time from the end of the first (compiling) step
           jax.block_until_ready(metrics)
           throughput.start(step)
+          # Opening the data, building the model and compiling: what a (re)start costs.
+          first_row = {"perf/time_to_first_step_s": time.time() - start_time}
         if step % config.train.log_every == 0 or step == num_steps:
           last_train = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
           perf = throughput.report(step)
@@ -292,7 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_train["train/padding_fraction"] = 1.0 - tokens[0] / tokens[1]
             perf["perf/real_tokens_per_s"] = perf.get("perf/tokens_per_s", 0.0) * tokens[0] / tokens[1]
           tokens = [0, 0]
-          writer.write(step, {**last_train, **perf, **coverage})
+          writer.write(step, {**last_train, **perf, **coverage, **first_row})
+          first_row = {}
           log_progress(step, num_steps, last_train, perf, setup.objective)
         if evaluates and (step % config.train.eval_every == 0 or step == num_steps):
           last_eval = evaluate(setup, state.params, data_module, config)

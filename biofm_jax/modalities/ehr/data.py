@@ -375,7 +375,8 @@ class EHRData:
       out["vocab_codes"] = len(self.vocab.codes)
       out["codes_below_min_count"] = self.vocab.num_rare_codes
       out.update(_unk_counts(self.vocab, self._split_records("tuning")))
-      counts = np.array([len(r["codes"]) for r in self._split_records("train")], np.int64)
+      has_train = len(self.dataset.splits.get("train", ()))
+      counts = self.source("train").event_counts() if has_train else np.zeros(0, np.int64)  # reads no record
       stats = window_stats(counts, self.max_len)
       out.update({f"train_{k}": v for k, v in stats.items()})
       if len(self.dataset.splits.get("train", ())):

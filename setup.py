@@ -52,7 +52,12 @@ setup(
                 # the MEDS tools tests/test_meds_tools.py runs against the library: ACES labels,
                 # meds-evaluation scoring, meds-testing-helpers data (they add polars 1.x and hydra,
                 # and change no pinned version above)
-                "es-aces>=0.7.3,<0.8", "meds-evaluation>=0.0.6,<0.1", "meds-testing-helpers>=0.3.1,<0.4"],
+                "es-aces>=0.7.3,<0.8", "meds-evaluation>=0.0.6,<0.1", "meds-testing-helpers>=0.3.1,<0.4",
+                # TileDB-SOMA experiments (tests/test_soma.py); it brings scanpy, which
+                # tests/test_omics_data.py checks the highly-variable genes against
+                "tiledbsoma>=2.3,<2.4"],
+        # Single-cell atlases as TileDB-SOMA experiments (CELLxGENE Census): modalities/omics/soma.py
+        "soma": ["tiledbsoma>=2.3,<2.4"],
         # Only benchmarks/peer.py uses these (the PyTorch / Hugging Face BERT peer); tested with
         # torch 2.13.0+cpu and transformers 5.24.0.
         "peer": ["torch>=2.13,<2.14", "transformers>=5.24,<6"],

@@ -490,3 +490,15 @@ def test_highly_variable_vocabulary_limits_the_genes_read_and_survives_resume(tm
   with pytest.raises(ValueError, match=r"highly_variable_genes=100000, but only \d+ genes vary"):
     omics.OmicsData.from_config(omics_config(tmp_path / "more", highly_variable_genes=100_000, label_columns=()),
                                 objective="masked", artifacts_dir=tmp_path / "more")
+
+
+def test_seurat_v3_matches_scanpy_run_here_when_it_is_installed(tmp_path):
+  sc = pytest.importorskip("scanpy")
+  path = write_synthetic_anndata(tmp_path / "cells.h5ad", num_cells=300, seed=5)
+  adata = anndata.read_h5ad(path)
+  expected = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=25, inplace=False)
+  dataset = anndata_source.ExpressionDataset(path)
+  every_cell = [dict(zip(("genes", "counts"), dataset._reader.row(i))) for i in range(len(dataset.cell_ids))]
+  stats = hvg.seurat_v3(every_cell, len(dataset.gene_names))  # as scanpy sees them: every cell
+  np.testing.assert_allclose(stats.variances_norm, expected["variances_norm"].to_numpy(), rtol=1e-6)
+  assert set(stats.top(25).tolist()) == set(np.flatnonzero(expected["highly_variable"].to_numpy()).tolist())

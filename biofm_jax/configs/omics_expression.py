@@ -21,8 +21,10 @@ def get_config(arg=None):
   preset = arg or "tiny"
   config = base_config()
   config.data.omics = dict(
-      path="",
+      path="",  # an .h5ad file or a TileDB-SOMA experiment folder (read out of core)
       backed=False,
+      measurement="RNA",  # SOMA: the measurement; its X layer is `layer` ("" = "data")
+      shuffle_buffer_blocks=8,  # SOMA: blocks of 1,024 cells shuffled together while training
       layer="",  # "" = X; else the name of a layer holding raw counts
       gene_column="",  # "" = var_names; else a var column with gene ids
       gene_id_map="",  # a CSV mapping the file's gene ids to the vocabulary's (e.g. Ensembl -> symbol)

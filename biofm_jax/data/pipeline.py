@@ -132,33 +132,73 @@ class _ReadAtStep(grain.transforms.MapWithIndex):
       return self.source[int(index)]
 
 
+def block_buffered_order(num_records: int, block: int, buffer_blocks: int, seed: int, epoch: int) -> np.ndarray:
+  """A permutation of range(num_records) for one epoch that stays local: blocks of `block`
+  consecutive records in random order, the records of every `buffer_blocks` consecutive
+  blocks shuffled together (a shuffle buffer over contiguous reads)."""
+  rng = np.random.default_rng([seed % 2**63, epoch])
+  blocks = rng.permutation(-(-num_records // block))
+  groups = []
+  for first in range(0, len(blocks), buffer_blocks):
+    chosen = blocks[first: first + buffer_blocks]
+    records = (chosen[:, None] * block + np.arange(block)[None]).ravel()
+    groups.append(rng.permutation(records[records < num_records]))
+  return np.concatenate(groups) if groups else np.zeros(0, np.int64)
+
+
+class _ReadInBlockOrder(_ReadAtStep):
+  """Reads global stream `position` as record `block_buffered_order(epoch)[position % n]`."""
+
+  def __init__(self, source: Any, global_batch_size: int | None, block: int, buffer_blocks: int, seed: int):
+    super().__init__(source, global_batch_size)
+    self.block, self.buffer_blocks, self.seed = block, buffer_blocks, seed
+    self._orders: dict[int, np.ndarray] = {}
+
+  def map_with_index(self, position: int, index: int):
+    del index  # the position alone decides the record
+    epoch, at = divmod(int(position), len(self.source))
+    orders = self._orders  # replaced whole, never mutated: prefetch threads may straddle epochs
+    order = orders.get(epoch)
+    if order is None:
+      order = block_buffered_order(len(self.source), self.block, self.buffer_blocks, self.seed, epoch)
+      self._orders = {e: o for e, o in orders.items() if e >= epoch - 1} | {epoch: order}
+    return super().map_with_index(position, int(order[at]))
+
+
 def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int,
-                   global_batch_size: int | None = None) -> tuple[grain.MapDataset, int]:
+                   global_batch_size: int | None = None,
+                   block_shuffle: tuple[int, int] | None = None) -> tuple[grain.MapDataset, int]:
   """The global training stream of `source`: shuffled every epoch, repeated, transformed
   (random transforms seeded by position in this global stream, never by process); and the
   number of records. `global_batch_size` (when the stream alone fills the batches) dates
-  read-time skips by step."""
+  read-time skips by step. `block_shuffle=(block, buffer_blocks)` reads in
+  `block_buffered_order` instead of a global shuffle, for sources read by blocks."""
   num_records = len(source)
   if num_records == 0:
     raise ValueError(f"pipeline: the {name} training source has no records")
-  # Shuffle before repeat: grain folds the epoch into the shuffle seed. Indices are shuffled
-  # and the source read at each position (the same order as shuffling the source itself).
-  ds = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat(None)
-  ds = ds.map_with_index(_ReadAtStep(source, global_batch_size))
+  if block_shuffle:
+    ds = grain.MapDataset.range(num_records).repeat(None)
+    ds = ds.map_with_index(_ReadInBlockOrder(source, global_batch_size, *block_shuffle, seed=seed))
+  else:
+    # Shuffle before repeat: grain folds the epoch into the shuffle seed. Indices are shuffled
+    # and the source read at each position (the same order as shuffling the source itself).
+    ds = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat(None)
+    ds = ds.map_with_index(_ReadAtStep(source, global_batch_size))
   ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM, process_index=0)
   return ds, num_records
 
 
 def make_train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: int, seed: int,
                        process_index: int | None = None, process_count: int | None = None,
-                       read_options: grain.ReadOptions | None = None, name: str = "") -> grain.IterDataset:
+                       read_options: grain.ReadOptions | None = None, name: str = "",
+                       block_shuffle: tuple[int, int] | None = None) -> grain.IterDataset:
   """An endless stream of per-process batches, reshuffled every epoch; `name` (the data
-  module's) is for messages."""
+  module's) is for messages; `block_shuffle` as in `_endless_train`."""
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
   name = name or type(source).__name__
   ds, num_records = _endless_train(source, transforms, name=name, seed=seed,
-                                   global_batch_size=global_batch_size)
+                                   global_batch_size=global_batch_size, block_shuffle=block_shuffle)
   log.info("pipeline: %s train, %d records, process %d of %d, batches of %d",
            name, num_records, index, count, batch_size)
   return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(

@@ -31,7 +31,7 @@ import logging
 import os
 import pathlib
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import anndata.io
 import h5py
@@ -378,19 +378,28 @@ class ExpressionDataset:
                fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0):
     self.path, self.backed, self.layer = pathlib.Path(path), bool(backed), layer or None
     self.key = matrix_key(self.layer)
-    self.label_names = tuple(label_columns)
-    self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
-    self.stats["backed"] = int(self.backed)
     with _open_h5ad(self.path) as file:
       obs, var = (_read_frame(file, name, self.path) for name in ("obs", "var"))
-      self.gene_names = _gene_names(var, gene_column, self.path)
-      self.labels, self.label_categories = _label_matrix(obs, self.label_names, self.path)
       fmt, shape, stored = _matrix_layout(file, self.key, self.path, (len(obs), len(var)),
                                           self.backed)
       matrix = None if self.backed else _read_in_memory(file, self.key)
+    self._index(obs, var, _Rows(self.path, self.key, fmt, matrix), shape, stored, gene_column=gene_column,
+                split_column=split_column, label_columns=label_columns, fallback_fractions=fallback_fractions,
+                fallback_seed=fallback_seed)
+
+  def _index(self, obs: pd.DataFrame, var: pd.DataFrame, reader: Any, shape: tuple[int, int], stored: int, *,
+             gene_column: str | None, split_column: str, label_columns: Sequence[str],
+             fallback_fractions: Sequence[float], fallback_seed: int) -> None:
+    """Everything but opening the file: gene ids, labels, the validating scan, splits.
+    `reader` gives matrix rows (`block`, `row`); other stores (`soma.py`) hand in their own."""
+    self.label_names = tuple(label_columns)
+    self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+    self.stats["backed"] = int(self.backed)
+    self.gene_names = _gene_names(var, gene_column, self.path)
+    self.labels, self.label_categories = _label_matrix(obs, self.label_names, self.path)
     self.cell_ids = obs.index.astype(str).to_numpy(dtype=object)
     self.subject_ids = _subject_ids(obs, self.cell_ids)
-    self._reader = _Rows(self.path, self.key, fmt, matrix)
+    self._reader = reader
     self.genes_per_cell, explicit_zeros, self.gene_totals = _scan(self._reader, shape, stored, self.cell_ids,
                                                                   self.gene_names)
     kept = self.genes_per_cell > 0

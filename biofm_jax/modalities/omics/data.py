@@ -32,7 +32,7 @@ import grain
 import numpy as np
 import pyarrow.csv as pacsv
 
-from biofm_jax.data import batch
+from biofm_jax.data import batch, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
@@ -41,6 +41,7 @@ from biofm_jax.modalities.omics.gene_vocab import (  # noqa: F401  (re-exported:
     GeneVocab, normalize_counts, quantile_bins)
 from biofm_jax.modalities.omics.synthetic import write_synthetic_anndata
 from biofm_jax.modalities.omics import anndata as anndata_source
+from biofm_jax.modalities.omics import soma
 
 SYNTHETIC_FILENAME = "synthetic_omics.h5ad"
 MODES = ("binned", "rank")
@@ -149,6 +150,8 @@ class OmicsSettings:
   gene_id_map: str  # a CSV mapping the file's gene ids (first column) to the vocabulary's (second)
   min_vocab_coverage: float  # share of the file's counts whose genes the vocabulary must know
   highly_variable_genes: int  # > 0: the model reads only this many HVGs (Seurat v3); 0 = all
+  measurement: str  # a SOMA experiment's measurement (its X layer is `layer`, "data" by default)
+  shuffle_buffer_blocks: int  # SOMA: blocks of cells whose cells are shuffled together
   label_columns: tuple[str, ...]
   tokenization: str
   max_len: int
@@ -168,6 +171,8 @@ class OmicsSettings:
         gene_column=get("gene_column") or None, gene_id_map=str(cfg.get("gene_id_map", "") or ""),
         min_vocab_coverage=float(cfg.get("min_vocab_coverage", 0.5)),
         highly_variable_genes=int(cfg.get("highly_variable_genes", 0)),
+        measurement=str(cfg.get("measurement", "RNA")),
+        shuffle_buffer_blocks=int(cfg.get("shuffle_buffer_blocks", 8)),
         label_columns=(labels,) if isinstance(labels, str) else tuple(labels or ()),
         tokenization=str(get("tokenization")), max_len=int(get("max_len")),
         num_value_bins=int(get("num_value_bins")),
@@ -182,6 +187,7 @@ class OmicsSettings:
              ">= 0 (0 = off)")
     _require(0 < settings.mask_rate <= 1, "mask_rate", settings.mask_rate, "in (0, 1]")
     _require(settings.synthetic_cells >= 1, "synthetic_cells", settings.synthetic_cells, ">= 1")
+    _require(settings.shuffle_buffer_blocks >= 1, "shuffle_buffer_blocks", settings.shuffle_buffer_blocks, ">= 1")
     _require(settings.highly_variable_genes >= 0, "highly_variable_genes", settings.highly_variable_genes,
              ">= 0 (0 = every gene)")
     _require(0.0 <= settings.min_vocab_coverage <= 1.0, "min_vocab_coverage", settings.min_vocab_coverage,
@@ -230,14 +236,27 @@ class OmicsData:
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     path = Path(settings.path) if settings.path else _synthetic_file(settings, artifacts_dir)
-    dataset = anndata_source.ExpressionDataset(
-        path, backed=settings.backed, layer=settings.layer, gene_column=settings.gene_column,
-        label_columns=settings.label_columns)
+    if soma.is_soma_experiment(path):
+      dataset = soma.SomaExpressionDataset(path, measurement=settings.measurement, layer=settings.layer,
+                                           gene_column=settings.gene_column, label_columns=settings.label_columns)
+    else:
+      dataset = anndata_source.ExpressionDataset(
+          path, backed=settings.backed, layer=settings.layer, gene_column=settings.gene_column,
+          label_columns=settings.label_columns)
     vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME, settings)
     return cls(dataset, vocab, settings, objective=objective)
 
   def source(self, split: str):
     return self.dataset.source(split)
+
+  def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout):
+    """The training stream (the loop's hook, `data/module.py`): a SOMA experiment is read in
+    block-buffered order (`soma.py`), a file in a global shuffle."""
+    order = ((soma.BLOCK_CELLS, self.settings.shuffle_buffer_blocks)
+             if isinstance(self.dataset, soma.SomaExpressionDataset) else None)
+    return pipeline.make_train_dataset(self.source("train"), self.transforms(train=True),
+                                       global_batch_size=global_batch_size, seed=seed, name=self.name,
+                                       block_shuffle=order, **layout)
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     """The same for train and eval (eval masking is repeatable by its fixed seed);

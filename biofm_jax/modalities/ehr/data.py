@@ -38,6 +38,7 @@ VOCAB_FORMAT = "biofm_jax.ehr_vocab"
 VOCAB_FORMAT_VERSION = 1
 VOCAB_FILENAME = "ehr_vocab.json"
 EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
+UNK_SAMPLE_SUBJECTS = 2000  # tuning subjects the summary's [UNK] rate is measured on
 _VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
                  "special_tokens": list(batch.SPECIAL_TOKENS)}
 WINDOWS = ("recent", "earliest")
@@ -374,7 +375,7 @@ class EHRData:
       out["vocab_size"] = self.vocab.size
       out["vocab_codes"] = len(self.vocab.codes)
       out["codes_below_min_count"] = self.vocab.num_rare_codes
-      out.update(_unk_counts(self.vocab, self._split_records("tuning")))
+      out.update(_unk_counts(self.vocab, self._split_records("tuning", at_most=UNK_SAMPLE_SUBJECTS)))
       has_train = len(self.dataset.splits.get("train", ()))
       counts = self.source("train").event_counts() if has_train else np.zeros(0, np.int64)  # reads no record
       stats = window_stats(counts, self.max_len)
@@ -408,11 +409,16 @@ class EHRData:
     starts = np.maximum(timed - room, 0) if self.window == "recent" else np.zeros_like(timed)
     return event_coverage(events, static, starts, np.minimum(room, timed), np.arange(len(events)))
 
-  def _split_records(self, split: str) -> Iterable[Mapping[str, Any]]:
+  def _split_records(self, split: str, at_most: int | None = None) -> Iterable[Mapping[str, Any]]:
+    """The split's records, or `at_most` of them evenly spaced (start-up must not read a
+    whole split of a dataset larger than memory)."""
     if split not in self.dataset.splits or not len(self.dataset.splits[split]):
       return ()
     source = self.source(split)
-    return (source[i] for i in range(len(source)))
+    positions = np.arange(len(source))
+    if at_most is not None and len(positions) > at_most:
+      positions = np.unique(np.linspace(0, len(source) - 1, at_most).astype(np.int64))
+    return (source[int(i)] for i in positions)
 
 
 def _unk_counts(vocab: EHRVocab, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

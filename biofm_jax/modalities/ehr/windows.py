@@ -62,14 +62,17 @@ def event_coverage(event_counts: np.ndarray, static_counts: np.ndarray, starts: 
   total = int(timed.sum())
   if not total:
     return 1.0
-  covered = 0
-  order = np.lexsort((starts, subjects))
-  reach = np.full(len(timed), 0, np.int64)  # per subject: events [0, reach) are covered so far
-  for w in order:  # windows of a subject in start order: count what each adds past the reach
-    s, first, end = subjects[w], starts[w], starts[w] + lengths[w]
-    covered += max(0, end - max(first, reach[s]))
-    reach[s] = max(reach[s], end)
-  return covered / total
+  order = np.lexsort((starts, subjects))  # each subject's windows in start order
+  subject = np.asarray(subjects, np.int64)[order]
+  first = np.asarray(starts, np.int64)[order]
+  end = first + np.asarray(lengths, np.int64)[order]
+  # Per subject, the events [0, reach) covered by its earlier windows: a running maximum of
+  # their ends, made per subject by lifting each subject's ends above all earlier subjects'.
+  lift = subject * (int(end.max(initial=0)) + 1)
+  running = np.maximum.accumulate(end + lift) - lift
+  reach = np.r_[0, running[:-1]]
+  reach[np.r_[True, subject[1:] != subject[:-1]]] = 0
+  return float(np.maximum(end - np.maximum(first, reach), 0).sum()) / total
 
 
 class WindowSource:

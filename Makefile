@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/ehr_scale.py
+	$(PY) benchmarks/soma_scale.py
 	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
 
 clean:

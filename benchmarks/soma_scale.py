@@ -101,7 +101,11 @@ def main() -> None:
   start = time.perf_counter()
   write_experiment(uri, int(args.cells))
   print(f"experiment {uri} ready in {time.perf_counter() - start:.0f} s")
-  command = [sys.executable, __file__, f"--role_args={json.dumps({'uri': str(uri), 'workdir': str(scratch / 'run')})}"]
+  workdir = scratch / "run"
+  if workdir.exists():  # a fresh run: the vocabulary is built, not loaded
+    import shutil
+    shutil.rmtree(workdir)
+  command = [sys.executable, __file__, f"--role_args={json.dumps({'uri': str(uri), 'workdir': str(workdir)})}"]
   result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   if result.returncode:
     raise SystemExit(result.stderr[-3000:])

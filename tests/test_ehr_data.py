@@ -505,9 +505,11 @@ def test_a_window_keeps_static_rows_and_its_records_birth_for_ages(synthetic_med
 
 
 def test_ehr_training_covers_every_event_and_logs_padding_and_coverage(tmp_path):
+  """A packed run (`data/packing.py`): every event trained on, almost no padding."""
   from tests.helpers import config_for, train
   from biofm_jax.train.metric_writer import read_metrics
-  config = config_for("configs/ehr_bert.py:tiny", train__num_steps=4, train__log_every=2, train__eval_every=4)
+  config = config_for("configs/ehr_bert.py:tiny", data__ehr__pack=True, train__num_steps=4, train__log_every=2,
+                      train__eval_every=4)
   data = ehr.EHRData.from_config(config.data.ehr, objective="masked", artifacts_dir=tmp_path / "run" / "artifacts")
   summary = data.summary()
   assert summary["train_event_coverage"] == 1.0 and summary["train_windows"] > summary["subjects_train"]
@@ -515,7 +517,10 @@ def test_ehr_training_covers_every_event_and_logs_padding_and_coverage(tmp_path)
   train(config, tmp_path / "run")
   rows = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
   assert [r["step"] for r in rows] == [2, 4]
-  assert all(0.0 <= r["train/padding_fraction"] < 1.0 and r["data/train_event_coverage"] == 1.0 for r in rows)
+  assert all(0.0 <= r["train/padding_fraction"] < 0.05 and r["data/train_event_coverage"] == 1.0 for r in rows)
+  assert all(np.isfinite(r["train/loss"]) for r in rows)
+  evals = [r for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
+  assert evals and np.isfinite(evals[-1]["eval/loss"])  # evaluation reads one-segment rows
   assert all(r["perf/real_tokens_per_s"] <= r["perf/tokens_per_s"] for r in rows)
   # What a (re)start costs, once: data, model, first compiled step.
   assert rows[0]["perf/time_to_first_step_s"] > 0 and "perf/time_to_first_step_s" not in rows[1]

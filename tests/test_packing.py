@@ -151,16 +151,3 @@ def test_packed_ehr_training_stream_holds_every_window_once_per_epoch(tmp_path):
   eval_example = data.transforms(train=False)[1].map(data.transforms(train=False)[0].map(data.source("tuning")[0]))
   assert (eval_example[B.SEGMENT_IDS] == eval_example[B.EHR_MASK]).all()
 
-
-def test_a_packed_run_trains_with_almost_no_padding(tmp_path):
-  from tests.helpers import config_for, train
-  from biofm_jax.train.metric_writer import read_metrics
-  config = config_for("configs/ehr_bert.py:tiny", data__ehr__pack=True, train__num_steps=4, train__log_every=2,
-                      train__eval_every=4)
-  train(config, tmp_path / "run")
-  rows = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
-  assert [r["step"] for r in rows] == [2, 4]
-  assert all(r["train/padding_fraction"] < 0.05 and r["data/train_event_coverage"] == 1.0 for r in rows)
-  assert all(np.isfinite(r["train/loss"]) for r in rows)
-  evals = [r for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
-  assert evals and np.isfinite(evals[-1]["eval/loss"])

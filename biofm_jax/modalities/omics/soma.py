@@ -129,7 +129,6 @@ class SomaExpressionDataset(ExpressionDataset):
       obs_columns = [c for c in experiment.obs.keys() if c in wanted]
       obs = experiment.obs.read(column_names=["soma_joinid", "obs_id", *obs_columns]).concat().to_pandas()
       var = ms.var.read().concat().to_pandas()
-      stored = int(ms.X[self.layer].nnz)
     missing = [c for c in label_columns if c not in obs.columns]
     if missing:
       raise ValueError(f"{uri}: obs has no column(s) {missing} (config.data.omics.label_columns)")
@@ -141,6 +140,10 @@ class SomaExpressionDataset(ExpressionDataset):
     obs = obs.set_index(obs["obs_id"].astype(str)).drop(columns=["soma_joinid", "obs_id"])
     var = var.set_index(var["var_id"].astype(str) if "var_id" in var.columns else var.index.astype(str))
     reader = _SomaRows(str(uri), measurement, self.layer, len(obs), len(var))
+    # The scan sizes its blocks by values per cell. Not from the array's `nnz`: on an
+    # experiment written in many fragments that reads every coordinate (3.3 GB at 1M cells).
+    sample = reader.block(0, min(len(obs), BLOCK_CELLS)) if len(obs) else sp.csr_matrix((0, len(var)))
+    stored = int(sample.nnz / max(sample.shape[0], 1) * len(obs))
     self._index(pd.DataFrame(obs), var, reader, (len(obs), len(var)), stored, gene_column=gene_column,
                 split_column=split_column, label_columns=label_columns, fallback_fractions=fallback_fractions,
                 fallback_seed=fallback_seed)

@@ -55,7 +55,12 @@ setup(
                 "es-aces>=0.7.3,<0.8", "meds-evaluation>=0.0.6,<0.1", "meds-testing-helpers>=0.3.1,<0.4",
                 # TileDB-SOMA experiments (tests/test_soma.py); it brings scanpy, which
                 # tests/test_omics_data.py checks the highly-variable genes against
-                "tiledbsoma>=2.3,<2.4"],
+                "tiledbsoma>=2.3,<2.4",
+                # Apache Beam, for experiments/index_meds.py --engine=beam (tests/test_event_store.py):
+                # it takes protobuf 6, pyarrow 25 and pillow 12, inside the ranges above
+                "apache-beam>=2.77,<2.78"],
+        # Indexing MEDS on a Beam runner (DirectRunner here; Flink, Spark or Dataflow on a cluster)
+        "beam": ["apache-beam>=2.77,<2.78"],
         # Single-cell atlases as TileDB-SOMA experiments (CELLxGENE Census): modalities/omics/soma.py
         "soma": ["tiledbsoma>=2.3,<2.4"],
         # Only benchmarks/peer.py uses these (the PyTorch / Hugging Face BERT peer); tested with

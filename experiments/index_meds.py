@@ -4,7 +4,15 @@
   python experiments/pretrain.py --config=configs/ehr_bert.py:base --workdir=runs/ehr \
       --config.data.ehr.path=/data/meds --config.data.ehr.event_store=/data/meds_events
 
-Streams every data file by parquet batches, `--workers` files at once (one process each),
+On a cluster, the same indexing runs as an Apache Beam pipeline (pip install -e '.[beam]'):
+
+  python experiments/index_meds.py --meds=/shared/meds --out=/shared/meds_events --engine=beam \
+      --beam_option=--runner=FlinkRunner --beam_option=--flink_master=HOST:8081 \
+      --beam_option=--environment_type=PROCESS ...        (or DataflowRunner, SparkRunner)
+
+(locally, `--engine=beam --workers=N` runs Beam's DirectRunner with N processes; a cluster's
+workers must all mount the --meds and --out folders). Either way it
+streams every data file by parquet batches, `--workers` files at once (one process each),
 and writes each subject's events as raw columns plus a subject index, the training split's
 code counts and a bounded sample of each code's values
 (`biofm_jax/modalities/ehr/event_store.py`). A training process then holds only the
@@ -26,6 +34,10 @@ flags.DEFINE_string("meds", None, "The MEDS dataset directory (with data/ and me
 flags.DEFINE_string("out", None, "Directory to write the event store into (must not hold one).")
 flags.DEFINE_integer("workers", 1, "Data files indexed at once, each in its own process.")
 flags.DEFINE_bool("drop_duplicates", True, "Drop rows identical to an earlier row of the subject (counted).")
+flags.DEFINE_enum("engine", "processes", ["processes", "beam"],
+                  "Who runs the workers: a local process pool, or an Apache Beam pipeline (pip install -e '.[beam]').")
+flags.DEFINE_multi_string("beam_option", [], "An Apache Beam pipeline option, e.g. --beam_option=--runner=FlinkRunner "
+                          "(default: the local DirectRunner with --workers processes).")
 flags.mark_flags_as_required(["meds", "out"])
 
 
@@ -39,11 +51,15 @@ def main(argv, overrides):
   start = time.perf_counter()
   try:
     out = event_store.build_event_store(FLAGS.meds, FLAGS.out, workers=FLAGS.workers,
-                                        drop_duplicates=FLAGS.drop_duplicates)
+                                        drop_duplicates=FLAGS.drop_duplicates, engine=FLAGS.engine,
+                                        beam_options=FLAGS.beam_option)
+  except ImportError as e:
+    cli.fail(f"--engine=beam needs Apache Beam: pip install -e '.[beam]' ({e})")
   except (ValueError, FileExistsError) as e:
     cli.fail(f"{e}")
   store = event_store.EventStore(out)
-  print(f"=== indexed {FLAGS.meds} in {time.perf_counter() - start:.1f} s with {FLAGS.workers} worker(s): {out} ===")
+  print(f"=== indexed {FLAGS.meds} in {time.perf_counter() - start:.1f} s with {FLAGS.workers} worker(s) "
+        f"({FLAGS.engine}): {out} ===")
   for key in ("files", "rows", "subjects", "codes", "duplicate_rows", "unsorted_files", "subjects_in_multiple_files"):
     print(f"  {key:<28}{store.stats[key]}")
   print(f"  splits                      { {k: len(v) for k, v in store.splits.items()} }")

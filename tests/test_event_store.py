@@ -201,3 +201,20 @@ def test_ehr_data_reads_an_event_store_and_the_command_builds_one(cohort, tmp_pa
   with pytest.raises(ValueError, match="indexes .* but config.data.ehr.path is"):
     ehr.EHRData.from_config(ml_collections.ConfigDict({**cfg.to_dict(), "path": str(tmp_path)}),
                             objective="masked", artifacts_dir=tmp_path / "other")
+
+
+def test_the_beam_engine_writes_the_same_store(cohort, tmp_path):
+  pytest.importorskip("apache_beam")
+  E.build_event_store(cohort, tmp_path / "processes", workers=2)
+  E.build_event_store(cohort, tmp_path / "beam", workers=2, engine="beam")  # DirectRunner, 2 processes
+  a, b = tmp_path / "processes", tmp_path / "beam"
+  columns = sorted(p.relative_to(a) for p in (a / "shards").iterdir() if not p.name.endswith(".summary.npz"))
+  assert columns and columns == sorted(p.relative_to(b) for p in (b / "shards").iterdir()
+                                       if not p.name.endswith(".summary.npz"))
+  for name in columns + [pathlib.Path("training_codes.json"), pathlib.Path("value_sketch/values.npy")]:
+    assert (a / name).read_bytes() == (b / name).read_bytes(), name
+  assert pq.read_table(a / "index.parquet").equals(pq.read_table(b / "index.parquet"))
+  stats = lambda p: json.loads((p / E.SOURCE_FILE).read_text())["stats"]  # noqa: E731
+  assert stats(a) == stats(b)
+  with pytest.raises(ValueError, match="engine 'spark', expected one of"):
+    E.build_event_store(cohort, tmp_path / "x", engine="spark")

@@ -13,7 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "biofm_jax"
 LAYERS = {"export_loader": 0, "parallel": 0, "hardware": 0, "config": 1, "data": 2, "models": 3,
           "objectives": 3, "modalities": 4, "train": 5, "eval": 6, "export": 6, "cli": 7, "configs": 7}
 # Imports left inside functions: optional, heavy, and only some commands need them.
-LAZY = ("tensorflow_datasets", "anndata", "jax", "jax.experimental.topologies", "tiledbsoma")
+LAZY = ("tensorflow_datasets", "anndata", "jax", "jax.experimental.topologies", "tiledbsoma", "apache_beam",
+        "apache_beam.options.pipeline_options")
 
 
 def _modules():

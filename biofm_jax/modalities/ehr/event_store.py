@@ -303,11 +303,55 @@ def _file_signature(path: pathlib.Path) -> dict[str, int]:
   return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+ENGINES = ("processes", "beam")
+
+
+def _index_and_save(job: tuple) -> int:
+  """One data file indexed by a worker (a process of the pool, or of a Beam runner); its
+  summary is saved beside its columns for the merge, as arrays and JSON (nothing pickled)."""
+  part = index_file(*job)
+  prefix = pathlib.Path(job[2])
+  if part is None:
+    _write_json(prefix.with_suffix(".summary.json"), {"empty": True})
+    return job[0]
+  arrays = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)
+            if isinstance(getattr(part, f.name), np.ndarray)}
+  np.savez(prefix.with_suffix(".summary.npz"), **arrays)
+  _write_json(prefix.with_suffix(".summary.json"), {"empty": False, "codes": part.codes, "stats": part.stats})
+  return job[0]
+
+
+def _load_part(prefix: pathlib.Path, file: int) -> _FileIndex | None:
+  summary = json.loads(prefix.with_suffix(".summary.json").read_text())
+  if summary["empty"]:
+    return None
+  with np.load(prefix.with_suffix(".summary.npz"), allow_pickle=False) as arrays:
+    return _FileIndex(file=file, codes=summary["codes"], stats=summary["stats"], **{k: arrays[k] for k in arrays.files})
+
+
+def _run_beam(jobs: list[tuple], workers: int, options: Sequence[str]) -> None:
+  """Indexes the files on an Apache Beam runner: locally the DirectRunner with `workers`
+  processes, or whatever `options` name (e.g. --runner=FlinkRunner ...; the output folder
+  must then be one every worker mounts)."""
+  import apache_beam as beam  # the `beam` extra: only this engine needs it
+  from apache_beam.options.pipeline_options import PipelineOptions  # with it
+  args = list(options) or ["--runner=DirectRunner", f"--direct_num_workers={workers}",
+                           "--direct_running_mode=multi_processing" if workers > 1 else "--direct_running_mode=in_memory"]
+  with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
+    _ = (pipeline | "files" >> beam.Create(jobs) | "one per worker" >> beam.Reshuffle()
+         | "index" >> beam.Map(_index_and_save))
+
+
 def build_event_store(meds_root: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1,
                       drop_duplicates: bool = True, fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                      fallback_seed: int = 0) -> pathlib.Path:
+                      fallback_seed: int = 0, engine: str = "processes",
+                      beam_options: Sequence[str] = ()) -> pathlib.Path:
   """Indexes the MEDS dataset at `meds_root` into an event store at `out` (see the module
-  docstring); `workers` data files are read at once, each in its own process."""
+  docstring); `workers` data files are read at once, each in its own process, by a process
+  pool (`engine="processes"`) or an Apache Beam pipeline (`engine="beam"`). Both write the
+  same store."""
+  if engine not in ENGINES:
+    raise ValueError(f"build_event_store: engine {engine!r}, expected one of {ENGINES}")
   root, out = pathlib.Path(meds_root), pathlib.Path(out)
   if (out / SOURCE_FILE).exists():
     raise FileExistsError(f"{out}: an event store is there already; choose a new folder")
@@ -319,11 +363,15 @@ def build_event_store(meds_root: str | os.PathLike, out: str | os.PathLike, *, w
     (staging / "shards").mkdir()
     jobs = [(k, str(path), str(staging / "shards" / str(k)), train_ids, fallback_seed, tuple(fallback_fractions),
              drop_duplicates) for k, path in enumerate(files)]
-    if workers > 1:
+    if engine == "beam":
+      _run_beam(jobs, workers, beam_options)
+    elif workers > 1:
       with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(index_file, *zip(*jobs)))
+        list(pool.map(_index_and_save, jobs))
     else:
-      parts = [index_file(*job) for job in jobs]
+      for job in jobs:
+        _index_and_save(job)
+    parts = [_load_part(staging / "shards" / str(k), k) for k in range(len(files))]
     stats = _write_store(staging, root, files, [p for p in parts if p is not None], split_ids,
                          fallback_fractions, fallback_seed)
     stats["empty_files"] = sum(p is None for p in parts)

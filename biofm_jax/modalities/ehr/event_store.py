@@ -42,6 +42,7 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import pathlib
 from typing import Any, Iterator, Sequence
@@ -366,7 +367,9 @@ def build_event_store(meds_root: str | os.PathLike, out: str | os.PathLike, *, w
     if engine == "beam":
       _run_beam(jobs, workers, beam_options)
     elif workers > 1:
-      with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+      # Workers forked from a fork server, never from this process: it may run JAX's threads.
+      context = multiprocessing.get_context("forkserver")
+      with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         list(pool.map(_index_and_save, jobs))
     else:
       for job in jobs:
@@ -593,12 +596,8 @@ class StoreSource:
     return self._store.read(int(self._positions[i]), self._reader)
 
   def record_until(self, index: int, prediction_time: np.datetime64, *, inclusive: bool = True) -> dict:
-    """As `meds.MEDSSource.record_until`: static rows and events at (or before) the time."""
-    record = self[index]
-    cutoff = np.datetime64(prediction_time, "us")
-    before = record["times"] <= cutoff if inclusive else record["times"] < cutoff
-    keep = np.isnat(record["times"]) | before
-    return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
+    """Record `index` cut at `prediction_time` (`meds.cut_record`, the LabelSchema rule)."""
+    return meds_source.cut_record(self[index], prediction_time, inclusive=inclusive)
 
   def event_counts(self) -> np.ndarray:
     return self._store._rows[self._positions].astype(np.int64)

@@ -327,6 +327,16 @@ STAT_KEYS = (
 
 
 # ---------------------------------------------------------------- public API
+def cut_record(record: dict, prediction_time: np.datetime64, *, inclusive: bool = True) -> dict:
+  """A record cut to what a label at `prediction_time` may use: its static rows and the
+  events at or before that time (`meds.LabelSchema`: "data may be used ... up to and
+  including this time"), or with `inclusive=False` only those strictly before it."""
+  cutoff = np.datetime64(prediction_time, "us")
+  before = record["times"] <= cutoff if inclusive else record["times"] < cutoff
+  keep = np.isnat(record["times"]) | before
+  return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
+
+
 class MEDSSource:
   """The records of one split: a random-access sequence that Grain can index.
 
@@ -354,14 +364,8 @@ class MEDSSource:
     }
 
   def record_until(self, index: int, prediction_time: np.datetime64, *, inclusive: bool = True) -> dict:
-    """Record `index` cut to what a label at `prediction_time` may use: its static rows and
-    the events at or before that time (`meds.LabelSchema`: "data may be used ... up to and
-    including this time"), or with `inclusive=False` only those strictly before it."""
-    record = self[index]
-    cutoff = np.datetime64(prediction_time, "us")
-    before = record["times"] <= cutoff if inclusive else record["times"] < cutoff
-    keep = np.isnat(record["times"]) | before
-    return {**record, **{k: record[k][keep] for k in ("codes", "times", "numeric_values")}}
+    """Record `index` cut at `prediction_time` (`cut_record`)."""
+    return cut_record(self[index], prediction_time, inclusive=inclusive)
 
   def event_counts(self) -> np.ndarray:
     """int64 [subjects]: rows per subject, static ones included."""

@@ -95,9 +95,9 @@ def _peak_gb() -> float:
 
 
 def role_index(meds: str, out: str, workers: int) -> dict:
-  from biofm_jax.modalities.ehr import event_store
+  from biofm_jax.modalities.ehr import event_indexing
   start = time.perf_counter()
-  event_store.build_event_store(meds, out, workers=workers)
+  event_indexing.build_event_store(meds, out, workers=workers)
   return {"seconds": time.perf_counter() - start, "peak_gb": _peak_gb()}
 
 

@@ -47,10 +47,10 @@ def main(argv, overrides):
     cli.fail(f"index_meds takes no config overrides; got {list(overrides)}")
   if FLAGS.workers < 1:
     cli.fail(f"--workers={FLAGS.workers}: expected at least 1")
-  from biofm_jax.modalities.ehr import event_store
+  from biofm_jax.modalities.ehr import event_indexing, event_store
   start = time.perf_counter()
   try:
-    out = event_store.build_event_store(FLAGS.meds, FLAGS.out, workers=FLAGS.workers,
+    out = event_indexing.build_event_store(FLAGS.meds, FLAGS.out, workers=FLAGS.workers,
                                         drop_duplicates=FLAGS.drop_duplicates, engine=FLAGS.engine,
                                         beam_options=FLAGS.beam_option)
   except ImportError as e:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from biofm_jax.modalities.ehr import data as ehr
+from biofm_jax.modalities.ehr import event_indexing as I
 from biofm_jax.modalities.ehr import event_store as E
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.modalities.ehr.synthetic import write_synthetic_meds
@@ -57,7 +58,7 @@ def cohort(tmp_path_factory):
 
 
 def test_the_store_reads_what_the_in_memory_reader_reads(cohort, tmp_path):
-  E.build_event_store(cohort, tmp_path / "store", workers=2, drop_duplicates=False)
+  I.build_event_store(cohort, tmp_path / "store", workers=2, drop_duplicates=False)
   memory, store = MEDSDataset(cohort), E.EventStore(tmp_path / "store")
   assert {k: v for k, v in store.stats.items() if k != "duplicate_rows"} == memory.stats
   assert store.splits.keys() == memory.splits.keys()
@@ -78,14 +79,14 @@ def test_the_store_reads_what_the_in_memory_reader_reads(cohort, tmp_path):
 
 
 def test_duplicates_are_counted_and_dropped(cohort, tmp_path):
-  E.build_event_store(cohort, tmp_path / "store", drop_duplicates=True)
+  I.build_event_store(cohort, tmp_path / "store", drop_duplicates=True)
   store, memory = E.EventStore(tmp_path / "store"), MEDSDataset(cohort)
   assert store.stats["duplicate_rows"] > 0
   assert store.stats["rows"] == memory.stats["rows"] - store.stats["duplicate_rows"]
   source, raw = store.source("train"), memory.source("train")
   for i in range(0, len(source), 17):
     record, full = source[i], raw[i]
-    keep = ~E.duplicate_rows(np.zeros(len(full["codes"]), np.int64), full["times"].view(np.int64),
+    keep = ~I.duplicate_rows(np.zeros(len(full["codes"]), np.int64), full["times"].view(np.int64),
                              np.unique(full["codes"], return_inverse=True)[1].astype(np.int32),
                              full["numeric_values"])
     assert (record["codes"] == full["codes"][keep]).all() and np.array_equal(record["times"].view(np.int64), full["times"][keep].view(np.int64))
@@ -102,7 +103,7 @@ def test_unsorted_files_and_a_subject_in_two_files(tmp_path):
   a = events(subjects[order], times[order], [codes[i] for i in order], values[order])
   b = events([2, 2, 9], np.sort(times[:3]), ["X", "Y", "Z"], [1.0, None, 2.0])  # subject 2 again, in another file
   root = write_meds(tmp_path / "meds", {"a.parquet": a, "b.parquet": b})
-  E.build_event_store(root, tmp_path / "store", drop_duplicates=False)
+  I.build_event_store(root, tmp_path / "store", drop_duplicates=False)
   memory, store = MEDSDataset(root), E.EventStore(tmp_path / "store")
   assert store.stats["unsorted_files"] == memory.stats["unsorted_files"] == 1
   assert store.stats["subjects_in_multiple_files"] == memory.stats["subjects_in_multiple_files"] == 1
@@ -121,37 +122,37 @@ def test_bad_input_gets_the_in_memory_readers_errors(tmp_path):
     with pytest.raises(ValueError) as memory_error:
       MEDSDataset(root)
     with pytest.raises(ValueError) as store_error:
-      E.build_event_store(root, tmp_path / f"{name}_store")
+      I.build_event_store(root, tmp_path / f"{name}_store")
     assert str(store_error.value) == str(memory_error.value), name
     assert not (tmp_path / f"{name}_store").exists()  # nothing half-written
   # A split file naming none of the data's subjects: an error saying so, on both paths.
   splits = pa.table({"subject_id": pa.array([77], pa.int64()), "split": pa.array(["train"])})
   root = write_meds(tmp_path / "other_splits", {"0.parquet": good}, splits)
-  for build in (lambda: MEDSDataset(root), lambda: E.build_event_store(root, tmp_path / "s")):
+  for build in (lambda: MEDSDataset(root), lambda: I.build_event_store(root, tmp_path / "s")):
     with pytest.raises(ValueError, match=r"subject_splits.parquet: names none of the data's 1 subjects"):
       build()
 
 
 def test_a_changed_or_added_file_is_refused_and_a_killed_build_leaves_nothing(tmp_path, monkeypatch):
   root = write_meds(tmp_path / "meds", {"0.parquet": events([1, 2], ["2020-01-01", "2020-01-02"], ["A", "B"])})
-  E.build_event_store(root, tmp_path / "store")
+  I.build_event_store(root, tmp_path / "store")
   with pytest.raises(FileExistsError, match="an event store is there already"):
-    E.build_event_store(root, tmp_path / "store")
+    I.build_event_store(root, tmp_path / "store")
   pq.write_table(events([1, 2, 3], ["2020-01-01"] * 3, ["A", "B", "C"]), root / "data" / "0.parquet")
   with pytest.raises(ValueError, match=r"0\.parquet: changed after the event store .* rebuild the store"):
     E.EventStore(tmp_path / "store")
   pq.write_table(events([4], ["2020-01-01"], ["A"]), root / "data" / "1.parquet")
-  E.build_event_store(root, tmp_path / "store2")
+  I.build_event_store(root, tmp_path / "store2")
   pq.write_table(events([5], ["2020-01-01"], ["A"]), root / "data" / "2.parquet")
   with pytest.raises(ValueError, match=r"1 data file\(s\) added after the event store .* \(e\.g\. 2\.parquet\)"):
     E.EventStore(tmp_path / "store2")
 
   def dies(*args):
     raise KeyboardInterrupt  # a kill while the second file is indexed
-  real = E.index_file
-  monkeypatch.setattr(E, "index_file", lambda file, *rest: real(file, *rest) if file == 0 else dies())
+  real = I.index_file
+  monkeypatch.setattr(I, "index_file", lambda file, *rest: real(file, *rest) if file == 0 else dies())
   with pytest.raises(KeyboardInterrupt):
-    E.build_event_store(root, tmp_path / "killed")
+    I.build_event_store(root, tmp_path / "killed")
   assert not (tmp_path / "killed").exists() and not list(tmp_path.glob(".killed*"))
   with pytest.raises(ValueError, match="not an event store"):
     E.EventStore(tmp_path / "killed")
@@ -166,7 +167,7 @@ def test_value_quantiles_are_exact_for_small_codes_and_within_the_bound_for_larg
   times = np.datetime64("2020-01-01", "us") + np.arange(len(codes)).astype("timedelta64[s]")
   root = write_meds(tmp_path / "meds", {"0.parquet": events(subjects, times, codes, values)},
                     pa.table({"subject_id": pa.array(np.arange(1, 101), pa.int64()), "split": ["train"] * 100}))
-  E.build_event_store(root, tmp_path / "store", workers=1)
+  I.build_event_store(root, tmp_path / "store", workers=1)
   samples = E.EventStore(tmp_path / "store").training_values()
   assert len(samples["BIG"]) == E.SKETCH_SIZE and len(samples["SMALL"]) == 500
   assert sorted(samples["SMALL"].tolist()) == sorted(values[big:].tolist())  # every value: exact quantiles
@@ -205,8 +206,8 @@ def test_ehr_data_reads_an_event_store_and_the_command_builds_one(cohort, tmp_pa
 
 def test_the_beam_engine_writes_the_same_store(cohort, tmp_path):
   pytest.importorskip("apache_beam")
-  E.build_event_store(cohort, tmp_path / "processes", workers=2)
-  E.build_event_store(cohort, tmp_path / "beam", workers=2, engine="beam")  # DirectRunner, 2 processes
+  I.build_event_store(cohort, tmp_path / "processes", workers=2)
+  I.build_event_store(cohort, tmp_path / "beam", workers=2, engine="beam")  # DirectRunner, 2 processes
   a, b = tmp_path / "processes", tmp_path / "beam"
   columns = sorted(p.relative_to(a) for p in (a / "shards").iterdir() if not p.name.endswith(".summary.npz"))
   assert columns and columns == sorted(p.relative_to(b) for p in (b / "shards").iterdir()
@@ -217,4 +218,4 @@ def test_the_beam_engine_writes_the_same_store(cohort, tmp_path):
   stats = lambda p: json.loads((p / E.SOURCE_FILE).read_text())["stats"]  # noqa: E731
   assert stats(a) == stats(b)
   with pytest.raises(ValueError, match="engine 'spark', expected one of"):
-    E.build_event_store(cohort, tmp_path / "x", engine="spark")
+    I.build_event_store(cohort, tmp_path / "x", engine="spark")

@@ -1,10 +1,10 @@
-"""The EHR modality's data module: vocabulary, tokenisation, masking and `EHRData`.
+"""The EHR modality's data module: tokenisation, masking and `EHRData`.
 
 This module owns how one MEDS subject record (see `meds.py`) becomes the
 fixed-shape arrays named in `batch.py`:
 
-* `EHRVocab`: code -> token id and per-code quantile edges for numeric values, built once
-  from the training split and saved as a JSON artifact beside the checkpoint.
+* `EHRVocab` (in `vocab.py`, re-exported here): code -> token id and per-code quantile
+  edges for numeric values, built once from the training split, saved as JSON.
 * `TokenizeEHR`: a Grain `Map` from a record to `batch.EHR_INPUT_FIELDS` (CLS first, a
   window of at most `max_len - 1` events, padding with an explicit mask).
 * `MaskEHR`: a Grain `RandomMap` adding BERT-style masked-modelling targets.
@@ -12,9 +12,6 @@ fixed-shape arrays named in `batch.py`:
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
-import functools
 import logging
 import os
 from pathlib import Path
@@ -24,142 +21,26 @@ import grain
 import meds
 import numpy as np
 
-from biofm_jax.data import artifacts, batch, packing, pipeline
+from biofm_jax.data import batch, packing, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
+from biofm_jax.modalities.ehr.vocab import (  # noqa: F401  (re-exported: ehr.EHRVocab, ehr.VOCAB_FILENAME, ...)
+    VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, EHRVocab)
 from biofm_jax.modalities.ehr import synthetic as synthetic
-from biofm_jax.modalities.ehr import event_store
+from biofm_jax.modalities.ehr import event_indexing, event_store
 from biofm_jax.modalities.ehr import meds as meds_source
 from biofm_jax.modalities.ehr.windows import TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage
 
 BIRTH_CODE = meds.birth_code
-VOCAB_FORMAT = "biofm_jax.ehr_vocab"
-VOCAB_FORMAT_VERSION = 1
-VOCAB_FILENAME = "ehr_vocab.json"
 EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
 UNK_SAMPLE_SUBJECTS = 2000  # tuning subjects the summary's [UNK] rate is measured on
-_VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-                 "special_tokens": list(batch.SPECIAL_TOKENS)}
 WINDOWS = ("recent", "earliest")
 OBJECTIVES = ("masked", "autoregressive")
 _DAYS_PER_YEAR = 365.25
 _RECORD_FIELDS = ("codes", "times", "numeric_values")
 
 log = logging.getLogger(__name__)
-
-
-# ================================================================ vocabulary
-@dataclasses.dataclass(frozen=True)
-class EHRVocab:
-  """Codes seen at least `min_count` times in training, and their value-bin edges."""
-  codes: tuple[str, ...]  # token id = len(batch.SPECIAL_TOKENS) + index
-  value_bin_edges: dict[str, tuple[float, ...]]  # only codes with training values
-  num_value_bins: int
-  min_count: int
-  num_rare_codes: int = 0  # distinct training codes below min_count (they map to UNK)
-
-  @classmethod
-  def build(cls, records: Iterable[Mapping[str, Any]], *, min_count: int,
-            num_value_bins: int) -> EHRVocab:
-    """Counts codes and collects numeric values over `records` (the training split)."""
-    if min_count < 1 or num_value_bins < 1:
-      raise ValueError(f"EHRVocab.build: min_count ({min_count}) and num_value_bins "
-                       f"({num_value_bins}) must be >= 1")
-    counts: collections.Counter[str] = collections.Counter()
-    valued_codes, valued_values = [], []
-    for record in records:
-      codes = np.asarray(record["codes"], dtype=object)
-      values = np.asarray(record["numeric_values"], dtype=np.float32)
-      unique, n = np.unique(codes, return_counts=True)
-      counts.update(dict(zip(unique.tolist(), n.tolist())))
-      has_value = np.isfinite(values)  # NaN means "no value"; inf would break quantiles
-      valued_codes.append(codes[has_value])
-      valued_values.append(values[has_value])
-    return cls.from_counts(counts, _values_by_code(valued_codes, valued_values), min_count=min_count,
-                           num_value_bins=num_value_bins)
-
-  @classmethod
-  def from_counts(cls, counts: Mapping[str, int], values: Mapping[str, np.ndarray], *, min_count: int,
-                  num_value_bins: int) -> EHRVocab:
-    """From training code counts and each code's finite training values (all of them, or a
-    uniform sample: an event store's, `event_store.py`)."""
-    if min_count < 1 or num_value_bins < 1:
-      raise ValueError(f"EHRVocab.build: min_count ({min_count}) and num_value_bins "
-                       f"({num_value_bins}) must be >= 1")
-    counts = {c: n for c, n in counts.items() if n > 0}
-    kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
-    qs = np.linspace(0.0, 1.0, num_value_bins + 1)[1:-1]
-    edges = {c: tuple(float(x) for x in np.quantile(np.asarray(values[c], np.float64), qs))
-             for c in sorted(set(kept) & set(values)) if len(values[c])}
-    return cls(codes=tuple(kept), value_bin_edges=edges, num_value_bins=num_value_bins,
-               min_count=min_count, num_rare_codes=len(counts) - len(kept))
-
-  @property
-  def size(self) -> int:
-    return batch.NUM_SPECIAL + len(self.codes)
-
-  @functools.cached_property
-  def _ids(self) -> dict[str, int]:
-    return {code: batch.NUM_SPECIAL + i for i, code in enumerate(self.codes)}
-
-  @functools.cached_property
-  def _edge_arrays(self) -> dict[str, np.ndarray]:
-    return {c: np.asarray(e, dtype=np.float64) for c, e in self.value_bin_edges.items()}
-
-  def code_ids(self, codes: np.ndarray) -> np.ndarray:
-    """int32 token ids; UNK_ID for codes not in the vocabulary."""
-    ids = self._ids
-    return np.fromiter((ids.get(c, batch.UNK_ID) for c in codes), dtype=np.int32,
-                       count=len(codes))
-
-  def value_bins(self, codes: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """int32 bins 1..num_value_bins; NO_VALUE_BIN where NaN or the code has no edges."""
-    values = np.asarray(values, dtype=np.float64)
-    bins = np.full(len(values), batch.NO_VALUE_BIN, dtype=np.int32)
-    has_value = ~np.isnan(values)
-    if not has_value.any():
-      return bins
-    codes = np.asarray(codes, dtype=object)
-    for code in np.unique(codes[has_value]).tolist():
-      edges = self._edge_arrays.get(code)
-      if edges is None:
-        continue
-      at = has_value & (codes == code)
-      bins[at] = 1 + np.searchsorted(edges, values[at], side="right")
-    return bins
-
-  def save(self, path: str | os.PathLike) -> None:
-    """Writes human-readable JSON atomically (`data/artifacts.py`)."""
-    artifacts.write_json(path, _VOCAB_HEADER, {
-        "min_count": self.min_count, "num_value_bins": self.num_value_bins, "num_rare_codes": self.num_rare_codes,
-        "codes": list(self.codes), "value_bin_edges": {c: list(e) for c, e in self.value_bin_edges.items()}})
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> EHRVocab:
-    payload = artifacts.read_json(path, _VOCAB_HEADER, "EHR vocabulary")
-    try:
-      return cls(codes=tuple(payload["codes"]),
-                 value_bin_edges={c: tuple(float(x) for x in e)
-                                  for c, e in payload["value_bin_edges"].items()},
-                 num_value_bins=int(payload["num_value_bins"]),
-                 min_count=int(payload["min_count"]),
-                 num_rare_codes=int(payload.get("num_rare_codes", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"EHR vocabulary {path}: missing or malformed field ({e!r})") from e
-
-
-def _values_by_code(code_chunks: list[np.ndarray], value_chunks: list[np.ndarray]) -> dict[str, np.ndarray]:
-  """Each code's values, grouped with one sort instead of a Python dict of lists."""
-  codes = np.concatenate(code_chunks) if code_chunks else np.empty(0, object)
-  if not len(codes):
-    return {}
-  values = np.concatenate(value_chunks).astype(np.float64)
-  order = np.argsort(codes, kind="stable")
-  codes, values = codes[order], values[order]
-  starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-  ends = np.r_[starts[1:], len(codes)]
-  return {codes[s]: values[s:e] for s, e in zip(starts.tolist(), ends.tolist())}
 
 
 # ================================================================ tokenisation
@@ -440,7 +321,7 @@ def open_dataset(root: Path, store: str, artifacts_dir: Path):
   path = artifacts_dir / EVENT_STORE_DIR if store == "auto" else Path(store)
   if store == "auto" and not (path / event_store.SOURCE_FILE).exists():
     log.info("EHR: indexing %s into the event store %s", root, path)
-    event_store.build_event_store(root, path)
+    event_indexing.build_event_store(root, path)
   dataset = event_store.EventStore(path)
   if dataset.root.resolve() != root.resolve():
     raise ValueError(f"config.data.ehr.event_store={store!r}: the store at {path} indexes {dataset.root}, "

@@ -299,8 +299,7 @@ def read_split_file(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def check_split_file_matches(path: pathlib.Path, listed_with_events: int, subjects: int) -> None:
-  """A split file that names none of the data's subjects belongs to another dataset."""
-  if subjects and not listed_with_events:
+  if subjects and not listed_with_events:  # the split file of another dataset
     raise ValueError(f"{path}: names none of the data's {subjects} subjects; is it this dataset's "
                      "split file? (remove it to split subjects by a hash of their id)")
 

@@ -207,10 +207,8 @@ class EHRData:
     if not self.pack:
       return pipeline.make_train_dataset(self.training_source(), self.transforms(train=True),
                                          global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
-    tokenize, *rest = self.transforms(train=True)
-    rest = [t for t in rest if not isinstance(t, packing.OneSegment)]
-    return pipeline.make_train_dataset(self.packed_training_source(),
-                                       [packing.PackTokenized(tokenize, self.max_len), *rest],
+    packed = [packing.PackTokenized(self._tokenize(), self.max_len), *self._masking(), KeyByModality(self.name)]
+    return pipeline.make_train_dataset(self.packed_training_source(), packed,
                                        global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
 
   def packed_training_source(self) -> packing.PackedSource:
@@ -233,10 +231,16 @@ class EHRData:
     `mask=False` leaves out the masking (embedding extraction). With `pack`, examples are
     one-segment rows so they match the packed training batches' spec."""
     del train
-    tokenize = TokenizeEHR(self.vocab, self.max_len, self.window)
-    segments = [packing.OneSegment()] if self.pack and mask else []  # embeddings need no segment ids
-    masking = [MaskEHR(self.vocab.size, self.mask_rate)] if mask and self.objective == "masked" else []
-    return [tokenize, *segments, *masking, KeyByModality(self.name)]
+    if not mask:  # embeddings: no targets and no segment ids
+      return [self._tokenize(), KeyByModality(self.name)]
+    segments = [packing.OneSegment()] if self.pack else []
+    return [self._tokenize(), *segments, *self._masking(), KeyByModality(self.name)]
+
+  def _tokenize(self) -> TokenizeEHR:
+    return TokenizeEHR(self.vocab, self.max_len, self.window)
+
+  def _masking(self) -> list:
+    return [MaskEHR(self.vocab.size, self.mask_rate)] if self.objective == "masked" else []
 
   def example_spec(self) -> dict:
     return {self.name: training_example_spec(self.max_len, self.objective, self.pack)}

@@ -37,7 +37,8 @@ def test_a_config_error_is_one_line_and_exit_status_2(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["configs/ehr_bert.py:tiny", "configs/ehr_bert.py:demo",
-                                  "configs/ehr_bert.py:base", "configs/ehr_gpt.py:tiny"])
+                                  "configs/ehr_bert.py:base", "configs/ehr_gpt.py:tiny",
+                                  "configs/ehr_motor.py:base"])
 def test_presets_load_and_are_locked(spec):
   config = load_config(str(helpers.REPO / spec))
   with pytest.raises(AttributeError, match="does not exist"):

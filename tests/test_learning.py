@@ -1,5 +1,5 @@
 """Learning: on a synthetic cohort with planted structure, the tiny models beat the
-context-free unigram baseline on the held-out (tuning) split by a wide margin."""
+context-free baseline on the held-out (tuning) split (unigram codes, marginal hazards)."""
 import pytest
 
 import helpers
@@ -12,17 +12,30 @@ def cohort(tmp_path_factory):
   return write_synthetic_meds(tmp_path_factory.mktemp("learning") / "cohort", num_subjects=600, seed=1)
 
 
-@pytest.mark.parametrize("spec, max_ratio", [("configs/ehr_bert.py:tiny", 0.8), ("configs/ehr_gpt.py:tiny", 0.6)])
-def test_held_out_loss_falls_well_below_the_unigram_baseline(spec, max_ratio, cohort, tmp_path):
-  config = helpers.config_for(spec, data__ehr__path=str(cohort), train__num_steps=300, train__eval_every=100,
-                              train__eval_batches=0, train__log_every=25, checkpoint__every_steps=1000)
+# Time to event: the marginal hazards are a strong baseline on this cohort (a subject's
+# history says less about when each code recurs than about which codes it has: two rates
+# per code and bin, seen before or not, are only 1.9% below them); the tiny model, wider
+# and for 600 steps, is 1.3% below (1.523 vs 1.543).
+MOTOR_RUN = dict(train__num_steps=600, train__eval_every=200, train__learning_rate=3e-3, model__embed_dim=64)
+
+
+@pytest.mark.parametrize("spec, term, baseline_name, max_ratio, train_ratio, run", [
+    ("configs/ehr_bert.py:tiny", "code_loss", "unigram_code_loss", 0.8, 0.8, {}),
+    ("configs/ehr_gpt.py:tiny", "code_loss", "unigram_code_loss", 0.6, 0.8, {}),
+    ("configs/ehr_motor.py:tiny", "tte_loss", "marginal_hazard_tte_loss", 0.992, None, MOTOR_RUN)])
+def test_held_out_loss_falls_below_the_context_free_baseline(spec, term, baseline_name, max_ratio, train_ratio, run,
+                                                             cohort, tmp_path):
+  settings = dict(train__num_steps=300, train__eval_every=100, train__eval_batches=0, train__log_every=25,
+                  checkpoint__every_steps=1000)
+  config = helpers.config_for(spec, data__ehr__path=str(cohort), **{**settings, **run})
   summary = helpers.train(config, tmp_path)
-  baseline = summary["baseline/unigram_code_loss"]
-  evals = [r["eval/code_loss"] for r in read_metrics(tmp_path) if "eval/code_loss" in r]
-  print(f"{spec}: held-out code loss by evaluation {evals}, unigram baseline {baseline:.3f}")
+  baseline = summary[f"baseline/{baseline_name}"]
+  evals = [r[f"eval/{term}"] for r in read_metrics(tmp_path) if f"eval/{term}" in r]
+  print(f"{spec}: held-out {term} by evaluation {evals}, baseline {baseline:.3f}")
   assert len(evals) == 3
   assert evals[-1] < max_ratio * baseline
   assert evals[-1] < evals[0]
   train = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
-  assert train[-1] < 0.8 * train[0]
+  if train_ratio is not None:  # batches of 16 packed rows give time to event too noisy a training loss
+    assert train[-1] < train_ratio * train[0]
   assert "eval/loss" in read_metrics(tmp_path)[-1]

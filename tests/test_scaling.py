@@ -14,7 +14,7 @@ from biofm_jax.train.aot import size_training
 
 @pytest.mark.parametrize("spec, low, high", [
     ("ehr_bert.py:large", 0.25e9, 0.4e9), ("ehr_bert.py:1b", 1.0e9, 1.5e9), ("ehr_bert.py:7b", 6.0e9, 7.0e9),
-    ("ehr_gpt.py:1b", 1.0e9, 1.5e9), ("imaging_mae.py:large", 0.3e9, 0.4e9), ("imaging_mae3d.py:1b", 1.0e9, 1.5e9),
+    ("ehr_gpt.py:1b", 1.0e9, 1.5e9), ("ehr_motor.py:large", 0.3e9, 0.4e9), ("imaging_mae.py:large", 0.3e9, 0.4e9), ("imaging_mae3d.py:1b", 1.0e9, 1.5e9),
     ("imaging_mae.py:7b", 6.0e9, 7.0e9), ("omics_sequence.py:1b", 1.0e9, 1.5e9)])
 def test_size_presets_have_the_parameters_they_promise(spec, low, high):
   sizing = size_training(helpers.config_for(f"configs/{spec}"), compile=False)

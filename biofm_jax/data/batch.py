@@ -49,6 +49,17 @@ EHR_TARGET_CODES = "target_codes"  # int32 original code ids
 EHR_TARGET_VALUE_BINS = "target_value_bins"  # int32 original value bins
 EHR_TARGET_MASK = "target_mask"  # bool: positions that were masked and enter the loss
 
+# Time-to-event targets (`objectives/time_to_event.py`), added by the EHR time-to-event
+# transform. Per token, [length]:
+TTE_PREDICT = "tte_predict"  # bool: the token is a prediction point
+TTE_FOLLOWUP_DAYS = "tte_followup_days"  # float32: days a point's follow-up lasts (every task
+#                                          without an event is censored there)
+# A list of first occurrences, [tte_events] (`packing.TTE_EVENTS` packs it by its mask):
+TTE_EVENT_POS = "tte_event_pos"  # int32: the prediction point's token position
+TTE_EVENT_TASK = "tte_event_task"  # int32: the task (0..K-1)
+TTE_EVENT_DAYS = "tte_event_days"  # float32: days from the point to the task's first occurrence (> 0)
+TTE_EVENT_MASK = "tte_event_mask"  # bool: a real entry
+
 EHR_INPUT_FIELDS = (EHR_CODES, EHR_VALUE_BINS, EHR_AGE, EHR_AGE_KNOWN, EHR_TIME,
                     EHR_TIME_KNOWN, EHR_MASK)
 EHR_TARGET_FIELDS = (EHR_TARGET_CODES, EHR_TARGET_VALUE_BINS, EHR_TARGET_MASK)
@@ -65,6 +76,13 @@ def ehr_example_spec(max_len: int, with_targets: bool) -> dict[str, tuple[tuple[
   """Shape and dtype of one EHR example (no batch axis)."""
   fields = EHR_INPUT_FIELDS + (EHR_TARGET_FIELDS if with_targets else ())
   return {name: ((max_len,), EHR_DTYPES[name]) for name in fields}
+
+
+def tte_example_spec(max_len: int, events: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  """The time-to-event target fields of one example: per token, and `events` list entries."""
+  return {TTE_PREDICT: ((max_len,), np.bool_), TTE_FOLLOWUP_DAYS: ((max_len,), np.float32),
+          TTE_EVENT_POS: ((events,), np.int32), TTE_EVENT_TASK: ((events,), np.int32),
+          TTE_EVENT_DAYS: ((events,), np.float32), TTE_EVENT_MASK: ((events,), np.bool_)}
 
 
 def check_example(example: Mapping[str, np.ndarray],

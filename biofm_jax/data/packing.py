@@ -92,25 +92,50 @@ class PackedSource:
     return f"PackedSource(rows={len(self)}, examples={len(self.lengths)}, max_len={self.max_len})"
 
 
+# Per-example lists that are not per token (their own length): the mask field that marks
+# real entries -> (the list's fields, those of them holding token positions). A packed row
+# holds its examples' real entries end to end, positions moved to the example's place in
+# the row; examples size their lists so that a full row's fit (`tte_events`).
+LISTS = {batch.TTE_EVENT_MASK: ((batch.TTE_EVENT_POS, batch.TTE_EVENT_TASK, batch.TTE_EVENT_DAYS),
+                                (batch.TTE_EVENT_POS,))}
+
+
 def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], max_len: int,
                   mask_field: str = batch.TOKEN_MASK) -> dict[str, np.ndarray]:
-  """Tokenised examples (every field [max_len], real tokens first as `mask_field` says)
-  -> one row: their real tokens end to end, then zeros, plus SEGMENT_IDS."""
+  """Tokenised examples (every field [max_len], real tokens first as `mask_field` says, plus
+  any `LISTS`) -> one row: their real tokens end to end, then zeros, plus SEGMENT_IDS."""
   if not examples:
     raise ValueError("pack_examples: no examples to pack")
   counts = [int(np.count_nonzero(e[mask_field])) for e in examples]
   if sum(counts) > max_len:
     raise ValueError(f"pack_examples: {sum(counts)} tokens do not fit a row of {max_len}")
   out = {name: np.zeros_like(value) for name, value in examples[0].items()}
+  listed = {f for mask, (fields, _) in LISTS.items() if mask in out for f in (mask, *fields)}
   segments = np.zeros(max_len, np.int32)
   at = 0
   for segment, (example, n) in enumerate(zip(examples, counts), start=1):
     for name, value in example.items():
-      out[name][at: at + n] = value[:n]
+      if name not in listed:
+        out[name][at: at + n] = value[:n]
     segments[at: at + n] = segment
     at += n
   out[batch.SEGMENT_IDS] = segments
+  for mask, (fields, positions) in LISTS.items():
+    if mask in out:
+      _pack_list(out, examples, counts, mask, fields, positions)
   return out
+
+
+def _pack_list(out, examples, counts, mask, fields, positions) -> None:
+  capacity, filled, start = len(out[mask]), 0, 0
+  for example, n in zip(examples, counts):
+    real = np.flatnonzero(example[mask])
+    if filled + len(real) > capacity:
+      raise ValueError(f"pack_examples: {mask} entries of the row exceed its {capacity} slots")
+    for name in fields:
+      out[name][filled: filled + len(real)] = example[name][real] + (start if name in positions else 0)
+    out[mask][filled: filled + len(real)] = True
+    filled, start = filled + len(real), start + n
 
 
 class PackTokenized(grain.transforms.Map):

@@ -34,8 +34,8 @@ from biofm_jax.modalities.ecg import data as ecg_data
 from biofm_jax.modalities.ecg import model as ecg_model
 from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ehr import data as ehr_data
+from biofm_jax.modalities.ehr import model as ehr_model
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
-from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.modalities.imaging import data as imaging_data
 from biofm_jax.modalities.imaging import model as imaging_model
 from biofm_jax.modalities.imaging.mae import MaskedAutoencoding
@@ -52,6 +52,7 @@ from biofm_jax.objectives import Objective
 from biofm_jax.objectives.autoregressive import NextEventModelling
 from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
 from biofm_jax.objectives.masked import MaskedCodeModelling
+from biofm_jax.objectives.time_to_event import TimeToEventModelling, check_bin_starts
 from biofm_jax.objectives.multimodal import build_multimodal_objective
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,28 @@ def _next_event(cfg, modality, info) -> Objective:
   return NextEventModelling(modality=modality)
 
 
-def _token_model(name: str, encoder=None):
+def _time_to_event(cfg, modality, info) -> Objective:
+  if "tte_tasks" not in info:
+    raise ValueError(f"objective.name='time_to_event': the {modality} data has no time-to-event targets")
+  return TimeToEventModelling(modality=modality, num_tasks=int(info["tte_tasks"]), points=int(info["tte_points"]),
+                              bin_starts=check_bin_starts(cfg.get("time_bins_days", (0.0,))))
+
+
+def _token_model(name: str):
   def build(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> TokenModality:
     del config
-    extra = {} if encoder is None else {"encoder": encoder}
     return TokenModality(name, vocab_size=info["vocab_size"], num_value_bins=info["num_value_bins"],
-                         max_len=info["max_len"], **extra)
+                         max_len=info["max_len"])
   return build
 
 
 def _ehr_sizing(cfg, objective: str, vocab_size: int):
-  spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)))
-  return (spec, B.ehr_example_spec(cfg.max_len, with_targets=False),
-          {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len})
+  tte = {k: int(cfg.get(f"tte_{k}", default)) for k, default in ehr_data.tte_targets.DEFAULTS.items()}
+  spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)), tte["events"])
+  info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
+  if objective == "time_to_event":
+    info.update(tte_tasks=min(tte["tasks"], vocab_size - B.NUM_SPECIAL), tte_points=tte["points"])
+  return spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info
 
 
 def _sequence_sizing(cfg, objective: str, vocab_size: int):
@@ -120,8 +130,9 @@ def _imaging_sizing(cfg, objective: str, vocab_size: int):
 
 # ---------------------------------------------------------------- the table
 MODALITIES: dict[str, Modality] = {m.name: m for m in (
-    Modality("ehr", ehr_data.EHRData.from_config, _token_model("ehr", EHREncoder),
-             {"masked": _masked, "autoregressive": _next_event}, sizing=_ehr_sizing,
+    Modality("ehr", ehr_data.EHRData.from_config, ehr_model.model_modality,
+             {"masked": _masked, "autoregressive": _next_event, "time_to_event": _time_to_event},
+             sizing=_ehr_sizing,
              reference_losses=ehr_unigram.reference_losses),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": lambda cfg, modality, info: MaskedAutoencoding(norm_pix_loss=cfg.norm_pix_loss)},

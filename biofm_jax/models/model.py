@@ -22,6 +22,7 @@ from biofm_jax.models.fusion import build_multimodal_model
 from biofm_jax.models.layers import TransformerConfig, transformer_config
 from biofm_jax.models.modalities import encoder_flops
 from biofm_jax.models.transformer import TransformerStack
+from biofm_jax.objectives.base import CAUSAL
 
 
 class SingleModalityModel(nn.Module):
@@ -50,7 +51,7 @@ class SingleModalityModel(nn.Module):
 
 def build_single_modality_model(config: ml_collections.ConfigDict, modality: Any) -> SingleModalityModel:
   cfg = transformer_config(config.model, max_len=modality.num_tokens(),
-                           causal=config.objective.name == "autoregressive")
+                           causal=config.objective.name in CAUSAL)
   return SingleModalityModel(cfg, modality)
 
 

@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import optax
 
 
+# Objectives whose targets lie after the position that predicts them: the stack must be causal.
+CAUSAL = ("autoregressive", "time_to_event")
+
+
 class Objective(Protocol):
   name: str
   loss_weights: Mapping[str, float]  # the terms that form the training loss, and their weights

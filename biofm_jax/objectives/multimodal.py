@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from biofm_jax.objectives.base import Objective
+from biofm_jax.objectives.base import CAUSAL, Objective
 from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
 
 CONTRASTIVE = "contrastive"
@@ -54,8 +54,8 @@ def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build
       raise ValueError(f"objective.{modality} is missing: the multimodal objective needs a section per "
                        f"modality ({sorted(info)}), with its objective's name and weight")
     section = cfg[modality]
-    if section.name == "autoregressive":
-      raise ValueError(f"objective.{modality}.name: 'autoregressive' needs a causal model; the multimodal "
+    if section.name in CAUSAL:
+      raise ValueError(f"objective.{modality}.name: {section.name!r} needs a causal model; the multimodal "
                        f"towers and fusion are bidirectional: use 'masked'")
     parts.append((modality, build_one(section, modality, info[modality]), float(section.get("weight", 1.0))))
   contrastive = None

@@ -30,13 +30,14 @@ from biofm_jax.modalities.ehr.vocab import (  # noqa: F401  (re-exported: ehr.EH
 from biofm_jax.modalities.ehr import synthetic as synthetic
 from biofm_jax.modalities.ehr import event_indexing, event_store
 from biofm_jax.modalities.ehr import meds as meds_source
+from biofm_jax.modalities.ehr import time_to_event as tte_targets
 from biofm_jax.modalities.ehr.windows import TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage
 
 BIRTH_CODE = meds.birth_code
 EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
 UNK_SAMPLE_SUBJECTS = 2000  # tuning subjects the summary's [UNK] rate is measured on
 WINDOWS = ("recent", "earliest")
-OBJECTIVES = ("masked", "autoregressive")
+OBJECTIVES = ("masked", "autoregressive", "time_to_event")
 _DAYS_PER_YEAR = 365.25
 _RECORD_FIELDS = ("codes", "times", "numeric_values")
 
@@ -86,6 +87,10 @@ class TokenizeEHR(grain.transforms.Map):
     self.vocab, self.max_len, self.window = vocab, max_len, window
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return self.encode(record)[0]
+
+  def encode(self, record: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(the example, the times of its events in token order: token i + 1 is event i)."""
     codes, times, values = _check_record(record)
     # From the whole record (a training window carries its record's): the window may cut it.
     birth = record.get("birth_time", birth_time(codes, times))
@@ -111,7 +116,7 @@ class TokenizeEHR(grain.transforms.Map):
         ages = (times[timed] - birth).astype(np.int64) / (US_PER_DAY * _DAYS_PER_YEAR)
         out[batch.EHR_AGE][events][timed] = ages
         out[batch.EHR_AGE_KNOWN][events] = timed
-    return out
+    return out, times
 
 
 # ================================================================ masking
@@ -139,10 +144,12 @@ class MaskEHR(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
-def training_example_spec(max_len: int, objective: str, pack: bool) -> dict:
-  """The fields of a training (and evaluation) example: targets for masked modelling,
-  segment ids when rows are packed."""
+def training_example_spec(max_len: int, objective: str, pack: bool, tte_events: int = 0) -> dict:
+  """The fields of a training (and evaluation) example: targets for masked modelling or
+  time to event, segment ids when rows are packed."""
   spec = batch.ehr_example_spec(max_len, with_targets=objective == "masked")
+  if objective == "time_to_event":
+    spec.update(batch.tte_example_spec(max_len, tte_events))
   if pack:
     spec[batch.SEGMENT_IDS] = ((max_len,), np.int32)
   return spec
@@ -154,7 +161,7 @@ class EHRData:
 
   def __init__(self, dataset: Any, vocab: EHRVocab, *, max_len: int, window: str,
                mask_rate: float, objective: str, train_windows: str = "one", window_overlap: float = 0.0,
-               pack: bool = False):
+               pack: bool = False, tte: Mapping[str, int] | None = None):
     if objective not in OBJECTIVES:
       raise ValueError(f"EHRData: objective {objective!r}, expected one of {OBJECTIVES}")
     if train_windows not in TRAIN_WINDOWS:
@@ -164,6 +171,9 @@ class EHRData:
                                                                  mask_rate, objective)
     self.train_windows, self.window_overlap = train_windows, float(window_overlap)
     self.pack = bool(pack)  # several training windows per row (`data/packing.py`)
+    # time_to_event: {"tasks": K, "points": per row, "events": per row} (`time_to_event.py`)
+    self.tte = {**tte_targets.DEFAULTS, **(tte or {})}
+    self.tte_codes = tte_targets.task_codes(vocab, self.tte["tasks"]) if objective == "time_to_event" else []
     self._summary: dict[str, int] | None = None
     self._windows = None
     self._packed: packing.PackedSource | None = None
@@ -181,9 +191,13 @@ class EHRData:
                                  min_count=cfg.min_code_count,
                                  num_value_bins=cfg.num_value_bins)
     # Runs saved before training windows existed trained on one window per subject.
-    return cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
-               objective=objective, train_windows=cfg.get("train_windows", "one"),
-               window_overlap=cfg.get("window_overlap", 0.0), pack=cfg.get("pack", False))
+    module = cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
+                 objective=objective, train_windows=cfg.get("train_windows", "one"),
+                 window_overlap=cfg.get("window_overlap", 0.0), pack=cfg.get("pack", False),
+                 tte={k: int(cfg.get(f"tte_{k}", default)) for k, default in tte_targets.DEFAULTS.items()})
+    if module.tte_codes:
+      tte_targets.save_or_check_tasks(artifacts_dir / tte_targets.TASKS_FILENAME, module.tte_codes)
+    return module
 
   def source(self, split: str):
     """One record per subject of `split` (evaluation, embeddings, joins)."""
@@ -207,7 +221,7 @@ class EHRData:
     if not self.pack:
       return pipeline.make_train_dataset(self.training_source(), self.transforms(train=True),
                                          global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
-    packed = [packing.PackTokenized(self._tokenize(), self.max_len), *self._masking(), KeyByModality(self.name)]
+    packed = [packing.PackTokenized(self._with_targets(), self.max_len), *self._masking(), KeyByModality(self.name)]
     return pipeline.make_train_dataset(self.packed_training_source(), packed,
                                        global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
 
@@ -234,23 +248,32 @@ class EHRData:
     if not mask:  # embeddings: no targets and no segment ids
       return [self._tokenize(), KeyByModality(self.name)]
     segments = [packing.OneSegment()] if self.pack else []
-    return [self._tokenize(), *segments, *self._masking(), KeyByModality(self.name)]
+    return [self._with_targets(), *segments, *self._masking(), KeyByModality(self.name)]
 
   def _tokenize(self) -> TokenizeEHR:
     return TokenizeEHR(self.vocab, self.max_len, self.window)
+
+  def _with_targets(self):
+    """The tokeniser, with time-to-event targets when the objective wants them."""
+    if self.objective != "time_to_event":
+      return self._tokenize()
+    return tte_targets.TimeToEventTargets.for_vocab(self._tokenize(), self.vocab, self.tte_codes,
+                                            points=self.tte["points"], events=self.tte["events"])
 
   def _masking(self) -> list:
     return [MaskEHR(self.vocab.size, self.mask_rate)] if self.objective == "masked" else []
 
   def example_spec(self) -> dict:
-    return {self.name: training_example_spec(self.max_len, self.objective, self.pack)}
+    return {self.name: training_example_spec(self.max_len, self.objective, self.pack, self.tte.get("events", 0))}
 
   def embedding_spec(self) -> dict:
     return {self.name: batch.ehr_example_spec(self.max_len, with_targets=False)}
 
   def model_info(self) -> dict[str, dict[str, int]]:
-    return {self.name: {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins,
-                        "max_len": self.max_len}}
+    info = {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins, "max_len": self.max_len}
+    if self.tte_codes:
+      info.update(tte_tasks=len(self.tte_codes), tte_points=self.tte["points"])
+    return {self.name: info}
 
   def summary(self) -> dict[str, int | float]:
     """Counts for the logs; reads the train and tuning splits once, then cached."""

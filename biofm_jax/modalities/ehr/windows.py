@@ -13,7 +13,8 @@ function of the data, so global batch k depends only on the seed (the pipeline s
 the windows every epoch). Evaluation keeps one deterministic window per subject.
 
 A window is read as its subject's record cut to the static rows plus its events; the
-record's birth time travels with it (`birth_time`), so ages stay known in later windows.
+record's birth time travels with it (`birth_time`), so ages stay known in later windows,
+and so do the events after it (`future_codes`, `future_times`), which only targets read.
 """
 from __future__ import annotations
 
@@ -96,8 +97,11 @@ class WindowSource:
     rows = np.concatenate([np.arange(static), np.arange(first, first + int(self.lengths[w]))])
     codes, times = record["codes"], record["times"]
     birth = birth_time(codes, times)
+    after = slice(first + int(self.lengths[w]), None)
     return {**record, "codes": codes[rows], "times": times[rows], "numeric_values": record["numeric_values"][rows],
-            "birth_time": np.datetime64("NaT", "us") if birth is None else birth}
+            "birth_time": np.datetime64("NaT", "us") if birth is None else birth,
+            # What follows the window: the future that time-to-event targets look into.
+            "future_codes": codes[after], "future_times": times[after]}
 
   def __repr__(self) -> str:
     return f"WindowSource(windows={len(self)}, subjects={len(np.unique(self.subjects))})"

@@ -49,7 +49,7 @@ from biofm_jax.modalities.tabular.masked_features import MaskedFeatureModelling
 from biofm_jax.models import model as model_lib
 from biofm_jax.models.modalities import TokenModality
 from biofm_jax.objectives import Objective
-from biofm_jax.objectives.autoregressive import NextEventModelling
+from biofm_jax.objectives.autoregressive import NextEventModelling, check_gap_edges
 from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
 from biofm_jax.objectives.masked import MaskedCodeModelling
 from biofm_jax.objectives.time_to_event import TimeToEventModelling, check_bin_starts
@@ -86,8 +86,9 @@ def _masked(cfg, modality, info) -> Objective:
 
 
 def _next_event(cfg, modality, info) -> Objective:
-  del cfg, info
-  return NextEventModelling(modality=modality)
+  del info
+  return NextEventModelling(modality=modality, gap_edges=check_gap_edges(cfg.get("gap_edges_days", ())),
+                            time_loss_weight=cfg.get("time_loss_weight", 1.0))
 
 
 def _time_to_event(cfg, modality, info) -> Objective:

@@ -105,7 +105,13 @@ class Attention(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None) -> Array:
+  def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None,
+               cache: tuple[Array, Array, Array] | None = None):
+    """Self-attention over `x`, or with `cache` = (keys [B, S, H, K], values, slot int32):
+    the new tokens' keys and values are written at slots [slot, slot + T) of a cache of S
+    slots, `mask` [B, S] marks the slots holding real tokens (the new ones included), and
+    each new token attends to the real slots up to its own. Returns the output, and with a
+    cache also the updated (keys, values)."""
     cfg = self.cfg
     def projection(name):
       return nn.DenseGeneral((cfg.num_heads, cfg.kv_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -116,6 +122,8 @@ class Attention(nn.Module):
                for name in ("query", "key", "value"))
     if cfg.position == "rope":
       q, k = apply_rope(q, positions), apply_rope(k, positions)
+    if cache is not None:
+      return self._cached(q, k, v, mask, cache)
     # Keys that are padding are never attended to. Queries at padding positions still get
     # a finite output (they attend to the real keys) and are masked out by every loss.
     key_mask = mask[:, None, None, :]
@@ -125,10 +133,26 @@ class Attention(nn.Module):
       same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
       key_mask = key_mask & same[:, None]
     out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal)
+    return self._project_out(out)
+
+  def _project_out(self, out: Array) -> Array:
+    cfg = self.cfg
+    lead = out.shape[:2]
     out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                           kernel_init=kernel_init(("heads", "kv", "embed")), use_bias=False,
                           name="out")(as_tokens(out))
     return out.reshape(lead + (cfg.embed_dim,))
+
+  def _cached(self, q: Array, k: Array, v: Array, mask: Array, cache):
+    """Decoding (`generate.py`): causal attention of T new tokens over a key/value cache."""
+    keys, values, slot = cache
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), slot, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), slot, axis=1)
+    query_slots = slot + jnp.arange(q.shape[1])
+    visible = jnp.arange(keys.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
+    key_mask = mask[:, None, None, :] & visible[None, None]
+    out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=key_mask)
+    return self._project_out(out), (keys, values)
 
 
 class MLP(nn.Module):
@@ -152,13 +176,20 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None):
+  def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None, cache=None,
+               slot=None):
+    """Returns (x, None), or when decoding with this layer's `cache` = (keys, values) and
+    the first new token's `slot` (see `Attention`), (x, the updated cache)."""
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    x = x + drop(Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions, segments))
+    attended = Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions, segments,
+                                                cache=None if cache is None else (*cache, slot))
+    if cache is not None:
+      attended, cache = attended
+    x = x + drop(attended)
     x = x + drop(MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
-    return nn.with_logical_constraint(x, ACTIVATION_AXES), None
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

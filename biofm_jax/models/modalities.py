@@ -57,6 +57,7 @@ class TokenModality:
   max_len: int
   position: str = "rope"  # what the modality's own tokens need: rope or learned
   encoder: Any = TokenEncoder  # a Linen module class: (cfg, vocab_size, num_value_bins) -> tokens, mask, positions
+  time_classes: int = 0  # > 0: a head for the gap to the next event (next-event models that generate)
 
   def encode(self, cfg: TransformerConfig, example: Mapping[str, jax.Array], *, train: bool) -> Encoded:
     tokens, mask, positions = self.encoder(cfg, self.vocab_size, self.num_value_bins,
@@ -71,6 +72,8 @@ class TokenModality:
     if self.num_value_bins:
       out["value_logits"] = TokenClassifier(cfg, self.num_value_bins + 1, class_axis=None,
                                             name=f"{prefix}value_head")(hidden)
+    if self.time_classes:
+      out["time_logits"] = TokenClassifier(cfg, self.time_classes, class_axis=None, name=f"{prefix}time_head")(hidden)
     return out
 
   def num_tokens(self) -> int:
@@ -81,7 +84,7 @@ class TokenModality:
     return self.max_len
 
   def head_output_dim(self) -> int:
-    return self.vocab_size + (self.num_value_bins + 1 if self.num_value_bins else 0)
+    return self.vocab_size + (self.num_value_bins + 1 if self.num_value_bins else 0) + self.time_classes
 
   def extra_flops(self, encoder_dim: int) -> float:
     del encoder_dim

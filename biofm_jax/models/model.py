@@ -35,12 +35,20 @@ class SingleModalityModel(nn.Module):
   modality: Any  # a modality's model description (models/modalities.py)
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Mapping[str, jax.Array]], *, train: bool = False):
+  def __call__(self, batch: Mapping[str, Mapping[str, jax.Array]], *, train: bool = False, cache=None,
+               slot=None, cache_mask=None, positions=None):
+    """The outputs; or, decoding a causal model (`generate.py`), with `cache` (keys, values
+    [layers, B, S, heads, kv]), `slot` (where the batch's tokens go), `cache_mask` ([B, S]
+    real slots, the new ones included) and the tokens' `positions`: (outputs, cache)."""
     example = batch[self.modality.name]
     encoded = self.modality.encode(self.cfg, example, train=train)
-    hidden = TransformerStack(self.cfg, name="transformer")(encoded.tokens, encoded.mask, encoded.positions,
-                                                           train=train, segments=encoded.segments)
-    return {self.modality.name: self.modality.heads(self.cfg, hidden, encoded, example, train=train)}
+    stack = TransformerStack(self.cfg, name="transformer")
+    if cache is None:
+      hidden = stack(encoded.tokens, encoded.mask, encoded.positions, train=train, segments=encoded.segments)
+    else:
+      hidden, cache = stack(encoded.tokens, cache_mask, positions, train=False, cache=cache, slot=slot)
+    outputs = {self.modality.name: self.modality.heads(self.cfg, hidden, encoded, example, train=train)}
+    return outputs if cache is None else (outputs, cache)
 
   def tokens_per_example(self) -> int:
     return self.modality.num_tokens()

@@ -33,20 +33,30 @@ class TransformerStack(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, *, train: bool,
-               segments: jax.Array | None = None) -> jax.Array:
-    """`segments` (int32 [B, L], packed rows): attention stays within each segment."""
+               segments: jax.Array | None = None, cache=None, slot=None):
+    """`segments` (int32 [B, L], packed rows): attention stays within each segment.
+
+    Decoding (`generate.py`): `cache` = (keys, values), each [layers, B, S, heads, kv], and
+    `slot`, where the new tokens go; `mask` is then [B, S]. Returns (hidden, the updated cache)."""
     cfg = self.cfg
     block = _block_class(cfg)
     if cfg.scan_layers:
-      # One compiled block body, parameters stacked on a leading "layers" axis.
+      # One compiled block body, parameters stacked on a leading "layers" axis (and so is the cache).
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, deterministic=not train, name="layers")(x, mask, positions, segments)
+      x, cache = scanned(cfg, deterministic=not train, name="layers")(x, mask, positions, segments, cache, slot)
     else:
+      layers = []
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic=not train, name=f"layer_{i}")(x, mask, positions, segments)
-    return make_norm(cfg, "final_norm")(x)
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+        x, layer_cache = block(cfg, deterministic=not train, name=f"layer_{i}")(x, mask, positions, segments,
+                                                                                layer_cache, slot)
+        layers.append(layer_cache)
+      if cache is not None:
+        cache = tuple(jax.numpy.stack([c[j] for c in layers]) for j in range(2))
+    x = make_norm(cfg, "final_norm")(x)
+    return x if cache is None else (x, cache)
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, output_dim: int) -> float:

@@ -4,25 +4,54 @@ With a causal stack, the hidden state at position t predicts the code at t + 1. 
 0 is the CLS token, so the first event is predicted from nothing but the start token.
 A pair enters the loss only when position t + 1 holds a real event, so padding never
 does. Perplexity is exp(code_loss).
+
+With `gap_edges` (days), the same state also predicts when the next event comes: the gap
+from event t to event t + 1 as a class, 0 for the same time, then (edges[i-1], edges[i]],
+the last class past the last edge (`time_loss`, pairs whose two times are known). So a
+generated event has a time (`generate.py`), as ETHOS's time tokens give it one.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
 from biofm_jax.objectives.base import cross_entropy_sums
 
 
+def check_gap_edges(edges) -> tuple[float, ...]:
+  """Gap class edges in days: 0 first (class 0 is the same time), strictly increasing."""
+  edges = tuple(float(e) for e in edges)
+  if edges and (edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:]))):
+    raise ValueError(f"objective.gap_edges_days={list(edges)}: expected 0 first, then strictly increasing days, "
+                     f"e.g. [0, 0.0417, 1, 7, 30, 90, 365]")
+  return edges
+
+
+def gap_classes(gaps: jax.Array, edges) -> jax.Array:
+  """int32 class of each gap in days: 0 for <= 0 (the same time), i for (edges[i-1], edges[i]]."""
+  return jnp.searchsorted(jnp.asarray(edges, jnp.float32), gaps, side="left").astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class NextEventModelling:
   modality: str = "ehr"
+  gap_edges: tuple[float, ...] = ()  # days; () predicts no time
+  time_loss_weight: float = 1.0
   name: str = "autoregressive"
 
   @property
   def loss_weights(self):
-    return {"code_loss": 1.0}
+    weights = {"code_loss": 1.0}
+    if self.gap_edges and self.time_loss_weight:
+      weights["time_loss"] = self.time_loss_weight
+    return weights
+
+  def _has_timed_next(self, seq):
+    """bool [B, L-1]: a next event whose gap from t is known (both times known)."""
+    return self._has_next(seq) & seq[B.EHR_TIME_KNOWN][:, 1:] & seq[B.EHR_TIME_KNOWN][:, :-1]
 
   def _has_next(self, seq):
     """bool [B, L-1]: position t + 1 holds a real token of t's own segment (packed rows:
@@ -33,11 +62,22 @@ class NextEventModelling:
     return has_next
 
   def counts(self, batch):
-    has_next = self._has_next(batch[self.modality]).astype(jnp.float32).sum()
-    return {"code_loss": has_next, "code_accuracy": has_next}
+    seq = batch[self.modality]
+    has_next = self._has_next(seq).astype(jnp.float32).sum()
+    counts = {"code_loss": has_next, "code_accuracy": has_next}
+    if "time_loss" in self.loss_weights:
+      timed = self._has_timed_next(seq).astype(jnp.float32).sum()
+      counts.update(time_loss=timed, time_accuracy=timed)
+    return counts
 
   def sums(self, outputs, batch):
     seq = batch[self.modality]
     logits = outputs[self.modality]["code_logits"][:, :-1]
     loss, hits = cross_entropy_sums(logits, seq[B.TOKENS][:, 1:], self._has_next(seq))
-    return {"code_loss": loss, "code_accuracy": hits}
+    sums = {"code_loss": loss, "code_accuracy": hits}
+    if "time_loss" in self.loss_weights:
+      gaps = seq[B.EHR_TIME][:, 1:] - seq[B.EHR_TIME][:, :-1]
+      loss, hits = cross_entropy_sums(outputs[self.modality]["time_logits"][:, :-1],
+                                      gap_classes(gaps, self.gap_edges), self._has_timed_next(seq))
+      sums.update(time_loss=loss, time_accuracy=hits)
+    return sums

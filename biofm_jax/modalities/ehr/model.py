@@ -24,6 +24,7 @@ from biofm_jax.data import batch as B
 from biofm_jax.models.layers import TransformerConfig, kernel_init
 from biofm_jax.models.modalities import Encoded, TokenModality, masked_mean
 from biofm_jax.modalities.ehr.encoder import EHREncoder
+from biofm_jax.objectives.autoregressive import check_gap_edges
 from biofm_jax.objectives.time_to_event import check_bin_starts, prediction_positions
 
 # The hazard bias's start: about one occurrence of a code per year (per day: 1/365). Codes
@@ -93,9 +94,10 @@ def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -
   """The EHR model description for the data module's `model_info()`."""
   common = dict(vocab_size=info["vocab_size"], num_value_bins=info["num_value_bins"], max_len=info["max_len"],
                 encoder=EHREncoder)
-  if "tte_tasks" not in info:
-    return TokenModality("ehr", **common)
   objective = config.objective
+  if "tte_tasks" not in info:
+    gap_edges = objective.get("gap_edges_days", ()) if objective.name == "autoregressive" else ()
+    return TokenModality("ehr", **common, time_classes=len(check_gap_edges(gap_edges)) + 1 if gap_edges else 0)
   bins = check_bin_starts(objective.get("time_bins_days", (0.0,)))
   spec = TimeToEventSpec(tasks=int(info["tte_tasks"]), bins=len(bins), rank=int(objective.get("rank", 32)),
                          points=int(info["tte_points"]))

@@ -18,6 +18,10 @@ labels columns, or from codes (`--subgroup_codes`, default sex from GENDER// or 
 from RACE//, ethnicity from ETHNICITY//), plus the age band. `--config` supplies the task section (type, columns, time
 bins) and the fine-tuning settings used for the from-scratch baseline.
 
+`--zero_shot_code=CODE` (several allowed, prefixes like `ICD10CM//N18*`) adds zero-shot
+prediction by a next-event model: per label row, the share of `--zero_shot_samples`
+simulated futures that hold the code within `--zero_shot_horizon_days` (report.json:
+`<split>.zero_shot`, `baselines.zero_shot` with the samples and the seconds it took).
 For an expression or feature-table model, `--label_column` names one of the run's label
 columns (e.g. `cell_type`): its linear probe is compared with L1 logistic regression on
 normalised counts (expression) or logistic regression on the raw features (tables).
@@ -52,6 +56,11 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing <workdir>/predictions
 flags.DEFINE_list("few_shot_ks", ["1", "2", "4", "8", "16", "32", "64", "128"], "Labels per class in the sweep.")
 flags.DEFINE_integer("few_shot_seeds", 3, "Seeds per k in the few-shot sweep.")
 flags.DEFINE_integer("bootstrap_samples", 200, "Bootstrap resamples for the confidence intervals.")
+flags.DEFINE_list("zero_shot_code", [], "Zero-shot by simulated futures (next-event runs, binary tasks): outcome "
+                  "codes, exact or prefixes ending in * (e.g. ICD10CM//N18*).")
+flags.DEFINE_float("zero_shot_horizon_days", 365.0, "Zero-shot: the outcome counts within this many days.")
+flags.DEFINE_integer("zero_shot_samples", 20, "Zero-shot: simulated futures per label row.")
+flags.DEFINE_integer("zero_shot_max_new", 0, "Zero-shot: events per future at most (0 = half the model's max_len).")
 flags.mark_flags_as_required(["pretrained", "workdir"])
 
 
@@ -96,7 +105,10 @@ def main(argv, overrides):
                               overwrite=FLAGS.overwrite,
                               few_shot_seeds=tuple(range(FLAGS.few_shot_seeds)),
                               bootstrap_samples=FLAGS.bootstrap_samples, finetuned_workdir=FLAGS.finetuned or None,
-                              from_scratch_steps=FLAGS.from_scratch_steps)
+                              from_scratch_steps=FLAGS.from_scratch_steps,
+                              zero_shot_codes=tuple(FLAGS.zero_shot_code),
+                              zero_shot_horizon_days=FLAGS.zero_shot_horizon_days,
+                              zero_shot_samples=FLAGS.zero_shot_samples, zero_shot_max_new=FLAGS.zero_shot_max_new)
   try:
     if FLAGS.label_column:
       from biofm_jax.eval.record_tasks import evaluate_record_labels

@@ -107,3 +107,26 @@ def test_the_generate_command_writes_each_future_after_its_prediction_time(next_
                         f"--labels={labels_path}", "--horizon_days=0", f"--out={out}"],
                        cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "horizon must be more than 0 days" in bad.stderr
+
+
+def test_the_report_puts_zero_shot_beside_the_probe_with_its_cost(next_event_run, tmp_path):
+  from biofm_jax.config import load_config
+  from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
+  from biofm_jax.train.finetune import finetune_config
+  workdir, labels_path = next_event_run
+  config = finetune_config(load_config(f"{helpers.REPO}/configs/finetune.py:high_risk,tiny",
+                                       {**helpers.QUIET, "task.labels": str(labels_path)}), workdir)
+  options = EvaluationOptions(bootstrap_samples=20, few_shot_ks=(4,), few_shot_seeds=(0,), zero_shot_codes=tuple(OUTCOME),
+                              zero_shot_horizon_days=180.0, zero_shot_samples=6, zero_shot_max_new=8)
+  report = evaluate_task(config, tmp_path / "report", options)
+  zero = report["splits"]["held_out"]["zero_shot"]
+  assert set(zero) >= {"auroc", "auprc"} and zero == report["baselines"]["zero_shot"]["held_out"]["metrics"]
+  assert zero["auroc"] > 0.6, zero
+  description = report["baselines"]["zero_shot"]["description"]
+  assert description["samples_per_row"] == 6 and description["seconds"] > 0
+  assert description["timelines"] == 6 * (report["task"]["rows"]["tuning"] + report["task"]["rows"]["held_out"])
+  assert "ICD10CM//I50.9" in description["vocabulary_codes"]
+  table = pq.read_table(tmp_path / "report" / "predictions" / "zero_shot" / "held_out.parquet")
+  assert table.num_rows == report["task"]["rows"]["held_out"]
+  with pytest.raises(ValueError, match="'ICD10CM//N19' is not in the model's vocabulary"):
+    evaluate_task(config, tmp_path / "again", EvaluationOptions(zero_shot_codes=("ICD10CM//N19",)))

@@ -26,6 +26,7 @@ from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.task_data import SUBGROUP_CODE_PREFIXES, UNKNOWN
 from biofm_jax.eval import classical, metrics, predictions as predictions_lib, report as report_lib
 from biofm_jax.eval import finetuned as finetuned_lib
+from biofm_jax.eval import zero_shot
 from biofm_jax.train import finetune
 from biofm_jax.train.runs import open_run
 from biofm_jax.train.embed import embed_split
@@ -33,6 +34,7 @@ from biofm_jax.train.embed import embed_split
 log = logging.getLogger("biofm_jax")
 # Model names: report.json's keys and the predictions/<model>/ folders.
 PROBE, COUNT_LOGISTIC, COUNT_GBM, SCRATCH, FINETUNED = "probe", "count_lr", "count_gbm", "from_scratch", "finetuned"
+ZERO_SHOT = "zero_shot"
 DEFAULT_SUBGROUPS = ("sex", "age_band", "race", "ethnicity")
 
 
@@ -47,6 +49,12 @@ class EvaluationOptions:
   few_shot_seeds: tuple[int, ...] = (0, 1, 2)
   finetuned_workdir: str | None = None
   from_scratch_steps: int = 0  # > 0: train the architecture from scratch for this many steps
+  # Zero-shot by simulated futures (`zero_shot.py`; next-event runs, binary tasks): outcome codes
+  # (exact, or prefixes ending in *), the horizon, futures per label row, events per future (0: max_len / 2)
+  zero_shot_codes: tuple[str, ...] = ()
+  zero_shot_horizon_days: float = 365.0
+  zero_shot_samples: int = 20
+  zero_shot_max_new: int = 0
   seed: int = 0
   overwrite: bool = False  # replace an existing predictions/ folder
 
@@ -187,6 +195,15 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
     log.info("evaluation: training the architecture from scratch for %d steps", options.from_scratch_steps)
     scratch_dir = train_from_scratch(config, out_dir / "from_scratch", options.from_scratch_steps)
     scores[SCRATCH], descriptions[SCRATCH] = _finetuned_scores(scratch_dir, splits, data)
+  if options.zero_shot_codes:
+    if info.type != "binary":
+      raise ValueError(f"zero-shot prediction scores binary tasks (an outcome within a horizon); this task is "
+                       f"{info.type}")
+    log.info("evaluation: simulating %d futures per label row for zero-shot %s", options.zero_shot_samples,
+             ", ".join(options.zero_shot_codes))
+    scores[ZERO_SHOT], descriptions[ZERO_SHOT] = zero_shot.zero_shot_scores(
+        config.finetune.pretrained, data, splits, options.zero_shot_codes, horizon_days=options.zero_shot_horizon_days,
+        samples=options.zero_shot_samples, max_new=options.zero_shot_max_new, seed=options.seed)
   main_method = PROBE
   if options.finetuned_workdir:
     main_method = FINETUNED
@@ -221,6 +238,9 @@ def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, d
                            "description": descriptions[name]}
                     for name, by_split in scores.items() if name != main_method},
   }
+  for s in splits:  # zero-shot also sits beside the main model's metrics, where readers look first
+    if ZERO_SHOT in report["baselines"]:
+      report["splits"][s][ZERO_SHOT] = report["baselines"][ZERO_SHOT][s]["metrics"]
   if info.type in ("binary", "multiclass") and few_shot_features:
     report["few_shot"] = few_shot_report(info, train_y, targets["held_out"], few_shot_features, options)
   report["summary"] = (report_lib.summary_lines(report) + pretraining_lines(report, main_method)

@@ -22,7 +22,9 @@ import numpy as np
 
 from biofm_jax.data import batch as B
 from biofm_jax.generate import GenerationSettings, contains, generate
+from biofm_jax.modalities.ehr.data import TokenizeEHR
 from biofm_jax.modalities.ehr.task_data import history_rows
+from biofm_jax.train.runs import open_run
 
 
 def resolve_codes(vocab, patterns: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -95,3 +97,28 @@ def occurrence_fraction(simulated: dict[str, np.ndarray], code_ids, horizon_days
   hits = contains(simulated, code_ids, horizon_days).astype(np.float64)
   counts = np.bincount(simulated["row"], minlength=num_rows)
   return np.bincount(simulated["row"], weights=hits, minlength=num_rows) / np.maximum(counts, 1)
+
+
+def zero_shot_scores(pretrained: str, data, splits: Sequence[str], codes: Sequence[str], *, horizon_days: float,
+                     samples: int, max_new: int = 0, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+  """({split: [rows] zero-shot probabilities}, the report's description) for the label rows
+  of `data` (an `EHRTaskData`: histories already cut at each prediction time) from the
+  next-event run in `pretrained`."""
+  if not horizon_days > 0:
+    raise ValueError(f"--zero_shot_horizon_days must be more than 0, got {horizon_days}")
+  config, run_data, setup, params, _ = open_run(pretrained)
+  names, ids = resolve_codes(data.ehr.vocab, codes)
+  settings = GenerationSettings(max_new=max_new or data.ehr.max_len // 2, horizon_days=horizon_days)
+  tokenize = TokenizeEHR(data.ehr.vocab, data.ehr.max_len)
+  scores, seconds, timelines = {}, 0.0, 0
+  for split in splits:
+    records = data.records(split)
+    simulated = simulate(setup.model, params, tokenize, records, samples=samples, settings=settings,
+                         gap_edges=config.objective.get("gap_edges_days", ()), seed=seed)
+    scores[split] = occurrence_fraction(simulated, ids, horizon_days, len(records))
+    seconds += float(simulated["seconds"])
+    timelines += len(simulated["row"])
+  return scores, {"method": "share of simulated futures holding an outcome code within the horizon (zero-shot)",
+                  "codes": list(codes), "vocabulary_codes": names, "horizon_days": horizon_days,
+                  "samples_per_row": samples, "max_new_events": settings.max_new, "timelines": timelines,
+                  "seconds": round(seconds, 3), "seconds_per_timeline": round(seconds / max(timelines, 1), 6)}

@@ -7,7 +7,7 @@ import os
 # Tests compile hundreds of small programs that then run for milliseconds: LLVM at -O0
 # compiles them about a third faster (tests/test_train_step.py: 38 s -> 24 s cold), and the
 # longest-running test (multimodal retrieval, 250 steps) takes no longer.
-FAST_COMPILE = os.environ.get("EXP_FLAG", "--xla_backend_optimization_level=0")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} "
                            "--xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -13,7 +13,7 @@ DNA, PROTEIN = "configs/omics_sequence.py:tiny", "configs/omics_sequence.py:prot
 
 
 def pretrain_and_embed(spec, workdir, label: str, **overrides):
-  config, data, setup, params, metrics = helpers.pretrain_and_restore(spec, workdir, **overrides)
+  config, data, setup, params, metrics = helpers.pretrain_and_restore(spec, workdir, optimised=True, **overrides)
   column = list(data.labels("train")[1]).index(label)
 
   def arrays(splits):

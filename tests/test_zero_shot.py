@@ -10,13 +10,10 @@ import meds
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from sklearn.metrics import roc_auc_score
 
 import helpers
 from biofm_jax.data.labels import read_labels
 from biofm_jax.eval import zero_shot
-from biofm_jax.generate import GenerationSettings
-from biofm_jax.modalities.ehr.data import TokenizeEHR
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
 from biofm_jax.modalities.ehr.vocab import EHRVocab
@@ -74,23 +71,6 @@ def next_event_run(tmp_path_factory):
   return workdir, labels
 
 
-def test_zero_shot_predicts_a_planted_outcome_well_above_chance(next_event_run):
-  from biofm_jax.train.runs import open_run
-  workdir, labels_path = next_event_run
-  config, data, setup, params, _ = open_run(workdir)
-  labels = read_labels(labels_path, {"type": "binary"})
-  rows, records = zero_shot.label_histories(data.dataset, labels.subject_ids, labels.prediction_times)
-  _, ids = zero_shot.resolve_codes(data.vocab, OUTCOME)
-  settings = GenerationSettings(max_new=8, horizon_days=180.0)
-  simulated = zero_shot.simulate(setup.model, params, TokenizeEHR(data.vocab, data.max_len), records, samples=6,
-                                 settings=settings, gap_edges=config.objective.gap_edges_days, seed=0)
-  assert len(simulated["row"]) == 6 * len(records) and simulated["seconds"] > 0
-  probability = zero_shot.occurrence_fraction(simulated, ids, 180.0, len(records))
-  auroc = roc_auc_score(labels.targets["label"][rows], probability)
-  print(f"zero-shot AUROC {auroc:.3f} from {len(records)} rows x 6 futures in {float(simulated['seconds']):.1f} s")
-  assert auroc > 0.65  # 0.78 seen
-
-
 def test_the_generate_command_writes_each_future_after_its_prediction_time(next_event_run, tmp_path):
   workdir, labels_path = next_event_run
   out = tmp_path / "simulated.parquet"
@@ -109,7 +89,9 @@ def test_the_generate_command_writes_each_future_after_its_prediction_time(next_
   assert bad.returncode == 2 and "horizon must be more than 0 days" in bad.stderr
 
 
-def test_the_report_puts_zero_shot_beside_the_probe_with_its_cost(next_event_run, tmp_path):
+def test_zero_shot_predicts_a_planted_outcome_beside_the_probe_and_reports_its_cost(next_event_run, tmp_path):
+  """Simulated cardiometabolic diagnoses within 180 days against the planted high-risk
+  phenotype (the latent risk that makes them likely): well above chance, in the report."""
   from biofm_jax.config import load_config
   from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
   from biofm_jax.train.finetune import finetune_config
@@ -121,7 +103,8 @@ def test_the_report_puts_zero_shot_beside_the_probe_with_its_cost(next_event_run
   report = evaluate_task(config, tmp_path / "report", options)
   zero = report["splits"]["held_out"]["zero_shot"]
   assert set(zero) >= {"auroc", "auprc"} and zero == report["baselines"]["zero_shot"]["held_out"]["metrics"]
-  assert zero["auroc"] > 0.6, zero
+  assert zero["auroc"] > 0.65, zero  # 0.79 seen, beside the probe's 0.78
+  assert report["splits"]["tuning"]["zero_shot"]["auroc"] > 0.6
   description = report["baselines"]["zero_shot"]["description"]
   assert description["samples_per_row"] == 6 and description["seconds"] > 0
   assert description["timelines"] == 6 * (report["task"]["rows"]["tuning"] + report["task"]["rows"]["held_out"])

@@ -38,12 +38,13 @@ def synthetic_meds(tmp_path_factory):
 # measured on the 2-core machine). The parallel runner hands out whole files in collection
 # order when told not to reorder them by test count (pytest.ini: --no-loadscope-reorder), so
 # starting these first keeps one worker from running a three-minute file alone at the end.
-SLOW_FILES = ("test_omics_training.py",  # ~480 s
-              "test_multimodal_training.py",  # ~400 s
+SLOW_FILES = ("test_multimodal_training.py",  # ~400 s
+              "test_omics_training.py",  # ~250 s (its learning checks train in optimised subprocesses)
               "test_finetune.py",  # ~240 s
-              "test_multimodal_retrieval.py",  # ~210 s, one test in a subprocess
-              "test_resume.py", "test_multiprocess.py", "test_imaging_training.py", "test_tabular_training.py",
-              "test_notebooks.py", "test_meds_tools.py", "test_parallel.py", "test_export.py", "test_ecg.py")
+              "test_multimodal_retrieval.py",  # ~170 s, one test in a subprocess
+              "test_resume.py", "test_multiprocess.py", "test_notebooks.py", "test_imaging_training.py",
+              "test_tabular_training.py", "test_meds_tools.py", "test_parallel.py", "test_learning.py",
+              "test_time_to_event.py", "test_export.py", "test_ecg.py", "test_zero_shot.py", "test_generate.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/ehr_scale.py
 	$(PY) benchmarks/soma_scale.py
+	$(PY) benchmarks/motor_cindex.py
 	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
 
 clean:

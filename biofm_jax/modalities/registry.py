@@ -35,6 +35,7 @@ from biofm_jax.modalities.ecg import model as ecg_model
 from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr import model as ehr_model
+from biofm_jax.modalities.ehr import time_to_event as ehr_tte
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
 from biofm_jax.modalities.imaging import data as imaging_data
 from biofm_jax.modalities.imaging import model as imaging_model
@@ -107,7 +108,7 @@ def _token_model(name: str):
 
 
 def _ehr_sizing(cfg, objective: str, vocab_size: int):
-  tte = {k: int(cfg.get(f"tte_{k}", default)) for k, default in ehr_data.tte_targets.DEFAULTS.items()}
+  tte = ehr_tte.settings_from_config(cfg)
   spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)), tte["events"])
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
   if objective == "time_to_event":

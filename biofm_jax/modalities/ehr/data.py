@@ -194,7 +194,7 @@ class EHRData:
     module = cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
                  objective=objective, train_windows=cfg.get("train_windows", "one"),
                  window_overlap=cfg.get("window_overlap", 0.0), pack=cfg.get("pack", False),
-                 tte={k: int(cfg.get(f"tte_{k}", default)) for k, default in tte_targets.DEFAULTS.items()})
+                 tte=tte_targets.settings_from_config(cfg))
     if module.tte_codes:
       tte_targets.save_or_check_tasks(artifacts_dir / tte_targets.TASKS_FILENAME, module.tte_codes)
     return module
@@ -258,7 +258,7 @@ class EHRData:
     if self.objective != "time_to_event":
       return self._tokenize()
     return tte_targets.TimeToEventTargets.for_vocab(self._tokenize(), self.vocab, self.tte_codes,
-                                            points=self.tte["points"], events=self.tte["events"])
+                                                    points=self.tte["points"], events=self.tte["events"])
 
   def _masking(self) -> list:
     return [MaskEHR(self.vocab.size, self.mask_rate)] if self.objective == "masked" else []

@@ -36,6 +36,11 @@ TASKS_FILENAME = "tte_tasks.json"
 DEFAULTS = {"tasks": 256, "points": 16, "events": 1024}
 
 
+def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, int]:
+  """{"tasks", "points", "events"} from config.data.ehr's tte_* fields (DEFAULTS where absent)."""
+  return {name: int(cfg.get(f"tte_{name}", default)) for name, default in DEFAULTS.items()}
+
+
 def task_codes(vocab, num_tasks: int) -> list[str]:
   """The `num_tasks` most frequent codes of `vocab` (its codes are in decreasing training
   count); fewer when the vocabulary is smaller."""

@@ -50,14 +50,12 @@ def finetuned_c_index(pretrained: pathlib.Path, workdir: pathlib.Path, labels: i
   return float(score_finetuned(workdir, config, splits=("held_out",))["held_out"]["c_index"])
 
 
-def cox_on_counts_c_index(pretrained: pathlib.Path, artifacts: pathlib.Path, labels: int, seed: int) -> float:
-  from biofm_jax.config import load_config
+def cox_on_counts_c_index(data, labels: int, seed: int) -> float:
+  """Held-out C-index of penalised Cox on count-of-codes features, from `labels` training
+  rows (0 = all) of `data` (the labelled histories, opened once by `labelled_data`)."""
   from biofm_jax.eval import classical, metrics
   from biofm_jax.eval.downstream import classical_targets
-  from biofm_jax.train.finetune import few_label_rows, finetune_config, open_labeled_data
-  config = finetune_config(load_config(f"{REPO}/configs/finetune.py:survival,tiny",
-                                       {"train.peak_flops_per_device": 1e9}), pretrained)
-  data = open_labeled_data(config, artifacts)
+  from biofm_jax.train.finetune import few_label_rows
   train_labels, test_labels = data.split_labels("train"), data.split_labels("held_out")
   rows = few_label_rows(train_labels, labels, seed) if labels else np.arange(len(train_labels))
   train_records = data.records("train")
@@ -67,6 +65,15 @@ def cox_on_counts_c_index(pretrained: pathlib.Path, artifacts: pathlib.Path, lab
                                {k: np.asarray(v)[rows] for k, v in targets.items()},
                                featurizer.transform(data.records("held_out")))
   return float(metrics.task_metrics("survival", test_labels.metric_targets(), risk)["c_index"])
+
+
+def labelled_data(pretrained: pathlib.Path, artifacts: pathlib.Path):
+  """The survival task's labelled histories, tokenised as `pretrained` was."""
+  from biofm_jax.config import load_config
+  from biofm_jax.train.finetune import finetune_config, open_labeled_data
+  config = finetune_config(load_config(f"{REPO}/configs/finetune.py:survival,tiny",
+                                       {"train.peak_flops_per_device": 1e9}), pretrained)
+  return open_labeled_data(config, artifacts)
 
 
 def main() -> None:
@@ -91,9 +98,10 @@ def main() -> None:
     timings[name] = pretrain(name, cohort, run, args.steps)
     if "Cox on code counts" not in table:  # the same labels and histories, from the first run's tokenisation
       table["Cox on code counts"] = {}
+      data = labelled_data(run, root / "cox_artifacts")
       for k in ks:
         seeds = range(args.seeds) if k else [0]
-        scores = [cox_on_counts_c_index(run, root / "cox_artifacts", k, s) for s in seeds]
+        scores = [cox_on_counts_c_index(data, k, s) for s in seeds]
         table["Cox on code counts"][str(k or "all")] = float(np.mean(scores))
         print(f"{'Cox on code counts':24s} labels {k or 'all':>4}: C-index {np.mean(scores):.3f}", flush=True)
     table[name] = {}

@@ -32,8 +32,6 @@ import numpy as np
 
 from biofm_jax.data import batch as B
 
-_DAYS_PER_YEAR = 365.25
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
@@ -124,7 +122,7 @@ def _generate(model, params, prompt, key, edges, *, settings: GenerationSettings
     gap = _sample_gap(gap_key, state["time_logits"], edges, settings)
     elapsed = state["elapsed"] + gap
     alive = state["alive"] & (elapsed <= settings.horizon_days)
-    days, age = state["days"] + gap, state["age"] + gap / _DAYS_PER_YEAR
+    days, age = state["days"] + gap, state["age"] + gap / B.DAYS_PER_YEAR
     cache_mask = state["cache_mask"].at[:, prompt_len + i].set(True)
     position = state["position"] + 1
     outputs, cache = model.apply({"params": params}, {modality: _step_example(code, days, age, state["age_known"])},

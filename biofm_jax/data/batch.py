@@ -35,6 +35,7 @@ NO_VALUE_BIN = 0
 EHR_CODES = "codes"  # int32 token ids; PAD_ID past the end, MASK_ID where masked
 EHR_VALUE_BINS = "value_bins"  # int32 quantile-bin ids, NO_VALUE_BIN where no value
 EHR_AGE = "age_years"  # float32 age at the event; 0 where unknown (see EHR_AGE_KNOWN)
+DAYS_PER_YEAR = 365.25  # the year of EHR_AGE (and of every days -> years conversion)
 EHR_AGE_KNOWN = "age_known"  # bool: the subject has a birth event and the event a time
 EHR_TIME = "time_days"  # float32 days since the window's first timed event (>= 0)
 EHR_TIME_KNOWN = "time_known"  # bool: False for static events (null time) and padding

@@ -38,7 +38,6 @@ EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="a
 UNK_SAMPLE_SUBJECTS = 2000  # tuning subjects the summary's [UNK] rate is measured on
 WINDOWS = ("recent", "earliest")
 OBJECTIVES = ("masked", "autoregressive", "time_to_event")
-_DAYS_PER_YEAR = 365.25
 _RECORD_FIELDS = ("codes", "times", "numeric_values")
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ class TokenizeEHR(grain.transforms.Map):
       out[batch.EHR_TIME][events][timed] = offsets
       out[batch.EHR_TIME_KNOWN][events] = timed
       if birth is not None:
-        ages = (times[timed] - birth).astype(np.int64) / (US_PER_DAY * _DAYS_PER_YEAR)
+        ages = (times[timed] - birth).astype(np.int64) / (US_PER_DAY * batch.DAYS_PER_YEAR)
         out[batch.EHR_AGE][events][timed] = ages
         out[batch.EHR_AGE_KNOWN][events] = timed
     return out, times

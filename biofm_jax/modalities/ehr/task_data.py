@@ -38,7 +38,7 @@ UNKNOWN = "unknown"  # a subgroup value no code or column gives
 # Subgroups read from a record's codes, as MEDS ETLs write them (MIMIC-IV: GENDER//F, others SEX//F,
 # RACE//..., ETHNICITY//...): the value is what follows the first matching prefix.
 SUBGROUP_CODE_PREFIXES = {"sex": ("GENDER//", "SEX//"), "race": ("RACE//",), "ethnicity": ("ETHNICITY//",)}
-_US_PER_YEAR = US_PER_DAY * 365.25
+_US_PER_YEAR = US_PER_DAY * batch.DAYS_PER_YEAR
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-accelerator clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ bench: install
 	$(PY) benchmarks/soma_scale.py
 	$(PY) benchmarks/motor_cindex.py
 	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
+
+# On one GPU, in under 8 minutes: MFU at ehr_bert.py:base in bf16 (layers scanned and
+# unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, and
+# the PyTorch peer on the same GPU where torch for it is installed. One JSON file of figures.
+bench-accelerator: install
+	$(PY) -m pip install -q -e ".[cuda]"
+	$(PY) benchmarks/accelerator.py --out=benchmarks/accelerator.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -69,5 +69,7 @@ setup(
         # The TPU compiler, for experiments/compile.py --topology=v5p-256 etc. on a CPU machine:
         # jax's own extra picks the libtpu its version was built with (0.0.42.* for jax 0.10.2).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # NVIDIA GPUs (CUDA 12 wheels of jax's own release): make bench-accelerator
+        "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
     },
 )

@@ -59,7 +59,8 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
+
+from timing import median_step_time  # benchmarks/timing.py, beside this script
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -124,6 +125,7 @@ def measure_ours(config_spec: str, overrides: list[str], steps: int) -> dict:
           "devices": jax.device_count(), "cpu_threads": len(os.sched_getaffinity(0)),
           "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": steps, "warmup_steps": 1,
           "examples_per_s": step["examples_per_s"], "step_time_s": step["step_time_s"],
+          "step_time_min_s": step["step_time_min_s"],
           "num_params": int(step["num_params"]),
           "model_flops_per_example": step["model_flops_per_step"] / spec["batch_size"],
           "model_flops_per_s": step["model_flops_per_step"] / step["step_time_s"], "model": spec}
@@ -175,29 +177,37 @@ def peer_train_step(model, optimizer, batch: dict, clip_norm: float):
   return loss.detach()
 
 
-def measure_peer(spec: dict, steps: int, warmup: int, threads: int) -> dict:
+def measure_peer(spec: dict, steps: int, warmup: int, threads: int, device: str = "cpu",
+                 compiled: bool = False) -> dict:
+  """The peer's training steps; `compiled` wraps the model in `torch.compile` (a reference
+  point: the target is the eager peer, which is what most users run)."""
   import torch
   import transformers
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = transformers.BertForMaskedLM(bert_config(spec)).train()
+  if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = transformers.BertForMaskedLM(bert_config(spec)).train().to(device)
   optimizer = make_optimizer(model, spec)
+  if compiled:
+    model = torch.compile(model)
+    warmup = max(warmup, 2)  # the first steps compile
   generator = torch.Generator().manual_seed(0)
-  batches = [random_batch(spec, generator) for _ in range(2)]  # two, as ours cycles two
+  batches = [{k: v.to(device) for k, v in random_batch(spec, generator).items()}
+             for _ in range(2)]  # two, as ours cycles two
   for i in range(warmup):
     peer_train_step(model, optimizer, batches[i % len(batches)], spec["grad_clip_norm"])
-  start = time.perf_counter()
-  for i in range(steps):
-    loss = peer_train_step(model, optimizer, batches[i % len(batches)], spec["grad_clip_norm"])
-  loss.item()
-  step_time = (time.perf_counter() - start) / steps
+  step_time, fastest = median_step_time(
+      lambda i: peer_train_step(model, optimizer, batches[i % len(batches)], spec["grad_clip_norm"]), steps,
+      lambda loss: loss.item())
   flops = bert_flops_per_example(spec)
-  return {"side": "peer", "framework": f"torch {torch.__version__}, transformers {transformers.__version__}",
+  return {"side": "peer_compiled" if compiled else "peer", "device": device,
+          "framework": f"torch {torch.__version__}, transformers {transformers.__version__}",
           "model_class": type(model).__name__, "attn_implementation": model.config._attn_implementation,
           "cpu_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
           "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": steps,
-          "warmup_steps": warmup, "examples_per_s": spec["batch_size"] / step_time, "step_time_s": step_time,
+          "warmup_steps": warmup, "examples_per_s": spec["batch_size"] / step_time, "step_time_s": step_time, "step_time_min_s": fastest,
           "num_params": sum(p.numel() for p in model.parameters()),  # tied decoder counted once
           "model_flops_per_example": flops, "model_flops_per_s": spec["batch_size"] * flops / step_time}
 
@@ -205,11 +215,13 @@ def measure_peer(spec: dict, steps: int, warmup: int, threads: int) -> dict:
 # ------------------------------------------------------------------ driver
 def run_side(args, side: str, threads: int, spec: dict | None = None) -> dict:
   """Runs this script as `--side=...` in a fresh interpreter; returns its JSON line."""
-  command = [sys.executable, __file__, f"--side={side}", f"--config={args.config}", f"--steps={args.steps}",
-             f"--warmup={args.warmup}", f"--threads={threads}", *(f"--override={o}" for o in args.override)]
+  command = [sys.executable, __file__, f"--side={side}", f"--device={args.device}", f"--config={args.config}",
+             f"--steps={args.steps}",
+             f"--warmup={args.warmup}", f"--threads={threads}", f"--malloc={args.malloc}", *(f"--override={o}" for o in args.override)]
   if spec is not None:
     command.append(f"--spec={json.dumps(spec)}")
-  out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+  env = {**os.environ, "BIOFM_JAX_MALLOC": args.malloc}  # our commands read it (biofm_jax/host_memory.py)
+  out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
   return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
@@ -219,7 +231,7 @@ def compare(ours: dict, peer: dict) -> dict:
           "model_flops_per_s_ratio": ours["model_flops_per_s"] / peer["model_flops_per_s"],
           "model_flops_per_example_ratio": ours["model_flops_per_example"] / peer["model_flops_per_example"],
           "num_params_ours": ours["num_params"], "num_params_peer": peer["num_params"],
-          "cpu_threads": [ours["cpu_threads"], peer["cpu_threads"]]}
+          "cpu_threads": [ours["cpu_threads"], peer["cpu_threads"]], "malloc": ours["malloc"]}
 
 
 def main():
@@ -231,20 +243,36 @@ def main():
                       help="CPUs each side may use (default: all this process may use)")
   parser.add_argument("--override", action="append", default=[],
                       help="config overrides as field=value, e.g. data.ehr.path=/data/meds")
-  parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
+  parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                      help="keep: both sides keep freed host memory in the process, as our commands do "
+                           "(biofm_jax/host_memory.py); default: glibc's defaults for both")
+  parser.add_argument("--device", default="cpu", help="the peer's torch device: cpu, cuda or auto")
+  parser.add_argument("--compile_peer", action="store_true",
+                      help="also time the peer under torch.compile (a reference, not the target)")
+  parser.add_argument("--side", choices=("ours", "peer", "peer_compiled"), help=argparse.SUPPRESS)
   parser.add_argument("--spec", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:  # a subprocess: pin, import one framework, measure, print one line
     pin_cpus(args.threads)
+    if args.malloc == "keep":  # both sides alike, before either framework starts its threads
+      sys.path.insert(0, str(REPO))
+      from biofm_jax.host_memory import keep_freed_host_memory
+      keep_freed_host_memory()
     if args.side == "ours":
-      result = {"config": args.config, **measure_ours(args.config, args.override, args.steps)}
+      result = {"config": args.config, "malloc": args.malloc, **measure_ours(args.config, args.override, args.steps)}
     else:
-      result = {"config": args.config, **measure_peer(json.loads(args.spec), args.steps, args.warmup, args.threads)}
+      result = {"config": args.config, "malloc": args.malloc,
+                **measure_peer(json.loads(args.spec), args.steps, args.warmup, args.threads, args.device,
+                               compiled=args.side == "peer_compiled")}
     print(json.dumps(result))
     return
   ours = run_side(args, "ours", args.threads)
   peer = run_side(args, "peer", args.threads, spec=ours["model"])
-  for line in (ours, peer, compare(ours, peer)):
+  lines = [ours, peer, compare(ours, peer)]
+  if args.compile_peer:
+    compiled = run_side(args, "peer_compiled", args.threads, spec=ours["model"])
+    lines += [compiled, {**compare(ours, compiled), "comparison": "ours / peer under torch.compile"}]
+  for line in lines:
     print(json.dumps(line))
 
 

@@ -21,16 +21,21 @@ import sys
 import tempfile
 import time
 
-import jax
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# As every command: JAX on the CPU where no accelerator is attached, and there freed host
+# memory kept in the process (biofm_jax/host_memory.py), set before jax starts.
+from biofm_jax import cli  # noqa: E402,F401
+
+import jax  # noqa: E402
 
 from biofm_jax import parallel  # noqa: E402
 from biofm_jax.config import load_config  # noqa: E402
 from biofm_jax.train.loop import make_train_iterator, open_data_module, peak_flops  # noqa: E402
 from biofm_jax.train import state as state_lib  # noqa: E402
 from biofm_jax.train.build import build_training  # noqa: E402
+from timing import median_step_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def time_train_step(config, data, batches, steps: int) -> dict:
@@ -39,13 +44,15 @@ def time_train_step(config, data, batches, steps: int) -> dict:
   device_batches = [parallel.make_global_batch(b, setup.mesh) for b in batches]
   state, metrics = setup.train_step(state, device_batches[0])  # compile
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for i in range(steps):
+
+  def run(i):
+    nonlocal state, metrics
     state, metrics = setup.train_step(state, device_batches[i % len(device_batches)])
-  jax.block_until_ready(metrics)
-  step_time = (time.perf_counter() - start) / steps
+    return metrics
+
+  step_time, fastest = median_step_time(run, steps, jax.block_until_ready)
   tokens = config.data.batch_size * setup.model.tokens_per_example()
-  return {"step_time_s": step_time, "examples_per_s": config.data.batch_size / step_time,
+  return {"step_time_s": step_time, "step_time_min_s": fastest, "examples_per_s": config.data.batch_size / step_time,
           "tokens_per_s": tokens / step_time,
           "model_flops_per_step": config.data.batch_size * setup.model.flops_per_example(),
           "num_params": state_lib.param_count(state.params)}

@@ -18,6 +18,11 @@ ACCELERATOR_DEVICES = ("/dev/accel0", "/dev/vfio", "/dev/nvidia0", "/dev/nvidiac
 if "JAX_PLATFORMS" not in os.environ and not any(map(os.path.exists, ACCELERATOR_DEVICES)):
   os.environ["JAX_PLATFORMS"] = "cpu"  # before anything imports jax
 
+from biofm_jax.host_memory import keep_freed_host_memory  # noqa: E402
+
+if os.environ.get("JAX_PLATFORMS") == "cpu":
+  keep_freed_host_memory()  # before jax starts its threads: steps stop page-faulting their buffers
+
 from absl import app, flags  # noqa: E402
 
 from biofm_jax.config import load_config, split_config_overrides  # noqa: E402

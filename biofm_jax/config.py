@@ -171,7 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = dict(
       num_layers=2, embed_dim=32, num_heads=2, head_dim=0, mlp_dim=64, dropout_rate=0.0,
       position="rope", norm="rmsnorm", dtype="float32", param_dtype="float32",
-      remat="none", scan_layers=True)
+      remat="none", scan_layers=True,
+      layer_loop="auto",  # stacked layers run as "scan", "unroll" or "auto" (unrolled on CPU only)
+      attention="auto")  # jax.nn.dot_product_attention's implementation: "auto", "xla" or "cudnn"
   config.data = dict(batch_size=32, num_workers=0,
                      prepared="")  # a directory from experiments/prepare.py: read it instead of raw files
   config.train = dict(

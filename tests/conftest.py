@@ -20,6 +20,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+from biofm_jax.host_memory import keep_freed_host_memory  # noqa: E402
+
+keep_freed_host_memory()  # as the commands do: steps stop page-faulting their buffers in
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -18,9 +18,9 @@ VOCAB, BINS, LEN = 30, 4, 16
 EDGES = (0.0, 1 / 24, 1.0, 7.0, 30.0, 90.0, 365.0)
 
 
-def _model(causal=True, scan=True):
+def _model(causal=True, scan=True, layer_loop="auto"):
   cfg = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=LEN, causal=causal,
-                          scan_layers=scan)
+                          scan_layers=scan, layer_loop=layer_loop)
   return SingleModalityModel(cfg, TokenModality("ehr", VOCAB, BINS, LEN, encoder=EHREncoder,
                                                 time_classes=len(EDGES) + 1))
 
@@ -40,9 +40,9 @@ def _batch(lengths, seed=0):
   return out
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_the_cached_step_equals_the_uncached_forward_pass(scan):
-  model = _model(scan=scan)
+@pytest.mark.parametrize("scan, layer_loop", [(True, "scan"), (True, "unroll"), (False, "auto")])
+def test_the_cached_step_equals_the_uncached_forward_pass(scan, layer_loop):
+  model = _model(scan=scan, layer_loop=layer_loop)
   full = _batch([LEN, LEN, LEN])
   params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in full.items()}})["params"]
   reference = model.apply({"params": params}, {"ehr": {k: jnp.asarray(v) for k, v in full.items()}})["ehr"]

@@ -121,6 +121,42 @@ def test_unscanned_stack_matches_scanned_with_the_same_weights():
                                                  batch)["ehr"]["hidden"], atol=1e-5)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_stacked_layers_run_unrolled_or_scanned_with_the_same_loss_and_gradients(remat):
+  """`model.layer_loop` changes how the stacked layers run, never their parameters."""
+  batch = make_batch()
+  objective = build_objective(model_config().objective)
+
+  def loss_and_grads(layer_loop):
+    model, params = init(model_config(layer_loop=layer_loop, remat=remat), batch)
+    def loss(p):
+      return weighted_loss(objective, objective.sums(model.apply({"params": p}, batch, train=True), batch),
+                           objective.counts(batch))
+    return params, jax.value_and_grad(loss)(params)
+
+  scanned_params, (scanned_loss, scanned_grads) = loss_and_grads("scan")
+  unrolled_params, (unrolled_loss, unrolled_grads) = loss_and_grads("unroll")
+  jax.tree.map(np.testing.assert_array_equal, unrolled_params, scanned_params)  # one layout, one init
+  assert unrolled_params["transformer"]["layers"]["mlp"]["wi"]["kernel"].shape[0] == 2
+  np.testing.assert_allclose(unrolled_loss, scanned_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), unrolled_grads, scanned_grads)
+
+
+def test_unrolled_layers_apply_dropout_from_the_step_key():
+  batch = make_batch()
+  model, params = init(model_config(layer_loop="unroll", dropout_rate=0.5), batch)
+  hidden = lambda key: model.apply({"params": params}, batch, train=True, rngs={"dropout": key})["ehr"]["hidden"]
+  first, again, other = hidden(jax.random.key(1)), hidden(jax.random.key(1)), hidden(jax.random.key(2))
+  np.testing.assert_array_equal(first, again)
+  assert not np.allclose(first, other)
+  assert not np.allclose(first, model.apply({"params": params}, batch)["ehr"]["hidden"])
+
+
+def test_an_unknown_layer_loop_is_refused():
+  with pytest.raises(ValueError, match="model.layer_loop must be"):
+    init(model_config(layer_loop="while"), make_batch())
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   batch = make_batch()
   model16, params = init(model_config(dtype="bfloat16"), batch)

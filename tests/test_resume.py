@@ -87,6 +87,19 @@ def test_resuming_with_other_data_settings_fails_naming_them(reference, syntheti
     helpers.train(changed, workdir)
 
 
+def test_a_run_resumes_with_its_layers_scanned_instead_of_unrolled(reference, synthetic_meds, tmp_path):
+  """How stacked layers run (`model.layer_loop`) is not a setting of the checkpoint: a run
+  written where they unroll (this CPU) resumes where they scan, with the same parameters."""
+  import shutil
+  ref_dir, ref_config = reference
+  workdir = tmp_path / "copy"
+  shutil.copytree(ref_dir, workdir)
+  scanned = helpers.config_for(SPEC, **overrides(synthetic_meds, train__num_steps=310, model__layer_loop="scan"))
+  helpers.train(scanned, workdir)
+  losses = helpers.train_losses(workdir)
+  assert max(losses) == 310 and all(abs(losses[s] - losses[300]) < 0.5 for s in range(301, 311))
+
+
 @pytest.mark.parametrize("damage", ["array", "json"])
 def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_previous_step_resumes_exactly(
     reference, synthetic_meds, tmp_path, damage):

@@ -37,13 +37,38 @@ class TransformerConfig:
   dtype: DType = jnp.float32  # compute dtype
   param_dtype: DType = jnp.float32
   remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
-  scan_layers: bool = True
+  scan_layers: bool = True  # parameters stacked on a leading "layers" axis (one checkpoint layout)
+  # How stacked layers run: "scan" (one compiled body, a loop), "unroll" (each layer on its
+  # slice of the stacked parameters, no loop) or "auto" (see `unrolls`). Parameters are the
+  # same either way, so a checkpoint moves between backends.
+  layer_loop: str = "auto"
+  # `jax.nn.dot_product_attention`'s implementation: "xla", "cudnn" (GPU, bf16/fp16) or
+  # "auto" (jax picks; on CPU that is "xla").
+  attention: str = "auto"
 
   @property
   def kv_dim(self) -> int:
     return self.head_dim or self.embed_dim // self.num_heads
 
+  @property
+  def attention_implementation(self) -> str | None:
+    return None if self.attention == "auto" else self.attention
+
+  @property
+  def unrolls(self) -> bool:
+    """Whether stacked layers run unrolled. "auto" unrolls on CPU, where the scan's loop
+    costs a third of the step (benchmarks/RESULTS.md: its stacked activation buffers are
+    zero-filled, sliced and copied each step), and scans elsewhere, where compile time at
+    depth is what the loop saves (compare both with `benchmarks/accelerator.py`)."""
+    if self.layer_loop == "auto":
+      return jax.default_backend() == "cpu"
+    return self.layer_loop == "unroll"
+
   def __post_init__(self):
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"model.attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+    if self.layer_loop not in ("auto", "scan", "unroll"):
+      raise ValueError(f"model.layer_loop must be 'auto', 'scan' or 'unroll', got {self.layer_loop!r}")
     if not self.head_dim and self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by "
                        f"model.num_heads={self.num_heads}; set model.head_dim")
@@ -132,7 +157,8 @@ class Attention(nn.Module):
       # keep seeing every real key, as in unpacked rows, so their outputs stay finite.
       same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
       key_mask = key_mask & same[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal)
+    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal,
+                                       implementation=cfg.attention_implementation)
     return self._project_out(out)
 
   def _project_out(self, out: Array) -> Array:
@@ -205,5 +231,6 @@ def transformer_config(model_cfg: ml_collections.ConfigDict, *, max_len: int, ca
       head_dim=model_cfg.head_dim, mlp_dim=model_cfg.mlp_dim, dropout_rate=model_cfg.dropout_rate,
       position=model_cfg.position, max_len=max_len, causal=causal, norm=model_cfg.norm,
       dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
-      scan_layers=model_cfg.scan_layers)
+      scan_layers=model_cfg.scan_layers, layer_loop=model_cfg.get("layer_loop", "auto"),
+      attention=model_cfg.get("attention", "auto"))
   return TransformerConfig(**{**fields, **replace})

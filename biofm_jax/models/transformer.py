@@ -1,4 +1,4 @@
-"""The shared transformer stack: scanned blocks, a remat policy and an analytic FLOP count.
+"""The shared transformer stack: stacked blocks (scanned or unrolled), a remat policy and an analytic FLOP count.
 
 Every modality's encoder produces `[batch, length, embed]` tokens plus a boolean mask;
 this stack is the same for all of them, so parallelism, remat and dtype choices are made
@@ -24,7 +24,8 @@ def _block_class(cfg: TransformerConfig):
   if cfg.remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat must be one of {['none', *REMAT_POLICIES]}, got {cfg.remat!r}")
   # prevent_cse is only needed outside scan; inside scan it would block useful fusions.
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  looped = cfg.scan_layers and not cfg.unrolls
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not looped)
 
 
 class TransformerStack(nn.Module):
@@ -40,7 +41,9 @@ class TransformerStack(nn.Module):
     `slot`, where the new tokens go; `mask` is then [B, S]. Returns (hidden, the updated cache)."""
     cfg = self.cfg
     block = _block_class(cfg)
-    if cfg.scan_layers:
+    if cfg.scan_layers and cfg.unrolls and not self.is_initializing():
+      x, cache = self._unrolled_over_stacked(block, x, mask, positions, segments, cache, slot, train=train)
+    elif cfg.scan_layers:
       # One compiled block body, parameters stacked on a leading "layers" axis (and so is the cache).
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
@@ -57,6 +60,25 @@ class TransformerStack(nn.Module):
         cache = tuple(jax.numpy.stack([c[j] for c in layers]) for j in range(2))
     x = make_norm(cfg, "final_norm")(x)
     return x if cache is None else (x, cache)
+
+  def _unrolled_over_stacked(self, block, x, mask, positions, segments, cache, slot, *, train: bool):
+    """The scanned layers' computation without the loop: layer i runs on slice i of the
+    stacked parameters (created by the scan at init, so the layout never changes)."""
+    cfg = self.cfg
+    stacked = nn.meta.unbox(self.variables["params"]["layers"])
+    dropout = train and cfg.dropout_rate > 0
+    base_rng = self.make_rng("dropout") if dropout else None
+    layers = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+      rngs = {"dropout": jax.random.fold_in(base_rng, i)} if dropout else {}
+      x, layer_cache = block(cfg, deterministic=not train, parent=None).apply(
+          {"params": jax.tree.map(lambda p, i=i: p[i], stacked)}, x, mask, positions, segments, layer_cache, slot,
+          rngs=rngs)
+      layers.append(layer_cache)
+    if cache is not None:
+      cache = tuple(jax.numpy.stack([c[j] for c in layers]) for j in range(2))
+    return x, cache
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, output_dim: int) -> float:

@@ -39,6 +39,9 @@ TRAIN_SPLIT, EVAL_SPLIT = "train", "tuning"
 # Config sections a resumed run must share with the run that wrote the checkpoint: they
 # decide the data order, the vocabulary and the parameter shapes. Mesh and step counts may change.
 RESUME_INVARIANT_SECTIONS = ("seed", "data", "model", "objective", "task", "finetune")
+# How the model runs, not what it computes or stores: a run may resume under other values
+# (a checkpoint written on a GPU, where layers scan, resumes on a CPU, where they unroll).
+RESUME_FREE_FIELDS = ("model.layer_loop", "model.attention")
 
 
 class StopRequested:
@@ -137,7 +140,7 @@ def check_resume_compatible(saved: dict, config: ml_collections.ConfigDict, step
     return {k: v for key, value in d.items() for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
   old, new = ({k: v for k, v in flatten({s: c.get(s) for s in RESUME_INVARIANT_SECTIONS}).items()}
               for c in (saved, current))
-  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUME_FREE_FIELDS)
   if changed:
     details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:10])
     raise ValueError(f"the checkpoint at step {step} was written with other settings ({details}); "

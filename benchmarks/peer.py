@@ -7,12 +7,13 @@ Needs the `peer` extra (`pip install -e .[peer]`: torch and transformers); nothi
 the library uses them. Measures, each in its own subprocess so that torch and jax never
 share a process:
   - ours: the jitted train step on device-resident batches from the Grain pipeline,
-    exactly as `benchmarks/throughput.py` times it (`time_train_step`; the compile step
-    is the one warm-up step excluded),
+    exactly as `benchmarks/throughput.py` times it (`time_train_step`: two warm-up steps
+    excluded, the compile and one more; the median of chunks of 5 steps),
   - peer: `transformers.BertForMaskedLM` of the same width, depth, heads, MLP width,
     vocabulary, dropout, batch size and sequence length, trained eagerly in float32 with
     `torch.optim.AdamW` (our learning rate, betas, weight decay on matrices only) and
-    `clip_grad_norm_` at our clip norm, after `--warmup` steps that are not timed. Its
+    `clip_grad_norm_` at our clip norm, after `--warmup` steps that are not timed (the
+    median of chunks of 5 steps, as ours). Its
     batches are random token ids in our vocabulary, with the per-example lengths (padding)
     of our first batch and the same masking rate: labels are -100 except at masked positions.
 Both processes are pinned to the same `--threads` CPUs (default: every CPU this process may
@@ -123,7 +124,7 @@ def measure_ours(config_spec: str, overrides: list[str], steps: int) -> dict:
     spec = model_spec(config, data.model_info()[data.name], lengths)
   return {"side": "ours", "framework": f"jax {jax.__version__}", "backend": jax.default_backend(),
           "devices": jax.device_count(), "cpu_threads": len(os.sched_getaffinity(0)),
-          "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": steps, "warmup_steps": 1,
+          "batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "timed_steps": steps, "warmup_steps": 2,
           "examples_per_s": step["examples_per_s"], "step_time_s": step["step_time_s"],
           "step_time_min_s": step["step_time_min_s"],
           "num_params": int(step["num_params"]),

@@ -38,11 +38,12 @@ from biofm_jax.train.build import build_training  # noqa: E402
 from timing import median_step_time  # noqa: E402  (benchmarks/timing.py)
 
 
-def time_train_step(config, data, batches, steps: int) -> dict:
+def time_train_step(config, data, batches, steps: int, warmup: int = 2) -> dict:
   setup = build_training(config, data)
   state = setup.init_state(config.seed)
   device_batches = [parallel.make_global_batch(b, setup.mesh) for b in batches]
-  state, metrics = setup.train_step(state, device_batches[0])  # compile
+  for i in range(warmup):  # the first compiles; the next lets the host heap reach its working size
+    state, metrics = setup.train_step(state, device_batches[i % len(device_batches)])
   jax.block_until_ready(metrics)
 
   def run(i):

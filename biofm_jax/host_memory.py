@@ -4,8 +4,8 @@ XLA:CPU allocates each execution's temporary buffer (130 MB for `ehr_bert.py:dem
 step) from one of its worker threads. glibc serves a request that large from a thread's
 arena with a fresh `mmap` whatever its thresholds say, and unmaps it when the step ends, so
 every step page-faults the whole buffer in again: 33,500 faults and about a third of the
-demo step on this kind of machine (benchmarks/RESULTS.md). With one arena, no `mmap` and a
-high trim threshold, the buffer is reused from the heap at no cost.
+demo step on this kind of machine (benchmarks/RESULTS.md). With one arena, no `mmap` and no
+trimming, the buffer is reused from the heap at no cost; the process keeps its peak memory.
 
 Only for processes that compute on the CPU, and only before jax starts its threads (arenas
 already handed out keep their settings). No jax import here, for that reason. Set
@@ -20,7 +20,10 @@ import sys
 
 # mallopt(3) parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-KEEP_FREED_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+# The trim threshold is a size_t set through an int: -1 is the largest size, "never trim".
+# A finite one (2 GB) is not enough: `ehr_bert.py:base`'s step frees a larger buffer, which
+# was handed back and faulted in again every step (1.1 million faults, half the step).
+KEEP_FREED_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 
 def keep_freed_host_memory() -> bool:

@@ -19,6 +19,7 @@ records its error and the others still run):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -36,20 +37,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from biofm_jax import hardware  # noqa: E402
 from biofm_jax.config import load_config  # noqa: E402
 from biofm_jax.train.loop import make_train_iterator, open_data_module  # noqa: E402
 from timing import median_step_time  # noqa: E402
 
-DATASHEET_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "B200": 2250, "L4": 121}
-
-
 def datasheet_peak() -> float | None:
-  """Dense bf16 FLOP/s of this device from its kind, or None when the kind is not listed."""
-  kind = jax.devices()[0].device_kind
-  for name, tflops in DATASHEET_BF16_TFLOPS.items():
-    if name in kind:
-      return tflops * 1e12
-  return None
+  """Dense bf16 FLOP/s of this device from its kind (`hardware.py`'s table), or None."""
+  tflops = hardware.gpu_peak_tflops(jax.devices()[0].device_kind)
+  return None if tflops is None else tflops * 1e12
 
 
 def measured_matmul_peak(size: int) -> float:
@@ -114,12 +110,8 @@ def section_attention(batch: int, length: int, heads: int, head_dim: int, steps:
 
 def section_peer(preset: str, steps: int) -> dict:
   """The BERT peer on this device, eager and compiled, in its own process (torch only)."""
-  try:
-    import importlib.util
-    if importlib.util.find_spec("torch") is None:
-      return {"skipped": "torch is not installed here (pip install -e .[peer] with a build for this device)"}
-  except Exception as e:  # noqa: BLE001
-    return {"skipped": str(e)}
+  if importlib.util.find_spec("torch") is None:
+    return {"skipped": "torch is not installed here (pip install -e .[peer] with a build for this device)"}
   command = [sys.executable, str(BENCHMARKS / "peer.py"), f"--config=configs/ehr_bert.py:{preset}",
              f"--steps={steps}", "--device=auto", "--compile_peer"]
   done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -44,6 +44,11 @@ _TPU_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "
 _GPUS = {"h100": (80, 989), "h200": (141, 989), "a100": (80, 312), "b200": (180, 2250)}
 
 
+def gpu_peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 TFLOP/s of a GPU from jax's `device_kind` ("NVIDIA H200"), None if not listed."""
+  return next((peak for kind, (_, peak) in _GPUS.items() if kind in device_kind.lower()), None)
+
+
 def topology(name: str) -> Topology:
   """`v5p-256`, `v5e-16`, `v4-32`, `v6e-256` (TPU slices, as Cloud TPU names them), or
   `h100-8`, `h200-16`, `a100-8`, `b200-8` (that many GPUs, 8 per host)."""

@@ -57,7 +57,7 @@ class TransformerStack(nn.Module):
                                                                                 layer_cache, slot)
         layers.append(layer_cache)
       if cache is not None:
-        cache = tuple(jax.numpy.stack([c[j] for c in layers]) for j in range(2))
+        cache = _stack_layer_caches(layers)
     x = make_norm(cfg, "final_norm")(x)
     return x if cache is None else (x, cache)
 
@@ -76,9 +76,12 @@ class TransformerStack(nn.Module):
           {"params": jax.tree.map(lambda p, i=i: p[i], stacked)}, x, mask, positions, segments, layer_cache, slot,
           rngs=rngs)
       layers.append(layer_cache)
-    if cache is not None:
-      cache = tuple(jax.numpy.stack([c[j] for c in layers]) for j in range(2))
-    return x, cache
+    return x, None if cache is None else _stack_layer_caches(layers)
+
+
+def _stack_layer_caches(layers: list) -> tuple:
+  """Per-layer (keys, values) caches -> (keys, values) stacked on a leading layers axis."""
+  return tuple(jax.numpy.stack([layer[j] for layer in layers]) for j in range(2))
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, output_dim: int) -> float:

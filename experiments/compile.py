@@ -53,7 +53,10 @@ def main(argv, overrides):
       peak_tflops = peak_tflops if FLAGS["peak_tflops"].present else slice_.peak_tflops
       where = (f"{slice_.name} ({slice_.num_devices} devices, TPU compiler, topology {slice_.tpu_topology})"
                if slice_.tpu_topology else f"{slice_.name} ({slice_.num_devices} fake CPU devices)")
-    sizing = size_training(config, vocab_size=FLAGS.vocab_size, compile=FLAGS.compile, devices=devices)
+    # The run trains on the slice's chips, not on this host's CPU (`model.layer_loop="auto"`).
+    platform = ("tpu" if slice_.tpu_topology else "gpu") if slice_ else "cpu"
+    sizing = size_training(config, vocab_size=FLAGS.vocab_size, compile=FLAGS.compile, devices=devices,
+                           platform=platform)
   except DoesNotFit as e:
     print(f"=== {FLAGS.config} on {where} ===\n  does not fit: the compiler says {e}")
     sys.exit(1)
@@ -69,7 +72,8 @@ def main(argv, overrides):
     print(f"  compiled step memory   {sizing.compiled_bytes_per_device / gib:.3f} GiB per device ({compiler})")
   print(f"  model FLOPs per step   {sizing.model_flops_per_step:.3e}")
   if sizing.compiler_flops_per_step is not None:
-    print(f"  compiler FLOPs         {sizing.compiler_flops_per_step:.3e} per device (a scanned layer counted once)")
+    print(f"  compiler FLOPs         {sizing.compiler_flops_per_step:.3e} per device")
+  print(f"  stacked layers         {'scanned' if sizing.layer_loop == 'scan' else 'unrolled'}, as on {platform}")
   seconds = sizing.step_seconds(peak_tflops * 1e12, FLAGS.mfu)
   print(f"  step time              {seconds * 1e3:.3g} ms at {FLAGS.mfu:.0%} MFU of {peak_tflops:g} TFLOP/s "
         f"per device")

@@ -109,10 +109,24 @@ def test_mismatched_or_damaged_prepared_datasets_are_refused(tmp_path):
     prepared.open_prepared(out, modality="ehr", data_config=section, objective=config.objective.name)
   with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
     prepared.open_prepared(tmp_path, modality="tabular", data_config=section, objective=config.objective.name)
-  module_file = out / prepared.MODULE_FILE
-  module_file.write_bytes(module_file.read_bytes()[:-10])
-  with pytest.raises(ValueError, match="does not match its manifest"):
-    prepared.open_prepared(out, modality="tabular", data_config=section, objective=config.objective.name)
+  for name in prepared.MODULE_FILES:
+    module_file = out / name
+    intact = module_file.read_bytes()
+    module_file.write_bytes(intact[:-10])
+    with pytest.raises(ValueError, match=f"{name}: does not match its manifest"):
+      prepared.open_prepared(out, modality="tabular", data_config=section, objective=config.objective.name)
+    module_file.write_bytes(intact)
+
+
+def test_the_data_module_is_stored_as_json_and_arrays_not_pickle(tmp_path):
+  config = config_for("configs/tabular_features.py:tiny")
+  out = tmp_path / "prepared"
+  _prepare(config, out)
+  assert sorted(p.name for p in out.glob("data_module.*")) == ["data_module.json", "data_module.npz"]
+  tree = json.loads((out / "data_module.json").read_text())
+  assert tree["class"] == "biofm_jax.modalities.tabular.data.TabularData"
+  with np.load(out / "data_module.npz", allow_pickle=False) as arrays:
+    assert all(arrays[name].dtype.kind != "O" for name in arrays.files)
 
 
 def test_training_windows_are_not_prepared_yet(tmp_path):

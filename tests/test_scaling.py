@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import helpers
@@ -75,3 +76,27 @@ def test_compile_command_sizes_a_tpu_slice_with_the_tpu_compiler():
                             "--topology=v5e-256"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert too_big.returncode == 1, too_big.stderr[-2000:]
   assert "does not fit: the compiler says RESOURCE_EXHAUSTED" in too_big.stdout, too_big.stdout
+
+
+def test_sizing_for_an_accelerator_compiles_the_scanned_layers_a_run_there_would_use():
+  # model.layer_loop="auto" unrolls on this CPU host; a TPU or GPU run scans: its program
+  # holds one loop over the layers where the CPU's holds none.
+  config = helpers.config_for("configs/ehr_bert.py:tiny")
+  assert config.model.layer_loop == "auto" and config.model.num_layers >= 2
+  here, tpu = (size_training(config, platform=p) for p in ("cpu", "tpu"))
+  assert (here.layer_loop, tpu.layer_loop) == ("unroll", "scan")
+  assert here.compiler_flops_per_step == pytest.approx(tpu.compiler_flops_per_step, rel=0.05)  # same model
+  assert _while_loops(config, "cpu") == 0 and _while_loops(config, "tpu") >= 1
+  pinned = size_training(helpers.config_for("configs/ehr_bert.py:tiny", model__layer_loop="unroll"), platform="tpu")
+  assert pinned.layer_loop == "unroll"  # an explicit choice is kept
+  assert config.model.layer_loop == "auto"  # the caller's config is not changed
+
+
+def _while_loops(config, platform) -> int:
+  from biofm_jax.train import aot
+  from biofm_jax.train.build import build_training
+  resolved = aot._for_platform(config, platform)
+  setup = build_training(resolved, aot.AbstractData(resolved, 20_000), None)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((resolved.data.batch_size,) + x.shape[1:], x.dtype,
+                                                      sharding=aot._batch_sharding(setup)), setup.init_batch)
+  return setup.train_step.lower(setup.abstract_state, batch).as_text().count("stablehlo.while")

@@ -16,8 +16,9 @@ by placeholders, so every random transform keeps its position and with it its se
 (`pipeline.derive_seed`): training on the prepared dataset yields exactly the batches of
 training on the raw source. The config's data section must equal the one prepared from.
 
-The module is stored with pickle (as Grain's worker processes send transforms): open only
-prepared datasets you made or trust, as with any pickle.
+The module is stored as JSON and arrays (`object_state.py`), never pickled: opening a
+prepared dataset rebuilds biofm_jax's own objects from their saved attributes and runs no
+stored code.
 """
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ from typing import Any, Callable, Iterator, Mapping
 import grain
 import numpy as np
 
-from biofm_jax.data import pipeline
+from biofm_jax.data import object_state, pipeline
 from biofm_jax.data.artifacts import skip_generated_data
 from biofm_jax.data.module import KeyByModality
 
-MANIFEST_FILE, MODULE_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "data_module.pkl", "artifacts", "tfds"
+MANIFEST_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "artifacts", "tfds"
+MODULE_FILES = ("data_module.json", "data_module.npz")  # the module's state: its tree, its arrays
 BUILDER_NAME, BUILDER_VERSION = "biofm_prepared", "1.0.0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 stored the module with pickle
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def deterministic_prefix(module: Any) -> int:
 
 
 def _fingerprint(value: Any) -> str:
+  """Equal for transforms of equal class and state (hashed in memory, never read back)."""
   return hashlib.sha256(pickle.dumps(value)).hexdigest()
 
 
@@ -202,10 +205,12 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
   raw = module.dataset
   module.dataset = _DetachedDataset(str(out))
   try:
-    module_bytes = pickle.dumps(module)
+    tree, arrays = object_state.encode(module, f"{out}: the {module.name} data module")
   finally:
     module.dataset = raw
-  (out / MODULE_FILE).write_bytes(module_bytes)
+  module_bytes = (json.dumps(tree).encode(), object_state.to_npz_bytes(arrays))
+  for name, data in zip(MODULE_FILES, module_bytes):
+    (out / name).write_bytes(data)
   manifest = {
       "format_version": FORMAT_VERSION, "modality": module.name, "objective": objective,
       "data_config": json.loads(json.dumps(dict(data_config), default=str)),
@@ -213,7 +218,7 @@ def prepare(module: Any, out: str | os.PathLike, *, data_config: Mapping[str, An
       "fields": _field_spec(first),
       "records": {s: int(builder.info.splits[s].num_examples) for s in splits},
       "summary": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()},
-      "module_sha256": hashlib.sha256(module_bytes).hexdigest(),
+      "module_sha256": {name: hashlib.sha256(data).hexdigest() for name, data in zip(MODULE_FILES, module_bytes)},
       "tfds_dir": os.path.relpath(builder.data_dir, out)}
   tmp = out / (MANIFEST_FILE + ".tmp")
   tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -310,11 +315,14 @@ def open_prepared(directory: str | os.PathLike, *, modality: str, data_config: M
   if problems:
     raise ValueError(f"{directory}: prepared from other settings than this config's; prepare "
                      f"again or match them: " + "; ".join(problems))
-  module_bytes = (directory / MODULE_FILE).read_bytes()
-  if hashlib.sha256(module_bytes).hexdigest() != manifest["module_sha256"]:
-    raise ValueError(f"{directory / MODULE_FILE}: does not match its manifest (changed or "
-                     f"truncated since preparation); prepare again")
-  module = pickle.loads(module_bytes)
+  stored = {}
+  for name in MODULE_FILES:
+    stored[name] = (directory / name).read_bytes()
+    if hashlib.sha256(stored[name]).hexdigest() != manifest["module_sha256"][name]:
+      raise ValueError(f"{directory / name}: does not match its manifest (changed or truncated "
+                       f"since preparation); prepare again")
+  tree_file, arrays_file = MODULE_FILES
+  module = object_state.decode(json.loads(stored[tree_file]), object_state.from_npz_bytes(stored[arrays_file]))
   if artifacts_dir is not None and (directory / ARTIFACTS_DIR).is_dir():
     shutil.copytree(directory / ARTIFACTS_DIR, artifacts_dir, ignore=skip_generated_data,
                     dirs_exist_ok=True)

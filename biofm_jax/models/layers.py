@@ -21,6 +21,12 @@ DType = Any
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
+def runs_unrolled(layer_loop: str, platform: str) -> bool:
+  """Whether `model.layer_loop` unrolls the stacked layers on `platform` ("cpu", "gpu",
+  "tpu"): "auto" unrolls on CPU only (`TransformerConfig.unrolls` says why)."""
+  return platform == "cpu" if layer_loop == "auto" else layer_loop == "unroll"
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Static hyper-parameters of the shared transformer stack (hashable for Linen)."""
@@ -60,9 +66,7 @@ class TransformerConfig:
     costs a third of the step (benchmarks/RESULTS.md: its stacked activation buffers are
     zero-filled, sliced and copied each step), and scans elsewhere, where compile time at
     depth is what the loop saves (compare both with `benchmarks/accelerator.py`)."""
-    if self.layer_loop == "auto":
-      return jax.default_backend() == "cpu"
-    return self.layer_loop == "unroll"
+    return runs_unrolled(self.layer_loop, jax.default_backend())
 
   def __post_init__(self):
     if self.attention not in ("auto", "xla", "cudnn"):

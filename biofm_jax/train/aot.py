@@ -13,6 +13,7 @@ reports per device:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.modalities import registry
+from biofm_jax.models.layers import runs_unrolled
 from biofm_jax.train.build import build_training
 from biofm_jax.train.state import param_count
 from biofm_jax import parallel
@@ -66,6 +68,7 @@ class Sizing:
   param_bytes_per_device: int
   optimizer_bytes_per_device: int
   model_flops_per_step: float
+  layer_loop: str  # how the sized program runs its stacked layers: "scan" or "unroll"
   compiled_bytes_per_device: int | None = None
   compiler_flops_per_step: float | None = None
 
@@ -90,16 +93,21 @@ def bytes_per_device(abstract_tree: Any) -> int:
 
 
 def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000, compile: bool = True,
-                  devices: list | None = None) -> Sizing:
+                  devices: list | None = None, platform: str | None = None) -> Sizing:
   """`devices`: the mesh's devices (default jax.devices(), fake CPU devices in
-  experiments/compile.py; `Topology.devices()` for a TPU slice)."""
+  experiments/compile.py; `Topology.devices()` for a TPU slice). `platform` ("cpu", "gpu",
+  "tpu"; default this process's backend) is where the sized run will train: it decides what
+  `model.layer_loop="auto"` compiles (a GPU slice sized on fake CPU devices scans its layers,
+  as the run on GPUs will)."""
+  config = _for_platform(config, platform or jax.default_backend())
   setup = build_training(config, AbstractData(config, vocab_size), devices)
   abstract = setup.abstract_state
   sizing = Sizing(
       mesh=dict(setup.mesh.shape), num_params=param_count(abstract.params),
       param_bytes_per_device=bytes_per_device(abstract.params),
       optimizer_bytes_per_device=bytes_per_device(abstract.opt_state),
-      model_flops_per_step=config.data.batch_size * setup.model.flops_per_example())
+      model_flops_per_step=config.data.batch_size * setup.model.flops_per_example(),
+      layer_loop=config.model.layer_loop)
   if compile:
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype,
                                                         sharding=_batch_sharding(setup)), setup.init_batch)
@@ -118,6 +126,16 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
     if cost and "flops" in cost:
       sizing.compiler_flops_per_step = float(cost["flops"])
   return sizing
+
+
+def _for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+  """`config` with `model.layer_loop="auto"` resolved as a run on `platform` resolves it."""
+  if config.model.get("layer_loop", "auto") != "auto":
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.layer_loop = "unroll" if runs_unrolled("auto", platform) else "scan"
+  return config
 
 
 def _batch_sharding(setup):

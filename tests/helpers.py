@@ -109,9 +109,10 @@ def mesh_overrides(shape) -> dict:
 
 def constant_lr_overrides(num_steps: int, **extra) -> dict:
   """Logs every step; a constant learning rate after warm-up, so the first k steps of a run
-  do not depend on its length (a run of k steps is a prefix of a longer one)."""
-  return dict(train__num_steps=num_steps, train__log_every=1, train__eval_every=100_000,
-              train__final_lr_fraction=1.0, checkpoint__every_steps=5, **extra)
+  do not depend on its length (a run of k steps is a prefix of a longer one). No evaluation
+  (these runs compare training curves and parameters), unless `extra` asks for it."""
+  return {**dict(train__num_steps=num_steps, train__log_every=1, train__eval_every=0,
+                 train__final_lr_fraction=1.0, checkpoint__every_steps=5), **extra}
 
 
 def train_on_meshes(spec: str, meshes, make_workdir, **overrides) -> dict:

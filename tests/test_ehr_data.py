@@ -344,6 +344,27 @@ def test_eval_masks_the_same_positions_every_time(records, vocab):
   assert not padding["mask"][5:].any() and not padding["target_mask"][5:].any()
 
 
+
+def test_eval_masks_each_record_the_same_with_any_number_of_processes(records, vocab):
+  """Two processes' evaluation batches hold the one-process examples, masked alike, so a
+  run's eval loss does not depend on how many hosts computed it."""
+  transforms = [ehr.TokenizeEHR(vocab, 16), ehr.MaskEHR(vocab.size), KeyByModality("ehr")]
+  spec = {"ehr": batch.ehr_example_spec(16, with_targets=True)}
+
+  def examples(index, count):
+    batches = pipeline.make_eval_dataset(records[:13], transforms, global_batch_size=8, seed=5, example_spec=spec,
+                                         process_index=index, process_count=count)
+    rows = [{k: v[i] for k, v in b["ehr"].items()} for b in batches for i in range(len(b["ehr"]["mask"]))]
+    return [row for row in rows if row["mask"].any()]  # the padding examples aside
+
+  single = examples(0, 1)
+  shards = [examples(index, 2) for index in (0, 1)]
+  assert len(single) == 13 and [len(s) for s in shards] == [7, 6]
+  interleaved = [row for pair in zip(*[s + [None] for s in shards]) for row in pair if row is not None]
+  assert any(row["target_mask"].any() for row in single)
+  for one, two in zip(single, interleaved, strict=True):
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+
 # ================================================================ EHRData on a MEDS cohort
 def ehr_config(**overrides):
   import ml_collections

@@ -9,6 +9,7 @@ import socket
 import subprocess
 
 import helpers
+from biofm_jax.train.metric_writer import read_metrics
 
 SPEC = "configs/ehr_bert.py:tiny"
 STEPS = 10
@@ -41,10 +42,13 @@ def run_processes(workdir, overrides: dict, num_processes: int = 2, devices_per_
 
 
 def test_two_processes_train_exactly_as_one(tmp_path):
-  overrides = {**helpers.constant_lr_overrides(STEPS), **helpers.mesh_overrides((2, 4, 1))}
+  # With the final evaluation, which the two processes also run together.
+  overrides = {**helpers.constant_lr_overrides(STEPS, train__eval_every=STEPS), **helpers.mesh_overrides((2, 4, 1))}
   run_processes(tmp_path / "two", overrides)
-  helpers.train(helpers.config_for(SPEC, **overrides), tmp_path / "one")
+  summary = helpers.train(helpers.config_for(SPEC, **overrides), tmp_path / "one")
   assert (tmp_path / "two" / "checkpoints" / str(STEPS) / "data" / "process_1-of-2.json").exists()
+  two_eval = [r["eval/loss"] for r in read_metrics(tmp_path / "two") if "eval/loss" in r]
+  assert len(two_eval) == 1 and abs(two_eval[0] - summary["eval/loss"]) < 1e-5
   helpers.assert_curves_close(helpers.train_losses(tmp_path / "two"), helpers.train_losses(tmp_path / "one"),
                               atol=1e-5)
   helpers.assert_trees_close(helpers.final_params(tmp_path / "two", None),

@@ -59,9 +59,11 @@ def test_expression_trains_on_an_anndata_file_written_by_anndata(tmp_path):
   assert losses[-1] < losses[0] and accuracy > 0.6
 
 
-@pytest.mark.parametrize("spec", [DNA, PROTEIN])
-def test_sequence_loss_falls_and_embeddings_find_the_motif(spec, tmp_path):
-  (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(spec, tmp_path, "motif", train__num_steps=300)
+# DNA's 6-mer model meets both bounds by step 200 (loss 0.87x its first, probe AUROC 0.84;
+# at 300: 0.87x, 0.83); the protein model's loss needs longer (0.88x at 200, 0.86x at 300).
+@pytest.mark.parametrize("spec, steps", [(DNA, 200), (PROTEIN, 300)])
+def test_sequence_loss_falls_and_embeddings_find_the_motif(spec, steps, tmp_path):
+  (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(spec, tmp_path, "motif", train__num_steps=steps)
   auroc = helpers.probe_auroc(train_x, train_y, test_x, test_y)
   print(f"{spec}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}; motif probe AUROC {auroc:.3f}")
   assert losses[-1] < 0.9 * losses[0]

@@ -63,3 +63,13 @@ def test_a_run_writes_metrics_tensorboard_and_artifacts(synthetic_meds, tmp_path
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "artifacts" / "ehr_vocab.json").exists()
   assert summary["baseline/unigram_code_loss"] > 0
+
+
+def test_eval_every_zero_trains_without_any_evaluation(synthetic_meds, tmp_path):
+  config = helpers.config_for("configs/ehr_bert.py:tiny", data__ehr__path=str(synthetic_meds),
+                              train__num_steps=4, train__log_every=2, train__eval_every=0)
+  summary = helpers.train(config, tmp_path)
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+  assert not [key for r in records for key in r if key.startswith(("eval/", "retrieval/"))]
+  assert summary["steps"] == 4 and not [k for k in summary if k.startswith(("eval/", "baseline/"))]

@@ -93,22 +93,19 @@ def derive_seed(seed: int, stream: int, process_index: int, position: int) -> in
 
 
 def _apply_transforms(ds: grain.MapDataset, transforms: Sequence[Any], *, seed: int,
-                      stream: int, process_index: int) -> grain.MapDataset:
+                      stream: int) -> grain.MapDataset:
+  """`transforms` over a global (never a per-process) dataset: a random one draws by the
+  record's position there, so every process count sees the same examples."""
   for position, transform in enumerate(transforms):
     if isinstance(transform, grain.transforms.RandomMap):
-      ds = ds.random_map(transform,
-                         seed=derive_seed(seed, stream, process_index, position))
+      # The 0 once stood for a process index; kept so every stream draws as it always has.
+      ds = ds.random_map(transform, seed=derive_seed(seed, stream, 0, position))
     elif isinstance(transform, grain.transforms.Map) or callable(transform):
       ds = ds.map(transform)
     else:
       raise TypeError(f"pipeline: transform {position} ({type(transform).__name__}) is "
                       f"neither a grain Map, a grain RandomMap nor a callable")
   return ds
-
-
-def _shard(source: Any, process_index: int, process_count: int) -> grain.MapDataset:
-  ds = grain.MapDataset.source(source)
-  return ds[process_index::process_count] if process_count > 1 else ds
 
 
 def _process_view(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
@@ -184,7 +181,7 @@ def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: i
     # and the source read at each position (the same order as shuffling the source itself).
     ds = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32).repeat(None)
     ds = ds.map_with_index(_ReadAtStep(source, global_batch_size))
-  ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM, process_index=0)
+  ds = _apply_transforms(ds, transforms, seed=seed, stream=_TRAIN_STREAM)
   return ds, num_records
 
 
@@ -243,16 +240,15 @@ def make_eval_dataset(source: Any, transforms: Sequence[Any], *, global_batch_si
 
   Every process yields the same number of batches (collectives in the eval step need
   it), so shorter shards get one more padding example where the split does not divide.
-  Random transforms use a fixed seed per record position: each evaluation masks the same
-  positions. `example_spec` is the module's, `{modality: spec}`; padding examples are
+  Random transforms draw by the record's index in the split: each evaluation, with any
+  number of processes, masks the same positions. `example_spec` is the module's, `{modality: spec}`; padding examples are
   zeros and False (every PRESENT False in a multimodal one).
   """
   spec_by_modality = _keyed_spec(example_spec)
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
-  ds = _shard(source, index, count)
-  ds = _apply_transforms(ds, transforms, seed=seed, stream=_EVAL_STREAM,
-                         process_index=index)
+  ds = _apply_transforms(grain.MapDataset.source(source), transforms, seed=seed, stream=_EVAL_STREAM)
+  ds = _process_view(ds, index, count)
   num_records = len(ds)
   largest_shard = math.ceil(len(source) / count)
   num_batches = math.ceil(largest_shard / batch_size)

@@ -33,9 +33,34 @@ import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's store (no public alias)
 
 UNREADABLE_SUFFIX = ".unreadable"
 SIZES_SUFFIX = ".sizes.json"
+# Orbax splits the write of a replicated array among its replicas. Each slice is an op
+# dispatched (and on first use compiled) per array and replica, so for small arrays the
+# split costs more than the parallel write saves: a tiny model's step took 4.7 s to save
+# on 8 CPU devices the first time and 1.3 s after, against 0.1 s unsplit. Arrays whose
+# slices stay under this many bytes are written whole by their first replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The handler of the train state: Orbax's standard handlers, with `jax.Array`s written
+  as `MIN_REPLICA_SLICE_BYTES` says (a registry of its own: Orbax's global one is left as
+  it is). The files are those of `StandardCheckpointHandler`, which reads them too."""
+  arrays = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  registry = ocp.type_handlers.create_type_handler_registry(*[
+      (kind, arrays if kind is jax.Array else ocp.type_handlers.get_type_handler(kind))
+      for kind in ocp.type_handlers.supported_types()])
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
+  """Restores onto `abstract_state`'s shapes, dtypes and shardings."""
+  return ocp.args.PyTreeRestore(item=abstract_state,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
 class Checkpointer:
@@ -45,7 +70,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.directory = os.path.abspath(directory)  # Orbax requires absolute paths
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers={"state": state_handler(),
+                                                         "data": grain.checkpoint.CheckpointHandler(),
+                                                         "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -56,7 +84,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
            *, force: bool = False) -> bool:
     """Starts an (async) save of step `step`; returns whether a save was started."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator),
                               config=ocp.args.JsonSave(config_to_dict(config)))
     self._record_sizes()  # of the steps an earlier (async) save has finished
@@ -166,7 +194,7 @@ class Checkpointer:
     of them stood at the same position, which this process then takes."""
     self.check_sizes(step)
     if self._data_state_path(step, jax.process_index(), jax.process_count()).exists():
-      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+      args = ocp.args.Composite(state=restore_args(abstract_state),
                                 data=grain.checkpoint.CheckpointRestore(data_iterator))
       return self._manager.restore(step, args=args).state
     data_iterator.set_state(self._shared_data_state(step))
@@ -189,7 +217,7 @@ class Checkpointer:
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Only the train state (e.g. to evaluate or fine-tune from a checkpoint)."""
     self.check_sizes(step)
-    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+    return self._manager.restore(step, args=ocp.args.Composite(state=restore_args(abstract_state))).state
 
   def restore_config(self, step: int) -> dict:
     self.check_sizes(step)

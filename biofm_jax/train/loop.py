@@ -237,8 +237,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   artifacts_dir = workdir / "artifacts"
   data_module = open_once(lambda: (open_data or (lambda d: open_data_module(config, d)))(artifacts_dir))
   log.info("data (%s): %s", data_module.name, ", ".join(f"{k}={v}" for k, v in data_module.summary().items()))
-  evaluates = pipeline.has_split(data_module, EVAL_SPLIT)
-  if not evaluates:
+  evaluates = config.train.eval_every > 0 and pipeline.has_split(data_module, EVAL_SPLIT)
+  if config.train.eval_every <= 0:
+    log.info("train.eval_every=%d: no evaluation (periodic, final or retrieval)", config.train.eval_every)
+  elif not evaluates:
     log.warning("no %r split with records: periodic evaluation is skipped", EVAL_SPLIT)
   baselines = (registry.reference_losses(data_module, config, train_split=TRAIN_SPLIT, eval_split=EVAL_SPLIT)
                if evaluates else {})

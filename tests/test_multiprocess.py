@@ -26,8 +26,8 @@ def run_processes(workdir, overrides: dict, num_processes: int = 2, devices_per_
   port = free_port()
   # The persistent compilation cache stays off in these children: jax 0.10.2's XLA:CPU has
   # aborted loading some programs back from it (see test_multimodal_retrieval.py).
-  env = {**os.environ, "XLA_FLAGS": f"--xla_backend_optimization_level=0 "  # as tests/conftest.py
-                                    f"--xla_force_host_platform_device_count={devices_per_process}",
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(  # conftest.py's, with fewer devices
+             "device_count=8", f"device_count={devices_per_process}"),
          "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false"}
   processes = []
   for index in range(num_processes):

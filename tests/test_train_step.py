@@ -73,3 +73,22 @@ def test_eval_every_zero_trains_without_any_evaluation(synthetic_meds, tmp_path)
   assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
   assert not [key for r in records for key in r if key.startswith(("eval/", "retrieval/"))]
   assert summary["steps"] == 4 and not [k for k in summary if k.startswith(("eval/", "baseline/"))]
+
+
+def test_a_held_learning_rate_leaves_num_steps_out_of_the_program():
+  """final_lr_fraction=1: warm-up then the peak, the same values as the cosine form, and a
+  program that is the same for every run length (so a short run is an exact prefix)."""
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+
+  def schedule(num_steps, fraction):
+    return state_lib.learning_rate_schedule(ml_collections.ConfigDict(dict(
+        learning_rate=3e-3, warmup_steps=5, num_steps=num_steps, final_lr_fraction=fraction)))
+
+  steps = jnp.arange(40)
+  cosine = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 5, 30, 3e-3)
+  np.testing.assert_array_equal(jax.vmap(schedule(30, 1.0))(steps), jax.vmap(cosine)(steps))
+  program = lambda n, fraction: jax.jit(schedule(n, fraction)).lower(jnp.int32(0)).as_text()
+  assert program(8, 1.0) == program(300, 1.0)
+  assert program(8, 0.1) != program(300, 0.1)

@@ -28,7 +28,13 @@ class TrainState:
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up then cosine decay to `final_lr_fraction` of the peak."""
+  """Linear warm-up then cosine decay to `final_lr_fraction` of the peak. At a fraction of 1
+  the peak is held with no decay term at all, so the step program does not depend on
+  `num_steps`: a k-step run is a prefix of a longer one under any compiler's rounding."""
+  if cfg.final_lr_fraction == 1.0:
+    warmup = max(cfg.warmup_steps, 1)
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                                 optax.constant_schedule(cfg.learning_rate)], [warmup])
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=max(cfg.warmup_steps, 1),
       decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)

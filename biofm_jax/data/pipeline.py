@@ -85,9 +85,11 @@ def _per_process_batch(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def derive_seed(seed: int, stream: int, process_index: int, position: int) -> int:
-  """A 32-bit seed for one random transform, independent across streams and processes."""
-  entropy = [seed % 2**64, stream, process_index, position]  # SeedSequence wants >= 0
+def derive_seed(seed: int, stream: int, position: int) -> int:
+  """A 32-bit seed for the random transform at `position`, independent across streams (the
+  same for every process: transforms run over global datasets)."""
+  # The 0 once stood for a process index; kept so every stream draws as it always has.
+  entropy = [seed % 2**64, stream, 0, position]  # SeedSequence wants >= 0
   state = np.random.SeedSequence(entropy).generate_state(1)
   return int(state[0])
 
@@ -98,8 +100,7 @@ def _apply_transforms(ds: grain.MapDataset, transforms: Sequence[Any], *, seed: 
   record's position there, so every process count sees the same examples."""
   for position, transform in enumerate(transforms):
     if isinstance(transform, grain.transforms.RandomMap):
-      # The 0 once stood for a process index; kept so every stream draws as it always has.
-      ds = ds.random_map(transform, seed=derive_seed(seed, stream, 0, position))
+      ds = ds.random_map(transform, seed=derive_seed(seed, stream, position))
     elif isinstance(transform, grain.transforms.Map) or callable(transform):
       ds = ds.map(transform)
     else:
@@ -241,8 +242,9 @@ def make_eval_dataset(source: Any, transforms: Sequence[Any], *, global_batch_si
   Every process yields the same number of batches (collectives in the eval step need
   it), so shorter shards get one more padding example where the split does not divide.
   Random transforms draw by the record's index in the split: each evaluation, with any
-  number of processes, masks the same positions. `example_spec` is the module's, `{modality: spec}`; padding examples are
-  zeros and False (every PRESENT False in a multimodal one).
+  number of processes, masks the same positions. `example_spec` is the module's,
+  `{modality: spec}`; padding examples are zeros and False (every PRESENT False in a
+  multimodal one).
   """
   spec_by_modality = _keyed_spec(example_spec)
   index, count = _process_layout(process_index, process_count)

@@ -92,3 +92,18 @@ def test_a_held_learning_rate_leaves_num_steps_out_of_the_program():
   program = lambda n, fraction: jax.jit(schedule(n, fraction)).lower(jnp.int32(0)).as_text()
   assert program(8, 1.0) == program(300, 1.0)
   assert program(8, 0.1) != program(300, 0.1)
+
+
+def test_metric_names_become_tensorboard_tags_without_rewrites(tmp_path, caplog):
+  import logging
+
+  from biofm_jax.train.metric_writer import MetricWriter, tensorboard_tag
+  assert tensorboard_tag("retrieval/ehr->imaging/recall@10") == "retrieval/ehr_to_imaging/recall_at_10"
+  assert tensorboard_tag("train/contrastive/ehr_imaging_top1") == "train/contrastive/ehr_imaging_top1"
+  writer = MetricWriter(tmp_path)
+  with caplog.at_level(logging.INFO):
+    writer.write(3, {"retrieval/ehr->imaging/recall@10": 0.5, "eval/loss": 1.25})
+  writer.close()
+  assert not [r for r in caplog.records if "illegal" in r.getMessage()]
+  # metrics.jsonl keeps the names as the run wrote them.
+  assert read_metrics(tmp_path) == [{"step": 3, "retrieval/ehr->imaging/recall@10": 0.5, "eval/loss": 1.25}]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 from typing import Mapping
 
@@ -54,11 +55,24 @@ class MetricWriter:
       f.write(json.dumps(record) + "\n")
     for name, value in record.items():
       if name != "step" and math.isfinite(value):
-        self._tb.add_scalar(name, value, step)
+        self._tb.add_scalar(tensorboard_tag(name), value, step)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+# TensorBoard tags allow letters, digits, "_", "-", "." and "/"; tensorboardX rewrites any
+# other character to "_" and logs a line for each. Retrieval metrics read better spelt out.
+_TAG_WORDS = (("->", "_to_"), ("@", "_at_"))
+_TAG_OTHER = re.compile(r"[^-/\w.]")
+
+
+def tensorboard_tag(name: str) -> str:
+  """"retrieval/ehr->imaging/recall@10" -> "retrieval/ehr_to_imaging/recall_at_10"."""
+  for old, new in _TAG_WORDS:
+    name = name.replace(old, new)
+  return _TAG_OTHER.sub("_", name)
 
 
 def _to_float(value) -> float:

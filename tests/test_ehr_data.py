@@ -344,7 +344,6 @@ def test_eval_masks_the_same_positions_every_time(records, vocab):
   assert not padding["mask"][5:].any() and not padding["target_mask"][5:].any()
 
 
-
 def test_eval_masks_each_record_the_same_with_any_number_of_processes(records, vocab):
   """Two processes' evaluation batches hold the one-process examples, masked alike, so a
   run's eval loss does not depend on how many hosts computed it."""
@@ -364,6 +363,7 @@ def test_eval_masks_each_record_the_same_with_any_number_of_processes(records, v
   assert any(row["target_mask"].any() for row in single)
   for one, two in zip(single, interleaved, strict=True):
     assert all(np.array_equal(one[k], two[k]) for k in one)
+
 
 # ================================================================ EHRData on a MEDS cohort
 def ehr_config(**overrides):

@@ -5,8 +5,8 @@ interpreter), with the working directory notebooks/ and its outputs in a tmp_pat
 BIOFM_NOTEBOOK_DIR. The kernel inherits this process's environment (conftest.py: JAX on
 CPU), with one device instead of 8 fake ones: with the other test worker busy on the same
 two cores, an XLA:CPU thread has missed an all-reduce rendezvous's 40 s deadline, which
-aborts the kernel (seen with 8 devices, and since with 2). A notebook is a
-user's tour, not a sharding test (test_parallel.py and each modality's mesh test are).
+aborts the kernel (seen with 8 devices, and since with 2). A notebook is a user's tour,
+not a sharding test (test_parallel.py and each modality's mesh test are).
 """
 from __future__ import annotations
 

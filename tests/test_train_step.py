@@ -1,7 +1,11 @@
 """The jitted train step: gradient accumulation is exact; a run leaves its metrics behind."""
+import logging
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 import helpers
 from biofm_jax import parallel
@@ -9,7 +13,7 @@ from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
 from biofm_jax.train import state as state_lib
 from biofm_jax.train import step as step_lib
-from biofm_jax.train.metric_writer import read_metrics
+from biofm_jax.train.metric_writer import MetricWriter, read_metrics, tensorboard_tag
 from test_models import L, V, K, make_batch, model_config
 
 
@@ -78,10 +82,6 @@ def test_eval_every_zero_trains_without_any_evaluation(synthetic_meds, tmp_path)
 def test_a_held_learning_rate_leaves_num_steps_out_of_the_program():
   """final_lr_fraction=1: warm-up then the peak, the same values as the cosine form, and a
   program that is the same for every run length (so a short run is an exact prefix)."""
-  import jax.numpy as jnp
-  import ml_collections
-  import optax
-
   def schedule(num_steps, fraction):
     return state_lib.learning_rate_schedule(ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=5, num_steps=num_steps, final_lr_fraction=fraction)))
@@ -95,9 +95,6 @@ def test_a_held_learning_rate_leaves_num_steps_out_of_the_program():
 
 
 def test_metric_names_become_tensorboard_tags_without_rewrites(tmp_path, caplog):
-  import logging
-
-  from biofm_jax.train.metric_writer import MetricWriter, tensorboard_tag
   assert tensorboard_tag("retrieval/ehr->imaging/recall@10") == "retrieval/ehr_to_imaging/recall_at_10"
   assert tensorboard_tag("train/contrastive/ehr_imaging_top1") == "train/contrastive/ehr_imaging_top1"
   writer = MetricWriter(tmp_path)

@@ -428,7 +428,8 @@ def test_ehr_data_from_synthetic_cohort(artifacts):
   data = ehr.EHRData.from_config(ehr_config(), objective="masked", artifacts_dir=artifacts)
   vocab_path = artifacts / ehr.VOCAB_FILENAME
   assert vocab_path.exists() and ehr.EHRVocab.load(vocab_path) == data.vocab
-  assert data.model_info() == {"ehr": {"vocab_size": data.vocab.size, "num_value_bins": 8, "max_len": 32}}
+  assert data.model_info() == {"ehr": {"vocab_size": data.vocab.size, "num_value_bins": 8, "max_len": 32,
+                                          "prediction_slots": 24}}  # prediction_slots(32, 0.15)
   assert [type(t) for t in data.transforms(train=True)] == [ehr.TokenizeEHR, ehr.MaskEHR, KeyByModality]
 
   summary = data.summary()

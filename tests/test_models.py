@@ -4,11 +4,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy.stats import binom
 
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
 from biofm_jax.objectives import weighted_loss
+from biofm_jax.objectives.masked import prediction_slots
 
 V, K, L, N = 40, 5, 12, 4
 
@@ -40,11 +42,13 @@ def make_batch(seed=0, length=9):
   return {"ehr": ex}
 
 
+def nn_unbox(params):
+  return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox"))
+
+
 def init(cfg, batch):
   model = build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
-  params = model.init(jax.random.key(0), batch, train=False)["params"]
-  return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                             is_leaf=lambda x: hasattr(x, "unbox"))
+  return model, nn_unbox(model.init(jax.random.key(0), batch, train=False)["params"])
 
 
 @pytest.mark.parametrize("causal, position", [(False, "rope"), (True, "rope"), (False, "learned")])
@@ -185,6 +189,63 @@ def test_masked_objective_counts_only_masked_positions():
   assert float(sums["code_loss"]) == pytest.approx(0.0, abs=1e-3)
   assert float(sums["code_accuracy"]) == counts["code_loss"]
   assert float(sums["value_loss"]) == pytest.approx(np.log(K + 1) * counts["value_loss"], rel=1e-5)
+
+
+def _loss_and_grads(model, objective, params, batch):
+  def loss(p):
+    outputs = model.apply({"params": p}, batch)
+    return weighted_loss(objective, objective.sums(outputs, batch), objective.counts(batch))
+  return jax.value_and_grad(loss)(params)
+
+
+def test_prediction_slots_give_the_loss_and_gradients_of_every_position():
+  """Heads run at P gathered positions: the same parameters, loss and gradients as at all L."""
+  batch = make_batch()  # 3 masked positions per row, P = 8 of L = 12
+  cfg = model_config()
+  info = dict(vocab_size=V, num_value_bins=K, max_len=L)
+  everywhere, params = init(cfg, batch)
+  slotted = build_model(cfg, {"ehr": {**info, "prediction_slots": 8}})
+  slotted_params = slotted.init(jax.random.key(0), batch, train=False)["params"]
+  assert jax.tree.map(jnp.shape, nn_unbox(slotted_params)) == jax.tree.map(jnp.shape, params)
+  assert slotted.apply({"params": params}, batch)["ehr"]["code_logits"].shape == (N, 8, V)
+  loss_all, grads_all = _loss_and_grads(everywhere, build_objective(cfg.objective, "ehr", info), params, batch)
+  loss_slots, grads_slots = _loss_and_grads(
+      slotted, build_objective(cfg.objective, "ehr", {**info, "prediction_slots": 8}), params, batch)
+  assert float(loss_slots) == pytest.approx(float(loss_all), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_slots, grads_all)
+  # The output layer runs at P positions instead of L: that many fewer FLOPs.
+  head = 3 * 2 * 32 * (V + K + 1)
+  assert everywhere.flops_per_example() - slotted.flops_per_example() == pytest.approx((L - 8) * head)
+
+
+def test_masked_tokens_beyond_the_slots_leave_loss_and_count_together():
+  """A row with more masked tokens than P: the first P enter the loss and its count alike."""
+  batch = make_batch()
+  batch["ehr"]["target_mask"][0, 1:9] = True  # 8 masked in row 0, P = 4
+  info = dict(vocab_size=V, num_value_bins=K, max_len=L, prediction_slots=4)
+  objective = build_objective(ml_collections.ConfigDict(dict(name="masked", value_loss_weight=0.0)), "ehr", info)
+  per_row = np.minimum(batch["ehr"]["target_mask"].sum(axis=1), 4)
+  assert float(objective.counts(batch)["code_loss"]) == per_row.sum()
+  logits = np.random.default_rng(1).normal(size=(N, 4, V)).astype(np.float32)
+  sums = objective.sums({"ehr": {"code_logits": logits}}, batch)
+  ehr = batch["ehr"]
+  expected = 0.0
+  for row in range(N):
+    positions = np.flatnonzero(ehr["target_mask"][row])[:4]
+    for slot, position in enumerate(positions):
+      expected -= jax.nn.log_softmax(logits[row, slot])[ehr["target_codes"][row, position]]
+  assert float(sums["code_loss"]) == pytest.approx(float(expected), rel=1e-5)
+  with pytest.raises(ValueError, match="prediction_slots"):  # logits at every position: built apart
+    objective.sums({"ehr": {"code_logits": np.zeros((N, L, V), np.float32)}}, batch)
+
+
+@pytest.mark.parametrize("length", [24, 128, 512, 2048])
+def test_prediction_slots_hold_every_masked_token_but_once_in_a_hundred_million_rows(length):
+  slots = prediction_slots(length, 0.15)
+  assert slots <= length and (slots % 8 == 0 or slots == length)
+  # Masked tokens per row ~ Binomial(length, 0.15), plus at most one from the at-least-one rule.
+  assert binom.sf(slots - 1, length, 0.15) < 1e-7
+  assert prediction_slots(512, 0.15) == 128  # a quarter of the positions at BERT's length
 
 
 def test_next_event_objective_shifts_and_skips_padding():

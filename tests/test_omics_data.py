@@ -347,7 +347,8 @@ def test_from_config_on_the_synthetic_file(tmp_path, mode):
   assert (tmp_path / omics.SYNTHETIC_FILENAME).exists() and (tmp_path / omics.VOCAB_FILENAME).exists()
   assert data.name == "omics"
   assert data.model_info() == {"omics": {"vocab_size": data.vocab.size,
-                                         "num_value_bins": 8 if mode == "binned" else 0, "max_len": 32}}
+                                         "num_value_bins": 8 if mode == "binned" else 0, "max_len": 32,
+                                         "prediction_slots": 24}}  # prediction_slots(32, 0.15)
   summary = data.summary()
   assert summary["cells_train"] == 96 and summary["panel_overlap"] == len(data.vocab.genes)
   assert summary["train_cells_truncated"] > 0  # 200 genes do not fit in 31 slots

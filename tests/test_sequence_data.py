@@ -321,7 +321,8 @@ def test_sequence_data_from_synthetic_fasta(tmp_path, overrides, vocab_size):
   assert (tmp_path / sequence.SYNTHETIC_FILENAME).exists()
   saved = sequence.SequenceTokenizer.load(tmp_path / sequence.TOKENIZER_FILENAME)
   assert saved == data.tokenizer and saved.vocab_size == vocab_size
-  assert data.model_info() == {"sequence": {"vocab_size": vocab_size, "num_value_bins": 0, "max_len": 64}}
+  assert data.model_info() == {"sequence": {"vocab_size": vocab_size, "num_value_bins": 0, "max_len": 64,
+                                            "prediction_slots": 32}}  # prediction_slots(64, 0.15)
   assert data.example_spec() == {"sequence": batch.token_sequence_spec(64, with_values=False, with_targets=True)}
   assert data.embedding_spec() == {"sequence": batch.token_sequence_spec(64, with_values=False,
                                                                          with_targets=False)}

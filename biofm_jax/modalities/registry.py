@@ -52,7 +52,7 @@ from biofm_jax.models.modalities import TokenModality
 from biofm_jax.objectives import Objective
 from biofm_jax.objectives.autoregressive import NextEventModelling, check_gap_edges
 from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
-from biofm_jax.objectives.masked import MaskedCodeModelling
+from biofm_jax.objectives.masked import MaskedCodeModelling, prediction_slots
 from biofm_jax.objectives.time_to_event import TimeToEventModelling, check_bin_starts
 from biofm_jax.objectives.multimodal import build_multimodal_objective
 
@@ -83,7 +83,8 @@ class Modality:
 def _masked(cfg, modality, info) -> Objective:
   return MaskedCodeModelling(modality=modality, code_loss_weight=cfg.get("code_loss_weight", 1.0),
                              value_loss_weight=cfg.get("value_loss_weight", 0.0),
-                             has_values=info.get("num_value_bins", 0) > 0)
+                             has_values=info.get("num_value_bins", 0) > 0,
+                             prediction_slots=int(info.get("prediction_slots", 0)))
 
 
 def _next_event(cfg, modality, info) -> Objective:
@@ -103,7 +104,7 @@ def _token_model(name: str):
   def build(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> TokenModality:
     del config
     return TokenModality(name, vocab_size=info["vocab_size"], num_value_bins=info["num_value_bins"],
-                         max_len=info["max_len"])
+                         max_len=info["max_len"], prediction_slots=int(info.get("prediction_slots", 0)))
   return build
 
 
@@ -111,6 +112,8 @@ def _ehr_sizing(cfg, objective: str, vocab_size: int):
   tte = ehr_tte.settings_from_config(cfg)
   spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)), tte["events"])
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
+  if objective == "masked":
+    info["prediction_slots"] = prediction_slots(cfg.max_len, cfg.mask_rate)
   if objective == "time_to_event":
     info.update(tte_tasks=min(tte["tasks"], vocab_size - B.NUM_SPECIAL), tte_points=tte["points"])
   return spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info
@@ -121,7 +124,7 @@ def _sequence_sizing(cfg, objective: str, vocab_size: int):
   return (B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True),
           B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False),
           {"vocab_size": sequence_data.tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
-           "max_len": cfg.max_len})
+           "max_len": cfg.max_len, "prediction_slots": prediction_slots(cfg.max_len, cfg.mask_rate)})
 
 
 def _imaging_sizing(cfg, objective: str, vocab_size: int):

@@ -31,6 +31,7 @@ from biofm_jax.models.encoders.tokens import TokenEncoder
 from biofm_jax.models.heads import TokenClassifier
 from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.transformer import flops_per_token
+from biofm_jax.objectives.masked import gathers, masked_slots
 
 
 class Encoded(NamedTuple):
@@ -58,6 +59,9 @@ class TokenModality:
   position: str = "rope"  # what the modality's own tokens need: rope or learned
   encoder: Any = TokenEncoder  # a Linen module class: (cfg, vocab_size, num_value_bins) -> tokens, mask, positions
   time_classes: int = 0  # > 0: a head for the gap to the next event (next-event models that generate)
+  # > 0: under masked modelling (targets in the batch) the code and value heads run at this
+  # many gathered positions per row, not all (`objectives/masked.py`).
+  prediction_slots: int = 0
 
   def encode(self, cfg: TransformerConfig, example: Mapping[str, jax.Array], *, train: bool) -> Encoded:
     tokens, mask, positions = self.encoder(cfg, self.vocab_size, self.num_value_bins,
@@ -66,12 +70,16 @@ class TokenModality:
 
   def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
             prefix: str = "") -> dict[str, jax.Array]:
-    del example, train
-    out = {"hidden": hidden, "mask": encoded.mask, "embedding": masked_mean(hidden, encoded.mask),
-           "code_logits": TokenClassifier(cfg, self.vocab_size, name=f"{prefix}code_head")(hidden)}
+    del train
+    out = {"hidden": hidden, "mask": encoded.mask, "embedding": masked_mean(hidden, encoded.mask)}
+    at = hidden
+    if B.TARGET_MASK in example and gathers(self.prediction_slots, hidden.shape[1]):
+      index, _ = masked_slots(example[B.TARGET_MASK], self.prediction_slots)
+      at = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, P, D]
+    out["code_logits"] = TokenClassifier(cfg, self.vocab_size, name=f"{prefix}code_head")(at)
     if self.num_value_bins:
       out["value_logits"] = TokenClassifier(cfg, self.num_value_bins + 1, class_axis=None,
-                                            name=f"{prefix}value_head")(hidden)
+                                            name=f"{prefix}value_head")(at)
     if self.time_classes:
       out["time_logits"] = TokenClassifier(cfg, self.time_classes, class_axis=None, name=f"{prefix}time_head")(hidden)
     return out
@@ -83,12 +91,19 @@ class TokenModality:
     """Tokens the encoder hands to the transformer in pre-training."""
     return self.max_len
 
+  def _token_head_dim(self) -> int:
+    return self.vocab_size + (self.num_value_bins + 1 if self.num_value_bins else 0)
+
   def head_output_dim(self) -> int:
-    return self.vocab_size + (self.num_value_bins + 1 if self.num_value_bins else 0) + self.time_classes
+    """Output width of the heads that run at every position."""
+    slotted = gathers(self.prediction_slots, self.encoded_tokens())
+    return (0 if slotted else self._token_head_dim()) + self.time_classes
 
   def extra_flops(self, encoder_dim: int) -> float:
-    del encoder_dim
-    return 0.0
+    """Training FLOPs per example of the heads run at the prediction slots only."""
+    if not gathers(self.prediction_slots, self.encoded_tokens()):
+      return 0.0
+    return 3.0 * self.prediction_slots * 2 * encoder_dim * self._token_head_dim()
 
 
 def encoder_flops(modality, cfg: TransformerConfig) -> float:

@@ -3,15 +3,47 @@
 The data pipeline's masking transform hides a fraction of events (code and value bin);
 the model predicts the original code and, for events that carried a numeric value, its
 quantile bin. Only masked positions enter the loss, so padding never does.
+
+Logits only where the loss reads them: with `prediction_slots` = P > 0, the model computes
+the output heads at P gathered positions per row (the row's masked positions in order,
+then filler) instead of at all L, as BERT's `max_predictions_per_seq` does. The output
+layer over a large vocabulary is a large share of the step (a 6-mer DNA vocabulary: most of
+it), and only ~15% of positions are masked. `prediction_slots(L, rate)` sets P six standard
+deviations above the expected count, so a row of independently masked tokens overflows
+with probability ~1e-8; should one, its masked tokens beyond the first P are left out of
+both the loss sum and its count (they stay corrupted inputs), so the loss stays an exact
+mean over what was predicted.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
 from biofm_jax.objectives.base import cross_entropy_sums
+
+
+def prediction_slots(max_len: int, mask_rate: float) -> int:
+  """P: positions per row at which the heads run under masked modelling (a multiple of 8, at
+  most `max_len`): the expected masked count plus six standard deviations plus two (the
+  masking transform's at-least-one rule)."""
+  mean, spread = mask_rate * max_len, math.sqrt(max_len * mask_rate * (1.0 - mask_rate))
+  return min(max_len, 8 * math.ceil((math.ceil(mean + 6.0 * spread) + 2) / 8))
+
+
+def gathers(slots: int, length: int) -> bool:
+  """Whether P slots replace a row of `length` positions (P = 0 or P >= length: no gather)."""
+  return 0 < slots < length
+
+
+def masked_slots(target_mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+  """bool [B, L] -> (int32 [B, P] positions: the masked ones in order, then the others;
+  bool [B, P]: which slots hold a masked position)."""
+  order = jnp.argsort(jnp.logical_not(target_mask).astype(jnp.int32), axis=-1, stable=True)[:, :slots]
+  return order.astype(jnp.int32), jnp.take_along_axis(target_mask, order, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +57,7 @@ class MaskedCodeModelling:
   code_loss_weight: float = 1.0
   value_loss_weight: float = 0.5
   has_values: bool = True
+  prediction_slots: int = 0  # P > 0: the model's heads ran at P gathered positions per row
   name: str = "masked"
 
   @property
@@ -34,27 +67,48 @@ class MaskedCodeModelling:
       weights["value_loss"] = self.value_loss_weight
     return {name: w for name, w in weights.items() if w}
 
-  def _with_value(self, seq):
-    return seq[B.TARGET_MASK] & (seq[B.TARGET_VALUE_BINS] != B.NO_VALUE_BIN)
+  def _targets(self, seq) -> dict[str, jax.Array]:
+    """The targets at the positions the heads ran at: all, or the P slots."""
+    names = (B.TARGET_TOKENS, B.TARGET_MASK) + ((B.TARGET_VALUE_BINS,) if self.has_values else ())
+    if not gathers(self.prediction_slots, seq[B.TARGET_MASK].shape[-1]):
+      return {name: seq[name] for name in names}
+    index, valid = masked_slots(seq[B.TARGET_MASK], self.prediction_slots)
+    out = {name: jnp.take_along_axis(seq[name], index, axis=-1) for name in names}
+    out[B.TARGET_MASK] = valid
+    return out
+
+  @staticmethod
+  def _with_value(targets):
+    return targets[B.TARGET_MASK] & (targets[B.TARGET_VALUE_BINS] != B.NO_VALUE_BIN)
 
   def counts(self, batch):
-    seq = batch[self.modality]
+    targets = self._targets(batch[self.modality])
     counts = {}
     if self.code_loss_weight:
-      selected = seq[B.TARGET_MASK].astype(jnp.float32).sum()
+      selected = targets[B.TARGET_MASK].astype(jnp.float32).sum()
       counts.update(code_loss=selected, code_accuracy=selected)
     if "value_loss" in self.loss_weights:
-      with_value = self._with_value(seq).astype(jnp.float32).sum()
+      with_value = self._with_value(targets).astype(jnp.float32).sum()
       counts.update(value_loss=with_value, value_accuracy=with_value)
     return counts
 
   def sums(self, outputs, batch):
-    seq, out = batch[self.modality], outputs[self.modality]
+    targets, out = self._targets(batch[self.modality]), outputs[self.modality]
     sums = {}
     if self.code_loss_weight:
-      loss, hits = cross_entropy_sums(out["code_logits"], seq[B.TARGET_TOKENS], seq[B.TARGET_MASK])
+      logits = _matching(out["code_logits"], targets[B.TARGET_TOKENS], self.modality)
+      loss, hits = cross_entropy_sums(logits, targets[B.TARGET_TOKENS], targets[B.TARGET_MASK])
       sums.update(code_loss=loss, code_accuracy=hits)
     if "value_loss" in self.loss_weights:
-      loss, hits = cross_entropy_sums(out["value_logits"], seq[B.TARGET_VALUE_BINS], self._with_value(seq))
+      logits = _matching(out["value_logits"], targets[B.TARGET_VALUE_BINS], self.modality)
+      loss, hits = cross_entropy_sums(logits, targets[B.TARGET_VALUE_BINS], self._with_value(targets))
       sums.update(value_loss=loss, value_accuracy=hits)
     return sums
+
+
+def _matching(logits: jax.Array, targets: jax.Array, modality: str) -> jax.Array:
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(f"masked objective ({modality}): the model's logits cover {logits.shape[1]} positions per row "
+                     f"and the objective's targets {targets.shape[1]}: build both from the same model_info "
+                     f"(its prediction_slots)")
+  return logits

@@ -24,6 +24,7 @@ import numpy as np
 from biofm_jax.data import batch, packing, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
+from biofm_jax.objectives.masked import prediction_slots
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.modalities.ehr.vocab import (  # noqa: F401  (re-exported: ehr.EHRVocab, ehr.VOCAB_FILENAME, ...)
     VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, EHRVocab)
@@ -272,6 +273,8 @@ class EHRData:
     info = {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins, "max_len": self.max_len}
     if self.tte_codes:
       info.update(tte_tasks=len(self.tte_codes), tte_points=self.tte["points"])
+    if self.objective == "masked":
+      info["prediction_slots"] = prediction_slots(self.max_len, self.mask_rate)
     return {self.name: info}
 
   def summary(self) -> dict[str, int | float]:

@@ -97,7 +97,8 @@ def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -
   objective = config.objective
   if "tte_tasks" not in info:
     gap_edges = objective.get("gap_edges_days", ()) if objective.name == "autoregressive" else ()
-    return TokenModality("ehr", **common, time_classes=len(check_gap_edges(gap_edges)) + 1 if gap_edges else 0)
+    return TokenModality("ehr", **common, time_classes=len(check_gap_edges(gap_edges)) + 1 if gap_edges else 0,
+                         prediction_slots=int(info.get("prediction_slots", 0)))
   bins = check_bin_starts(objective.get("time_bins_days", (0.0,)))
   spec = TimeToEventSpec(tasks=int(info["tte_tasks"]), bins=len(bins), rank=int(objective.get("rank", 32)),
                          points=int(info["tte_points"]))

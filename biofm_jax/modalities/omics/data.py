@@ -36,6 +36,7 @@ from biofm_jax.data import batch, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
+from biofm_jax.objectives.masked import prediction_slots
 from biofm_jax.modalities.omics.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
     VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
     GeneVocab, normalize_counts, quantile_bins)
@@ -279,7 +280,8 @@ class OmicsData:
   def model_info(self) -> dict[str, dict[str, int]]:
     return {self.name: {"vocab_size": self.vocab.size,
                         "num_value_bins": self.settings.num_value_bins if self.mode == "binned" else 0,
-                        "max_len": self.settings.max_len}}
+                        "max_len": self.settings.max_len,
+                        "prediction_slots": prediction_slots(self.settings.max_len, self.settings.mask_rate)}}
 
   def summary(self) -> dict[str, int]:
     """Counts for the logs: cells per split, the file's stats, vocabulary and truncation."""

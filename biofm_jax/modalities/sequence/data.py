@@ -32,6 +32,7 @@ from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import check_masking_args
+from biofm_jax.objectives.masked import prediction_slots
 from biofm_jax.modalities.sequence import fasta as fasta
 from biofm_jax.modalities.sequence.synthetic import write_synthetic_fasta
 
@@ -348,7 +349,8 @@ class SequenceData:
     return {self.name: batch.token_sequence_spec(self.max_len, with_values=False, with_targets=False)}
 
   def model_info(self) -> dict[str, dict[str, int]]:
-    return {self.name: {"vocab_size": self.tokenizer.vocab_size, "num_value_bins": 0, "max_len": self.max_len}}
+    return {self.name: {"vocab_size": self.tokenizer.vocab_size, "num_value_bins": 0, "max_len": self.max_len,
+                        "prediction_slots": prediction_slots(self.max_len, self.mask_rate)}}
 
   def summary(self) -> dict[str, int]:
     """Counts for the logs, from the FASTA index alone (no sequence is read)."""

@@ -26,6 +26,23 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 QUIET = {"train.peak_flops_per_device": 1e9}  # skip the matmul peak measurement in tests
 
 
+class Jitted:
+  """A Linen model whose `init` and `apply` each run as one compiled program.
+
+  Called outside jit, a model dispatches every primitive on its own, and each new shape of
+  each primitive compiles once per test process: at the suite's -O0 that costs more than
+  compiling the whole function once. Other attributes are the model's.
+  """
+
+  def __init__(self, model):
+    self.module = model
+    self.init = jax.jit(model.init, static_argnames=("train",))
+    self.apply = jax.jit(model.apply, static_argnames=("train",))
+
+  def __getattr__(self, name):
+    return getattr(self.module, name)
+
+
 def config_for(spec: str, **overrides):
   flat = {**QUIET, **{k.replace("__", "."): v for k, v in overrides.items()}}
   return load_config(str(REPO / spec), flat)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from biofm_jax.data import batch as B
 from biofm_jax.generate import GenerationSettings, contains, generate, right_align
 from biofm_jax.modalities.ehr.encoder import EHREncoder
@@ -21,8 +22,8 @@ EDGES = (0.0, 1 / 24, 1.0, 7.0, 30.0, 90.0, 365.0)
 def _model(causal=True, scan=True, layer_loop="auto"):
   cfg = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=LEN, causal=causal,
                           scan_layers=scan, layer_loop=layer_loop)
-  return SingleModalityModel(cfg, TokenModality("ehr", VOCAB, BINS, LEN, encoder=EHREncoder,
-                                                time_classes=len(EDGES) + 1))
+  return helpers.Jitted(SingleModalityModel(cfg, TokenModality("ehr", VOCAB, BINS, LEN, encoder=EHREncoder,
+                                                               time_classes=len(EDGES) + 1)))
 
 
 def _batch(lengths, seed=0):

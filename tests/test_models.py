@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
+import helpers
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
@@ -47,7 +48,7 @@ def nn_unbox(params):
 
 
 def init(cfg, batch):
-  model = build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)})
+  model = helpers.Jitted(build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)}))
   return model, nn_unbox(model.init(jax.random.key(0), batch, train=False)["params"])
 
 
@@ -103,7 +104,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(remat):
     def loss(p):
       return weighted_loss(objective, objective.sums(model.apply({"params": p}, batch, train=True), batch),
                            objective.counts(batch))
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
   base_loss, base_grads = loss_and_grads(model_config())
   loss, grads = loss_and_grads(model_config(remat=remat))
@@ -136,7 +137,7 @@ def test_stacked_layers_run_unrolled_or_scanned_with_the_same_loss_and_gradients
     def loss(p):
       return weighted_loss(objective, objective.sums(model.apply({"params": p}, batch, train=True), batch),
                            objective.counts(batch))
-    return params, jax.value_and_grad(loss)(params)
+    return params, jax.jit(jax.value_and_grad(loss))(params)
 
   scanned_params, (scanned_loss, scanned_grads) = loss_and_grads("scan")
   unrolled_params, (unrolled_loss, unrolled_grads) = loss_and_grads("unroll")
@@ -195,7 +196,7 @@ def _loss_and_grads(model, objective, params, batch):
   def loss(p):
     outputs = model.apply({"params": p}, batch)
     return weighted_loss(objective, objective.sums(outputs, batch), objective.counts(batch))
-  return jax.value_and_grad(loss)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def test_prediction_slots_give_the_loss_and_gradients_of_every_position():
@@ -204,7 +205,7 @@ def test_prediction_slots_give_the_loss_and_gradients_of_every_position():
   cfg = model_config()
   info = dict(vocab_size=V, num_value_bins=K, max_len=L)
   everywhere, params = init(cfg, batch)
-  slotted = build_model(cfg, {"ehr": {**info, "prediction_slots": 8}})
+  slotted = helpers.Jitted(build_model(cfg, {"ehr": {**info, "prediction_slots": 8}}))
   slotted_params = slotted.init(jax.random.key(0), batch, train=False)["params"]
   assert jax.tree.map(jnp.shape, nn_unbox(slotted_params)) == jax.tree.map(jnp.shape, params)
   assert slotted.apply({"params": params}, batch)["ehr"]["code_logits"].shape == (N, 8, V)

@@ -78,9 +78,12 @@ def random_examples(rng, lengths, masked: bool):
   return out
 
 
-def per_token_losses(model, params, examples, causal: bool):
+def stacked(examples):
+  return {"ehr": {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}}
+
+
+def per_token_losses(model, params, batch, causal: bool):
   """float [B, L] code cross-entropy at each position's target (0 where none)."""
-  batch = {"ehr": {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}}
   logits = model.apply({"params": params}, batch)["ehr"]["code_logits"]
   seq = batch["ehr"]
   if causal:
@@ -103,11 +106,13 @@ def test_a_packed_batch_gives_each_example_its_own_loss_and_gradient(causal, pos
   items, starts = packing.plan_rows(np.array(lengths), LEN)
   rows = [packing.pack_examples([examples[i] for i in items[a:b]], LEN) for a, b in zip(starts[:-1], starts[1:])]
   assert len(rows) < len(examples)
-  params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v[None]) for k, v in unpacked[0].items()}})["params"]
+  params = jax.jit(model.init)(jax.random.key(0), stacked(unpacked[:1]))["params"]
 
-  # Per example: the sum of its token losses, alone vs. inside a packed row.
-  alone = np.asarray(per_token_losses(model, params, unpacked, causal)).sum(axis=1)
-  packed_tokens = np.asarray(per_token_losses(model, params, rows, causal))
+  # Per example: the sum of its token losses, alone vs. inside a packed row. Jitted: one
+  # program per shape compiles faster than the op-by-op dispatch of every primitive.
+  losses = jax.jit(lambda p, batch: per_token_losses(model, p, batch, causal))
+  alone = np.asarray(losses(params, stacked(unpacked))).sum(axis=1)
+  packed_tokens = np.asarray(losses(params, stacked(rows)))
   packed = np.zeros(len(examples))
   for r, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
     segments = rows[r][B.SEGMENT_IDS]
@@ -117,8 +122,9 @@ def test_a_packed_batch_gives_each_example_its_own_loss_and_gradient(causal, pos
   np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
 
   # The gradient of the summed loss: the same parameters move the same way.
-  grad = lambda rows_: jax.grad(lambda p: per_token_losses(model, p, rows_, causal).sum())(params)  # noqa: E731
-  for g_packed, g_alone in zip(jax.tree.leaves(grad(rows)), jax.tree.leaves(grad(unpacked))):
+  grad = jax.jit(jax.grad(lambda p, batch: losses(p, batch).sum()))
+  for g_packed, g_alone in zip(jax.tree.leaves(grad(params, stacked(rows))),
+                               jax.tree.leaves(grad(params, stacked(unpacked)))):
     np.testing.assert_allclose(np.asarray(g_packed), np.asarray(g_alone), rtol=1e-5, atol=1e-5)
 
 

@@ -8,11 +8,14 @@ import optax
 import pytest
 from lifelines.utils import concordance_index
 
+import helpers
+from biofm_jax.config import apply_model_size, base_config
 from biofm_jax.data import batch as B
+from biofm_jax.modalities.ehr.task_data import TaskInfo
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives import survival
-from biofm_jax.objectives.supervised import SupervisedObjective
+from biofm_jax.objectives.supervised import SupervisedObjective, predictions
 from biofm_jax.train import state as state_lib
 
 EDGES = (0.0, 10.0, 20.0, 40.0, 80.0)
@@ -64,11 +67,14 @@ def test_a_survival_head_recovers_a_planted_hazard_under_heavy_censoring(censor_
     outputs = {"task": {"logits": x[train] @ p["w"] + p["b"]}}
     return objective.sums(outputs, batch)["task_loss"] / objective.counts(batch)["task_loss"]
   tx = optax.adam(0.05)
+
+  @jax.jit
+  def step(p, opt):
+    updates, opt = tx.update(jax.grad(loss)(p), opt)
+    return optax.apply_updates(p, updates), opt
   opt = tx.init(params)
   for _ in range(300):
-    grads = jax.grad(loss)(params)
-    updates, opt = tx.update(grads, opt)
-    params = optax.apply_updates(params, updates)
+    params, opt = step(params, opt)
   scores = survival.risk_score(np.asarray(x[test] @ params["w"] + params["b"]))
   c_index = concordance_index(time[test], -scores, event[test])
   oracle = concordance_index(time[test], -risk[test], event[test])  # the true hazard's ordering
@@ -88,7 +94,6 @@ def test_supervised_terms_ignore_padding_and_match_optax():
 
 
 def _ehr_backbone():
-  from biofm_jax.config import apply_model_size, base_config
   config = base_config()
   apply_model_size(config, "tiny")
   config.objective = ml_collections.ConfigDict(dict(name="masked"))
@@ -104,8 +109,8 @@ def _batch(n=4, seed=0):
 
 
 def test_lora_starts_as_the_task_model_and_trains_only_adapters_and_head():
-  task = TaskModel(_ehr_backbone(), ("ehr", "embedding"), 1)
-  lora = LoRAModel(task, rank=2, alpha=4.0)
+  task = helpers.Jitted(TaskModel(_ehr_backbone(), ("ehr", "embedding"), 1))
+  lora = helpers.Jitted(LoRAModel(task.module, rank=2, alpha=4.0))
   batch = _batch()
   variables = lora.init({"params": jax.random.key(0)}, batch)
   boxed = variables["params"]
@@ -145,18 +150,16 @@ def test_frozen_mode_cuts_the_backbone_gradient_and_full_mode_does_not():
   batch = _batch()
   objective = SupervisedObjective("binary")
   for frozen in (True, False):
-    model = TaskModel(_ehr_backbone(), ("ehr", "embedding"), 1, frozen_backbone=frozen)
+    model = helpers.Jitted(TaskModel(_ehr_backbone(), ("ehr", "embedding"), 1, frozen_backbone=frozen))
     params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, batch)["params"])
     params["head"]["kernel"] = jnp.full_like(params["head"]["kernel"], 0.1)  # as after a step (it starts at 0)
-    grads = jax.grad(lambda p: objective.sums(model.apply({"params": p}, batch), batch)["task_loss"])(params)
+    grads = jax.jit(jax.grad(lambda p: objective.sums(model.apply({"params": p}, batch), batch)["task_loss"]))(params)
     backbone_norm = float(optax.global_norm(grads["backbone"]))
     assert (backbone_norm == 0.0) == frozen, backbone_norm
     assert float(optax.global_norm(grads["head"])) > 0
 
 
 def test_multiclass_and_multilabel_terms_match_optax_and_probabilities_are_normalised():
-  from biofm_jax.modalities.ehr.task_data import TaskInfo
-  from biofm_jax.objectives.supervised import predictions
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
   valid = np.array([True] * 4 + [False])

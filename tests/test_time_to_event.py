@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jax.tree_util as tree
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
+import helpers
+from biofm_jax.config import load_config
 from biofm_jax.data import batch as B
 from biofm_jax.data import packing
+from biofm_jax.eval.finetuned import score_finetuned
 from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.modalities.ehr import time_to_event as tte
 from biofm_jax.modalities.ehr.encoder import EHREncoder
@@ -19,6 +24,10 @@ from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.model import SingleModalityModel
 from biofm_jax.objectives.time_to_event import (TimeToEventModelling, check_bin_starts, dense_targets,
                                                 piecewise_exponential_nll, prediction_positions)
+from biofm_jax.train.finetune import (build_finetune_training, finetune, finetune_config, load_pretrained,
+                                      open_labeled_data)
+from biofm_jax.train.loop import train_and_evaluate
+from biofm_jax.train.runs import open_run
 
 STARTS = (0.0, 7.0, 30.0, 365.0)
 
@@ -150,8 +159,8 @@ LEN, VOCAB_SIZE = 16, 12
 def _model(points=6):
   cfg = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=LEN, causal=True)
   spec = TimeToEventSpec(tasks=5, bins=len(STARTS), rank=4, points=points)
-  return SingleModalityModel(cfg, EHRTimeToEventModality("ehr", VOCAB_SIZE, 2, LEN, encoder=EHREncoder,
-                                                         time_to_event=spec))
+  return helpers.Jitted(SingleModalityModel(cfg, EHRTimeToEventModality("ehr", VOCAB_SIZE, 2, LEN, encoder=EHREncoder,
+                                                                        time_to_event=spec)))
 
 
 def _examples(rng, n, events=16):
@@ -210,7 +219,6 @@ def test_a_prediction_point_never_sees_the_events_after_it():
 def test_the_model_learns_a_hazard_that_the_history_plants():
   """Subjects whose history starts with code H get task A 3 days after each of their
   visits, the others never: the model must tell them apart from the history alone."""
-  import optax
   rng = np.random.default_rng(5)
   vocab = EHRVocab.from_counts({c: 20 - i for i, c in enumerate("ABCDEFGH")}, {}, min_count=1, num_value_bins=2)
   make = tte.TimeToEventTargets.for_vocab(ehr.TokenizeEHR(vocab, LEN), vocab, list("ABCDE"), points=6, events=16)
@@ -284,14 +292,6 @@ def test_ehr_data_trains_time_to_event_over_packed_windows_and_keeps_its_tasks(t
 
 # ---------------------------------------------------------------- pre-train, then fine-tune
 def test_a_survival_task_fine_tunes_from_a_time_to_event_checkpoint(tmp_path):
-  import jax.tree_util as tree
-  import helpers
-  from biofm_jax.config import load_config
-  from biofm_jax.eval.finetuned import score_finetuned
-  from biofm_jax.train.finetune import build_finetune_training, finetune, finetune_config, load_pretrained, \
-      open_labeled_data
-  from biofm_jax.train.loop import train_and_evaluate
-  from biofm_jax.train.runs import open_run
   config = helpers.config_for("configs/ehr_motor.py:tiny", train__num_steps=300, train__eval_every=300,
                               train__log_every=100, data__ehr__synthetic_subjects=600, checkpoint__every_steps=300)
   train_and_evaluate(config, tmp_path / "motor")

@@ -12,6 +12,7 @@ from test_multimodal_training import SPEC
 # the towers generalise rather than memorise), wider towers, larger contrastive batches.
 RETRIEVAL_RUN = dict(data__multimodal__synthetic_subjects=1000, model__embed_dim=64, data__batch_size=64,
                      train__learning_rate=5e-3, train__num_steps=250, train__eval_every=250, train__log_every=50,
+                     checkpoint__every_steps=250,
                      data__ehr__max_len=64, data__omics__max_len=64, data__imaging__mask_ratio=0.5)
 
 

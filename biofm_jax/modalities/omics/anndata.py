@@ -33,7 +33,6 @@ import pathlib
 import threading
 from typing import Any, Sequence
 
-import anndata.io
 import h5py
 import numpy as np
 import pandas as pd
@@ -69,6 +68,11 @@ def matrix_key(layer: str | None) -> str:
   return f"layers/{layer}" if layer else "X"
 
 
+def _read_elem(element):
+  from anndata import io  # heavy (0.3 s to import); only the in-memory reads and frames use it
+  return io.read_elem(element)
+
+
 def _matrix_format(file: h5py.File, key: str, path: pathlib.Path) -> str:
   """'dense', 'csr' or 'csc'; errors name the file and what it holds instead."""
   if key not in file:
@@ -97,7 +101,7 @@ def _stored_values(file: h5py.File, key: str, fmt: str, shape: tuple[int, int]) 
 
 
 def _read_in_memory(file: h5py.File, key: str) -> sp.csr_matrix:
-  matrix = anndata.io.read_elem(file[key])
+  matrix = _read_elem(file[key])
   matrix = sp.csr_matrix(matrix, dtype=np.float32)  # dense and CSC alike
   matrix.sort_indices()
   return matrix
@@ -116,7 +120,7 @@ def _read_frame(file: h5py.File, name: str, path: pathlib.Path) -> pd.DataFrame:
   if name not in file:
     raise ValueError(f"{path}: no {name!r} element; expected an AnnData .h5ad file")
   try:
-    return anndata.io.read_elem(file[name])
+    return _read_elem(file[name])
   except Exception as e:  # anndata raises many types on malformed elements
     raise ValueError(f"{path}: could not read {name!r} ({type(e).__name__}: {e})") from e
 

@@ -1,4 +1,7 @@
 """Exported models run without the library's model code and match it to 1e-5."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -12,7 +15,8 @@ from biofm_jax.train import step as step_lib
 @pytest.mark.parametrize("spec, output", [("configs/ehr_bert.py:tiny", "ehr"),
                                           ("configs/multimodal_fusion.py:tiny", ("fused", "embedding"))])
 def test_export_round_trip_matches_the_library_model(spec, output, tmp_path):
-  config, data, setup, params, _ = helpers.pretrain_and_restore(spec, tmp_path / "run", train__num_steps=2)
+  config, data, setup, params, _ = helpers.pretrain_and_restore(spec, tmp_path / "run", train__num_steps=2,
+                                                                train__eval_every=0)  # params only
   out = export_embedding_model(setup.model, params, data.embedding_spec(), tmp_path / "export",
                                output=output, artifacts_dir=tmp_path / "run" / "artifacts",
                                metadata={"config": spec})
@@ -39,10 +43,8 @@ def test_export_round_trip_matches_the_library_model(spec, output, tmp_path):
 
 
 def test_export_command_writes_a_model_that_loads(tmp_path):
-  import subprocess
-  import sys
   spec = "configs/ehr_bert.py:tiny"
-  helpers.train(helpers.config_for(spec, train__num_steps=2), tmp_path / "run")
+  helpers.train(helpers.config_for(spec, train__num_steps=2, train__eval_every=0), tmp_path / "run")
   command = [sys.executable, str(helpers.REPO / "experiments" / "export.py"), f"--config={helpers.REPO / spec}",
              f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'export'}", "--config.train.num_steps=2"]
   result = subprocess.run(command, capture_output=True, text=True, cwd=helpers.REPO, timeout=300)

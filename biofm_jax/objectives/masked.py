@@ -12,7 +12,8 @@ it), and only ~15% of positions are masked. `prediction_slots(L, rate)` sets P s
 deviations above the expected count, so a row of independently masked tokens overflows
 with probability ~1e-8; should one, its masked tokens beyond the first P are left out of
 both the loss sum and its count (they stay corrupted inputs), so the loss stays an exact
-mean over what was predicted.
+mean over what was predicted. Packed rows (`data/packing.py`) of many very short windows,
+each masking at least one token, overflow more often; the same rule holds for them.
 """
 from __future__ import annotations
 

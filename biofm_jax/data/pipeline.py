@@ -34,8 +34,11 @@ from absl import flags
 
 # Streams of randomness derived from the one config seed; distinct per use and process.
 _TRAIN_STREAM, _EVAL_STREAM = 1, 2
-# Per-process batches read ahead by threads: enough to hide source I/O, bounded memory.
-DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+# Records read ahead by one background thread, 8 batches deep (bounded memory). The
+# transforms are Python and hold the GIL, so more threads contend rather than overlap: on a
+# 2-core host one thread delivered 1.8-2.2x the examples/s of four for EHR, expression and
+# 2D/3D images (benchmarks/RESULTS.md). More cores: `data.num_workers` processes.
+DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
 """The model and objectives: padding never leaks, causality holds, dtypes and remat behave."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,13 +44,9 @@ def make_batch(seed=0, length=9):
   return {"ehr": ex}
 
 
-def nn_unbox(params):
-  return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox"))
-
-
 def init(cfg, batch):
   model = helpers.Jitted(build_model(cfg, {"ehr": dict(vocab_size=V, num_value_bins=K, max_len=L)}))
-  return model, nn_unbox(model.init(jax.random.key(0), batch, train=False)["params"])
+  return model, nn.meta.unbox(model.init(jax.random.key(0), batch, train=False)["params"])
 
 
 @pytest.mark.parametrize("causal, position", [(False, "rope"), (True, "rope"), (False, "learned")])
@@ -207,7 +204,7 @@ def test_prediction_slots_give_the_loss_and_gradients_of_every_position():
   everywhere, params = init(cfg, batch)
   slotted = helpers.Jitted(build_model(cfg, {"ehr": {**info, "prediction_slots": 8}}))
   slotted_params = slotted.init(jax.random.key(0), batch, train=False)["params"]
-  assert jax.tree.map(jnp.shape, nn_unbox(slotted_params)) == jax.tree.map(jnp.shape, params)
+  assert jax.tree.map(jnp.shape, nn.meta.unbox(slotted_params)) == jax.tree.map(jnp.shape, params)
   assert slotted.apply({"params": params}, batch)["ehr"]["code_logits"].shape == (N, 8, V)
   loss_all, grads_all = _loss_and_grads(everywhere, build_objective(cfg.objective, "ehr", info), params, batch)
   loss_slots, grads_slots = _loss_and_grads(

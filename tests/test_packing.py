@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from biofm_jax.data import batch as B
 from biofm_jax.data import packing
 from biofm_jax.modalities.ehr import data as ehr
@@ -101,12 +102,13 @@ def test_a_packed_batch_gives_each_example_its_own_loss_and_gradient(causal, pos
   examples = random_examples(rng, lengths, masked=not causal)
   cfg = TransformerConfig(num_layers=2, embed_dim=32, num_heads=4, mlp_dim=64, max_len=LEN, causal=causal,
                           position=position)
-  model = SingleModalityModel(cfg, TokenModality("ehr", VOCAB, BINS, LEN, position=position, encoder=EHREncoder))
+  model = helpers.Jitted(SingleModalityModel(cfg, TokenModality("ehr", VOCAB, BINS, LEN, position=position,
+                                                                encoder=EHREncoder)))
   unpacked = [packing.OneSegment().map(e) for e in examples]  # one segment per row
   items, starts = packing.plan_rows(np.array(lengths), LEN)
   rows = [packing.pack_examples([examples[i] for i in items[a:b]], LEN) for a, b in zip(starts[:-1], starts[1:])]
   assert len(rows) < len(examples)
-  params = jax.jit(model.init)(jax.random.key(0), stacked(unpacked[:1]))["params"]
+  params = model.init(jax.random.key(0), stacked(unpacked[:1]))["params"]
 
   # Per example: the sum of its token losses, alone vs. inside a packed row. Jitted: one
   # program per shape compiles faster than the op-by-op dispatch of every primitive.

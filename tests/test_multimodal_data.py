@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from biofm_jax.config import load_config
-from biofm_jax.data import batch, join, multimodal, pipeline
+from biofm_jax.data import batch, join, multimodal, pattern_batches, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.imaging.data import ImagingData
 from biofm_jax.modalities.tabular.data import TabularData
@@ -96,6 +96,17 @@ def apply(transforms, item, seed=0):
     x = t.random_map(x, np.random.default_rng([seed, k])) if isinstance(
         t, grain.transforms.RandomMap) else t.map(x)
   return x
+
+
+def assert_resumes_exactly(it, make, batches: int = 3):
+  """A new iterator from `make()` given `it`'s state yields `it`'s next batches exactly."""
+  state = it.get_state()
+  expected = [next(it) for _ in range(batches)]
+  resumed = make()
+  resumed.set_state(state)
+  for e in expected:
+    got = next(resumed)
+    assert sorted(got) == sorted(e) and all(np.array_equal(e[m][k], got[m][k]) for m in e for k in e[m])
 
 
 def assert_padding(example, spec):
@@ -264,6 +275,84 @@ def test_train_pipeline_matches_the_spec_and_is_deterministic_eval_pads_absent()
                                process_index=0, process_count=1)
 
 
+def test_pattern_batches_group_by_pattern_see_every_subject_once_and_depend_on_seed_and_epoch():
+  patterns = np.random.default_rng(0).permutation(np.repeat([7, 3, 1, 4, 6], [50, 30, 12, 7, 1]))
+  order = pattern_batches.PatternBatches(patterns, 8, seed=4)
+  # Full batches 6 + 3 + 1 of patterns 7, 3, 1; 20 left over pooled into 3 batches.
+  assert order.epoch_length == 8 * 13
+  epochs = [order(e) for e in range(3)]
+  for e, codes in enumerate(epochs):
+    carried, subjects = np.divmod(codes, 100)
+    carried, subjects = carried.reshape(-1, 8), subjects.reshape(-1, 8)
+    assert (carried == carried[:, :1]).all(), e  # one set of modalities per batch
+    np.testing.assert_array_equal(carried[:, 0], np.bitwise_or.reduce(patterns[subjects], axis=1))
+    counts = collections.Counter(subjects.ravel())
+    assert set(counts) == set(range(100)) and sum(n - 1 for n in counts.values()) == 4, e
+    pure = collections.Counter(carried[(patterns[subjects] == carried).all(axis=1), 0])
+    assert pure[7] >= 6 and pure[3] >= 3 and pure[1] >= 1, pure
+  assert not np.array_equal(epochs[0], epochs[1])
+  np.testing.assert_array_equal(epochs[1], pattern_batches.PatternBatches(patterns, 8, seed=4)(1))
+  assert not np.array_equal(epochs[0], pattern_batches.PatternBatches(patterns, 8, seed=5)(0))
+  balanced = pattern_batches.PatternBatches(patterns, 8, seed=4, balanced=True)
+  carried, subjects = np.divmod(balanced(0).reshape(-1, 8), 100)
+  assert (patterns[subjects] == carried).all() and set(collections.Counter(carried[:, 0]).values()) == {7}
+  assert balanced.epoch_length == 8 * 7 * 5
+  with pytest.raises(ValueError, match="batch size >= 1"):
+    pattern_batches.PatternBatches(patterns, 0, seed=4)
+
+
+def test_batches_by_pattern_carry_their_subjects_modalities_shard_and_resume():
+  modules = fake_modules()
+  data = multimodal.MultimodalData(modules, dropout={"imaging": 0.5}, batching="by_pattern")
+  train = data.join.splits["train"]
+  pattern_of = {str(s): {m for m in data.modalities if train.record_counts(m)[i]}
+                for i, s in enumerate(train.subject_ids)}
+  ids = {m: [str(s) for s in module.splits["train"]] for m, module in modules.items()}
+
+  def subject(b, j):  # the subject of example j, from a present modality's record value
+    m = next(m for m in ("ehr", "tabular", "imaging") if m in b and b[m][batch.PRESENT][j])
+    return ids[m][int(b[m]["x"][j, 0]) - 100 * modules[m].number - 1]
+
+  make = lambda index=0, count=1: pipeline.make_iterator(data.make_train_dataset(
+      global_batch_size=2, seed=1, process_index=index, process_count=count))
+  it = make()
+  # 7 subjects: two full batches (ehr+imaging: 2, 3; ehr: 5, 11) and two of the 3 left over.
+  batches = [next(it) for _ in range(40)]
+  dropped = 0
+  for b in batches:
+    for m in b:
+      spec = batch.with_presence(modules[m].example_spec()[m])
+      assert {k: b[m][k].shape for k in spec} == {k: (2,) + shape for k, (shape, _) in spec.items()}
+    subjects = [subject(b, j) for j in range(2)]
+    assert set(b) == pattern_of[subjects[0]] | pattern_of[subjects[1]]
+    for j, s in enumerate(subjects):
+      for m in b:
+        if m not in pattern_of[s]:
+          assert not b[m][batch.PRESENT][j] and not b[m]["x"][j].any()
+        elif m != "imaging" or len(pattern_of[s]) == 1:
+          assert b[m][batch.PRESENT][j]
+        else:
+          dropped += not b[m][batch.PRESENT][j]
+  epoch = [subject(b, j) for b in batches[:4] for j in range(2)]
+  assert set(epoch) == set(pattern_of) and len(epoch) == 8
+  assert {frozenset(b) for b in batches} >= {frozenset({"ehr", "imaging"}), frozenset({"ehr"})}
+  assert 0 < dropped
+  # Two data shards: shard i holds example i of each global batch, with the batch's modalities.
+  halves = [make(i, 2) for i in range(2)]
+  for b in batches[:6]:
+    for i, half in enumerate(halves):
+      part = next(half)
+      assert sorted(part) == sorted(b)
+      for m in b:
+        np.testing.assert_array_equal(part[m]["x"][0], b[m]["x"][i])
+  assert_resumes_exactly(it, make)
+  with pytest.raises(ValueError, match="multimodal batching is 'by_subject'"):
+    multimodal.MultimodalData(fake_modules(), batching="by_subject")
+  with pytest.raises(ValueError, match="batching is 'by_pattern' while mix_weights"):
+    multimodal.MultimodalData(fake_modules(), batching="by_pattern",
+                              mix_weights={"ehr": 1.0, "imaging": 1.0, "tabular": 1.0})
+
+
 def test_mixed_stream_follows_the_weights_and_resumes_exactly():
   modules = fake_modules()
   weights = {"ehr": 0.5, "imaging": 0.3, "tabular": 0.2}
@@ -278,13 +367,7 @@ def test_mixed_stream_follows_the_weights_and_resumes_exactly():
     spec = batch.with_presence(modules[m].example_spec()[m])
     assert {k: batches[0][m][k].shape[1:] for k in spec} == {k: s for k, (s, _) in spec.items()}
     assert not batches[0][m]["x"][~present[m][:10]].any()
-  state = it.get_state()
-  expected = [next(it) for _ in range(3)]
-  resumed = make()
-  resumed.set_state(state)
-  for e in expected:
-    got = next(resumed)
-    assert all(np.array_equal(e[m][k], got[m][k]) for m in e for k in e[m])
+  assert_resumes_exactly(it, make)
   with pytest.raises(ValueError, match="finite weight > 0"):
     multimodal.mixed_train_dataset(modules, {"ehr": 1.0}, global_batch_size=10, seed=2,
                                    process_index=0, process_count=1)

@@ -1,11 +1,17 @@
 """Multimodal pre-training end to end: sharding, resume with mixing, retrieval, bad configs."""
+import functools
 import json
 
+import jax
 import numpy as np
 import pytest
 
 import helpers
+from biofm_jax import parallel
+from biofm_jax.data import multimodal
 from biofm_jax.modalities import registry
+from biofm_jax.train.build import build_training
+from biofm_jax.train.loop import step_cost
 from biofm_jax.train.retrieval import recall_at_k
 
 SPEC = "configs/multimodal_fusion.py:tiny"
@@ -39,6 +45,34 @@ def test_contrastive_loss_is_the_same_on_every_mesh(tmp_path):
 ], ids=["mixed", "balanced_join_with_dropout"])
 def test_resume_reproduces_the_uninterrupted_run(stream, tmp_path):
   helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=3, num_steps=6, **stream)
+
+
+def test_a_batch_by_pattern_trains_as_the_same_subjects_in_a_batch_of_every_modality(tmp_path):
+  """Batching by pattern leaves absent modalities out of the batch: the train step's loss,
+  metrics and update equal those of the same subjects with those modalities padded in."""
+  config = helpers.config_for(SPEC, data__multimodal__batching="by_pattern", train__warmup_steps=0)
+  data = registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=tmp_path)
+  stream = iter(data.make_train_dataset(global_batch_size=config.data.batch_size, seed=0, process_index=0,
+                                        process_count=1))
+  by_pattern = next(b for b in stream if 1 < len(b) < len(data.modalities))
+  padded = {m: by_pattern[m] if m in by_pattern else jax.tree.map(
+      lambda x: np.stack([x] * config.data.batch_size), multimodal.absent_example(data.modules[m].example_spec()[m]))
+      for m in data.modalities}
+  setup = build_training(config, data)
+  results = [setup.train_step(setup.init_state(config.seed), parallel.make_global_batch(b, setup.mesh))
+             for b in (by_pattern, padded)]
+  (state_a, metrics_a), (state_b, metrics_b) = jax.device_get(results)
+  assert metrics_a.keys() <= metrics_b.keys() and metrics_a["loss"] > 0
+  for name, value in metrics_a.items():
+    np.testing.assert_allclose(value, metrics_b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  for path, a in jax.tree_util.tree_leaves_with_path(state_a.params):
+    b = functools.reduce(lambda tree, key: tree[key.key], path, state_b.params)
+    np.testing.assert_allclose(a, b, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  left_out = sorted(set(data.modalities) - set(by_pattern))
+  flops = step_cost(setup.model, 16)
+  assert flops(by_pattern)[1] < flops(padded)[1] == 16 * setup.model.flops_per_example()
+  assert flops(by_pattern)[0] == 16 * sum(setup.model.modalities[i].num_tokens() for i, m in enumerate(
+      sorted(data.modalities)) if m not in left_out)
 
 
 def test_mixed_batches_hold_one_modality_per_example(tmp_path):

@@ -24,6 +24,13 @@ Balanced sampling (training split only): every availability pattern ("ehr+imagin
 "imaging", ...) is equally frequent. The source has `patterns * largest pattern` items;
 item k takes pattern k % patterns and that pattern's subjects cyclically in a seeded
 permutation: each epoch shows every subject at least once, rare patterns' repeatedly.
+
+Batching by pattern (`batching="by_pattern"`, training only; `pattern_batches.py`): each
+global batch holds subjects of one availability pattern (or, for the few left over, of
+similar ones) and carries only their modalities, so the model computes nothing for the
+absent ones. Each set of modalities is one more compiled step. Modality dropout still
+hides a modality from single examples (PRESENT False): that share of the slots is
+computed and masked, as in mixed batches.
 """
 from __future__ import annotations
 
@@ -39,12 +46,14 @@ import numpy as np
 
 from biofm_jax.data import batch, pipeline
 from biofm_jax.data.module import only
+from biofm_jax.data.pattern_batches import PatternBatches, PatternBatchItems
 from biofm_jax.data.sources.read_skips import REPLACED
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
 from biofm_jax.data.sources.splits import STANDARD_SPLITS
 from biofm_jax.data.sources.indexing import checked_index
 
 SAMPLING = ("uniform", "balanced")
+BATCHING = ("mixed", "by_pattern")
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +154,11 @@ def mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float]
 
 
 class JoinModalities(grain.transforms.RandomMap):
-  """Item of a `MultimodalSource` -> a multimodal example (see the module docstring)."""
+  """Item of a `MultimodalSource` -> a multimodal example (see the module docstring).
+
+  The example holds every configured modality, or those the item's "modalities" names
+  (batching by pattern, `pattern_batches.py`: the modalities its batch carries).
+  """
 
   def __init__(self, sources: Mapping[str, Mapping[str, Any]],
                transforms: Mapping[str, Sequence[Any]], specs: Mapping[str, Mapping],
@@ -159,7 +172,7 @@ class JoinModalities(grain.transforms.RandomMap):
     root = int(rng.integers(2**63))
     records = item["records"]
     return {m: self._read(m, item, records[m], root) if records.get(m)
-            else absent_example(self.specs[m]) for m in self.modalities}
+            else absent_example(self.specs[m]) for m in item.get("modalities", self.modalities)}
 
   def _read(self, m: str, item: Mapping[str, Any], records: Sequence[int], root: int) -> dict:
     generator = lambda k: np.random.default_rng([root, name_key(m), k])  # noqa: E731
@@ -188,6 +201,7 @@ class ModalityDropout(grain.transforms.RandomMap):
   One uniform draw per rated modality (sorted names) and one more, whatever the example
   holds, so the stream is stable. When every present modality would drop, the extra draw
   keeps one of them: the realised rate is a little below `rate` for subjects with few.
+  An example may hold only some of the rated modalities (batches by availability pattern).
   """
 
   def __init__(self, rates: Mapping[str, float]):
@@ -198,10 +212,6 @@ class ModalityDropout(grain.transforms.RandomMap):
 
   def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict:
     draws = rng.random(len(self.rates) + 1)
-    missing = sorted(set(self.rates) - set(example))
-    if missing:
-      raise ValueError(f"ModalityDropout: rates name {missing}, not in the example "
-                       f"(modalities {sorted(example)})")
     present = [m for m in example if bool(example[m][batch.PRESENT])]
     drop = [m for m, u in zip(self.rates, draws) if m in present and u < self.rates[m]]
     if drop and len(drop) == len(present):
@@ -220,6 +230,7 @@ class JoinSettings:
   dropout: tuple[tuple[str, float], ...] = ()  # (modality, rate), sorted
   sampling: str = "uniform"
   seed: int = 0
+  batching: str = "mixed"
 
   def check(self, modalities: Sequence[str]) -> None:
     names = set(self.require) | {m for m, _ in self.dropout}
@@ -228,7 +239,8 @@ class JoinSettings:
          f"modalities among {list(modalities)}"),
         (all(0.0 <= r <= 1.0 for _, r in self.dropout), "dropout", dict(self.dropout),
          "rates in [0, 1]"),
-        (self.sampling in SAMPLING, "sampling", self.sampling, f"one of {SAMPLING}")):
+        (self.sampling in SAMPLING, "sampling", self.sampling, f"one of {SAMPLING}"),
+        (self.batching in BATCHING, "batching", self.batching, f"one of {BATCHING}")):
       if not ok:
         raise ValueError(f"multimodal {name} is {value!r}, expected {expected}")
 
@@ -260,17 +272,21 @@ class MultimodalData:
 
   def __init__(self, modules: Mapping[str, Any], *, require: Sequence[str] = (),
                dropout: Mapping[str, float] | None = None, sampling: str = "uniform",
-               seed: int = 0, mix_weights: Mapping[str, float] | None = None):
+               seed: int = 0, mix_weights: Mapping[str, float] | None = None, batching: str = "mixed"):
     """`mix_weights`: training mixes single-modality examples by these weights instead of
-    joining subjects (evaluation still joins)."""
+    joining subjects (evaluation still joins). `batching` "by_pattern": every training
+    batch holds one availability pattern and only its modalities (module docstring)."""
     self.modules = {m: modules[m] for m in sorted(modules)}
     self.mix_weights = dict(mix_weights) if mix_weights else None
     self.modalities = tuple(self.modules)
     if isinstance(require, (str, bytes)):
       raise ValueError(f"multimodal require is {require!r}, expected a tuple of modality names")
     self.settings = JoinSettings(tuple(str(m) for m in require), tuple(sorted(
-        (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed))
+        (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed), str(batching))
     self.settings.check(self.modalities)
+    if self.mix_weights and self.settings.batching != "mixed":
+      raise ValueError(f"data.multimodal.batching is {batching!r} while mix_weights mixes single-modality "
+                       f"examples; batching by pattern is for the join by subject: leave it 'mixed'")
     self._sources = _open_sources(self.modules)
     ids = {m: {s: by_m[m].subject_ids for s, by_m in self._sources.items() if m in by_m}
            for m in self.modalities}
@@ -328,7 +344,8 @@ class MultimodalData:
       modules[m] = open_modality(m, section, objective=objectives[m].name, artifacts_dir=Path(artifacts_dir) / m)
     rate = float(settings.modality_dropout)
     return cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
-               sampling=settings.sampling, seed=seed, mix_weights=mix_weights)
+               sampling=settings.sampling, seed=seed, mix_weights=mix_weights,
+               batching=settings.get("batching", "mixed"))
 
   def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout) -> grain.IterDataset:
     """The training stream: joined subjects, or with `mix_weights` a weighted mixture of
@@ -336,6 +353,13 @@ class MultimodalData:
     if self.mix_weights:
       return mixed_train_dataset(self.modules, self.mix_weights, global_batch_size=global_batch_size, seed=seed,
                                  **layout)
+    if self.settings.batching == "by_pattern":
+      join = self.join.splits[TRAIN_SPLIT]
+      order = PatternBatches(join.patterns(), global_batch_size, modality_seed(seed, "by_pattern"),
+                             balanced=self.settings.sampling == "balanced")
+      items = PatternBatchItems(MultimodalSource(TRAIN_SPLIT, join), self.modalities)
+      return pipeline.make_train_dataset(items, self.transforms(train=True), name=self.name,
+                                         global_batch_size=global_batch_size, seed=seed, order=order, **layout)
     return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True), name=self.name,
                                        global_batch_size=global_batch_size, seed=seed, **layout)
 

@@ -21,9 +21,10 @@ of processes (each holds a fixed share of it), so a run may change either on res
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import grain
 import numpy as np
@@ -147,39 +148,72 @@ def block_buffered_order(num_records: int, block: int, buffer_blocks: int, seed:
   return np.concatenate(groups) if groups else np.zeros(0, np.int64)
 
 
-class _ReadInBlockOrder(_ReadAtStep):
-  """Reads global stream `position` as record `block_buffered_order(epoch)[position % n]`."""
+class EpochOrder(Protocol):
+  """Which record each position of a training epoch reads: `order(epoch)` is an int array of
+  `epoch_length` record indices, a pure function of the epoch (and the order's own seed),
+  so a run resumes from its stream position alone. Records may repeat within an epoch."""
+  epoch_length: int
 
-  def __init__(self, source: Any, global_batch_size: int | None, block: int, buffer_blocks: int, seed: int):
+  def __call__(self, epoch: int) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockBufferedOrder:
+  """`block_buffered_order` as an `EpochOrder`, for sources read by blocks."""
+  num_records: int
+  block: int
+  buffer_blocks: int
+  seed: int
+
+  @property
+  def epoch_length(self) -> int:
+    return self.num_records
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    return block_buffered_order(self.num_records, self.block, self.buffer_blocks, self.seed, epoch)
+
+
+class _ReadInEpochOrder(_ReadAtStep):
+  """Reads global stream `position` as record `order(epoch)[position % order.epoch_length]`."""
+
+  def __init__(self, source: Any, global_batch_size: int | None, order: EpochOrder):
     super().__init__(source, global_batch_size)
-    self.block, self.buffer_blocks, self.seed = block, buffer_blocks, seed
+    self.order = order
     self._orders: dict[int, np.ndarray] = {}
 
   def map_with_index(self, position: int, index: int):
     del index  # the position alone decides the record
-    epoch, at = divmod(int(position), len(self.source))
+    epoch, at = divmod(int(position), self.order.epoch_length)
     orders = self._orders  # replaced whole, never mutated: prefetch threads may straddle epochs
     order = orders.get(epoch)
     if order is None:
-      order = block_buffered_order(len(self.source), self.block, self.buffer_blocks, self.seed, epoch)
+      order = self.order(epoch)
+      if len(order) != self.order.epoch_length:
+        raise ValueError(f"pipeline: {type(self.order).__name__} gave {len(order)} records for epoch {epoch}, "
+                         f"expected its epoch_length {self.order.epoch_length}")
       self._orders = {e: o for e, o in orders.items() if e >= epoch - 1} | {epoch: order}
     return super().map_with_index(position, int(order[at]))
 
 
 def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: int,
-                   global_batch_size: int | None = None,
-                   block_shuffle: tuple[int, int] | None = None) -> tuple[grain.MapDataset, int]:
+                   global_batch_size: int | None = None, block_shuffle: tuple[int, int] | None = None,
+                   order: EpochOrder | None = None) -> tuple[grain.MapDataset, int]:
   """The global training stream of `source`: shuffled every epoch, repeated, transformed
   (random transforms seeded by position in this global stream, never by process); and the
   number of records. `global_batch_size` (when the stream alone fills the batches) dates
   read-time skips by step. `block_shuffle=(block, buffer_blocks)` reads in
-  `block_buffered_order` instead of a global shuffle, for sources read by blocks."""
+  `block_buffered_order` instead of a global shuffle, for sources read by blocks; `order`
+  (an `EpochOrder`) reads in any other order of the caller's."""
   num_records = len(source)
   if num_records == 0:
     raise ValueError(f"pipeline: the {name} training source has no records")
+  if block_shuffle and order is not None:
+    raise ValueError(f"pipeline: the {name} training stream was given both block_shuffle and an order")
   if block_shuffle:
-    ds = grain.MapDataset.range(num_records).repeat(None)
-    ds = ds.map_with_index(_ReadInBlockOrder(source, global_batch_size, *block_shuffle, seed=seed))
+    order = BlockBufferedOrder(num_records, *block_shuffle, seed=seed)
+  if order is not None:
+    ds = grain.MapDataset.range(order.epoch_length).repeat(None)
+    ds = ds.map_with_index(_ReadInEpochOrder(source, global_batch_size, order))
   else:
     # Shuffle before repeat: grain folds the epoch into the shuffle seed. Indices are shuffled
     # and the source read at each position (the same order as shuffling the source itself).
@@ -192,14 +226,15 @@ def _endless_train(source: Any, transforms: Sequence[Any], *, name: str, seed: i
 def make_train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: int, seed: int,
                        process_index: int | None = None, process_count: int | None = None,
                        read_options: grain.ReadOptions | None = None, name: str = "",
-                       block_shuffle: tuple[int, int] | None = None) -> grain.IterDataset:
+                       block_shuffle: tuple[int, int] | None = None,
+                       order: EpochOrder | None = None) -> grain.IterDataset:
   """An endless stream of per-process batches, reshuffled every epoch; `name` (the data
-  module's) is for messages; `block_shuffle` as in `_endless_train`."""
+  module's) is for messages; `block_shuffle` and `order` as in `_endless_train`."""
   index, count = _process_layout(process_index, process_count)
   batch_size = _per_process_batch(global_batch_size, count)
   name = name or type(source).__name__
   ds, num_records = _endless_train(source, transforms, name=name, seed=seed,
-                                   global_batch_size=global_batch_size, block_shuffle=block_shuffle)
+                                   global_batch_size=global_batch_size, block_shuffle=block_shuffle, order=order)
   log.info("pipeline: %s train, %d records, process %d of %d, batches of %d",
            name, num_records, index, count, batch_size)
   return _process_view(ds, index, count).batch(batch_size, drop_remainder=True).to_iter_dataset(

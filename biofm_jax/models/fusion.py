@@ -18,8 +18,10 @@
 
 Absent modalities (batch[m]["present"] False, or m not in the batch at all) are masked
 out of every attention and every pooling, so the fused result equals that of a model
-given only the present modalities. Their slots are still computed (shapes are static
-under jit, and XLA cannot skip work per example); they cost compute, never information.
+given only the present modalities. A slot that is in the batch is computed even when
+absent (shapes are static under jit, and XLA cannot skip work per example): it costs
+compute, never information. A modality left out of the batch costs nothing; batching
+by availability pattern (`data/pattern_batches.py`) leaves out every absent one.
 
 Outputs: `{m: <m's head outputs, as in model.py>, "fused": {"embedding": [B, D]},
 "contrastive": {m: [B, P] projections of the towers' pooled outputs, "logit_scale",
@@ -217,14 +219,26 @@ class MultimodalModel(nn.Module):
     return out
 
   # ------------------------------------------------------------------ cost
-  def tokens_per_example(self) -> int:
-    return sum(m.num_tokens() for m in self.modalities)
+  def _selected(self, modalities) -> list[int]:
+    """Indices of `modalities` (names; None: all) among the model's."""
+    names = [m.name for m in self.modalities]
+    unknown = sorted(set(modalities or ()) - set(names))
+    if unknown:
+      raise ValueError(f"the multimodal model has no modalities {unknown}; it has {names}")
+    return [i for i, name in enumerate(names) if modalities is None or name in modalities]
 
-  def flops_per_example(self) -> float:
-    """Towers with their heads, plus the fusion block (matmuls only, forward + backward)."""
-    towers = sum(encoder_flops(m, cfg) for m, cfg in zip(self.modalities, self.tower_cfgs))
+  def tokens_per_example(self, modalities=None) -> int:
+    """Token slots of an example holding `modalities` (None: all of the model's)."""
+    return sum(self.modalities[i].num_tokens() for i in self._selected(modalities))
+
+  def flops_per_example(self, modalities=None) -> float:
+    """Towers with their heads, plus the fusion block (matmuls only, forward + backward),
+    for an example holding `modalities` (None: all): a batch that leaves a modality out
+    (batching by availability pattern) does not compute it."""
+    chosen = self._selected(modalities)
+    towers = sum(encoder_flops(self.modalities[i], self.tower_cfgs[i]) for i in chosen)
     cfg, d = self.fusion_cfg, self.fusion_cfg.embed_dim
-    tokens = sum(m.encoded_tokens() for m in self.modalities)
+    tokens = sum(self.modalities[i].encoded_tokens() for i in chosen)
     h = cfg.num_heads * cfg.kv_dim
     if self.fusion == "early":
       fusion = tokens * flops_per_token(cfg, tokens, output_dim=0)
@@ -236,8 +250,8 @@ class MultimodalModel(nn.Module):
       readout = 3 * 2 * (2 * tokens * d * h + 2 * n * d * h + 2 * tokens * n * h + 2 * tokens * d * cfg.mlp_dim)
       fusion = latent_layers + cross + readout
     else:
-      fusion = 3 * 2 * len(self.modalities) * 3 * d * h
-    return towers + fusion + 3 * 2 * len(self.modalities) * d * self.projection_dim
+      fusion = 3 * 2 * len(chosen) * 3 * d * h
+    return towers + fusion + 3 * 2 * len(chosen) * d * self.projection_dim
 
 
 def build_multimodal_model(config: ml_collections.ConfigDict, modalities: Mapping[str, Any]) -> MultimodalModel:

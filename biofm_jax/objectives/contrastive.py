@@ -15,7 +15,9 @@ Contract with the model: `outputs["contrastive"][modality]` is the float [B, P]
 projection, not yet normalised; `outputs["contrastive"]["logit_scale"]` and
 `["logit_bias"]` are scalar parameters. A subject enters pair (a, b) only when
 `batch[a][PRESENT]` and `batch[b][PRESENT]` both hold; otherwise it is no row, no column
-(no one's negative) and no count, and its embeddings get exactly zero gradient.
+(no one's negative) and no count, and its embeddings get exactly zero gradient. A batch
+that leaves a or b out altogether (batching by availability pattern) gives the pair 0
+over 0 subjects.
 
 Terms: f"{a}_{b}_contrastive" (sum of per-subject losses, count n; weighted `weight`
 each, so every pair is a loss of its own, like separate objectives, and adding a pair
@@ -189,15 +191,23 @@ class ContrastiveAlignment:
   def counts(self, batch):
     counts = {}
     for pair in self.pairs:
-      n = self._valid(batch, pair).astype(jnp.float32).sum()
+      n = self._valid(batch, pair).astype(jnp.float32).sum() if _holds(batch, pair) else jnp.zeros(())
       counts.update({f"{term_prefix(pair)}_contrastive": n, f"{term_prefix(pair)}_top1": n})
     return counts
 
   def sums(self, outputs, batch):
-    out = outputs["contrastive"]
+    out = outputs.get("contrastive", {})
     sums = {}
     for pair in self.pairs:
-      loss_sum, hits = pair_sums(self.loss, out[pair[0]], out[pair[1]], self._valid(batch, pair),
-                                 out["logit_scale"], out.get("logit_bias", 0.0))
+      if _holds(batch, pair):
+        loss_sum, hits = pair_sums(self.loss, out[pair[0]], out[pair[1]], self._valid(batch, pair),
+                                   out["logit_scale"], out.get("logit_bias", 0.0))
+      else:
+        loss_sum = hits = jnp.zeros(())
       sums.update({f"{term_prefix(pair)}_contrastive": loss_sum, f"{term_prefix(pair)}_top1": hits})
     return sums
+
+
+def _holds(batch, pair) -> bool:
+  """Whether the batch has both modalities of `pair` (a batch by pattern may leave one out)."""
+  return pair[0] in batch and pair[1] in batch

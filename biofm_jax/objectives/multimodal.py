@@ -6,11 +6,18 @@ Terms keep their (sum, count) form under a prefix: `ehr/code_loss`, `imaging/mae
 modality's padding example (see `data/batch.py`), whose targets are empty, so it adds
 nothing to that modality's sums or counts; the contrastive terms exclude subjects missing
 either side of a pair through the batch's `present` flags.
+
+A batch may leave a modality out altogether (batching by availability pattern,
+`data/pattern_batches.py`): that modality's loss terms are then 0 with count 0 (they add
+nothing, as for a batch whose every subject lacks it), and its metric-only terms are not
+reported for that step.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+
+import jax.numpy as jnp
 
 from biofm_jax.objectives.base import CAUSAL, Objective
 from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
@@ -38,11 +45,18 @@ class MultimodalObjective:
 
   def counts(self, batch) -> dict:
     return {f"{prefix}/{term}": value for prefix, objective, _ in self._members()
-            for term, value in objective.counts(batch).items()}
+            for term, value in (objective.counts(batch) if prefix in batch or prefix == CONTRASTIVE
+                                else _no_items(objective)).items()}
 
   def sums(self, outputs, batch) -> dict:
     return {f"{prefix}/{term}": value for prefix, objective, _ in self._members()
-            for term, value in objective.sums(outputs, batch).items()}
+            for term, value in (objective.sums(outputs, batch) if prefix in batch or prefix == CONTRASTIVE
+                                else _no_items(objective)).items()}
+
+
+def _no_items(objective: Objective) -> dict:
+  """The loss terms of a modality the batch leaves out: 0 over 0 items."""
+  return {term: jnp.zeros((), jnp.float32) for term in objective.loss_weights}
 
 
 def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build_one) -> MultimodalObjective:

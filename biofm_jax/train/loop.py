@@ -28,6 +28,7 @@ from biofm_jax.data import batch as batch_lib
 from biofm_jax.data import pipeline
 from biofm_jax.data.prepared import open_prepared
 from biofm_jax.modalities import registry
+from biofm_jax.models.fusion import MultimodalModel
 from biofm_jax.train import state as state_lib
 from biofm_jax.train.build import build_training
 from biofm_jax.train.checkpoint import Checkpointer
@@ -208,6 +209,23 @@ def loss_parts(train: dict, objective) -> str:
   return f" ({', '.join(f'{k} {v:.2f}' for k, v in parts.items())})" if parts else ""
 
 
+def step_cost(model, batch_size: int) -> Callable[[Any], tuple[float, float]]:
+  """host batch -> (token slots, model FLOPs) of one global step. A multimodal batch that
+  leaves modalities out (batching by availability pattern) costs only those it holds."""
+  if not isinstance(model, MultimodalModel):
+    cost = (batch_size * model.tokens_per_example(), batch_size * model.flops_per_example())
+    return lambda host_batch: cost
+  by_keys: dict[tuple[str, ...], tuple[float, float]] = {}
+
+  def cost_of(host_batch):
+    keys = tuple(sorted(host_batch))
+    if keys not in by_keys:
+      by_keys[keys] = (batch_size * model.tokens_per_example(modalities=keys),
+                       batch_size * model.flops_per_example(modalities=keys))
+    return by_keys[keys]
+  return cost_of
+
+
 def peak_flops(config) -> float:
   if config.train.peak_flops_per_device:
     return config.train.peak_flops_per_device * jax.device_count()
@@ -268,9 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # ------------------------------------------------------------ 5. the loop
   batch_size, num_steps = config.data.batch_size, config.train.num_steps
-  throughput = Throughput(examples_per_step=batch_size, tokens_per_step=batch_size * setup.model.tokens_per_example(),
-                          flops_per_step=batch_size * setup.model.flops_per_example(),
-                          peak_flops=peak_flops(config), total_steps=num_steps)
+  throughput = Throughput(examples_per_step=batch_size, peak_flops=peak_flops(config), total_steps=num_steps)
+  cost_of = step_cost(setup.model, batch_size)
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_chief)
   log.info("training steps %d -> %d, global batch %d x %d tokens", start_step, num_steps, batch_size,
            setup.model.tokens_per_example())
@@ -287,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         real, slots = batch_lib.token_slots(host_batch)
         tokens[0], tokens[1] = tokens[0] + real, tokens[1] + slots
         state, metrics = setup.train_step(state, parallel.make_global_batch(host_batch, setup.mesh))
+        throughput.count(*cost_of(host_batch))
         step += 1
         if step == start_step + 1:  # time from the end of the first (compiling) step
           jax.block_until_ready(metrics)

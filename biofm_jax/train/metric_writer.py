@@ -85,28 +85,39 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 
 class Throughput:
-  """Examples/s, tokens/s and MFU over the interval since the last report."""
+  """Examples/s, tokens/s and MFU over the interval since the last report.
 
-  def __init__(self, *, examples_per_step: int, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float, total_steps: int):
-    self.examples_per_step, self.tokens_per_step = examples_per_step, tokens_per_step
-    self.flops_per_step, self.peak_flops, self.total_steps = flops_per_step, peak_flops, total_steps
+  The loop `count`s each step's tokens and model FLOPs (they differ between batches that
+  hold different modalities); steps before `start` (the compiling one) are not counted.
+  """
+
+  def __init__(self, *, examples_per_step: int, peak_flops: float, total_steps: int):
+    self.examples_per_step, self.peak_flops, self.total_steps = examples_per_step, peak_flops, total_steps
     self._last_time, self._last_step = None, None
+    self._tokens = self._flops = 0.0
 
   def start(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step
+    self._tokens = self._flops = 0.0
+
+  def count(self, tokens: float, flops: float) -> None:
+    """One step's token slots and model FLOPs."""
+    self._tokens += tokens
+    self._flops += flops
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     steps, seconds = step - self._last_step, max(now - self._last_time, 1e-9)
-    self._last_time, self._last_step = now, step
+    tokens, flops = self._tokens, self._flops
+    self.start(step)
+    self._last_time = now
     if steps <= 0:
       return {}
     step_time = seconds / steps
     return {"perf/step_time_s": step_time,
             "perf/examples_per_s": self.examples_per_step / step_time,
-            "perf/tokens_per_s": self.tokens_per_step / step_time,
-            "perf/mfu": self.flops_per_step / step_time / self.peak_flops if self.peak_flops else 0.0,
+            "perf/tokens_per_s": tokens / seconds,
+            "perf/mfu": flops / seconds / self.peak_flops if self.peak_flops else 0.0,
             "perf/eta_s": step_time * (self.total_steps - step)}
 
 

@@ -14,7 +14,11 @@ records its error and the others still run):
     each implementation this backend accepts ("xla", "cudnn");
   - peer: `benchmarks/peer.py`'s BERT in eager PyTorch and under `torch.compile` on the same
     device, when torch with that device is installed (the device machine may not have it:
-    the entry then says so).
+    the entry then says so);
+  - images: the 2D and 3D MAE pipelines against their steps at `demo`, with augmentation on
+    the host and in the step (`data.imaging.augment`);
+  - fusion: `multimodal_fusion.py:demo` with mixed batches and batches by availability
+    pattern (`data.multimodal.batching`): subjects/s and MFU of the present modalities' work.
 """
 from __future__ import annotations
 
@@ -120,12 +124,42 @@ def section_peer(preset: str, steps: int) -> dict:
   return {"lines": [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]}
 
 
+def pipeline_and_step(config_spec: str, overrides: dict, steps: int, batches: int = 40,
+                      step_batches: int = 2) -> dict:
+  """`benchmarks/throughput.py`'s two measurements of one config: the input pipeline alone
+  and the step cycling through `step_batches` of its batches."""
+  config = load_config(str(throughput.REPO / config_spec), overrides)
+  with tempfile.TemporaryDirectory() as tmp:
+    data = open_data_module(config, pathlib.Path(tmp))
+    pipe, kept = throughput.time_pipeline(config, data, batches_to_read=batches, workers=0, keep=max(2, step_batches))
+    step = throughput.time_train_step(config, data, kept, steps)
+  return {"config": config_spec, "overrides": overrides, **pipe, **step,
+          "pipeline_over_step": pipe["pipeline_examples_per_s"] / step["examples_per_s"]}
+
+
+def section_images(preset: str, steps: int) -> dict:
+  return {f"{dims}_{augment}": pipeline_and_step(f"configs/{name}:{preset}", {"data.imaging.augment": augment}, steps)
+          for name, dims in (("imaging_mae.py", "2d"), ("imaging_mae3d.py", "3d")) for augment in ("host", "device")}
+
+
+def section_fusion(preset: str, steps: int) -> dict:
+  peak = datasheet_peak()
+  out = {}
+  for batching in ("mixed", "by_pattern"):
+    figures = pipeline_and_step(f"configs/multimodal_fusion.py:{preset}", {"data.multimodal.batching": batching},
+                                max(steps, 20), batches=20, step_batches=20)
+    figures["present_mfu_datasheet"] = (figures["present_flops_per_step"] / figures["step_time_s"] / peak
+                                        if peak else None)
+    out[batching] = figures
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=str(BENCHMARKS / "accelerator.json"))
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--smoke", action="store_true", help="every section at `tiny` sizes, for any backend")
-  parser.add_argument("--sections", default="mfu,packing,attention,peer")
+  parser.add_argument("--sections", default="mfu,packing,attention,peer,images,fusion")
   args = parser.parse_args()
   preset = "tiny" if args.smoke else "base"
   steps = 5 if args.smoke else args.steps
@@ -135,6 +169,8 @@ def main():
       "attention": lambda: (section_attention(2, 32, 2, 16, steps) if args.smoke
                             else section_attention(32, 512, 12, 64, steps)),
       "peer": lambda: section_peer(preset, steps),
+      "images": lambda: section_images("tiny" if args.smoke else "demo", steps),
+      "fusion": lambda: section_fusion("tiny" if args.smoke else "demo", steps),
   }
   result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "devices": jax.device_count(), "jax": jax.__version__, "preset": preset, "steps": steps}

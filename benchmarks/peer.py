@@ -34,7 +34,9 @@ How the two models differ (both are 4 x 128 for `demo`, 2 x 32 for `tiny`):
   - heads and loss: ours has an untied code head (D x V) and a value-bin head (D x (K+1)),
     loss = code cross-entropy + 0.5 x value-bin cross-entropy; BERT has a D x D dense +
     GELU + LayerNorm transform, then a decoder tied to the word embeddings (D x V), one
-    cross-entropy. Both compute logits at every position, not only the masked ones.
+    cross-entropy. BERT computes its logits at every position; ours (since the masked
+    objective's prediction slots) at P = `prediction_slots(L, mask_rate)` gathered masked
+    positions per row, as BERT's own pre-training did (`max_predictions_per_seq`).
   - masking: ours is 80/10/10 [MASK]/random/kept in the input pipeline, BERT's batches put
     [MASK] at every selected position; neither is inside the timed step.
   - optimiser: ours follows a warm-up + cosine learning-rate schedule inside the jitted
@@ -46,8 +48,9 @@ FLOPs per token, counted the same way for both (matmuls only, training = 3 x for
 MLM transform) and ours 2 D (K+1) (the value head; our 34 x D time projection is not
 counted by our analytic count either). For `demo` (D = 128, mlp 512, L = 64, K = 10, V = 98
 on the generated cohort) that is +32,768 forward FLOPs per token for BERT and +2,816 for
-ours, against 1,703,936 for the stack and 25,088 for the code head: ours does 0.983x
-BERT's work per example (0.973x for `tiny`). Parameters: 820,077 ours vs 831,202 BERT for
+ours, against 1,703,936 for the stack and 25,088 for the code head: with heads at every
+position ours did 0.983x BERT's work per example (0.973x for `tiny`); with prediction slots
+the heads run at P of L positions, which the lines' own `model_flops_per_example` count. Parameters: 820,077 ours vs 831,202 BERT for
 `demo`, 24,749 vs 22,594 for `tiny`. Each line reports its own `model_flops_per_example`
 and `num_params`, and the comparison line their ratios.
 """

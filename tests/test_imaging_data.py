@@ -1,14 +1,18 @@
 """Tests of the imaging transforms, `ImagingData` and imaging through the Grain pipeline."""
 from __future__ import annotations
 
+import dataclasses
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from biofm_jax.data import batch, pipeline
+from biofm_jax.data import batch, multimodal, pipeline
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.modalities.imaging import data as imaging
+from biofm_jax.modalities.imaging import device_augment
 from biofm_jax.modalities.imaging import transforms as T
 
 
@@ -369,3 +373,74 @@ def test_from_config_on_synthetic_images_end_to_end(tmp_path, dims, size):
   assert values.shape == (len(data.source("train")), len(names))
   again = imaging.ImagingData.from_config(cfg, objective="mae", artifacts_dir=tmp_path)
   assert again.summary() == data.summary()  # reuses the generated images
+
+
+# ================================================================ augmentation in the step
+@pytest.mark.parametrize("shape,out", [((20, 26, 2), (8, 12)), ((10, 12, 14, 1), (6, 8, 4))])
+def test_device_resize_and_flips_match_the_host_transforms(shape, out):
+  image = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+  resize = jax.jit(device_augment.resize_box, static_argnums=3)
+  for starts, sizes in (((0,) * len(out), shape[:-1]), ((3,) * len(out), (5,) * len(out))):
+    host = T.resize_linear(image, out, starts, sizes)
+    args = (jnp.asarray(starts, jnp.float32), jnp.asarray(sizes, jnp.float32))
+    np.testing.assert_allclose(resize(image, *args, out), host, atol=1e-5)
+    flips = np.arange(len(out)) % 2 == 0
+    np.testing.assert_allclose(resize(image, *args, out, jnp.asarray(flips)),
+                               np.flip(host, tuple(np.flatnonzero(flips))), atol=1e-5)
+
+
+def test_device_crop_boxes_stay_inside_and_cover_the_scale():
+  boxes = jax.jit(jax.vmap(lambda k: device_augment.crop_box(k, (60, 60, 60), (0.3, 0.6))))
+  starts, sizes = np.asarray(boxes(jax.random.split(jax.random.key(0), 400)))
+  assert (starts >= 0).all() and (starts + sizes <= 60).all() and (sizes >= 1).all()
+  fractions = np.prod(sizes / 60, axis=1)
+  assert fractions.min() >= 0.25 and fractions.max() <= 0.65  # rounding of the sides
+  assert fractions.mean() == pytest.approx(0.45, abs=0.02)
+  assert (sizes.max(1) / sizes.min(1)).max() <= 4 / 3 * 1.1
+  assert len(np.unique(starts[:, 0])) > 10
+
+
+def test_device_augment_is_seeded_and_the_identity_without_randomness():
+  augment = device_augment.DeviceAugment("imaging", (16, 16), (0.3, 0.6), (0, 1), 0.1, 0.1)
+  images = np.random.default_rng(0).normal(size=(4, 24, 24, 1)).astype(np.float32)
+  seeds = np.array([1, 2, 1, 3], np.uint32)
+  batch_in = {"imaging": {batch.IMAGE: images, device_augment.AUGMENT_SEED: seeds, batch.VALID: np.ones(4, bool)}}
+  out = jax.jit(augment)(batch_in)["imaging"]
+  assert set(out) == {batch.IMAGE, batch.VALID} and out[batch.IMAGE].shape == (4, 16, 16, 1)
+  same_image = np.stack([images[0]] * 4)
+  repeated = np.asarray(jax.jit(augment)({"imaging": {**batch_in["imaging"], batch.IMAGE: same_image}})
+                        ["imaging"][batch.IMAGE])
+  np.testing.assert_array_equal(repeated[0], repeated[2])  # the same seed draws the same augmentation
+  assert not np.allclose(repeated[0], repeated[1]) and not np.allclose(repeated[1], repeated[3])
+  plain = device_augment.DeviceAugment("imaging", (24, 24), (1.0, 1.0), (), 0.0, 0.0)
+  np.testing.assert_allclose(jax.jit(plain)(batch_in)["imaging"][batch.IMAGE], images, atol=1e-5)
+  with pytest.raises(ValueError, match="augment_seed"):
+    augment({"imaging": {batch.IMAGE: images}})
+  assert augment({"ehr": {}}) == {"ehr": {}}
+
+
+def test_device_augmentation_stream_holds_canvases_and_seeds_by_position(hand_built_data):
+  s = hand_built_data.settings
+  data = imaging.ImagingData(hand_built_data.dataset, dataclasses.replace(s, augment="device",
+                                                                          canvas_size=(10,) * s.spatial_dims),
+                             objective="mae")
+  make = lambda index, count: pipeline.make_iterator(pipeline.make_train_dataset(
+      data.source("train"), data.transforms(train=True), global_batch_size=4, seed=7, process_index=index,
+      process_count=count))
+  whole = next(make(0, 1))["imaging"]
+  assert whole[batch.IMAGE].shape == (4,) + (10,) * s.spatial_dims + (1,)
+  assert whole[device_augment.AUGMENT_SEED].dtype == np.uint32 and len(set(whole["augment_seed"].tolist())) == 4
+  halves = [next(make(i, 2))["imaging"] for i in range(2)]  # the same seeds under two processes
+  np.testing.assert_array_equal(np.stack([h["augment_seed"][k] for k in range(2) for h in halves]),
+                                whole["augment_seed"])
+  augmented = jax.jit(data.device_transform())({"imaging": whole})["imaging"]
+  spec = data.example_spec()["imaging"]
+  for i in range(4):
+    batch.check_example({k: np.asarray(v[i]) for k, v in augmented.items()}, spec, "augmented batch")
+  assert hand_built_data.device_transform() is None
+  assert data.transforms(train=False) and all(not isinstance(t, device_augment.AugmentSeed)
+                                              for t in data.transforms(train=False))
+  with pytest.raises(ValueError, match="config.data.imaging.augment is 'gpu'"):
+    imaging.ImagingSettings.from_config(imaging_cfg(augment="gpu"))
+  with pytest.raises(ValueError, match="data.imaging.augment is 'device'"):
+    multimodal.MultimodalData({"imaging": data, "other": hand_built_data})

@@ -19,9 +19,10 @@ def train_curve(spec, workdir, **overrides):
           [r["eval/loss"] for r in records if "eval/loss" in r])
 
 
-@pytest.mark.parametrize("spec", [SPEC_2D, SPEC_3D])
-def test_mae_reconstruction_loss_falls(spec, tmp_path):
-  _, train, evals = train_curve(spec, tmp_path, train__num_steps=200)
+@pytest.mark.parametrize("spec, augment", [(SPEC_2D, "host"), (SPEC_3D, "host"), (SPEC_2D, "device")])
+def test_mae_reconstruction_loss_falls(spec, augment, tmp_path):
+  """Also with the crop, flips and jitter inside the train step (`augment="device"`)."""
+  _, train, evals = train_curve(spec, tmp_path, train__num_steps=200, data__imaging__augment=augment)
   print(f"{spec}: train loss {train[0]:.3f} -> {train[-1]:.3f}, held-out {evals}")
   # A constant prediction of normalised pixels scores 1.0; the model must do clearly better.
   assert train[-1] < 0.8 * train[0] and evals[-1] < 0.8

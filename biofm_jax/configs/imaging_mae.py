@@ -30,6 +30,9 @@ def imaging_config(preset: str, spatial_dims: int):
       crop_scale=(0.5, 1.0),
       flip_axes=tuple(range(spatial_dims)),
       brightness=0.1, contrast=0.1,
+      # "device": crop, flips and jitter run batched in the jitted train step; the host only
+      # reads and normalises to canvas_size (() = image_size) and draws a seed per image.
+      augment="host", canvas_size=(),
       mask_ratio=0.75,
       on_error="raise",  # "skip": bad images dropped at indexing, unreadable ones replaced at read time
       synthetic_subjects=200, synthetic_seed=0)

@@ -11,7 +11,10 @@ specs and model info come keyed the same way, so one shape serves every run:
 
 A module whose training stream is not one source through its transforms (the multimodal
 module's weighted mix) also defines `make_train_dataset(*, global_batch_size, seed,
-process_index, process_count)`, which the loop then uses instead.
+process_index, process_count)`, which the loop then uses instead. A module may define
+`device_transform()`: None, or a function of a training batch that the train step applies
+first, inside the compiled program (imaging's `augment="device"`); its training examples
+are then what that function expects, and `example_spec` what it returns.
 """
 from __future__ import annotations
 

@@ -284,6 +284,10 @@ class MultimodalData:
     self.settings = JoinSettings(tuple(str(m) for m in require), tuple(sorted(
         (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed), str(batching))
     self.settings.check(self.modalities)
+    on_device = [m for m, module in self.modules.items() if getattr(module, "device_transform", lambda: None)()]
+    if on_device:
+      raise ValueError(f"data.{on_device[0]}.augment is 'device', which single-modality runs support; a "
+                       f"multimodal join augments on the host: set it to 'host'")
     if self.mix_weights and self.settings.batching != "mixed":
       raise ValueError(f"data.multimodal.batching is {batching!r} while mix_weights mixes single-modality "
                        f"examples; batching by pattern is for the join by subject: leave it 'mixed'")

@@ -66,7 +66,9 @@ def build_training(config: ml_collections.ConfigDict, data_module, devices=None,
   schedule = state_lib.learning_rate_schedule(config.train)
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))
   abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
-  train_step = step_lib.jit_train_step(model, tx, objective, schedule, shardings, mesh, rules, accum)
+  # A data module may hand work to the step (image augmentation on the accelerator).
+  prepare = getattr(data_module, "device_transform", lambda: None)()
+  train_step = step_lib.jit_train_step(model, tx, objective, schedule, shardings, mesh, rules, accum, prepare)
   eval_step = step_lib.jit_eval_step(model, objective, shardings.params, mesh, rules)
   return TrainingSetup(mesh, rules, model, objective, tx, schedule, init_batch, abstract, shardings,
                        train_step, eval_step)

@@ -8,7 +8,7 @@ equals the full-batch update whatever the accumulation.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -37,7 +37,12 @@ def _split_micro_batches(batch: Any, accum_steps: int, mesh: Mesh | None) -> Any
 
 def train_step(state: TrainState, batch: Any, *, model: nn.Module, tx: optax.GradientTransformation,
                objective: Objective, schedule: optax.Schedule, accum_steps: int = 1,
-               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               mesh: Mesh | None = None, prepare: Callable[[Any], Any] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`prepare`: the data module's device transform (e.g. image augmentation), applied to
+  the batch first, inside the compiled step."""
+  if prepare is not None:
+    batch = prepare(batch)
   counts = objective.counts(batch)
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -75,9 +80,10 @@ def eval_step(params: Any, batch: Any, *, model: nn.Module, objective: Objective
   return {"sums": objective.sums(outputs, batch), "counts": objective.counts(batch)}
 
 
-def jit_train_step(model, tx, objective, schedule, state_shardings, mesh: Mesh, rules, accum_steps: int):
+def jit_train_step(model, tx, objective, schedule, state_shardings, mesh: Mesh, rules, accum_steps: int,
+                   prepare: Callable[[Any], Any] | None = None):
   step = functools.partial(train_step, model=model, tx=tx, objective=objective, schedule=schedule,
-                           accum_steps=accum_steps, mesh=mesh)
+                           accum_steps=accum_steps, mesh=mesh, prepare=prepare)
   jitted = jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
   return _with_mesh_and_rules(jitted, mesh, rules)

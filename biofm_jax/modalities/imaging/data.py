@@ -8,6 +8,11 @@ volumes alike, and what the pipeline and training loop ask of a modality: `sourc
   train: Resample -> Normalize -> RandomResizedCrop -> RandomFlip -> IntensityJitter
          -> ToImagingExample -> MaskPatches
   eval:  Resample -> Normalize -> CenterResize -> ToImagingExample -> MaskPatches
+
+With `augment="device"` the training stream stops at a fixed canvas and a seed, and the
+crop, flips and jitter run batched inside the jitted step (`device_augment.py`):
+  train: Resample -> Normalize -> CenterResize(canvas) -> ToImagingExample -> MaskPatches
+         -> AugmentSeed            (then, in the step: crop, flips, jitter)
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exporte
     INTENSITY_MODES, CenterResize, IntensityJitter, NormalizeIntensity,
     RandomFlip, RandomResizedCrop, ResampleToSpacing, ToImagingExample, record_name,
     resize_linear, sample_crop_box)
+from biofm_jax.modalities.imaging.device_augment import AugmentSeed, DeviceAugment
 from biofm_jax.modalities.imaging.synthetic import write_synthetic_images
 from biofm_jax.modalities.imaging import source as imaging_source
 
 OBJECTIVES = ("mae",)
 ON_ERROR = ("raise", "skip")
+AUGMENT = ("host", "device")
 SYNTHETIC_DIRNAME = "synthetic_imaging"
 MANIFEST_FILENAME = "manifest.csv"
 _CONFIG_PREFIX = "config.data.imaging"
@@ -58,6 +65,8 @@ class ImagingSettings:
   contrast: float
   mask_ratio: float
   on_error: str
+  augment: str = "host"  # or "device": crop, flips and jitter inside the jitted step
+  canvas_size: tuple[int, ...] = ()  # device augmentation's input size; () = image_size
 
   @classmethod
   def from_config(cls, cfg: Any) -> ImagingSettings:
@@ -75,7 +84,9 @@ class ImagingSettings:
         brightness=float(get("brightness")),
         contrast=float(get("contrast")),
         mask_ratio=float(get("mask_ratio")),
-        on_error=str(get("on_error")))
+        on_error=str(get("on_error")),
+        augment=str(cfg.get("augment", "host")),
+        canvas_size=_ints(cfg.get("canvas_size", ()), "canvas_size"))
     settings.validate()
     return settings
 
@@ -108,6 +119,14 @@ class ImagingSettings:
     _require(0 <= self.contrast < 1, "contrast", self.contrast, "in [0, 1)")
     _require(0 < self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "in (0, 1)")
     _require(self.on_error in ON_ERROR, "on_error", self.on_error, f"one of {ON_ERROR}")
+    _require(self.augment in AUGMENT, "augment", self.augment, f"one of {AUGMENT}")
+    _require(len(self.canvas_size) in (0, n) and all(c >= 1 for c in self.canvas_size), "canvas_size",
+             self.canvas_size, f"() for image_size, or {n} positive sizes")
+
+  @property
+  def canvas(self) -> tuple[int, ...]:
+    """The fixed size device augmentation crops from."""
+    return self.canvas_size or self.image_size
 
   @property
   def num_patches(self) -> int:
@@ -175,15 +194,27 @@ class ImagingData:
     """
     s = self.settings
     prepare = [ResampleToSpacing(s.spacing), NormalizeIntensity(s.intensity, s.ct_window)]
-    if train:
+    on_device = train and s.augment == "device"
+    if on_device:
+      geometry = [CenterResize(s.canvas)]
+    elif train:
       geometry = [RandomResizedCrop(s.image_size, scale=s.crop_scale), RandomFlip(s.flip_axes),
                   IntensityJitter(s.brightness, s.contrast)]
     else:
       geometry = [CenterResize(s.image_size)]
-    finish = [ToImagingExample(s.channels, s.image_size)]
+    finish = [ToImagingExample(s.channels, s.canvas if on_device else s.image_size)]
     if mask:
       finish.append(MaskPatches(s.num_patches, s.mask_ratio))
+    if on_device:
+      finish.append(AugmentSeed())
     return prepare + geometry + finish + [KeyByModality(self.name)]
+
+  def device_transform(self) -> DeviceAugment | None:
+    """What the train step applies to each training batch first (`augment="device"`), or None."""
+    s = self.settings
+    if s.augment != "device":
+      return None
+    return DeviceAugment(self.name, s.image_size, s.crop_scale, s.flip_axes, s.brightness, s.contrast)
 
   def embedding_spec(self) -> dict:
     """The example spec without MAE masking (see `transforms(mask=False)`)."""

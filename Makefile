@@ -33,10 +33,13 @@ bench: install
 	$(PY) benchmarks/soma_scale.py
 	$(PY) benchmarks/motor_cindex.py
 	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
+	$(PY) benchmarks/step_parts.py
 
 # On one GPU, in under 8 minutes: MFU at ehr_bert.py:base in bf16 (layers scanned and
-# unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, and
-# the PyTorch peer on the same GPU where torch for it is installed. One JSON file of figures.
+# unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, the
+# PyTorch peer on the same GPU where torch for it is installed, the image pipelines against
+# their steps (augmentation on host and device) and multimodal batches mixed vs by pattern.
+# One JSON file of figures.
 bench-accelerator: install
 	$(PY) -m pip install -q -e ".[cuda]"
 	$(PY) benchmarks/accelerator.py --out=benchmarks/accelerator.json

@@ -400,6 +400,25 @@ def test_device_crop_boxes_stay_inside_and_cover_the_scale():
   assert len(np.unique(starts[:, 0])) > 10
 
 
+@pytest.mark.parametrize("shape,scale,ratio", [((60, 60), (0.2, 0.9), (3 / 4, 4 / 3)),
+                                               ((40, 50, 60), (0.3, 0.8), (0.8, 1.5))])
+def test_device_crop_boxes_follow_the_host_s_law(shape, scale, ratio):
+  """The same distribution of box volumes and side ratios as `sample_crop_box` (other numbers)."""
+  draws = 2000
+  boxes = jax.jit(jax.vmap(lambda k: device_augment.crop_box(k, shape, scale, ratio)))
+  device_sizes = np.asarray(boxes(jax.random.split(jax.random.key(1), draws))[1])
+  host_sizes = np.stack([T.sample_crop_box(shape, scale, ratio, rng(seed))[1] for seed in range(draws)])
+  for sizes in (device_sizes, host_sizes):
+    assert (sizes <= np.asarray(shape)).all()
+  def features(sizes):
+    relative = sizes / np.asarray(shape)
+    return [np.prod(relative, axis=1)] + [relative[:, j] / relative[:, i] for i in range(len(shape))
+                                          for j in range(i + 1, len(shape))]
+  for ours, theirs in zip(features(device_sizes), features(host_sizes)):
+    np.testing.assert_allclose(np.quantile(ours, [0.1, 0.5, 0.9]), np.quantile(theirs, [0.1, 0.5, 0.9]),
+                               rtol=0.06)
+
+
 def test_device_augment_is_seeded_and_the_identity_without_randomness():
   augment = device_augment.DeviceAugment("imaging", (16, 16), (0.3, 0.6), (0, 1), 0.1, 0.1)
   images = np.random.default_rng(0).normal(size=(4, 24, 24, 1)).astype(np.float32)

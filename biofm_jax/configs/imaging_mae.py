@@ -32,6 +32,8 @@ def imaging_config(preset: str, spatial_dims: int):
       brightness=0.1, contrast=0.1,
       # "device": crop, flips and jitter run batched in the jitted train step; the host only
       # reads and normalises to canvas_size (() = image_size) and draws a seed per image.
+      # Crops come from the canvas: a canvas of image_size / sqrt(min crop_scale) (or the
+      # sources' own size) keeps their resolution as host crops from the source do.
       augment="host", canvas_size=(),
       mask_ratio=0.75,
       on_error="raise",  # "skip": bad images dropped at indexing, unreadable ones replaced at read time

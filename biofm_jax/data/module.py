@@ -18,7 +18,7 @@ are then what that function expects, and `example_spec` what it returns.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import grain
 
@@ -57,6 +57,12 @@ class KeyByModality(grain.transforms.Map):
 
   def map(self, example):
     return {self.modality: example}
+
+
+def device_transform_of(module: Any) -> Callable[[Any], Any] | None:
+  """The module's `device_transform()` (see the module docstring), None if it has none."""
+  make = getattr(module, "device_transform", None)
+  return make() if make is not None else None
 
 
 def only(keyed: Mapping[str, Any], modality: str, where: str) -> Any:

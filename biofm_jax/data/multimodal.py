@@ -45,7 +45,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch, pipeline
-from biofm_jax.data.module import only
+from biofm_jax.data.module import device_transform_of, only
 from biofm_jax.data.pattern_batches import PatternBatches, PatternBatchItems
 from biofm_jax.data.sources.read_skips import REPLACED
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
@@ -284,7 +284,7 @@ class MultimodalData:
     self.settings = JoinSettings(tuple(str(m) for m in require), tuple(sorted(
         (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed), str(batching))
     self.settings.check(self.modalities)
-    on_device = [m for m, module in self.modules.items() if getattr(module, "device_transform", lambda: None)()]
+    on_device = [m for m, module in self.modules.items() if device_transform_of(module) is not None]
     if on_device:
       raise ValueError(f"data.{on_device[0]}.augment is 'device', which single-modality runs support; a "
                        f"multimodal join augments on the host: set it to 'host'")

@@ -86,7 +86,8 @@ class PatternBatches:
 class PatternBatchItems:
   """The items `PatternBatches`' codes index: code -> the subject's item of `source` (a
   `MultimodalSource` of the same split, unbalanced), with "modalities": what its batch
-  carries."""
+  carries. Its length is the split's subjects (what the pipeline counts as records); the
+  codes themselves run higher, so read it through a `PatternBatches` order only."""
 
   def __init__(self, source: Any, modalities: Sequence[str]):
     self.source, self.modalities = source, tuple(sorted(modalities))

@@ -39,8 +39,10 @@ def cross_entropy_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array)
 
 
 def weighted_loss(objective: Objective, sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]) -> jax.Array:
-  """sum_k w_k * sums_k / counts_k; a term with no items contributes zero, not NaN."""
-  return sum(weight * sums[name] / jnp.maximum(counts[name], 1.0) for name, weight in objective.loss_weights.items())
+  """sum_k w_k * sums_k / counts_k; a term with no items contributes zero, not NaN, and so
+  does a term the batch has no part for (a multimodal batch that leaves its modality out)."""
+  return sum((weight * sums[name] / jnp.maximum(counts[name], 1.0)
+              for name, weight in objective.loss_weights.items() if name in sums), jnp.zeros((), jnp.float32))
 
 
 def means(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -16,8 +16,8 @@ projection, not yet normalised; `outputs["contrastive"]["logit_scale"]` and
 `["logit_bias"]` are scalar parameters. A subject enters pair (a, b) only when
 `batch[a][PRESENT]` and `batch[b][PRESENT]` both hold; otherwise it is no row, no column
 (no one's negative) and no count, and its embeddings get exactly zero gradient. A batch
-that leaves a or b out altogether (batching by availability pattern) gives the pair 0
-over 0 subjects.
+that leaves a or b out altogether (batching by availability pattern) has no terms for
+the pair.
 
 Terms: f"{a}_{b}_contrastive" (sum of per-subject losses, count n; weighted `weight`
 each, so every pair is a loss of its own, like separate objectives, and adding a pair
@@ -191,8 +191,9 @@ class ContrastiveAlignment:
   def counts(self, batch):
     counts = {}
     for pair in self.pairs:
-      n = self._valid(batch, pair).astype(jnp.float32).sum() if _holds(batch, pair) else jnp.zeros(())
-      counts.update({f"{term_prefix(pair)}_contrastive": n, f"{term_prefix(pair)}_top1": n})
+      if _holds(batch, pair):
+        n = self._valid(batch, pair).astype(jnp.float32).sum()
+        counts.update({f"{term_prefix(pair)}_contrastive": n, f"{term_prefix(pair)}_top1": n})
     return counts
 
   def sums(self, outputs, batch):
@@ -202,9 +203,7 @@ class ContrastiveAlignment:
       if _holds(batch, pair):
         loss_sum, hits = pair_sums(self.loss, out[pair[0]], out[pair[1]], self._valid(batch, pair),
                                    out["logit_scale"], out.get("logit_bias", 0.0))
-      else:
-        loss_sum = hits = jnp.zeros(())
-      sums.update({f"{term_prefix(pair)}_contrastive": loss_sum, f"{term_prefix(pair)}_top1": hits})
+        sums.update({f"{term_prefix(pair)}_contrastive": loss_sum, f"{term_prefix(pair)}_top1": hits})
     return sums
 
 

@@ -8,16 +8,14 @@ nothing to that modality's sums or counts; the contrastive terms exclude subject
 either side of a pair through the batch's `present` flags.
 
 A batch may leave a modality out altogether (batching by availability pattern,
-`data/pattern_batches.py`): that modality's loss terms are then 0 with count 0 (they add
-nothing, as for a batch whose every subject lacks it), and its metric-only terms are not
-reported for that step.
+`data/pattern_batches.py`): its terms, and those of contrastive pairs it takes part in,
+are then absent from that step's sums and counts. They add nothing to the loss
+(`base.weighted_loss`), and the step's metrics do not report a false 0 for them.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
-
-import jax.numpy as jnp
 
 from biofm_jax.objectives.base import CAUSAL, Objective
 from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
@@ -43,20 +41,18 @@ class MultimodalObjective:
     return {f"{prefix}/{term}": weight * w for prefix, objective, weight in self._members()
             for term, w in objective.loss_weights.items() if weight * w}
 
+  def _held(self, batch):
+    """The members whose modality the batch holds (the contrastive one decides per pair)."""
+    return [(prefix, objective) for prefix, objective, _ in self._members()
+            if prefix in batch or prefix == CONTRASTIVE]
+
   def counts(self, batch) -> dict:
-    return {f"{prefix}/{term}": value for prefix, objective, _ in self._members()
-            for term, value in (objective.counts(batch) if prefix in batch or prefix == CONTRASTIVE
-                                else _no_items(objective)).items()}
+    return {f"{prefix}/{term}": value for prefix, objective in self._held(batch)
+            for term, value in objective.counts(batch).items()}
 
   def sums(self, outputs, batch) -> dict:
-    return {f"{prefix}/{term}": value for prefix, objective, _ in self._members()
-            for term, value in (objective.sums(outputs, batch) if prefix in batch or prefix == CONTRASTIVE
-                                else _no_items(objective)).items()}
-
-
-def _no_items(objective: Objective) -> dict:
-  """The loss terms of a modality the batch leaves out: 0 over 0 items."""
-  return {term: jnp.zeros((), jnp.float32) for term in objective.loss_weights}
+    return {f"{prefix}/{term}": value for prefix, objective in self._held(batch)
+            for term, value in objective.sums(outputs, batch).items()}
 
 
 def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build_one) -> MultimodalObjective:

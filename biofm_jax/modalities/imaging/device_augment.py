@@ -9,7 +9,11 @@ with the host transforms' arithmetic, batched on the accelerator:
   random resized crop and flips (`crop_box`, `resize_box`) -> intensity jitter
 
 `resize_box` is `transforms.resize_linear` (half-pixel centres, separable multilinear)
-as one matmul per axis, so a box gives the host's numbers (to float rounding).
+as one matmul per axis: a box of the same image gives the host's numbers (to float
+rounding). The crop is taken from the canvas, not from the full-resolution image: with
+the default canvas (the image size) a crop of half the area is upsampled by about 1.4 per
+axis, where the host crops the source. Set `canvas_size` to keep the crops' resolution
+(image_size / sqrt(min crop scale) in 2D, or the sources' own size).
 `crop_box` draws boxes by `sample_crop_box`'s rule, its ten attempts drawn at once (a
 fixed number of draws, as jit needs): other numbers than the host's, the same law.
 """
@@ -25,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from biofm_jax.data import batch as B
+from biofm_jax.modalities.imaging.transforms import CROP_ATTEMPTS, CROP_RATIO
 
 AUGMENT_SEED = "augment_seed"  # uint32 []: the example's augmentation draws
-RATIO = (3 / 4, 4 / 3)  # as transforms.RandomResizedCrop
-CROP_ATTEMPTS = 10  # as transforms.sample_crop_box
 
 
 class AugmentSeed(grain.transforms.RandomMap):
@@ -69,21 +72,24 @@ class DeviceAugment:
 
 
 def crop_box(key: jax.Array, shape: Sequence[int], scale: tuple[float, float],
-             ratio: tuple[float, float] = RATIO, attempts: int = CROP_ATTEMPTS) -> tuple[jax.Array, jax.Array]:
+             ratio: tuple[float, float] = CROP_RATIO, attempts: int = CROP_ATTEMPTS) -> tuple[jax.Array, jax.Array]:
   """float32 (starts, sizes), whole pixels, of a random box drawn as `sample_crop_box`
   draws it: volume fraction uniform in `scale`, each later axis' side relative to axis 0
-  log-uniform in `ratio`, a draw kept only when every pair of axes is within `ratio` and
-  the box fits; `attempts` draws at once, the first kept one used, else the whole image."""
+  log-uniform in `ratio`, a draw kept only when among axes 1..n-1 each later side over
+  each earlier one is within `ratio` too and the box fits; `attempts` draws at once, the
+  first kept one used, else the whole image."""
   n = len(shape)
   volume_key, aspect_key, start_key = jax.random.split(key, 3)
   volume = jax.random.uniform(volume_key, (attempts, 1), minval=scale[0], maxval=scale[1])
   low, high = math.log(ratio[0]), math.log(ratio[1])
   offsets = jnp.concatenate([jnp.zeros((attempts, 1)),
                              jax.random.uniform(aspect_key, (attempts, n - 1), minval=low, maxval=high)], axis=1)
-  pairs = offsets[:, None, :] - offsets[:, :, None]  # [attempt, i, j]: axis j's log side minus axis i's
   extent = jnp.asarray(shape, jnp.float32)
   sizes = jnp.round(jnp.exp(jnp.log(volume) / n + offsets - offsets.mean(axis=1, keepdims=True)) * extent)
-  kept = (((pairs >= low - 1e-6) & (pairs <= high + 1e-6)).all(axis=(1, 2))
+  # The host's rule: among axes 1..n-1, each later axis' side over each earlier one's in `ratio`.
+  later = np.triu(np.ones((n - 1, n - 1), bool), k=1)
+  pairs = (offsets[:, None, 1:] - offsets[:, 1:, None])[:, later]  # [attempt, pair]
+  kept = (((pairs >= low) & (pairs <= high)).all(axis=1)
           & (sizes >= 1).all(axis=1) & (sizes <= extent).all(axis=1))
   sizes = jnp.where(kept.any(), sizes[jnp.argmax(kept)], extent)
   starts = jnp.floor(jax.random.uniform(start_key, (n,)) * (extent - sizes + 1.0))
@@ -112,14 +118,6 @@ def resize_box(image: jax.Array, starts: jax.Array, sizes: jax.Array, output_sha
     if flips is not None:
       matrix = jnp.where(flips[axis], matrix[::-1], matrix)
     image = jnp.moveaxis(jnp.tensordot(matrix, image, axes=((1,), (axis,))), 0, axis)
-  return image
-
-
-def random_flips(key: jax.Array, image: jax.Array, axes: Sequence[int]) -> jax.Array:
-  """Flips each listed spatial axis independently with probability 1/2."""
-  flips = jax.random.bernoulli(key, 0.5, (len(axes),))
-  for i, axis in enumerate(axes):
-    image = jnp.where(flips[i], jnp.flip(image, axis=axis), image)
   return image
 
 

@@ -26,7 +26,8 @@ from biofm_jax.data import batch
 INTENSITY_MODES = ("auto", "ct", "mr", "uint8")
 MR_PERCENTILES = (1.0, 99.0)
 # Attempts at a crop box inside the image before falling back to the whole image.
-_CROP_ATTEMPTS = 10
+CROP_ATTEMPTS = 10
+CROP_RATIO = (3 / 4, 4 / 3)  # per-axis aspect bounds of a random resized crop (torchvision's)
 
 
 # ================================================================ helpers
@@ -109,7 +110,7 @@ def sample_crop_box(shape: Sequence[int], scale: tuple[float, float],
   shape = np.asarray(shape, dtype=np.int64)
   n = len(shape)
   log_low, log_high = np.log(ratio[0]), np.log(ratio[1])
-  for _ in range(_CROP_ATTEMPTS):
+  for _ in range(CROP_ATTEMPTS):
     volume = rng.uniform(scale[0], scale[1])
     # Log side of each axis relative to axis 0, which is the reference (0).
     offsets = np.concatenate([[0.0], rng.uniform(log_low, log_high, size=n - 1)])
@@ -165,7 +166,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
   """A random box (`scale` of the volume, per-axis aspect in `ratio`) resized to `output_shape`."""
 
   def __init__(self, output_shape: Sequence[int], scale: tuple[float, float] = (0.5, 1.0),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+               ratio: tuple[float, float] = CROP_RATIO):
     self.output_shape = tuple(int(s) for s in output_shape)
     self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
     if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:

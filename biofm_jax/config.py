@@ -173,7 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
       position="rope", norm="rmsnorm", dtype="float32", param_dtype="float32",
       remat="none", scan_layers=True,
       layer_loop="auto",  # stacked layers run as "scan", "unroll" or "auto" (unrolled on CPU only)
-      attention="auto")  # jax.nn.dot_product_attention's implementation: "auto", "xla" or "cudnn"
+      # "auto" (heads_first on CPU, jax's choice elsewhere), "xla", "cudnn" or "heads_first"
+      attention="auto")
   config.data = dict(batch_size=32, num_workers=0,
                      prepared="")  # a directory from experiments/prepare.py: read it instead of raw files
   config.train = dict(

@@ -11,6 +11,7 @@ import helpers
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
+from biofm_jax.models import layers
 from biofm_jax.objectives import weighted_loss
 from biofm_jax.objectives.masked import prediction_slots
 
@@ -142,6 +143,36 @@ def test_stacked_layers_run_unrolled_or_scanned_with_the_same_loss_and_gradients
   assert unrolled_params["transformer"]["layers"]["mlp"]["wi"]["kernel"].shape[0] == 2
   np.testing.assert_allclose(unrolled_loss, scanned_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), unrolled_grads, scanned_grads)
+
+
+@pytest.mark.parametrize("causal, packed", [(False, False), (True, False), (False, True)])
+def test_heads_first_attention_equals_jax_s_xla_attention(causal, packed):
+  """`model.attention="heads_first"` (the CPU default) is jax's "xla" arithmetic in another
+  layout: outputs and gradients agree, with padding keys, causal masks and packed rows."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 12, 4, 8)), jnp.float32) for _ in range(3))
+  mask = np.arange(12)[None] < np.array([[12], [7], [1]])
+  key_mask = jnp.asarray(mask[:, None, None, :])
+  if packed:  # two segments per row, padding queries (segment 0) see every real key
+    segments = np.where(mask, 1 + (np.arange(12)[None] >= 5), 0)
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
+    key_mask = key_mask & jnp.asarray(same[:, None])
+
+  def run(implementation):
+    def attend(q, k, v):
+      if implementation == "heads_first":
+        return layers.heads_first_attention(q, k, v, key_mask, is_causal=causal)
+      return jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=causal, implementation="xla")
+    out, pullback = jax.vjp(attend, q, k, v)
+    return out, pullback(jnp.asarray(np.linspace(-1, 1, out.size).reshape(out.shape), jnp.float32))
+
+  (ours, ours_grads), (theirs, their_grads) = run("heads_first"), run("xla")
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)
+  for a, b in zip(ours_grads, their_grads):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert layers.attention_on("auto", "cpu") == "heads_first" and layers.attention_on("auto", "gpu") is None
+  with pytest.raises(ValueError, match="model.attention must be one of"):
+    init(model_config(attention="flash"), make_batch())
 
 
 def test_unrolled_layers_apply_dropout_from_the_step_key():

@@ -8,6 +8,7 @@ with `nn.with_logical_constraint` at block boundaries for the same reason.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,35 @@ def runs_unrolled(layer_loop: str, platform: str) -> bool:
   """Whether `model.layer_loop` unrolls the stacked layers on `platform` ("cpu", "gpu",
   "tpu"): "auto" unrolls on CPU only (`TransformerConfig.unrolls` says why)."""
   return platform == "cpu" if layer_loop == "auto" else layer_loop == "unroll"
+
+
+ATTENTIONS = ("auto", "xla", "cudnn", "heads_first")
+
+
+def attention_on(attention: str, platform: str) -> str | None:
+  """`model.attention` resolved for `platform`: "auto" is "heads_first" on CPU (1.5x the
+  rate of jax's "xla" form there, benchmarks/step_parts.py) and jax's choice (None) elsewhere."""
+  if attention == "auto":
+    return "heads_first" if platform == "cpu" else None
+  return attention
+
+
+def heads_first_attention(q: Array, k: Array, v: Array, mask: Array | None, is_causal: bool = False) -> Array:
+  """`jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)` with the
+  "xla" implementation's arithmetic (logits in at least float32, scaled by 1/sqrt(head
+  dim), masked with the same large negative, softmax in float32), computed with heads
+  before the sequence axes: [B, T, H, K] in and out, same number of query and key heads."""
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, K]
+  logits = jnp.einsum("bhtk,bhsk->bhts", qh, kh, preferred_element_type=logits_dtype)
+  logits = logits * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), logits_dtype)
+  keep = jnp.ones((), bool) if mask is None else mask
+  if is_causal:
+    keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+  if mask is not None or is_causal:
+    logits = jnp.where(keep, logits, jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bhsk->bhtk", probs, vh).transpose(0, 2, 1, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +78,9 @@ class TransformerConfig:
   # slice of the stacked parameters, no loop) or "auto" (see `unrolls`). Parameters are the
   # same either way, so a checkpoint moves between backends.
   layer_loop: str = "auto"
-  # `jax.nn.dot_product_attention`'s implementation: "xla", "cudnn" (GPU, bf16/fp16) or
-  # "auto" (jax picks; on CPU that is "xla").
+  # Attention: `jax.nn.dot_product_attention`'s "xla" or "cudnn" (GPU, bf16/fp16),
+  # "heads_first" (`heads_first_attention`: the same arithmetic as "xla", laid out for
+  # XLA:CPU's batched matmuls) or "auto" ("heads_first" on CPU, jax's choice elsewhere).
   attention: str = "auto"
 
   @property
@@ -58,7 +89,8 @@ class TransformerConfig:
 
   @property
   def attention_implementation(self) -> str | None:
-    return None if self.attention == "auto" else self.attention
+    """`jax.nn.dot_product_attention`'s implementation, or "heads_first" (ours)."""
+    return attention_on(self.attention, jax.default_backend())
 
   @property
   def unrolls(self) -> bool:
@@ -69,8 +101,8 @@ class TransformerConfig:
     return runs_unrolled(self.layer_loop, jax.default_backend())
 
   def __post_init__(self):
-    if self.attention not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"model.attention must be 'auto', 'xla' or 'cudnn', got {self.attention!r}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
     if self.layer_loop not in ("auto", "scan", "unroll"):
       raise ValueError(f"model.layer_loop must be 'auto', 'scan' or 'unroll', got {self.layer_loop!r}")
     if not self.head_dim and self.embed_dim % self.num_heads:
@@ -161,8 +193,11 @@ class Attention(nn.Module):
       # keep seeing every real key, as in unpacked rows, so their outputs stay finite.
       same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
       key_mask = key_mask & same[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal,
-                                       implementation=cfg.attention_implementation)
+    if cfg.attention_implementation == "heads_first":
+      out = heads_first_attention(q, k, v, key_mask, is_causal=cfg.causal)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal,
+                                         implementation=cfg.attention_implementation)
     return self._project_out(out)
 
   def _project_out(self, out: Array) -> Array:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.modalities import registry
-from biofm_jax.models.layers import runs_unrolled
+from biofm_jax.models.layers import attention_on, runs_unrolled
 from biofm_jax.train.build import build_training
 from biofm_jax.train.state import param_count
 from biofm_jax import parallel
@@ -129,12 +129,17 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
 
 
 def _for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-  """`config` with `model.layer_loop="auto"` resolved as a run on `platform` resolves it."""
-  if config.model.get("layer_loop", "auto") != "auto":
+  """`config` with `model.layer_loop` and `model.attention` "auto" resolved as a run on
+  `platform` resolves them (the sizing process's own backend may be another)."""
+  loop, attention = config.model.get("layer_loop", "auto"), config.model.get("attention", "auto")
+  if loop != "auto" and attention != "auto":
     return config
   config = copy.deepcopy(config)
   with config.unlocked():
-    config.model.layer_loop = "unroll" if runs_unrolled("auto", platform) else "scan"
+    if loop == "auto":
+      config.model.layer_loop = "unroll" if runs_unrolled("auto", platform) else "scan"
+    if attention == "auto":  # jax's own choice off CPU: its "xla" form stands in for it
+      config.model.attention = attention_on("auto", platform) or "xla"
   return config
 
 

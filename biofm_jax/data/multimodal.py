@@ -361,11 +361,11 @@ class MultimodalData:
       join = self.join.splits[TRAIN_SPLIT]
       order = PatternBatches(join.patterns(), global_batch_size, modality_seed(seed, "by_pattern"),
                              balanced=self.settings.sampling == "balanced")
-      items = PatternBatchItems(MultimodalSource(TRAIN_SPLIT, join), self.modalities)
-      return pipeline.make_train_dataset(items, self.transforms(train=True), name=self.name,
-                                         global_batch_size=global_batch_size, seed=seed, order=order, **layout)
-    return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True), name=self.name,
-                                       global_batch_size=global_batch_size, seed=seed, **layout)
+      source = PatternBatchItems(MultimodalSource(TRAIN_SPLIT, join), self.modalities)
+    else:
+      source, order = self.source(TRAIN_SPLIT), None
+    return pipeline.make_train_dataset(source, self.transforms(train=True), name=self.name,
+                                       global_batch_size=global_batch_size, seed=seed, order=order, **layout)
 
   def source(self, split: str) -> MultimodalSource:
     """The joined subjects of `split`; the training split balanced if so configured."""

@@ -48,11 +48,11 @@ def heads_first_attention(q: Array, k: Array, v: Array, mask: Array | None, is_c
   qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, K]
   logits = jnp.einsum("bhtk,bhsk->bhts", qh, kh, preferred_element_type=logits_dtype)
   logits = logits * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), logits_dtype)
-  keep = jnp.ones((), bool) if mask is None else mask
   if is_causal:
-    keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
-  if mask is not None or is_causal:
-    logits = jnp.where(keep, logits, jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype))
+    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    mask = causal if mask is None else mask & causal
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype))
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
   return jnp.einsum("bhts,bhsk->bhtk", probs, vh).transpose(0, 2, 1, 3)
 

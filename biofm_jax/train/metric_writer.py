@@ -109,8 +109,8 @@ class Throughput:
     now = time.perf_counter()
     steps, seconds = step - self._last_step, max(now - self._last_time, 1e-9)
     tokens, flops = self._tokens, self._flops
-    self.start(step)
-    self._last_time = now
+    self._last_time, self._last_step = now, step
+    self._tokens = self._flops = 0.0
     if steps <= 0:
       return {}
     step_time = seconds / steps

@@ -23,8 +23,9 @@ demo: install
 test: install
 	$(PY) -m pytest -x -n 2 --dist loadfile tests
 
-# Step speed and MFU, input pipeline, checkpoint cost, and the PyTorch / Hugging Face peer
-# (its extra, torch CPU + transformers, is installed here only). Figures go to benchmarks/RESULTS.md.
+# Step speed and MFU, input pipeline, checkpoint cost, the PyTorch / Hugging Face peer, the
+# step's parts beside torch's kernels and where the step's time goes (per-op profiles)
+# (the peer's extra, torch CPU + transformers, is installed here only). Figures go to benchmarks/RESULTS.md.
 bench: install
 	$(PY) -m pip install -q -e ".[peer]"
 	$(PY) benchmarks/throughput.py
@@ -33,7 +34,10 @@ bench: install
 	$(PY) benchmarks/soma_scale.py
 	$(PY) benchmarks/motor_cindex.py
 	$(PY) benchmarks/peer.py --config=configs/ehr_bert.py:demo
-	$(PY) benchmarks/step_parts.py
+	$(PY) benchmarks/step_parts.py --preset=demo
+	$(PY) benchmarks/step_parts.py --preset=base
+	$(PY) benchmarks/profile_step.py --config=configs/ehr_bert.py:demo
+	$(PY) benchmarks/profile_step.py --config=configs/multimodal_fusion.py:demo
 
 # On one GPU, in under 8 minutes: MFU at ehr_bert.py:base in bf16 (layers scanned and
 # unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, the

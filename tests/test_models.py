@@ -145,13 +145,15 @@ def test_stacked_layers_run_unrolled_or_scanned_with_the_same_loss_and_gradients
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), unrolled_grads, scanned_grads)
 
 
-@pytest.mark.parametrize("causal, packed", [(False, False), (True, False), (False, True)])
-def test_heads_first_attention_equals_jax_s_xla_attention(causal, packed):
+@pytest.mark.parametrize("causal, packed, shortest", [(False, False, 1), (True, False, 1), (False, True, 1),
+                                                     (False, False, 0)])
+def test_heads_first_attention_equals_jax_s_xla_attention(causal, packed, shortest):
   """`model.attention="heads_first"` (the CPU default) is jax's "xla" arithmetic in another
-  layout: outputs and gradients agree, with padding keys, causal masks and packed rows."""
+  layout: outputs and gradients agree, with padding keys, causal masks, packed rows and a
+  row without any real key."""
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(3, 12, 4, 8)), jnp.float32) for _ in range(3))
-  mask = np.arange(12)[None] < np.array([[12], [7], [1]])
+  mask = np.arange(12)[None] < np.array([[12], [7], [shortest]])
   key_mask = jnp.asarray(mask[:, None, None, :])
   if packed:  # two segments per row, padding queries (segment 0) see every real key
     segments = np.where(mask, 1 + (np.arange(12)[None] >= 5), 0)

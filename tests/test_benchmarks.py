@@ -1,0 +1,28 @@
+"""The step profiler (`benchmarks/profile_step.py`) reads this jax's traces: it finds the
+train step's ops, sorts them into kinds and model parts, and its sums add up."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_profile_step_attributes_the_step_s_time_to_its_ops():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the benchmarks run
+  out = subprocess.run([sys.executable, str(REPO / "benchmarks/profile_step.py"), "--config=configs/ehr_bert.py:tiny",
+                        "--steps=2", "--top=5"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, check=True,
+                       timeout=300).stdout
+  lines = out.splitlines()
+  summary = json.loads(lines[-1])
+  assert len([line for line in lines if " ms " in line]) == 5  # the five slowest ops are listed
+  kinds, parts = summary["by_kind_ms"], summary["by_part_ms"]
+  assert kinds["matmul"] > 0 and kinds["compute"] > 0
+  assert {"attention", "attention projections", "mlp", "norm", "optimiser and step"} <= set(parts)
+  # every op counted once in each breakdown; the ops run within the step's wall time on 2 threads
+  assert abs(sum(kinds.values()) - summary["op_ms_per_step"]) < 0.05
+  assert abs(sum(parts.values()) - summary["op_ms_per_step"]) < 0.05
+  assert 0 < summary["ops_covered_wall_ms"] <= summary["op_ms_per_step"] + 1e-6

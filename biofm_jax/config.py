@@ -180,7 +180,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = dict(
       num_steps=1000, learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1,
       weight_decay=0.01, adam_b1=0.9, adam_b2=0.98, grad_clip_norm=1.0, grad_accum_steps=1,
-      log_every=10, eval_every=200,  # 0 = never evaluate (no periodic, final or retrieval evaluation)
+      # train/... metrics are written every log_every steps as their means over those steps
+      # (train/learning_rate: the logged step's); eval_every 0 = never evaluate (no
+      # periodic, final or retrieval evaluation)
+      log_every=10, eval_every=200,
       eval_batches=0,  # 0 = the whole tuning split
       peak_flops_per_device=0.0)  # 0 = measure a float32 matmul on this device for MFU
   config.mesh = dict(data=-1, fsdp=1, tensor=1, rules=parallel.DEFAULT_RULES)

@@ -14,7 +14,7 @@ from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
 from biofm_jax.train import state as state_lib
 from biofm_jax.train import step as step_lib
-from biofm_jax.train.metric_writer import MetricWriter, read_metrics, tensorboard_tag
+from biofm_jax.train.metric_writer import MetricMeans, MetricWriter, read_metrics, tensorboard_tag
 from test_models import L, V, K, make_batch, model_config
 
 
@@ -78,6 +78,25 @@ def test_eval_every_zero_trains_without_any_evaluation(synthetic_meds, tmp_path)
   assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
   assert not [key for r in records for key in r if key.startswith(("eval/", "retrieval/"))]
   assert summary["steps"] == 4 and not [k for k in summary if k.startswith(("eval/", "baseline/"))]
+  # Each line holds the means of the steps since the previous one (the learning rate: its own step's).
+  config.train.log_every = 1
+  helpers.train(config, tmp_path / "every_step")
+  every_step = [r for r in read_metrics(tmp_path / "every_step") if "train/loss" in r]
+  for line, steps in zip([r for r in records if "train/loss" in r], (every_step[:2], every_step[2:])):
+    for key in ("train/loss", "train/grad_norm"):
+      assert line[key] == pytest.approx(np.mean([r[key] for r in steps]), rel=1e-6), key
+    assert line["train/learning_rate"] == pytest.approx(steps[-1]["train/learning_rate"], rel=1e-6)
+  assert every_step[0]["train/loss"] != pytest.approx(every_step[1]["train/loss"], rel=1e-3)  # not a constant
+
+
+def test_metric_means_average_each_metric_over_the_steps_that_reported_it():
+  means = MetricMeans()
+  means.add({"loss": jnp.float32(2.0), "ehr/loss": jnp.float32(4.0), "learning_rate": jnp.float32(0.1)})
+  means.add({"loss": jnp.float32(1.0), "imaging/loss": jnp.float32(0.5), "learning_rate": jnp.float32(0.2)})
+  means.add({"loss": jnp.float32(3.0), "ehr/loss": jnp.float32(1.0), "learning_rate": jnp.float32(0.3)})
+  assert means.pop() == pytest.approx({"loss": 2.0, "ehr/loss": 2.5, "imaging/loss": 0.5, "learning_rate": 0.3})
+  means.add({"loss": jnp.float32(7.0)})
+  assert means.pop() == {"loss": 7.0}  # a new window after each pop
 
 
 def test_a_held_learning_rate_leaves_num_steps_out_of_the_program():

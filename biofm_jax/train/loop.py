@@ -32,7 +32,7 @@ from biofm_jax.models.fusion import MultimodalModel
 from biofm_jax.train import state as state_lib
 from biofm_jax.train.build import build_training
 from biofm_jax.train.checkpoint import Checkpointer
-from biofm_jax.train.metric_writer import MetricWriter, Throughput, format_duration, measure_peak_flops
+from biofm_jax.train.metric_writer import MetricMeans, MetricWriter, Throughput, format_duration, measure_peak_flops
 from biofm_jax.train.retrieval import cross_modal_recall
 
 log = logging.getLogger("biofm_jax")
@@ -288,6 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   batch_size, num_steps = config.data.batch_size, config.train.num_steps
   throughput = Throughput(examples_per_step=batch_size, peak_flops=peak_flops(config), total_steps=num_steps)
   cost_of = step_cost(setup.model, batch_size)
+  train_means = MetricMeans()  # train/... lines are means over the steps since the last line
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_chief)
   log.info("training steps %d -> %d, global batch %d x %d tokens", start_step, num_steps, batch_size,
            setup.model.tokens_per_example())
@@ -305,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         tokens[0], tokens[1] = tokens[0] + real, tokens[1] + slots
         state, metrics = setup.train_step(state, parallel.make_global_batch(host_batch, setup.mesh))
         throughput.count(*cost_of(host_batch))
+        train_means.add(metrics)
         step += 1
         if step == start_step + 1:  # time from the end of the first (compiling) step
           jax.block_until_ready(metrics)
@@ -312,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           # Opening the data, building the model and compiling: what a (re)start costs.
           first_row = {"perf/time_to_first_step_s": time.time() - start_time}
         if step % config.train.log_every == 0 or step == num_steps:
-          last_train = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+          last_train = {f"train/{k}": v for k, v in train_means.pop().items()}
           perf = throughput.report(step)
           if tokens[1]:  # token sequences: what padding cost since the last line
             last_train["train/padding_fraction"] = 1.0 - tokens[0] / tokens[1]

@@ -1,7 +1,8 @@
 """Metric writers (JSON lines + TensorBoard), throughput, ETA and MFU.
 
-`W/metrics.jsonl` holds one JSON object per logged step (`step`, `train/loss`, ...;
-evaluations add `eval/...` keys). On resume, records past the restored step (written
+`W/metrics.jsonl` holds one JSON object per logged step (`step`, `train/loss`, ...: the
+means over the steps since the previous line, `MetricMeans`; evaluations add `eval/...`
+keys). On resume, records past the restored step (written
 by the interrupted run after its last checkpoint) are dropped, so the file always reads
 as one consistent run. Only process 0 writes.
 """
@@ -119,6 +120,45 @@ class Throughput:
             "perf/tokens_per_s": tokens / seconds,
             "perf/mfu": flops / seconds / self.peak_flops if self.peak_flops else 0.0,
             "perf/eta_s": step_time * (self.total_steps - step)}
+
+
+class MetricMeans:
+  """The train step's metrics averaged over the steps since the last log line.
+
+  One step's values say little when consecutive batches differ (batches by availability
+  pattern hold different modalities, and a loss term is reported only by the batches that
+  hold it), so each metric is logged as its mean over the steps that reported it since the
+  last `pop`. Sums stay on the device (one small jitted add per step, no host sync).
+  `learning_rate` is the logged step's own. After a restart, the first mean covers the
+  steps since the restart."""
+
+  LAST = ("learning_rate",)
+
+  def __init__(self):
+    self._windows: dict[tuple[str, ...], tuple[dict, int]] = {}  # metric names -> (sums, steps)
+    self._last: Mapping[str, jax.Array] = {}
+
+  def add(self, metrics: Mapping[str, jax.Array]) -> None:
+    names = tuple(sorted(metrics))
+    sums, steps = self._windows.get(names, (None, 0))
+    self._windows[names] = (dict(metrics) if sums is None else _add_metrics(sums, dict(metrics)), steps + 1)
+    self._last = metrics
+
+  def pop(self) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    windows = list(self._windows.values())
+    for sums, steps in zip(jax.device_get([sums for sums, _ in windows]), (steps for _, steps in windows)):
+      for name, value in sums.items():
+        totals[name] = totals.get(name, 0.0) + float(value)
+        counts[name] = counts.get(name, 0) + steps
+    means = {name: totals[name] / counts[name] for name in totals}
+    means.update({name: float(jax.device_get(self._last[name])) for name in self.LAST if name in self._last})
+    self._windows, self._last = {}, {}
+    return means
+
+
+_add_metrics = jax.jit(lambda sums, metrics: jax.tree.map(jnp.add, sums, metrics))
 
 
 def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from biofm_jax.data import batch, multimodal, pipeline
+from biofm_jax.data import batch, pipeline
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.modalities.imaging import data as imaging
 from biofm_jax.modalities.imaging import device_augment
@@ -461,5 +461,7 @@ def test_device_augmentation_stream_holds_canvases_and_seeds_by_position(hand_bu
                                               for t in data.transforms(train=False))
   with pytest.raises(ValueError, match="config.data.imaging.augment is 'gpu'"):
     imaging.ImagingSettings.from_config(imaging_cfg(augment="gpu"))
-  with pytest.raises(ValueError, match="data.imaging.augment is 'device'"):
-    multimodal.MultimodalData({"imaging": data, "other": hand_built_data})
+  spec = data.train_example_spec()["imaging"]  # what the pipeline yields, before the step's transform
+  for i in range(4):
+    batch.check_example({k: np.asarray(v[i]) for k, v in whole.items()}, spec, "canvas batch")
+  assert hand_built_data.train_example_spec() == hand_built_data.example_spec()

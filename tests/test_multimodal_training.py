@@ -42,7 +42,9 @@ def test_contrastive_loss_is_the_same_on_every_mesh(tmp_path):
 @pytest.mark.parametrize("stream", [
     {"data__multimodal__mix_weights": "ehr=2,imaging=1,omics=1,tabular=1", "objective__contrastive__weight": 0.0},
     {"data__multimodal__sampling": "balanced", "data__multimodal__modality_dropout": 0.3},
-], ids=["mixed", "balanced_join_with_dropout"])
+    {"data__multimodal__batching": "by_pattern", "data__imaging__augment": "device",
+     "data__imaging__canvas_size": (40, 40)},
+], ids=["mixed", "balanced_join_with_dropout", "by_pattern_with_device_augmentation"])
 def test_resume_reproduces_the_uninterrupted_run(stream, tmp_path):
   helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=3, num_steps=6, **stream)
 
@@ -75,6 +77,27 @@ def test_a_batch_by_pattern_trains_as_the_same_subjects_in_a_batch_of_every_moda
   assert flops(by_pattern)[1] < flops(padded)[1] == 16 * setup.model.flops_per_example()
   assert flops(by_pattern)[0] == 16 * sum(setup.model.modalities[i].num_tokens() for i, m in enumerate(
       sorted(data.modalities)) if m not in left_out)
+
+
+def test_the_join_hands_image_augmentation_to_the_step(tmp_path):
+  """With `augment="device"` the join's training batches carry canvas-size images and
+  seeds (absent subjects padded to the same shapes), and its device transform makes them
+  the model's images inside the step."""
+  config = helpers.config_for(SPEC, data__imaging__augment="device", data__imaging__canvas_size=(40, 40))
+  data = registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=tmp_path)
+  first = next(iter(data.make_train_dataset(global_batch_size=16, seed=0, process_index=0, process_count=1)))
+  images, present = first["imaging"]["image"], first["imaging"]["present"]
+  assert images.shape == (16, 40, 40, 1) and first["imaging"]["augment_seed"].dtype == np.uint32
+  assert 0 < present.sum() < 16 and not images[~present].any()  # both kinds of rows in this batch
+  augmented = jax.jit(data.device_transform())(first)
+  for m, spec in data.example_spec().items():
+    for name, (shape, dtype) in spec.items():
+      assert augmented[m][name].shape == (16,) + shape and augmented[m][name].dtype == dtype, (m, name)
+  assert {m: set(x) for m, x in first.items() if m != "imaging"} == {m: set(x) for m, x in augmented.items()
+                                                                    if m != "imaging"}
+  setup = build_training(config, data)
+  _, metrics = setup.train_step(setup.init_state(config.seed), parallel.make_global_batch(first, setup.mesh))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["imaging/reconstruction_loss"]) > 0
 
 
 def test_mixed_batches_hold_one_modality_per_example(tmp_path):

@@ -14,7 +14,8 @@ module's weighted mix) also defines `make_train_dataset(*, global_batch_size, se
 process_index, process_count)`, which the loop then uses instead. A module may define
 `device_transform()`: None, or a function of a training batch that the train step applies
 first, inside the compiled program (imaging's `augment="device"`); its training examples
-are then what that function expects, and `example_spec` what it returns.
+are then what that function expects (`train_example_spec()`, which such a module defines)
+and `example_spec` what it returns.
 """
 from __future__ import annotations
 
@@ -63,6 +64,13 @@ def device_transform_of(module: Any) -> Callable[[Any], Any] | None:
   """The module's `device_transform()` (see the module docstring), None if it has none."""
   make = getattr(module, "device_transform", None)
   return make() if make is not None else None
+
+
+def train_example_spec_of(module: Any) -> Spec:
+  """The spec of a training example as the pipeline yields it: the module's
+  `train_example_spec()` where it hands work to the step, else its `example_spec()`."""
+  spec = getattr(module, "train_example_spec", None)
+  return spec() if spec is not None else module.example_spec()
 
 
 def only(keyed: Mapping[str, Any], modality: str, where: str) -> Any:

@@ -35,6 +35,7 @@ computed and masked, as in mixed batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -45,7 +46,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch, pipeline
-from biofm_jax.data.module import device_transform_of, only
+from biofm_jax.data.module import device_transform_of, only, train_example_spec_of
 from biofm_jax.data.pattern_batches import PatternBatches, PatternBatchItems
 from biofm_jax.data.sources.read_skips import REPLACED
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
@@ -147,7 +148,7 @@ def mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float]
                         seed: int, **layout) -> grain.IterDataset:
   """Each module's own training examples (seeded by `modality_seed(seed, name)`) as
   multimodal examples with only that modality present, mixed by weight (`pipeline`)."""
-  specs = {m: only(modules[m].example_spec(), m, f"the {m} data module") for m in modules}
+  specs = {m: only(train_example_spec_of(modules[m]), m, f"the {m} data module") for m in modules}
   streams = {m: (modules[m].source(TRAIN_SPLIT), [*modules[m].transforms(train=True), OnlyModality(m, specs)],
                  modality_seed(seed, m)) for m in modules}
   return pipeline.make_mixed_train_dataset(streams, weights, global_batch_size=global_batch_size, **layout)
@@ -284,10 +285,6 @@ class MultimodalData:
     self.settings = JoinSettings(tuple(str(m) for m in require), tuple(sorted(
         (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed), str(batching))
     self.settings.check(self.modalities)
-    on_device = [m for m, module in self.modules.items() if device_transform_of(module) is not None]
-    if on_device:
-      raise ValueError(f"data.{on_device[0]}.augment is 'device', which single-modality runs support; a "
-                       f"multimodal join augments on the host: set it to 'host'")
     if self.mix_weights and self.settings.batching != "mixed":
       raise ValueError(f"data.multimodal.batching is {batching!r} while mix_weights mixes single-modality "
                        f"examples; batching by pattern is for the join by subject: leave it 'mixed'")
@@ -377,9 +374,14 @@ class MultimodalData:
                             modality_seed(self.settings.seed, "balanced") if balanced else None)
 
   def transforms(self, train: bool, mask: bool = True) -> list:
-    """JoinModalities over each module's own transforms; ModalityDropout when training."""
-    specs = {m: only(module.example_spec() if mask else module.embedding_spec(), m, f"the {m} data module")
-             for m, module in self.modules.items()}
+    """JoinModalities over each module's own transforms; ModalityDropout when training.
+    Training examples are as each module's pipeline yields them (`train_example_spec_of`:
+    canvas-size images with `augment="device"`), absent ones padded to the same shapes."""
+    def spec_of(module):
+      if not mask:
+        return module.embedding_spec()
+      return train_example_spec_of(module) if train else module.example_spec()
+    specs = {m: only(spec_of(module), m, f"the {m} data module") for m, module in self.modules.items()}
     join = JoinModalities(self._sources, {m: module.transforms(train, mask=mask)
                                           for m, module in self.modules.items()},
                           specs, train=train)
@@ -389,6 +391,16 @@ class MultimodalData:
   def example_spec(self) -> dict:
     return {m: batch.with_presence(spec) for module in self.modules.values()
             for m, spec in module.example_spec().items()}
+
+  def train_example_spec(self) -> dict:
+    return {m: batch.with_presence(spec) for module in self.modules.values()
+            for m, spec in train_example_spec_of(module).items()}
+
+  def device_transform(self) -> Callable[[Any], Any] | None:
+    """Each module's device transform in turn (each acts on its own modality's part of the
+    batch, and on a batch without that modality not at all), or None if none has one."""
+    transforms = [t for t in map(device_transform_of, self.modules.values()) if t is not None]
+    return functools.partial(_apply_in_turn, tuple(transforms)) if transforms else None
 
   def embedding_spec(self) -> dict:
     return {m: batch.with_presence(spec) for module in self.modules.values()
@@ -406,6 +418,12 @@ class MultimodalData:
     if self.settings.sampling == "balanced":
       out["train_balanced_items"] = len(self.source(TRAIN_SPLIT))
     return out
+
+
+def _apply_in_turn(transforms: Sequence[Callable[[Any], Any]], batch_: Any) -> Any:
+  for transform in transforms:
+    batch_ = transform(batch_)
+  return batch_
 
 
 def parse_mix_weights(text: str, modalities: Sequence[str]) -> dict[str, float] | None:

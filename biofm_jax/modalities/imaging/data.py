@@ -34,7 +34,7 @@ from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exporte
     INTENSITY_MODES, CenterResize, IntensityJitter, NormalizeIntensity,
     RandomFlip, RandomResizedCrop, ResampleToSpacing, ToImagingExample, record_name,
     resize_linear, sample_crop_box)
-from biofm_jax.modalities.imaging.device_augment import AugmentSeed, DeviceAugment
+from biofm_jax.modalities.imaging.device_augment import AUGMENT_SEED, AugmentSeed, DeviceAugment
 from biofm_jax.modalities.imaging.synthetic import write_synthetic_images
 from biofm_jax.modalities.imaging import source as imaging_source
 
@@ -215,6 +215,16 @@ class ImagingData:
     if s.augment != "device":
       return None
     return DeviceAugment(self.name, s.image_size, s.crop_scale, s.flip_axes, s.brightness, s.contrast)
+
+  def train_example_spec(self) -> dict:
+    """A training example as the pipeline yields it: with `augment="device"` the canvas-size
+    image and its augmentation seed, which `device_transform` turns into `example_spec()`'s."""
+    s, spec = self.settings, self.example_spec()
+    if s.augment != "device":
+      return spec
+    example = {**spec[self.name], batch.IMAGE: (tuple(s.canvas) + (s.channels,), np.float32),
+               AUGMENT_SEED: ((), np.uint32)}
+    return {self.name: example}
 
   def embedding_spec(self) -> dict:
     """The example spec without MAE masking (see `transforms(mask=False)`)."""

@@ -12,8 +12,9 @@ JSON line: milliseconds of op time per step by kind (matmul, elementwise and red
 copies and layout changes, other) and by part of the model (attention, MLP, norms, the
 encoder and heads, the optimiser update), and how much of the step's wall time some op was
 running. Op times are summed over the runtime's threads, so they can exceed the wall time
-when two ops run at once. On accelerators the device's own trace lines are used when the
-backend writes them; the trace directory can also be opened in TensorBoard or XProf.
+when two ops run at once. On an accelerator the device's "XLA Ops" trace line is read
+instead (not yet run on one: no GPU was at hand); the trace directory can also be opened
+in TensorBoard or XProf (`--trace_dir`).
 """
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ def op_events(trace_dir: pathlib.Path) -> list[tuple[str, int, int]]:
   events = []
   for plane in device_planes or [p for p in data.planes if p.name.startswith("/host:")]:
     for line in plane.lines:
-      if not device_planes and not line.name.startswith("tf_XLAEigen"):  # the CPU runtime's op threads
+      # The CPU runtime's op threads; on an accelerator its "XLA Ops" line (not the module
+      # and step lines, which span the ops).
+      if not line.name.startswith("XLA Ops" if device_planes else "tf_XLAEigen"):
         continue
       for event in line.events:
         if not event.name.startswith(RUNTIME_EVENTS):

@@ -100,3 +100,12 @@ def _while_loops(config, platform) -> int:
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((resolved.data.batch_size,) + x.shape[1:], x.dtype,
                                                       sharding=aot._batch_sharding(setup)), setup.init_batch)
   return setup.train_step.lower(setup.abstract_state, batch).as_text().count("stablehlo.while")
+
+
+def test_sizing_a_run_with_image_augmentation_in_the_step_compiles_it_from_canvas_batches():
+  """With `augment="device"` the sized step takes canvas-size images and seeds, as the run's
+  does, and its compiled cost holds the augmentation."""
+  host, device = (size_training(helpers.config_for("configs/imaging_mae.py:tiny", mesh__data=8, **extra))
+                  for extra in ({}, {"data__imaging__augment": "device", "data__imaging__canvas_size": (48, 48)}))
+  assert device.num_params == host.num_params and device.model_flops_per_step == host.model_flops_per_step
+  assert device.compiler_flops_per_step > host.compiler_flops_per_step

@@ -19,6 +19,7 @@ and `example_spec` what it returns.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import grain
@@ -58,6 +59,25 @@ class KeyByModality(grain.transforms.Map):
 
   def map(self, example):
     return {self.modality: example}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesOnly:
+  """A data module that reads nothing: the specs and model info a config implies, for
+  ahead-of-time sizing (`train/aot.py`)."""
+  name: str
+  spec: Mapping[str, Any]
+  embedding: Mapping[str, Any]
+  info: Mapping[str, Any]
+
+  def example_spec(self) -> dict:
+    return {self.name: dict(self.spec)}
+
+  def embedding_spec(self) -> dict:
+    return {self.name: dict(self.embedding)}
+
+  def model_info(self) -> dict:
+    return {self.name: dict(self.info)}
 
 
 def device_transform_of(module: Any) -> Callable[[Any], Any] | None:

@@ -8,9 +8,11 @@ name. A row (`Modality`) names:
   model       (config, model_info) -> the modality's model description (encoder and heads)
   objectives  {objective name: (objective cfg, modality name, model_info) -> Objective}: the
               pre-training objectives this modality trains with
-  sizing      (data cfg, objective name, vocab_size) -> (example spec, embedding spec,
-              model_info) from the config alone, for `train/aot.py`; None when the data
-              decides the shapes (gene panels, table columns)
+  sizing      (data cfg, objective name, vocab_size) -> a data module that reads nothing
+              (`data.module.ShapesOnly`, or the modality's own where it can open without
+              data): its specs, model info and any device transform from the config
+              alone, for `train/aot.py`; None when the data decides the shapes (gene
+              panels, table columns)
   baseline    the classical model on raw features that record-label reports put beside
               the probe (`eval/record_tasks.py`); None where labels come from elsewhere
   reference_losses  (data module, config, train_split=, eval_split=) -> {name: loss} that
@@ -27,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.module import ShapesOnly
 from biofm_jax.data.multimodal import MultimodalData
 from biofm_jax.modalities import synthetic_cohort
 from biofm_jax.modalities.ecg import baseline as ecg_baseline
@@ -74,7 +77,7 @@ class Modality:
   data: Callable[..., Any]
   model: Callable[[ml_collections.ConfigDict, Mapping[str, Any]], Any]
   objectives: Mapping[str, Callable[..., Objective]]
-  sizing: Callable[[Any, str, int], tuple[dict, dict, dict]] | None = None
+  sizing: Callable[[Any, str, int], Any] | None = None
   baseline: RawBaseline | None = None
   reference_losses: Callable[..., dict[str, float]] | None = None
 
@@ -116,21 +119,20 @@ def _ehr_sizing(cfg, objective: str, vocab_size: int):
     info["prediction_slots"] = prediction_slots(cfg.max_len, cfg.mask_rate)
   if objective == "time_to_event":
     info.update(tte_tasks=min(tte["tasks"], vocab_size - B.NUM_SPECIAL), tte_points=tte["points"])
-  return spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info
+  return ShapesOnly("ehr", spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info)
 
 
 def _sequence_sizing(cfg, objective: str, vocab_size: int):
   del objective, vocab_size  # the tokenizer fixes the vocabulary
-  return (B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True),
-          B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False),
-          {"vocab_size": sequence_data.tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
-           "max_len": cfg.max_len, "prediction_slots": prediction_slots(cfg.max_len, cfg.mask_rate)})
+  return ShapesOnly("sequence", B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True),
+                    B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False),
+                    {"vocab_size": sequence_data.tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
+                     "max_len": cfg.max_len, "prediction_slots": prediction_slots(cfg.max_len, cfg.mask_rate)})
 
 
 def _imaging_sizing(cfg, objective: str, vocab_size: int):
   del vocab_size
-  module = imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), objective=objective)
-  return module.example_spec()["imaging"], module.embedding_spec()["imaging"], module.model_info()["imaging"]
+  return imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), objective=objective)
 
 
 # ---------------------------------------------------------------- the table

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from biofm_jax.data.module import device_transform_of, train_example_spec_of
 from biofm_jax.modalities import registry
 from biofm_jax.models.layers import attention_on, runs_unrolled
 from biofm_jax.train.build import build_training
@@ -34,8 +35,10 @@ class AbstractData:
 
   Each modality's registry row says how (`sizing`): EHR configs take their vocabulary size
   from `vocab_size` (the data decides it in a real run; a sequence tokenizer's is fixed by
-  the config); imaging configs need nothing more than their settings. Expression and
-  tabular inputs are sized by the data itself (gene panel, columns), so they have none."""
+  the config); imaging configs need nothing more than their settings, and bring their
+  device augmentation (`augment="device"`: the step is sized from canvas batches, with the
+  augmentation in it). Expression and tabular inputs are sized by the data itself (gene
+  panel, columns), so they have none."""
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
     sizable = [name for name, m in registry.MODALITIES.items() if m.sizing is not None]
@@ -44,17 +47,22 @@ class AbstractData:
       raise ValueError(f"ahead-of-time sizing is built for single-modality configs of {sizable} "
                        f"(config.data.<modality>); this config has {sorted(config.data.keys())}")
     self.name = present[0]
-    self._spec, self._embedding_spec, self._info = registry.get(self.name).sizing(
-        config.data[self.name], config.objective.name, vocab_size)
+    self._shapes = registry.get(self.name).sizing(config.data[self.name], config.objective.name, vocab_size)
 
   def example_spec(self) -> dict:
-    return {self.name: dict(self._spec)}
+    return self._shapes.example_spec()
+
+  def train_example_spec(self) -> dict:
+    return train_example_spec_of(self._shapes)
 
   def embedding_spec(self) -> dict:
-    return {self.name: dict(self._embedding_spec)}
+    return self._shapes.embedding_spec()
 
   def model_info(self) -> dict:
-    return {self.name: dict(self._info)}
+    return self._shapes.model_info()
+
+  def device_transform(self):
+    return device_transform_of(self._shapes)
 
 
 class DoesNotFit(Exception):
@@ -100,7 +108,8 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
   `model.layer_loop="auto"` compiles (a GPU slice sized on fake CPU devices scans its layers,
   as the run on GPUs will)."""
   config = _for_platform(config, platform or jax.default_backend())
-  setup = build_training(config, AbstractData(config, vocab_size), devices)
+  data = AbstractData(config, vocab_size)
+  setup = build_training(config, data, devices)
   abstract = setup.abstract_state
   sizing = Sizing(
       mesh=dict(setup.mesh.shape), num_params=param_count(abstract.params),
@@ -109,8 +118,7 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
       model_flops_per_step=config.data.batch_size * setup.model.flops_per_example(),
       layer_loop=config.model.layer_loop)
   if compile:
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.data.batch_size,) + x.shape[1:], x.dtype,
-                                                        sharding=_batch_sharding(setup)), setup.init_batch)
+    batch = abstract_batch(data.train_example_spec(), config.data.batch_size, _batch_sharding(setup))
     try:
       compiled = setup.train_step.lower(abstract, batch).compile()
     except Exception as e:  # the TPU compiler refuses what cannot fit, naming the bytes
@@ -141,6 +149,12 @@ def _for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collec
     if attention == "auto":  # jax's own choice off CPU: its "xla" form stands in for it
       config.model.attention = attention_on("auto", platform) or "xla"
   return config
+
+
+def abstract_batch(spec: dict, batch_size: int, sharding) -> dict:
+  """A training batch of `spec` (`{modality: {field: (shape, dtype)}}`) as abstract arrays."""
+  return {m: {name: jax.ShapeDtypeStruct((batch_size,) + tuple(shape), dtype, sharding=sharding)
+              for name, (shape, dtype) in fields.items()} for m, fields in spec.items()}
 
 
 def _batch_sharding(setup):

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 import helpers
@@ -96,9 +95,9 @@ def _while_loops(config, platform) -> int:
   from biofm_jax.train import aot
   from biofm_jax.train.build import build_training
   resolved = aot._for_platform(config, platform)
-  setup = build_training(resolved, aot.AbstractData(resolved, 20_000), None)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((resolved.data.batch_size,) + x.shape[1:], x.dtype,
-                                                      sharding=aot._batch_sharding(setup)), setup.init_batch)
+  data = aot.abstract_data(resolved, 20_000)
+  setup = build_training(resolved, data, None)
+  batch = aot.abstract_batch(data.example_spec(), resolved.data.batch_size, aot._batch_sharding(setup))
   return setup.train_step.lower(setup.abstract_state, batch).as_text().count("stablehlo.while")
 
 

@@ -1,6 +1,6 @@
 """Ahead-of-time sizing: what a configuration costs on a mesh, before anyone pays for it.
 
-`size_training` builds the training setup from a config alone (no data: `AbstractData`
+`size_training` builds the training setup from a config alone (no data: `abstract_data`
 stands in for an EHR, imaging or sequence data module with the config's shapes and a
 stated vocabulary size), and
 reports per device:
@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from biofm_jax.data.module import device_transform_of, train_example_spec_of
+from biofm_jax.data.module import train_example_spec_of
 from biofm_jax.modalities import registry
 from biofm_jax.models.layers import attention_on, runs_unrolled
 from biofm_jax.train.build import build_training
@@ -30,7 +30,7 @@ from biofm_jax.train.state import param_count
 from biofm_jax import parallel
 
 
-class AbstractData:
+def abstract_data(config: ml_collections.ConfigDict, vocab_size: int):
   """A stand-in data module: the shapes a config implies, without reading data.
 
   Each modality's registry row says how (`sizing`): EHR configs take their vocabulary size
@@ -39,30 +39,12 @@ class AbstractData:
   device augmentation (`augment="device"`: the step is sized from canvas batches, with the
   augmentation in it). Expression and tabular inputs are sized by the data itself (gene
   panel, columns), so they have none."""
-
-  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int):
-    sizable = [name for name, m in registry.MODALITIES.items() if m.sizing is not None]
-    present = registry.configured(config.data)
-    if len(present) != 1 or "multimodal" in config.data or registry.get(present[0]).sizing is None:
-      raise ValueError(f"ahead-of-time sizing is built for single-modality configs of {sizable} "
-                       f"(config.data.<modality>); this config has {sorted(config.data.keys())}")
-    self.name = present[0]
-    self._shapes = registry.get(self.name).sizing(config.data[self.name], config.objective.name, vocab_size)
-
-  def example_spec(self) -> dict:
-    return self._shapes.example_spec()
-
-  def train_example_spec(self) -> dict:
-    return train_example_spec_of(self._shapes)
-
-  def embedding_spec(self) -> dict:
-    return self._shapes.embedding_spec()
-
-  def model_info(self) -> dict:
-    return self._shapes.model_info()
-
-  def device_transform(self):
-    return device_transform_of(self._shapes)
+  sizable = [name for name, m in registry.MODALITIES.items() if m.sizing is not None]
+  present = registry.configured(config.data)
+  if len(present) != 1 or "multimodal" in config.data or registry.get(present[0]).sizing is None:
+    raise ValueError(f"ahead-of-time sizing is built for single-modality configs of {sizable} "
+                     f"(config.data.<modality>); this config has {sorted(config.data.keys())}")
+  return registry.get(present[0]).sizing(config.data[present[0]], config.objective.name, vocab_size)
 
 
 class DoesNotFit(Exception):
@@ -108,7 +90,7 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
   `model.layer_loop="auto"` compiles (a GPU slice sized on fake CPU devices scans its layers,
   as the run on GPUs will)."""
   config = _for_platform(config, platform or jax.default_backend())
-  data = AbstractData(config, vocab_size)
+  data = abstract_data(config, vocab_size)
   setup = build_training(config, data, devices)
   abstract = setup.abstract_state
   sizing = Sizing(
@@ -118,7 +100,7 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
       model_flops_per_step=config.data.batch_size * setup.model.flops_per_example(),
       layer_loop=config.model.layer_loop)
   if compile:
-    batch = abstract_batch(data.train_example_spec(), config.data.batch_size, _batch_sharding(setup))
+    batch = abstract_batch(train_example_spec_of(data), config.data.batch_size, _batch_sharding(setup))
     try:
       compiled = setup.train_step.lower(abstract, batch).compile()
     except Exception as e:  # the TPU compiler refuses what cannot fit, naming the bytes

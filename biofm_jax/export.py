@@ -8,7 +8,9 @@ config, the model code or the training code.
   params.npz         the parameters, in the order the exported function takes them
   export.json        what the model takes and gives: the input fields (shape and dtype per
                      example, keyed by modality), the output, and the run it came from
-  artifacts/         the vocabularies and preprocessing statistics the inputs were made with
+  artifacts/         the vocabularies and preprocessing statistics the inputs were made with:
+                     the files the caller names (`registry.model_artifact_files`), nothing
+                     else of the run's artifacts (never an event store, a cohort or labels)
 
   loader.py          `export_loader.py`, copied: `load_exported(directory)` gives an
                      `ExportedModel` that needs only jax, numpy and flatbuffers, not the library
@@ -24,13 +26,13 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from biofm_jax import export_loader
-from biofm_jax.data.artifacts import skip_generated_data
+from biofm_jax.data.artifacts import copy_regular_files
 from biofm_jax.export_loader import (ARTIFACTS_DIR, FORMAT_VERSION, INFO_FILE, LOADER_FILE, MODEL_FILE, PARAMS_FILE,
                                      ExportedModel, load_exported)
 
@@ -39,14 +41,20 @@ __all__ = ["export_embedding_model", "load_exported", "ExportedModel"]
 
 def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Mapping[str, tuple]],
                            out_dir: str | os.PathLike, *, output: str | tuple[str, ...],
-                           artifacts_dir: str | os.PathLike | None = None,
+                           artifacts_dir: str | os.PathLike | None = None, artifact_files: Sequence[str] = (),
                            metadata: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Serialises `model.apply(params, batch)[output...]` for batches shaped like `batch_spec`
   (`{modality: {field: (shape, dtype)}}`, no batch axis), e.g. a data module's
-  `embedding_spec()`. `params` may be sharded; they are gathered to the host."""
+  `embedding_spec()`. `params` may be sharded; they are gathered to the host.
+
+  `artifact_files` (paths relative to `artifacts_dir`) are the only files copied into the
+  export's `artifacts/`: an allow-list, so data a run keeps beside its vocabularies (the
+  event store's patient rows, a generated cohort, labels) never travels with the model."""
   out = pathlib.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise ValueError(f"export: {out} exists and is not empty; choose a new directory")
+  if artifact_files and artifacts_dir is None:
+    raise ValueError("export: artifact_files were named without the artifacts_dir they are in")
   # As `train.step.output_path`.
   path = (output, "embedding") if isinstance(output, str) else tuple(output)
   leaves, treedef = jax.tree.flatten(jax.device_get(params))
@@ -72,8 +80,9 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
                          for name, (shape, dtype) in spec.items()} for m, spec in batch_spec.items()},
           **dict(metadata or {})}
   (out / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+  (out / ARTIFACTS_DIR).mkdir()
   if artifacts_dir is not None:
-    shutil.copytree(artifacts_dir, out / ARTIFACTS_DIR, ignore=skip_generated_data)
+    copy_regular_files(artifacts_dir, out / ARTIFACTS_DIR, artifact_files, f"export of {artifacts_dir}")
   shutil.copyfile(export_loader.__file__, out / LOADER_FILE)  # the standalone loader travels with the model
   return out
 

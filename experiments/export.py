@@ -54,6 +54,7 @@ def main(argv, overrides):
 
   from biofm_jax.config import config_to_dict, load_config
   from biofm_jax.export import export_embedding_model
+  from biofm_jax.modalities.registry import model_artifact_files
   from biofm_jax.train.runs import open_run
 
   workdir = pathlib.Path(FLAGS.workdir).absolute()
@@ -70,8 +71,12 @@ def main(argv, overrides):
   if "task" in config:
     metadata["task"] = {"name": config.task.name, **dataclasses.asdict(data.info), "config": config_to_dict(config.task),
                         "prediction_time_cut": data.cut}
-  out = export_embedding_model(setup.model, params, inputs, FLAGS.out, output=output_path(FLAGS.output, data),
-                               artifacts_dir=workdir / "artifacts", metadata=metadata)
+  try:
+    out = export_embedding_model(setup.model, params, inputs, FLAGS.out, output=output_path(FLAGS.output, data),
+                                 artifacts_dir=workdir / "artifacts",
+                                 artifact_files=model_artifact_files(workdir / "artifacts"), metadata=metadata)
+  except ValueError as e:  # a non-empty --out, a link among the artifacts
+    cli.fail(f"{e}")
   print(f"exported step {step} of {workdir} to {out}")
 
 

@@ -9,7 +9,12 @@ import helpers
 from biofm_jax import parallel
 from biofm_jax.data import pipeline
 from biofm_jax.export import export_embedding_model, load_exported
+from biofm_jax.modalities import registry
 from biofm_jax.train import step as step_lib
+
+
+def path_head(output) -> str:
+  return output if isinstance(output, str) else output[0]
 
 
 @pytest.mark.parametrize("spec, output", [("configs/ehr_bert.py:tiny", "ehr"),
@@ -17,10 +22,14 @@ from biofm_jax.train import step as step_lib
 def test_export_round_trip_matches_the_library_model(spec, output, tmp_path):
   config, data, setup, params, _ = helpers.pretrain_and_restore(spec, tmp_path / "run", train__num_steps=2,
                                                                 train__eval_every=0)  # params only
+  artifacts = tmp_path / "run" / "artifacts"
   out = export_embedding_model(setup.model, params, data.embedding_spec(), tmp_path / "export",
-                               output=output, artifacts_dir=tmp_path / "run" / "artifacts",
-                               metadata={"config": spec})
-  assert not list((out / "artifacts").glob("synthetic*"))
+                               output=output, artifacts_dir=artifacts,
+                               artifact_files=registry.model_artifact_files(artifacts), metadata={"config": spec})
+  # The vocabularies and statistics only (per modality for a join); never the generated cohort.
+  expected = {"ehr": ["ehr_vocab.json"],
+              "fused": ["ehr/ehr_vocab.json", "omics/gene_vocab.json", "tabular/tabular_stats.json"]}[path_head(output)]
+  assert sorted(p.relative_to(out / "artifacts").as_posix() for p in (out / "artifacts").rglob("*.*")) == expected
   dataset = pipeline.make_eval_dataset(data.source("tuning"), data.transforms(train=False, mask=False),
                                        global_batch_size=16, seed=0, example_spec=data.embedding_spec())
   batch = next(iter(pipeline.make_iterator(dataset)))

@@ -207,8 +207,13 @@ def test_an_exported_model_scores_new_meds_records_without_the_library(aces_coho
   assert "biofm_jax" not in linked and "flax" not in linked and "pyarrow" not in linked
   first = {name: np.asarray(v)[:5] for name, v in _held_out_batch(export, meds_root, labels).items()}
   np.savez(tmp_path / "batch.npz", **first)
-  script = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from loader import load_exported; "
-            "m = load_exported(sys.argv[1]); b = dict(np.load(sys.argv[2])); np.save(sys.argv[3], m({'ehr': b}))\n"
+  # Loaded as the README says, by the loader's path: a module planted in a shared export folder
+  # (a numpy.py) is never imported in place of the installed one.
+  (export / "numpy.py").write_text("raise SystemExit('planted numpy.py was imported')\n")
+  script = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('biofm_export_loader', "
+            "sys.argv[1] + '/loader.py'); loader = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(loader); import numpy as np\n"
+            "m = loader.load_exported(sys.argv[1]); b = dict(np.load(sys.argv[2])); np.save(sys.argv[3], m({'ehr': b}))\n"
             "try:\n import biofm_jax\nexcept ImportError: print('no library')\n")
   result = subprocess.run([str(venv / "bin" / "python"), "-c", script, str(export), str(tmp_path / "batch.npz"),
                            str(tmp_path / "logits.npy")], capture_output=True, text=True, timeout=300,

@@ -1,6 +1,6 @@
 """The pickle-free codec of prepared datasets' data modules (`data/object_state.py`):
-values round-trip exactly, shared objects stay shared, and nothing outside biofm_jax is
-written or rebuilt."""
+values round-trip exactly, shared objects stay shared, and nothing off the allow-list of
+storable classes is written or rebuilt (crafted folders: `test_shared_folders.py`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,10 +52,12 @@ def test_foreign_objects_functions_and_object_arrays_are_refused_when_written():
       object_state.encode({"x": value})
 
 
-def test_reading_rebuilds_only_biofm_classes():
+def test_reading_rebuilds_only_allow_listed_classes():
   tree = {"__state__": "object", "class": "os.system", "ref": 0, "state": {}}
-  with pytest.raises(ValueError, match="'os.system' is not one of biofm_jax's"):
+  with pytest.raises(ValueError, match="'os.system' is not on the allow-list"):
     object_state.decode(tree, {})
   tree["class"] = "biofm_jax.data.object_state.encode"  # a function, not a class
-  with pytest.raises(ValueError, match="not found in biofm_jax"):
+  with pytest.raises(ValueError, match="not on the allow-list"):
     object_state.decode(tree, {})
+  tree["class"] = "biofm_jax.data.module.KeyByModality"  # marked @storable
+  assert isinstance(object_state.decode(tree, {}), KeyByModality)

@@ -5,13 +5,19 @@ vocabularies the special tokens its ids assume). It is written to a temporary fi
 renamed into place, so a crash never leaves half a file; reading checks the header and
 names the file, the field and both values when they differ. JSON only: nothing read from
 disk is unpickled.
+
+It also owns how files move between shared folders (a prepared dataset, a run, an export):
+only named regular files are copied, never a link, and a stored relative path must stay
+inside its folder, so a folder received from someone else cannot pull a file from outside
+it (a link `artifacts/x -> ~/.ssh/id_rsa`) into a run or on into an export.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 
 def to_json(header: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
@@ -50,7 +56,40 @@ def read_json(path: str | os.PathLike, header: Mapping[str, Any], what: str) -> 
   return parse_json(text, header, f"{what} {path}")
 
 
-def skip_generated_data(directory: str, names: list[str]) -> list[str]:
-  """Vocabularies and statistics are small JSON files; generated cohorts and labels are
-  data, not artifacts of the model."""
-  return [name for name in names if name.startswith(("synthetic", "labels_"))]
+def path_inside(folder: str | os.PathLike, relative: str | os.PathLike, what: str) -> Path:
+  """`folder/relative`, refused (ValueError naming `what`) when it leaves `folder`: an
+  absolute path, `..`, or a link anywhere on the way that points out of it."""
+  folder = Path(folder)
+  if Path(relative).is_absolute():
+    raise ValueError(f"{what}: {str(relative)!r} is an absolute path; a stored path must be relative to {folder}")
+  path = folder / relative
+  if not path.resolve().is_relative_to(folder.resolve()):
+    raise ValueError(f"{what}: {str(relative)!r} leads out of {folder} (through '..' or a link); refused")
+  return path
+
+
+def check_no_links(folder: str | os.PathLike, what: str) -> None:
+  """Refuses a folder holding any symbolic link (ValueError naming it): a link in a shared
+  folder would make a reader of that folder read, or a copier copy, a file outside it."""
+  for root, dirs, files in os.walk(folder):  # os.walk does not descend into linked folders
+    for name in dirs + files:
+      if os.path.islink(os.path.join(root, name)):
+        raise ValueError(f"{what}: {os.path.join(root, name)} is a symbolic link; a shared folder must hold "
+                         f"regular files only")
+
+
+def copy_regular_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str],
+                       what: str) -> list[str]:
+  """Copies `names` (paths relative to `src_dir`) to the same places under `dst_dir`: each
+  must be a regular file inside `src_dir`, not a link; returns the names copied."""
+  copied = []
+  for name in names:
+    source = path_inside(src_dir, name, what)
+    if source.is_symlink() or not source.is_file():
+      raise ValueError(f"{what}: {source} is {'a symbolic link' if source.is_symlink() else 'not a regular file'}; "
+                       f"only regular files are copied")
+    target = path_inside(dst_dir, name, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target, follow_symlinks=False)
+    copied.append(str(name))
+  return copied

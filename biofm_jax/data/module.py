@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import grain
 
+from biofm_jax.data import object_state
+
 Spec = Mapping[str, Mapping[str, tuple[tuple[int, ...], Any]]]  # {modality: {field: (shape, dtype)}}
 
 
@@ -50,6 +52,7 @@ class DataModule(Protocol):
     """Counts worth logging (records per split, vocabulary, truncation)."""
 
 
+@object_state.storable
 class KeyByModality(grain.transforms.Map):
   """example -> {modality: example}: the last transform of a single-modality module (a
   class, not a lambda, so Grain's worker processes can pickle it)."""

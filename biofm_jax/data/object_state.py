@@ -9,22 +9,46 @@ codec cannot. It writes:
   list, tuple, dict, set, frozenset    as tagged JSON (dict keys of any of these types)
   numpy arrays and scalars             as entries of one `.npz` (no object arrays)
   numpy dtypes, slices                 by value
-  instances of biofm_jax's own classes as {class path, attribute state}
+  instances of the storable classes   as {class path, attribute state}
 
-and reading rebuilds an instance of a biofm_jax class with `object.__new__` and its saved
-attributes: no constructor, function or foreign class ever runs. Anything else (functions,
-lambdas, open files, other libraries' objects) is refused at writing, naming where it sits.
+A class is storable only when its own module marks it with `@storable`: that adds it to an
+allow-list keyed by its exact `module.qualname`. Reading looks a stored class path up in
+that list and nowhere else: it imports nothing and follows no module attribute, so a
+crafted folder cannot name `biofm_jax.some_module.tempfile._TemporaryFileCloser` or
+`subprocess.Popen` and have it rebuilt. An instance is rebuilt with `object.__new__` and its
+saved attributes (no constructor, function or other class runs); attribute names are plain
+identifiers (no `__dunder__`). Anything else (functions, lambdas, open files, other
+libraries' objects, unmarked classes) is refused at writing, naming where it sits.
 """
 from __future__ import annotations
 
-import importlib
 import io
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import numpy as np
 
-PACKAGE = "biofm_jax."
 _TAG = "__state__"
+_STORABLE: dict[str, type] = {}  # the allow-list: exact "module.qualname" -> class
+T = TypeVar("T", bound=type)
+
+
+def storable(cls: T) -> T:
+  """Marks `cls` as one whose instances a prepared dataset may store and rebuild: a class
+  whose state is plain values, arrays and other storable objects, and whose instances do
+  nothing when rebuilt or collected (no `__del__`, no resource held)."""
+  if "<locals>" in cls.__qualname__:
+    raise TypeError(f"{cls.__qualname__}: a class defined inside a function cannot be storable")
+  _STORABLE[class_path(cls)] = cls
+  return cls
+
+
+def class_path(cls: type) -> str:
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def storable_classes() -> dict[str, type]:
+  """The allow-list as it stands (classes are added as their modules are imported)."""
+  return dict(_STORABLE)
 
 
 def encode(value: Any, where: str = "module") -> tuple[Any, dict[str, np.ndarray]]:
@@ -34,7 +58,7 @@ def encode(value: Any, where: str = "module") -> tuple[Any, dict[str, np.ndarray
 
 
 def decode(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
-  """The object `encode` described; ValueError for a class outside biofm_jax."""
+  """The object `encode` described; ValueError for a class not on the allow-list."""
   return _decode(tree, arrays, {})
 
 
@@ -73,11 +97,10 @@ def _encode(value: Any, where: str, arrays: dict, seen: dict) -> Any:
   if type(value) is dict:
     return {_TAG: "dict", "items": [[_encode(k, f"{where} key", arrays, seen),
                                      _encode(v, f"{where}[{k!r}]", arrays, seen)] for k, v in value.items()]}
-  cls = type(value)
-  path = f"{cls.__module__}.{cls.__qualname__}"
-  if not path.startswith(PACKAGE) or "<locals>" in path:
-    raise ValueError(f"{where}: a {path} cannot be stored (only biofm_jax's own classes, numpy arrays "
-                     f"and plain values)")
+  path = class_path(type(value))
+  if _STORABLE.get(path) is not type(value):
+    raise ValueError(f"{where}: a {path} cannot be stored (only classes marked @object_state.storable, "
+                     f"numpy arrays and plain values)")
   if id(value) in seen:  # one vocabulary held by the module and by its transforms stays one
     return {_TAG: "ref", "ref": seen[id(value)][0]}
   seen[id(value)] = (len(seen), value)  # the value is kept alive so its id is not reused
@@ -122,31 +145,23 @@ def _decode(tree: Any, arrays: Mapping[str, np.ndarray], objects: dict) -> Any:
       raise ValueError(f"stored reference {tree['ref']} precedes its object")
     return objects[tree["ref"]]
   if kind == "object":
-    obj = object.__new__(_class(tree["class"]))
+    state = tree.get("state")
+    if not isinstance(state, dict):
+      raise ValueError(f"stored object of class {tree.get('class')!r} has no attribute state")
+    obj = object.__new__(_class(tree.get("class")))
     objects[tree["ref"]] = obj
-    for name, value in tree["state"].items():
+    for name, value in state.items():
+      if not name.isidentifier() or name.startswith("__"):
+        raise ValueError(f"stored {tree['class']} has an attribute named {name[:40]!r}; only plain names are read")
       object.__setattr__(obj, name, _decode(value, arrays, objects))  # frozen dataclasses too
     return obj
   raise ValueError(f"unknown stored value {str(tree)[:80]!r}")
 
 
-def _class(path: str) -> type:
-  """A class of biofm_jax by its dotted path; nothing outside the package is looked up."""
-  if not path.startswith(PACKAGE):
-    raise ValueError(f"stored class {path!r} is not one of biofm_jax's")
-  module_name, _, name = path.rpartition(".")
-  while module_name.startswith(PACKAGE):
-    try:
-      module = importlib.import_module(module_name)
-      break
-    except ModuleNotFoundError:  # a nested class: module.Outer.Inner
-      module_name, _, outer = module_name.rpartition(".")
-      name = f"{outer}.{name}"
-  else:
-    raise ValueError(f"stored class {path!r} not found in biofm_jax")
-  obj: Any = module
-  for part in name.split("."):
-    obj = getattr(obj, part, None)
-  if not isinstance(obj, type):
-    raise ValueError(f"stored class {path!r} not found in biofm_jax")
-  return obj
+def _class(path: Any) -> type:
+  """The storable class stored under `path`: looked up in the allow-list only."""
+  cls = _STORABLE.get(path) if isinstance(path, str) else None
+  if cls is None:
+    raise ValueError(f"stored class {str(path)[:120]!r} is not on the allow-list of storable classes "
+                     f"(classes marked @object_state.storable); nothing else is rebuilt")
+  return cls

@@ -17,8 +17,11 @@ by placeholders, so every random transform keeps its position and with it its se
 training on the raw source. The config's data section must equal the one prepared from.
 
 The module is stored as JSON and arrays (`object_state.py`), never pickled: opening a
-prepared dataset rebuilds biofm_jax's own objects from their saved attributes and runs no
-stored code.
+prepared dataset rebuilds only the allow-listed classes of `object_state` from their saved
+attributes and runs no stored code. A prepared folder may come from someone else, so it is
+opened as untrusted: a folder holding a symbolic link is refused, its stored TFDS path must
+stay inside it, and only its top-level JSON artifacts (vocabularies, statistics) are copied
+into the run, never data it may hold beside them (an event store, a generated cohort).
 """
 from __future__ import annotations
 
@@ -29,14 +32,13 @@ import logging
 import os
 import pathlib
 import pickle
-import shutil
 from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import numpy as np
 
 from biofm_jax.data import object_state, pipeline
-from biofm_jax.data.artifacts import skip_generated_data
+from biofm_jax.data.artifacts import check_no_links, copy_regular_files, path_inside
 from biofm_jax.data.module import KeyByModality
 
 MANIFEST_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "artifacts", "tfds"
@@ -87,6 +89,7 @@ class AlreadyApplied(grain.transforms.Map):
 
 
 # ================================================================ writing
+@object_state.storable
 class _DetachedDataset:
   """Takes the raw dataset's place in a prepared module: any use names what happened."""
 
@@ -268,7 +271,7 @@ class PreparedData:
   def _builder(self):
     """The TFDS builder, read from its directory once (every split's source comes from it)."""
     import tensorflow_datasets as tfds  # loads TensorFlow (seconds): only prepared datasets need it
-    return tfds.builder_from_directory(str(self.directory / self.manifest["tfds_dir"]))
+    return tfds.builder_from_directory(str(tfds_path(self.directory, self.manifest)))
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     full = self._module.transforms(train=train, mask=mask)
@@ -283,6 +286,20 @@ class PreparedData:
 
   def __getattr__(self, name: str):  # example_spec, model_info, vocab, ...
     return getattr(self._module, name)
+
+
+def tfds_path(directory: pathlib.Path, manifest: Mapping[str, Any]) -> pathlib.Path:
+  """The TFDS dataset's folder the manifest names, which must lie inside `directory`."""
+  return path_inside(directory, str(manifest.get("tfds_dir", "")), f"{directory / MANIFEST_FILE}: field tfds_dir")
+
+
+def model_artifacts(artifacts: pathlib.Path) -> list[str]:
+  """The top-level JSON files of a prepared folder's artifacts: the versioned vocabularies and
+  statistics (`data/artifacts.py`) a model is trained with; folders beside them (an event
+  store, a generated cohort) are data and stay where they are."""
+  if not artifacts.is_dir():
+    return []
+  return sorted(p.name for p in artifacts.iterdir() if p.suffix == ".json" and p.is_file() and not p.is_symlink())
 
 
 def _differences(prepared: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
@@ -301,6 +318,7 @@ def open_prepared(directory: str | os.PathLike, *, modality: str, data_config: M
   if not manifest_path.exists():
     raise FileNotFoundError(f"{directory}: not a prepared dataset (no {MANIFEST_FILE}; an "
                             f"interrupted experiments/prepare.py leaves none)")
+  check_no_links(directory, f"prepared dataset {directory}")
   manifest = json.loads(manifest_path.read_text())
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{manifest_path}: format {manifest.get('format_version')}, this library "
@@ -321,11 +339,13 @@ def open_prepared(directory: str | os.PathLike, *, modality: str, data_config: M
     if hashlib.sha256(stored[name]).hexdigest() != manifest["module_sha256"][name]:
       raise ValueError(f"{directory / name}: does not match its manifest (changed or truncated "
                        f"since preparation); prepare again")
+  tfds_path(directory, manifest)  # checked before anything else is read
   tree_file, arrays_file = MODULE_FILES
   module = object_state.decode(json.loads(stored[tree_file]), object_state.from_npz_bytes(stored[arrays_file]))
-  if artifacts_dir is not None and (directory / ARTIFACTS_DIR).is_dir():
-    shutil.copytree(directory / ARTIFACTS_DIR, artifacts_dir, ignore=skip_generated_data,
-                    dirs_exist_ok=True)
+  if artifacts_dir is not None:
+    pathlib.Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
+    copy_regular_files(directory / ARTIFACTS_DIR, artifacts_dir, model_artifacts(directory / ARTIFACTS_DIR),
+                       f"prepared dataset {directory}")
   log.info("prepared %s data at %s: %s", modality, directory,
            ", ".join(f"{s}={n}" for s, n in manifest["records"].items()))
   return PreparedData(directory, manifest, module)

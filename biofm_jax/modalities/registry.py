@@ -17,6 +17,8 @@ name. A row (`Modality`) names:
               the probe (`eval/record_tasks.py`); None where labels come from elsewhere
   reference_losses  (data module, config, train_split=, eval_split=) -> {name: loss} that
               a pre-trained model must beat, logged by the loop; None for none
+  artifacts   the files its data module writes to a run's artifacts/ that a trained model
+              needs (vocabularies, statistics): the only ones an export carries
 
 Adding a modality: a folder `modalities/<name>/` with those pieces, and one row below.
 """
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -80,6 +84,7 @@ class Modality:
   sizing: Callable[[Any, str, int], Any] | None = None
   baseline: RawBaseline | None = None
   reference_losses: Callable[..., dict[str, float]] | None = None
+  artifacts: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- shared pieces of rows
@@ -140,22 +145,25 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
     Modality("ehr", ehr_data.EHRData.from_config, ehr_model.model_modality,
              {"masked": _masked, "autoregressive": _next_event, "time_to_event": _time_to_event},
              sizing=_ehr_sizing,
-             reference_losses=ehr_unigram.reference_losses),
+             reference_losses=ehr_unigram.reference_losses,
+             artifacts=(ehr_data.VOCAB_FILENAME, ehr_tte.TASKS_FILENAME)),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": lambda cfg, modality, info: MaskedAutoencoding(norm_pix_loss=cfg.norm_pix_loss)},
              sizing=_imaging_sizing),
     Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"), {"masked": _masked},
              baseline=RawBaseline("l1_logistic_expression", "l1_logistic",
                                   "L1 logistic regression on normalised counts (log1p)",
-                                  omics_baseline.expression_features)),
+                                  omics_baseline.expression_features),
+             artifacts=(omics_data.VOCAB_FILENAME,)),
     Modality("sequence", sequence_data.SequenceData.from_config, _token_model("sequence"), {"masked": _masked},
-             sizing=_sequence_sizing),
+             sizing=_sequence_sizing, artifacts=(sequence_data.TOKENIZER_FILENAME,)),
     Modality("tabular", tabular_data.TabularData.from_config, tabular_model.model_modality,
              {"masked_features": lambda cfg, modality, info: MaskedFeatureModelling(
                  category_loss_weight=cfg.category_loss_weight)},
              baseline=RawBaseline("logistic_raw_features", "logistic",
                                   "logistic regression on the raw features (mean-imputed, missing indicators, "
-                                  "one-hot)", tabular_baseline.table_features)),
+                                  "one-hot)", tabular_baseline.table_features),
+             artifacts=(tabular_data.STATS_FILENAME,)),
     Modality("ecg", ecg_data.ECGData.from_config, ecg_model.model_modality,
              {"mae": lambda cfg, modality, info: ECGReconstruction(norm_pix_loss=cfg.norm_pix_loss)},
              sizing=ecg_data.sizing,
@@ -202,6 +210,18 @@ def open_multimodal_data(data_cfg: Any, *, objectives: Any, artifacts_dir, seed:
                                     open_modality=open_data_module, registered=tuple(MODALITIES),
                                     check_objectives=check_contrastive,
                                     synthetic_paths=synthetic_cohort.run_cohort_paths)
+
+
+def model_artifact_files(artifacts_dir: str | os.PathLike) -> list[str]:
+  """The files under a run's `artifacts_dir` that its model needs: each row's `artifacts`, at
+  the top (a one-modality run) or under `<modality>/` (a multimodal join), where present.
+  An export copies these and nothing else."""
+  root = pathlib.Path(artifacts_dir)
+  found = []
+  for row in MODALITIES.values():
+    for name in row.artifacts:
+      found += [path for path in (name, f"{row.name}/{name}") if (root / path).is_file() or (root / path).is_symlink()]
+  return found
 
 
 def reference_losses(data_module, config, *, train_split: str, eval_split: str) -> dict[str, float]:

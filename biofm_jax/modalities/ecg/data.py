@@ -30,7 +30,7 @@ import grain
 import numpy as np
 import scipy.signal
 
-from biofm_jax.data import batch
+from biofm_jax.data import batch, object_state
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.sources import read_skips
@@ -160,6 +160,7 @@ def model_info(s: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ================================================================ the data module
+@object_state.storable
 class ECGData:
   """ECG records as the pipeline, the training loop and evaluation see them."""
   name = NAME

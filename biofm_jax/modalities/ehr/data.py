@@ -21,7 +21,7 @@ import grain
 import meds
 import numpy as np
 
-from biofm_jax.data import batch, packing, pipeline
+from biofm_jax.data import batch, object_state, packing, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.objectives.masked import prediction_slots
@@ -155,6 +155,7 @@ def training_example_spec(max_len: int, objective: str, pack: bool, tte_events: 
   return spec
 
 
+@object_state.storable
 class EHRData:
   """The EHR modality as the pipeline and training loop see it."""
   name = "ehr"

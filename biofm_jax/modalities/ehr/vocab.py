@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from biofm_jax.data import artifacts, batch
+from biofm_jax.data import artifacts, batch, object_state
 
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
 VOCAB_FORMAT_VERSION = 1
@@ -25,6 +25,7 @@ _VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
 
 
 # ================================================================ vocabulary
+@object_state.storable
 @dataclasses.dataclass(frozen=True)
 class EHRVocab:
   """Codes seen at least `min_count` times in training, and their value-bin edges."""

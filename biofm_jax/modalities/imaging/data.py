@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import batch, object_state
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.sources import read_skips
 from biofm_jax.data.module import KeyByModality
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 
 # ================================================================ settings
+@object_state.storable
 @dataclasses.dataclass(frozen=True)
 class ImagingSettings:
   """`config.data.imaging`, checked once; every error names the config field."""
@@ -160,6 +161,7 @@ def _int(value: Any, name: str) -> int:
 
 
 # ================================================================ data module
+@object_state.storable
 class ImagingData:
   """2D images or 3D volumes as the pipeline and training loop see them."""
   name = "imaging"

@@ -32,7 +32,7 @@ import grain
 import numpy as np
 import pyarrow.csv as pacsv
 
-from biofm_jax.data import batch, pipeline
+from biofm_jax.data import batch, object_state, pipeline
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
@@ -141,6 +141,7 @@ class MaskExpression(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
+@object_state.storable
 @dataclasses.dataclass(frozen=True)
 class OmicsSettings:
   """`config.data.omics`, checked once; every error names the config field."""
@@ -201,6 +202,7 @@ _field = functools.partial(config_field, prefix=_CONFIG_PREFIX)
 _require = functools.partial(require, prefix=_CONFIG_PREFIX)
 
 
+@object_state.storable
 class OmicsData:
   """Single-cell expression as the pipeline and training loop see it."""
   name = "omics"

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from biofm_jax.data import artifacts, batch
+from biofm_jax.data import artifacts, batch, object_state
 from biofm_jax.modalities.omics import hvg
 
 VOCAB_FORMAT = "biofm_jax.gene_vocab"
@@ -58,6 +58,7 @@ def quantile_bins(values: np.ndarray, num_bins: int) -> np.ndarray:
 
 
 # ================================================================ vocabulary
+@object_state.storable
 @dataclasses.dataclass(frozen=True)
 class GeneVocab:
   """Genes expressed in the training split, and their median normalised expression."""

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from biofm_jax.data import artifacts, batch
+from biofm_jax.data import artifacts, batch, object_state
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.modalities.ehr import data as ehr
 from biofm_jax.data.config_fields import config_field, require
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 
 # ================================================================ tokenizer
+@object_state.storable
 @dataclasses.dataclass(frozen=True)
 class SequenceTokenizer:
   """A deterministic vocabulary: SPECIAL_TOKENS, then the kind's tokens.
@@ -296,6 +297,7 @@ def tokenizer_from_config(cfg: Any) -> SequenceTokenizer:
   return SequenceTokenizer(kind, k)
 
 
+@object_state.storable
 class SequenceData:
   """DNA or protein sequences from FASTA as the pipeline and training loop see them."""
   name = "sequence"

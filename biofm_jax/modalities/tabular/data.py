@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
-from biofm_jax.data import artifacts, batch
+from biofm_jax.data import artifacts, batch, object_state
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field
 from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 
 # ================================================================ statistics
+@object_state.storable
 @dataclasses.dataclass(frozen=True)
 class TabularStats:
   """Training-split statistics of the features; category id 0 = missing or unseen."""
@@ -235,6 +236,7 @@ class MaskFeatures(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
+@object_state.storable
 class TabularData:
   """A feature table as the pipeline and training loop see it."""
   name = "tabular"

@@ -9,6 +9,7 @@ import json
 import os
 import re
 
+import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -172,3 +173,16 @@ def test_an_export_refuses_a_linked_artifact(store_run, tmp_path):
   finally:
     link.unlink()
   assert not list((tmp_path / "export").rglob("tte_tasks.json"))
+
+
+def test_fine_tuning_does_not_copy_a_linked_vocabulary_from_the_pretrained_run(tmp_path):
+  from biofm_jax.train.finetune import open_labeled_data
+  secret = tmp_path / "id_rsa"
+  secret.write_text("private key")
+  (tmp_path / "pretrained" / "artifacts").mkdir(parents=True)
+  os.symlink(secret, tmp_path / "pretrained" / "artifacts" / ehr.VOCAB_FILENAME)
+  config = ml_collections.ConfigDict({"data": {"ehr": {"path": ""}},
+                                      "finetune": {"pretrained": str(tmp_path / "pretrained")}})
+  with pytest.raises(ValueError, match=f"'{ehr.VOCAB_FILENAME}' leads out of"):
+    open_labeled_data(config, tmp_path / "ft" / "artifacts")
+  assert not (tmp_path / "ft" / "artifacts" / ehr.VOCAB_FILENAME).exists()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import shutil
 
 import jax
 import ml_collections
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch as B
+from biofm_jax.data.artifacts import copy_regular_files
 from biofm_jax.data.labels import few_shot_indices, labels_name, read_labels
 from biofm_jax.modalities.ehr import data as ehr_lib
 from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
@@ -104,8 +104,9 @@ def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.
   pretrained_artifacts = pathlib.Path(config.finetune.pretrained) / "artifacts"
   artifacts_dir.mkdir(parents=True, exist_ok=True)
   vocab = artifacts_dir / ehr_lib.VOCAB_FILENAME
-  if not vocab.exists():
-    shutil.copyfile(pretrained_artifacts / ehr_lib.VOCAB_FILENAME, vocab)
+  if not vocab.exists():  # a regular file by name, never through a link out of the pretrained run
+    copy_regular_files(pretrained_artifacts, artifacts_dir, [ehr_lib.VOCAB_FILENAME],
+                       f"pretrained run {config.finetune.pretrained}")
   ehr_cfg = ml_collections.ConfigDict(config_to_dict(config.data.ehr))
   if not ehr_cfg.path:  # the pre-training run generated its cohort: use that one
     ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")

@@ -4,14 +4,18 @@
       --samples=20 --horizon_days=365 --out=runs/ehr_gpt/simulated.parquet [--meds=DIR]
 
 Each label row's prompt is its subject's record up to and including its prediction time
-(`--strict` for strictly before), as fine-tuning sees it; the model samples `--samples`
-futures of at most `--max_new` events, each stopping at the horizon or at a stop code
-(`--stop_codes`, MEDS_DEATH by default). The parquet file has one row per simulated event:
-subject_id, prediction_time, sample, step, code, days (after the prediction time's
-history ends) and time. Only next-event models (configs/ehr_gpt.py) generate.
+(`--strict` for strictly before), tokenised as training presents a window; the model
+samples `--samples` futures of at most `--max_new` events from the prediction time on (the
+time from the last event to it passed with no event, so the first event comes after it),
+each stopping at the horizon or at a stop code (`--stop_codes`: exact codes or prefixes
+ending in '*'; one the vocabulary lacks is an error; the default MEDS_DEATH is skipped with
+a warning when absent). The parquet file has one row per simulated event: subject_id,
+prediction_time, sample, step, code, days (after the prediction time, in (0, horizon]) and
+time (the prediction time plus days). Only next-event models (configs/ehr_gpt.py) generate.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 
 from absl import flags
@@ -28,21 +32,32 @@ flags.DEFINE_float("horizon_days", 365.0, "Days of future to simulate.")
 flags.DEFINE_integer("max_new", 0, "Events per future at most (0 = half the model's max_len).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest codes (0 = all).")
-flags.DEFINE_list("stop_codes", ["MEDS_DEATH"], "Codes that end a timeline (those in the vocabulary).")
+flags.DEFINE_list("stop_codes", ["MEDS_DEATH"], "Codes that end a timeline (exact, or prefixes ending in '*').")
 flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same futures.")
 flags.DEFINE_bool("strict", False, "Prompts hold the events strictly before the prediction time.")
 flags.mark_flags_as_required(["pretrained", "labels", "out"])
+log = logging.getLogger("biofm_jax")
+
+
+def stop_token_ids(vocab, codes, given: bool) -> tuple[int, ...]:
+  """Token ids of the stop codes: every one given on the command line must be in the
+  vocabulary; the default (MEDS_DEATH) is skipped when absent (no death was trained on)."""
+  from biofm_jax.eval import zero_shot
+  known = codes if given else [c for c in codes if c in set(vocab.codes)]
+  if not given and len(known) < len(codes):
+    log.warning("generate: the default stop code(s) %s are not in the model's vocabulary; timelines end only at "
+                "the horizon or --max_new", sorted(set(codes) - set(known)))
+  return tuple(int(i) for i in zero_shot.resolve_codes(vocab, known, what="--stop_codes")[1]) if known else ()
 
 
 def simulate_label_rows(pretrained: pathlib.Path, labels_path: str, meds: str):
   """(labels, kept rows, simulated futures, the pre-training data module)."""
   import ml_collections
-  import numpy as np
 
   from biofm_jax.data.labels import read_labels
   from biofm_jax.eval import zero_shot
   from biofm_jax.generate import GenerationSettings
-  from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR
+  from biofm_jax.modalities.ehr.data import EHRData
   from biofm_jax.train.runs import open_run
   config, data, setup, params, _ = open_run(pretrained)
   if data.name != "ehr":
@@ -51,15 +66,13 @@ def simulate_label_rows(pretrained: pathlib.Path, labels_path: str, meds: str):
     cfg = ml_collections.ConfigDict(config.data.ehr.to_dict())
     cfg.path = meds
     data = EHRData.from_config(cfg, objective=config.objective.name, artifacts_dir=pretrained / "artifacts")
+  stop_ids = stop_token_ids(data.vocab, FLAGS.stop_codes, FLAGS["stop_codes"].present)
+  settings = GenerationSettings(max_new=FLAGS.max_new or data.max_len // 2, horizon_days=FLAGS.horizon_days,
+                                temperature=FLAGS.temperature, top_k=FLAGS.top_k, stop_ids=stop_ids)
   labels = read_labels(labels_path, {"type": "binary"}, with_targets=False)
   rows, records = zero_shot.label_histories(data.dataset, labels.subject_ids, labels.prediction_times,
                                             inclusive=not FLAGS.strict)
-  vocab = data.vocab
-  known_stops = [c for c in FLAGS.stop_codes if c in set(vocab.codes)]
-  stop_ids = tuple(int(i) for i in vocab.code_ids(np.asarray(known_stops, dtype=object)))
-  settings = GenerationSettings(max_new=FLAGS.max_new or data.max_len // 2, horizon_days=FLAGS.horizon_days,
-                                temperature=FLAGS.temperature, top_k=FLAGS.top_k, stop_ids=stop_ids)
-  simulated = zero_shot.simulate(setup.model, params, TokenizeEHR(vocab, data.max_len), records,
+  simulated = zero_shot.simulate(setup.model, params, data.vocab, records, labels.prediction_times[rows],
                                  samples=FLAGS.samples, settings=settings,
                                  gap_edges=config.objective.get("gap_edges_days", ()), seed=FLAGS.seed)
   return labels, rows, simulated, data
@@ -79,8 +92,8 @@ def main(argv, overrides):
     cli.fail(f"{e}")
   futures, steps = np.nonzero(simulated["generated"])
   label_row = rows[simulated["row"][futures]]
-  days = simulated["days"][futures, steps]
-  times = labels.prediction_times[label_row] + (days * 86_400e6).astype("timedelta64[us]")
+  days = simulated["days"][futures, steps]  # after the prediction time (generate.py)
+  times = labels.prediction_times[label_row] + np.round(days.astype(np.float64) * 86_400e6).astype("timedelta64[us]")
   codes = np.asarray(data.vocab.codes, dtype=object)[simulated["codes"][futures, steps] - B.NUM_SPECIAL]
   out.parent.mkdir(parents=True, exist_ok=True)
   pq.write_table(pa.table({

@@ -33,7 +33,8 @@ def _batch(lengths, seed=0):
     out[B.EHR_CODES][row, 0] = B.CLS_ID
     out[B.EHR_CODES][row, 1:n] = rng.integers(B.NUM_SPECIAL, VOCAB, n - 1)
     out[B.EHR_VALUE_BINS][row, 1:n] = rng.integers(0, BINS + 1, n - 1)
-    out[B.EHR_TIME][row, 1:n] = np.sort(rng.uniform(0, 300, n - 1))
+    times = np.sort(rng.uniform(0, 300, n - 1))
+    out[B.EHR_TIME][row, 1:n] = times - times[0]  # from the first event, as TokenizeEHR gives them
     out[B.EHR_TIME_KNOWN][row, 1:n] = True
     out[B.EHR_AGE][row, 1:n] = 50 + out[B.EHR_TIME][row, 1:n] / 365.25
     out[B.EHR_AGE_KNOWN][row, 1:n] = True
@@ -124,3 +125,77 @@ def test_only_causal_models_with_a_gap_head_generate():
     generate(bidirectional, params, batch, jax.random.key(0), settings, gap_edges=EDGES)
   with pytest.raises(ValueError, match="horizon must be more than 0 days"):
     GenerationSettings(max_new=2, horizon_days=0.0)
+
+
+def _record_with_static_rows(events: int) -> dict:
+  """Two static rows (no time) and `events` timed ones a day apart, starting 2020-01-01."""
+  codes = ["GENDER//F", "RACE//A"] + [f"C{i % 5}" for i in range(events)]
+  start = np.datetime64("2020-01-01T08:00", "us")
+  times = np.r_[[np.datetime64("NaT", "us")] * 2, start + np.arange(events) * np.timedelta64(86_400_000_000, "us")]
+  return {"subject_id": 1, "codes": np.asarray(codes, dtype=object), "times": times.astype("datetime64[us]"),
+          "numeric_values": np.full(len(codes), np.nan, np.float32)}
+
+
+def test_a_prompt_is_the_window_training_s_tokeniser_makes_in_the_prompt_slots():
+  """Static rows kept and times re-based, exactly as TokenizeEHR presents a window."""
+  from biofm_jax.modalities.ehr.data import EHRVocab, TokenizeEHR
+  record = _record_with_static_rows(30)
+  vocab = EHRVocab.from_counts({c: 3 for c in set(record["codes"])}, {}, min_count=1, num_value_bins=2)
+  long = {k: v[None] for k, v in TokenizeEHR(vocab, 40).map(record).items()}
+  slots = 10
+  window = TokenizeEHR(vocab, slots).map(record)  # CLS, 2 static rows, the last 7 events
+  aligned = right_align(long, slots)
+  for name in B.EHR_INPUT_FIELDS:
+    np.testing.assert_allclose(aligned[name][0], window[name], atol=1e-4, err_msg=name)
+  static = vocab.code_ids(np.asarray(["GENDER//F", "RACE//A"], dtype=object))
+  assert aligned[B.EHR_CODES][0, 1:3].tolist() == static.tolist()
+  assert aligned[B.EHR_TIME][0, 3] == 0.0 and aligned[B.EHR_TIME][0, -1] == 6.0
+  # A prompt that fits is only moved right.
+  short = TokenizeEHR(vocab, 40).map(_record_with_static_rows(3))
+  shifted = right_align({k: v[None] for k, v in short.items()}, slots)
+  assert shifted[B.EHR_CODES][0, -6:].tolist() == short[B.EHR_CODES][:6].tolist()
+  assert not shifted[B.EHR_MASK][0, :-6].any()
+
+
+def _gap_reference(model, params, prompt) -> np.ndarray:
+  """The gap head's class probabilities after the prompt's last token (full forward pass)."""
+  out = model.apply({"params": params}, {"ehr": {k: jnp.asarray(v) for k, v in prompt.items()}})["ehr"]
+  last = int(prompt[B.EHR_MASK][0].sum()) - 1
+  return np.asarray(jax.nn.softmax(out["time_logits"][0, last]))
+
+
+def test_the_first_event_comes_after_the_prediction_time_drawn_from_the_model_given_the_quiet_time(caplog):
+  """A planted gap of 20 days between the last event and the prediction time: every future
+  starts after it, the classes follow the gap head conditioned on gap > 20 days, and days
+  and the horizon count from the prediction time."""
+  model = _model()
+  prompt = _batch([7])
+  params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in prompt.items()}})["params"]
+  rows = 4096
+  batch = {k: np.repeat(v, rows, axis=0) for k, v in prompt.items()}
+  head = lambda n: {k: v[:n] for k, v in batch.items()}  # noqa: E731
+  one = GenerationSettings(max_new=1, horizon_days=1e6)
+  quiet = np.full(rows, 20.0)
+  after = generate(model, params, batch, jax.random.key(3), one, gap_edges=EDGES, quiet_days=quiet)
+  assert (after["days"][:, 0] > 0).all() and after["generated"].all()
+  # P(class | gap > 20): the head's probabilities times each class's share of mass past 20 days
+  # (class (7, 30] is log-uniform: log(30/20) / log(30/7) of it; the later classes whole).
+  share = np.zeros(len(EDGES) + 1)
+  share[4], share[5:] = np.log(30 / 20) / np.log(30 / 7), 1.0
+  expected = _gap_reference(model, params, prompt) * share
+  expected /= expected.sum()
+  classes = np.searchsorted(np.asarray(EDGES), after["days"][:, 0] + 20.0, side="left")
+  seen = np.bincount(classes, minlength=len(EDGES) + 1) / rows
+  np.testing.assert_allclose(seen, expected, atol=4 * np.sqrt(0.25 / rows))
+  # The horizon counts from the prediction time: (prediction time, + 30 days].
+  settings = GenerationSettings(max_new=6, horizon_days=30.0)
+  gapped = generate(model, params, head(64), jax.random.key(4), settings, gap_edges=EDGES,
+                    quiet_days=np.full(64, 200.0))
+  days = gapped["days"][gapped["generated"]]
+  assert len(days) and (days > 0).all() and (days <= 30.0).all()
+  # A quiet time past the head's longest gap (730 days): the future starts after it, counted.
+  with caplog.at_level("WARNING"):
+    far = generate(model, params, head(8), jax.random.key(5), one, gap_edges=EDGES, quiet_days=np.full(8, 1000.0))
+  assert (far["days"][:, 0] > 0).all() and "8 of 8 prompts have their last event 730 days" in caplog.text
+  with pytest.raises(ValueError, match=r"quiet_days\[1\] is -1.0, expected finite days >= 0"):
+    generate(model, params, head(2), jax.random.key(5), one, gap_edges=EDGES, quiet_days=np.array([0.0, -1.0]))

@@ -58,6 +58,24 @@ def test_outcome_codes_resolve_by_prefix_and_an_unknown_one_names_the_closest():
     zero_shot.resolve_codes(vocab, ["ICD10CM//N19.3"])
   with pytest.raises(ValueError, match="horizon must be more than 0 days"):
     zero_shot.occurrence_fraction({"row": np.zeros(1, int)}, [5], 0.0, 1)
+  # The flag is named, and a prefix that matches nothing is an error too.
+  with pytest.raises(ValueError, match=r"^--stop_codes 'ICD10CM//N19\*' matches no code in the model's vocabulary"):
+    zero_shot.resolve_codes(vocab, ["ICD10CM//I10", "ICD10CM//N19*"], what="--stop_codes")
+
+
+def test_the_quiet_time_runs_from_the_last_event_to_the_prediction_time(synthetic_meds):
+  """A planted gap: prediction times 180 days after a subject's last event (and one at it)."""
+  dataset = MEDSDataset(synthetic_meds)
+  source = dataset.source("train")
+  records = [source[i] for i in range(3)]
+  last = np.array([r["times"][~np.isnat(r["times"])].max() for r in records])
+  day = np.timedelta64(86_400_000_000, "us")
+  prediction_times = last + np.array([180, 0, 1]) * day
+  rows, cut = zero_shot.label_histories(dataset, np.array([r["subject_id"] for r in records]), prediction_times)
+  assert rows.tolist() == [0, 1, 2]
+  np.testing.assert_allclose(zero_shot.quiet_days(cut, prediction_times), [180.0, 0.0, 1.0])
+  with pytest.raises(ValueError, match=r"record 0 \(subject_id \d+\) has an event 1.000 days after its prediction"):
+    zero_shot.quiet_days(cut[:1], prediction_times[:1] - 181 * day)
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +90,42 @@ def next_event_run(tmp_path_factory):
 
 
 def test_the_generate_command_writes_each_future_after_its_prediction_time(next_event_run, tmp_path):
+  """Prediction times 200 days after each subject's last event (a planted gap, longer than
+  the 90-day horizon): events are written in (prediction time, + 90 days], at their times."""
+  from biofm_jax.data.labels import write_labels
   workdir, labels_path = next_event_run
+  labels = read_labels(labels_path, {"type": "binary"})
+  dataset = MEDSDataset(workdir / "artifacts" / "synthetic_meds")
+  everything = np.full(len(labels), np.datetime64("2200-01-01", "us"))
+  rows, records = zero_shot.label_histories(dataset, labels.subject_ids, everything)
+  last = np.array([r["times"][~np.isnat(r["times"])].max() for r in records])
+  later = last + np.timedelta64(200 * 86_400_000_000, "us")
+  gapped = write_labels(tmp_path / "gapped.parquet", labels.subject_ids[rows], later,
+                        boolean_value=labels.targets["label"][rows].astype(bool))
+  _, cut = zero_shot.label_histories(dataset, labels.subject_ids[rows], later)
+  np.testing.assert_allclose(zero_shot.quiet_days(cut, later), 200.0)
   out = tmp_path / "simulated.parquet"
   result = subprocess.run([sys.executable, "experiments/generate.py", f"--pretrained={workdir}",
-                           f"--labels={labels_path}", "--samples=2", "--horizon_days=90", "--max_new=4",
+                           f"--labels={gapped}", "--samples=2", "--horizon_days=90", "--max_new=4",
                            f"--out={out}"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   table = pq.read_table(out).to_pandas()
   assert list(table.columns) == ["subject_id", "prediction_time", "sample", "step", "code", "days", "time"]
-  assert (table["time"] >= table["prediction_time"]).all() and (table["days"] <= 90).all()
+  assert (table["time"] > table["prediction_time"]).all() and (table["days"] > 0).all() and (table["days"] <= 90).all()
+  offsets = (table["time"] - table["prediction_time"]).dt.total_seconds() / 86_400
+  np.testing.assert_allclose(offsets, table["days"], atol=1e-3)
   assert set(table["sample"]) <= {0, 1} and table["step"].max() <= 3
   assert "simulated 2 futures for each of" in result.stdout
   bad = subprocess.run([sys.executable, "experiments/generate.py", f"--pretrained={workdir}",
                         f"--labels={labels_path}", "--horizon_days=0", f"--out={out}"],
                        cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "horizon must be more than 0 days" in bad.stderr
+  misspelt = subprocess.run([sys.executable, "experiments/generate.py", f"--pretrained={workdir}",
+                             f"--labels={labels_path}", "--stop_codes=MEDS_DEATHH", f"--out={out}"],
+                            cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert misspelt.returncode == 2, misspelt.stderr[-2000:]
+  assert "--stop_codes 'MEDS_DEATHH' is not in the model's vocabulary" in misspelt.stderr
+  assert "closest: ['MEDS_DEATH'" in misspelt.stderr
 
 
 def test_zero_shot_predicts_a_planted_outcome_beside_the_probe_and_reports_its_cost(next_event_run, tmp_path):

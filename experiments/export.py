@@ -68,6 +68,8 @@ def main(argv, overrides):
   inputs = {m: spec for m, spec in data.embedding_spec().items() if m != "task"}  # targets are not inputs
   metadata = {"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides, "step": step,
               "workdir": str(workdir), "data": config_to_dict(config.data)}
+  if isinstance(metadata["data"].get("ehr"), dict):  # configs saved before the field: the rule training applied
+    metadata["data"]["ehr"].setdefault("drop_duplicates", True)
   if "task" in config:
     metadata["task"] = {"name": config.task.name, **dataclasses.asdict(data.info), "config": config_to_dict(config.task),
                         "prediction_time_cut": data.cut}

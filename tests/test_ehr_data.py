@@ -511,7 +511,7 @@ def test_a_window_keeps_static_rows_and_its_records_birth_for_ages(synthetic_med
     record = records[i]
     assert static[i] == np.isnat(record["times"]).sum() and events[i] == len(record["codes"])
   subjects, starts, lengths = windows.cover_windows(static, events, 16, 0.0)
-  source = windows.WindowSource(records, static, subjects, starts, lengths)
+  source = windows.WindowSource(records, static, subjects, starts, lengths, 16)
   last = np.flatnonzero(subjects == long)[-1]
   window, full = source[last], records[long]
   s = static[long]
@@ -546,3 +546,41 @@ def test_ehr_training_covers_every_event_and_logs_padding_and_coverage(tmp_path)
   assert all(r["perf/real_tokens_per_s"] <= r["perf/tokens_per_s"] for r in rows)
   # What a (re)start costs, once: data, model, first compiled step.
   assert rows[0]["perf/time_to_first_step_s"] > 0 and "perf/time_to_first_step_s" not in rows[1]
+
+
+# ================================================================ static rows that fill the window
+def test_subjects_whose_static_rows_fill_the_window_still_train_on_timed_events(tmp_path, caplog):
+  import ml_collections
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  day = lambda d: np.datetime64("2020-01-01", "us") + np.timedelta64(d, "D")  # noqa: E731
+  rows = []  # subject 1: 36 static rows and 40 timed events; subjects 2..4: 1 static row and 5 events
+  rows += [(1, None, f"STATIC//{k}") for k in range(36)] + [(1, day(d), f"DX{d % 3}") for d in range(40)]
+  for s in (2, 3, 4):
+    rows += [(s, None, "STATIC//0")] + [(s, day(d), f"DX{d % 3}") for d in range(5)]
+  (tmp_path / "meds" / "data").mkdir(parents=True)
+  (tmp_path / "meds" / "metadata").mkdir()
+  pq.write_table(pa.table({"subject_id": pa.array([r[0] for r in rows], pa.int64()),
+                           "time": pa.array([r[1] for r in rows], pa.timestamp("us")), "code": [r[2] for r in rows],
+                           "numeric_value": pa.array([None] * len(rows), pa.float32())}),
+                 tmp_path / "meds" / "data" / "0.parquet")
+  pq.write_table(pa.table({"subject_id": pa.array([1, 2, 3, 4], pa.int64()), "split": ["train"] * 4}),
+                 tmp_path / "meds" / "metadata" / "subject_splits.parquet")
+  cfg = ml_collections.ConfigDict(dict(path=str(tmp_path / "meds"), max_len=32, window="recent", train_windows="cover",
+                                       window_overlap=0.0, min_code_count=1, num_value_bins=2, mask_rate=0.15))
+  data = ehr.EHRData.from_config(cfg, objective="masked", artifacts_dir=tmp_path / "artifacts")
+  with caplog.at_level("WARNING"):
+    source = data.training_source()
+  tokenize = data._tokenize()
+  timed_tokens = [int(tokenize.map(source[w])[batch.EHR_TIME_KNOWN].sum()) for w in range(len(source))]
+  # 15 static rows (half of 31 slots) and 16 timed events per window: 3 windows cover subject 1's 40 events,
+  # not one static-only window per event.
+  assert windows.static_room(32) == 15
+  assert len(source) == 3 + 3 and min(timed_tokens) >= 5
+  assert sum(timed_tokens[:3]) >= 40 and data.train_event_coverage() == 1.0
+  warning = [r.getMessage() for r in caplog.records if "static (null-time) rows" in r.getMessage()]
+  assert len(warning) == 1 and "1 subjects" in warning[0] and "their 21 static rows" in warning[0]
+  assert data.summary()["train_static_rows_left_out"] == 21
+  # Evaluation's one window keeps the same static rows and the most recent timed events.
+  example = tokenize.map(data.source("train")[0])
+  assert int(example[batch.EHR_TIME_KNOWN].sum()) == 16 and int(example[batch.EHR_MASK].sum()) == 32

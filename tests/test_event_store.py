@@ -59,8 +59,8 @@ def cohort(tmp_path_factory):
 
 def test_the_store_reads_what_the_in_memory_reader_reads(cohort, tmp_path):
   I.build_event_store(cohort, tmp_path / "store", workers=2, drop_duplicates=False)
-  memory, store = MEDSDataset(cohort), E.EventStore(tmp_path / "store")
-  assert {k: v for k, v in store.stats.items() if k != "duplicate_rows"} == memory.stats
+  memory, store = MEDSDataset(cohort, drop_duplicates=False), E.EventStore(tmp_path / "store")
+  assert store.stats == memory.stats and memory.stats["duplicate_rows"] > 0
   assert store.splits.keys() == memory.splits.keys()
   for split in memory.splits:
     assert_same_records(memory.source(split), store.source(split))
@@ -80,9 +80,13 @@ def test_the_store_reads_what_the_in_memory_reader_reads(cohort, tmp_path):
 
 def test_duplicates_are_counted_and_dropped(cohort, tmp_path):
   I.build_event_store(cohort, tmp_path / "store", drop_duplicates=True)
-  store, memory = E.EventStore(tmp_path / "store"), MEDSDataset(cohort)
+  store, memory = E.EventStore(tmp_path / "store"), MEDSDataset(cohort, drop_duplicates=False)
   assert store.stats["duplicate_rows"] > 0
   assert store.stats["rows"] == memory.stats["rows"] - store.stats["duplicate_rows"]
+  # The in-memory reader applies the same rule by default: the same rows, counts and records.
+  deduplicated = MEDSDataset(cohort)
+  assert deduplicated.stats == store.stats
+  assert_same_records(deduplicated.all_subjects(), store.all_subjects())
   source, raw = store.source("train"), memory.source("train")
   for i in range(0, len(source), 17):
     record, full = source[i], raw[i]
@@ -219,3 +223,98 @@ def test_the_beam_engine_writes_the_same_store(cohort, tmp_path):
   assert stats(a) == stats(b)
   with pytest.raises(ValueError, match="engine 'spark', expected one of"):
     I.build_event_store(cohort, tmp_path / "x", engine="spark")
+
+
+# ---------------------------------------------------------------- file descriptors
+def _open_fds() -> int:
+  return len(os.listdir("/proc/self/fd"))
+
+
+def _many_files(root: pathlib.Path, files: int) -> pathlib.Path:
+  """`files` data files of 4 subjects each; the first 3 of every file in train, the last in tuning."""
+  tables, split_ids, split_names = {}, [], []
+  for f in range(files):
+    ids = np.arange(4) + 4 * f + 1
+    subjects = np.repeat(ids, 3)
+    times = np.datetime64("2020-01-01", "us") + np.arange(len(subjects)).astype("timedelta64[D]")
+    tables[f"{f:03d}.parquet"] = events(subjects, times, [f"C{i % 5}" for i in range(len(subjects))])
+    split_ids += ids.tolist()
+    split_names += ["train"] * 3 + ["tuning"]
+  return write_meds(root, tables, pa.table({"subject_id": pa.array(split_ids, pa.int64()), "split": split_names}))
+
+
+def test_evaluations_that_open_new_sources_do_not_leak_file_descriptors(tmp_path, monkeypatch):
+  root = _many_files(tmp_path / "meds", 12)
+  I.build_event_store(root, tmp_path / "store")
+  store = E.EventStore(tmp_path / "store")
+  before = _open_fds()
+
+  def evaluate():  # what the loop does each evaluation: a new source of the split, read through
+    source = store.source("tuning")
+    return sum(len(source[i]["codes"]) for i in range(len(source)))
+
+  assert evaluate() == 36
+  after_first = _open_fds()
+  assert after_first - before == 36  # 12 files x 3 columns
+  for _ in range(30):
+    evaluate()
+    store.source("train")[0]
+  assert _open_fds() == after_first
+  store.close()
+  assert _open_fds() == before
+  # A store of more shard files than MAX_OPEN_FILES keeps at most that many open.
+  monkeypatch.setattr(E, "MAX_OPEN_FILES", 7)
+  source = store.all_subjects()
+  assert [len(source[i]["codes"]) for i in range(len(source))] == [3] * 48
+  assert _open_fds() - before == 7
+  store.close()
+  assert _open_fds() == before
+
+
+# ---------------------------------------------------------------- one duplicate rule, across files
+def test_a_copied_data_file_is_deduplicated_the_same_way_by_both_readers(cohort, tmp_path, caplog):
+  import shutil
+  root = tmp_path / "doubled"
+  shutil.copytree(cohort, root)
+  first = sorted((root / "data").rglob("*.parquet"))[0]
+  shutil.copy(first, first.with_name("copy_" + first.name))  # every row of that file twice
+  copied_rows = pq.read_metadata(first).num_rows
+  original = MEDSDataset(cohort)
+  I.build_event_store(root, tmp_path / "store")
+  with caplog.at_level("WARNING"):
+    memory, store = MEDSDataset(root), E.EventStore(tmp_path / "store")
+  for dataset in (memory, store):
+    assert dataset.stats["rows"] == original.stats["rows"]
+    assert dataset.stats["duplicate_rows"] == original.stats["duplicate_rows"] + copied_rows
+    for split in original.splits:
+      assert_same_records(original.source(split), dataset.source(split))
+  assert {k: v for k, v in store.stats.items() if k != "files"} == {k: v for k, v in memory.stats.items() if k != "files"}
+  # Training counts and value samples leave out what is dropped: the same vocabulary.
+  train = original.source("train")
+  want = ehr.EHRVocab.build((train[i] for i in range(len(train))), min_count=2, num_value_bins=5)
+  assert ehr.EHRVocab.from_counts(store.training_code_counts, store.training_values(), min_count=2,
+                                  num_value_bins=5) == want
+  # One counted line per reader, with the file that holds the copies.
+  lines = [r.getMessage() for r in caplog.records if "duplicate MEDS rows" in r.getMessage()
+           and str(cohort) not in r.getMessage()]
+  assert len(lines) == 2 and all(f"copy_{first.name}: {copied_rows}" in line and "train=" in line for line in lines)
+  kept = MEDSDataset(root, drop_duplicates=False)
+  assert kept.stats["rows"] == original.stats["rows"] + original.stats["duplicate_rows"] + copied_rows
+
+
+# ---------------------------------------------------------------- corrupt store files
+def test_a_store_file_written_over_or_cut_is_refused_naming_it(tmp_path):
+  root = write_meds(tmp_path / "meds", {"0.parquet": events([1, 1, 2], ["2020-01-01", "2020-01-02", "2020-01-03"],
+                                                           ["A", "B", "C"], [1.0, 2.0, 3.0])})
+  I.build_event_store(root, tmp_path / "store")
+  values = tmp_path / "store" / "shards" / "0.values"
+  data = bytearray(values.read_bytes())
+  data[0:4] = np.float32(123.0).tobytes()  # garbage over subject 1's first value, same size
+  values.write_bytes(bytes(data))
+  source = E.EventStore(tmp_path / "store").all_subjects()
+  assert source[1]["codes"].tolist() == ["C"]  # subject 2's rows are intact
+  with pytest.raises(ValueError, match=r"shards/0\.values: rows 0\.\.2 do not match the checksum .* rebuild"):
+    source[0]
+  values.write_bytes(bytes(data[:-4]))  # cut short: refused when the store opens
+  with pytest.raises(ValueError, match=r"shards/0\.values: 8 bytes, expected 12 bytes"):
+    E.EventStore(tmp_path / "store")

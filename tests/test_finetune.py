@@ -32,8 +32,8 @@ FINETUNE = str(helpers.REPO / "configs" / "finetune.py")
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("pretrained")
-  config = helpers.config_for("configs/ehr_bert.py:tiny", train__num_steps=300, train__eval_every=300,
-                              train__log_every=100, data__ehr__synthetic_subjects=600, checkpoint__every_steps=300)
+  config = helpers.config_for("configs/ehr_bert.py:tiny", train__num_steps=450, train__eval_every=450,
+                              train__log_every=150, data__ehr__synthetic_subjects=600, checkpoint__every_steps=450)
   train_and_evaluate(config, workdir)
   return workdir
 

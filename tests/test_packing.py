@@ -127,7 +127,10 @@ def test_a_packed_batch_gives_each_example_its_own_loss_and_gradient(causal, pos
   grad = jax.jit(jax.grad(lambda p, batch: losses(p, batch).sum()))
   for g_packed, g_alone in zip(jax.tree.leaves(grad(params, stacked(rows))),
                                jax.tree.leaves(grad(params, stacked(unpacked)))):
-    np.testing.assert_allclose(np.asarray(g_packed), np.asarray(g_alone), rtol=1e-5, atol=1e-5)
+    # Summed in another order over other row layouts: float32 rounding scales with the leaf's
+    # largest entries (up to ~50 here), so the tolerance does too.
+    g_alone = np.asarray(g_alone)
+    np.testing.assert_allclose(np.asarray(g_packed), g_alone, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(g_alone).max()))
 
 
 # ---------------------------------------------------------------- the EHR stream

@@ -317,3 +317,61 @@ def _at(tree_, path):
   for key in path:
     tree_ = tree_[key.key]
   return tree_
+
+
+# ---------------------------------------------------------------- points of packed rows
+def _short_windows(n, events=4, start_day=0):
+  """n windows of `events` timed events (5 tokens with CLS), each with a future after it."""
+  return [_record(["A", "B", "C", "D"][:events], [start_day + 10 * w + d for d in range(events)],
+                  future=(["A"], [start_day + 10 * w + 100])) for w in range(n)]
+
+
+def test_share_points_never_exceeds_the_rows_points_and_gives_each_window_its_share():
+  tokens = np.array([5] * 6)  # six 5-token windows in a 32-token row with 2 points: 0.3125 each
+  totals, per_window = [], np.zeros(6)
+  for offset in range(32):  # every offset once: the exact expectation over a uniform offset
+    got = tte.share_points(tokens, 2, 32, offset)
+    totals.append(int(got.sum()))
+    per_window += got
+  assert max(totals) == 2 and min(totals) == 1
+  np.testing.assert_allclose(per_window / 32, 6 * [5 * 2 / 32])  # every window, not the first ones
+  np.testing.assert_array_equal(tte.share_points(np.array([32]), 16, 32, 7), [16])
+  np.testing.assert_array_equal(tte.share_points(np.array([20, 12]), 4, 32, 0), [2, 2])  # 2.5 + 1.5
+  np.testing.assert_array_equal(tte.share_points(np.array([10, 6]), 4, 32, 0), [1, 1])  # 1.25 + 0.75
+  with pytest.raises(ValueError, match="do not fit a row of 32"):
+    tte.share_points(np.array([30, 5]), 2, 32, 0)
+
+
+def test_a_packed_row_of_short_windows_keeps_every_prediction_point_it_flags():
+  targets = _targets(max_len=32, points=2, events=64)
+  pack = tte.PackTimeToEvent(targets)
+  row = {packing.SEGMENTS: _short_windows(6)}
+  flagged, by_segment = [], np.zeros(6)
+  for seed in range(64):
+    out = pack.random_map(row, np.random.default_rng(seed))
+    flags = out[B.TTE_PREDICT]
+    flagged.append(int(flags.sum()))
+    by_segment += np.bincount(out[B.SEGMENT_IDS][flags], minlength=7)[1:]
+    # dense_targets reads the first `points` flags: every flag of the row is read.
+    seq = {k: jnp.asarray(v[None]) for k, v in out.items()}
+    _, event, valid = dense_targets(seq, points=2, num_tasks=3)
+    assert int(np.asarray(valid).sum()) == int(flags.sum())
+    assert int(np.asarray(event).sum()) == int(out[B.TTE_EVENT_MASK].sum())
+  assert max(flagged) <= 2 and min(flagged) >= 1
+  assert (by_segment > 0).all()  # the last (and shortest-placed) windows get points too
+  # Each window alone in its row still gets a point.
+  assert targets.map(_short_windows(1)[0])[B.TTE_PREDICT].sum() == 1
+
+
+def test_the_packed_time_to_event_stream_never_overfills_a_row(tmp_path):
+  from biofm_jax.data import pipeline
+  cfg = ml_collections.ConfigDict(dict(
+      path="", synthetic_subjects=60, synthetic_seed=0, max_len=128, window="recent", train_windows="cover",
+      window_overlap=0.25, min_code_count=2, num_value_bins=4, mask_rate=0.15, pack=True,
+      tte_tasks=10, tte_points=2, tte_events=64))
+  data = ehr.EHRData.from_config(cfg, objective="time_to_event", artifacts_dir=tmp_path)
+  rows = len(data.packed_training_source())  # 50 rows, 13 of them of 2 to 4 windows under 64 tokens
+  batch = next(pipeline.make_iterator(data.make_train_dataset(global_batch_size=rows, seed=0)))["ehr"]
+  assert batch[B.SEGMENT_IDS].max(axis=1).max() >= 3  # rows of several short windows: those that overflowed
+  flags = batch[B.TTE_PREDICT].sum(axis=1)
+  assert flags.max() <= 2 and flags.sum() > rows

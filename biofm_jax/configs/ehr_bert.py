@@ -26,6 +26,9 @@ def get_config(arg=None):
       # under the run's artifacts and read records from there (memory does not grow with the
       # rows); a path: a store built by experiments/index_meds.py (multi-host runs)
       event_store="",
+      # rows equal to an earlier row of the subject (time, code, value), in any file, are
+      # dropped (and counted) by both readers; scoring an export applies the same setting
+      drop_duplicates=True,
       synthetic_subjects=2000, synthetic_seed=0,
       max_len=128,  # tokens per timeline including the CLS token
       window="recent",  # evaluation: the most recent events of long timelines ("earliest" for the first)

@@ -7,7 +7,8 @@ label rows (`meds.LabelSchema`; the outcome columns are optional: rows to score 
 have one) and the MEDS records with the library's reader, cuts each record at its row's
 prediction time exactly as fine-tuning did, tokenises it, runs the exported function
 (`export_loader`, the same standalone loader a deployer uses) and turns its logits into
-the task's predictions. Rows of unknown subjects or without history are dropped and
+the task's predictions. Duplicate MEDS rows are dropped or kept as in training (the data
+config's `drop_duplicates`, `modalities/ehr/duplicates.py`). Rows of unknown subjects or without history are dropped and
 counted (or, with `strict_labels`, an error), as in training.
 """
 from __future__ import annotations
@@ -78,7 +79,9 @@ def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, lab
   if np.isnat(labels.prediction_times).any():
     row = int(np.flatnonzero(np.isnat(labels.prediction_times))[0])
     raise ValueError(f"labels {labels.path}: row {row} (subject_id {labels.subject_ids[row]}) has no prediction_time")
-  source = MEDSDataset(meds_dir).all_subjects()
+  # The rows training read: the export records the duplicate rule (exports made before it
+  # existed: the default, which training then applied through the event store).
+  source = MEDSDataset(meds_dir, drop_duplicates=bool(ehr.get("drop_duplicates", True))).all_subjects()
   positions, known, usable, _ = history_rows(source, labels.subject_ids, labels.prediction_times, cut)
   unknown, no_history = int((~known).sum()), int((known & ~usable).sum())
   if strict_labels and (unknown or no_history):

@@ -32,7 +32,8 @@ from biofm_jax.modalities.ehr import synthetic as synthetic
 from biofm_jax.modalities.ehr import event_indexing, event_store
 from biofm_jax.modalities.ehr import meds as meds_source
 from biofm_jax.modalities.ehr import time_to_event as tte_targets
-from biofm_jax.modalities.ehr.windows import TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage
+from biofm_jax.modalities.ehr.windows import (TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage,
+                                              kept_static, static_room)
 
 BIRTH_CODE = meds.birth_code
 EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
@@ -68,9 +69,10 @@ def _check_record(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _window(times: np.ndarray, keep: int, window: str) -> np.ndarray:
-  """Indices of the rows kept: static rows (demographics) always, then the most recent
-  (or the earliest) timed events that fit."""
-  static, timed = np.flatnonzero(np.isnat(times))[:keep], np.flatnonzero(~np.isnat(times))
+  """Indices of the rows kept: static rows (demographics), at most half the window
+  (`windows.static_room`), then the most recent (or the earliest) timed events that fit."""
+  static = np.flatnonzero(np.isnat(times))[:static_room(keep + 1)]
+  timed = np.flatnonzero(~np.isnat(times))
   room = keep - len(static)
   timed = timed[max(len(timed) - room, 0):] if window == "recent" else timed[:room]
   return np.concatenate([static, timed])
@@ -187,7 +189,9 @@ class EHRData:
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     root = Path(cfg.path) if cfg.path else _synthetic_cohort(cfg, artifacts_dir)
-    dataset = open_dataset(root, str(cfg.get("event_store", "") or ""), artifacts_dir)
+    # Runs saved before the setting existed: the default, which both readers now apply.
+    dataset = open_dataset(root, str(cfg.get("event_store", "") or ""), artifacts_dir,
+                           drop_duplicates=bool(cfg.get("drop_duplicates", True)))
     vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME,
                                  min_count=cfg.min_code_count,
                                  num_value_bins=cfg.num_value_bins)
@@ -212,8 +216,9 @@ class EHRData:
     if self._windows is None or self._windows[0] != split:
       records = self.source(split)
       static, events = records.static_counts(), records.event_counts()
+      _warn_static_left_out(static, self.max_len, split)
       subjects, starts, lengths = cover_windows(static, events, self.max_len, self.window_overlap)
-      self._windows = (split, WindowSource(records, static, subjects, starts, lengths))
+      self._windows = (split, WindowSource(records, static, subjects, starts, lengths, self.max_len))
     return self._windows[1]
 
   def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout):
@@ -222,7 +227,7 @@ class EHRData:
     if not self.pack:
       return pipeline.make_train_dataset(self.training_source(), self.transforms(train=True),
                                          global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
-    packed = [packing.PackTokenized(self._with_targets(), self.max_len), *self._masking(), KeyByModality(self.name)]
+    packed = [self._pack_with_targets(), *self._masking(), KeyByModality(self.name)]
     return pipeline.make_train_dataset(self.packed_training_source(), packed,
                                        global_batch_size=global_batch_size, seed=seed, name=self.name, **layout)
 
@@ -236,9 +241,10 @@ class EHRData:
   def _token_lengths(self, source) -> np.ndarray:
     """Tokens each item of `source` becomes: CLS plus its rows, at most max_len - 1 of them."""
     if isinstance(source, WindowSource):
-      rows = source.static_counts[source.subjects] + source.lengths
+      rows = kept_static(source.static_counts[source.subjects], self.max_len) + source.lengths
     else:
-      rows = source.event_counts()
+      static = source.static_counts()
+      rows = kept_static(static, self.max_len) + source.event_counts() - static
     return 1 + np.minimum(rows, self.max_len - 1)
 
   def transforms(self, train: bool, mask: bool = True) -> list:
@@ -260,6 +266,14 @@ class EHRData:
       return self._tokenize()
     return tte_targets.TimeToEventTargets.for_vocab(self._tokenize(), self.vocab, self.tte_codes,
                                                     points=self.tte["points"], events=self.tte["events"])
+
+  def _pack_with_targets(self):
+    """A packed row's records -> one row; time-to-event rows share their points
+    (`time_to_event.PackTimeToEvent`), so a row never holds more than `tte_points`."""
+    targets = self._with_targets()
+    if isinstance(targets, tte_targets.TimeToEventTargets):
+      return tte_targets.PackTimeToEvent(targets)
+    return packing.PackTokenized(targets, self.max_len)
 
   def _masking(self) -> list:
     return [MaskEHR(self.vocab.size, self.mask_rate)] if self.objective == "masked" else []
@@ -291,6 +305,8 @@ class EHRData:
       counts = self.source("train").event_counts() if has_train else np.zeros(0, np.int64)  # reads no record
       stats = window_stats(counts, self.max_len)
       out.update({f"train_{k}": v for k, v in stats.items()})
+      static = self.source("train").static_counts() if has_train else np.zeros(0, np.int64)
+      out["train_static_rows_left_out"] = int((static - kept_static(static, self.max_len)).sum())
       if len(self.dataset.splits.get("train", ())):
         out["train_windows"] = len(self.training_source())
         out["train_event_coverage"] = round(self.train_event_coverage(), 6)
@@ -315,7 +331,8 @@ class EHRData:
       return event_coverage(source.records.event_counts(), source.static_counts, source.starts, source.lengths,
                             source.subjects)
     static, events = source.static_counts(), source.event_counts()
-    room = np.maximum(self.max_len - 1 - static, 1)
+    _warn_static_left_out(static, self.max_len, "train")
+    room = self.max_len - 1 - kept_static(static, self.max_len)
     timed = events - static
     starts = np.maximum(timed - room, 0) if self.window == "recent" else np.zeros_like(timed)
     return event_coverage(events, static, starts, np.minimum(room, timed), np.arange(len(events)))
@@ -332,6 +349,15 @@ class EHRData:
     return (source[int(i)] for i in positions)
 
 
+def _warn_static_left_out(static: np.ndarray, max_len: int, split: str) -> None:
+  """Static rows beyond half a window are in no example: say how many, of how many subjects."""
+  left_out = np.asarray(static, np.int64) - kept_static(static, max_len)
+  if left_out.any():
+    log.warning("EHR %s split: %d subjects have more static (null-time) rows than half a window (%d of max_len %d); "
+                "their %d static rows beyond that are left out of every window so timed events keep room",
+                split, int((left_out > 0).sum()), static_room(max_len), max_len, int(left_out.sum()))
+
+
 def _unk_counts(vocab: EHRVocab, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
   events = unk = 0
   for record in records:
@@ -342,20 +368,24 @@ def _unk_counts(vocab: EHRVocab, records: Iterable[Mapping[str, Any]]) -> dict[s
           "tuning_unk_rate": unk / events if events else 0.0}
 
 
-def open_dataset(root: Path, store: str, artifacts_dir: Path):
+def open_dataset(root: Path, store: str, artifacts_dir: Path, *, drop_duplicates: bool = True):
   """The MEDS data at `root`: in memory (`store` ""), or out of core from an event store
   (`event_store.py`) at the path `store` names, or built once under the run's artifacts
-  ("auto"; one process: a multi-host run reads a store built by experiments/index_meds.py)."""
+  ("auto"; one process: a multi-host run reads a store built by experiments/index_meds.py).
+  Both drop duplicate rows by the same rule, or both keep them (`duplicates.py`)."""
   if not store:
-    return meds_source.MEDSDataset(root)
+    return meds_source.MEDSDataset(root, drop_duplicates=drop_duplicates)
   path = artifacts_dir / EVENT_STORE_DIR if store == "auto" else Path(store)
   if store == "auto" and not (path / event_store.SOURCE_FILE).exists():
     log.info("EHR: indexing %s into the event store %s", root, path)
-    event_indexing.build_event_store(root, path)
+    event_indexing.build_event_store(root, path, drop_duplicates=drop_duplicates)
   dataset = event_store.EventStore(path)
   if dataset.root.resolve() != root.resolve():
     raise ValueError(f"config.data.ehr.event_store={store!r}: the store at {path} indexes {dataset.root}, "
                      f"but config.data.ehr.path is {root}")
+  if dataset.drop_duplicates != drop_duplicates:
+    raise ValueError(f"config.data.ehr.drop_duplicates is {drop_duplicates}, but the event store at {path} was "
+                     f"built with drop_duplicates={dataset.drop_duplicates}; match it or build another store")
   return dataset
 
 

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
+import zlib
 from typing import Any, Iterator, Sequence
 
 import meds
@@ -27,8 +28,10 @@ import pyarrow.parquet as pq
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.modalities.ehr import meds as meds_source
-from biofm_jax.modalities.ehr.event_store import (COLUMNS, FORMAT, FORMAT_VERSION, NAT, SKETCH_SIZE, SOURCE_FILE,
-                                                  STAT_KEYS, file_signature)
+from biofm_jax.modalities.ehr import store_duplicates
+from biofm_jax.modalities.ehr.duplicates import duplicate_rows  # noqa: F401  (the rule; re-exported)
+from biofm_jax.modalities.ehr.event_store import (CHECKSUMS, COLUMNS, FORMAT, FORMAT_VERSION, NAT, SKETCH_SIZE,
+                                                  SOURCE_FILE, STAT_KEYS, ShardReader, file_signature)
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,6 @@ class _Chunk:
   times: np.ndarray
   codes: np.ndarray  # int32 local to the file
   values: np.ndarray
-
-
-def duplicate_rows(subjects: np.ndarray, times: np.ndarray, codes: np.ndarray,
-                   values: np.ndarray) -> np.ndarray:
-  """bool: rows identical (subject, time, code, value; NaN equal to NaN) to an earlier row."""
-  value_bits = np.where(np.isnan(values), np.float32(np.nan), values).view(np.int32)
-  order = np.lexsort((np.arange(len(subjects)), value_bits, codes, times, subjects))
-  same = np.zeros(len(subjects), bool)
-  keys = (subjects, times, codes, value_bits)
-  same[order[1:]] = np.logical_and.reduce([k[order[1:]] == k[order[:-1]] for k in keys])
-  return same
 
 
 class _Unsorted(Exception):
@@ -132,6 +124,8 @@ class _FileIndex:
   first_times: np.ndarray
   has_birth: np.ndarray
   has_death: np.ndarray
+  duplicates: np.ndarray  # per subject: rows equal to an earlier row of it in this file
+  checksums: np.ndarray  # [subjects, columns] uint32 CRC-32 of each column's rows (`CHECKSUMS`)
   codes: list[str]
   training_counts: np.ndarray  # per local code
   sketch_codes: np.ndarray  # local code, key and value of the kept training values
@@ -198,7 +192,8 @@ def index_file(file: int, path: str, shard_prefix: str, train_ids: np.ndarray | 
 def _index_chunks(file, path, shard_prefix, chunks, codes, stats, train_ids, split_seed, split_fractions,
                   drop_duplicates) -> _FileIndex:
   files = {name: open(f"{shard_prefix}.{name}", "wb") for name, _ in COLUMNS}
-  index: dict[str, list] = {k: [] for k in ("subjects", "starts", "ends", "static", "first", "birth", "death")}
+  index: dict[str, list] = {k: [] for k in ("subjects", "starts", "ends", "static", "first", "birth", "death",
+                                             "duplicates", *CHECKSUMS)}
   counts = np.zeros(0, np.int64)
   sketch = _Sketch()
   written = 0
@@ -206,16 +201,22 @@ def _index_chunks(file, path, shard_prefix, chunks, codes, stats, train_ids, spl
     for chunk in chunks:
       duplicates = duplicate_rows(chunk.subjects, chunk.times, chunk.codes, chunk.values)
       stats["duplicate_rows"] += int(duplicates.sum())
+      duplicate_subjects, duplicate_counts = np.unique(chunk.subjects[duplicates], return_counts=True)
       if drop_duplicates and duplicates.any():
         keep = ~duplicates
         chunk = _Chunk(chunk.subjects[keep], chunk.times[keep], chunk.codes[keep], chunk.values[keep])
       rows = len(chunk.subjects)
-      for (name, dtype), column in zip(COLUMNS, (chunk.codes, chunk.times, chunk.values)):
-        files[name].write(np.ascontiguousarray(column, dtype).tobytes())
       starts = np.flatnonzero(np.r_[True, chunk.subjects[1:] != chunk.subjects[:-1]])
       ends = np.r_[starts[1:], rows]
+      for (name, dtype), column in zip(COLUMNS, (chunk.codes, chunk.times, chunk.values)):
+        data = np.ascontiguousarray(column, dtype)
+        files[name].write(data.tobytes())
+        index[f"crc_{name}"].append(_range_checksums(data, starts, ends))
       static = chunk.times == NAT
       subjects = chunk.subjects[starts]
+      per_subject = np.zeros(len(subjects), np.int64)
+      per_subject[np.searchsorted(subjects, duplicate_subjects)] = duplicate_counts
+      index["duplicates"].append(per_subject)
       index["subjects"].append(subjects)
       index["starts"].append(written + starts)
       index["ends"].append(written + ends)
@@ -249,8 +250,17 @@ def _index_chunks(file, path, shard_prefix, chunks, codes, stats, train_ids, spl
   return _FileIndex(file=file, subjects=cat("subjects", np.int64), starts=cat("starts", np.int64),
                     ends=cat("ends", np.int64), static_rows=cat("static", np.int64),
                     first_times=cat("first", np.int64), has_birth=cat("birth", bool), has_death=cat("death", bool),
+                    duplicates=cat("duplicates", np.int64),
+                    checksums=np.stack([cat(c, np.uint32) for c in CHECKSUMS], axis=1),
                     codes=list(codes), training_counts=_add_counts(counts, np.zeros(len(codes), np.int64)),
                     sketch_codes=sketch_codes, sketch_keys=sketch_keys, sketch_values=sketch_values, stats=stats)
+
+
+def _range_checksums(column: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+  """uint32 CRC-32 of each row range's bytes: the reader checks each record against it."""
+  data = memoryview(column.tobytes())
+  size = column.dtype.itemsize
+  return np.array([zlib.crc32(data[a * size: b * size]) for a, b in zip(starts.tolist(), ends.tolist())], np.uint32)
 
 
 def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -334,14 +344,17 @@ def build_event_store(meds_root: str | os.PathLike, out: str | os.PathLike, *, w
       for job in jobs:
         _index_and_save(job)
     parts = [_load_part(staging / "shards" / str(k), k) for k in range(len(files))]
-    stats = _write_store(staging, root, files, [p for p in parts if p is not None], split_ids,
-                         fallback_fractions, fallback_seed)
+    stats, duplicates_by_file = _write_store(staging, root, files, [p for p in parts if p is not None], split_ids,
+                                             fallback_fractions, fallback_seed, drop_duplicates)
     stats["empty_files"] = sum(p is None for p in parts)
+    shards = {f"{k}.{name}": (staging / "shards" / f"{k}.{name}").stat().st_size
+              for k, part in enumerate(parts) if part is not None for name, _ in COLUMNS}
     _write_json(staging / SOURCE_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "meds_root": str(root.resolve()),
         "drop_duplicates": drop_duplicates,
-        "files": [{"path": str(p.relative_to(root / meds.data_subdirectory)), **file_signature(p)} for p in files],
-        "stats": stats})
+        "files": [{"path": str(p.relative_to(root / meds.data_subdirectory)), **file_signature(p),
+                   "duplicate_rows": int(duplicates_by_file.get(k, 0))} for k, p in enumerate(files)],
+        "shards": shards, "stats": stats})
   log.info("event store %s: %s", out, ", ".join(f"{k}={v}" for k, v in stats.items()))
   return out
 
@@ -351,7 +364,8 @@ def _write_json(path: pathlib.Path, payload: Any) -> None:
 
 
 def _write_store(staging: pathlib.Path, root: pathlib.Path, files: list[pathlib.Path], parts: list[_FileIndex],
-                 split_ids: dict[str, np.ndarray] | None, fractions, seed) -> dict[str, int]:
+                 split_ids: dict[str, np.ndarray] | None, fractions, seed,
+                 drop_duplicates: bool) -> tuple[dict[str, int], dict[int, int]]:
   if not parts:
     raise ValueError(f"{root / meds.data_subdirectory}: all {len(files)} MEDS data file(s) have 0 rows")
   stats = dict.fromkeys(STAT_KEYS, 0)
@@ -365,25 +379,43 @@ def _write_store(staging: pathlib.Path, root: pathlib.Path, files: list[pathlib.
     np.save(staging / "shards" / f"{part.file}.code_map.npy",
             np.array([vocab.setdefault(c, len(vocab)) for c in part.codes], np.int32))
   code_maps = {p.file: np.load(staging / "shards" / f"{p.file}.code_map.npy") for p in parts}
+
+  cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+  checksums = cat("checksums")
+  table = {"subject_id": cat("subjects"), "file": np.concatenate([np.full(len(p.subjects), p.file, np.int32)
+                                                                    for p in parts]),
+           "start": cat("starts"), "end": cat("ends"), "static_rows": cat("static_rows"),
+           "first_time": cat("first_times"), "has_birth": cat("has_birth"), "has_death": cat("has_death"),
+           "duplicate_rows": cat("duplicates"),
+           **{name: checksums[:, c] for c, name in enumerate(CHECKSUMS)}}
+  order = np.lexsort((table["file"], table["subject_id"]))
+  table = {k: v[order] for k, v in table.items()}
+  subject_ids = np.unique(table["subject_id"])
+  train = (np.isin(subject_ids, split_ids.get(_TRAIN, ())) if split_ids is not None
+           else _hash_train(subject_ids, seed, fractions))
+  cross = store_duplicates.cross_file_duplicates(staging, table, code_maps, train[np.searchsorted(subject_ids, table["subject_id"])])
+  table["duplicate_rows"] = table["duplicate_rows"] + cross.rows
+  table["dropped_rows"] = cross.rows if drop_duplicates else np.zeros_like(cross.rows)
+  table["dropped_static"] = cross.static if drop_duplicates else np.zeros_like(cross.static)
+  stats["duplicate_rows"] += int(cross.rows.sum())
+  if drop_duplicates:
+    stats["rows"] -= int(cross.rows.sum())
+    stats["static_rows"] -= int(cross.static.sum())
+    stats["numeric_values"] -= int(np.isfinite(cross.values).sum())
+
   counts = np.zeros(len(vocab), np.int64)
   for part in parts:
     np.add.at(counts, code_maps[part.file][: len(part.training_counts)], part.training_counts)
+  if drop_duplicates:  # what the store drops is not trained on: not counted, not sampled
+    counts -= np.bincount(cross.codes[cross.train], minlength=len(vocab))
   _write_json(staging / "training_codes.json", {"codes": list(vocab), "counts": counts.tolist()})
-  sketch = _bottom_k(np.concatenate([code_maps[p.file][p.sketch_codes] for p in parts]),
-                     np.concatenate([p.sketch_keys for p in parts]),
-                     np.concatenate([p.sketch_values for p in parts]), SKETCH_SIZE)
+  sampled = [store_duplicates.without_dropped(p, cross if drop_duplicates else None) for p in parts]
+  sketch = _bottom_k(np.concatenate([code_maps[p.file][s[0]] for p, s in zip(parts, sampled)]),
+                     np.concatenate([s[1] for s in sampled]), np.concatenate([s[2] for s in sampled]), SKETCH_SIZE)
   (staging / "value_sketch").mkdir()
   np.save(staging / "value_sketch" / "codes.npy", sketch[0])
   np.save(staging / "value_sketch" / "values.npy", sketch[2])
 
-  cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-  table = {"subject_id": cat("subjects"), "file": np.concatenate([np.full(len(p.subjects), p.file, np.int32)
-                                                                    for p in parts]),
-           "start": cat("starts"), "end": cat("ends"), "static_rows": cat("static_rows"),
-           "first_time": cat("first_times"), "has_birth": cat("has_birth"), "has_death": cat("has_death")}
-  order = np.lexsort((table["file"], table["subject_id"]))
-  table = {k: v[order] for k, v in table.items()}
-  subject_ids = np.unique(table["subject_id"])
   stats["subjects"] = len(subject_ids)
   stats["codes"] = len(vocab)
   stats["subjects_in_multiple_files"] = len(table["subject_id"]) - len(subject_ids)
@@ -410,4 +442,5 @@ def _write_store(staging: pathlib.Path, root: pathlib.Path, files: list[pathlib.
   table["split"] = split_of[np.searchsorted(subject_ids, table["subject_id"])]
   pq.write_table(pa.table({k: pa.array(v.tolist() if k == "split" else v) for k, v in table.items()}),
                  staging / "index.parquet")
-  return stats
+  by_file = np.bincount(table["file"], weights=table["duplicate_rows"], minlength=len(files)).astype(np.int64)
+  return stats, dict(enumerate(by_file.tolist()))

@@ -16,8 +16,9 @@ codes, unreadable parquet files.
 
 Everything is held in memory as a few compact numpy arrays sorted by subject, with codes
 dictionary-encoded; a record is a slice. Birth and death codes are not interpreted here
-(the EHR tokenizer does that); only counts about them are kept in `stats`. Nothing here
-logs subject ids or record contents.
+(the EHR tokenizer does that); only counts about them are kept in `stats`. Rows equal to
+an earlier row of their subject are dropped by default and counted (`duplicates.py`: the
+rule the event store applies too). Nothing here logs subject ids or record contents.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 from biofm_jax.data.sources.splits import hash_splits  # noqa: F401
 from biofm_jax.data.sources.splits import ordered as ordered_splits
 from biofm_jax.data.sources.indexing import checked_index
+from biofm_jax.modalities.ehr import duplicates
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +208,12 @@ def is_meds_sorted(subjects: np.ndarray, times: np.ndarray) -> bool:
 class _Events:
   """All rows sorted by (subject, time) with static rows first, and per-subject offsets."""
 
-  def __init__(self, files: Sequence[pathlib.Path], stats: dict[str, int]):
+  def __init__(self, files: Sequence[pathlib.Path], stats: dict[str, int], drop_duplicates: bool):
     vocab: dict[str, int] = {}
     parts: list[_FileEvents] = []
+    part_files: list[int] = []
     subject_file_pairs = 0
-    for path in files:
+    for file, path in enumerate(files):
       events = read_data_file(path)
       if events is None:
         stats["empty_files"] += 1
@@ -224,6 +227,7 @@ class _Events:
       stats["unsorted_files"] += not is_meds_sorted(events.subjects, events.times)
       subject_file_pairs += len(np.unique(events.subjects))
       parts.append(events)
+      part_files.append(file)
     if not parts:
       raise ValueError(f"{files[0].parent}: all {len(files)} MEDS data file(s) have 0 rows")
 
@@ -231,11 +235,22 @@ class _Events:
     times = np.concatenate([p.times for p in parts])
     code_ids = np.concatenate([p.local_codes for p in parts])
     values = np.concatenate([p.values for p in parts])
+    row_files = np.repeat(np.asarray(part_files, np.int32), [len(p.subjects) for p in parts])
     del parts
     if not is_meds_sorted(subjects, times):
       order = np.lexsort((times, subjects))  # stable: file order kept within equal times
-      subjects, times, code_ids, values = (subjects[order], times[order], code_ids[order],
-                                           values[order])
+      subjects, times, code_ids, values, row_files = (subjects[order], times[order], code_ids[order],
+                                                      values[order], row_files[order])
+    # The rule every reader applies (`duplicates.py`): a row equal to an earlier one.
+    duplicate = duplicates.duplicate_rows(subjects, times, code_ids, values)
+    stats["duplicate_rows"] = int(duplicate.sum())
+    self.duplicate_subjects, self.duplicate_counts = np.unique(subjects[duplicate], return_counts=True)
+    self.duplicates_by_file = {str(files[f].name): int(n) for f, n in
+                               zip(*np.unique(row_files[duplicate], return_counts=True))}
+    del row_files
+    if drop_duplicates and stats["duplicate_rows"]:
+      keep = ~duplicate
+      subjects, times, code_ids, values = subjects[keep], times[keep], code_ids[keep], values[keep]
     starts = np.flatnonzero(np.diff(subjects)) + 1
     starts = np.concatenate([[0], starts]).astype(np.int64)
 
@@ -322,6 +337,7 @@ STAT_KEYS = (
     "fallback_split",  # 1 when subject_splits.parquet was absent and hash_splits was used
     "split_subjects_without_events",  # listed in the split file but no rows; dropped
     "subjects_without_split",  # have rows but absent from the split file; in no split
+    "duplicate_rows",  # rows equal to an earlier row of the subject (`duplicates.py`); dropped by default
 )
 
 
@@ -403,13 +419,18 @@ class MEDSDataset:
 
   def __init__(self, root: str | os.PathLike, *,
                fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-               fallback_seed: int = 0):
+               fallback_seed: int = 0, drop_duplicates: bool = True):
     self.root = pathlib.Path(root)
+    self.drop_duplicates = bool(drop_duplicates)
     files = find_data_files(self.root / meds.data_subdirectory)
     self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
     self.stats["files"] = len(files)
-    self._events = _Events(files, self.stats)
+    self._events = _Events(files, self.stats, self.drop_duplicates)
     self.splits = self._load_splits(fallback_fractions, fallback_seed)
+    events = self._events
+    duplicates.log_duplicates(f"MEDS {self.root}", duplicates.counts_by_split(
+        events.duplicate_subjects, events.duplicate_counts, self.splits), events.duplicates_by_file,
+        dropped=self.drop_duplicates)
     log.info("MEDS %s: %s", self.root, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
 
   def _load_splits(self, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:

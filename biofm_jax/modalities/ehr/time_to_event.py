@@ -3,8 +3,15 @@
 The tasks are the K most frequent codes of the vocabulary (training counts; `task_codes`).
 Prediction points are tokens that end a timestamp (the last event at their time in the
 window, so a causal model at the point has seen everything that happened then) and have
-some record left after them; at most `points * tokens / max_len` of them per example,
-evenly spaced, so that a packed row of max_len tokens never holds more than `points`.
+some record left after them, evenly spaced. A row of max_len tokens holds at most `points`
+of them (`dense_targets` reads no more). An example alone in its row gets
+max(1, points * tokens // max_len). The windows of a packed row (`PackTimeToEvent`) share
+the row's `points` by their tokens: a window's share is points * tokens / max_len, whose
+whole part it always gets and whose fraction it gets by systematic sampling (one random
+offset per row). Each window's expected number of points is then exactly its share, short
+windows included, and a row never holds more than `points`. Rounding every short window up
+to one point instead would overfill rows of many short windows, and the extra points
+would be dropped silently.
 
 For a point at time t, the future is every timed event of the whole record after t: the
 window's later events and those after the window (`future_codes`, `future_times`, which
@@ -27,7 +34,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from biofm_jax.data import batch
+from biofm_jax.data import batch, packing
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 
 TASKS_FILENAME = "tte_tasks.json"
@@ -85,15 +92,24 @@ class TimeToEventTargets(grain.transforms.Map):
     task_of_id[vocab.code_ids(np.asarray(codes, dtype=object))] = np.arange(len(codes), dtype=np.int32)
     return cls(tokenize, task_of_id, points=points, events=events)
 
+  def tokens(self, record: Mapping[str, Any]) -> int:
+    """Tokens the tokeniser makes of `record`: CLS plus at most max_len - 1 rows."""
+    return 1 + min(len(record["codes"]), self.max_len - 1)
+
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """An example alone in its row: at least one point (when it has a candidate)."""
+    return self.with_points(record, max(1, self.tokens(record) * self.points // self.max_len))
+
+  def with_points(self, record: Mapping[str, Any], budget: int) -> dict[str, np.ndarray]:
+    """The example with at most `budget` prediction points."""
     out, times = self.tokenize.encode(record)
     out.update({name: np.zeros(shape, dtype) for name, (shape, dtype) in
                 batch.tte_example_spec(self.max_len, self.events).items()})
     future_times, future_tasks = self._future(record)
-    if not len(future_times):
+    if not len(future_times) or budget < 1:
       return out
     tokens = 1 + len(times)
-    chosen = self._points(times, end=future_times[-1], tokens=tokens)
+    chosen = self._points(times, end=future_times[-1], budget=budget)
     if not len(chosen):
       return out
     share = (tokens * self.events // self.max_len) // len(chosen)
@@ -120,19 +136,48 @@ class TimeToEventTargets(grain.transforms.Map):
     order = np.argsort(times, kind="stable")
     return times[order], self.task_of_id[self.tokenize.vocab.code_ids(codes[order])]
 
-  def _points(self, times: np.ndarray, *, end: int, tokens: int) -> np.ndarray:
+  def _points(self, times: np.ndarray, *, end: int, budget: int) -> np.ndarray:
     """Window event indices that end their timestamp and have record after them, evenly
-    spaced, at most points * tokens / max_len (at least one)."""
+    spaced, at most `budget`."""
     if not len(times):
       return np.zeros(0, np.int64)
     known = ~np.isnat(times)
     us = np.where(known, _as_us(np.where(known, times, np.datetime64(0, "us"))), np.iinfo(np.int64).min)
     last_of_time = known & np.r_[us[1:] != us[:-1], True]
     candidates = np.flatnonzero(last_of_time & (us < end))
-    budget = max(1, tokens * self.points // self.max_len)
     if len(candidates) <= budget:
       return candidates
     return candidates[np.unique(np.round(np.linspace(0, len(candidates) - 1, budget)).astype(np.int64))]
+
+
+def share_points(tokens: np.ndarray, points: int, max_len: int, offset: int) -> np.ndarray:
+  """Points per window of a packed row: window i's share is tokens[i] * points / max_len;
+  its whole part for sure, its fraction by systematic sampling with `offset` in
+  [0, max_len) (uniform: each window then gets its share in expectation). The total is at
+  most (sum(tokens) * points + offset) // max_len <= points, as sum(tokens) <= max_len."""
+  numerators = np.asarray(tokens, np.int64) * points
+  if numerators.sum() > points * max_len:
+    raise ValueError(f"share_points: {int(np.sum(tokens))} tokens do not fit a row of {max_len}")
+  whole, fraction = numerators // max_len, numerators % max_len
+  reached = (np.cumsum(fraction) + offset) // max_len
+  return whole + np.diff(np.r_[offset // max_len, reached])
+
+
+class PackTimeToEvent(grain.transforms.RandomMap):
+  """A packed row of records (`packing.PackedSource`) -> one row with time-to-event
+  targets: the row's `points` shared among its windows (`share_points`), then
+  `packing.pack_examples`. Random (seeded by the row's position, as every Grain random map)
+  so that over epochs every window gets its share, not always the first or longest."""
+
+  def __init__(self, targets: TimeToEventTargets):
+    self.targets, self.max_len = targets, targets.max_len
+
+  def random_map(self, row: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    records = row[packing.SEGMENTS]
+    tokens = np.array([self.targets.tokens(r) for r in records], np.int64)
+    budgets = share_points(tokens, self.targets.points, self.max_len, int(rng.integers(self.max_len)))
+    return packing.pack_examples([self.targets.with_points(r, int(b)) for r, b in zip(records, budgets)],
+                                 self.max_len)
 
 
 def _first_occurrences(t: int, times: np.ndarray, tasks: np.ndarray, room: int):

@@ -2,7 +2,8 @@
 
 One window per subject (the most recent `max_len - 1` events) never trains on the rest of
 a long timeline: on heavy-tailed cohorts most events. Here a timeline of n timed events,
-with s static rows (always kept) and room r = max_len - 1 - s for timed events, becomes
+with s static rows (kept up to `static_room`, half the window; the rest are counted and
+left out) and room r = max_len - 1 - min(s, static_room) for timed events, becomes
 consecutive windows of r events that start every r - overlap events, the last one ending
 at the timeline's end: every event is in at least one window, and consecutive windows
 share `overlap` events of context. A timeline that fits is one window.
@@ -32,6 +33,18 @@ def birth_time(codes: np.ndarray, times: np.ndarray) -> np.datetime64 | None:
   return times[timed_births[0]] if len(timed_births) else None
 
 
+def static_room(max_len: int) -> int:
+  """Static rows a window keeps at most: half its event slots (CLS takes one), so that a
+  subject with many static rows still has room for timed events (without the cap, 36
+  static rows at max_len 32 gave windows of static rows only, one per timed event)."""
+  return (max_len - 1) // 2
+
+
+def kept_static(static_counts: np.ndarray, max_len: int) -> np.ndarray:
+  """Per subject: the static rows each of its windows holds (the first ones, in record order)."""
+  return np.minimum(np.asarray(static_counts, np.int64), static_room(max_len))
+
+
 def cover_windows(static_counts: np.ndarray, event_counts: np.ndarray, max_len: int,
                   overlap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(subject index, first timed event, timed events) per window, subjects in order.
@@ -43,7 +56,7 @@ def cover_windows(static_counts: np.ndarray, event_counts: np.ndarray, max_len: 
     raise ValueError(f"window_overlap {overlap!r}: expected a fraction in [0, 1)")
   static = np.asarray(static_counts, np.int64)
   timed = np.asarray(event_counts, np.int64) - static
-  room = np.maximum(max_len - 1 - static, 1)
+  room = max_len - 1 - kept_static(static, max_len)  # at least half the window
   stride = np.maximum(room - np.floor(overlap * room).astype(np.int64), 1)
   # Windows per subject: 1 if it fits, else ceil((n - r) / stride) + 1 (the last one flush with the end).
   extra = np.where(timed > room, -(-(timed - room) // stride), 0)
@@ -81,8 +94,9 @@ class WindowSource:
   `subjects[w]`'s record cut to its static rows and timed events [start, start + length)."""
 
   def __init__(self, records, static_counts: np.ndarray, subjects: np.ndarray, starts: np.ndarray,
-               lengths: np.ndarray):
+               lengths: np.ndarray, max_len: int):
     self.records, self.static_counts = records, np.asarray(static_counts, np.int64)
+    self.max_len = max_len
     self.subjects, self.starts, self.lengths = subjects, starts, lengths
     self.subject_ids = np.asarray(records.subject_ids)[subjects]
 
@@ -94,7 +108,8 @@ class WindowSource:
     record = self.records[int(self.subjects[w])]
     static = int(self.static_counts[self.subjects[w]])
     first = static + int(self.starts[w])
-    rows = np.concatenate([np.arange(static), np.arange(first, first + int(self.lengths[w]))])
+    kept = min(static, static_room(self.max_len))
+    rows = np.concatenate([np.arange(kept), np.arange(first, first + int(self.lengths[w]))])
     codes, times = record["codes"], record["times"]
     birth = birth_time(codes, times)
     after = slice(first + int(self.lengths[w]), None)

@@ -5,7 +5,9 @@ each with `get_config(arg=None)` returning an
 `ml_collections.ConfigDict`. The command line loads them through absl's
 `config_flags` (`--config=configs/ehr_bert.py:tiny --config.train.num_steps=10`);
 notebooks and tests use `load_config`, which applies the same override syntax. Either
-way the result is locked: setting a field that does not exist raises an error naming it.
+way the result is locked: setting a field that does not exist raises an error naming it,
+and `check_config` (here, the one place) refuses a value out of range, naming the field,
+before any data is read.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import numbers
 import os
 import pathlib
 import subprocess
@@ -50,7 +53,64 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   config.lock()
   for dotted, value in (overrides or {}).items():
     set_field(config, dotted, value)
+  check_config(config)
   return config
+
+
+# ------------------------------------------------------------------ checked fields
+def _integer(low: int):
+  return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+
+def _fraction_up_to_one(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0.0 < v <= 1.0  # NaN fails too
+
+
+# The fields a run reads that its code would otherwise trip over later (a division by zero
+# after the first step, a loop that trains nothing, a square root of a negative): checked
+# in one place, before any data is read. {dotted field: (check, what it must be)}.
+CHECKED_FIELDS = {
+    "data.batch_size": (_integer(1), "a positive integer"),
+    "data.num_workers": (_integer(0), "an integer >= 0"),
+    "train.num_steps": (_integer(1), "a positive integer"),
+    "train.warmup_steps": (_integer(0), "an integer >= 0"),
+    "train.grad_accum_steps": (_integer(1), "a positive integer"),
+    "train.log_every": (_integer(1), "a positive integer"),
+    "train.eval_every": (_integer(0), "an integer >= 0 (0: never evaluate)"),
+    "train.eval_batches": (_integer(0), "an integer >= 0 (0: the whole split)"),
+    "checkpoint.every_steps": (_integer(1), "a positive integer"),
+    "checkpoint.keep": (_integer(1), "a positive integer"),
+}
+# Fields that mean the same in every modality's section (`config.data.<section>.<field>`).
+CHECKED_SECTION_FIELDS = {
+    "max_len": (_integer(2), "an integer >= 2 (a CLS token plus one more)"),
+    "mask_rate": (_fraction_up_to_one, "a fraction in (0, 1]"),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the first field of `CHECKED_FIELDS` (or of
+  `CHECKED_SECTION_FIELDS` in any `config.data` section) whose value is out of range, e.g.
+  `config.data.ehr.max_len must be an integer >= 2 ..., got -8`. Absent fields are not
+  checked: configs differ in their sections."""
+  sections = config.get("data", {})
+  fields = dict(CHECKED_FIELDS)
+  fields.update({f"data.{name}.{field}": rule for name, section in sections.items()
+                 if isinstance(section, (dict, ml_collections.ConfigDict))
+                 for field, rule in CHECKED_SECTION_FIELDS.items() if field in section})
+  for dotted, (ok, expected) in fields.items():
+    found, value = _lookup(config, dotted)
+    if found and not ok(value):
+      raise ValueError(f"config.{dotted} must be {expected}, got {value!r}")
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
+  node = config
+  for name in dotted.split("."):
+    if not isinstance(node, (dict, ml_collections.ConfigDict)) or name not in node:
+      return False, None
+    node = node[name]
+  return True, node
 
 
 def split_config_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -3,9 +3,10 @@
 This file is copied into every export folder as `loader.py`, so a deployer needs neither
 the library nor its training code:
 
-  import sys; sys.path.insert(0, "exports/high_risk")
-  from loader import load_exported
-  model = load_exported("exports/high_risk")
+  import importlib.util   # this one file, by its path: never the export folder on sys.path,
+  spec = importlib.util.spec_from_file_location("biofm_export_loader", "exports/high_risk/loader.py")
+  loader = importlib.util.module_from_spec(spec); spec.loader.exec_module(loader)
+  model = loader.load_exported("exports/high_risk")   # where a shared folder's numpy.py would shadow numpy
   outputs = model(batch)      # {modality: {field: array [B, ...]}} -> numpy [B, ...]
 
 It imports only the standard library, numpy and jax (jax.export deserialises with
@@ -16,9 +17,12 @@ records with the library's reader and tokeniser.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import sys
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -39,14 +43,16 @@ class ExportedModel:
     for name in (MODEL_FILE, PARAMS_FILE, INFO_FILE):
       if not (self.directory / name).exists():
         raise FileNotFoundError(f"{self.directory}: not an exported model (no {name})")
-    self.info = json.loads((self.directory / INFO_FILE).read_text())
-    if self.info.get("format_version") not in READABLE_VERSIONS:
-      raise ValueError(f"{self.directory}: export format {self.info.get('format_version')}, this loader "
-                       f"reads {READABLE_VERSIONS}")
-    self.exported = jax.export.deserialize(bytearray((self.directory / MODEL_FILE).read_bytes()))
-    with np.load(self.directory / PARAMS_FILE) as arrays:
-      self.params = [jnp.asarray(arrays[f"arr_{i}"]) for i in range(len(arrays.files))]
+    self.info = _read(self.directory / INFO_FILE, "the export's description (JSON)",
+                      lambda path: json.loads(path.read_text()))
+    if not isinstance(self.info, dict) or self.info.get("format_version") not in READABLE_VERSIONS:
+      version = self.info.get("format_version") if isinstance(self.info, dict) else None
+      raise ValueError(f"{self.directory}: export format {version}, this loader reads {READABLE_VERSIONS}")
     self.inputs = self.info["inputs"]
+    self.exported = _read(self.directory / MODEL_FILE, "the serialised model", _deserialize)
+    arrays = _read(self.directory / PARAMS_FILE, "the parameters (npz)", _load_arrays)
+    _check_params(self.directory / PARAMS_FILE, arrays, _param_avals(self.exported, self.inputs))
+    self.params = [jnp.asarray(a) for a in arrays]
 
   def check(self, batch: Mapping[str, Mapping[str, Any]]) -> dict:
     """The batch as the exported function takes it; errors name the modality and field."""
@@ -67,6 +73,64 @@ class ExportedModel:
 
   def __call__(self, batch: Mapping[str, Mapping[str, Any]]) -> np.ndarray:
     return np.asarray(self.exported.call(self.params, self.check(batch)))
+
+
+def _read(path: pathlib.Path, what: str, read) -> Any:
+  """`read(path)`, or one ValueError naming the file when its bytes are damaged or cut short."""
+  try:
+    return read(path)
+  except Exception as e:  # zipfile, struct, flatbuffers and the StableHLO parser raise many types
+    kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ValueError(f"{path}: cannot read {what}: the file is damaged or truncated "
+                     f"({kind}{': ' + reason if reason else ''}); export the model again") from e
+
+
+def _deserialize(path: pathlib.Path):
+  """The exported function, its StableHLO parsed now, so damage shows here and not at the
+  first call. The parser's own complaints on fd 2 are dropped on failure (the error says
+  it), so a damaged file ends in one line."""
+  exported = jax.export.deserialize(bytearray(path.read_bytes()))
+  with _native_stderr_held():
+    exported.mlir_module()
+  return exported
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+  """Holds what native code writes to file descriptor 2 inside the block; writes it out
+  afterwards unless the block raised."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    held.seek(0)
+    sys.stderr.write(held.read().decode(errors="replace"))  # reached only when the block succeeded
+
+
+def _load_arrays(path: pathlib.Path) -> list[np.ndarray]:
+  with np.load(path, allow_pickle=False) as arrays:
+    return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def _param_avals(exported, inputs: Mapping[str, Mapping[str, Any]]) -> list:
+  """The parameters the exported function takes: its inputs before the batch's fields."""
+  batch_fields = sum(len(fields) for fields in inputs.values())
+  return list(exported.in_avals[:len(exported.in_avals) - batch_fields])
+
+
+def _check_params(path: pathlib.Path, arrays: list[np.ndarray], expected: list) -> None:
+  if len(arrays) != len(expected):
+    raise ValueError(f"{path}: holds {len(arrays)} arrays, the exported model takes {len(expected)} parameters")
+  for i, (array, aval) in enumerate(zip(arrays, expected)):
+    if tuple(array.shape) != tuple(aval.shape) or array.dtype != aval.dtype:
+      raise ValueError(f"{path}: arr_{i} is {array.dtype.name}{list(array.shape)}, the exported model takes "
+                       f"{np.dtype(aval.dtype).name}{list(aval.shape)}")
 
 
 def load_exported(directory: str | os.PathLike) -> ExportedModel:

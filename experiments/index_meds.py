@@ -41,12 +41,31 @@ flags.DEFINE_multi_string("beam_option", [], "An Apache Beam pipeline option, e.
 flags.mark_flags_as_required(["meds", "out"])
 
 
+def out_folder_problem(out: pathlib.Path) -> str | None:
+  """Why `out` cannot receive an event store, or None: the finished store is renamed onto it
+  (`data/sources/atomic.py`), which only works onto nothing or an empty folder, so this is
+  checked before any file is indexed."""
+  if not out.exists() and not out.is_symlink():
+    return None
+  if not out.is_dir() or out.is_symlink():
+    return f"--out={out}: exists and is {'a link' if out.is_symlink() else 'not a folder'}; name a new or empty folder"
+  from biofm_jax.modalities.ehr.event_store import SOURCE_FILE
+  if (out / SOURCE_FILE).exists():
+    return f"--out={out}: an event store is there already; choose a new folder"
+  if any(out.iterdir()):
+    return f"--out={out}: the folder is not empty; name a new or empty folder for the event store"
+  return None
+
+
 def main(argv, overrides):
   del argv
   if overrides:
     cli.fail(f"index_meds takes no config overrides; got {list(overrides)}")
   if FLAGS.workers < 1:
     cli.fail(f"--workers={FLAGS.workers}: expected at least 1")
+  problem = out_folder_problem(pathlib.Path(FLAGS.out))
+  if problem:
+    cli.fail(problem)
   from biofm_jax.modalities.ehr import event_indexing, event_store
   start = time.perf_counter()
   try:

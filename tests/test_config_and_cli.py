@@ -91,3 +91,71 @@ def test_packaged_configs_load_from_any_directory(tmp_path, monkeypatch):
   assert ecg_mae.get_config("tiny").data.ecg.length == 250
   with pytest.raises(FileNotFoundError, match="configs/nope.py"):
     load_config("configs/nope.py")
+
+
+# ---------------------------------------------------------------- values out of range
+@pytest.mark.parametrize("spec, field, value, message", [
+    ("configs/ehr_bert.py:tiny", "data.ehr.max_len", "-8",
+     "config.data.ehr.max_len must be an integer >= 2 (a CLS token plus one more), got -8"),
+    ("configs/ehr_bert.py:tiny", "data.ehr.mask_rate", "1.5", "config.data.ehr.mask_rate must be a fraction in (0, 1], got 1.5"),
+    ("configs/omics_sequence.py:tiny", "data.sequence.mask_rate", "0.0",
+     "config.data.sequence.mask_rate must be a fraction in (0, 1], got 0.0"),
+    ("configs/ehr_bert.py:tiny", "train.num_steps", "-5", "config.train.num_steps must be a positive integer, got -5"),
+    ("configs/ehr_bert.py:tiny", "checkpoint.every_steps", "0",
+     "config.checkpoint.every_steps must be a positive integer, got 0"),
+    ("configs/ehr_bert.py:tiny", "train.log_every", "0", "config.train.log_every must be a positive integer, got 0"),
+    ("configs/imaging_mae.py:tiny", "data.batch_size", "0", "config.data.batch_size must be a positive integer, got 0"),
+])
+def test_a_value_out_of_range_is_refused_on_loading_naming_the_field(spec, field, value, message):
+  with pytest.raises(ValueError) as error:
+    load_config(str(helpers.REPO / spec), {field: value})
+  assert str(error.value) == message
+
+
+def test_a_config_changed_in_code_is_checked_before_the_run_reads_or_writes_anything(tmp_path):
+  from biofm_jax.train.loop import train_and_evaluate
+  config = load_config(str(helpers.REPO / "configs/ehr_bert.py:tiny"))
+  config.checkpoint.every_steps = 0  # a locked config still takes new values of its fields
+  opened = []
+  with pytest.raises(ValueError, match=r"^config\.checkpoint\.every_steps must be a positive integer, got 0$"):
+    train_and_evaluate(config, tmp_path / "run", open_data=lambda artifacts: opened.append(artifacts))
+  assert opened == [] and not (tmp_path / "run").exists()
+
+
+def test_the_shipped_presets_pass_the_checks():
+  from biofm_jax.config import check_config
+  for spec in ("ehr_bert.py:tiny", "ehr_motor.py:base", "omics_expression.py:tiny", "omics_sequence.py:1b",
+               "tabular_features.py:tiny", "multimodal_fusion.py:tiny", "ecg_mae.py:base", "finetune.py:binary"):
+    check_config(load_config(str(helpers.REPO / "configs" / spec)))  # raises on any field out of range
+
+
+def test_a_value_out_of_range_on_the_command_line_is_one_line_before_any_data_is_read(tmp_path):
+  code, output = run_cli(tmp_path, "--config.checkpoint.every_steps=0",
+                         f"--config.data.ehr.path={tmp_path / 'no_such_dataset'}")
+  assert code == 2 and "Traceback" not in output, output
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert errors == ["error: in --config: config.checkpoint.every_steps must be a positive integer, got 0"], output
+  assert not (tmp_path / "run").exists()  # the dataset was never looked for, nothing was written
+
+
+def test_masked_prediction_slots_name_their_arguments_out_of_range():
+  from biofm_jax.objectives.masked import prediction_slots
+  assert prediction_slots(128, 0.15) == 48
+  for max_len, mask_rate in ((-8, 0.15), (128, 1.5), (128, float("nan"))):
+    with pytest.raises(ValueError, match="prediction_slots: max_len must be a positive integer and mask_rate"):
+      prediction_slots(max_len, mask_rate)
+
+
+# ---------------------------------------------------------------- index_meds: the output folder first
+def test_index_meds_refuses_a_non_empty_output_folder_before_indexing(tmp_path):
+  import sys
+  out = tmp_path / "events"
+  out.mkdir()
+  (out / "notes.txt").write_text("kept")
+  command = [sys.executable, str(helpers.REPO / "experiments" / "index_meds.py"),
+             f"--meds={tmp_path / 'no_such_meds'}", f"--out={out}"]  # the MEDS folder is never looked at
+  result = subprocess.run(command, capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      f"error: --out={out}: the folder is not empty; name a new or empty folder for the event store"]
+  assert [p.name for p in tmp_path.iterdir()] == ["events"] and (out / "notes.txt").read_text() == "kept"

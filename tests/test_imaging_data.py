@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -465,3 +466,18 @@ def test_device_augmentation_stream_holds_canvases_and_seeds_by_position(hand_bu
   for i in range(4):
     batch.check_example({k: np.asarray(v[i]) for k, v in whole.items()}, spec, "canvas batch")
   assert hand_built_data.train_example_spec() == hand_built_data.example_spec()
+
+
+def test_from_config_names_the_files_skipped_at_indexing_beside_the_run(tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  volume = np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32)
+  for name, array in (("a", volume), ("b", volume + 1), ("flat", volume[:, :, 0])):
+    nib.save(nib.Nifti1Image(array, np.eye(4)), images / f"{name}.nii.gz")
+  cfg = imaging_cfg(path=str(images), spatial_dims=3, image_size=(8, 8, 8), patch_size=(4, 4, 4),
+                    flip_axes=(0,), on_error="skip")
+  data = imaging.ImagingData.from_config(cfg, objective="mae", artifacts_dir=tmp_path / "run" / "artifacts")
+  assert data.summary()["imaging_skipped_rank"] == 1 and data.summary()["imaging_items"] == 2
+  lines = (tmp_path / "run" / "skipped_at_indexing.csv").read_text().splitlines()
+  assert lines[0] == "path,reason,message" and len(lines) == 2
+  assert lines[1].startswith(f"{images / 'flat.nii.gz'},rank,")

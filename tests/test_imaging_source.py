@@ -414,7 +414,7 @@ def test_truncated_nifti_and_corrupt_png(tmp_path):
   data = pathlib.Path(NIBABEL_DATA, "anatomical.nii").read_bytes()
   (tmp_path / "half.nii").write_bytes(data[:len(data) // 2])
   (tmp_path / "noise.png").write_bytes(np.random.default_rng(0).bytes(500))
-  np.save(tmp_path / "fine.npy", np.zeros((1, 4, 4), np.float32))
+  np.save(tmp_path / "fine.npy", np.zeros((2, 4, 4), np.float32))
   with pytest.raises(ValueError, match="half.nii: truncated NIfTI file"):
     ImagingDataset(tmp_path, spatial_dims=3)
   dataset = ImagingDataset(tmp_path, spatial_dims=3, on_error="skip")
@@ -542,3 +542,83 @@ def test_synthetic_cli(tmp_path):
   assert ImagingDataset(tmp_path / "cli", spatial_dims=2).stats["items"] == 6
   with pytest.raises(ValueError, match="not an empty directory"):
     synthetic_imaging.write_synthetic_images(tmp_path / "cli", spatial_dims=2)
+
+
+# ---------------------------------------------------------------- 2D files in a 3D dataset, skips named
+def test_a_2d_nifti_or_single_slice_volume_in_a_3d_manifest_is_a_rank_error_not_repeated_slices(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  nib.save(nib.Nifti1Image(rng.normal(size=(8, 6)).astype(np.float32), np.eye(4)), tmp_path / "flat.nii.gz")
+  nib.save(nib.Nifti1Image(rng.normal(size=(8, 6, 1)).astype(np.float32), np.eye(4)), tmp_path / "one.nii.gz")
+  nib.save(nib.Nifti1Image(rng.normal(size=(8, 6, 5)).astype(np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+  rows = [["flat", "flat.nii.gz"], ["one", "one.nii.gz"], ["vol", "vol.nii.gz"]]
+  manifest = _write_manifest(tmp_path / "manifest.csv", ["subject_id", "path"], rows)
+  with pytest.raises(ValueError, match=r"flat.nii.gz: is a single-slice volume of shape \(1, 6, 8\)"):
+    ImagingDataset(manifest, spatial_dims=3)
+  listing = tmp_path / "run" / "skipped_at_indexing.csv"
+  with caplog.at_level(logging.WARNING):
+    dataset = ImagingDataset(manifest, spatial_dims=3, on_error="skip", index_skip_file=str(listing))
+  assert dataset.stats["skipped_rank"] == 2 and dataset.stats["skipped"] == 2 and dataset.stats["items"] == 1
+  assert list(_records(dataset)) == ["vol"]
+  # The skipped files are named: the first few in one warning, every one in the CSV.
+  warning = next(r.getMessage() for r in caplog.records if "at indexing" in r.getMessage())
+  assert "skipped 2 item(s) at indexing (rank=2)" in warning
+  assert "flat.nii.gz" in warning and "one.nii.gz" in warning and str(listing) in warning
+  with open(listing, newline="") as f:
+    listed = list(csv.DictReader(f))
+  assert [(pathlib.Path(r["path"]).name, r["reason"]) for r in listed] == [("flat.nii.gz", "rank"),
+                                                                           ("one.nii.gz", "rank")]
+  assert "spatial_dims=3 needs at least 2 slices" in listed[0]["message"]
+  # The same files still read as 2D images in a 2D dataset.
+  assert _records(ImagingDataset(tmp_path / "manifest.csv", spatial_dims=2, on_error="skip"))["flat"][
+      "image"].shape == (6, 8, 1)
+
+
+def test_unsupported_and_channel_skips_and_ignored_scan_files_are_listed_and_a_stale_list_emptied(tmp_path):
+  root = tmp_path / "images"
+  root.mkdir()
+  Image.fromarray(np.zeros((4, 5), np.uint8)).save(root / "gray.png")
+  Image.fromarray(np.zeros((4, 5), np.uint8)).save(root / "gray2.png")
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(root / "rgb.png")
+  (root / "notes.txt").write_text("not an image")
+  (root / "scan.nrrd").write_bytes(b"NRRD0004\n")
+  rows = [["a", "gray.png"], ["b", "gray2.png"], ["c", "rgb.png"], ["d", "scan.nrrd"]]
+  manifest = _write_manifest(root / "manifest.csv", ["subject_id", "path"], rows)
+  listing = tmp_path / "run" / "skipped_at_indexing.csv"
+  dataset = ImagingDataset(manifest, spatial_dims=2, on_error="skip", index_skip_file=str(listing))
+  assert dataset.stats["skipped_unsupported"] == 1 and dataset.stats["skipped_channels"] == 1
+  with open(listing, newline="") as f:
+    assert sorted((pathlib.Path(r["path"]).name, r["reason"]) for r in csv.DictReader(f)) == [
+        ("rgb.png", "channels"), ("scan.nrrd", "unsupported")]
+  # A folder scan names the files of no image format that it ignored.
+  (root / "manifest.csv").rename(root / "manifest.txt")
+  (root / "rgb.png").unlink()
+  (root / "scan.nrrd").unlink()
+  dataset = ImagingDataset(root, spatial_dims=2, on_error="skip", index_skip_file=str(listing))
+  assert dataset.stats["ignored_files"] == 2 and dataset.stats["skipped"] == 0
+  with open(listing, newline="") as f:
+    assert sorted((pathlib.Path(r["path"]).name, r["reason"]) for r in csv.DictReader(f)) == [
+        ("manifest.txt", "ignored"), ("notes.txt", "ignored")]
+  (root / "notes.txt").unlink()
+  (root / "manifest.txt").unlink()
+  ImagingDataset(root, spatial_dims=2, on_error="skip", index_skip_file=str(listing))
+  assert listing.read_text().splitlines() == ["path,reason,message"]  # nothing skipped now: no stale names
+
+
+def test_an_undecodable_pixel_stream_is_one_log_line_with_every_decoders_reason(tmp_path, caplog):
+  """pydicom logs each decoder plugin's failure with its traceback before raising; the skip
+  line alone is logged, and it (and skipped.csv) keep every plugin's reason."""
+  shutil.copy(get_testdata_file("JPEG-lossy.dcm", download=False), tmp_path / "lossy.dcm")  # see above
+  shutil.copy(CT_SMALL, tmp_path / "fine.dcm")
+  manifest = _write_manifest(tmp_path / "m.csv", ["subject_id", "path", "split"],
+                             [["lossy", "lossy.dcm", "train"], ["fine", "fine.dcm", "train"]])
+  skip_file = tmp_path / "skipped.csv"
+  source = ImagingDataset(manifest, spatial_dims=2, on_error="skip", skip_file=str(skip_file)).source("train")
+  with caplog.at_level(logging.DEBUG):
+    assert source[0]["subject_id"] == "fine"
+  assert not [r for r in caplog.records if r.exc_info or r.name.startswith("pydicom")], caplog.text
+  (skip_line,) = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+  (row,) = csv.DictReader(open(skip_file))
+  for reason in (skip_line, row["reason"]):
+    assert "\n" not in reason and "no installed decoder could decode the pixel data: " in reason
+    # Each installed plugin's own reason (pylibjpeg's libjpeg and Pillow refuse this stream).
+    assert "pylibjpeg: libjpeg error" in reason and "pillow: Pillow does not support" in reason, reason

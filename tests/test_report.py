@@ -143,3 +143,21 @@ def test_split_named_like_a_top_level_key_is_rejected(tmp_path):
   report = {"task": {"name": "t", "type": "regression"}, "splits": {"summary": {"metrics": {"r2": 0.1}}}}
   with pytest.raises(ValueError, match="collides"):
     R.write_report(tmp_path, report)
+
+
+def test_a_split_without_its_metric_gets_a_summary_line_saying_why_and_a_note_in_the_report(tmp_path):
+  why = "one class (class 0: 30 rows, class 1: 0 rows)"
+  report = {"task": {"name": "t", "type": "binary"},
+            "splits": {"tuning": {"metrics": {"auroc": 0.8, "n": 40}},
+                       "held_out": {"metrics": {"auroc": float("nan"), "n": 30}, "undefined": {"auroc": why}}},
+            "baselines": {"lr": {"tuning": {"metrics": {"auroc": 0.7}}, "held_out": {"metrics": {"auroc": None}}}}}
+  assert R.summary_lines(report) == [
+      "tuning auroc 0.800 vs best baseline lr 0.700: +0.100 (no intervals to compare)",
+      f"held_out auroc n/a ({why}): the models are not compared on held_out"]
+  del report["splits"]["held_out"]["undefined"]  # a hand-written report: still never silently left out
+  assert R.summary_lines(report)[1] == ("held_out auroc n/a (not defined on this split's labels): the models are "
+                                        "not compared on held_out")
+  report["splits"]["held_out"]["undefined"] = {"auroc": why}
+  R.write_report(tmp_path, report)
+  assert f"- auroc is n/a on held_out: {why}" in (tmp_path / "report.md").read_text()
+  assert json.loads((tmp_path / "report.json").read_text())["splits"]["held_out"]["undefined"] == {"auroc": why}

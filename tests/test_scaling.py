@@ -9,6 +9,8 @@ import pytest
 
 import helpers
 from biofm_jax.hardware import topology
+from biofm_jax.modalities import registry
+from biofm_jax.train import aot
 from biofm_jax.train.aot import size_training
 
 
@@ -92,7 +94,6 @@ def test_sizing_for_an_accelerator_compiles_the_scanned_layers_a_run_there_would
 
 
 def _while_loops(config, platform) -> int:
-  from biofm_jax.train import aot
   from biofm_jax.train.build import build_training
   resolved = aot._for_platform(config, platform)
   data = aot.abstract_data(resolved, 20_000)
@@ -108,3 +109,56 @@ def test_sizing_a_run_with_image_augmentation_in_the_step_compiles_it_from_canva
                   for extra in ({}, {"data__imaging__augment": "device", "data__imaging__canvas_size": (48, 48)}))
   assert device.num_params == host.num_params and device.model_flops_per_step == host.model_flops_per_step
   assert device.compiler_flops_per_step > host.compiler_flops_per_step
+
+
+# ---------------------------------------------------------------- every registry row
+def _row_objectives(with_sizing: bool) -> list[tuple[str, str]]:
+  return [(name, objective) for name, row in registry.MODALITIES.items() if (row.sizing is not None) == with_sizing
+          for objective in row.objectives]
+
+
+@pytest.fixture(scope="module")
+def tiny_pretraining_configs() -> dict:
+  """{(modality, objective name): the tiny preset of a single-modality config in configs/}.
+  finetune.py adapts a pre-trained model and the fusion config joins modalities: neither is
+  one row's pre-training."""
+  found = {}
+  for path in sorted((helpers.REPO / "configs").glob("*.py")):
+    if path.name in ("__init__.py", "finetune.py"):
+      continue
+    config = helpers.config_for(f"configs/{path.name}:tiny")
+    present = registry.configured(config.data)
+    if len(present) == 1 and "multimodal" not in config.data:
+      found.setdefault((present[0], config.objective.name), config)
+  return found
+
+
+@pytest.mark.parametrize("modality, objective", _row_objectives(with_sizing=True))
+def test_every_registry_row_with_sizing_sizes_and_compiles_each_of_its_objectives(modality, objective,
+                                                                                 tiny_pretraining_configs):
+  config = tiny_pretraining_configs.get((modality, objective))
+  assert config is not None, f"no tiny config in configs/ pre-trains {modality} with {objective}: add one"
+  stand_in = aot.abstract_data(config, 64)
+  assert set(stand_in.model_info()) == {modality} and set(stand_in.example_spec()) == {modality}
+  sizing = size_training(config, vocab_size=64)
+  assert sizing.num_params > 0 and sizing.model_flops_per_step > 0
+  # The compiled step holds at least the state it is handed (parameters and optimiser state).
+  assert sizing.compiled_bytes_per_device >= sizing.param_bytes_per_device + sizing.optimizer_bytes_per_device > 0
+
+
+@pytest.mark.parametrize("modality, objective", _row_objectives(with_sizing=False))
+def test_registry_rows_without_sizing_are_refused_saying_their_data_decides_the_shapes(modality, objective,
+                                                                                     tiny_pretraining_configs):
+  config = tiny_pretraining_configs.get((modality, objective))
+  assert config is not None, f"no tiny config in configs/ pre-trains {modality} with {objective}: add one"
+  with pytest.raises(ValueError, match=rf"^config\.data\.{modality} cannot be sized ahead of time: its data "
+                                       r"decides its shapes \(the registry row has sizing=None\)"):
+    size_training(config, compile=False)
+
+
+def test_compile_command_sizes_an_ecg_config():
+  run = subprocess.run([sys.executable, "experiments/compile.py", "--devices=2", "--nocompile",
+                        "--config=configs/ecg_mae.py:tiny"], cwd=helpers.REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout and "fits:" in run.stdout, run.stdout

@@ -9,6 +9,8 @@ Run:
 `path` is a CSV or parquet file (or a folder of parquet files) with an id column, one
 column per feature and optionally a `split` column; label columns are kept out of the
 features (they are for probes). Empty: a synthetic radiomics-like table is generated.
+A European CSV (";" between fields, "3,5" for numbers) reads with
+  --config.data.tabular.delimiter=";" --config.data.tabular.decimal=","
 """
 from biofm_jax.config import apply_model_size, base_config
 
@@ -23,6 +25,7 @@ def get_config(arg=None):
       id_column="subject_id",
       label_columns=(),  # kept out of the features, used by probes; () = those a generated table declares
       delimiter="",  # CSV delimiter; "" detects , ; tab or |
+      decimal=".",  # decimal mark of numbers in a CSV: "." or "," (a European CSV: decimal=",", delimiter=";")
       categorical_columns=(),  # () = auto: boolean and mostly-text columns are categorical
       exclude_columns=(),
       min_category_count=3,  # rarer categories in the training split become "unseen" (id 0)

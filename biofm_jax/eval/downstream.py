@@ -11,6 +11,11 @@
 and writes the report (`report.py`): metrics per split, bootstrap intervals, subgroups,
 curves, and summary lines that say whether and by how much pre-training helps; and every
 model's per-row predictions in meds-evaluation's schema (`predictions.py`).
+
+A split whose labels leave the primary metric undefined (a held-out split with one class:
+no AUROC) is warned about before any model is scored, naming the split, the task and the
+class counts; the report records why (`splits.<split>.undefined`) and its summary says the
+models are not compared on that split rather than leaving it out.
 """
 from __future__ import annotations
 
@@ -154,6 +159,41 @@ def _check_subgroups(options: EvaluationOptions, covariates: dict) -> None:
                      f"{sorted(covariates)}")
 
 
+def undefined_primary_metric(task_type: str, targets: dict, classes: Sequence[str] = ()) -> str | None:
+  """Why a split's labels leave the task's primary metric undefined (None when they do not):
+  the class counts of a one-class split, no event, or one target value."""
+  if task_type == "survival":
+    event = np.asarray(targets["event"], bool)
+    return None if event.any() else f"no event among its {len(event)} rows (C-index needs one)"
+  label = np.asarray(targets["label"])
+  if task_type == "regression":
+    return None if len(label) and np.ptp(label) > 0 else f"one target value in all its {len(label)} rows"
+  if task_type == "multilabel":
+    positives = label.reshape(len(label), -1).sum(axis=0).astype(int)
+    if ((positives > 0) & (positives < len(label))).any():
+      return None
+    names = list(classes) or [str(j) for j in range(len(positives))]
+    return ("no label with both outcomes (positives: "
+            + ", ".join(f"{n} {p} of {len(label)}" for n, p in zip(names, positives)) + ")")
+  names = list(classes) if task_type == "multiclass" and classes else ["0", "1"]
+  counts = np.bincount(label.astype(np.int64).reshape(-1), minlength=len(names))
+  if np.count_nonzero(counts) >= 2:
+    return None
+  return "one class (" + ", ".join(f"class {n}: {int(c)} rows" for n, c in zip(names, counts)) + ")"
+
+
+def warn_undefined_metrics(task_name: str, info, targets: dict) -> dict[str, str]:
+  """{split: why} for the splits whose primary metric is undefined, each warned about once."""
+  metric = metrics.primary_metric(info.type)
+  undefined = {s: why for s, t in targets.items()
+               if (why := undefined_primary_metric(info.type, t, getattr(info, "classes", ()))) is not None}
+  for split, why in undefined.items():
+    others = [s for s in targets if s not in undefined]
+    log.warning("evaluation of task %r: the %s split has %s, so its %s is undefined; the summary compares the "
+                "models on %s only", task_name, split, why, metric, " and ".join(others) or "no split")
+  return undefined
+
+
 def task_description(config: ml_collections.ConfigDict, data) -> dict:
   """The report's task section: name, type, labels, rows per split and the rows dropped."""
   train = data.split_labels("train")
@@ -175,6 +215,7 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   targets = {s: labels[s].metric_targets() for s in splits}
   covariates = {s: data.covariates(s, dict(options.subgroup_codes)) for s in splits}
   _check_subgroups(options, covariates[splits[-1]])
+  undefined = warn_undefined_metrics(config.task.name, info, targets)  # before the models are scored
   train_y = classical_targets(labels["train"], info)
 
   log.info("evaluation: embedding %s with the pre-trained backbone", ", ".join(("train",) + splits))
@@ -214,18 +255,22 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   model = {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]}
   row_ids = {s: predictions_lib.label_row_ids(labels[s]) for s in splits}
   return write_evaluation(out_dir, task_description(config, data), model, info, scores, descriptions, targets,
-                          covariates, train_y, few_shot, options, row_ids=row_ids)
+                          covariates, train_y, few_shot, options, row_ids=row_ids, undefined=undefined)
 
 
 def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, dict[str, np.ndarray]],
                      descriptions: dict, targets: dict, covariates: dict, train_y, few_shot_features: dict,
-                     options: EvaluationOptions, *, row_ids: dict[str, tuple]) -> dict[str, Any]:
+                     options: EvaluationOptions, *, row_ids: dict[str, tuple],
+                     undefined: dict[str, str] | None = None) -> dict[str, Any]:
   """The report of `scores` ({method: {split: predictions}}, `model["name"]` the main one),
   written into `out_dir`: metrics per split, intervals and subgroups on held_out, the other
   methods as baselines, the few-shot sweep of `few_shot_features`, curves and summary; and
   every method's predictions of every split (`row_ids`: {split: {id column: values}}) under
-  `out_dir/predictions/`."""
+  `out_dir/predictions/`. `undefined`: {split: why its primary metric is undefined}, as
+  `warn_undefined_metrics` found and warned about (None: found and warned about here)."""
   main_method, splits = model["name"], tuple(options.splits)
+  if undefined is None:
+    undefined = warn_undefined_metrics(task["name"], info, {s: targets[s] for s in splits})
   predictions_lib.write_predictions(out_dir, {
       name: {s: predictions_lib.prediction_table(info.type, row_ids[s], targets[s], by_split[s], info.classes)
              for s in splits} for name, by_split in scores.items()}, overwrite=options.overwrite)
@@ -238,6 +283,8 @@ def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, d
                            "description": descriptions[name]}
                     for name, by_split in scores.items() if name != main_method},
   }
+  for s, why in undefined.items():  # the report says why a metric is absent, not just "n/a"
+    report["splits"][s]["undefined"] = {metrics.primary_metric(info.type): why}
   for s in splits:  # zero-shot also sits beside the main model's metrics, where readers look first
     if ZERO_SHOT in report["baselines"]:
       report["splits"][s][ZERO_SHOT] = report["baselines"][ZERO_SHOT][s]["metrics"]
@@ -283,10 +330,13 @@ def pretraining_lines(report: dict, main_method: str) -> list[str]:
     return []
   metric = metrics.primary_metric(report["task"]["type"])
   ours, theirs = held_out["metrics"].get(metric), scratch["metrics"].get(metric)
+  if ours is None or theirs is None or np.isnan(ours) or np.isnan(theirs):
+    why = held_out.get("undefined", {}).get(metric, "not defined on these labels")
+    return [f"pre-training vs the same architecture from scratch: not compared, held_out {metric} is n/a ({why})"]
   lines = [f"pre-training vs the same architecture from scratch (same labels): {main_method} held_out {metric} "
            f"{ours:.3f} vs {theirs:.3f} ({ours - theirs:+.3f})"]
   probe = report["baselines"].get(PROBE, {}).get("held_out")
-  if probe:
+  if probe and probe["metrics"].get(metric) is not None:
     value = probe["metrics"].get(metric)
     lines.append(f"linear probe on the pre-trained embeddings: held_out {metric} {value:.3f} "
                  f"({value - theirs:+.3f} vs from scratch)")

@@ -8,7 +8,8 @@ This module owns how a finished evaluation is written down; it computes no metri
    "splits": {"held_out": {"n": int, "metrics": {metric: value},
                            "intervals": {metric: [lo, hi]},           # optional
                            "subgroups": {column: {value: {"n": ..., metric: ...}}},  # optional
-                           "subgroups_not_formed": {column: why}},  # optional
+                           "subgroups_not_formed": {column: why},  # optional
+                           "undefined": {metric: why}},  # optional: why a metric is absent (one class)
               "tuning": {...same shape...}, ...},
    "baselines": {method_name: {"held_out": {"metrics": {...}, "intervals": {...}}, ...}},  # optional
    "few_shot": {"metric": "auroc", "k": [1, 2, 4, ...],                   # optional
@@ -72,7 +73,9 @@ def write_report(out_dir, report: Mapping, *, curves_by_method: Mapping[str, dic
 def summary_lines(report: Mapping) -> list[str]:
   """One plain comparison per split of the model's primary metric against the best baseline.
 
-  Interval overlap is stated as such; it is a rough guide, not a significance test.
+  Interval overlap is stated as such; it is a rough guide, not a significance test. A split
+  whose metric is absent gets a line saying so and why, so that a reader never takes another
+  split's comparison for it.
   """
   report = to_json_safe(report)
   metric = primary_metric(report["task"]["type"])
@@ -80,6 +83,8 @@ def summary_lines(report: Mapping) -> list[str]:
   for split, body in report.get("splits", {}).items():
     value = body.get("metrics", {}).get(metric)
     if value is None:
+      why = (body.get("undefined") or {}).get(metric) or "not defined on this split's labels"
+      lines.append(f"{split} {metric} n/a ({why}): the models are not compared on {split}")
       continue
     interval = body.get("intervals", {}).get(metric)
     line = f"{split} {metric} {_fmt_with_interval(value, interval)}"
@@ -161,9 +166,11 @@ def _report_blocks(report, plots):
   blocks = [("heading", 1, _title(report)),
             ("heading", 2, "Task"), ("bullets", _describe(report["task"])),
             ("heading", 2, "Model"), ("bullets", _describe(report.get("model", {})))]
-  for split in report.get("splits", {}):
+  for split, body in report.get("splits", {}).items():
     blocks.append(("heading", 2, f"Metrics: {split} (value [{level:.0%} interval])"))
     blocks.append(_metrics_table(report, split))
+    if body.get("undefined"):
+      blocks.append(("bullets", [f"{metric} is n/a on {split}: {why}" for metric, why in body["undefined"].items()]))
   for split, body in report.get("splits", {}).items():
     for column, by_value in (body.get("subgroups") or {}).items():
       blocks.append(("heading", 3, f"Subgroups of {split} by {column}"))

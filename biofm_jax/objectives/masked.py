@@ -31,6 +31,9 @@ def prediction_slots(max_len: int, mask_rate: float) -> int:
   """P: positions per row at which the heads run under masked modelling (a multiple of 8, at
   most `max_len`): the expected masked count plus six standard deviations plus two (the
   masking transform's at-least-one rule)."""
+  if not (max_len >= 1 and 0.0 < mask_rate <= 1.0):  # NaN fails too
+    raise ValueError(f"prediction_slots: max_len must be a positive integer and mask_rate a fraction in (0, 1]; "
+                     f"got max_len={max_len!r}, mask_rate={mask_rate!r}")
   mean, spread = mask_rate * max_len, math.sqrt(max_len * mask_rate * (1.0 - mask_rate))
   return min(max_len, 8 * math.ceil((math.ceil(mean + 6.0 * spread) + 2) / 8))
 

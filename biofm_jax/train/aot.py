@@ -1,9 +1,8 @@
 """Ahead-of-time sizing: what a configuration costs on a mesh, before anyone pays for it.
 
 `size_training` builds the training setup from a config alone (no data: `abstract_data`
-stands in for an EHR, imaging or sequence data module with the config's shapes and a
-stated vocabulary size), and
-reports per device:
+stands in for the data module, from the modality's registry `sizing`, with the config's
+shapes and a stated vocabulary size), and reports per device:
   * the parameter and optimiser-state bytes from the state's shardings (exact, no compile),
     so the 1/N shrinking of FSDP shows directly;
   * with `compile=True`, the compiled train step's memory (argument + output - aliased +
@@ -35,16 +34,20 @@ def abstract_data(config: ml_collections.ConfigDict, vocab_size: int):
 
   Each modality's registry row says how (`sizing`): EHR configs take their vocabulary size
   from `vocab_size` (the data decides it in a real run; a sequence tokenizer's is fixed by
-  the config); imaging configs need nothing more than their settings, and bring their
-  device augmentation (`augment="device"`: the step is sized from canvas batches, with the
-  augmentation in it). Expression and tabular inputs are sized by the data itself (gene
-  panel, columns), so they have none."""
+  the config); imaging and ECG configs need nothing more than their settings (imaging brings
+  its device augmentation, `augment="device"`: the step is sized from canvas batches, with
+  the augmentation in it). Expression and tabular inputs are sized by the data itself (gene
+  panel, columns), so they have none, and are refused with that reason."""
   sizable = [name for name, m in registry.MODALITIES.items() if m.sizing is not None]
   present = registry.configured(config.data)
-  if len(present) != 1 or "multimodal" in config.data or registry.get(present[0]).sizing is None:
+  if len(present) != 1 or "multimodal" in config.data:
     raise ValueError(f"ahead-of-time sizing is built for single-modality configs of {sizable} "
                      f"(config.data.<modality>); this config has {sorted(config.data.keys())}")
-  return registry.get(present[0]).sizing(config.data[present[0]], config.objective.name, vocab_size)
+  name, = present
+  if registry.get(name).sizing is None:
+    raise ValueError(f"config.data.{name} cannot be sized ahead of time: its data decides its shapes (the "
+                     f"registry row has sizing=None); modalities that can be sized: {sizable}")
+  return registry.get(name).sizing(config.data[name], config.objective.name, vocab_size)
 
 
 class DoesNotFit(Exception):

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from biofm_jax import parallel
-from biofm_jax.config import config_to_dict, write_run_info
+from biofm_jax.config import check_config, config_to_dict, write_run_info
 from biofm_jax.data import batch as batch_lib
 from biofm_jax.data import pipeline
 from biofm_jax.data.prepared import open_prepared
@@ -243,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   pre-train (`open_data_module`, the registry's model and objective, a fresh
   initialisation); fine-tuning passes its own (`train/finetune.py: finetune`)."""
   start_time = time.time()
+  check_config(config)  # a config built in code, too, fails on its fields before any data is read
   workdir = pathlib.Path(workdir).absolute()
   is_chief = jax.process_index() == 0
 

@@ -28,6 +28,8 @@ SKIP_FILE = "skipped.csv"
 # with the subject it replaced (`data/multimodal.py` treats that modality as absent).
 REPLACED = "replaced_unreadable_record"
 _HEADER = "path,reason,first_seen_step,first_seen_time\n"
+_MAX_REPLACEMENTS = 64  # consecutive unreadable records before giving up: the data is broken
+_MAX_REASON = 2000  # characters of a read error kept in the log and the skip file
 # The training step whose batch is being read, set around a read by the training stream
 # (`data/pipeline.py`), which knows each record's position in the global stream; unset
 # (written as "") for evaluation, embedding and mixed streams.
@@ -42,7 +44,6 @@ def at_step(step: int | None):
     yield
   finally:
     _STEP.reset(token)
-_MAX_REPLACEMENTS = 64  # consecutive unreadable records before giving up: the data is broken
 
 
 def skip_file_for(artifacts_dir: str | os.PathLike | None) -> str:
@@ -58,13 +59,20 @@ def listed(skip_file: str) -> set[str]:
     return {row["path"] for row in csv.DictReader(f)}
 
 
+def one_line(reason: str) -> str:
+  """`reason` on one line, every line of it kept (a decoder's error lists a reason per plugin
+  below its first line), capped at `_MAX_REASON` characters."""
+  text = "; ".join(line.strip() for line in reason.splitlines() if line.strip())
+  return text if len(text) <= _MAX_REASON else text[:_MAX_REASON - 3] + "..."
+
+
 def record(skip_file: str, path: str, reason: str) -> None:
   """Appends one line naming `path` (one write, so concurrent writers never interleave)."""
   if not skip_file:
     return
   line = io.StringIO()
   step = _STEP.get()
-  csv.writer(line).writerow([path, reason.splitlines()[0][:300], "" if step is None else step,
+  csv.writer(line).writerow([path, one_line(reason), "" if step is None else step,
                              datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")])
   fd = os.open(skip_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
   try:
@@ -84,7 +92,8 @@ def read_or_replace(index: int, paths: Sequence[str], read: Callable[[int], dict
       return read(index)
     except ValueError as e:
       raise ValueError(f"{e} (on_error='skip' replaces such records and names them in {SKIP_FILE})") from e
-  for step in range(min(_MAX_REPLACEMENTS, len(paths))):
+  tried = min(_MAX_REPLACEMENTS, len(paths))  # distinct records: the walk never wraps onto itself
+  for step in range(tried):
     i = (index + step) % len(paths)
     if paths[i] in known_bad:
       continue
@@ -95,6 +104,18 @@ def read_or_replace(index: int, paths: Sequence[str], read: Callable[[int], dict
       known_bad.add(paths[i])
       if paths[i] not in listed(skip_file):
         record(skip_file, paths[i], str(e))
-      log.warning("skipping unreadable %s (on_error='skip'): %s", paths[i], str(e).splitlines()[0][:300])
-  raise ValueError(f"{paths[index]} and the {_MAX_REPLACEMENTS - 1} records after it could not be read "
-                   f"(on_error='skip'); the data looks broken, see {skip_file or 'the log'}")
+      log.warning("skipping unreadable %s (on_error='skip'): %s", paths[i], one_line(str(e)))
+  raise ValueError(f"{unreadable_records(paths, index, tried)} (on_error='skip'); the data looks broken, "
+                   f"see {skip_file or 'the log'}")
+
+
+def unreadable_records(paths: Sequence[str], index: int, tried: int) -> str:
+  """Says which records of a split `read_or_replace` tried in vain: `tried` distinct ones
+  from `index` on, counted as records (and as files, where records share a file)."""
+  files = len({paths[(index + step) % len(paths)] for step in range(tried)})
+  in_files = "" if files == tried else f" ({files} distinct file{'s' if files != 1 else ''})"
+  if tried == len(paths):
+    return (f"none of the {tried} record{'s' if tried != 1 else ''} of this split could be read{in_files}, "
+            f"starting at {paths[index]}")
+  return (f"{paths[index]} and the {tried - 1} record{'s' if tried != 2 else ''} after it could not be "
+          f"read{in_files}")

@@ -145,13 +145,11 @@ def settings_from_config(cfg: Any) -> dict[str, Any]:
           "on_error": on_error}
 
 
-def sizing(cfg: Any, objective: str, vocab_size: int):
-  """(example spec, embedding spec, model info) from the config alone (`train/aot.py`)."""
+def sizing(cfg: Any, objective: str, vocab_size: int) -> ECGData:
+  """The registry's `sizing`: an `ECGData` over no records, whose specs and model info come
+  from the config alone (`train/aot.py`); the leads and window fix every shape."""
   del vocab_size
-  s = settings_from_config(cfg)
-  shape = (len(s["leads"]), s["length"], s["patch_size"])
-  return (example_spec(*shape, s["mask_ratio"] if objective == "mae" else None), example_spec(*shape, None),
-          model_info(s))
+  return ECGData(None, settings_from_config(cfg), objective=objective)
 
 
 def model_info(s: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from biofm_jax.data import batch, object_state
 from biofm_jax.data.masking import MaskPatches
-from biofm_jax.data.sources import read_skips
+from biofm_jax.data.sources import index_skips, read_skips
 from biofm_jax.data.module import KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exported)
@@ -181,7 +181,8 @@ class ImagingData:
     settings = ImagingSettings.from_config(cfg)
     path = Path(cfg.path) if cfg.path else _synthetic_images(cfg, settings, Path(artifacts_dir))
     dataset = imaging_source.ImagingDataset(path, spatial_dims=settings.spatial_dims, on_error=settings.on_error,
-                                            skip_file=read_skips.skip_file_for(artifacts_dir))
+                                            skip_file=read_skips.skip_file_for(artifacts_dir),
+                                            index_skip_file=index_skips.index_skip_file_for(artifacts_dir))
     _check_channels(settings, getattr(dataset, "channels", None), path)
     return cls(dataset, settings, objective=objective)
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import pathlib
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -254,9 +256,39 @@ def dicom_folder_items(item: Item, one_series: bool) -> list[Item | ItemError]:
 
 
 # ---------------------------------------------------------------- pixel reads
+# pydicom tries each installed decoder plugin in turn and logs each one's failure with its
+# traceback (`LOGGER.exception`) before raising one RuntimeError that lists them all. While
+# this module decodes, those per-plugin records are dropped: the error it raises carries every
+# plugin's reason on one line, and read-time skips log that line once.
+_DECODING = threading.local()
+
+
+class _DropPluginTracebacks(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (getattr(_DECODING, "active", False) and record.exc_info)
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DropPluginTracebacks())
+
+
+def decoded_pixels(ds: pydicom.Dataset) -> np.ndarray:
+  """`ds.pixel_array`; when every decoder plugin fails, one ValueError naming each plugin's
+  reason on one line (no per-plugin tracebacks in the log)."""
+  _DECODING.active = True
+  try:
+    return ds.pixel_array
+  except RuntimeError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Unable to decode as exceptions were raised by all"):
+      raise
+    raise ValueError(f"no installed decoder could decode the pixel data: {'; '.join(lines[1:])}") from e
+  finally:
+    _DECODING.active = False
+
+
 def read_dicom_pixels(path: str) -> np.ndarray:
   ds = pydicom.dcmread(path, force=True)
-  pixels = ds.pixel_array
+  pixels = decoded_pixels(ds)
   if int(ds.get("SamplesPerPixel", 1)) == 1:  # the modality LUT is defined for gray only
     pixels = pydicom.pixels.apply_modality_lut(pixels, ds)
   return np.asarray(pixels, np.float32).reshape(int(ds.Rows), int(ds.Columns), -1)
@@ -267,7 +299,7 @@ def read_dicom_multiframe_pixels(path: str) -> np.ndarray:
   with its own rescale (or the shared one, or the file's)."""
   ds = pydicom.dcmread(path, force=True)
   order, _, _ = frame_geometry(ds, path)
-  pixels = np.asarray(ds.pixel_array, np.float32).reshape(len(order), int(ds.Rows), int(ds.Columns), -1)
+  pixels = np.asarray(decoded_pixels(ds), np.float32).reshape(len(order), int(ds.Rows), int(ds.Columns), -1)
   if int(ds.get("SamplesPerPixel", 1)) == 1:
     for f in range(len(order)):
       slope = _functional(ds, f, "PixelValueTransformationSequence", "RescaleSlope")

@@ -18,22 +18,26 @@ stats. The per-format readers, each documenting its orientation convention, live
   PNG/JPEG (values as stored) and .npy (channels-last); spacing 1 mm where unknown.
 - image_items.py: the Item record and ItemError they fill and raise.
 
-spatial_dims=2 squeezes a volume with exactly one single-slice axis; a 2D image with
-spatial_dims=3 is an error naming the file. Channel counts must agree across the dataset.
+spatial_dims=2 squeezes a volume with exactly one single-slice axis; with spatial_dims=3 a 2D
+image, and a volume with a single slice along any axis (a 2D NIfTI file is stored so), is a
+rank error naming the file: resampling it to a 3D size would only repeat the one slice.
+Channel counts must agree across the dataset.
 
 Index time reads headers only and validates: missing path, unreadable or corrupt header,
 truncated uncompressed DICOM or .nii files (shorter than their voxels), a series with
 inconsistent slice spacing (> 1% from the median gap), mixed sizes or orientations, wrong
 spatial rank, mixed channel counts. on_error="raise" raises ValueError naming the file;
 on_error="skip" drops the item and counts it in stats["skipped_<reason>"] (for mixed
-channels the minority kind is dropped). Read time (`source[i]`) always raises ValueError
-naming the file for unreadable pixels or NaN/inf values: a random-access source has
-promised its length and indices, so it cannot drop an item after the fact.
+channels the minority kind is dropped), names the first few in a warning, and lists each
+skipped item and each file a directory scan ignored in `index_skip_file` (a run's
+`<workdir>/skipped_at_indexing.csv`, `data/sources/index_skips.py`). Read time (`source[i]`)
+raises ValueError naming the file for unreadable pixels or NaN/inf values, or with
+on_error="skip" replaces the item by the next readable one (`data/sources/read_skips.py`).
 
 Subject ids come from the manifest, or in a directory scan (no manifest.csv in the root)
 from the path relative to the root without extension (a series: its folder). Splits: the
 manifest's `split` column, else splits.hash_split_buckets over subject ids. Logs carry
-counts only.
+counts and file paths only.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ from biofm_jax.modalities.imaging import image_files as image_files
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.imaging.image_items import Item, ItemError
 from biofm_jax.data.sources.indexing import checked_index
-from biofm_jax.data.sources import read_skips
+from biofm_jax.data.sources import index_skips, read_skips
 from biofm_jax.data.sources.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -85,11 +89,14 @@ STAT_KEYS = (
 # ---------------------------------------------------------------- rank and pixel dispatch
 def _fit_rank(item: Item, spatial_dims: int) -> Item:
   """Checks the item's spatial rank; a one-slice volume becomes 2D for spatial_dims=2."""
-  if len(item.shape) == spatial_dims:
-    return item
-  if len(item.shape) == 2:
+  if len(item.shape) == 2 and spatial_dims == 3:
     raise ItemError("rank", f"{item.path}: is a 2D image of shape {item.shape}; "
                             "spatial_dims=3 needs a volume")
+  if spatial_dims == 3 and 1 in item.shape:  # resampling would repeat its one slice
+    raise ItemError("rank", f"{item.path}: is a single-slice volume of shape {item.shape}, a 2D image; "
+                            "spatial_dims=3 needs at least 2 slices along every axis (use spatial_dims=2)")
+  if len(item.shape) == spatial_dims:
+    return item
   single = [axis for axis, size in enumerate(item.shape) if size == 1]
   if len(single) != 1:
     raise ItemError("rank", f"{item.path}: is a 3D volume of shape {item.shape}; "
@@ -137,13 +144,16 @@ def _visible_files(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
       part.startswith(_IGNORED_PREFIXES) for part in p.relative_to(folder).parts))
 
 
-def _scan_directory(root: pathlib.Path, spatial_dims: int, stats: dict) -> list[Item]:
-  """Candidate items of a folder tree; with spatial_dims=3 DICOM files group by folder."""
+def _scan_directory(root: pathlib.Path, spatial_dims: int,
+                    ignored: list[index_skips.IndexSkip]) -> list[Item]:
+  """Candidate items of a folder tree; with spatial_dims=3 DICOM files group by folder.
+  Files of no supported format are appended to `ignored`."""
   items, dicom_folders = [], collections.defaultdict(list)
   for path in _visible_files(root, recursive=True):
     kind, relative = _file_kind(path), path.relative_to(root).as_posix()
     if kind is None:
-      stats["ignored_files"] += 1
+      ignored.append(index_skips.IndexSkip(str(path), "ignored", f"{path}: no supported image format "
+                                           "(DICOM, NIfTI, PNG/JPEG, .npy); ignored by the folder scan"))
     elif kind == "dicom" and spatial_dims == 3:
       dicom_folders[path.parent].append(str(path))
     else:
@@ -200,8 +210,10 @@ def _inspect(item: Item, spatial_dims: int) -> list[Item | ItemError]:
   return results
 
 
-def _keep_one_channel_count(items: list[Item], on_error: str, stats: dict) -> list[Item]:
-  """All items must share C; with "skip" the most common count wins (ties: fewer channels)."""
+def _keep_one_channel_count(items: list[Item], on_error: str,
+                            skipped: list[index_skips.IndexSkip]) -> list[Item]:
+  """All items must share C; with "skip" the most common count wins (ties: fewer channels),
+  the others are appended to `skipped`."""
   by_channels = collections.Counter(item.channels for item in items)
   if len(by_channels) <= 1:
     return items
@@ -213,7 +225,8 @@ def _keep_one_channel_count(items: list[Item], on_error: str, stats: dict) -> li
         f"{path} has {c} channel(s)" for c, path in sorted(examples.items())) +
         "; convert them to one kind or pass on_error='skip'")
   keep = max(by_channels, key=lambda c: (by_channels[c], -c))
-  stats["skipped_channels"] += len(items) - by_channels[keep]
+  skipped.extend(index_skips.IndexSkip(item.path, "channels", f"{item.path}: has {item.channels} channel(s), "
+                                       f"most images have {keep}") for item in items if item.channels != keep)
   return [item for item in items if item.channels == keep]
 
 
@@ -309,7 +322,7 @@ class ImagingDataset:
 
   def __init__(self, path: str | os.PathLike, *, spatial_dims: int, on_error: str = "raise",
                fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0,
-               skip_file: str = ""):
+               skip_file: str = "", index_skip_file: str = ""):
     if spatial_dims not in (2, 3) or on_error not in ("raise", "skip"):
       raise ValueError(f"ImagingDataset: spatial_dims={spatial_dims!r}, on_error={on_error!r}; "
                        "expected 2 or 3, and 'raise' or 'skip'")
@@ -317,9 +330,11 @@ class ImagingDataset:
     self.on_error, self.skip_file = on_error, skip_file  # read-time skips (`data/sources/read_skips.py`)
     self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
     manifest = self.path / MANIFEST_NAME if self.path.is_dir() else self.path
+    skipped: list[index_skips.IndexSkip] = []
+    ignored: list[index_skips.IndexSkip] = []
     if self.path.is_dir() and not manifest.is_file():
-      candidates, self.label_names, has_split = (
-          _scan_directory(self.path, spatial_dims, self.stats), (), False)
+      candidates, self.label_names, has_split = _scan_directory(self.path, spatial_dims, ignored), (), False
+      self.stats["ignored_files"] = len(ignored)
     elif manifest.is_file():
       candidates, self.label_names, has_split = _read_manifest(manifest)
       self.stats["manifest_rows"] = len(candidates)
@@ -334,10 +349,14 @@ class ImagingDataset:
         elif on_error == "raise":
           raise result
         else:
-          self.stats[f"skipped_{result.reason}"] += 1
-    items = _keep_one_channel_count(items, on_error, self.stats)
+          skipped.append(index_skips.IndexSkip(candidate.path, result.reason, str(result)))
+    items = _keep_one_channel_count(items, on_error, skipped)
+    for skip in skipped:
+      self.stats[f"skipped_{skip.reason}"] += 1
+    index_skips.write_index_skips(index_skip_file, skipped + ignored)
     if not items:
-      raise ValueError(f"{self.path}: no readable images found ({self._skip_summary()})")
+      first = f"; first: {skipped[0].message}" if skipped else ""
+      raise ValueError(f"{self.path}: no readable images found ({self._skip_summary()}){first}")
     self._items, self.channels = items, items[0].channels
     self._count(items)
     if has_split:
@@ -348,9 +367,10 @@ class ImagingDataset:
                                               fallback_fractions, fallback_seed)
       self.splits = {name: np.flatnonzero(buckets == i).astype(np.int64)
                      for i, name in enumerate(splits_lib.STANDARD_SPLITS)}
-    if self.stats["skipped"]:
-      log.warning("imaging %s: skipped %d item(s): %s", self.path, self.stats["skipped"],
-                  self._skip_summary())
+    index_skips.warn_named(log, f"imaging {self.path}: skipped", skipped, index_skip_file)
+    if ignored:  # a folder may hold sidecars or notes: named, not warned about
+      log.info("imaging %s: the folder scan ignored %d file(s) of no supported format, e.g. %s", self.path,
+               len(ignored), ", ".join(skip.path for skip in ignored[:index_skips.NAMED_IN_LOG]))
     log.info("imaging %s: %s", self.path, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
 
   def _count(self, items: list[Item]) -> None:

@@ -272,7 +272,7 @@ class TabularData:
         path, id_column=str(get("id_column")), label_columns=labels,
         categorical_columns=categorical or None,  # () in a config means "auto"
         exclude_columns=_names(get("exclude_columns"), "exclude_columns"),
-        delimiter=str(cfg.get("delimiter", "")))
+        delimiter=str(cfg.get("delimiter", "")), decimal=str(cfg.get("decimal", ".")))
     stats = _load_or_build_stats(dataset, artifacts_dir / STATS_FILENAME, min_count)
     return cls(dataset, stats, mask_rate=mask_rate, objective=objective)
 

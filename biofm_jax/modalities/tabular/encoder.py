@@ -31,16 +31,17 @@ class TabularEncoder(nn.Module):
       return self.param(name, embed_init(axes), shape, cfg.param_dtype).astype(cfg.dtype)
 
     values = tab[B.TABULAR_VALUES].astype(cfg.dtype)[..., None]
-    weight = param("value_weight", (self.num_numeric, d), ("features", "embed"))
-    bias = param("value_bias", (self.num_numeric, d), ("features", "embed"))
-    missing = param("missing_embedding", (self.num_numeric, d), ("features", "embed"))
     mask_token = param("mask_embedding", (d,), ("embed",))
-    numeric = values * weight + bias
-    numeric = jnp.where(tab[B.TABULAR_MISSING][..., None], missing, numeric)
-    if B.TABULAR_VALUE_MASK in tab:
-      numeric = jnp.where(tab[B.TABULAR_VALUE_MASK][..., None], bias + mask_token, numeric)
-
-    parts = [jnp.broadcast_to(param("cls_embedding", (d,), ("embed",)), (values.shape[0], 1, d)), numeric]
+    parts = [jnp.broadcast_to(param("cls_embedding", (d,), ("embed",)), (values.shape[0], 1, d))]
+    if self.num_numeric:  # an all-categorical table has no numeric weights (no zero-size arrays to save)
+      weight = param("value_weight", (self.num_numeric, d), ("features", "embed"))
+      bias = param("value_bias", (self.num_numeric, d), ("features", "embed"))
+      missing = param("missing_embedding", (self.num_numeric, d), ("features", "embed"))
+      numeric = values * weight + bias
+      numeric = jnp.where(tab[B.TABULAR_MISSING][..., None], missing, numeric)
+      if B.TABULAR_VALUE_MASK in tab:
+        numeric = jnp.where(tab[B.TABULAR_VALUE_MASK][..., None], bias + mask_token, numeric)
+      parts.append(numeric)
     if self.num_categorical:
       categories = nn.Embed(self.num_categories, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             embedding_init=embed_init(("vocab", "embed")), name="category_embedding")

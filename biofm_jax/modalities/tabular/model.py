@@ -26,6 +26,8 @@ class ColumnValueHead(nn.Module):
   @nn.compact
   def __call__(self, numeric_hidden: jax.Array) -> jax.Array:
     cfg = self.cfg
+    if not self.num_numeric:  # nothing to read back, and no zero-size parameters
+      return jnp.zeros(numeric_hidden.shape[:2], jnp.float32)
     weight = self.param("kernel", embed_init(("features", "embed")), (self.num_numeric, cfg.embed_dim),
                         cfg.param_dtype)
     bias = self.param("bias", zeros_init(("features",)), (self.num_numeric,), cfg.param_dtype)

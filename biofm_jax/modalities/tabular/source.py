@@ -26,6 +26,12 @@ other modality. `label_columns` are kept out of the features and must be numeric
   (numeric codes become their text: 1 -> "1"); every other column must be numeric, and a
   string column that is mostly text is an error naming it.
 
+Numbers in text cells use `decimal` as their decimal mark: "." (default), or "," for a
+European CSV (usually `delimiter=";"`; a cell holding "." is then not a number). With "."
+a column that would turn categorical but whose cells are numbers written with a comma
+("3,5") is an error naming the columns and the setting, not a silent category column; so
+is a table without any feature column, or whose feature columns are all empty.
+
 Missing values: an empty cell or a null is missing. In a numeric column, a non-empty cell
 that is not a finite number ("n/a", "?", "inf") is read as missing and counted in
 stats["non_numeric_cells"] (and per column in `non_numeric_cells_by_column`); the cells
@@ -38,22 +44,24 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import pathlib
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
-from biofm_jax.modalities.tabular.table_files import concat_tables, declared_label_columns, read_table_file, table_files
+from biofm_jax.modalities.tabular.table_files import (column_numbers, column_texts, concat_tables,
+                                                    declared_label_columns, is_none, other_delimiter_hint,
+                                                    read_table_file, table_files)
 
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMN = "split"
+DECIMAL_MARKS = (".", ",")
+_NAMED_COLUMNS = 5  # columns named in an error; the count says how many more
 # A string column is numeric when at least this share of its non-empty cells are numbers:
 # a few "n/a" or "?" cells in a measurement column are junk, a column of words is not.
 MIN_NUMERIC_FRACTION = 0.5
@@ -72,69 +80,23 @@ STAT_KEYS = (
 )
 
 
-# ---------------------------------------------------------------- reading files
-def _is_number(kind: pa.DataType) -> bool:
-  return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
-
-
-def column_texts(column: pa.ChunkedArray, where: str) -> np.ndarray:
-  """object [rows] of stripped str, None where empty or null."""
-  kind = column.type
-  if pa.types.is_dictionary(kind):
-    column, kind = column.cast(kind.value_type), kind.value_type
-  if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-    cells = [None if v is None else (v.strip() or None) for v in column.to_pylist()]
-  elif pa.types.is_boolean(kind):
-    cells = [None if v is None else ("true" if v else "false") for v in column.to_pylist()]
-  elif pa.types.is_integer(kind):
-    cells = [None if v is None else str(v) for v in column.to_pylist()]
-  elif _is_number(kind):  # 2.0 -> "2", as a CSV would most likely spell it
-    floats = [None if v is None else float(v) for v in column.to_pylist()]
-    cells = [None if v is None or not math.isfinite(v) else
-             str(int(v)) if v.is_integer() else repr(v) for v in floats]
-  else:
-    raise ValueError(f"{where}: has type {kind}; expected numbers, strings or bools "
-                     "(list it in exclude_columns to skip it)")
-  return np.array(cells, dtype=object).reshape(len(cells))
-
-
-def is_none(cells: np.ndarray) -> np.ndarray:
-  """bool [rows]: the cell is None (missing)."""
-  return np.fromiter((c is None for c in cells), dtype=bool, count=len(cells))
-
-
-def parse_numbers(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """float64 values (NaN where missing) and a bool mask of non-empty cells that are not
-  finite numbers. Each distinct text is parsed once: tables repeat values a lot."""
-  filled = np.where(is_none(texts), "", texts).astype(str)
-  unique, inverse = np.unique(filled, return_inverse=True)
-  parsed = np.full(len(unique), np.nan)
-  for i, text in enumerate(unique.tolist()):
-    try:
-      parsed[i] = float(text) if text else np.nan
-    except ValueError:
-      pass
-  values = parsed[inverse.reshape(-1)]
-  values[~np.isfinite(values)] = np.nan
-  return values, (filled != "") & np.isnan(values)
-
-
-def column_numbers(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, int, np.ndarray]:
-  """float64 [rows] (NaN where missing), the count of non-empty cells, and a bool mask of
-  the non-empty cells that are not finite numbers (junk text, inf)."""
-  kind = column.type
-  if _is_number(kind) or pa.types.is_boolean(kind):
-    values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-    bad = np.isinf(values)
-    values[bad] = np.nan
-    return values, int(len(values) - column.null_count), bad
-  texts = column_texts(column, where)
-  values, bad = parse_numbers(texts)
-  return values, int(np.count_nonzero(~is_none(texts))), bad
-
-
+# ---------------------------------------------------------------- column kinds
 def _mostly_numeric(nonempty: int, non_numbers: int) -> bool:
   return nonempty == 0 or (nonempty - non_numbers) >= MIN_NUMERIC_FRACTION * nonempty
+
+
+def comma_decimal_numbers(column: pa.ChunkedArray, where: str) -> bool:
+  """Whether a text column that is not numbers with a decimal point is numbers once ","
+  is read as the decimal mark (a European CSV's "3,5")."""
+  if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    return False
+  _, nonempty, bad = column_numbers(column, where, decimal=",")
+  return nonempty > 0 and _mostly_numeric(nonempty, int(bad.sum()))
+
+
+def _named(columns: Sequence[str]) -> str:
+  more = len(columns) - _NAMED_COLUMNS
+  return f"{list(columns[:_NAMED_COLUMNS])}" + (f" and {more} more" if more > 0 else "")
 
 
 # ---------------------------------------------------------------- public API
@@ -185,11 +147,14 @@ class TabularDataset:
                categorical_columns: Sequence[str] | None = None,
                exclude_columns: Sequence[str] = (),
                fallback_fractions: Sequence[float] = (0.8, 0.1, 0.1), fallback_seed: int = 0,
-               delimiter: str = ""):
-    self.path = pathlib.Path(path)
+               delimiter: str = "", decimal: str = "."):
+    self.path, self.delimiter, self.decimal = pathlib.Path(path), delimiter, decimal
     if delimiter and (len(delimiter) != 1 or delimiter in "\"\n\r"):
       raise ValueError(f"data.tabular.delimiter is {delimiter!r}; expected one character such as ',' or ';' "
                        f"('' detects it)")
+    if decimal not in DECIMAL_MARKS or decimal == delimiter:
+      raise ValueError(f"data.tabular.decimal is {decimal!r} (delimiter {delimiter!r}); expected one of "
+                       f"{DECIMAL_MARKS}, other than the delimiter (a European CSV: decimal=',', delimiter=';')")
     self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
     label_columns = _column_names(label_columns, "label_columns")
     exclude_columns = _column_names(exclude_columns, "exclude_columns")
@@ -214,6 +179,7 @@ class TabularDataset:
     self.stats["excluded_columns"] = len(exclude_columns)
     self._read_features(table, features, categorical_columns)
     self._count_columns()
+    self._check_usable_features(names, features)
     if SPLIT_COLUMN in names:
       self.splits = self._column_splits(table.column(SPLIT_COLUMN))
     else:
@@ -252,7 +218,8 @@ class TabularDataset:
       raise ValueError(f"{self.path}: duplicated column names {duplicated}; expected unique names")
     if id_column not in names:
       raise ValueError(f"{self.path}: no id column {id_column!r}; expected it among the "
-                       f"{len(names)} columns (set id_column to the subject id column)")
+                       f"{len(names)} columns (set id_column to the subject id column)"
+                       f"{other_delimiter_hint(names, self.delimiter)}")
     named = {"label_columns": label_columns, "categorical_columns": categorical_columns or (),
              "exclude_columns": exclude_columns}
     for field, columns in named.items():
@@ -285,7 +252,7 @@ class TabularDataset:
     labels = np.full((table.num_rows, len(self.label_columns)), np.nan)
     for j, name in enumerate(self.label_columns):
       column = table.column(name)
-      values, _, bad = column_numbers(column, self._where(column=name))
+      values, _, bad = column_numbers(column, self._where(column=name), self.decimal)
       if bad.any():
         raise ValueError(f"{self._where(int(np.flatnonzero(bad)[0]), name)}: not a finite "
                          f"number ({int(bad.sum())} such row(s)); label columns must be "
@@ -297,17 +264,33 @@ class TabularDataset:
 
   def _read_features(self, table: pa.Table, features: list[str],
                      categorical_columns: Sequence[str] | None) -> None:
-    numeric, categorical = {}, {}
+    numeric, categorical, comma_decimals = {}, {}, []
     self.non_numeric_cells_by_column: dict[str, int] = {}
     for name in features:
       listed = None if categorical_columns is None else name in categorical_columns
-      texts, values, junk = _feature_column(table.column(name), self._where(column=name), listed)
+      column, where = table.column(name), self._where(column=name)
+      try:
+        texts, values, junk = _feature_column(column, where, listed, self.decimal)
+      except ValueError:  # a column that must be numeric is not: say why, if a comma is the cause
+        if self.decimal == "." and comma_decimal_numbers(column, where):
+          comma_decimals.append(name)
+          continue
+        raise
       if texts is not None:
+        if listed is None and self.decimal == "." and comma_decimal_numbers(column, where):
+          comma_decimals.append(name)
         categorical[name] = texts
         continue
       numeric[name] = values
       if junk:
         self.non_numeric_cells_by_column[name] = junk
+    if comma_decimals:
+      raise ValueError(
+          f"{self._where()}: columns {_named(comma_decimals)} ({len(comma_decimals)} in all) hold numbers written "
+          "with a comma (a decimal comma as in 3,5, or a thousands mark as in 1,000) and would not be read as "
+          "numbers; for decimal commas set data.tabular.decimal=',' (with data.tabular.delimiter=';' for a "
+          "European CSV), else write the numbers without thousands marks or list the columns in "
+          "categorical_columns")
     rows = table.num_rows
     self.numeric_columns, self.categorical_columns = tuple(numeric), tuple(categorical)
     self._numeric = np.stack(list(numeric.values()), axis=1) if numeric else np.zeros((rows, 0))
@@ -327,6 +310,15 @@ class TabularDataset:
                  in zip(categorical.T, missing_categories.T)]
     s["constant_columns"] = sum(n <= 1 for n in distinct)
     s["all_missing_columns"] = sum(n == 0 for n in distinct)
+
+  def _check_usable_features(self, names: Sequence[str], features: Sequence[str]) -> None:
+    """A model needs at least one feature with a value: fail here, not at the first checkpoint."""
+    if not features:
+      raise ValueError(f"{self.path}: no feature columns; its {len(names)} column(s) {_named(names)} are all id, "
+                       "split, label or excluded columns; expected at least one feature column")
+    if self.stats["all_missing_columns"] == len(features):
+      raise ValueError(f"{self.path}: every feature column ({len(features)}: {_named(features)}) is empty; "
+                       "expected at least one feature with values")
 
   def _column_splits(self, column: pa.ChunkedArray) -> dict[str, np.ndarray]:
     names = column_texts(column, self._where(column=SPLIT_COLUMN))
@@ -360,7 +352,7 @@ def _column_names(value: Sequence[str], field: str) -> tuple[str, ...]:
   return tuple(value)
 
 
-def _feature_column(column: pa.ChunkedArray, where: str, listed_categorical: bool | None
+def _feature_column(column: pa.ChunkedArray, where: str, listed_categorical: bool | None, decimal: str = "."
                     ) -> tuple[np.ndarray | None, np.ndarray | None, int]:
   """(texts, None, 0) for a categorical column, (None, values, junk cells) for a numeric one.
 
@@ -371,7 +363,7 @@ def _feature_column(column: pa.ChunkedArray, where: str, listed_categorical: boo
   if listed_categorical or (listed_categorical is None and (
       pa.types.is_boolean(kind) or pa.types.is_dictionary(kind))):
     return column_texts(column, where), None, 0
-  values, nonempty, bad = column_numbers(column, where)  # unsupported types raise here
+  values, nonempty, bad = column_numbers(column, where, decimal)  # unsupported types raise here
   junk = int(bad.sum())
   if _mostly_numeric(nonempty, junk):
     return None, values, junk

@@ -1,15 +1,19 @@
 """Table files as Arrow tables: which files a path holds (a CSV, a parquet file, or a folder
 of parquet parts), CSV read with every column as text and its delimiter detected, parquet
-read as written, several parts concatenated; and the label columns a generated table
-declares in its metadata. `source.py` turns the tables into features and labels.
+read as written, several parts concatenated; the label columns a generated table
+declares in its metadata; and cells as text or numbers (with "." or "," as the decimal
+mark). `source.py` turns the tables into features and labels.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import pathlib
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -44,6 +48,17 @@ def sniff_delimiter(path: pathlib.Path) -> str:
     return ","  # one column, or nothing to tell: the standard
 
 
+def _header_fields(path: pathlib.Path, delimiter: str) -> list[str]:
+  with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+    return next(csv.reader(f, delimiter=delimiter), [])
+
+
+def other_delimiter_hint(names, delimiter: str) -> str:
+  """A hint for a header read as one column that holds another delimiter ('' otherwise)."""
+  others = [d for d in DELIMITERS if d != delimiter and len(names) == 1 and d in names[0]]
+  return f"; the header is one column holding {others[0]!r}: set data.tabular.delimiter={others[0]!r}" if others else ""
+
+
 def declare_label_columns(table: pa.Table, names) -> pa.Table:
   """`table` with `names` declared as its label columns (for a generated table)."""
   return table.replace_schema_metadata({**(table.schema.metadata or {}), LABEL_COLUMNS_KEY: json.dumps(list(names))})
@@ -66,6 +81,7 @@ def _read_csv(path: pathlib.Path, use_threads: bool = True, delimiter: str = "")
     return "error"
   read_options = pacsv.ReadOptions(use_threads=use_threads)
   parse_options = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid_row)
+  names: list[str] = []
   try:
     reader = pacsv.open_csv(path, read_options=read_options, parse_options=parse_options)
     names = reader.schema.names
@@ -80,7 +96,8 @@ def _read_csv(path: pathlib.Path, use_threads: bool = True, delimiter: str = "")
     if ragged:
       line, fields, expected = ragged[0]
       raise ValueError(f"{path}, line {line}: {fields} fields, expected {expected} as in "
-                       "the header") from None
+                       f"the header{other_delimiter_hint(names or _header_fields(path, delimiter), delimiter)}"
+                       ) from None
     # pyarrow may quote the offending row after the second ": "; record contents stay out.
     reason = ": ".join(str(e).splitlines()[0].split(": ")[:2])
     raise ValueError(f"{path}: cannot read as CSV ({reason})") from None
@@ -109,3 +126,70 @@ def concat_tables(tables: list[pa.Table], files: list[pathlib.Path]) -> pa.Table
 
 
 # ---------------------------------------------------------------- cells
+def _is_number(kind: pa.DataType) -> bool:
+  return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+
+
+def column_texts(column: pa.ChunkedArray, where: str) -> np.ndarray:
+  """object [rows] of stripped str, None where empty or null."""
+  kind = column.type
+  if pa.types.is_dictionary(kind):
+    column, kind = column.cast(kind.value_type), kind.value_type
+  if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    cells = [None if v is None else (v.strip() or None) for v in column.to_pylist()]
+  elif pa.types.is_boolean(kind):
+    cells = [None if v is None else ("true" if v else "false") for v in column.to_pylist()]
+  elif pa.types.is_integer(kind):
+    cells = [None if v is None else str(v) for v in column.to_pylist()]
+  elif _is_number(kind):  # 2.0 -> "2", as a CSV would most likely spell it
+    floats = [None if v is None else float(v) for v in column.to_pylist()]
+    cells = [None if v is None or not math.isfinite(v) else
+             str(int(v)) if v.is_integer() else repr(v) for v in floats]
+  else:
+    raise ValueError(f"{where}: has type {kind}; expected numbers, strings or bools "
+                     "(list it in exclude_columns to skip it)")
+  return np.array(cells, dtype=object).reshape(len(cells))
+
+
+def is_none(cells: np.ndarray) -> np.ndarray:
+  """bool [rows]: the cell is None (missing)."""
+  return np.fromiter((c is None for c in cells), dtype=bool, count=len(cells))
+
+
+def _number(text: str, decimal: str) -> float:
+  """`text` as a float with `decimal` as its decimal mark; ValueError when it is none."""
+  if decimal == ",":
+    if "." in text:  # a thousands mark or a foreign decimal point: neither is guessed at
+      raise ValueError(text)
+    text = text.replace(",", ".")
+  return float(text)
+
+
+def parse_numbers(texts: np.ndarray, decimal: str = ".") -> tuple[np.ndarray, np.ndarray]:
+  """float64 values (NaN where missing) and a bool mask of non-empty cells that are not
+  finite numbers. Each distinct text is parsed once: tables repeat values a lot."""
+  filled = np.where(is_none(texts), "", texts).astype(str)
+  unique, inverse = np.unique(filled, return_inverse=True)
+  parsed = np.full(len(unique), np.nan)
+  for i, text in enumerate(unique.tolist()):
+    try:
+      parsed[i] = _number(text, decimal) if text else np.nan
+    except ValueError:
+      pass
+  values = parsed[inverse.reshape(-1)]
+  values[~np.isfinite(values)] = np.nan
+  return values, (filled != "") & np.isnan(values)
+
+
+def column_numbers(column: pa.ChunkedArray, where: str, decimal: str = ".") -> tuple[np.ndarray, int, np.ndarray]:
+  """float64 [rows] (NaN where missing), the count of non-empty cells, and a bool mask of
+  the non-empty cells that are not finite numbers (junk text, inf)."""
+  kind = column.type
+  if _is_number(kind) or pa.types.is_boolean(kind):
+    values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.isinf(values)
+    values[bad] = np.nan
+    return values, int(len(values) - column.null_count), bad
+  texts = column_texts(column, where)
+  values, bad = parse_numbers(texts, decimal)
+  return values, int(np.count_nonzero(~is_none(texts))), bad

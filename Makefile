@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench bench-accelerator clean
+.PHONY: install demo test typecheck bench bench-accelerator clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -x -n 2 --dist loadfile tests
+
+# The typed contracts: every registry row against the protocols it names (mypy.ini). A
+# contract change that misses a row fails here (and in CI) before any test runs.
+typecheck: install
+	$(PY) -m mypy
 
 # Step speed and MFU, input pipeline, checkpoint cost, the PyTorch / Hugging Face peer, the
 # step's parts beside torch's kernels and where the step's time goes (per-op profiles)

@@ -45,6 +45,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                # checks the registry's typed contracts (make typecheck, mypy.ini)
+                "mypy>=1.13,<3",
                 # the test suite executes notebooks/
                 "nbformat>=5.9,<6", "nbclient>=0.10,<0.12", "ipykernel>=6.29,<8",
                 # the TPU compiler, so tests/test_scaling.py compiles for a TPU slice

@@ -38,19 +38,14 @@ def main(argv, overrides):
 
 
 def print_summary(summary: dict) -> None:
+  """The objective's readable lines (a reference loss beside the model's, retrieval against
+  chance), then every figure."""
   print("\n=== run summary ===")
-  if "eval/code_loss" in summary and "baseline/unigram_code_loss" in summary:
-    model, baseline = summary["eval/code_loss"], summary["baseline/unigram_code_loss"]
-    print(f"  held-out code loss {model:.3f} vs {baseline:.3f} for the unigram baseline "
-          f"({100 * (1 - model / baseline):.0f}% lower); code accuracy {100 * summary['eval/code_accuracy']:.1f}%")
-  pairs = sorted({key.split("/")[1] for key in summary if key.startswith("retrieval/")})
-  for pair in pairs:
-    recall, chance = summary.get(f"retrieval/{pair}/recall@10"), summary.get(f"retrieval/{pair}/chance@10")
-    if recall is not None:
-      print(f"  cross-modal retrieval {pair}: recall@10 {recall:.2f} vs {chance:.2f} by chance "
-            f"({recall / chance:.1f}x), tuning-split subjects not seen in training")
-  width = max(map(len, summary))
-  for key, value in summary.items():
+  for line in summary.get("summary_lines", ()):
+    print(f"  {line}")
+  figures = {k: v for k, v in summary.items() if k != "summary_lines"}
+  width = max(map(len, figures))
+  for key, value in figures.items():
     shown = f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else value
     print(f"  {key:<{width}}  {shown}")
 

@@ -139,7 +139,7 @@ def test_a_value_out_of_range_on_the_command_line_is_one_line_before_any_data_is
 
 
 def test_masked_prediction_slots_name_their_arguments_out_of_range():
-  from biofm_jax.objectives.masked import prediction_slots
+  from biofm_jax.data.masking import prediction_slots
   assert prediction_slots(128, 0.15) == 48
   for max_len, mask_rate in ((-8, 0.15), (128, 1.5), (128, float("nan"))):
     with pytest.raises(ValueError, match="prediction_slots: max_len must be a positive integer and mask_rate"):

@@ -13,7 +13,7 @@ from biofm_jax.modalities.registry import build_model
 from biofm_jax.modalities.registry import build_objective
 from biofm_jax.models import layers
 from biofm_jax.objectives import weighted_loss
-from biofm_jax.objectives.masked import prediction_slots
+from biofm_jax.data.masking import prediction_slots
 
 V, K, L, N = 40, 5, 12, 4
 

@@ -12,7 +12,7 @@ from biofm_jax.data import multimodal
 from biofm_jax.modalities import registry
 from biofm_jax.train.build import build_training
 from biofm_jax.train.loop import step_cost
-from biofm_jax.train.retrieval import recall_at_k
+from biofm_jax.objectives.retrieval import recall_at_k
 
 SPEC = "configs/multimodal_fusion.py:tiny"
 CONTRASTIVE_TERMS = ("ehr_imaging", "ehr_omics", "ehr_tabular", "imaging_tabular")

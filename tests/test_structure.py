@@ -96,3 +96,45 @@ def test_every_module_imports():
   import importlib
   for name, _, _ in _modules():
     importlib.import_module(name)
+
+
+def test_the_loop_asks_nothing_about_the_kind_of_run():
+  """The loop and the pre-training command name no modality, objective or model class and
+  probe nothing with getattr/isinstance: what differs per run comes from the data module,
+  the objective and the model (tests/test_contracts.py walks every row through it)."""
+  names = set(registry.MODALITIES) | {o for row in registry.MODALITIES.values() for o in row.objectives} | {
+      "multimodal", "contrastive"}
+  plain = {"dict", "list", "tuple", "str", "int", "float", "bool"}  # isinstance on plain values is no probe
+  for path in (PACKAGE / "train" / "loop.py", PACKAGE.parent / "experiments" / "pretrain.py"):
+    tree = ast.parse(path.read_text())
+    strings = sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                      and isinstance(node.value, str) and node.value in names})
+    probes = sorted({ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                     and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "isinstance")
+                     and not (node.func.id == "isinstance" and ast.unparse(node.args[1]) in plain)})
+    imported = sorted(m for node in ast.walk(tree) for m in _imported(node, "") if m.startswith(
+        ("biofm_jax.models", "biofm_jax.objectives.", "biofm_jax.modalities.")) and m != "biofm_jax.modalities.registry")
+    assert not strings and not probes and not imported, (path.name, strings, probes, imported)
+
+
+def test_no_modality_folder_imports_another():
+  """What two modalities share lives in data/, models/ or objectives/; only the registry
+  (and the cohort that generates every modality at once) names several."""
+  crossing = []
+  for name, targets in _graph().items():
+    parts = name.split(".")
+    if len(parts) < 4 or parts[1] != "modalities":
+      continue
+    crossing += [f"{name} -> {t}" for t in targets
+                 if t.split(".")[1:2] == ["modalities"] and len(t.split(".")) >= 3
+                 and t.split(".")[2] in registry.MODALITIES and t.split(".")[2] != parts[2]]
+  assert not crossing, crossing
+
+
+def test_models_and_objectives_do_not_import_each_other():
+  """Both sit on data/: an objective reads a model's outputs by name, a model's heads gather
+  at the slots `data/masking.py` computes, so neither needs the other's code."""
+  part = lambda module: module.split(".")[1] if "." in module else ""  # noqa: E731
+  between = sorted(f"{a} -> {b}" for a, targets in _graph().items() for b in targets
+                   if {part(a), part(b)} == {"models", "objectives"})
+  assert not between, between

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import math
+
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from biofm_jax.data import batch
@@ -61,3 +65,28 @@ class MaskPatches(grain.transforms.RandomMap):
     out[batch.IMAGE_VISIBLE] = np.sort(order[: self.num_visible])
     out[batch.IMAGE_MASKED] = np.sort(order[self.num_visible:])
     return out
+
+
+# ---------------------------------------------------------------- prediction slots
+# Masked modelling's heads run only at P gathered positions per row (`objectives/masked.py`).
+def prediction_slots(max_len: int, mask_rate: float) -> int:
+  """P: positions per row at which the heads run under masked modelling (a multiple of 8, at
+  most `max_len`): the expected masked count plus six standard deviations plus two (the
+  masking transform's at-least-one rule)."""
+  if not (max_len >= 1 and 0.0 < mask_rate <= 1.0):  # NaN fails too
+    raise ValueError(f"prediction_slots: max_len must be a positive integer and mask_rate a fraction in (0, 1]; "
+                     f"got max_len={max_len!r}, mask_rate={mask_rate!r}")
+  mean, spread = mask_rate * max_len, math.sqrt(max_len * mask_rate * (1.0 - mask_rate))
+  return min(max_len, 8 * math.ceil((math.ceil(mean + 6.0 * spread) + 2) / 8))
+
+
+def gathers(slots: int, length: int) -> bool:
+  """Whether P slots replace a row of `length` positions (P = 0 or P >= length: no gather)."""
+  return 0 < slots < length
+
+
+def masked_slots(target_mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+  """bool [B, L] -> (int32 [B, P] positions: the masked ones in order, then the others;
+  bool [B, P]: which slots hold a masked position)."""
+  order = jnp.argsort(jnp.logical_not(target_mask).astype(jnp.int32), axis=-1, stable=True)[:, :slots]
+  return order.astype(jnp.int32), jnp.take_along_axis(target_mask, order, axis=-1)

@@ -9,47 +9,116 @@ specs and model info come keyed the same way, so one shape serves every run:
     module.example_spec()  -> {"ehr": {"codes": ((L,), int32), ...}}
     module.model_info()    -> {"ehr": {"vocab_size": V, ...}}
 
-A module whose training stream is not one source through its transforms (the multimodal
-module's weighted mix) also defines `make_train_dataset(*, global_batch_size, seed,
-process_index, process_count)`, which the loop then uses instead. A module may define
-`device_transform()`: None, or a function of a training batch that the train step applies
-first, inside the compiled program (imaging's `augment="device"`); its training examples
-are then what that function expects (`train_example_spec()`, which such a module defines)
-and `example_spec` what it returns.
+Besides its records and specs a module brings its own behaviour, so the loop never asks
+what kind of module it holds (`DataModuleDefaults` gives each part its usual form):
+  make_train_dataset   its training stream (the train split through its transforms, or
+                       its own: the multimodal module's weighted mix, EHR's packed windows)
+  device_transform     None, or a function of a training batch that the train step
+                       applies first, inside the compiled program (imaging's
+                       `augment="device"`); training examples are then what it expects
+                       (`train_example_spec`) and `example_spec` what it returns
+  train_metrics        figures about the training data the loop writes with its first
+                       metrics row (EHR: the share of events the training windows hold)
+
+`SizedData` is the part ahead-of-time sizing (`train/aot.py`) needs: a module that reads
+nothing (`ShapesOnly`, or a modality's own opened without data) answers it from a config.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol
 
 import grain
 
-from biofm_jax.data import object_state
+from biofm_jax.data import object_state, pipeline
 
 Spec = Mapping[str, Mapping[str, tuple[tuple[int, ...], Any]]]  # {modality: {field: (shape, dtype)}}
+DeviceTransform = Callable[[Any], Any]  # a training batch -> the batch the model sees
+TRAIN_SPLIT = "train"
 
 
-class DataModule(Protocol):
-  name: str  # the modality's name, or e.g. "multimodal" for a join
+class RecordSource(Protocol):
+  """Random access to a split's records, as Grain reads them."""
 
-  def source(self, split: str) -> Sequence[Any]:
-    """The random-access records of `split`; ValueError or KeyError when it has none."""
+  def __len__(self) -> int:
+    ...
 
-  def transforms(self, train: bool, mask: bool = True) -> list:
-    """Grain transforms from a record to `{modality: example}`; `mask=False` leaves out the
-    pre-training masking (embeddings, probes)."""
+  def __getitem__(self, index: int) -> Any:
+    ...
+
+
+class SizedData(Protocol):
+  """What a compiled train step needs to know about its data: shapes and model info."""
+
+  @property
+  def name(self) -> str:
+    """The modality's name, or e.g. "multimodal" for a join."""
+    ...
 
   def example_spec(self) -> Spec:
-    """`{modality: {field: (shape, dtype)}}` of one training example (no batch axis)."""
+    """`{modality: {field: (shape, dtype)}}` of one example (no batch axis)."""
+    ...
 
   def embedding_spec(self) -> Spec:
     """The same for an example of `transforms(train=False, mask=False)`."""
+    ...
 
   def model_info(self) -> dict[str, dict[str, Any]]:
     """`{modality: what its model description needs}` (vocabulary size, shapes, ...)."""
+    ...
+
+  def train_example_spec(self) -> Spec:
+    """A training example as the pipeline yields it (before `device_transform`)."""
+    ...
+
+  def device_transform(self) -> DeviceTransform | None:
+    ...
+
+
+class DataModule(SizedData, Protocol):
+  """A module that reads records: everything the loop, the pipelines and evaluators use."""
+
+  def source(self, split: str) -> RecordSource:
+    """The random-access records of `split`; ValueError or KeyError when it has none."""
+    ...
+
+  def transforms(self, train: bool, mask: bool = True) -> list[Any]:
+    """Grain transforms from a record to `{modality: example}`; `mask=False` leaves out the
+    pre-training masking (embeddings, probes)."""
+    ...
 
   def summary(self) -> dict[str, Any]:
     """Counts worth logging (records per split, vocabulary, truncation)."""
+    ...
+
+  def make_train_dataset(self, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                         process_count: int | None = None) -> grain.IterDataset:
+    """The endless, checkpointable stream of this process's training batches."""
+    ...
+
+  def train_metrics(self) -> dict[str, float]:
+    """Figures about the training data, written once with the first metrics row."""
+    ...
+
+
+class DataModuleDefaults:
+  """The usual form of `DataModule`'s behaviour, for a module to inherit and override."""
+
+  def make_train_dataset(self: DataModule, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                         process_count: int | None = None) -> grain.IterDataset:
+    """The training split's records through `transforms(train=True)`, reshuffled each epoch."""
+    return pipeline.make_train_dataset(self.source(TRAIN_SPLIT), self.transforms(train=True),
+                                       global_batch_size=global_batch_size, seed=seed, name=self.name,
+                                       process_index=process_index, process_count=process_count)
+
+  def train_example_spec(self: SizedData) -> Spec:
+    return self.example_spec()
+
+  def device_transform(self) -> DeviceTransform | None:
+    return None
+
+  def train_metrics(self) -> dict[str, float]:
+    return {}
 
 
 @object_state.storable
@@ -60,7 +129,7 @@ class KeyByModality(grain.transforms.Map):
   def __init__(self, modality: str):
     self.modality = modality
 
-  def map(self, example):
+  def map(self, example: Any) -> dict[str, Any]:
     return {self.modality: example}
 
 
@@ -73,27 +142,20 @@ class ShapesOnly:
   embedding: Mapping[str, Any]
   info: Mapping[str, Any]
 
-  def example_spec(self) -> dict:
+  def example_spec(self) -> Spec:
     return {self.name: dict(self.spec)}
 
-  def embedding_spec(self) -> dict:
+  def embedding_spec(self) -> Spec:
     return {self.name: dict(self.embedding)}
 
-  def model_info(self) -> dict:
+  def model_info(self) -> dict[str, dict[str, Any]]:
     return {self.name: dict(self.info)}
 
+  def train_example_spec(self) -> Spec:
+    return self.example_spec()
 
-def device_transform_of(module: Any) -> Callable[[Any], Any] | None:
-  """The module's `device_transform()` (see the module docstring), None if it has none."""
-  make = getattr(module, "device_transform", None)
-  return make() if make is not None else None
-
-
-def train_example_spec_of(module: Any) -> Spec:
-  """The spec of a training example as the pipeline yields it: the module's
-  `train_example_spec()` where it hands work to the step, else its `example_spec()`."""
-  spec = getattr(module, "train_example_spec", None)
-  return spec() if spec is not None else module.example_spec()
+  def device_transform(self) -> DeviceTransform | None:
+    return None
 
 
 def only(keyed: Mapping[str, Any], modality: str, where: str) -> Any:

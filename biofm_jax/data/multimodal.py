@@ -46,7 +46,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch, pipeline
-from biofm_jax.data.module import device_transform_of, only, train_example_spec_of
+from biofm_jax.data.module import DataModuleDefaults, only
 from biofm_jax.data.pattern_batches import PatternBatches, PatternBatchItems
 from biofm_jax.data.sources.read_skips import REPLACED
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
@@ -148,7 +148,7 @@ def mixed_train_dataset(modules: Mapping[str, Any], weights: Mapping[str, float]
                         seed: int, **layout) -> grain.IterDataset:
   """Each module's own training examples (seeded by `modality_seed(seed, name)`) as
   multimodal examples with only that modality present, mixed by weight (`pipeline`)."""
-  specs = {m: only(train_example_spec_of(modules[m]), m, f"the {m} data module") for m in modules}
+  specs = {m: only(modules[m].train_example_spec(), m, f"the {m} data module") for m in modules}
   streams = {m: (modules[m].source(TRAIN_SPLIT), [*modules[m].transforms(train=True), OnlyModality(m, specs)],
                  modality_seed(seed, m)) for m in modules}
   return pipeline.make_mixed_train_dataset(streams, weights, global_batch_size=global_batch_size, **layout)
@@ -267,7 +267,7 @@ def _open_sources(modules: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return out
 
 
-class MultimodalData:
+class MultimodalData(DataModuleDefaults):
   """Several data modules joined by subject, as the pipeline and training loop see them."""
   name = "multimodal"
 
@@ -375,12 +375,12 @@ class MultimodalData:
 
   def transforms(self, train: bool, mask: bool = True) -> list:
     """JoinModalities over each module's own transforms; ModalityDropout when training.
-    Training examples are as each module's pipeline yields them (`train_example_spec_of`:
+    Training examples are as each module's pipeline yields them (`train_example_spec()`:
     canvas-size images with `augment="device"`), absent ones padded to the same shapes."""
     def spec_of(module):
       if not mask:
         return module.embedding_spec()
-      return train_example_spec_of(module) if train else module.example_spec()
+      return module.train_example_spec() if train else module.example_spec()
     specs = {m: only(spec_of(module), m, f"the {m} data module") for m, module in self.modules.items()}
     join = JoinModalities(self._sources, {m: module.transforms(train, mask=mask)
                                           for m, module in self.modules.items()},
@@ -394,12 +394,12 @@ class MultimodalData:
 
   def train_example_spec(self) -> dict:
     return {m: batch.with_presence(spec) for module in self.modules.values()
-            for m, spec in train_example_spec_of(module).items()}
+            for m, spec in module.train_example_spec().items()}
 
   def device_transform(self) -> Callable[[Any], Any] | None:
     """Each module's device transform in turn (each acts on its own modality's part of the
     batch, and on a batch without that modality not at all), or None if none has one."""
-    transforms = [t for t in map(device_transform_of, self.modules.values()) if t is not None]
+    transforms = [t for t in (module.device_transform() for module in self.modules.values()) if t is not None]
     return functools.partial(_apply_in_turn, tuple(transforms)) if transforms else None
 
   def embedding_spec(self) -> dict:

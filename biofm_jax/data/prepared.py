@@ -39,7 +39,7 @@ import numpy as np
 
 from biofm_jax.data import object_state, pipeline
 from biofm_jax.data.artifacts import check_no_links, copy_regular_files, path_inside
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 
 MANIFEST_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "artifacts", "tfds"
 MODULE_FILES = ("data_module.json", "data_module.npz")  # the module's state: its tree, its arrays
@@ -246,15 +246,14 @@ class PreparedSource:
             for name, spec in self._fields.items()}
 
 
-class PreparedData:
+class PreparedData(DataModuleDefaults):
   """A data module whose records come from a prepared dataset; every other question (the
   example spec, model info, the transforms after the prepared ones) goes to the module
   stored at preparation."""
 
-  # Prepared records are one per source item: training reads them as they are (no training
-  # windows of the raw module's own stream), and their coverage is the preparation's.
-  make_train_dataset = None
-  train_event_coverage = None
+  # Prepared records are one per source item: training reads them as they are (the default
+  # stream, not the raw module's training windows), and their coverage is the preparation's
+  # (no train_metrics). Shapes and device work are the stored module's.
 
   def __init__(self, directory: pathlib.Path, manifest: dict, module: Any):
     self.directory, self.manifest, self._module = directory, manifest, module
@@ -283,6 +282,12 @@ class PreparedData:
 
   def summary(self) -> dict:
     return dict(self.manifest["summary"])
+
+  def train_example_spec(self) -> dict:
+    return self._module.train_example_spec()
+
+  def device_transform(self):
+    return self._module.device_transform()
 
   def __getattr__(self, name: str):  # example_spec, model_info, vocab, ...
     return getattr(self._module, name)

@@ -6,8 +6,9 @@ name. A row (`Modality`) names:
 
   data        from_config(cfg, *, objective, artifacts_dir) -> the data module
   model       (config, model_info) -> the modality's model description (encoder and heads)
-  objectives  {objective name: (objective cfg, modality name, model_info) -> Objective}: the
-              pre-training objectives this modality trains with
+  objectives  {objective name: its class}: the pre-training objectives this modality trains
+              with; the class says whether it is causal and builds itself from
+              (objective cfg, modality name, model_info) (`ObjectiveKind`)
   sizing      (data cfg, objective name, vocab_size) -> a data module that reads nothing
               (`data.module.ShapesOnly`, or the modality's own where it can open without
               data): its specs, model info and any device transform from the config
@@ -21,6 +22,8 @@ name. A row (`Modality`) names:
               needs (vocabularies, statistics): the only ones an export carries
 
 Adding a modality: a folder `modalities/<name>/` with those pieces, and one row below.
+Adding an objective: its class (with `from_config` and `causal`), and its name in a row.
+Each field is typed (`Modality`, the protocols it names); `make typecheck` checks the rows.
 """
 from __future__ import annotations
 
@@ -28,13 +31,15 @@ import dataclasses
 import logging
 import os
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import ml_collections
 
 from biofm_jax.data import batch as B
-from biofm_jax.data.module import ShapesOnly
+from biofm_jax.data.masking import prediction_slots
+from biofm_jax.data.module import DataModule, ShapesOnly, SizedData
 from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.data.prepared import open_prepared
 from biofm_jax.modalities import synthetic_cohort
 from biofm_jax.modalities.ecg import baseline as ecg_baseline
 from biofm_jax.modalities.ecg import data as ecg_data
@@ -44,26 +49,55 @@ from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr import model as ehr_model
 from biofm_jax.modalities.ehr import time_to_event as ehr_tte
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
+from biofm_jax.modalities.ehr import vocab as ehr_vocab
 from biofm_jax.modalities.imaging import data as imaging_data
 from biofm_jax.modalities.imaging import model as imaging_model
 from biofm_jax.modalities.imaging.mae import MaskedAutoencoding
 from biofm_jax.modalities.omics import baseline as omics_baseline
 from biofm_jax.modalities.omics import data as omics_data
+from biofm_jax.modalities.omics import gene_vocab
 from biofm_jax.modalities.sequence import data as sequence_data
 from biofm_jax.modalities.tabular import baseline as tabular_baseline
 from biofm_jax.modalities.tabular import data as tabular_data
 from biofm_jax.modalities.tabular import model as tabular_model
 from biofm_jax.modalities.tabular.masked_features import MaskedFeatureModelling
 from biofm_jax.models import model as model_lib
-from biofm_jax.models.modalities import TokenModality
+from biofm_jax.models.modalities import ModelDescription, TokenModality
 from biofm_jax.objectives import Objective
-from biofm_jax.objectives.autoregressive import NextEventModelling, check_gap_edges
+from biofm_jax.objectives.autoregressive import NextEventModelling
 from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
-from biofm_jax.objectives.masked import MaskedCodeModelling, prediction_slots
-from biofm_jax.objectives.time_to_event import TimeToEventModelling, check_bin_starts
+from biofm_jax.objectives.masked import MaskedCodeModelling
+from biofm_jax.objectives.time_to_event import TimeToEventModelling
 from biofm_jax.objectives.multimodal import build_multimodal_objective
 
 log = logging.getLogger(__name__)
+
+
+class ObjectiveKind(Protocol):
+  """An objective's class, as a row names it: a fact known before any data is read, and
+  how it builds itself once the data's model info is known."""
+
+  @property
+  def causal(self) -> bool:
+    """The model's stack must be causal (its targets lie after their position)."""
+    ...
+
+  def from_config(self, cfg: Any, modality: str, info: Mapping[str, Any]) -> Objective:
+    ...
+
+
+class OpenData(Protocol):
+  def __call__(self, cfg: Any, *, objective: str, artifacts_dir: str | os.PathLike[str]) -> DataModule:
+    ...
+
+
+class ModelDescriptionOf(Protocol):
+  def __call__(self, config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> ModelDescription:
+    ...
+
+
+Sizing = Callable[[Any, str, int], SizedData]  # (data cfg, objective name, vocab_size) -> shapes only
+ReferenceLosses = Callable[..., dict[str, float]]  # (data module, config, train_split=, eval_split=)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,37 +112,17 @@ class RawBaseline:
 @dataclasses.dataclass(frozen=True)
 class Modality:
   name: str
-  data: Callable[..., Any]
-  model: Callable[[ml_collections.ConfigDict, Mapping[str, Any]], Any]
-  objectives: Mapping[str, Callable[..., Objective]]
-  sizing: Callable[[Any, str, int], Any] | None = None
+  data: OpenData
+  model: ModelDescriptionOf
+  objectives: Mapping[str, ObjectiveKind]
+  sizing: Sizing | None = None
   baseline: RawBaseline | None = None
-  reference_losses: Callable[..., dict[str, float]] | None = None
+  reference_losses: ReferenceLosses | None = None
   artifacts: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- shared pieces of rows
-def _masked(cfg, modality, info) -> Objective:
-  return MaskedCodeModelling(modality=modality, code_loss_weight=cfg.get("code_loss_weight", 1.0),
-                             value_loss_weight=cfg.get("value_loss_weight", 0.0),
-                             has_values=info.get("num_value_bins", 0) > 0,
-                             prediction_slots=int(info.get("prediction_slots", 0)))
-
-
-def _next_event(cfg, modality, info) -> Objective:
-  del info
-  return NextEventModelling(modality=modality, gap_edges=check_gap_edges(cfg.get("gap_edges_days", ())),
-                            time_loss_weight=cfg.get("time_loss_weight", 1.0))
-
-
-def _time_to_event(cfg, modality, info) -> Objective:
-  if "tte_tasks" not in info:
-    raise ValueError(f"objective.name='time_to_event': the {modality} data has no time-to-event targets")
-  return TimeToEventModelling(modality=modality, num_tasks=int(info["tte_tasks"]), points=int(info["tte_points"]),
-                              bin_starts=check_bin_starts(cfg.get("time_bins_days", (0.0,))))
-
-
-def _token_model(name: str):
+def _token_model(name: str) -> ModelDescriptionOf:
   def build(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> TokenModality:
     del config
     return TokenModality(name, vocab_size=info["vocab_size"], num_value_bins=info["num_value_bins"],
@@ -116,7 +130,7 @@ def _token_model(name: str):
   return build
 
 
-def _ehr_sizing(cfg, objective: str, vocab_size: int):
+def _ehr_sizing(cfg: Any, objective: str, vocab_size: int) -> ShapesOnly:
   tte = ehr_tte.settings_from_config(cfg)
   spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)), tte["events"])
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
@@ -127,7 +141,7 @@ def _ehr_sizing(cfg, objective: str, vocab_size: int):
   return ShapesOnly("ehr", spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info)
 
 
-def _sequence_sizing(cfg, objective: str, vocab_size: int):
+def _sequence_sizing(cfg: Any, objective: str, vocab_size: int) -> ShapesOnly:
   del objective, vocab_size  # the tokenizer fixes the vocabulary
   return ShapesOnly("sequence", B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True),
                     B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False),
@@ -135,7 +149,7 @@ def _sequence_sizing(cfg, objective: str, vocab_size: int):
                      "max_len": cfg.max_len, "prediction_slots": prediction_slots(cfg.max_len, cfg.mask_rate)})
 
 
-def _imaging_sizing(cfg, objective: str, vocab_size: int):
+def _imaging_sizing(cfg: Any, objective: str, vocab_size: int) -> imaging_data.ImagingData:
   del vocab_size
   return imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), objective=objective)
 
@@ -143,29 +157,30 @@ def _imaging_sizing(cfg, objective: str, vocab_size: int):
 # ---------------------------------------------------------------- the table
 MODALITIES: dict[str, Modality] = {m.name: m for m in (
     Modality("ehr", ehr_data.EHRData.from_config, ehr_model.model_modality,
-             {"masked": _masked, "autoregressive": _next_event, "time_to_event": _time_to_event},
+             {"masked": MaskedCodeModelling, "autoregressive": NextEventModelling,
+              "time_to_event": TimeToEventModelling},
              sizing=_ehr_sizing,
              reference_losses=ehr_unigram.reference_losses,
-             artifacts=(ehr_data.VOCAB_FILENAME, ehr_tte.TASKS_FILENAME)),
+             artifacts=(ehr_vocab.VOCAB_FILENAME, ehr_tte.TASKS_FILENAME)),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
-             {"mae": lambda cfg, modality, info: MaskedAutoencoding(norm_pix_loss=cfg.norm_pix_loss)},
+             {"mae": MaskedAutoencoding},
              sizing=_imaging_sizing),
-    Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"), {"masked": _masked},
+    Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"), {"masked": MaskedCodeModelling},
              baseline=RawBaseline("l1_logistic_expression", "l1_logistic",
                                   "L1 logistic regression on normalised counts (log1p)",
                                   omics_baseline.expression_features),
-             artifacts=(omics_data.VOCAB_FILENAME,)),
-    Modality("sequence", sequence_data.SequenceData.from_config, _token_model("sequence"), {"masked": _masked},
+             artifacts=(gene_vocab.VOCAB_FILENAME,)),
+    Modality("sequence", sequence_data.SequenceData.from_config, _token_model("sequence"),
+             {"masked": MaskedCodeModelling},
              sizing=_sequence_sizing, artifacts=(sequence_data.TOKENIZER_FILENAME,)),
     Modality("tabular", tabular_data.TabularData.from_config, tabular_model.model_modality,
-             {"masked_features": lambda cfg, modality, info: MaskedFeatureModelling(
-                 category_loss_weight=cfg.category_loss_weight)},
+             {"masked_features": MaskedFeatureModelling},
              baseline=RawBaseline("logistic_raw_features", "logistic",
                                   "logistic regression on the raw features (mean-imputed, missing indicators, "
                                   "one-hot)", tabular_baseline.table_features),
              artifacts=(tabular_data.STATS_FILENAME,)),
     Modality("ecg", ecg_data.ECGData.from_config, ecg_model.model_modality,
-             {"mae": lambda cfg, modality, info: ECGReconstruction(norm_pix_loss=cfg.norm_pix_loss)},
+             {"mae": ECGReconstruction},
              sizing=ecg_data.sizing,
              baseline=RawBaseline("logistic_rhythm_features", "logistic",
                                   "logistic regression on RR-interval irregularity and per-lead amplitudes",
@@ -185,8 +200,35 @@ def configured(data_config: Mapping[str, Any]) -> list[str]:
   return [name for name in MODALITIES if name in data_config]
 
 
-def open_data_module(name: str, cfg: Any, *, objective: str, artifacts_dir) -> Any:
-  return get(name).data(cfg, objective=objective, artifacts_dir=artifacts_dir)
+def open_data_module(name: str, cfg: Any, *, objective: str, artifacts_dir: str | os.PathLike[str]) -> DataModule:
+  return get(name).data(cfg, objective=objective, artifacts_dir=artifacts_dir)  # typed by the row
+
+
+def open_pretraining_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path, *,
+                          writes_artifacts: bool = True) -> DataModule:
+  """Pre-training's data module: the one configured modality (from its raw source or a
+  prepared dataset), or the multimodal join when `config.data` has a `multimodal` section.
+  `writes_artifacts=False` (every process but the first) leaves a prepared folder's
+  artifacts to the one writer."""
+  if "task" in config:
+    raise ValueError("this is a fine-tuning config (it has a task section): run it with "
+                     "biofm_jax.train.finetune.finetune / experiments/finetune.py")
+  prepared = config.data.get("prepared", "")
+  if prepared and "multimodal" in config.data:
+    raise ValueError(f"config.data.prepared={prepared!r}: prepared datasets serve single-modality "
+                     f"pre-training; fine-tuning and multimodal runs read their raw sources")
+  if "multimodal" in config.data:
+    return open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
+                                seed=config.seed)
+  modalities = configured(config.data)
+  if len(modalities) != 1:
+    raise ValueError(f"config.data must configure exactly one of {sorted(MODALITIES)} (or have "
+                     f"a 'multimodal' section); found {modalities}")
+  if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
+    return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
+                         objective=config.objective.name, artifacts_dir=artifacts_dir if writes_artifacts else None)
+  return open_data_module(modalities[0], config.data[modalities[0]], objective=config.objective.name,
+                          artifacts_dir=artifacts_dir)
 
 
 def check_contrastive(objectives: Any, modalities: Sequence[str], *, mixing: bool, sampling: str) -> None:
@@ -204,7 +246,8 @@ def check_contrastive(objectives: Any, modalities: Sequence[str], *, mixing: boo
                 "as a negative; prefer uniform sampling with large contrastive batches")
 
 
-def open_multimodal_data(data_cfg: Any, *, objectives: Any, artifacts_dir, seed: int = 0):
+def open_multimodal_data(data_cfg: Any, *, objectives: Any, artifacts_dir: str | os.PathLike[str],
+                         seed: int = 0) -> MultimodalData:
   """The multimodal join (`data/multimodal.py`) of the modalities `data_cfg.multimodal` names."""
   return MultimodalData.from_config(data_cfg, objectives=objectives, artifacts_dir=artifacts_dir, seed=seed,
                                     open_modality=open_data_module, registered=tuple(MODALITIES),
@@ -212,7 +255,7 @@ def open_multimodal_data(data_cfg: Any, *, objectives: Any, artifacts_dir, seed:
                                     synthetic_paths=synthetic_cohort.run_cohort_paths)
 
 
-def model_artifact_files(artifacts_dir: str | os.PathLike) -> list[str]:
+def model_artifact_files(artifacts_dir: str | os.PathLike[str]) -> list[str]:
   """The files under a run's `artifacts_dir` that its model needs: each row's `artifacts`, at
   the top (a one-modality run) or under `<modality>/` (a multimodal join), where present.
   An export copies these and nothing else."""
@@ -224,7 +267,8 @@ def model_artifact_files(artifacts_dir: str | os.PathLike) -> list[str]:
   return found
 
 
-def reference_losses(data_module, config, *, train_split: str, eval_split: str) -> dict[str, float]:
+def reference_losses(data_module: DataModule, config: ml_collections.ConfigDict, *, train_split: str,
+                     eval_split: str) -> dict[str, float]:
   """The losses `data_module`'s modality says a model must beat (`{}` for none, and for
   joined modalities)."""
   row = MODALITIES.get(data_module.name)
@@ -233,12 +277,31 @@ def reference_losses(data_module, config, *, train_split: str, eval_split: str) 
   return row.reference_losses(data_module, config, train_split=train_split, eval_split=eval_split)
 
 
-def model_modalities(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]) -> dict:
+def model_modalities(config: ml_collections.ConfigDict,
+                     data_info: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelDescription]:
   """{modality: its model description} from each data module's `model_info()`."""
   return {name: get(name).model(config, info) for name, info in data_info.items()}
 
 
-def build_model(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]):
+def objective_kind(name: str, modality: str) -> ObjectiveKind:
+  """The class a row names for objective `name`; a one-line error naming what it trains with."""
+  kinds = get(modality).objectives
+  if name not in kinds:
+    known = sorted({n for m in MODALITIES.values() for n in m.objectives})
+    detail = f"{modality} trains with {sorted(kinds)}" if name in known else f"known objectives: {known}"
+    raise ValueError(f"objective.name={name!r} is not one of {sorted(kinds)} ({detail})")
+  return kinds[name]
+
+
+def is_causal(objective_cfg: Any, modalities: Sequence[str]) -> bool:
+  """Whether `objective_cfg` needs a causal stack over `modalities` (a multimodal objective
+  never does: its towers and fusion are bidirectional, and it refuses causal members)."""
+  if objective_cfg.name == "multimodal" or len(modalities) != 1:
+    return False
+  return bool(objective_kind(objective_cfg.name, modalities[0]).causal)
+
+
+def build_model(config: ml_collections.ConfigDict, data_info: Mapping[str, Mapping[str, Any]]) -> Any:
   """The pre-training model for `data_info` (`{modality: model_info}`, e.g.
   `{"ehr": {"vocab_size": ..., ...}}`): `models/model.py` over the registered descriptions."""
   if not data_info:
@@ -246,7 +309,8 @@ def build_model(config: ml_collections.ConfigDict, data_info: Mapping[str, Mappi
   unknown = sorted(set(data_info) - set(MODALITIES))
   if unknown:
     raise ValueError(f"no model for modalities {sorted(data_info)}; registered: {sorted(MODALITIES)}")
-  return model_lib.build_model(config, model_modalities(config, data_info))
+  return model_lib.build_model(config, model_modalities(config, data_info),
+                               causal=is_causal(config.objective, list(data_info)))
 
 
 def objective_for(cfg: ml_collections.ConfigDict, info: Mapping[str, Mapping[str, Any]]) -> Objective:
@@ -267,10 +331,5 @@ def build_objective(cfg: ml_collections.ConfigDict, modality: str = "ehr",
   (for "multimodal": one `model_info()` per modality, and a section of `cfg` per modality)."""
   if cfg.name == "multimodal":  # `info` is {modality: model_info}
     return build_multimodal_objective(cfg, info or {}, build_objective)
-  builders = get(modality).objectives
-  if cfg.name not in builders:
-    known = sorted({name for m in MODALITIES.values() for name in m.objectives})
-    detail = (f"{modality} trains with {sorted(builders)}" if cfg.name in known
-              else f"known objectives: {known}")
-    raise ValueError(f"objective.name={cfg.name!r} is not one of {sorted(builders)} ({detail})")
-  return builders[cfg.name](cfg, modality, dict(info if info is not None else {"num_value_bins": 1}))
+  kind = objective_kind(cfg.name, modality)
+  return kind.from_config(cfg, modality, dict(info if info is not None else {"num_value_bins": 1}))

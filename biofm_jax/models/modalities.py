@@ -21,17 +21,17 @@ DNA/protein); a modality with its own shape of input keeps its description in it
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.masking import gathers, masked_slots
 from biofm_jax.models.encoders.tokens import TokenEncoder
 from biofm_jax.models.heads import TokenClassifier
 from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.transformer import flops_per_token
-from biofm_jax.objectives.masked import gathers, masked_slots
 
 
 class Encoded(NamedTuple):
@@ -40,6 +40,37 @@ class Encoded(NamedTuple):
   positions: jax.Array  # int32 [B, T]
   extra: Any = None  # what the heads need besides the hidden states (imaging: the patches)
   segments: Any = None  # int32 [B, T] segment ids of packed rows (`data/packing.py`); None: one per row
+
+
+class ModelDescription(Protocol):
+  """What a modality contributes to a model (see the module docstring), and what it costs."""
+
+  @property
+  def name(self) -> str:
+    ...
+
+  def encode(self, cfg: TransformerConfig, example: Mapping[str, jax.Array], *, train: bool) -> Encoded:
+    ...
+
+  def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example: Any, *, train: bool,
+            prefix: str = "") -> dict[str, jax.Array]:
+    ...
+
+  def num_tokens(self) -> int:
+    """Token slots of one example (what the batch holds)."""
+    ...
+
+  def encoded_tokens(self) -> int:
+    """Tokens the encoder hands to the transformer in pre-training."""
+    ...
+
+  def head_output_dim(self) -> int:
+    """Output width of the heads that run at every position."""
+    ...
+
+  def extra_flops(self, encoder_dim: int) -> float:
+    """Training FLOPs per example beyond the transformer and its per-position heads."""
+    ...
 
 
 def masked_mean(hidden: jax.Array, mask: jax.Array) -> jax.Array:
@@ -68,7 +99,7 @@ class TokenModality:
                                       name=f"{self.name}_encoder")(example, train=train)
     return Encoded(tokens, mask, positions, segments=example.get(B.SEGMENT_IDS))
 
-  def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
+  def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example: Any, *, train: bool,
             prefix: str = "") -> dict[str, jax.Array]:
     del train
     out = {"hidden": hidden, "mask": encoded.mask, "embedding": masked_mean(hidden, encoded.mask)}
@@ -106,8 +137,8 @@ class TokenModality:
     return 3.0 * self.prediction_slots * 2 * encoder_dim * self._token_head_dim()
 
 
-def encoder_flops(modality, cfg: TransformerConfig) -> float:
+def encoder_flops(modality: ModelDescription, cfg: TransformerConfig) -> float:
   """Training FLOPs per example of a modality's transformer over its tokens, with its heads."""
   tokens = modality.encoded_tokens()
-  flops = tokens * flops_per_token(cfg, tokens, output_dim=modality.head_output_dim())
+  flops = float(tokens * flops_per_token(cfg, tokens, output_dim=modality.head_output_dim()))
   return flops + modality.extra_flops(cfg.embed_dim)

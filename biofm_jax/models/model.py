@@ -12,7 +12,7 @@ reports its analytic cost for MFU, e.g.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,6 @@ from biofm_jax.models.fusion import build_multimodal_model
 from biofm_jax.models.layers import TransformerConfig, transformer_config
 from biofm_jax.models.modalities import encoder_flops
 from biofm_jax.models.transformer import TransformerStack
-from biofm_jax.objectives.base import CAUSAL
 
 
 class SingleModalityModel(nn.Module):
@@ -50,24 +49,29 @@ class SingleModalityModel(nn.Module):
     outputs = {self.modality.name: self.modality.heads(self.cfg, hidden, encoded, example, train=train)}
     return outputs if cache is None else (outputs, cache)
 
-  def tokens_per_example(self) -> int:
+  def tokens_per_example(self, modalities: Sequence[str] | None = None) -> int:
+    """Token slots of one example (`modalities`: those a batch holds, as the multimodal
+    model takes them; a single-modality batch always holds its one)."""
+    del modalities
     return self.modality.num_tokens()
 
-  def flops_per_example(self) -> float:
+  def flops_per_example(self, modalities: Sequence[str] | None = None) -> float:
+    del modalities
     return encoder_flops(self.modality, self.cfg)
 
 
-def build_single_modality_model(config: ml_collections.ConfigDict, modality: Any) -> SingleModalityModel:
-  cfg = transformer_config(config.model, max_len=modality.num_tokens(),
-                           causal=config.objective.name in CAUSAL)
+def build_single_modality_model(config: ml_collections.ConfigDict, modality: Any, *,
+                                causal: bool = False) -> SingleModalityModel:
+  cfg = transformer_config(config.model, max_len=modality.num_tokens(), causal=causal)
   return SingleModalityModel(cfg, modality)
 
 
-def build_model(config: ml_collections.ConfigDict, modalities: Mapping[str, Any]) -> nn.Module:
-  """One modality's description gives a single-modality model; several give the
-  multimodal model of `fusion.py`, with the fusion that `config.model.fusion` names."""
+def build_model(config: ml_collections.ConfigDict, modalities: Mapping[str, Any], *, causal: bool = False) -> nn.Module:
+  """One modality's description gives a single-modality model (with a causal stack where
+  its objective needs one, `causal`); several give the multimodal model of `fusion.py`,
+  with the fusion that `config.model.fusion` names."""
   if not modalities:
     raise ValueError("build_model: no modality to build a model for")
   if len(modalities) == 1:
-    return build_single_modality_model(config, *modalities.values())
+    return build_single_modality_model(config, *modalities.values(), causal=causal)
   return build_multimodal_model(config, dict(modalities))

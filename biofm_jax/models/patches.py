@@ -47,10 +47,3 @@ def sincos_position_embedding(grid_shape: tuple[int, ...], dim: int) -> np.ndarr
 
 def grid_shape(image_shape: tuple[int, ...], patch_shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(s // p for s, p in zip(image_shape, patch_shape))
-
-
-def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """Each patch to mean 0, variance 1 (MAE's `norm_pix_loss` targets)."""
-  mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True)
-  return (patches - mean) / jnp.sqrt(var + eps)

@@ -74,11 +74,11 @@ class TaskModel(nn.Module):
       logits = nn.Dense(self.num_outputs, kernel_init=zeros_init(("embed", None)), bias_init=prior, name="head")(x)
     return {**outputs, "task": {"embedding": embedding, "logits": logits}}
 
-  def tokens_per_example(self) -> int:
-    return self.backbone.tokens_per_example()
+  def tokens_per_example(self, modalities=None) -> int:
+    return self.backbone.tokens_per_example(modalities)
 
-  def flops_per_example(self) -> float:
-    return self.backbone.flops_per_example()
+  def flops_per_example(self, modalities=None) -> float:
+    return self.backbone.flops_per_example(modalities)
 
 
 def trainable(mode: str):
@@ -158,8 +158,8 @@ class LoRAModel:
   def apply(self, variables, batch, *, train: bool = False, rngs=None):
     return self.model.apply({"params": self.merged(variables["params"])}, batch, train=train, rngs=rngs)
 
-  def tokens_per_example(self) -> int:
-    return self.model.tokens_per_example()
+  def tokens_per_example(self, modalities=None) -> int:
+    return self.model.tokens_per_example(modalities)
 
-  def flops_per_example(self) -> float:
-    return self.model.flops_per_example()
+  def flops_per_example(self, modalities=None) -> float:
+    return self.model.flops_per_example(modalities)

@@ -4,7 +4,7 @@ protocol. Which objective a modality trains with is its registry row's business
 its folder (e.g. `modalities/imaging/mae.py`)."""
 from __future__ import annotations
 
-from biofm_jax.objectives.base import CAUSAL, Objective, means, weighted_loss
+from biofm_jax.objectives.base import Evaluation, Objective, ObjectiveDefaults, means, weighted_loss
 from biofm_jax.objectives.multimodal import MultimodalObjective
 
-__all__ = ["CAUSAL", "MultimodalObjective", "Objective", "means", "weighted_loss"]
+__all__ = ["Evaluation", "MultimodalObjective", "Objective", "ObjectiveDefaults", "means", "weighted_loss"]

@@ -13,12 +13,14 @@ generated event has a time (`generate.py`), as ETHOS's time tokens give it one.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-from biofm_jax.objectives.base import cross_entropy_sums
+from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 
 
 def check_gap_edges(edges) -> tuple[float, ...]:
@@ -36,11 +38,22 @@ def gap_classes(gaps: jax.Array, edges) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class NextEventModelling:
+class NextEventModelling(ObjectiveDefaults):
   modality: str = "ehr"
   gap_edges: tuple[float, ...] = ()  # days; () predicts no time
   time_loss_weight: float = 1.0
   name: str = "autoregressive"
+  causal: ClassVar[bool] = True  # position t predicts t + 1
+
+  @classmethod
+  def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> NextEventModelling:
+    del info
+    return cls(modality=modality, gap_edges=check_gap_edges(cfg.get("gap_edges_days", ())),
+               time_loss_weight=cfg.get("time_loss_weight", 1.0))
+
+  def derived_metrics(self, means: Mapping[str, float]) -> dict[str, float]:
+    """Perplexity: exp of the held-out code loss (capped so a diverged run stays finite)."""
+    return {"perplexity": math.exp(min(means["code_loss"], 50.0))} if "code_loss" in means else {}
 
   @property
   def loss_weights(self):

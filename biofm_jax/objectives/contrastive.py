@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
+from biofm_jax.objectives.base import Evaluation, ObjectiveDefaults
+from biofm_jax.objectives.retrieval import CrossModalRetrieval
 
 LOSSES = ("clip", "siglip")
 FIELD = "objective.contrastive"
@@ -164,7 +166,7 @@ def pair_sums(loss: str, a: jax.Array, b: jax.Array, valid: jax.Array, logit_sca
 
 
 @dataclasses.dataclass(frozen=True)
-class ContrastiveAlignment:
+class ContrastiveAlignment(ObjectiveDefaults):
   """Contrastive alignment of each pair in `pairs` (order kept), with loss "clip" or "siglip".
 
   `pairs` may also be given as a string "a-b,c-d" (see `parse_pairs`).
@@ -184,6 +186,10 @@ class ContrastiveAlignment:
   @property
   def loss_weights(self):
     return {f"{term_prefix(pair)}_contrastive": float(self.weight) for pair in self.pairs}
+
+  def final_evaluations(self) -> tuple[Evaluation, ...]:
+    """Aligned towers find a subject's other modalities: recall@k on held-out subjects."""
+    return (CrossModalRetrieval(self.pairs),)
 
   def _valid(self, batch, pair) -> jax.Array:
     return jnp.asarray(batch[pair[0]][B.PRESENT], bool) & jnp.asarray(batch[pair[1]][B.PRESENT], bool)

@@ -13,45 +13,25 @@ deviations above the expected count, so a row of independently masked tokens ove
 with probability ~1e-8; should one, its masked tokens beyond the first P are left out of
 both the loss sum and its count (they stay corrupted inputs), so the loss stays an exact
 mean over what was predicted. Packed rows (`data/packing.py`) of many very short windows,
-each masking at least one token, overflow more often; the same rule holds for them.
+each masking at least one token, overflow more often; the same rule holds for them. The
+slot arithmetic (`prediction_slots`, `masked_slots`) is `data/masking.py`'s: the model's
+heads gather at the same slots.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-from biofm_jax.objectives.base import cross_entropy_sums
-
-
-def prediction_slots(max_len: int, mask_rate: float) -> int:
-  """P: positions per row at which the heads run under masked modelling (a multiple of 8, at
-  most `max_len`): the expected masked count plus six standard deviations plus two (the
-  masking transform's at-least-one rule)."""
-  if not (max_len >= 1 and 0.0 < mask_rate <= 1.0):  # NaN fails too
-    raise ValueError(f"prediction_slots: max_len must be a positive integer and mask_rate a fraction in (0, 1]; "
-                     f"got max_len={max_len!r}, mask_rate={mask_rate!r}")
-  mean, spread = mask_rate * max_len, math.sqrt(max_len * mask_rate * (1.0 - mask_rate))
-  return min(max_len, 8 * math.ceil((math.ceil(mean + 6.0 * spread) + 2) / 8))
-
-
-def gathers(slots: int, length: int) -> bool:
-  """Whether P slots replace a row of `length` positions (P = 0 or P >= length: no gather)."""
-  return 0 < slots < length
-
-
-def masked_slots(target_mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
-  """bool [B, L] -> (int32 [B, P] positions: the masked ones in order, then the others;
-  bool [B, P]: which slots hold a masked position)."""
-  order = jnp.argsort(jnp.logical_not(target_mask).astype(jnp.int32), axis=-1, stable=True)[:, :slots]
-  return order.astype(jnp.int32), jnp.take_along_axis(target_mask, order, axis=-1)
+from biofm_jax.data.masking import gathers, masked_slots
+from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedCodeModelling:
+class MaskedCodeModelling(ObjectiveDefaults):
   """Masked token modelling for any token sequence in `batch[modality]`.
 
   Terms with weight 0 are left out: scGPT-style expression hides only values (the gene
@@ -63,6 +43,13 @@ class MaskedCodeModelling:
   has_values: bool = True
   prediction_slots: int = 0  # P > 0: the model's heads ran at P gathered positions per row
   name: str = "masked"
+
+  @classmethod
+  def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> MaskedCodeModelling:
+    """`cfg`: config.objective (or a multimodal member's section); `info`: the data's model info."""
+    return cls(modality=modality, code_loss_weight=cfg.get("code_loss_weight", 1.0),
+               value_loss_weight=cfg.get("value_loss_weight", 0.0), has_values=info.get("num_value_bins", 0) > 0,
+               prediction_slots=int(info.get("prediction_slots", 0)))
 
   @property
   def loss_weights(self):

@@ -15,16 +15,16 @@ are then absent from that step's sums and counts. They add nothing to the loss
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from biofm_jax.objectives.base import CAUSAL, Objective
+from biofm_jax.objectives.base import Evaluation, Objective, ObjectiveDefaults
 from biofm_jax.objectives.contrastive import ContrastiveAlignment, pairs_of_configured_modalities
 
 CONTRASTIVE = "contrastive"
 
 
 @dataclasses.dataclass(frozen=True)
-class MultimodalObjective:
+class MultimodalObjective(ObjectiveDefaults):
   """`parts`: (modality, objective, weight) per modality; `contrastive`: None or an objective."""
   parts: tuple[tuple[str, Objective, float], ...]
   contrastive: Any = None
@@ -54,6 +54,17 @@ class MultimodalObjective:
     return {f"{prefix}/{term}": value for prefix, objective in self._held(batch)
             for term, value in objective.sums(outputs, batch).items()}
 
+  def derived_metrics(self, means: Mapping[str, float]) -> dict[str, float]:
+    """Each member's figures from its own terms, under its prefix."""
+    out = {}
+    for prefix, objective, _ in self._members():
+      own = {term[len(prefix) + 1:]: value for term, value in means.items() if term.startswith(f"{prefix}/")}
+      out.update({f"{prefix}/{name}": value for name, value in objective.derived_metrics(own).items()})
+    return out
+
+  def final_evaluations(self) -> Sequence[Evaluation]:
+    return tuple(evaluation for _, objective, _ in self._members() for evaluation in objective.final_evaluations())
+
 
 def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build_one) -> MultimodalObjective:
   """`cfg` is config.objective: a section per modality (its own objective's fields plus
@@ -64,10 +75,11 @@ def build_multimodal_objective(cfg, info: Mapping[str, Mapping[str, Any]], build
       raise ValueError(f"objective.{modality} is missing: the multimodal objective needs a section per "
                        f"modality ({sorted(info)}), with its objective's name and weight")
     section = cfg[modality]
-    if section.name in CAUSAL:
+    objective = build_one(section, modality, info[modality])
+    if objective.causal:
       raise ValueError(f"objective.{modality}.name: {section.name!r} needs a causal model; the multimodal "
                        f"towers and fusion are bidirectional: use 'masked'")
-    parts.append((modality, build_one(section, modality, info[modality]), float(section.get("weight", 1.0))))
+    parts.append((modality, objective, float(section.get("weight", 1.0))))
   contrastive = None
   section = cfg.get(CONTRASTIVE)
   if section is not None and section.weight > 0:

@@ -9,12 +9,19 @@ has). The model's outputs for the modality hold `predicted_patches` and `target_
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from biofm_jax.models.patches import normalize_patches
+from biofm_jax.objectives.base import ObjectiveDefaults
+
+
+def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Each patch to mean 0, variance 1 (MAE's `norm_pix_loss` targets)."""
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True)
+  return (patches - mean) / jnp.sqrt(var + eps)
 
 
 def patch_error_sum(predicted: jax.Array, target: jax.Array, weights: jax.Array, *, norm_pix_loss: bool) -> jax.Array:
@@ -25,11 +32,17 @@ def patch_error_sum(predicted: jax.Array, target: jax.Array, weights: jax.Array,
 
 
 @dataclasses.dataclass(frozen=True)
-class PatchReconstruction:
+class PatchReconstruction(ObjectiveDefaults):
   modality: str
   weights: Callable[[dict], jax.Array]  # the modality's batch fields -> [B, M] float32
   norm_pix_loss: bool = True
   name: str = "mae"
+
+  @classmethod
+  def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> PatchReconstruction:
+    """A modality's own subclass names its `modality` and `weights` as defaults."""
+    del info
+    return cls(modality=modality, norm_pix_loss=cfg.norm_pix_loss)  # type: ignore[call-arg]
 
   @property
   def loss_weights(self):

@@ -19,10 +19,11 @@ import optax
 
 from biofm_jax.data import batch as B
 from biofm_jax.objectives import survival
+from biofm_jax.objectives.base import ObjectiveDefaults
 
 
 @dataclasses.dataclass(frozen=True)
-class SupervisedObjective:
+class SupervisedObjective(ObjectiveDefaults):
   task_type: str
   num_outputs: int = 1
   time_bin_edges: tuple[float, ...] = ()

@@ -26,13 +26,14 @@ on the batch only, as every objective here (`base.py`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from biofm_jax.data import batch as B
+from biofm_jax.objectives.base import ObjectiveDefaults
 
 
 def check_bin_starts(bin_starts: Sequence[float]) -> tuple[float, ...]:
@@ -85,12 +86,20 @@ def piecewise_exponential_nll(log_hazard: jax.Array, days: jax.Array, event: jax
 
 
 @dataclasses.dataclass(frozen=True)
-class TimeToEventModelling:
+class TimeToEventModelling(ObjectiveDefaults):
   modality: str = "ehr"
   num_tasks: int = 1
   points: int = 1  # prediction points per row
   bin_starts: tuple[float, ...] = (0.0,)
   name: str = "time_to_event"
+  causal: ClassVar[bool] = True  # a point predicts the events after it
+
+  @classmethod
+  def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> TimeToEventModelling:
+    if "tte_tasks" not in info:
+      raise ValueError(f"objective.name='time_to_event': the {modality} data has no time-to-event targets")
+    return cls(modality=modality, num_tasks=int(info["tte_tasks"]), points=int(info["tte_points"]),
+               bin_starts=check_bin_starts(cfg.get("time_bins_days", (0.0,))))
 
   @property
   def loss_weights(self):

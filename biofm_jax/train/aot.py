@@ -21,7 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from biofm_jax.data.module import train_example_spec_of
 from biofm_jax.modalities import registry
 from biofm_jax.models.layers import attention_on, runs_unrolled
 from biofm_jax.train.build import build_training
@@ -103,7 +102,7 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
       model_flops_per_step=config.data.batch_size * setup.model.flops_per_example(),
       layer_loop=config.model.layer_loop)
   if compile:
-    batch = abstract_batch(train_example_spec_of(data), config.data.batch_size, _batch_sharding(setup))
+    batch = abstract_batch(data.train_example_spec(), config.data.batch_size, _batch_sharding(setup))
     try:
       compiled = setup.train_step.lower(abstract, batch).compile()
     except Exception as e:  # the TPU compiler refuses what cannot fit, naming the bytes

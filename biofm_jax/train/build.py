@@ -16,7 +16,6 @@ import optax
 from jax.sharding import Mesh
 
 from biofm_jax import parallel
-from biofm_jax.data.module import device_transform_of
 from biofm_jax.modalities.registry import build_model, objective_for
 from biofm_jax.objectives import Objective
 from biofm_jax.train import state as state_lib
@@ -68,7 +67,7 @@ def build_training(config: ml_collections.ConfigDict, data_module, devices=None,
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))
   abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
   # A data module may hand work to the step (image augmentation on the accelerator).
-  prepare = device_transform_of(data_module)
+  prepare = data_module.device_transform()
   train_step = step_lib.jit_train_step(model, tx, objective, schedule, shardings, mesh, rules, accum, prepare)
   eval_step = step_lib.jit_eval_step(model, objective, shardings.params, mesh, rules)
   return TrainingSetup(mesh, rules, model, objective, tx, schedule, init_batch, abstract, shardings,

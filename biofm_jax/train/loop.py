@@ -4,13 +4,15 @@ Read top to bottom, like big_vision's train.py:
   1. run record   2. data   3. model, objective, optimiser, compiled steps
   4. state: restore the latest checkpoint or initialise directly sharded
   5. the loop     6. final checkpoint and summary
+The loop asks nothing about the kind of run: the data module brings its training stream
+and data metrics (`data/module.py`), the objective its derived metrics, final evaluations
+and summary lines (`objectives/base.py`), the model its cost per example.
 A run killed at any point (even kill -9) resumes from its last complete checkpoint,
 data order included. SIGTERM (a preempted VM) saves a checkpoint before exiting.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pathlib
 import signal
@@ -26,14 +28,12 @@ from biofm_jax import parallel
 from biofm_jax.config import check_config, config_to_dict, write_run_info
 from biofm_jax.data import batch as batch_lib
 from biofm_jax.data import pipeline
-from biofm_jax.data.prepared import open_prepared
 from biofm_jax.modalities import registry
-from biofm_jax.models.fusion import MultimodalModel
 from biofm_jax.train import state as state_lib
 from biofm_jax.train.build import build_training
 from biofm_jax.train.checkpoint import Checkpointer
 from biofm_jax.train.metric_writer import MetricMeans, MetricWriter, Throughput, format_duration, measure_peak_flops
-from biofm_jax.train.retrieval import cross_modal_recall
+from biofm_jax.train.embed import embed_split_outputs
 
 log = logging.getLogger("biofm_jax")
 TRAIN_SPLIT, EVAL_SPLIT = "train", "tuning"
@@ -77,29 +77,9 @@ class StopRequested:
 
 
 def open_data_module(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
-  """Pre-training's data module: the one configured modality (from its raw source or a
-  prepared dataset), or the multimodal join when `config.data` has a `multimodal` section,
-  as the modality registry opens them."""
-  if "task" in config:
-    raise ValueError("this is a fine-tuning config (it has a task section): run it with "
-                     "biofm_jax.train.finetune.finetune / experiments/finetune.py")
-  prepared = config.data.get("prepared", "")
-  if prepared and "multimodal" in config.data:
-    raise ValueError(f"config.data.prepared={prepared!r}: prepared datasets serve single-modality "
-                     f"pre-training; fine-tuning and multimodal runs read their raw sources")
-  if "multimodal" in config.data:
-    return registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
-                                         seed=config.seed)
-  modalities = registry.configured(config.data)
-  if len(modalities) != 1:
-    raise ValueError(f"config.data must configure exactly one of {sorted(registry.MODALITIES)} (or have "
-                     f"a 'multimodal' section); found {modalities}")
-  if prepared:  # records tokenised once by experiments/prepare.py (data/prepared.py)
-    return open_prepared(prepared, modality=modalities[0], data_config=config.data[modalities[0]].to_dict(),
-                         objective=config.objective.name,
-                         artifacts_dir=artifacts_dir if jax.process_index() == 0 else None)  # one writer
-  return registry.open_data_module(modalities[0], config.data[modalities[0]], objective=config.objective.name,
-                                   artifacts_dir=artifacts_dir)
+  """Pre-training's data module (`registry.open_pretraining_data`); with several processes
+  only the first writes a prepared folder's artifacts."""
+  return registry.open_pretraining_data(config, artifacts_dir, writes_artifacts=jax.process_index() == 0)
 
 
 def open_once(open_module: Callable[[], Any]):
@@ -115,13 +95,7 @@ def open_once(open_module: Callable[[], Any]):
 def make_train_iterator(data_module, config: ml_collections.ConfigDict):
   """The endless, checkpointable stream of per-process training batches."""
   layout = data_layout(parallel.make_mesh(config.mesh))
-  make = getattr(data_module, "make_train_dataset", None)  # a module's own stream (`data/module.py`)
-  if make is not None:
-    dataset = make(global_batch_size=config.data.batch_size, seed=config.seed, **layout)
-  else:
-    dataset = pipeline.make_train_dataset(
-        data_module.source(TRAIN_SPLIT), data_module.transforms(train=True), global_batch_size=config.data.batch_size,
-        seed=config.seed, name=data_module.name, **layout)
+  dataset = data_module.make_train_dataset(global_batch_size=config.data.batch_size, seed=config.seed, **layout)
   return pipeline.make_iterator(dataset, num_workers=config.data.num_workers)
 
 
@@ -166,27 +140,30 @@ def evaluate(setup, params, data_module, config) -> dict[str, float]:
 
 
 def summarize_eval(objective, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-  """Token averages of every term, the weighted training loss, and (next-event) perplexity."""
-  result = {f"eval/{name}": sums[name] / max(counts[name], 1.0) for name in sums}
-  result["eval/loss"] = sum(w * result[f"eval/{name}"] for name, w in objective.loss_weights.items())
-  if objective.name == "autoregressive":
-    result["eval/perplexity"] = math.exp(min(result["eval/code_loss"], 50.0))
+  """Token averages of every term, the weighted training loss, and the objective's own
+  figures from them (next-event: perplexity)."""
+  means = {name: sums[name] / max(counts[name], 1.0) for name in sums}
+  result = {f"eval/{name}": value for name, value in means.items()}
+  result["eval/loss"] = sum(w * means[name] for name, w in objective.loss_weights.items() if name in means)
+  result.update({f"eval/{name}": value for name, value in objective.derived_metrics(means).items()})
   return result
 
 
-def evaluate_retrieval(setup, params, data_module, config) -> dict[str, float]:
-  """Cross-modal recall@1 and @10 (and chance) on the tuning split for every contrastive
-  pair of a multimodal objective; {} otherwise (or with several processes: embed_split
+def final_evaluations(setup, params, data_module, config) -> dict[str, float]:
+  """The objective's final evaluations on the tuning split (contrastive alignment:
+  cross-modal recall), each under its name; {} with several processes (embedding a split
   runs in one)."""
-  contrastive = getattr(setup.objective, "contrastive", None)
-  if contrastive is None or jax.process_count() > 1:
+  evaluations = setup.objective.final_evaluations()
+  if not evaluations or jax.process_count() > 1:
     return {}
-  recall = cross_modal_recall(setup, params, data_module, EVAL_SPLIT, contrastive.pairs,
-                              batch_size=config.data.batch_size, ks=(1, 10))
-  log.info("cross-modal retrieval on the %s split: %s", EVAL_SPLIT, " | ".join(
-      f"{q}->{t} recall@10 {recall[f'{q}->{t}/recall@10']:.2f} (chance {recall[f'{q}->{t}/chance@10']:.2f})"
-      for q, t in contrastive.pairs if f"{q}->{t}/recall@10" in recall))
-  return {f"retrieval/{k}": v for k, v in recall.items() if "subjects" not in k}
+  embed = lambda outputs: embed_split_outputs(setup, params, data_module, EVAL_SPLIT, outputs,  # noqa: E731
+                                              batch_size=config.data.batch_size)
+  figures = {}
+  for evaluation in evaluations:
+    figures.update({f"{evaluation.name}/{k}": v for k, v in evaluation(embed, data_module, EVAL_SPLIT).items()})
+  for line in setup.objective.summary_lines(figures):
+    log.info("%s", line)
+  return figures
 
 
 def log_progress(step: int, num_steps: int, train: dict, perf: dict, objective) -> None:
@@ -210,11 +187,8 @@ def loss_parts(train: dict, objective) -> str:
 
 
 def step_cost(model, batch_size: int) -> Callable[[Any], tuple[float, float]]:
-  """host batch -> (token slots, model FLOPs) of one global step. A multimodal batch that
-  leaves modalities out (batching by availability pattern) costs only those it holds."""
-  if not isinstance(model, MultimodalModel):
-    cost = (batch_size * model.tokens_per_example(), batch_size * model.flops_per_example())
-    return lambda host_batch: cost
+  """host batch -> (token slots, model FLOPs) of one global step, as the model counts the
+  modalities the batch holds (a multimodal batch by availability pattern leaves some out)."""
   by_keys: dict[tuple[str, ...], tuple[float, float]] = {}
 
   def cost_of(host_batch):
@@ -296,8 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   last_train, last_eval, stopped_early = {}, {}, False
   step = start_step
   tokens = [0, 0]  # this process's real tokens and token slots since the last log line
-  coverage = getattr(data_module, "train_event_coverage", None)
-  coverage = {"data/train_event_coverage": coverage()} if coverage is not None and is_chief else {}
+  data_metrics = data_module.train_metrics() if is_chief else {}  # written with every train line
   first_row: dict[str, float] = {}  # metrics written once, with the first logged step
   try:
     with StopRequested() as stop:
@@ -321,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_train["train/padding_fraction"] = 1.0 - tokens[0] / tokens[1]
             perf["perf/real_tokens_per_s"] = perf.get("perf/tokens_per_s", 0.0) * tokens[0] / tokens[1]
           tokens = [0, 0]
-          writer.write(step, {**last_train, **perf, **coverage, **first_row})
+          writer.write(step, {**last_train, **perf, **data_metrics, **first_row})
           first_row = {}
           log_progress(step, num_steps, last_train, perf, setup.objective)
         if evaluates and (step % config.train.eval_every == 0 or step == num_steps):
@@ -334,11 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           checkpointer.save(step, state, train_iter, config, force=True)
         if stopped_early:
           break
-    retrieval = {}
+    final = {}
     if not stopped_early and evaluates and step > start_step:
-      retrieval = evaluate_retrieval(setup, state.params, data_module, config)
-      if retrieval:
-        writer.write(step, retrieval)
+      final = final_evaluations(setup, state.params, data_module, config)
+      if final:
+        writer.write(step, final)
   finally:
     # Also on errors: finish an in-flight async save and flush the metric files.
     checkpointer.close()
@@ -347,4 +320,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # ------------------------------------------------------------ 6. summary
   return {"steps": step, "start_step": start_step, "stopped_early": stopped_early, "num_params": num_params,
           "mesh": dict(setup.mesh.shape), "wall_time_s": time.time() - start_time,
-          "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines, **retrieval}
+          "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines, **final,
+          "summary_lines": setup.objective.summary_lines({**last_eval, **baselines, **final})}

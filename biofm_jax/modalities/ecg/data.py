@@ -34,7 +34,7 @@ from biofm_jax.data import batch, object_state
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.sources import read_skips
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.modalities.ecg.source import ECGDataset
 from biofm_jax.modalities.ecg.synthetic import write_synthetic_ecg
 
@@ -159,7 +159,7 @@ def model_info(s: Mapping[str, Any]) -> dict[str, Any]:
 
 # ================================================================ the data module
 @object_state.storable
-class ECGData:
+class ECGData(DataModuleDefaults):
   """ECG records as the pipeline, the training loop and evaluation see them."""
   name = NAME
 

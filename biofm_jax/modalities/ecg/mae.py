@@ -5,8 +5,10 @@ real samples. Absent leads, zero padding and padding examples (valid False) weig
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from biofm_jax.modalities.ecg import data as ecg_data
@@ -19,4 +21,7 @@ def present_patch_weights(ecg) -> jnp.ndarray:
   return (present & ecg[ecg_data.VALID][:, None]).astype(jnp.float32)
 
 
-ECGReconstruction = functools.partial(PatchReconstruction, ecg_data.NAME, present_patch_weights)
+@dataclasses.dataclass(frozen=True)
+class ECGReconstruction(PatchReconstruction):
+  modality: str = ecg_data.NAME
+  weights: Callable[[dict], jax.Array] = present_patch_weights

@@ -22,9 +22,9 @@ import meds
 import numpy as np
 
 from biofm_jax.data import batch, object_state, packing, pipeline
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
-from biofm_jax.objectives.masked import prediction_slots
+from biofm_jax.data.masking import prediction_slots
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.modalities.ehr.vocab import (  # noqa: F401  (re-exported: ehr.EHRVocab, ehr.VOCAB_FILENAME, ...)
     VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, EHRVocab)
@@ -158,7 +158,7 @@ def training_example_spec(max_len: int, objective: str, pack: bool, tte_events: 
 
 
 @object_state.storable
-class EHRData:
+class EHRData(DataModuleDefaults):
   """The EHR modality as the pipeline and training loop see it."""
   name = "ehr"
 
@@ -317,6 +317,10 @@ class EHRData:
       out.update({f"meds_{k}": v for k, v in dict(self.dataset.stats).items()})
       self._summary = out
     return dict(self._summary)
+
+  def train_metrics(self) -> dict[str, float]:
+    """The loop's first metrics row: how much of the training split an epoch's windows hold."""
+    return {"data/train_event_coverage": self.train_event_coverage()}
 
   def train_event_coverage(self) -> float:
     """The share of the training split's timed events that an epoch's training windows hold

@@ -29,6 +29,7 @@ from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR
 from biofm_jax.modalities.ehr.windows import birth_time
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.data.labels import Labels
+from biofm_jax.data.module import DataModuleDefaults
 
 log = logging.getLogger("biofm_jax")
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
@@ -137,7 +138,7 @@ class TokenizeLabeled(grain.transforms.Map):
     return {"ehr": self.tokenize.map(record), batch.TASK: task}
 
 
-class EHRTaskData:
+class EHRTaskData(DataModuleDefaults):
   """A labelled EHR task as the pipeline, the training loop and the evaluation see it."""
   name = "labeled_ehr"
   modality = "ehr"

@@ -28,7 +28,7 @@ import numpy as np
 from biofm_jax.data import batch, object_state
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.sources import index_skips, read_skips
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exported)
     INTENSITY_MODES, CenterResize, IntensityJitter, NormalizeIntensity,
@@ -162,7 +162,7 @@ def _int(value: Any, name: str) -> int:
 
 # ================================================================ data module
 @object_state.storable
-class ImagingData:
+class ImagingData(DataModuleDefaults):
   """2D images or 3D volumes as the pipeline and training loop see them."""
   name = "imaging"
 

@@ -6,8 +6,10 @@ examples (valid False) weigh nothing.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
@@ -20,4 +22,7 @@ def masked_patch_weights(imaging) -> jnp.ndarray:
   return jnp.broadcast_to(valid, imaging[B.IMAGE_MASKED].shape)
 
 
-MaskedAutoencoding = functools.partial(PatchReconstruction, "imaging", masked_patch_weights)
+@dataclasses.dataclass(frozen=True)
+class MaskedAutoencoding(PatchReconstruction):
+  modality: str = "imaging"
+  weights: Callable[[dict], jax.Array] = masked_patch_weights

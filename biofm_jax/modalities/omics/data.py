@@ -33,10 +33,10 @@ import numpy as np
 import pyarrow.csv as pacsv
 
 from biofm_jax.data import batch, object_state, pipeline
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
-from biofm_jax.objectives.masked import prediction_slots
+from biofm_jax.data.masking import prediction_slots
 from biofm_jax.modalities.omics.gene_vocab import (  # noqa: F401  (re-exported: omics.GeneVocab etc.)
     VOCAB_FILENAME, VOCAB_FORMAT, VOCAB_FORMAT_VERSION, VOCAB_MAX_CELLS,
     GeneVocab, normalize_counts, quantile_bins)
@@ -203,7 +203,7 @@ _require = functools.partial(require, prefix=_CONFIG_PREFIX)
 
 
 @object_state.storable
-class OmicsData:
+class OmicsData(DataModuleDefaults):
   """Single-cell expression as the pipeline and training loop see it."""
   name = "omics"
 

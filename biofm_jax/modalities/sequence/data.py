@@ -10,7 +10,7 @@ arrays named in `batch.py` (`batch.token_sequence_spec(max_len, with_values=Fals
 * `TokenizeSequence`: a Grain `RandomMap` from a record to TOKENS and TOKEN_MASK (CLS
   first, at most `max_len - 1` sequence tokens, padding). Longer sequences are cropped to
   a random window of tokens (training) or to their first tokens (evaluation).
-* `MaskTokens`: BERT-style masking with targets, the EHR masking (`ehr.MaskEHR`) applied to
+* `MaskTokens`: BERT-style masking with targets, `data/masking.py`'s rule (as EHR's) applied to
   tokens that carry no value bins.
 * `SequenceData`: what the pipeline and the training loop use (sources, transforms, spec).
 """
@@ -28,11 +28,10 @@ import grain
 import numpy as np
 
 from biofm_jax.data import artifacts, batch, object_state
-from biofm_jax.data.module import KeyByModality
-from biofm_jax.modalities.ehr import data as ehr
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.data.config_fields import config_field, require
-from biofm_jax.data.masking import check_masking_args
-from biofm_jax.objectives.masked import prediction_slots
+from biofm_jax.data.masking import bert_masking, check_masking_args
+from biofm_jax.data.masking import prediction_slots
 from biofm_jax.modalities.sequence import fasta as fasta
 from biofm_jax.modalities.sequence.synthetic import write_synthetic_fasta
 
@@ -257,23 +256,21 @@ class TokenizeSequence(grain.transforms.RandomMap):
 class MaskTokens(grain.transforms.RandomMap):
   """BERT-style masking (80% MASK, 10% random token, 10% kept) of sequence tokens.
 
-  Adds TARGET_TOKENS and TARGET_MASK. The rule and its random draws are `ehr.MaskEHR`'s
-  (the field names are shared): never CLS, PAD or UNK, at least one target per example,
-  a fixed number of draws. MaskEHR also hides value bins; sequences have none, so it is
-  given all-NO_VALUE_BIN bins, which are dropped again with their targets.
+  Adds TARGET_TOKENS and TARGET_MASK. The rule and its random draws are `data/masking.py`'s
+  `bert_masking`, as the EHR's masking uses it: never CLS, PAD or UNK, at least one target
+  per example, a fixed number of draws.
   """
 
   def __init__(self, vocab_size: int, mask_rate: float = 0.15):
     check_masking_args("MaskTokens", vocab_size, mask_rate)
     self.vocab_size, self.mask_rate = vocab_size, mask_rate
-    self._bert = ehr.MaskEHR(vocab_size, mask_rate)
 
   def random_map(self, example: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict:
     tokens = example[batch.TOKENS]
-    with_bins = dict(example)
-    with_bins[batch.TOKEN_VALUE_BINS] = np.full(tokens.shape, batch.NO_VALUE_BIN, np.int32)
-    out = self._bert.random_map(with_bins, rng)
-    del out[batch.TOKEN_VALUE_BINS], out[batch.TARGET_VALUE_BINS]
+    candidates = example[batch.TOKEN_MASK] & (tokens != batch.CLS_ID) & (tokens != batch.UNK_ID)
+    selected, masked = bert_masking(tokens, candidates, rng, mask_rate=self.mask_rate, vocab_size=self.vocab_size)
+    out = dict(example)
+    out[batch.TOKENS], out[batch.TARGET_TOKENS], out[batch.TARGET_MASK] = masked, tokens.copy(), selected
     return out
 
 
@@ -298,7 +295,7 @@ def tokenizer_from_config(cfg: Any) -> SequenceTokenizer:
 
 
 @object_state.storable
-class SequenceData:
+class SequenceData(DataModuleDefaults):
   """DNA or protein sequences from FASTA as the pipeline and training loop see them."""
   name = "sequence"
 

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import artifacts, batch, object_state
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.data.config_fields import config_field
 from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 from biofm_jax.modalities.tabular import source as tabular_source
@@ -237,7 +237,7 @@ class MaskFeatures(grain.transforms.RandomMap):
 
 # ================================================================ data module
 @object_state.storable
-class TabularData:
+class TabularData(DataModuleDefaults):
   """A feature table as the pipeline and training loop see it."""
   name = "tabular"
 

@@ -7,17 +7,23 @@ hidden numeric values (squared error on standardised values) and hidden categori
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-from biofm_jax.objectives.base import cross_entropy_sums
+from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedFeatureModelling:
+class MaskedFeatureModelling(ObjectiveDefaults):
   category_loss_weight: float = 1.0
   name: str = "masked_features"
+
+  @classmethod
+  def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> MaskedFeatureModelling:
+    del modality, info  # the tabular modality's own objective
+    return cls(category_loss_weight=cfg.category_loss_weight)
 
   @property
   def loss_weights(self):

@@ -14,7 +14,7 @@ import pytest
 
 from biofm_jax.config import load_config
 from biofm_jax.data import batch, join, multimodal, pattern_batches, pipeline
-from biofm_jax.data.module import KeyByModality
+from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 from biofm_jax.modalities.imaging.data import ImagingData
 from biofm_jax.modalities.tabular.data import TabularData
 
@@ -48,7 +48,7 @@ class AddNoise(grain.transforms.RandomMap):
     return {**example, "noise": rng.random(2).astype(np.float32)}
 
 
-class FakeModule:
+class FakeModule(DataModuleDefaults):
   """A data module over given subject ids per split; no `dataset` (splits found by trying)."""
 
   def __init__(self, name, splits, number, width=3):

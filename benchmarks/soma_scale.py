@@ -74,7 +74,7 @@ def role_train(uri: str, workdir: str) -> dict:
       max_len=64, num_value_bins=16, normalize_total=1e4, log1p=True, mask_rate=0.25, synthetic_cells=1,
       synthetic_seed=0))
   start = time.perf_counter()
-  data = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=workdir)
+  data = omics.OmicsData.from_config(cfg, targets="masked", artifacts_dir=workdir)
   opened = time.perf_counter() - start
   iterator = pipeline.make_iterator(data.make_train_dataset(global_batch_size=BATCH_SIZE, seed=0))
   start = time.perf_counter()

@@ -25,6 +25,7 @@ if os.environ.get("JAX_PLATFORMS") == "cpu":
 
 from absl import app, flags  # noqa: E402
 
+from biofm_jax import parallel  # noqa: E402  (after the platform choice above)
 from biofm_jax.config import load_config, split_config_overrides  # noqa: E402
 
 QUIET_LOGGERS = ("absl", "orbax", "jax", "grain")  # their INFO lines drown the run's progress
@@ -35,6 +36,20 @@ EXIT_INPUT_ERROR = 2
 EXIT_STOPPED_BY_SIGTERM = 128 + 15  # as a process ended by SIGTERM, so schedulers requeue it
 
 flags.DEFINE_bool("verbose", False, "Show the traceback of data and config errors, not only their line.")
+
+
+def define_distributed_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id: the commands that train on
+  several hosts define them here, once (`initialize_distributed` reads them)."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed` from the flags `define_distributed_flags` made (nothing for one process)."""
+  f = flags.FLAGS
+  parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def configure_logging() -> None:

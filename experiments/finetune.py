@@ -21,16 +21,14 @@ import pathlib
 
 from absl import flags
 
-from biofm_jax import cli, parallel
+from biofm_jax import cli
 from biofm_jax.config import load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Fine-tuning config and task preset, e.g. configs/finetune.py:high_risk.")
 flags.DEFINE_string("pretrained", None, "The pre-training run's workdir.")
 flags.DEFINE_string("workdir", None, "Directory for the fine-tuning run.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+cli.define_distributed_flags()
 flags.DEFINE_bool("strict_labels", False, "Label rows of unknown subjects or without history are an error, "
                   "not dropped and counted.")
 flags.DEFINE_string("task_name", "", "The task's name in reports ('' = the labels' name).")
@@ -40,7 +38,7 @@ flags.mark_flags_as_required(["config", "pretrained", "workdir"])
 
 def main(argv, overrides):
   del argv
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  cli.initialize_distributed()
   from biofm_jax.eval import metrics, predictions
   from biofm_jax.eval.finetuned import predict_finetuned
   from biofm_jax.train.finetune import finetune, finetune_config

@@ -14,22 +14,20 @@ import sys
 
 from absl import flags
 
-from biofm_jax import cli, parallel
+from biofm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file and preset, e.g. configs/ehr_bert.py:tiny. Override "
                     "fields with --config.section.field=value.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and artifacts.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv, overrides):
   del argv
   config = cli.load_config_or_exit(FLAGS.config, overrides)
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  cli.initialize_distributed()
   from biofm_jax.train.loop import train_and_evaluate  # after distributed init: it touches devices
   summary = train_and_evaluate(config, FLAGS.workdir)
   print_summary(summary)

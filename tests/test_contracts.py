@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -52,8 +53,10 @@ def test_every_row_names_annotated_pieces_the_type_checker_can_hold_to_the_contr
   unannotated = [field for field, piece in pieces.items()
                  if piece is not None and inspect.signature(piece).return_annotation is inspect.Signature.empty]
   assert not unannotated, f"registry row {name!r}: {unannotated} have no return annotation"
+  makes = sys.modules[row.data.__module__].TARGETS  # what the row's data module can add to examples
   for objective, kind in row.objectives.items():
     assert isinstance(kind.causal, bool), (name, objective)
+    assert kind.targets in makes, f"{name}/{objective} needs {kind.targets!r} targets; the data makes {makes}"
     assert inspect.signature(kind.from_config).return_annotation is not inspect.Signature.empty, (name, objective)
     assert issubclass(kind, ObjectiveDefaults), f"{name}/{objective}: inherit objectives.ObjectiveDefaults"
 

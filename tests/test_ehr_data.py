@@ -408,7 +408,7 @@ def write_meds_dir(root, records):
 def test_ehr_data_on_a_meds_directory(records, tmp_path):
   root = write_meds_dir(tmp_path / "meds", records)
   cfg = ehr_config(path=str(root), max_len=12, min_code_count=2, num_value_bins=4)
-  data = ehr.EHRData.from_config(cfg, objective="masked", artifacts_dir=tmp_path / "art")
+  data = ehr.EHRData.from_config(cfg, targets="masked", artifacts_dir=tmp_path / "art")
   train_records = [r for r in records if int(r["subject_id"]) % 5]
   assert data.vocab == ehr.EHRVocab.build(train_records, min_count=2, num_value_bins=4)
   summary = data.summary()
@@ -425,7 +425,7 @@ def test_ehr_data_on_a_meds_directory(records, tmp_path):
 
 def test_ehr_data_from_synthetic_cohort(artifacts):
   pytest.importorskip("biofm_jax.modalities.ehr.synthetic")
-  data = ehr.EHRData.from_config(ehr_config(), objective="masked", artifacts_dir=artifacts)
+  data = ehr.EHRData.from_config(ehr_config(), targets="masked", artifacts_dir=artifacts)
   vocab_path = artifacts / ehr.VOCAB_FILENAME
   assert vocab_path.exists() and ehr.EHRVocab.load(vocab_path) == data.vocab
   assert data.model_info() == {"ehr": {"vocab_size": data.vocab.size, "num_value_bins": 8, "max_len": 32,
@@ -454,15 +454,15 @@ def test_ehr_data_reuses_vocab_and_checks_config(artifacts):
   pytest.importorskip("biofm_jax.modalities.ehr.synthetic")
   vocab_path = artifacts / ehr.VOCAB_FILENAME
   if not vocab_path.exists():
-    ehr.EHRData.from_config(ehr_config(), objective="masked", artifacts_dir=artifacts)
+    ehr.EHRData.from_config(ehr_config(), targets="masked", artifacts_dir=artifacts)
   before = vocab_path.stat().st_mtime_ns
-  data = ehr.EHRData.from_config(ehr_config(), objective="autoregressive",
+  data = ehr.EHRData.from_config(ehr_config(), targets="next",
                                  artifacts_dir=artifacts)
   assert vocab_path.stat().st_mtime_ns == before  # loaded, not rebuilt
   assert [type(t) for t in data.transforms(train=False)] == [ehr.TokenizeEHR, KeyByModality]
   assert "target_mask" not in data.example_spec()["ehr"]
   with pytest.raises(ValueError, match="min_count=5.*min_code_count=3"):
-    ehr.EHRData.from_config(ehr_config(min_code_count=3), objective="masked",
+    ehr.EHRData.from_config(ehr_config(min_code_count=3), targets="masked",
                             artifacts_dir=artifacts)
 
 
@@ -532,7 +532,7 @@ def test_ehr_training_covers_every_event_and_logs_padding_and_coverage(tmp_path)
   from biofm_jax.train.metric_writer import read_metrics
   config = config_for("configs/ehr_bert.py:tiny", data__ehr__pack=True, train__num_steps=4, train__log_every=2,
                       train__eval_every=4)
-  data = ehr.EHRData.from_config(config.data.ehr, objective="masked", artifacts_dir=tmp_path / "run" / "artifacts")
+  data = ehr.EHRData.from_config(config.data.ehr, targets="masked", artifacts_dir=tmp_path / "run" / "artifacts")
   summary = data.summary()
   assert summary["train_event_coverage"] == 1.0 and summary["train_windows"] > summary["subjects_train"]
   assert summary["train_subjects_truncated"] > 0  # the tiny preset's timelines do not fit one window
@@ -568,7 +568,7 @@ def test_subjects_whose_static_rows_fill_the_window_still_train_on_timed_events(
                  tmp_path / "meds" / "metadata" / "subject_splits.parquet")
   cfg = ml_collections.ConfigDict(dict(path=str(tmp_path / "meds"), max_len=32, window="recent", train_windows="cover",
                                        window_overlap=0.0, min_code_count=1, num_value_bins=2, mask_rate=0.15))
-  data = ehr.EHRData.from_config(cfg, objective="masked", artifacts_dir=tmp_path / "artifacts")
+  data = ehr.EHRData.from_config(cfg, targets="masked", artifacts_dir=tmp_path / "artifacts")
   with caplog.at_level("WARNING"):
     source = data.training_source()
   tokenize = data._tokenize()

@@ -196,7 +196,7 @@ def test_ehr_data_reads_an_event_store_and_the_command_builds_one(cohort, tmp_pa
   cfg = ml_collections.ConfigDict(dict(path=str(cohort), event_store=str(out), max_len=32, window="recent",
                                        train_windows="cover", window_overlap=0.25, min_code_count=2,
                                        num_value_bins=4, mask_rate=0.15, pack=True))
-  data = ehr.EHRData.from_config(cfg, objective="masked", artifacts_dir=tmp_path / "artifacts")
+  data = ehr.EHRData.from_config(cfg, targets="masked", artifacts_dir=tmp_path / "artifacts")
   assert isinstance(data.dataset, E.EventStore)
   summary = data.summary()
   assert summary["train_event_coverage"] == 1.0 and summary["meds_duplicate_rows"] > 0
@@ -205,7 +205,7 @@ def test_ehr_data_reads_an_event_store_and_the_command_builds_one(cohort, tmp_pa
   assert example["mask"].sum() >= 2
   with pytest.raises(ValueError, match="indexes .* but config.data.ehr.path is"):
     ehr.EHRData.from_config(ml_collections.ConfigDict({**cfg.to_dict(), "path": str(tmp_path)}),
-                            objective="masked", artifacts_dir=tmp_path / "other")
+                            targets="masked", artifacts_dir=tmp_path / "other")
 
 
 def test_the_beam_engine_writes_the_same_store(cohort, tmp_path):

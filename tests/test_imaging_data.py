@@ -241,8 +241,8 @@ def test_settings_errors_name_the_field(overrides, message):
 
 
 def test_unknown_objective_names_the_allowed_ones(tmp_path):
-  with pytest.raises(ValueError, match="'masked'.*'mae'"):
-    imaging.ImagingData.from_config(imaging_cfg(), objective="masked", artifacts_dir=tmp_path)
+  with pytest.raises(ValueError, match=r"^ImagingData: cannot make 'masked' targets; it makes \['masked_patches'\]$"):
+    imaging.ImagingData.from_config(imaging_cfg(), targets="masked", artifacts_dir=tmp_path)
 
 
 # ================================================================ through the pipeline
@@ -281,7 +281,7 @@ def hand_built_data(request):
                     spacing=(1.0,) * dims, flip_axes=tuple(range(dims)))
   dataset = HandBuiltDataset({"train": hand_built_records(12, (12,) * dims, seed=1),
                               "tuning": hand_built_records(6, (12,) * dims, seed=2)})
-  return imaging.ImagingData(dataset, imaging.ImagingSettings.from_config(cfg), objective="mae")
+  return imaging.ImagingData(dataset, imaging.ImagingSettings.from_config(cfg), targets="masked_patches")
 
 
 def take(iterator, n):
@@ -358,7 +358,7 @@ def test_model_info_summary_and_labels(hand_built_data):
 def test_from_config_on_synthetic_images_end_to_end(tmp_path, dims, size):
   cfg = imaging_cfg(spatial_dims=dims, image_size=(size,) * dims, patch_size=(8,) * dims,
                     flip_axes=tuple(range(dims)), synthetic_subjects=24)
-  data = imaging.ImagingData.from_config(cfg, objective="mae", artifacts_dir=tmp_path)
+  data = imaging.ImagingData.from_config(cfg, targets="masked_patches", artifacts_dir=tmp_path)
   assert (tmp_path / imaging.SYNTHETIC_DIRNAME).is_dir()
   assert data.summary()["items_train"] > 0
   spec = data.example_spec()[data.name]
@@ -372,7 +372,7 @@ def test_from_config_on_synthetic_images_end_to_end(tmp_path, dims, size):
   assert np.ptp(host_batch[batch.IMAGE]) > 0.1  # real content, not a constant
   values, names = data.labels("train")
   assert values.shape == (len(data.source("train")), len(names))
-  again = imaging.ImagingData.from_config(cfg, objective="mae", artifacts_dir=tmp_path)
+  again = imaging.ImagingData.from_config(cfg, targets="masked_patches", artifacts_dir=tmp_path)
   assert again.summary() == data.summary()  # reuses the generated images
 
 
@@ -443,7 +443,7 @@ def test_device_augmentation_stream_holds_canvases_and_seeds_by_position(hand_bu
   s = hand_built_data.settings
   data = imaging.ImagingData(hand_built_data.dataset, dataclasses.replace(s, augment="device",
                                                                           canvas_size=(10,) * s.spatial_dims),
-                             objective="mae")
+                             targets="masked_patches")
   make = lambda index, count: pipeline.make_iterator(pipeline.make_train_dataset(
       data.source("train"), data.transforms(train=True), global_batch_size=4, seed=7, process_index=index,
       process_count=count))
@@ -476,7 +476,7 @@ def test_from_config_names_the_files_skipped_at_indexing_beside_the_run(tmp_path
     nib.save(nib.Nifti1Image(array, np.eye(4)), images / f"{name}.nii.gz")
   cfg = imaging_cfg(path=str(images), spatial_dims=3, image_size=(8, 8, 8), patch_size=(4, 4, 4),
                     flip_axes=(0,), on_error="skip")
-  data = imaging.ImagingData.from_config(cfg, objective="mae", artifacts_dir=tmp_path / "run" / "artifacts")
+  data = imaging.ImagingData.from_config(cfg, targets="masked_patches", artifacts_dir=tmp_path / "run" / "artifacts")
   assert data.summary()["imaging_skipped_rank"] == 1 and data.summary()["imaging_items"] == 2
   lines = (tmp_path / "run" / "skipped_at_indexing.csv").read_text().splitlines()
   assert lines[0] == "path,reason,message" and len(lines) == 2

@@ -18,7 +18,7 @@ def ehr_data(root) -> EHRData:
   dataset = MEDSDataset(root)
   train = dataset.source("train")
   vocab = EHRVocab.build((train[i] for i in range(len(train))), min_count=1, num_value_bins=5)
-  return EHRData(dataset, vocab, max_len=MAX_LEN, window="recent", mask_rate=0.15, objective="masked")
+  return EHRData(dataset, vocab, max_len=MAX_LEN, window="recent", mask_rate=0.15, targets="masked")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def _last_time(record):
 
 def ehr_data_with_vocab(ehr: EHRData, root) -> EHRData:
   return EHRData(MEDSDataset(root), ehr.vocab, max_len=ehr.max_len, window=ehr.window, mask_rate=ehr.mask_rate,
-                 objective=ehr.objective)
+                 targets=ehr.targets)
 
 
 def test_labeled_examples_carry_targets_splits_and_covariates(cohort):

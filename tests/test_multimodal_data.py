@@ -401,9 +401,9 @@ def real_modules(tmp_path):
       "data.tabular.min_category_count": 1})
   img = load_config(str(REPO / "configs/imaging_mae.py:tiny"), {
       "data.imaging.path": str(tmp_path / "cohort" / "manifest.csv")})
-  return {"tabular": TabularData.from_config(tab.data.tabular, objective="masked_features",
+  return {"tabular": TabularData.from_config(tab.data.tabular, targets="masked_features",
                                              artifacts_dir=tmp_path / "tabular"),
-          "imaging": ImagingData.from_config(img.data.imaging, objective="mae",
+          "imaging": ImagingData.from_config(img.data.imaging, targets="masked_patches",
                                              artifacts_dir=tmp_path / "imaging")}
 
 

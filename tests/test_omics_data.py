@@ -343,7 +343,7 @@ def omics_config(tmp_path, **overrides):
 @pytest.mark.parametrize("mode", ["binned", "rank"])
 def test_from_config_on_the_synthetic_file(tmp_path, mode):
   cfg = omics_config(tmp_path, tokenization=mode)
-  data = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  data = omics.OmicsData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   assert (tmp_path / omics.SYNTHETIC_FILENAME).exists() and (tmp_path / omics.VOCAB_FILENAME).exists()
   assert data.name == "omics"
   assert data.model_info() == {"omics": {"vocab_size": data.vocab.size,
@@ -364,39 +364,39 @@ def test_from_config_on_the_synthetic_file(tmp_path, mode):
   embed_example = data.transforms(train=False, mask=False)[0].map(source[0])
   batch.check_example(embed_example, data.embedding_spec()["omics"], "cell")
   # A second open reuses the file and the vocabulary; a changed config is refused.
-  assert omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path).vocab == data.vocab
+  assert omics.OmicsData.from_config(cfg, targets="masked", artifacts_dir=tmp_path).vocab == data.vocab
   with pytest.raises(ValueError, match=r"gene_vocab\.json: built with .* config\.data\.omics asks"):
-    omics.OmicsData.from_config(omics_config(tmp_path, log1p=False), objective="masked",
+    omics.OmicsData.from_config(omics_config(tmp_path, log1p=False), targets="masked",
                                 artifacts_dir=tmp_path)
-  with pytest.raises(ValueError, match="objective 'autoregressive', expected one of"):
-    omics.OmicsData.from_config(cfg, objective="autoregressive", artifacts_dir=tmp_path)
+  with pytest.raises(ValueError, match=r"^OmicsData: cannot make 'next' targets; it makes \['masked'\]$"):
+    omics.OmicsData.from_config(cfg, targets="next", artifacts_dir=tmp_path)
 
 
 def test_vocabulary_coverage_is_reported_and_enforced_and_gene_ids_map_through_a_table(tmp_path, counts):
   write_synthetic_anndata(tmp_path / "synthetic_omics.h5ad", num_cells=50)
-  own = omics.OmicsData.from_config(omics_config(tmp_path), objective="masked", artifacts_dir=tmp_path)
+  own = omics.OmicsData.from_config(omics_config(tmp_path), targets="masked", artifacts_dir=tmp_path)
   assert own.summary()["vocab_gene_coverage"] > 0.9 and own.summary()["vocab_count_coverage"] > 0.99
   other = write_h5ad(tmp_path / "other.h5ad", counts)  # genes G0.. vs the vocabulary's GENE0001..
   config = lambda **kw: omics_config(tmp_path, path=str(other), label_columns=(), **kw)  # noqa: E731
   with pytest.raises(ValueError, match=r"other\.h5ad: the gene vocabulary \(\d+ genes\) knows 0 of its 12 genes, "
                                        r"0\.0% of its counts .* most expressed unknown: \['G"):
-    omics.OmicsData.from_config(config(), objective="masked", artifacts_dir=tmp_path)
+    omics.OmicsData.from_config(config(), targets="masked", artifacts_dir=tmp_path)
   # Another id system (as Ensembl ids against symbols): a table maps them onto the vocabulary's.
   table = tmp_path / "ids.csv"
   table.write_text("file_id,vocab_id\n" + "".join(f"G{j},GENE{j + 1:04d}\n" for j in range(12)))
-  mapped = omics.OmicsData.from_config(config(gene_id_map=str(table)), objective="masked", artifacts_dir=tmp_path)
+  mapped = omics.OmicsData.from_config(config(gene_id_map=str(table)), targets="masked", artifacts_dir=tmp_path)
   assert mapped.panel_overlap == 12 and mapped.summary()["vocab_count_coverage"] == 1.0
   # Half the table: coverage is the share of counts whose genes are known, checked against the floor.
   totals = counts.sum(axis=0)
   table.write_text("file_id,vocab_id\n" + "".join(f"G{j},GENE{j + 1:04d}\n" for j in range(6)))
   share = totals[:6].sum() / totals.sum()
   partial = omics.OmicsData.from_config(config(gene_id_map=str(table), min_vocab_coverage=0.0),
-                                        objective="masked", artifacts_dir=tmp_path)
+                                        targets="masked", artifacts_dir=tmp_path)
   assert partial.summary()["vocab_count_coverage"] == pytest.approx(share, rel=1e-6)
   top = f"G{6 + int(np.argmax(totals[6:]))}"
   with pytest.raises(ValueError, match=rf"most expressed unknown: \['{top}'"):
     omics.OmicsData.from_config(config(gene_id_map=str(table), min_vocab_coverage=min(share + 0.01, 1.0)),
-                                objective="masked", artifacts_dir=tmp_path)
+                                targets="masked", artifacts_dir=tmp_path)
 
 
 def test_synthetic_file_is_deterministic(tmp_path):
@@ -411,7 +411,7 @@ def test_synthetic_file_is_deterministic(tmp_path):
 
 def test_pipeline_end_to_end_with_resume(tmp_path):
   data = omics.OmicsData.from_config(omics_config(tmp_path, synthetic_cells=80, backed=True),
-                                     objective="masked", artifacts_dir=tmp_path)
+                                     targets="masked", artifacts_dir=tmp_path)
   options = dict(global_batch_size=8, seed=7, process_index=0, process_count=1)
   train = pipeline.make_train_dataset(data.source("train"), data.transforms(train=True), **options)
   iterator = pipeline.make_iterator(train)
@@ -468,7 +468,7 @@ def test_seurat_v3_refuses_normalised_values_and_too_few_cells():
 
 def test_highly_variable_vocabulary_limits_the_genes_read_and_survives_resume(tmp_path):
   cfg = omics_config(tmp_path, highly_variable_genes=20, label_columns=())
-  data = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  data = omics.OmicsData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   chosen = data.vocab.highly_variable
   assert len(chosen) == 20 and set(chosen) <= set(data.vocab.genes)
   assert len(data.vocab.genes) > 20 and data.summary()["highly_variable_genes"] == 20
@@ -483,14 +483,14 @@ def test_highly_variable_vocabulary_limits_the_genes_read_and_survives_resume(tm
   assert len(tokens) and set(tokens.tolist()) <= allowed
   assert data.summary()["vocab_count_coverage"] > 0.99
   # A resume reads the saved selection; another count is refused.
-  again = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  again = omics.OmicsData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   assert again.vocab.highly_variable == chosen
   with pytest.raises(ValueError, match="highly_variable_genes"):
     omics.OmicsData.from_config(omics_config(tmp_path, highly_variable_genes=10, label_columns=()),
-                                objective="masked", artifacts_dir=tmp_path)
+                                targets="masked", artifacts_dir=tmp_path)
   with pytest.raises(ValueError, match=r"highly_variable_genes=100000, but only \d+ genes vary"):
     omics.OmicsData.from_config(omics_config(tmp_path / "more", highly_variable_genes=100_000, label_columns=()),
-                                objective="masked", artifacts_dir=tmp_path / "more")
+                                targets="masked", artifacts_dir=tmp_path / "more")
 
 
 def test_seurat_v3_matches_scanpy_run_here_when_it_is_installed(tmp_path):

@@ -140,7 +140,7 @@ def test_packed_ehr_training_stream_holds_every_window_once_per_epoch(tmp_path):
   cfg = ml_collections.ConfigDict(dict(
       path="", synthetic_subjects=120, synthetic_seed=0, max_len=64, window="recent", train_windows="cover",
       window_overlap=0.25, min_code_count=2, num_value_bins=4, mask_rate=0.15, pack=True))
-  data = ehr.EHRData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  data = ehr.EHRData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   packed = data.packed_training_source()
   windows = data.training_source()
   summary = data.summary()

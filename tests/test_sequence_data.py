@@ -317,7 +317,7 @@ def sequence_config(**overrides):
     (dict(alphabet="protein", tokenizer="amino_acid"), 29)])
 def test_sequence_data_from_synthetic_fasta(tmp_path, overrides, vocab_size):
   cfg = sequence_config(**overrides)
-  data = sequence.SequenceData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  data = sequence.SequenceData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   assert (tmp_path / sequence.SYNTHETIC_FILENAME).exists()
   saved = sequence.SequenceTokenizer.load(tmp_path / sequence.TOKENIZER_FILENAME)
   assert saved == data.tokenizer and saved.vocab_size == vocab_size
@@ -368,12 +368,12 @@ def test_sequence_data_from_synthetic_fasta(tmp_path, overrides, vocab_size):
 
 
 def test_sequence_data_config_errors(tmp_path):
-  sequence.SequenceData.from_config(sequence_config(), objective="masked", artifacts_dir=tmp_path)
+  sequence.SequenceData.from_config(sequence_config(), targets="masked", artifacts_dir=tmp_path)
   with pytest.raises(ValueError, match="sequence_tokenizer.json.*kmer=3"):
-    sequence.SequenceData.from_config(sequence_config(kmer=3), objective="masked",
+    sequence.SequenceData.from_config(sequence_config(kmer=3), targets="masked",
                                       artifacts_dir=tmp_path)
-  with pytest.raises(ValueError, match="objective 'autoregressive'"):
-    sequence.SequenceData.from_config(sequence_config(), objective="autoregressive",
+  with pytest.raises(ValueError, match=r"^SequenceData: cannot make 'next' targets; it makes \['masked'\]$"):
+    sequence.SequenceData.from_config(sequence_config(), targets="next",
                                       artifacts_dir=tmp_path)
   bad = [(dict(alphabet="protein"), r"config.data.sequence.tokenizer is 'nucleotide'"),
          (dict(kmer=0), r"config.data.sequence.kmer is 0"),
@@ -382,7 +382,7 @@ def test_sequence_data_config_errors(tmp_path):
          (dict(mask_rate=1.5), r"config.data.sequence.mask_rate is 1.5")]
   for overrides, message in bad:
     with pytest.raises(ValueError, match=message):
-      sequence.SequenceData.from_config(sequence_config(**overrides), objective="masked",
+      sequence.SequenceData.from_config(sequence_config(**overrides), targets="masked",
                                         artifacts_dir=tmp_path / "other")
 
 
@@ -390,7 +390,7 @@ def test_worker_processes_reopen_the_files_and_resume(dna_fasta, tmp_path):
   gz = tmp_path / "seqs.fa.gz"
   gz.write_bytes(gzip.compress(dna_fasta.read_bytes()))
   cfg = sequence_config(path=str(gz), kmer=3)
-  data = sequence.SequenceData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  data = sequence.SequenceData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   ds = pipeline.make_train_dataset(data.source("train"), data.transforms(train=True),
                                    global_batch_size=4, seed=1,
                                    process_index=0, process_count=1)

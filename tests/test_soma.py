@@ -60,7 +60,7 @@ def test_training_reads_every_cell_once_per_epoch_and_each_block_once(files, mon
       path=str(experiment), backed=False, layer="", gene_column="", label_columns=("cell_type",),
       tokenization="binned", max_len=32, num_value_bins=8, normalize_total=1e4, log1p=True, mask_rate=0.15,
       synthetic_cells=10, synthetic_seed=0, shuffle_buffer_blocks=2))
-  data = omics.OmicsData.from_config(cfg, objective="masked", artifacts_dir=tmp_path)
+  data = omics.OmicsData.from_config(cfg, targets="masked", artifacts_dir=tmp_path)
   assert isinstance(data.dataset, soma.SomaExpressionDataset) and data.summary()["vocab_genes"] > 0
   source = data.source("train")
   reader = data.dataset._reader

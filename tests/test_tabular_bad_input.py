@@ -74,11 +74,11 @@ def test_a_table_without_usable_features_is_an_error_before_training(tmp_path):
 def test_the_config_carries_the_decimal_mark_to_the_source(european_csv, tmp_path):
   assert load_config("configs/tabular_features.py:tiny").data.tabular.decimal == "."
   cfg = tabular_cfg(path=str(european_csv), label_columns=("malignant",), delimiter=";", decimal=",")
-  data = tabular.TabularData.from_config(cfg, objective="masked_features", artifacts_dir=tmp_path / "artifacts")
+  data = tabular.TabularData.from_config(cfg, targets="masked_features", artifacts_dir=tmp_path / "artifacts")
   assert data.model_info()["tabular"]["num_numeric"] == len(NUMERIC)
   with pytest.raises(ValueError, match="data.tabular.decimal=','"):
     tabular.TabularData.from_config(tabular_cfg(path=str(european_csv), label_columns=("malignant",)),
-                                    objective="masked_features", artifacts_dir=tmp_path / "other")
+                                    targets="masked_features", artifacts_dir=tmp_path / "other")
 
 
 def test_an_all_categorical_table_builds_a_model_without_zero_size_parameters():

@@ -289,7 +289,7 @@ def assert_batches_equal(got, expected):
 
 
 def test_from_config_writes_synthetic_table_and_reuses_stats(tmp_path):
-  data = tabular.TabularData.from_config(tabular_cfg(), objective="masked_features",
+  data = tabular.TabularData.from_config(tabular_cfg(), targets="masked_features",
                                          artifacts_dir=tmp_path)
   assert (tmp_path / "synthetic_tabular" / "data.parquet").exists()
   assert (tmp_path / "tabular_stats.json").exists()
@@ -299,14 +299,14 @@ def test_from_config_writes_synthetic_table_and_reuses_stats(tmp_path):
   summary = data.summary()
   assert (summary["rows_train"], summary["rows_tuning"], summary["rows_held_out"]) == (48, 6, 6)
   assert summary["tabular_missing_numeric_cells"] > 0
-  again = tabular.TabularData.from_config(tabular_cfg(), objective="masked_features",
+  again = tabular.TabularData.from_config(tabular_cfg(), targets="masked_features",
                                           artifacts_dir=tmp_path)
   assert again.stats == data.stats
-  with pytest.raises(ValueError, match="objective 'mae', expected one of"):
-    tabular.TabularData.from_config(tabular_cfg(), objective="mae", artifacts_dir=tmp_path)
+  with pytest.raises(ValueError, match=r"^TabularData: cannot make 'masked_patches' targets; it makes \['masked_features'\]$"):
+    tabular.TabularData.from_config(tabular_cfg(), targets="masked_patches", artifacts_dir=tmp_path)
   with pytest.raises(ValueError, match="differ from the saved statistics"):
     tabular.TabularData.from_config(tabular_cfg(exclude_columns=("shape_flatness",)),
-                                    objective="masked_features", artifacts_dir=tmp_path)
+                                    targets="masked_features", artifacts_dir=tmp_path)
 
 
 def test_synthetic_table_is_deterministic_with_planted_structure():
@@ -326,7 +326,7 @@ def test_synthetic_table_is_deterministic_with_planted_structure():
 
 
 def test_pipeline_end_to_end_spec_padding_and_resume(tmp_path):
-  data = tabular.TabularData.from_config(tabular_cfg(), objective="masked_features",
+  data = tabular.TabularData.from_config(tabular_cfg(), targets="masked_features",
                                          artifacts_dir=tmp_path)
   spec = data.example_spec()[data.name]
   dataset = pipeline.make_train_dataset(
@@ -370,7 +370,7 @@ def test_breast_cancer_table_reads_30_numeric_features(tmp_path):
   path.write_text("\n".join(lines) + "\n")
   data = tabular.TabularData.from_config(
       tabular_cfg(path=str(path), id_column="case_id", label_columns=("diagnosis",)),
-      objective="masked_features", artifacts_dir=tmp_path / "artifacts")
+      targets="masked_features", artifacts_dir=tmp_path / "artifacts")
   assert data.model_info() == {"tabular": {"num_numeric": 30, "num_categorical": 0, "num_categories": 1}}
   assert "diagnosis" not in data.dataset.numeric_columns
   assert data.dataset.stats["missing_numeric_cells"] == 0
@@ -405,7 +405,7 @@ def test_a_users_table_needs_no_label_override_and_generated_tables_declare_thei
                   rows=[row.rsplit(",", 2)[0] + "," + row.rsplit(",", 1)[1] for row in ROWS])
   with config.unlocked():
     config.data.tabular.path = str(own)
-  data = tabular.TabularData.from_config(config.data.tabular, objective="masked_features",
+  data = tabular.TabularData.from_config(config.data.tabular, targets="masked_features",
                                          artifacts_dir=tmp_path / "a")
   assert data.dataset.label_columns == () and "malignant" not in data.dataset.numeric_columns
   generated = synthetic_tabular.write_synthetic_table(tmp_path / "gen", num_rows=60, seed=0)

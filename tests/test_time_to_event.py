@@ -272,7 +272,7 @@ def test_ehr_data_trains_time_to_event_over_packed_windows_and_keeps_its_tasks(t
       path="", synthetic_subjects=80, synthetic_seed=0, max_len=32, window="recent", train_windows="cover",
       window_overlap=0.25, min_code_count=2, num_value_bins=4, mask_rate=0.15, pack=True,
       tte_tasks=20, tte_points=4, tte_events=64))
-  data = ehr.EHRData.from_config(cfg, objective="time_to_event", artifacts_dir=tmp_path)
+  data = ehr.EHRData.from_config(cfg, targets="time_to_event", artifacts_dir=tmp_path)
   assert data.model_info()["ehr"]["tte_tasks"] == 20
   spec = data.example_spec()["ehr"]
   assert spec[B.TTE_EVENT_POS] == ((64,), np.int32) and spec[B.TTE_PREDICT] == ((32,), np.bool_)
@@ -287,7 +287,7 @@ def test_ehr_data_trains_time_to_event_over_packed_windows_and_keeps_its_tasks(t
   assert (tmp_path / tte.TASKS_FILENAME).exists()
   cfg.tte_tasks = 10
   with pytest.raises(ValueError, match="time-to-event tasks .* differ"):
-    ehr.EHRData.from_config(cfg, objective="time_to_event", artifacts_dir=tmp_path)
+    ehr.EHRData.from_config(cfg, targets="time_to_event", artifacts_dir=tmp_path)
 
 
 # ---------------------------------------------------------------- pre-train, then fine-tune
@@ -369,7 +369,7 @@ def test_the_packed_time_to_event_stream_never_overfills_a_row(tmp_path):
       path="", synthetic_subjects=60, synthetic_seed=0, max_len=128, window="recent", train_windows="cover",
       window_overlap=0.25, min_code_count=2, num_value_bins=4, mask_rate=0.15, pack=True,
       tte_tasks=10, tte_points=2, tte_events=64))
-  data = ehr.EHRData.from_config(cfg, objective="time_to_event", artifacts_dir=tmp_path)
+  data = ehr.EHRData.from_config(cfg, targets="time_to_event", artifacts_dir=tmp_path)
   rows = len(data.packed_training_source())  # 50 rows, 13 of them of 2 to 4 windows under 64 tokens
   batch = next(pipeline.make_iterator(data.make_train_dataset(global_batch_size=rows, seed=0)))["ehr"]
   assert batch[B.SEGMENT_IDS].max(axis=1).max() >= 3  # rows of several short windows: those that overflowed

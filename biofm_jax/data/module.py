@@ -36,6 +36,21 @@ Spec = Mapping[str, Mapping[str, tuple[tuple[int, ...], Any]]]  # {modality: {fi
 DeviceTransform = Callable[[Any], Any]  # a training batch -> the batch the model sees
 TRAIN_SPLIT = "train"
 
+# What an objective needs the data to add to each example (`ObjectiveKind.targets` in the
+# registry): a data module is opened with one of these, makes what it can and refuses the
+# rest (`check_targets`), so it never asks which objective it serves.
+MASKED = "masked"  # BERT masking of tokens, with the original tokens as targets
+NEXT = "next"  # the tokens themselves: each predicts the one after it
+TIME_TO_EVENT = "time_to_event"  # prediction points with each task's time to its next event
+MASKED_PATCHES = "masked_patches"  # MAE: patches hidden from the encoder, to reconstruct
+MASKED_FEATURES = "masked_features"  # table cells hidden, to predict
+
+
+def check_targets(owner: str, targets: str, makes: tuple[str, ...]) -> None:
+  """One-line refusal of targets a module cannot make (the registry names the objective first)."""
+  if targets not in makes:
+    raise ValueError(f"{owner}: cannot make {targets!r} targets; it makes {list(makes)}")
+
 
 class RecordSource(Protocol):
   """Random access to a split's records, as Grain reads them."""

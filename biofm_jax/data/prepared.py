@@ -44,7 +44,7 @@ from biofm_jax.data.module import DataModuleDefaults, KeyByModality
 MANIFEST_FILE, ARTIFACTS_DIR, TFDS_DIR = "prepared.json", "artifacts", "tfds"
 MODULE_FILES = ("data_module.json", "data_module.npz")  # the module's state: its tree, its arrays
 BUILDER_NAME, BUILDER_VERSION = "biofm_prepared", "1.0.0"
-FORMAT_VERSION = 2  # 1 stored the module with pickle
+FORMAT_VERSION = 3  # 1 stored the module with pickle; 2 its objective name (now the targets it makes)
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,13 @@ Shared code (the training loop, preparation, the model builder, the objective lo
 ahead-of-time sizing, record-label evaluation) reads this table and knows no modality by
 name. A row (`Modality`) names:
 
-  data        from_config(cfg, *, objective, artifacts_dir) -> the data module
+  data        from_config(cfg, *, targets, artifacts_dir) -> the data module, making the
+              targets the objective names (`ObjectiveKind.targets`)
   model       (config, model_info) -> the modality's model description (encoder and heads)
   objectives  {objective name: its class}: the pre-training objectives this modality trains
               with; the class says whether it is causal and builds itself from
               (objective cfg, modality name, model_info) (`ObjectiveKind`)
-  sizing      (data cfg, objective name, vocab_size) -> a data module that reads nothing
+  sizing      (data cfg, targets, vocab_size) -> a data module that reads nothing
               (`data.module.ShapesOnly`, or the modality's own where it can open without
               data): its specs, model info and any device transform from the config
               alone, for `train/aot.py`; None when the data decides the shapes (gene
@@ -37,7 +38,7 @@ import ml_collections
 
 from biofm_jax.data import batch as B
 from biofm_jax.data.masking import prediction_slots
-from biofm_jax.data.module import DataModule, ShapesOnly, SizedData
+from biofm_jax.data.module import MASKED, TIME_TO_EVENT, DataModule, ShapesOnly, SizedData
 from biofm_jax.data.multimodal import MultimodalData
 from biofm_jax.data.prepared import open_prepared
 from biofm_jax.modalities import synthetic_cohort
@@ -82,12 +83,17 @@ class ObjectiveKind(Protocol):
     """The model's stack must be causal (its targets lie after their position)."""
     ...
 
+  @property
+  def targets(self) -> str:
+    """What the data must add to each example for it (`data/module.py`: MASKED, NEXT, ...)."""
+    ...
+
   def from_config(self, cfg: Any, modality: str, info: Mapping[str, Any]) -> Objective:
     ...
 
 
 class OpenData(Protocol):
-  def __call__(self, cfg: Any, *, objective: str, artifacts_dir: str | os.PathLike[str]) -> DataModule:
+  def __call__(self, cfg: Any, *, targets: str, artifacts_dir: str | os.PathLike[str]) -> DataModule:
     ...
 
 
@@ -96,7 +102,7 @@ class ModelDescriptionOf(Protocol):
     ...
 
 
-Sizing = Callable[[Any, str, int], SizedData]  # (data cfg, objective name, vocab_size) -> shapes only
+Sizing = Callable[[Any, str, int], SizedData]  # (data cfg, targets, vocab_size) -> shapes only
 ReferenceLosses = Callable[..., dict[str, float]]  # (data module, config, train_split=, eval_split=)
 
 
@@ -130,28 +136,28 @@ def _token_model(name: str) -> ModelDescriptionOf:
   return build
 
 
-def _ehr_sizing(cfg: Any, objective: str, vocab_size: int) -> ShapesOnly:
+def _ehr_sizing(cfg: Any, targets: str, vocab_size: int) -> ShapesOnly:
   tte = ehr_tte.settings_from_config(cfg)
-  spec = ehr_data.training_example_spec(cfg.max_len, objective, bool(cfg.get("pack", False)), tte["events"])
+  spec = ehr_data.training_example_spec(cfg.max_len, targets, bool(cfg.get("pack", False)), tte["events"])
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
-  if objective == "masked":
+  if targets == MASKED:
     info["prediction_slots"] = prediction_slots(cfg.max_len, cfg.mask_rate)
-  if objective == "time_to_event":
+  if targets == TIME_TO_EVENT:
     info.update(tte_tasks=min(tte["tasks"], vocab_size - B.NUM_SPECIAL), tte_points=tte["points"])
   return ShapesOnly("ehr", spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info)
 
 
-def _sequence_sizing(cfg: Any, objective: str, vocab_size: int) -> ShapesOnly:
-  del objective, vocab_size  # the tokenizer fixes the vocabulary
+def _sequence_sizing(cfg: Any, targets: str, vocab_size: int) -> ShapesOnly:
+  del targets, vocab_size  # masked tokens only; the tokenizer fixes the vocabulary
   return ShapesOnly("sequence", B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=True),
                     B.token_sequence_spec(cfg.max_len, with_values=False, with_targets=False),
                     {"vocab_size": sequence_data.tokenizer_from_config(cfg).vocab_size, "num_value_bins": 0,
                      "max_len": cfg.max_len, "prediction_slots": prediction_slots(cfg.max_len, cfg.mask_rate)})
 
 
-def _imaging_sizing(cfg: Any, objective: str, vocab_size: int) -> imaging_data.ImagingData:
+def _imaging_sizing(cfg: Any, targets: str, vocab_size: int) -> imaging_data.ImagingData:
   del vocab_size
-  return imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), objective=objective)
+  return imaging_data.ImagingData(None, imaging_data.ImagingSettings.from_config(cfg), targets=targets)
 
 
 # ---------------------------------------------------------------- the table
@@ -165,7 +171,8 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": MaskedAutoencoding},
              sizing=_imaging_sizing),
-    Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"), {"masked": MaskedCodeModelling},
+    Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"),
+             {"masked": MaskedCodeModelling},
              baseline=RawBaseline("l1_logistic_expression", "l1_logistic",
                                   "L1 logistic regression on normalised counts (log1p)",
                                   omics_baseline.expression_features),
@@ -201,7 +208,10 @@ def configured(data_config: Mapping[str, Any]) -> list[str]:
 
 
 def open_data_module(name: str, cfg: Any, *, objective: str, artifacts_dir: str | os.PathLike[str]) -> DataModule:
-  return get(name).data(cfg, objective=objective, artifacts_dir=artifacts_dir)  # typed by the row
+  """Modality `name`'s data module (`cfg` = config.data.<name>) making what `objective` (a
+  name its row lists: the one check of it, before any data is read) needs."""
+  targets = objective_kind(objective, name).targets
+  return get(name).data(cfg, targets=targets, artifacts_dir=artifacts_dir)
 
 
 def open_pretraining_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path, *,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.module import NEXT
 from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 
 
@@ -44,6 +45,7 @@ class NextEventModelling(ObjectiveDefaults):
   time_loss_weight: float = 1.0
   name: str = "autoregressive"
   causal: ClassVar[bool] = True  # position t predicts t + 1
+  targets: ClassVar[str] = NEXT
 
   @classmethod
   def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> NextEventModelling:

@@ -20,13 +20,14 @@ heads gather at the same slots.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
 from biofm_jax.data.masking import gathers, masked_slots
+from biofm_jax.data.module import MASKED
 from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 
 
@@ -43,6 +44,7 @@ class MaskedCodeModelling(ObjectiveDefaults):
   has_values: bool = True
   prediction_slots: int = 0  # P > 0: the model's heads ran at P gathered positions per row
   name: str = "masked"
+  targets: ClassVar[str] = MASKED
 
   @classmethod
   def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> MaskedCodeModelling:

@@ -9,11 +9,12 @@ has). The model's outputs for the modality hold `predicted_patches` and `target_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from biofm_jax.data.module import MASKED_PATCHES
 from biofm_jax.objectives.base import ObjectiveDefaults
 
 
@@ -37,6 +38,7 @@ class PatchReconstruction(ObjectiveDefaults):
   weights: Callable[[dict], jax.Array]  # the modality's batch fields -> [B, M] float32
   norm_pix_loss: bool = True
   name: str = "mae"
+  targets: ClassVar[str] = MASKED_PATCHES
 
   @classmethod
   def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> PatchReconstruction:

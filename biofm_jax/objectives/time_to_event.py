@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.module import TIME_TO_EVENT
 from biofm_jax.objectives.base import ObjectiveDefaults
 
 
@@ -93,6 +94,7 @@ class TimeToEventModelling(ObjectiveDefaults):
   bin_starts: tuple[float, ...] = (0.0,)
   name: str = "time_to_event"
   causal: ClassVar[bool] = True  # a point predicts the events after it
+  targets: ClassVar[str] = TIME_TO_EVENT
 
   @classmethod
   def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> TimeToEventModelling:

@@ -46,7 +46,8 @@ def abstract_data(config: ml_collections.ConfigDict, vocab_size: int):
   if registry.get(name).sizing is None:
     raise ValueError(f"config.data.{name} cannot be sized ahead of time: its data decides its shapes (the "
                      f"registry row has sizing=None); modalities that can be sized: {sizable}")
-  return registry.get(name).sizing(config.data[name], config.objective.name, vocab_size)
+  targets = registry.objective_kind(config.objective.name, name).targets
+  return registry.get(name).sizing(config.data[name], targets, vocab_size)
 
 
 class DoesNotFit(Exception):

@@ -29,7 +29,7 @@ from biofm_jax.data.labels import few_shot_indices, labels_name, read_labels
 from biofm_jax.modalities.ehr import data as ehr_lib
 from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
 from biofm_jax.modalities.ehr.task_data import EHRTaskData
-from biofm_jax.modalities.registry import build_model
+from biofm_jax.modalities.registry import build_model, objective_kind
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import Checkpointer
@@ -110,7 +110,8 @@ def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.
   ehr_cfg = ml_collections.ConfigDict(config_to_dict(config.data.ehr))
   if not ehr_cfg.path:  # the pre-training run generated its cohort: use that one
     ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")
-  ehr = ehr_lib.EHRData.from_config(ehr_cfg, objective=config.objective.name, artifacts_dir=artifacts_dir)
+  targets = objective_kind(config.objective.name, "ehr").targets  # tokenised as in pre-training
+  ehr = ehr_lib.EHRData.from_config(ehr_cfg, targets=targets, artifacts_dir=artifacts_dir)
   labels = read_labels(labels_path(config, ehr_cfg.path, artifacts_dir), config.task)
   data = EHRTaskData(ehr, labels, num_time_bins=config.task.num_time_bins,
                      cut=config.task.get("prediction_time_cut", "inclusive"),

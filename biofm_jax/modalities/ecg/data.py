@@ -34,12 +34,12 @@ from biofm_jax.data import batch, object_state
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.sources import read_skips
-from biofm_jax.data.module import DataModuleDefaults, KeyByModality
+from biofm_jax.data.module import MASKED_PATCHES, DataModuleDefaults, check_targets, KeyByModality
 from biofm_jax.modalities.ecg.source import ECGDataset
 from biofm_jax.modalities.ecg.synthetic import write_synthetic_ecg
 
 NAME = "ecg"
-OBJECTIVES = ("mae",)
+TARGETS = (MASKED_PATCHES,)  # what its examples can carry for an objective (data/module.py)
 SYNTHETIC_DIRNAME = "synthetic_ecg"
 # Fields of an ECG example (the MAE patch ids share the batch contract's names).
 SIGNAL = "signal"
@@ -145,11 +145,11 @@ def settings_from_config(cfg: Any) -> dict[str, Any]:
           "on_error": on_error}
 
 
-def sizing(cfg: Any, objective: str, vocab_size: int) -> ECGData:
+def sizing(cfg: Any, targets: str, vocab_size: int) -> ECGData:
   """The registry's `sizing`: an `ECGData` over no records, whose specs and model info come
   from the config alone (`train/aot.py`); the leads and window fix every shape."""
   del vocab_size
-  return ECGData(None, settings_from_config(cfg), objective=objective)
+  return ECGData(None, settings_from_config(cfg), targets=targets)
 
 
 def model_info(s: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,20 +163,18 @@ class ECGData(DataModuleDefaults):
   """ECG records as the pipeline, the training loop and evaluation see them."""
   name = NAME
 
-  def __init__(self, dataset: Any, settings: Mapping[str, Any], *, objective: str):
-    if objective not in OBJECTIVES:
-      raise ValueError(f"ECGData: objective {objective!r}, expected one of {OBJECTIVES}")
-    self.dataset, self.settings, self.objective = dataset, dict(settings), objective
+  def __init__(self, dataset: Any, settings: Mapping[str, Any], *, targets: str):
+    check_targets("ECGData", targets, TARGETS)
+    self.dataset, self.settings, self.targets = dataset, dict(settings), targets
 
   @classmethod
-  def from_config(cls, cfg: Any, *, objective: str, artifacts_dir: str | os.PathLike) -> ECGData:
-    if objective not in OBJECTIVES:  # before any data is generated or read
-      raise ValueError(f"ECGData: objective {objective!r}, expected one of {OBJECTIVES}")
+  def from_config(cls, cfg: Any, *, targets: str, artifacts_dir: str | os.PathLike) -> ECGData:
+    check_targets("ECGData", targets, TARGETS)  # before any data is generated or read
     settings = settings_from_config(cfg)
     path = str(_field(cfg, "path")) or str(_synthetic_manifest(cfg, Path(artifacts_dir)))
     dataset = ECGDataset(path, leads=settings["leads"], on_error=settings["on_error"],
                          skip_file=read_skips.skip_file_for(artifacts_dir))
-    return cls(dataset, settings, objective=objective)
+    return cls(dataset, settings, targets=targets)
 
   def source(self, split: str):
     return self.dataset.source(split)

@@ -22,7 +22,7 @@ import meds
 import numpy as np
 
 from biofm_jax.data import batch, object_state, packing, pipeline
-from biofm_jax.data.module import DataModuleDefaults, KeyByModality
+from biofm_jax.data.module import MASKED, NEXT, TIME_TO_EVENT, DataModuleDefaults, check_targets, KeyByModality
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.data.masking import prediction_slots
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
@@ -39,7 +39,7 @@ BIRTH_CODE = meds.birth_code
 EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
 UNK_SAMPLE_SUBJECTS = 2000  # tuning subjects the summary's [UNK] rate is measured on
 WINDOWS = ("recent", "earliest")
-OBJECTIVES = ("masked", "autoregressive", "time_to_event")
+TARGETS = (MASKED, NEXT, TIME_TO_EVENT)  # what its examples can carry for an objective (data/module.py)
 _RECORD_FIELDS = ("codes", "times", "numeric_values")
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,12 @@ class MaskEHR(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
-def training_example_spec(max_len: int, objective: str, pack: bool, tte_events: int = 0) -> dict:
-  """The fields of a training (and evaluation) example: targets for masked modelling or
-  time to event, segment ids when rows are packed."""
-  spec = batch.ehr_example_spec(max_len, with_targets=objective == "masked")
-  if objective == "time_to_event":
+def training_example_spec(max_len: int, targets: str, pack: bool, tte_events: int = 0) -> dict:
+  """The fields of a training (and evaluation) example: the `targets` (masked tokens or
+  time to event; next-event targets are the tokens themselves), segment ids when rows are
+  packed."""
+  spec = batch.ehr_example_spec(max_len, with_targets=targets == MASKED)
+  if targets == TIME_TO_EVENT:
     spec.update(batch.tte_example_spec(max_len, tte_events))
   if pack:
     spec[batch.SEGMENT_IDS] = ((max_len,), np.int32)
@@ -163,27 +164,25 @@ class EHRData(DataModuleDefaults):
   name = "ehr"
 
   def __init__(self, dataset: Any, vocab: EHRVocab, *, max_len: int, window: str,
-               mask_rate: float, objective: str, train_windows: str = "one", window_overlap: float = 0.0,
+               mask_rate: float, targets: str, train_windows: str = "one", window_overlap: float = 0.0,
                pack: bool = False, tte: Mapping[str, int] | None = None):
-    if objective not in OBJECTIVES:
-      raise ValueError(f"EHRData: objective {objective!r}, expected one of {OBJECTIVES}")
+    check_targets("EHRData", targets, TARGETS)
     if train_windows not in TRAIN_WINDOWS:
       raise ValueError(f"config.data.ehr.train_windows is {train_windows!r}, expected one of {TRAIN_WINDOWS}")
     self.dataset, self.vocab = dataset, vocab
-    self.max_len, self.window, self.mask_rate, self.objective = (max_len, window,
-                                                                 mask_rate, objective)
+    self.max_len, self.window, self.mask_rate, self.targets = max_len, window, mask_rate, targets
     self.train_windows, self.window_overlap = train_windows, float(window_overlap)
     self.pack = bool(pack)  # several training windows per row (`data/packing.py`)
     # time_to_event: {"tasks": K, "points": per row, "events": per row} (`time_to_event.py`)
     self.tte = {**tte_targets.DEFAULTS, **(tte or {})}
-    self.tte_codes = tte_targets.task_codes(vocab, self.tte["tasks"]) if objective == "time_to_event" else []
+    self.tte_codes = tte_targets.task_codes(vocab, self.tte["tasks"]) if targets == TIME_TO_EVENT else []
     self._summary: dict[str, int] | None = None
     self._windows = None
     self._packed: packing.PackedSource | None = None
     self._coverage: float | None = None
 
   @classmethod
-  def from_config(cls, cfg: Any, *, objective: str,
+  def from_config(cls, cfg: Any, *, targets: str,
                   artifacts_dir: str | os.PathLike) -> EHRData:
     """Opens the MEDS dataset named by `cfg` (= config.data.ehr) and its vocabulary."""
     artifacts_dir = Path(artifacts_dir)
@@ -197,7 +196,7 @@ class EHRData(DataModuleDefaults):
                                  num_value_bins=cfg.num_value_bins)
     # Runs saved before training windows existed trained on one window per subject.
     module = cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
-                 objective=objective, train_windows=cfg.get("train_windows", "one"),
+                 targets=targets, train_windows=cfg.get("train_windows", "one"),
                  window_overlap=cfg.get("window_overlap", 0.0), pack=cfg.get("pack", False),
                  tte=tte_targets.settings_from_config(cfg))
     if module.tte_codes:
@@ -261,8 +260,8 @@ class EHRData(DataModuleDefaults):
     return TokenizeEHR(self.vocab, self.max_len, self.window)
 
   def _with_targets(self):
-    """The tokeniser, with time-to-event targets when the objective wants them."""
-    if self.objective != "time_to_event":
+    """The tokeniser, with time-to-event targets when those are the targets."""
+    if self.targets != TIME_TO_EVENT:
       return self._tokenize()
     return tte_targets.TimeToEventTargets.for_vocab(self._tokenize(), self.vocab, self.tte_codes,
                                                     points=self.tte["points"], events=self.tte["events"])
@@ -276,10 +275,10 @@ class EHRData(DataModuleDefaults):
     return packing.PackTokenized(targets, self.max_len)
 
   def _masking(self) -> list:
-    return [MaskEHR(self.vocab.size, self.mask_rate)] if self.objective == "masked" else []
+    return [MaskEHR(self.vocab.size, self.mask_rate)] if self.targets == MASKED else []
 
   def example_spec(self) -> dict:
-    return {self.name: training_example_spec(self.max_len, self.objective, self.pack, self.tte.get("events", 0))}
+    return {self.name: training_example_spec(self.max_len, self.targets, self.pack, self.tte.get("events", 0))}
 
   def embedding_spec(self) -> dict:
     return {self.name: batch.ehr_example_spec(self.max_len, with_targets=False)}
@@ -288,7 +287,7 @@ class EHRData(DataModuleDefaults):
     info = {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins, "max_len": self.max_len}
     if self.tte_codes:
       info.update(tte_tasks=len(self.tte_codes), tte_points=self.tte["points"])
-    if self.objective == "masked":
+    if self.targets == MASKED:
       info["prediction_slots"] = prediction_slots(self.max_len, self.mask_rate)
     return {self.name: info}
 

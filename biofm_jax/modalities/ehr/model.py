@@ -96,7 +96,7 @@ def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -
                 encoder=EHREncoder)
   objective = config.objective
   if "tte_tasks" not in info:
-    gap_edges = objective.get("gap_edges_days", ()) if objective.name == "autoregressive" else ()
+    gap_edges = objective.get("gap_edges_days", ())  # a next-event config's gap classes: a time head
     return TokenModality("ehr", **common, time_classes=len(check_gap_edges(gap_edges)) + 1 if gap_edges else 0,
                          prediction_slots=int(info.get("prediction_slots", 0)))
   bins = check_bin_starts(objective.get("time_bins_days", (0.0,)))

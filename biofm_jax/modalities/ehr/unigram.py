@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.module import MASKED, TIME_TO_EVENT
 from biofm_jax.data import pipeline
 from biofm_jax.objectives.time_to_event import check_bin_starts, dense_targets, piecewise_exponential_nll
 
@@ -37,19 +38,20 @@ def code_counts(batches: Iterable[Mapping], vocab_size: int) -> np.ndarray:
 
 
 def unigram_cross_entropy(train_batches: Iterable[Mapping], eval_batches: Iterable[Mapping], vocab_size: int,
-                          objective: str) -> float:
-  """Mean -log p_unigram(target) over the eval targets of `objective` (add-one smoothed)."""
+                          targets: str) -> float:
+  """Mean -log p_unigram(target) over the eval `targets` (masked tokens, or each next
+  token; add-one smoothed)."""
   counts = code_counts(train_batches, vocab_size) + 1
   log_probs = np.log(counts / counts.sum())
   total, n = 0.0, 0
   for batch in eval_batches:
     ehr = batch["ehr"]
-    if objective == "masked":
-      targets = ehr[B.EHR_TARGET_CODES][ehr[B.EHR_TARGET_MASK]]
+    if targets == MASKED:
+      codes = ehr[B.EHR_TARGET_CODES][ehr[B.EHR_TARGET_MASK]]
     else:  # next event: every real token after position 0
-      targets = ehr[B.EHR_CODES][:, 1:][ehr[B.EHR_MASK][:, 1:]]
-    total -= log_probs[targets].sum()
-    n += targets.size
+      codes = ehr[B.EHR_CODES][:, 1:][ehr[B.EHR_MASK][:, 1:]]
+    total -= log_probs[codes].sum()
+    n += codes.size
   return total / max(n, 1)
 
 
@@ -102,7 +104,7 @@ def reference_losses(data_module, config, *, train_split: str, eval_split: str,
     return pipeline.make_iterator(dataset)
 
   info = data_module.model_info()[data_module.name]
-  if config.objective.name == "time_to_event":
+  if data_module.targets == TIME_TO_EVENT:
     loss = marginal_hazard_nll(take(batches(train_split), max_train_batches),
                                take(batches(eval_split), config.train.eval_batches), points=info["tte_points"],
                                num_tasks=info["tte_tasks"],
@@ -110,5 +112,5 @@ def reference_losses(data_module, config, *, train_split: str, eval_split: str,
     return {"baseline/marginal_hazard_tte_loss": float(loss)}
   loss = unigram_cross_entropy(take(batches(train_split), max_train_batches),
                                take(batches(eval_split), config.train.eval_batches),
-                               info["vocab_size"], config.objective.name)
+                               info["vocab_size"], data_module.targets)
   return {"baseline/unigram_code_loss": float(loss)}

@@ -28,7 +28,7 @@ import numpy as np
 from biofm_jax.data import batch, object_state
 from biofm_jax.data.masking import MaskPatches
 from biofm_jax.data.sources import index_skips, read_skips
-from biofm_jax.data.module import DataModuleDefaults, KeyByModality
+from biofm_jax.data.module import MASKED_PATCHES, DataModuleDefaults, check_targets, KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.modalities.imaging.transforms import (  # noqa: F401  (re-exported)
     INTENSITY_MODES, CenterResize, IntensityJitter, NormalizeIntensity,
@@ -38,7 +38,7 @@ from biofm_jax.modalities.imaging.device_augment import AUGMENT_SEED, AugmentSee
 from biofm_jax.modalities.imaging.synthetic import write_synthetic_images
 from biofm_jax.modalities.imaging import source as imaging_source
 
-OBJECTIVES = ("mae",)
+TARGETS = (MASKED_PATCHES,)  # what its examples can carry for an objective (data/module.py)
 ON_ERROR = ("raise", "skip")
 AUGMENT = ("host", "device")
 SYNTHETIC_DIRNAME = "synthetic_imaging"
@@ -166,25 +166,23 @@ class ImagingData(DataModuleDefaults):
   """2D images or 3D volumes as the pipeline and training loop see them."""
   name = "imaging"
 
-  def __init__(self, dataset: Any, settings: ImagingSettings, *, objective: str):
-    if objective not in OBJECTIVES:
-      raise ValueError(f"ImagingData: objective {objective!r}, expected one of {OBJECTIVES}")
+  def __init__(self, dataset: Any, settings: ImagingSettings, *, targets: str):
+    check_targets("ImagingData", targets, TARGETS)
     settings.validate()
-    self.dataset, self.settings, self.objective = dataset, settings, objective
+    self.dataset, self.settings, self.targets = dataset, settings, targets
 
   @classmethod
-  def from_config(cls, cfg: Any, *, objective: str,
+  def from_config(cls, cfg: Any, *, targets: str,
                   artifacts_dir: str | os.PathLike) -> ImagingData:
     """Opens the images named by `cfg` (= config.data.imaging); synthetic when path is ""."""
-    if objective not in OBJECTIVES:  # before any data is generated or read
-      raise ValueError(f"ImagingData: objective {objective!r}, expected one of {OBJECTIVES}")
+    check_targets("ImagingData", targets, TARGETS)  # before any data is generated or read
     settings = ImagingSettings.from_config(cfg)
     path = Path(cfg.path) if cfg.path else _synthetic_images(cfg, settings, Path(artifacts_dir))
     dataset = imaging_source.ImagingDataset(path, spatial_dims=settings.spatial_dims, on_error=settings.on_error,
                                             skip_file=read_skips.skip_file_for(artifacts_dir),
                                             index_skip_file=index_skips.index_skip_file_for(artifacts_dir))
     _check_channels(settings, getattr(dataset, "channels", None), path)
-    return cls(dataset, settings, objective=objective)
+    return cls(dataset, settings, targets=targets)
 
   def source(self, split: str):
     return self.dataset.source(split)

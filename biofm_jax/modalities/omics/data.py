@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 
 from biofm_jax.data import batch, object_state, pipeline
-from biofm_jax.data.module import DataModuleDefaults, KeyByModality
+from biofm_jax.data.module import MASKED, DataModuleDefaults, check_targets, KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.data.masking import prediction_slots
@@ -46,7 +46,7 @@ from biofm_jax.modalities.omics import soma
 
 SYNTHETIC_FILENAME = "synthetic_omics.h5ad"
 MODES = ("binned", "rank")
-OBJECTIVES = ("masked",)
+TARGETS = (MASKED,)  # what its examples can carry for an objective (data/module.py)
 _CONFIG_PREFIX = "config.data.omics"
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,9 @@ class OmicsData(DataModuleDefaults):
   name = "omics"
 
   def __init__(self, dataset: Any, vocab: GeneVocab, settings: OmicsSettings, *,
-               objective: str = "masked"):
-    if objective not in OBJECTIVES:
-      raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
-    self.dataset, self.vocab, self.settings, self.objective = dataset, vocab, settings, objective
+               targets: str = MASKED):
+    check_targets("OmicsData", targets, TARGETS)
+    self.dataset, self.vocab, self.settings, self.targets = dataset, vocab, settings, targets
     self.mode = settings.tokenization
     names = map_gene_ids(dataset.gene_names, settings.gene_id_map)
     self.panel_map = vocab.map_panel(names)
@@ -230,11 +229,10 @@ class OmicsData(DataModuleDefaults):
                        f"(a CSV from these ids to the vocabulary's)")
 
   @classmethod
-  def from_config(cls, cfg: Any, *, objective: str,
+  def from_config(cls, cfg: Any, *, targets: str,
                   artifacts_dir: str | os.PathLike) -> OmicsData:
     """Opens the .h5ad named by `cfg` (= config.data.omics); synthetic when path is ""."""
-    if objective not in OBJECTIVES:  # before any data is generated or read
-      raise ValueError(f"OmicsData: objective {objective!r}, expected one of {OBJECTIVES}")
+    check_targets("OmicsData", targets, TARGETS)  # before any data is generated or read
     settings = OmicsSettings.from_config(cfg)
     artifacts_dir = Path(artifacts_dir)
     artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +245,7 @@ class OmicsData(DataModuleDefaults):
           path, backed=settings.backed, layer=settings.layer, gene_column=settings.gene_column,
           label_columns=settings.label_columns)
     vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME, settings)
-    return cls(dataset, vocab, settings, objective=objective)
+    return cls(dataset, vocab, settings, targets=targets)
 
   def source(self, split: str):
     return self.dataset.source(split)

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import artifacts, batch, object_state
-from biofm_jax.data.module import DataModuleDefaults, KeyByModality
+from biofm_jax.data.module import MASKED, DataModuleDefaults, check_targets, KeyByModality
 from biofm_jax.data.config_fields import config_field, require
 from biofm_jax.data.masking import bert_masking, check_masking_args
 from biofm_jax.data.masking import prediction_slots
@@ -44,7 +44,7 @@ SYNTHETIC_FILENAME = "synthetic_sequences.fa"
 # Tokenizer kind -> the FASTA alphabet it reads.
 TOKENIZER_ALPHABETS = {"nucleotide": "dna", "amino_acid": "protein"}
 CROPS = ("random", "start")
-OBJECTIVES = ("masked",)
+TARGETS = (MASKED,)  # what its examples can carry for an objective (data/module.py)
 MAX_KMER = 8  # 4**8 = 65,536 k-mer tokens; beyond that the embedding table dominates
 _BASES = "ACGT"
 _SINGLE_BASES = _BASES + "N"
@@ -300,22 +300,20 @@ class SequenceData(DataModuleDefaults):
   name = "sequence"
 
   def __init__(self, dataset: fasta.FastaDataset, tokenizer: SequenceTokenizer, *,
-               max_len: int, mask_rate: float, objective: str):
-    if objective not in OBJECTIVES:
-      raise ValueError(f"SequenceData: objective {objective!r}, expected one of {OBJECTIVES}")
+               max_len: int, mask_rate: float, targets: str):
+    check_targets("SequenceData", targets, TARGETS)
     if dataset.alphabet != tokenizer.alphabet:
       raise ValueError(f"SequenceData: the {tokenizer.kind} tokenizer reads "
                        f"{tokenizer.alphabet!r}, but {dataset.path} was read as "
                        f"{dataset.alphabet!r}")
     self.dataset, self.tokenizer = dataset, tokenizer
-    self.max_len, self.mask_rate, self.objective = max_len, mask_rate, objective
+    self.max_len, self.mask_rate, self.targets = max_len, mask_rate, targets
 
   @classmethod
-  def from_config(cls, cfg: Any, *, objective: str,
+  def from_config(cls, cfg: Any, *, targets: str,
                   artifacts_dir: str | os.PathLike) -> SequenceData:
     """Opens the FASTA named by `cfg` (= config.data.sequence); synthetic when path is ""."""
-    if objective not in OBJECTIVES:  # before any data is generated or read
-      raise ValueError(f"SequenceData: objective {objective!r}, expected one of {OBJECTIVES}")
+    check_targets("SequenceData", targets, TARGETS)  # before any data is generated or read
     tokenizer = tokenizer_from_config(cfg)
     max_len, mask_rate = _field(cfg, "max_len"), _field(cfg, "mask_rate")
     _require(isinstance(max_len, int) and max_len >= 2, "max_len", max_len,
@@ -327,7 +325,7 @@ class SequenceData(DataModuleDefaults):
     dataset = fasta.FastaDataset(path, alphabet=tokenizer.alphabet,
                                  label_pattern=_field(cfg, "label_pattern") or None)
     _load_or_save_tokenizer(tokenizer, artifacts_dir / TOKENIZER_FILENAME)
-    return cls(dataset, tokenizer, max_len=max_len, mask_rate=mask_rate, objective=objective)
+    return cls(dataset, tokenizer, max_len=max_len, mask_rate=mask_rate, targets=targets)
 
   def source(self, split: str) -> fasta.FastaSource:
     return self.dataset.source(split)

@@ -28,12 +28,12 @@ import grain
 import numpy as np
 
 from biofm_jax.data import artifacts, batch, object_state
-from biofm_jax.data.module import DataModuleDefaults, KeyByModality
+from biofm_jax.data.module import MASKED_FEATURES, DataModuleDefaults, check_targets, KeyByModality
 from biofm_jax.data.config_fields import config_field
 from biofm_jax.modalities.tabular import synthetic as synthetic_tabular
 from biofm_jax.modalities.tabular import source as tabular_source
 
-OBJECTIVES = ("masked_features",)
+TARGETS = (MASKED_FEATURES,)  # what its examples can carry for an objective (data/module.py)
 STATS_FORMAT = "biofm_jax.tabular_stats"
 STATS_FORMAT_VERSION = 1
 _STATS_HEADER = {"format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION}
@@ -241,20 +241,17 @@ class TabularData(DataModuleDefaults):
   """A feature table as the pipeline and training loop see it."""
   name = "tabular"
 
-  def __init__(self, dataset: Any, stats: TabularStats, *, mask_rate: float, objective: str):
-    if objective not in OBJECTIVES:
-      raise ValueError(f"TabularData: objective {objective!r}, expected one of {OBJECTIVES}")
+  def __init__(self, dataset: Any, stats: TabularStats, *, mask_rate: float, targets: str):
+    check_targets("TabularData", targets, TARGETS)
     _check_mask_rate(mask_rate)
     stats.check_columns(dataset)
-    self.dataset, self.stats, self.mask_rate, self.objective = (dataset, stats, mask_rate,
-                                                                objective)
+    self.dataset, self.stats, self.mask_rate, self.targets = dataset, stats, mask_rate, targets
 
   @classmethod
-  def from_config(cls, cfg: Any, *, objective: str,
+  def from_config(cls, cfg: Any, *, targets: str,
                   artifacts_dir: str | os.PathLike) -> TabularData:
     """Opens the table named by `cfg` (= config.data.tabular); synthetic when path is ""."""
-    if objective not in OBJECTIVES:  # before any data is generated or read
-      raise ValueError(f"TabularData: objective {objective!r}, expected one of {OBJECTIVES}")
+    check_targets("TabularData", targets, TARGETS)  # before any data is generated or read
     get = lambda name: _field(cfg, name)  # noqa: E731
     min_count, mask_rate = int(get("min_category_count")), float(get("mask_rate"))
     if min_count < 1:
@@ -274,7 +271,7 @@ class TabularData(DataModuleDefaults):
         exclude_columns=_names(get("exclude_columns"), "exclude_columns"),
         delimiter=str(cfg.get("delimiter", "")), decimal=str(cfg.get("decimal", ".")))
     stats = _load_or_build_stats(dataset, artifacts_dir / STATS_FILENAME, min_count)
-    return cls(dataset, stats, mask_rate=mask_rate, objective=objective)
+    return cls(dataset, stats, mask_rate=mask_rate, targets=targets)
 
   def source(self, split: str):
     return self.dataset.source(split)

@@ -7,11 +7,12 @@ hidden numeric values (squared error on standardised values) and hidden categori
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.module import MASKED_FEATURES
 from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 
 
@@ -19,6 +20,7 @@ from biofm_jax.objectives.base import ObjectiveDefaults, cross_entropy_sums
 class MaskedFeatureModelling(ObjectiveDefaults):
   category_loss_weight: float = 1.0
   name: str = "masked_features"
+  targets: ClassVar[str] = MASKED_FEATURES
 
   @classmethod
   def from_config(cls, cfg: Any, modality: str, info: Mapping[str, Any]) -> MaskedFeatureModelling:

@@ -57,7 +57,7 @@ def simulate_label_rows(pretrained: pathlib.Path, labels_path: str, meds: str):
   from biofm_jax.data.labels import read_labels
   from biofm_jax.eval import zero_shot
   from biofm_jax.generate import GenerationSettings
-  from biofm_jax.modalities.ehr.data import EHRData
+  from biofm_jax.modalities import registry
   from biofm_jax.train.runs import open_run
   config, data, setup, params, _ = open_run(pretrained)
   if data.name != "ehr":
@@ -65,7 +65,8 @@ def simulate_label_rows(pretrained: pathlib.Path, labels_path: str, meds: str):
   if meds:
     cfg = ml_collections.ConfigDict(config.data.ehr.to_dict())
     cfg.path = meds
-    data = EHRData.from_config(cfg, objective=config.objective.name, artifacts_dir=pretrained / "artifacts")
+    data = registry.open_data_module("ehr", cfg, objective=config.objective.name,
+                                     artifacts_dir=pretrained / "artifacts")
   stop_ids = stop_token_ids(data.vocab, FLAGS.stop_codes, FLAGS["stop_codes"].present)
   settings = GenerationSettings(max_new=FLAGS.max_new or data.max_len // 2, horizon_days=FLAGS.horizon_days,
                                 temperature=FLAGS.temperature, top_k=FLAGS.top_k, stop_ids=stop_ids)

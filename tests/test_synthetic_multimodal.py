@@ -16,6 +16,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from biofm_jax.modalities import registry
 from biofm_jax.modalities import synthetic_cohort as mm
 from biofm_jax.modalities.omics.anndata import ExpressionDataset
 from biofm_jax.modalities.imaging.source import ImagingDataset
@@ -226,8 +227,9 @@ def test_data_modules_open_the_cohort_with_the_tiny_configs(cohort, latents, tmp
            "tabular": ("tabular_features.py:tiny", tabular.TabularData)}
   for name, (spec, cls) in specs.items():
     config = load_config(str(REPO / "configs" / spec), {f"data.{name}.path": str(paths[name])})
-    data = cls.from_config(config.data[name], objective=config.objective.name,
-                           artifacts_dir=tmp_path / name)
+    data = registry.open_data_module(name, config.data[name], objective=config.objective.name,
+                                     artifacts_dir=tmp_path / name)
+    assert isinstance(data, cls), name
     train = latents[(latents[f"has_{name}"] == 1) & (latents["split"] == "train")]
     assert len(data.source("train")) == len(train), name
     example = data.source("train")[0]

@@ -120,8 +120,10 @@ def test_the_generate_command_writes_each_future_after_its_prediction_time(next_
                         f"--labels={labels_path}", "--horizon_days=0", f"--out={out}"],
                        cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "horizon must be more than 0 days" in bad.stderr
+  # --meds (records other than the run's) opens them as the run's data module did, then checks the codes
   misspelt = subprocess.run([sys.executable, "experiments/generate.py", f"--pretrained={workdir}",
-                             f"--labels={labels_path}", "--stop_codes=MEDS_DEATHH", f"--out={out}"],
+                             f"--labels={labels_path}", "--stop_codes=MEDS_DEATHH", f"--out={out}",
+                             f"--meds={workdir / 'artifacts' / 'synthetic_meds'}"],
                             cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert misspelt.returncode == 2, misspelt.stderr[-2000:]
   assert "--stop_codes 'MEDS_DEATHH' is not in the model's vocabulary" in misspelt.stderr

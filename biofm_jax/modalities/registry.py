@@ -68,6 +68,7 @@ from biofm_jax.objectives import Objective
 from biofm_jax.objectives.autoregressive import NextEventModelling
 from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
 from biofm_jax.objectives.masked import MaskedCodeModelling
+from biofm_jax.objectives.ordinal_values import OrdinalValueModelling
 from biofm_jax.objectives.time_to_event import TimeToEventModelling
 from biofm_jax.objectives.multimodal import build_multimodal_objective
 
@@ -172,7 +173,7 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
              {"mae": MaskedAutoencoding},
              sizing=_imaging_sizing),
     Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"),
-             {"masked": MaskedCodeModelling},
+             {"masked": MaskedCodeModelling, "masked_ordinal": OrdinalValueModelling},
              baseline=RawBaseline("l1_logistic_expression", "l1_logistic",
                                   "L1 logistic regression on normalised counts (log1p)",
                                   omics_baseline.expression_features),

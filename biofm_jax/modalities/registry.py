@@ -23,7 +23,7 @@ name. A row (`Modality`) names:
               needs (vocabularies, statistics): the only ones an export carries
 
 Adding a modality: a folder `modalities/<name>/` with those pieces, and one row below.
-Adding an objective: its class (with `from_config` and `causal`), and its name in a row.
+Adding an objective: its class (`from_config`, `causal`, `targets`), and its name in a row.
 Each field is typed (`Modality`, the protocols it names); `make typecheck` checks the rows.
 """
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import einops
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 _AXES = "dhw"  # names for up to three spatial axes in einops patterns

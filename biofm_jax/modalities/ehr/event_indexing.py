@@ -28,10 +28,11 @@ import pyarrow.parquet as pq
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.atomic import atomic_directory
 from biofm_jax.modalities.ehr import meds as meds_source
+from biofm_jax.modalities.ehr import meds_files
 from biofm_jax.modalities.ehr import store_duplicates
 from biofm_jax.modalities.ehr.duplicates import duplicate_rows  # noqa: F401  (the rule; re-exported)
 from biofm_jax.modalities.ehr.event_store import (CHECKSUMS, COLUMNS, FORMAT, FORMAT_VERSION, NAT, SKETCH_SIZE,
-                                                  SOURCE_FILE, STAT_KEYS, ShardReader, file_signature)
+                                                  SOURCE_FILE, STAT_KEYS, file_signature)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,11 @@ class _Unsorted(Exception):
 def _batches(path: pathlib.Path, parquet: pq.ParquetFile, codes: dict[str, int],
              stats: dict[str, int]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
   """The file's rows by batches, standardised, codes mapped to the file's local ids."""
-  columns = [c for c in meds_source.READ_COLUMNS if c in parquet.schema_arrow.names]
+  columns = [c for c in meds_files.READ_COLUMNS if c in parquet.schema_arrow.names]
   first = 0
   try:
     for record_batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-      events = meds_source.standardize_table(path, pa.Table.from_batches([record_batch]), first)
+      events = meds_files.standardize_table(path, pa.Table.from_batches([record_batch]), first)
       first += record_batch.num_rows
       to_local = np.array([codes.setdefault(c, len(codes)) for c in events.code_strings], np.int32)
       stats["nan_values"] += events.nan_values
@@ -104,7 +105,7 @@ def _sort_chunk(parts, unsorted: bool) -> tuple[_Chunk, bool]:
 
 def _whole_file_chunk(path: pathlib.Path, codes: dict[str, int], stats: dict[str, int]) -> Iterator[_Chunk]:
   """An unsorted file, read whole and sorted (memory bounded by this file, not the dataset)."""
-  events = meds_source.read_data_file(path)
+  events = meds_files.read_data_file(path)
   to_local = np.array([codes.setdefault(c, len(codes)) for c in events.code_strings], np.int32)
   stats["nan_values"] += events.nan_values
   stats["unsorted_files"] += 1
@@ -175,7 +176,7 @@ def index_file(file: int, path: str, shard_prefix: str, train_ids: np.ndarray | 
   `train_ids`: the training subjects from the split file, or None to hash-split."""
   path = pathlib.Path(path)
   stats = dict.fromkeys(STAT_KEYS, 0)
-  parquet = meds_source.open_data_file(path)
+  parquet = meds_files.open_data_file(path)
   if parquet.metadata.num_rows == 0:
     return None
   codes: dict[str, int] = {}
@@ -325,7 +326,7 @@ def build_event_store(meds_root: str | os.PathLike, out: str | os.PathLike, *, w
   root, out = pathlib.Path(meds_root), pathlib.Path(out)
   if (out / SOURCE_FILE).exists():
     raise FileExistsError(f"{out}: an event store is there already; choose a new folder")
-  files = meds_source.find_data_files(root / meds.data_subdirectory)
+  files = meds_files.find_data_files(root / meds.data_subdirectory)
   split_path = root / meds.subject_splits_filepath
   split_ids = meds_source.read_split_file(split_path) if split_path.exists() else None
   train_ids = None if split_ids is None else split_ids.get(_TRAIN, np.zeros(0, np.int64))

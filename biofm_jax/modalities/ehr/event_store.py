@@ -58,6 +58,7 @@ from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
 from biofm_jax.modalities.ehr import duplicates
 from biofm_jax.modalities.ehr import meds as meds_source
+from biofm_jax.modalities.ehr import meds_files
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ ERROR_BOUND = math.sqrt(math.log(2 / SKETCH_FAILURE) / (2 * SKETCH_SIZE))  # DKW
 STAT_KEYS = meds_source.STAT_KEYS
 COLUMNS = (("codes", np.int32), ("times", np.int64), ("values", np.float32))
 CHECKSUMS = tuple(f"crc_{name}" for name, _ in COLUMNS)  # index columns: CRC-32 of an entry's rows, per column
-NAT = meds_source.NAT
+NAT = meds_files.NAT
 MAX_OPEN_FILES = 96  # shard files a process keeps open per store (3 per data file)
 
 
@@ -146,7 +147,7 @@ class EventStore:
                          f"{entry['size']}/{entry['mtime_ns']} then, {now['size']}/{now['mtime_ns']} now); "
                          "rebuild the store")
     found = {str(p.relative_to(self.root / meds.data_subdirectory))
-             for p in meds_source.find_data_files(self.root / meds.data_subdirectory)}
+             for p in meds_files.find_data_files(self.root / meds.data_subdirectory)}
     added = sorted(found - {e["path"] for e in files})
     if added:
       raise ValueError(f"{self.root / meds.data_subdirectory}: {len(added)} data file(s) added after the event "

@@ -38,7 +38,8 @@ class TrainingSetup:
 
   def init_state(self, seed: int):
     """A fresh state, created directly in its shardings."""
-    return state_lib.create_sharded_state(self.model, self.tx, self.init_batch, self.mesh, self.rules, seed)
+    return state_lib.create_sharded_state(self.model, self.tx, self.init_batch, self.mesh, self.rules, seed,
+                                          shardings=self.state_shardings)
 
 
 def example_batch(data_module, num_examples: int) -> dict:

@@ -86,9 +86,11 @@ def abstract_state(model, tx, example_batch, mesh: Mesh, rules):
   return abstract, shardings
 
 
-def create_sharded_state(model, tx, example_batch, mesh: Mesh, rules, seed: int):
-  """Initialises the state directly into its shardings (no host-side full copy)."""
-  _, shardings = abstract_state(model, tx, example_batch, mesh, rules)
+def create_sharded_state(model, tx, example_batch, mesh: Mesh, rules, seed: int, shardings: Any = None):
+  """Initialises the state directly into its shardings (no host-side full copy). `shardings`:
+  the state's, when the caller has them already (each derivation traces the whole model)."""
+  if shardings is None:
+    _, shardings = abstract_state(model, tx, example_batch, mesh, rules)
   init = init_fn(model, tx, example_batch)
   with mesh, nn.logical_axis_rules(rules):
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(jax.random.key(seed))

@@ -260,3 +260,53 @@ def apply_model_size(config: ml_collections.ConfigDict, size: str) -> None:
   if size in FSDP_SIZES:
     config.model.update(dtype="bfloat16", remat="full")
     config.mesh.update(data=1, fsdp=-1, tensor=1)
+
+
+# The masked-autoencoder recipe (He et al. 2022, as RETFound and ST-MEM train it) shared by
+# the patch modalities' configs (`configs/imaging_mae.py`, `configs/ecg_mae.py`): a light
+# decoder per preset, the normalised-pixel loss, AdamW's b2 0.95 and weight decay 0.05.
+MAE_DECODERS = {
+    "tiny": dict(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64),
+    "demo": dict(num_layers=2, embed_dim=64, num_heads=2, mlp_dim=256),
+    "base": dict(num_layers=8, embed_dim=512, num_heads=16, mlp_dim=2048),
+}
+
+
+def mae_config(preset: str, presets: tuple[str, ...] = ("tiny", "demo", "base")) -> ml_collections.ConfigDict:
+  """The MAE recipe at `preset` (one of `presets`; the FSDP sizes shard over every device):
+  model size, decoder, objective, optimiser, batch and schedule. The modality's config adds
+  its data section and what differs per modality (image or record sizes, a wider batch)."""
+  if preset not in presets:
+    raise ValueError(f"unknown preset {preset!r}: choose {', '.join(presets)}")
+  config = base_config()
+  config.model.position = "sincos"
+  config.model.decoder = dict(MAE_DECODERS["tiny"])
+  config.objective = dict(name="mae", norm_pix_loss=True)
+  config.train.update(weight_decay=0.05, adam_b2=0.95)
+  if preset == "tiny":
+    apply_model_size(config, "tiny")
+    config.data.batch_size = 16
+    config.train.update(num_steps=20, warmup_steps=5, learning_rate=3e-3, log_every=5, eval_every=10,
+                        eval_batches=2)
+    config.checkpoint.update(every_steps=10, keep=2)
+  elif preset == "demo":
+    apply_model_size(config, "small")
+    config.model.decoder.update(MAE_DECODERS["demo"])
+    config.data.batch_size = 32
+    config.train.update(num_steps=400, warmup_steps=40, learning_rate=1.5e-3, log_every=25, eval_every=200)
+    config.checkpoint.update(every_steps=200)
+  elif preset == "base":
+    apply_model_size(config, "base")
+    config.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims_saveable")
+    config.model.decoder.update(MAE_DECODERS["base"])
+    config.data.batch_size = 256
+    config.train.update(num_steps=100_000, warmup_steps=5000, learning_rate=1.5e-4, log_every=50,
+                        eval_every=2000, eval_batches=20)
+    config.checkpoint.update(every_steps=2000)
+  else:  # an FSDP size: size it first with experiments/compile.py
+    apply_model_size(config, preset)
+    config.model.decoder.update(MAE_DECODERS["base"])
+    config.train.update(num_steps=200_000, warmup_steps=10_000, learning_rate=1.5e-4, log_every=50,
+                        eval_every=5000, eval_batches=20)
+    config.checkpoint.update(every_steps=2000)
+  return config

@@ -39,7 +39,7 @@ flags.mark_flags_as_required(["config", "pretrained", "workdir"])
 def main(argv, overrides):
   del argv
   cli.initialize_distributed()
-  from biofm_jax.eval import metrics, predictions
+  from biofm_jax.eval import metrics, prediction_files
   from biofm_jax.eval.finetuned import predict_finetuned
   from biofm_jax.train.finetune import finetune, finetune_config
   overrides = dict(overrides)
@@ -49,7 +49,7 @@ def main(argv, overrides):
     overrides["task.name"] = FLAGS.task_name
   try:
     config = finetune_config(load_config(FLAGS.config, overrides), FLAGS.pretrained)
-    predictions.check_writable(FLAGS.workdir, FLAGS.overwrite)
+    prediction_files.check_writable(FLAGS.workdir, FLAGS.overwrite)
   except (KeyError, ValueError, FileNotFoundError) as e:
     cli.fail(f"{e}")
   try:
@@ -64,10 +64,11 @@ def main(argv, overrides):
   data, by_split = predict_finetuned(FLAGS.workdir, config)
   targets = {split: data.split_labels(split).metric_targets() for split in by_split}
   scores = {split: metrics.task_metrics(data.info.type, targets[split], values) for split, values in by_split.items()}
-  written = predictions.write_predictions(FLAGS.workdir, {"finetuned": {
-      split: predictions.prediction_table(data.info.type, predictions.label_row_ids(data.split_labels(split)),
-                                          targets[split], values, data.info.classes)
-      for split, values in by_split.items()}}, overwrite=FLAGS.overwrite)
+  tables = {split: prediction_files.prediction_table(data.info.type,
+                                                    prediction_files.label_row_ids(data.split_labels(split)),
+                                                    targets[split], values, data.info.classes)
+            for split, values in by_split.items()}
+  written = prediction_files.write_predictions(FLAGS.workdir, {"finetuned": tables}, overwrite=FLAGS.overwrite)
   path = pathlib.Path(FLAGS.workdir) / "finetune_metrics.json"
   path.write_text(json.dumps(scores, indent=2))
   print(f"\n=== fine-tuning ({config.task.name}, {config.task.type}, mode {config.finetune.mode}, "

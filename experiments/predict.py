@@ -39,7 +39,7 @@ def main(argv, overrides):
   if pathlib.Path(FLAGS.out).exists() and not FLAGS.overwrite:  # before any work
     cli.fail(f"{FLAGS.out} exists: pass --overwrite to replace it")
   from biofm_jax.eval.predict_meds import score_meds
-  from biofm_jax.eval.predictions import write_table
+  from biofm_jax.eval.prediction_files import write_table
   try:
     scored = score_meds(FLAGS.exported, FLAGS.meds, FLAGS.labels, strict_labels=FLAGS.strict_labels,
                         batch_size=FLAGS.batch_size)

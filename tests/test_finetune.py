@@ -99,7 +99,7 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
   from biofm_jax import parallel
   from biofm_jax.data import pipeline
   from biofm_jax.export import load_exported
-  from biofm_jax.objectives.survival import risk_score
+  from biofm_jax.objectives.logistic_hazard import risk_score
   from biofm_jax.train.runs import open_run
   from biofm_jax.train.step import jit_embed_step
   _, data, setup, params, _ = open_run(tmp_path / "survival")

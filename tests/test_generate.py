@@ -13,7 +13,7 @@ from biofm_jax.generate import GenerationSettings, contains, generate, right_ali
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.model import SingleModalityModel
-from biofm_jax.models.modalities import TokenModality
+from biofm_jax.models.description import TokenModality
 
 VOCAB, BINS, LEN = 30, 4, 16
 EDGES = (0.0, 1 / 24, 1.0, 7.0, 30.0, 90.0, 365.0)

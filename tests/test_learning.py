@@ -32,7 +32,7 @@ def test_held_out_loss_falls_below_the_context_free_baseline(spec, term, baselin
                   checkpoint__every_steps=1000)
   config = helpers.config_for(spec, data__ehr__path=str(cohort), **{**settings, **run})
   summary = helpers.train(config, tmp_path)
-  baseline = summary[f"baseline/{baseline_name}"]
+  baseline = summary[f"reference/{baseline_name}"]
   evals = [r[f"eval/{term}"] for r in read_metrics(tmp_path) if f"eval/{term}" in r]
   print(f"{spec}: held-out {term} by evaluation {evals}, baseline {baseline:.3f}")
   assert len(evals) == 3

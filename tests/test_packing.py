@@ -16,7 +16,7 @@ from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.models.encoders.tokens import segment_positions
 from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.model import SingleModalityModel
-from biofm_jax.models.modalities import TokenModality
+from biofm_jax.models.description import TokenModality
 from biofm_jax.objectives.autoregressive import NextEventModelling
 
 

@@ -14,7 +14,7 @@ from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.task_data import TaskInfo
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
-from biofm_jax.objectives import survival
+from biofm_jax.objectives import logistic_hazard
 from biofm_jax.objectives.supervised import SupervisedObjective, predictions
 from biofm_jax.train import state as state_lib
 
@@ -26,7 +26,7 @@ def test_discrete_time_likelihood_matches_a_by_hand_computation():
   z = rng.normal(size=(5, 4))
   times = np.array([5.0, 15.0, 25.0, 100.0, 10.0])
   events = np.array([True, False, True, False, True])
-  got = np.asarray(survival.negative_log_likelihood(jnp.asarray(z), jnp.asarray(times), jnp.asarray(events), EDGES))
+  got = np.asarray(logistic_hazard.negative_log_likelihood(jnp.asarray(z), jnp.asarray(times), jnp.asarray(events), EDGES))
   h = 1 / (1 + np.exp(-z))
   expected = []
   for i, (t, e) in enumerate(zip(times, events)):
@@ -35,16 +35,16 @@ def test_discrete_time_likelihood_matches_a_by_hand_computation():
     expected.append(-ll)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   # A subject censored in the first interval carries no information: zero loss, zero gradient.
-  grad = jax.grad(lambda z: survival.negative_log_likelihood(z, jnp.array([5.0]), jnp.array([False]), EDGES).sum())(
+  grad = jax.grad(lambda z: logistic_hazard.negative_log_likelihood(z, jnp.array([5.0]), jnp.array([False]), EDGES).sum())(
       jnp.asarray(z[:1]))
   assert float(jnp.abs(grad).sum()) == 0.0
   # The last interval is closed: an event at the horizon (the last training event) is an event in it.
-  at_horizon = survival.negative_log_likelihood(jnp.asarray(z[:1]), jnp.array([80.0]), jnp.array([True]), EDGES)
+  at_horizon = logistic_hazard.negative_log_likelihood(jnp.asarray(z[:1]), jnp.array([80.0]), jnp.array([True]), EDGES)
   np.testing.assert_allclose(at_horizon, [-(np.log(1 - h[0, :3]).sum() + np.log(h[0, 3]))], rtol=1e-5)
-  past = survival.negative_log_likelihood(jnp.asarray(z[:1]), jnp.array([81.0]), jnp.array([True]), EDGES)
+  past = logistic_hazard.negative_log_likelihood(jnp.asarray(z[:1]), jnp.array([81.0]), jnp.array([True]), EDGES)
   np.testing.assert_allclose(past, [-np.log(1 - h[0]).sum()], rtol=1e-5)  # past it: survived all four
-  curve = survival.survival_curve(z)
-  assert (np.diff(curve, axis=1) <= 0).all() and np.allclose(curve[:, -1], np.exp(-survival.risk_score(z)))
+  curve = logistic_hazard.survival_curve(z)
+  assert (np.diff(curve, axis=1) <= 0).all() and np.allclose(curve[:, -1], np.exp(-logistic_hazard.risk_score(z)))
 
 
 @pytest.mark.parametrize("censor_fraction", [0.0, 0.85])
@@ -75,7 +75,7 @@ def test_a_survival_head_recovers_a_planted_hazard_under_heavy_censoring(censor_
   opt = tx.init(params)
   for _ in range(300):
     params, opt = step(params, opt)
-  scores = survival.risk_score(np.asarray(x[test] @ params["w"] + params["b"]))
+  scores = logistic_hazard.risk_score(np.asarray(x[test] @ params["w"] + params["b"]))
   c_index = concordance_index(time[test], -scores, event[test])
   oracle = concordance_index(time[test], -risk[test], event[test])  # the true hazard's ordering
   assert event.mean() < (0.3 if censor_fraction else 1.0)  # heavy: over 70% censored

@@ -16,13 +16,13 @@ from biofm_jax.data import batch as B
 from biofm_jax.data import packing
 from biofm_jax.eval.finetuned import score_finetuned
 from biofm_jax.modalities.ehr import data as ehr
-from biofm_jax.modalities.ehr import time_to_event as tte
+from biofm_jax.modalities.ehr import tte_targets as tte
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.modalities.ehr.model import EHRTimeToEventModality, TimeToEventSpec
 from biofm_jax.modalities.ehr.vocab import EHRVocab
 from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.model import SingleModalityModel
-from biofm_jax.objectives.time_to_event import (TimeToEventModelling, check_bin_starts, dense_targets,
+from biofm_jax.objectives.motor import (TimeToEventModelling, check_bin_starts, dense_targets,
                                                 piecewise_exponential_nll, prediction_positions)
 from biofm_jax.train.finetune import (build_finetune_training, finetune, finetune_config, load_pretrained,
                                       open_labeled_data)

@@ -67,7 +67,7 @@ def test_a_run_writes_metrics_tensorboard_and_artifacts(synthetic_meds, tmp_path
   assert [r["step"] for r in evals] == [10] and summary["eval/loss"] == evals[0]["eval/loss"]
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "artifacts" / "ehr_vocab.json").exists()
-  assert summary["baseline/unigram_code_loss"] > 0
+  assert summary["reference/unigram_code_loss"] > 0
 
 
 def test_eval_every_zero_trains_without_any_evaluation(synthetic_meds, tmp_path):
@@ -77,7 +77,7 @@ def test_eval_every_zero_trains_without_any_evaluation(synthetic_meds, tmp_path)
   records = read_metrics(tmp_path)
   assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
   assert not [key for r in records for key in r if key.startswith(("eval/", "retrieval/"))]
-  assert summary["steps"] == 4 and not [k for k in summary if k.startswith(("eval/", "baseline/"))]
+  assert summary["steps"] == 4 and not [k for k in summary if k.startswith(("eval/", "reference/"))]
   # Each line holds the means of the steps since the previous one (the learning rate: its own step's).
   config.train.log_every = 1
   helpers.train(config, tmp_path / "every_step")

@@ -6,7 +6,7 @@ Run:
 
 Same presets and data settings as `ehr_bert.py`; the stack is causal and, from prediction
 points along each timeline, a piecewise-exponential hazard head predicts when each of the
-`tte_tasks` most frequent codes next occurs (`objectives/time_to_event.py`), with
+`tte_tasks` most frequent codes next occurs (`objectives/motor.py`), with
 censoring at the end of the record. Fine-tune a survival (or any) task from the run with
 experiments/finetune.py --pretrained=<workdir>, as from the other EHR objectives.
 """

@@ -50,7 +50,7 @@ EHR_TARGET_CODES = "target_codes"  # int32 original code ids
 EHR_TARGET_VALUE_BINS = "target_value_bins"  # int32 original value bins
 EHR_TARGET_MASK = "target_mask"  # bool: positions that were masked and enter the loss
 
-# Time-to-event targets (`objectives/time_to_event.py`), added by the EHR time-to-event
+# Time-to-event targets (`objectives/motor.py`), added by the EHR time-to-event
 # transform. Per token, [length]:
 TTE_PREDICT = "tte_predict"  # bool: the token is a prediction point
 TTE_FOLLOWUP_DAYS = "tte_followup_days"  # float32: days a point's follow-up lasts (every task

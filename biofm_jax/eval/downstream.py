@@ -10,7 +10,7 @@
   * a few-shot sweep (k labels per class, several seeds) of the probe and the count baselines;
 and writes the report (`report.py`): metrics per split, bootstrap intervals, subgroups,
 curves, and summary lines that say whether and by how much pre-training helps; and every
-model's per-row predictions in meds-evaluation's schema (`predictions.py`).
+model's per-row predictions in meds-evaluation's schema (`prediction_files.py`).
 
 A split whose labels leave the primary metric undefined (a held-out split with one class:
 no AUROC) is warned about before any model is scored, naming the split, the task and the
@@ -29,7 +29,7 @@ import numpy as np
 
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.task_data import SUBGROUP_CODE_PREFIXES, UNKNOWN
-from biofm_jax.eval import classical, metrics, predictions as predictions_lib, report as report_lib
+from biofm_jax.eval import classical, metrics, prediction_files, report as report_lib
 from biofm_jax.eval import finetuned as finetuned_lib
 from biofm_jax.eval import zero_shot
 from biofm_jax.train import finetune
@@ -207,7 +207,7 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   """Scores everything above for `config` (a `finetune.finetune_config`) and writes the
   report into `out_dir`; returns the report dict."""
   out_dir = pathlib.Path(out_dir).absolute()
-  predictions_lib.check_writable(out_dir, options.overwrite)
+  prediction_files.check_writable(out_dir, options.overwrite)
   out_dir.mkdir(parents=True, exist_ok=True)
   data = finetune.open_labeled_data(config, out_dir / "artifacts")
   info, splits = data.info, tuple(options.splits)
@@ -253,7 +253,7 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
               COUNT_LOGISTIC: (counts["train"], counts["held_out"], "logistic"),
               COUNT_GBM: (counts["train"], counts["held_out"], "gbm")} if "held_out" in splits else {}
   model = {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]}
-  row_ids = {s: predictions_lib.label_row_ids(labels[s]) for s in splits}
+  row_ids = {s: prediction_files.label_row_ids(labels[s]) for s in splits}
   return write_evaluation(out_dir, task_description(config, data), model, info, scores, descriptions, targets,
                           covariates, train_y, few_shot, options, row_ids=row_ids, undefined=undefined)
 
@@ -271,8 +271,8 @@ def write_evaluation(out_dir, task: dict, model: dict, info, scores: dict[str, d
   main_method, splits = model["name"], tuple(options.splits)
   if undefined is None:
     undefined = warn_undefined_metrics(task["name"], info, {s: targets[s] for s in splits})
-  predictions_lib.write_predictions(out_dir, {
-      name: {s: predictions_lib.prediction_table(info.type, row_ids[s], targets[s], by_split[s], info.classes)
+  prediction_files.write_predictions(out_dir, {
+      name: {s: prediction_files.prediction_table(info.type, row_ids[s], targets[s], by_split[s], info.classes)
              for s in splits} for name, by_split in scores.items()}, overwrite=options.overwrite)
   report: dict[str, Any] = {
       "task": task, "model": model,

@@ -25,7 +25,7 @@ from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR
 from biofm_jax.modalities.ehr.task_data import CUTS, TaskInfo, history_rows
 from biofm_jax.data.labels import read_labels
 from biofm_jax.modalities.ehr.meds import MEDSDataset
-from biofm_jax.eval import predictions as predictions_lib
+from biofm_jax.eval import prediction_files
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.objectives.supervised import predictions as task_predictions
 import pyarrow.parquet as pq
@@ -104,7 +104,7 @@ def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, lab
   scores = task_predictions(info, np.concatenate(logits))
   kept = labels.rows(rows)
   targets = kept.metric_targets() if labels_table_has_targets else {}
-  table = predictions_lib.prediction_table(info.type, predictions_lib.label_row_ids(kept), targets, scores,
+  table = prediction_files.prediction_table(info.type, prediction_files.label_row_ids(kept), targets, scores,
                                            info.classes)
   return Scored(table, len(labels), len(rows), unknown, no_history, no_known_code)
 

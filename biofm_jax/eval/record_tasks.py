@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from biofm_jax.modalities.ehr.task_data import TaskInfo
-from biofm_jax.eval import downstream, predictions
+from biofm_jax.eval import downstream, prediction_files
 from biofm_jax.modalities import registry
 from biofm_jax.train.embed import embed_split
 from biofm_jax.train.runs import open_run
@@ -62,7 +62,7 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
                            options: downstream.EvaluationOptions = downstream.EvaluationOptions()) -> dict:
   """Probe vs the modality's classical baseline on `label_column`; writes the report."""
   workdir, out_dir = pathlib.Path(pretrained_workdir).absolute(), pathlib.Path(out_dir).absolute()
-  predictions.check_writable(out_dir, options.overwrite)
+  prediction_files.check_writable(out_dir, options.overwrite)
   config, data, setup, params, _ = open_run(workdir)
   splits = tuple(options.splits)
   every = ("train",) + splits

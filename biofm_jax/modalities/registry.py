@@ -48,7 +48,7 @@ from biofm_jax.modalities.ecg import model as ecg_model
 from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr import model as ehr_model
-from biofm_jax.modalities.ehr import time_to_event as ehr_tte
+from biofm_jax.modalities.ehr import tte_targets
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
 from biofm_jax.modalities.ehr import vocab as ehr_vocab
 from biofm_jax.modalities.imaging import data as imaging_data
@@ -63,13 +63,13 @@ from biofm_jax.modalities.tabular import data as tabular_data
 from biofm_jax.modalities.tabular import model as tabular_model
 from biofm_jax.modalities.tabular.masked_features import MaskedFeatureModelling
 from biofm_jax.models import model as model_lib
-from biofm_jax.models.modalities import ModelDescription, TokenModality
+from biofm_jax.models.description import ModelDescription, TokenModality
 from biofm_jax.objectives import Objective
 from biofm_jax.objectives.autoregressive import NextEventModelling
 from biofm_jax.objectives.contrastive import pairs_of_configured_modalities
 from biofm_jax.objectives.masked import MaskedCodeModelling
 from biofm_jax.objectives.ordinal_values import OrdinalValueModelling
-from biofm_jax.objectives.time_to_event import TimeToEventModelling
+from biofm_jax.objectives.motor import TimeToEventModelling
 from biofm_jax.objectives.multimodal import build_multimodal_objective
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def _token_model(name: str) -> ModelDescriptionOf:
 
 
 def _ehr_sizing(cfg: Any, targets: str, vocab_size: int) -> ShapesOnly:
-  tte = ehr_tte.settings_from_config(cfg)
-  spec = ehr_data.training_example_spec(cfg.max_len, targets, bool(cfg.get("pack", False)), tte["events"])
+  tte = tte_targets.settings_from_config(cfg)
+  spec = ehr_data.training_example_spec(cfg.max_len, targets, ehr_data.packs(cfg), tte["events"])
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
   if targets == MASKED:
     info["prediction_slots"] = prediction_slots(cfg.max_len, cfg.mask_rate)
@@ -168,7 +168,7 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
               "time_to_event": TimeToEventModelling},
              sizing=_ehr_sizing,
              reference_losses=ehr_unigram.reference_losses,
-             artifacts=(ehr_vocab.VOCAB_FILENAME, ehr_tte.TASKS_FILENAME)),
+             artifacts=(ehr_vocab.VOCAB_FILENAME, tte_targets.TASKS_FILENAME)),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": MaskedAutoencoding},
              sizing=_imaging_sizing),

@@ -42,7 +42,7 @@ import ml_collections
 from biofm_jax.data import batch as B
 from biofm_jax.models.layers import (MLP, ACTIVATION_AXES, Block, TransformerConfig, embed_init, kernel_init, make_norm,
                                      transformer_config)
-from biofm_jax.models.modalities import Encoded, encoder_flops, masked_mean
+from biofm_jax.models.description import Encoded, encoder_flops, masked_mean
 from biofm_jax.models.transformer import TransformerStack, flops_per_token
 
 FUSIONS = ("early", "bottleneck", "late")

@@ -20,7 +20,7 @@ import ml_collections
 
 from biofm_jax.models.fusion import build_multimodal_model
 from biofm_jax.models.layers import TransformerConfig, transformer_config
-from biofm_jax.models.modalities import encoder_flops
+from biofm_jax.models.description import encoder_flops
 from biofm_jax.models.transformer import TransformerStack
 
 
@@ -31,7 +31,7 @@ class SingleModalityModel(nn.Module):
   the mean over patches, table rows as the CLS token's state (see each modality's model).
   """
   cfg: TransformerConfig
-  modality: Any  # a modality's model description (models/modalities.py)
+  modality: Any  # a modality's model description (models/description.py)
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Mapping[str, jax.Array]], *, train: bool = False, cache=None,

@@ -98,12 +98,12 @@ class ObjectiveDefaults:
                                        for line in evaluation.summary_lines(summary)]
 
 
-REFERENCE_PREFIX = "baseline/"
+REFERENCE_PREFIX = "reference/"  # a loss a model must beat; "baseline" names classical comparison models
 
 
 def reference_lines(summary: Mapping[str, Any]) -> list[str]:
   """"held-out code_loss 4.012 vs 5.204 for the unigram reference (23% lower)": each reference
-  loss `baseline/<name>_<term>` (what a modality's row says a model must beat) beside the
+  loss `reference/<name>_<term>` (what a modality's row says a model must beat) beside the
   run's `eval/<term>`."""
   terms = [key[len("eval/"):] for key in summary if key.startswith("eval/")]
   lines = []

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from biofm_jax.data import batch as B
-from biofm_jax.objectives import survival
+from biofm_jax.objectives import logistic_hazard
 from biofm_jax.objectives.base import ObjectiveDefaults
 
 
@@ -56,7 +56,7 @@ class SupervisedObjective(ObjectiveDefaults):
     elif self.task_type == "regression":
       losses, hits = 0.5 * jnp.square(logits[:, 0] - task[B.TASK_LABEL]), None
     elif self.task_type == "survival":
-      losses = survival.negative_log_likelihood(logits, task[B.TASK_TIME], task[B.TASK_EVENT], self.time_bin_edges)
+      losses = logistic_hazard.negative_log_likelihood(logits, task[B.TASK_TIME], task[B.TASK_EVENT], self.time_bin_edges)
       hits = None
     else:
       raise ValueError(f"task type {self.task_type!r} is not one of {B.TASK_TYPES}")
@@ -77,4 +77,4 @@ def predictions(info, logits) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
   if info.type == "regression":
     return z[:, 0] * info.label_std + info.label_mean
-  return survival.risk_score(z)
+  return logistic_hazard.risk_score(z)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.modalities import registry
-from biofm_jax.models.layers import attention_on, runs_unrolled
+from biofm_jax.models.layers import attention_on, runs_unrolled, transformer_config
 from biofm_jax.train.build import build_training
 from biofm_jax.train.state import param_count
 from biofm_jax import parallel
@@ -124,7 +124,8 @@ def size_training(config: ml_collections.ConfigDict, *, vocab_size: int = 20_000
 def _for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
   """`config` with `model.layer_loop` and `model.attention` "auto" resolved as a run on
   `platform` resolves them (the sizing process's own backend may be another)."""
-  loop, attention = config.model.get("layer_loop", "auto"), config.model.get("attention", "auto")
+  read = transformer_config(config.model, max_len=1, causal=False)  # the one reader of both settings
+  loop, attention = read.layer_loop, read.attention
   if loop != "auto" and attention != "auto":
     return config
   config = copy.deepcopy(config)

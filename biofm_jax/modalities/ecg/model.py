@@ -1,5 +1,6 @@
 """The ECG modality in a model: per-lead 1D patches in (ST-MEM style), the MAE decoder's
-reconstruction of the masked patches out.
+reconstruction of the masked patches out (the decoder half is shared with imaging:
+`models/patch_mae.py`).
 
 Each lead is cut into patches of `patch_size` samples; a patch becomes a token by one
 linear map shared by all leads, plus a learned embedding of its lead and fixed sin-cos
@@ -18,13 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from biofm_jax.data import batch as B
 from biofm_jax.modalities.ecg import data as ecg_data
-from biofm_jax.models.heads import MAEDecoder
-from biofm_jax.models.layers import TransformerConfig, embed_init, kernel_init, transformer_config, zeros_init
-from biofm_jax.models.modalities import Encoded, masked_mean
+from biofm_jax.models.layers import TransformerConfig, embed_init, kernel_init, zeros_init
+from biofm_jax.models.description import Encoded
+from biofm_jax.models.patch_mae import PatchMAEModality, mae_half
 from biofm_jax.models.patches import sincos_position_embedding
-from biofm_jax.models.transformer import flops_per_token
 
 
 class ECGEncoder(nn.Module):
@@ -57,13 +56,10 @@ class ECGEncoder(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class ECGModality:
+class ECGModality(PatchMAEModality):
   """12-lead (or any lead set) ECG waveforms as per-lead patch tokens."""
   num_leads: int
-  patches_per_lead: int
   patch_size: int
-  num_masked: int
-  decoder_cfg: TransformerConfig
   name: str = ecg_data.NAME
   position: str = "sincos"
 
@@ -74,44 +70,8 @@ class ECGModality:
                                                   name="ecg_encoder")(example, train=train)
     return Encoded(tokens, mask, positions, patches)
 
-  def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
-            prefix: str = "") -> dict[str, jax.Array]:
-    del cfg
-    out = {"hidden": hidden, "embedding": masked_mean(hidden, encoded.mask)}
-    if ecg_data.MASKED in example:
-      masked, patches = example[ecg_data.MASKED], encoded.extra
-      decoder = MAEDecoder(self.decoder_cfg, (self.num_leads, self.patches_per_lead), patch_dim=self.patch_size,
-                           name=f"{prefix}decoder")
-      out["predicted_patches"] = decoder(hidden, example[ecg_data.VISIBLE], masked, train=train)
-      out["target_patches"] = jnp.take_along_axis(patches, masked[..., None], axis=1).astype(jnp.float32)
-    return out
-
-  def num_tokens(self) -> int:
-    return self.num_leads * self.patches_per_lead
-
-  def encoded_tokens(self) -> int:
-    return self.num_tokens() - self.num_masked
-
-  def head_output_dim(self) -> int:
-    return 0  # the decoder is counted in `extra_flops`
-
-  def extra_flops(self, encoder_dim: int) -> float:
-    """Patch embedding, the decoder over every token, and its projections in and out."""
-    total, masked, patch = self.num_tokens(), self.num_masked, self.patch_size
-    decoder = total * flops_per_token(self.decoder_cfg, total, output_dim=0)
-    project = 3 * 2 * ((total - masked) * encoder_dim * self.decoder_cfg.embed_dim
-                       + masked * self.decoder_cfg.embed_dim * patch)
-    return decoder + project + 3 * 2 * patch * encoder_dim * total
-
 
 def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> ECGModality:
-  tokens = info["num_leads"] * info["patches_per_lead"]
-  decoder = config.model.decoder
-  decoder_cfg = transformer_config(config.model, max_len=tokens, causal=False, dropout_rate=0.0,
-                                   num_layers=decoder.num_layers, embed_dim=decoder.embed_dim,
-                                   num_heads=decoder.num_heads, head_dim=0, mlp_dim=decoder.mlp_dim,
-                                   position="sincos")
-  return ECGModality(num_leads=info["num_leads"], patches_per_lead=info["patches_per_lead"],
-                     patch_size=info["patch_size"],
-                     num_masked=tokens - B.num_visible_patches(tokens, config.data.ecg.mask_ratio),
-                     decoder_cfg=decoder_cfg)
+  mae = mae_half(config, (info["num_leads"], info["patches_per_lead"]), info["patch_size"],
+                 config.data.ecg.mask_ratio, masked_key=ecg_data.MASKED, visible_key=ecg_data.VISIBLE)
+  return ECGModality(mae=mae, num_leads=info["num_leads"], patch_size=info["patch_size"])

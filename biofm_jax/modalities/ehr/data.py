@@ -31,7 +31,7 @@ from biofm_jax.modalities.ehr.vocab import (  # noqa: F401  (re-exported: ehr.EH
 from biofm_jax.modalities.ehr import synthetic as synthetic
 from biofm_jax.modalities.ehr import event_indexing, event_store
 from biofm_jax.modalities.ehr import meds as meds_source
-from biofm_jax.modalities.ehr import time_to_event as tte_targets
+from biofm_jax.modalities.ehr import tte_targets
 from biofm_jax.modalities.ehr.windows import (TRAIN_WINDOWS, WindowSource, birth_time, cover_windows, event_coverage,
                                               kept_static, static_room)
 
@@ -146,6 +146,11 @@ class MaskEHR(grain.transforms.RandomMap):
 
 
 # ================================================================ data module
+def packs(cfg: Any) -> bool:
+  """Whether `data.ehr` packs several windows per row (runs saved before packing existed did not)."""
+  return bool(cfg.get("pack", False))
+
+
 def training_example_spec(max_len: int, targets: str, pack: bool, tte_events: int = 0) -> dict:
   """The fields of a training (and evaluation) example: the `targets` (masked tokens or
   time to event; next-event targets are the tokens themselves), segment ids when rows are
@@ -173,7 +178,7 @@ class EHRData(DataModuleDefaults):
     self.max_len, self.window, self.mask_rate, self.targets = max_len, window, mask_rate, targets
     self.train_windows, self.window_overlap = train_windows, float(window_overlap)
     self.pack = bool(pack)  # several training windows per row (`data/packing.py`)
-    # time_to_event: {"tasks": K, "points": per row, "events": per row} (`time_to_event.py`)
+    # time_to_event: {"tasks": K, "points": per row, "events": per row} (`tte_targets.py`)
     self.tte = {**tte_targets.DEFAULTS, **(tte or {})}
     self.tte_codes = tte_targets.task_codes(vocab, self.tte["tasks"]) if targets == TIME_TO_EVENT else []
     self._summary: dict[str, int] | None = None
@@ -197,7 +202,7 @@ class EHRData(DataModuleDefaults):
     # Runs saved before training windows existed trained on one window per subject.
     module = cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
                  targets=targets, train_windows=cfg.get("train_windows", "one"),
-                 window_overlap=cfg.get("window_overlap", 0.0), pack=cfg.get("pack", False),
+                 window_overlap=cfg.get("window_overlap", 0.0), pack=packs(cfg),
                  tte=tte_targets.settings_from_config(cfg))
     if module.tte_codes:
       tte_targets.save_or_check_tasks(artifacts_dir / tte_targets.TASKS_FILENAME, module.tte_codes)
@@ -268,7 +273,7 @@ class EHRData(DataModuleDefaults):
 
   def _pack_with_targets(self):
     """A packed row's records -> one row; time-to-event rows share their points
-    (`time_to_event.PackTimeToEvent`), so a row never holds more than `tte_points`."""
+    (`tte_targets.PackTimeToEvent`), so a row never holds more than `tte_points`."""
     targets = self._with_targets()
     if isinstance(targets, tte_targets.TimeToEventTargets):
       return tte_targets.PackTimeToEvent(targets)

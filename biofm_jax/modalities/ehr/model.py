@@ -1,7 +1,7 @@
 """The EHR modality in a model: its token encoder, and the heads its objectives read.
 
-Masked and next-event modelling read the shared token heads (`models/modalities.py`).
-Time-to-event pre-training (`objectives/time_to_event.py`) reads `TimeToEventHead`, MOTOR's
+Masked and next-event modelling read the shared token heads (`models/description.py`).
+Time-to-event pre-training (`objectives/motor.py`) reads `TimeToEventHead`, MOTOR's
 low-rank hazard head: the hidden state at a prediction point becomes one r-dimensional
 vector per time bin, and the log-hazard of task k in bin j is that vector's dot product
 with task k's own r-dimensional embedding, plus a per-(bin, task) bias. K tasks x J bins
@@ -22,10 +22,10 @@ import ml_collections
 
 from biofm_jax.data import batch as B
 from biofm_jax.models.layers import TransformerConfig, kernel_init
-from biofm_jax.models.modalities import Encoded, TokenModality, masked_mean
+from biofm_jax.models.description import Encoded, TokenModality, masked_mean
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.objectives.autoregressive import check_gap_edges
-from biofm_jax.objectives.time_to_event import check_bin_starts, prediction_positions
+from biofm_jax.objectives.motor import check_bin_starts, prediction_positions
 
 # The hazard bias's start: about one occurrence of a code per year (per day: 1/365). Codes
 # differ by orders of magnitude; the bias learns each within the first hundred steps.

@@ -76,7 +76,7 @@ def task_info(labels: Labels, train_rows: np.ndarray, num_time_bins: int = 8) ->
     edges = np.concatenate([[0.0], cuts[cuts > 0]])
     at_risk = np.array([(times >= start).sum() for start in edges[:-1]])
     interval = np.searchsorted(edges, times[events], side="right") - 1
-    interval[times[events] == edges[-1]] = len(edges) - 2  # the last interval is closed (objectives/survival.py)
+    interval[times[events] == edges[-1]] = len(edges) - 2  # the last interval is closed (objectives/logistic_hazard.py)
     died = np.bincount(interval[interval < len(edges) - 1], minlength=len(edges) - 1)
     return TaskInfo(kind, len(edges) - 1, time_bin_edges=tuple(float(e) for e in edges),
                     prior_logits=_logit((died + 0.5) / (at_risk + 1.0)))

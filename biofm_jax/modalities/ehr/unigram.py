@@ -1,7 +1,7 @@
 """The EHR reference losses a pre-trained model must beat, computed from the data alone
 (the EHR registry row's `reference_losses`, logged by the training loop).
 
-The unigram baseline predicts every target code by its frequency among the training
+The unigram reference predicts every target code by its frequency among the training
 split's events, ignoring context. A masked-code or next-event loss well below it shows
 the model learned structure from context, not just code frequencies.
 
@@ -20,7 +20,7 @@ import numpy as np
 from biofm_jax.data import batch as B
 from biofm_jax.data.module import MASKED, TIME_TO_EVENT
 from biofm_jax.data import pipeline
-from biofm_jax.objectives.time_to_event import check_bin_starts, dense_targets, piecewise_exponential_nll
+from biofm_jax.objectives.motor import check_bin_starts, dense_targets, piecewise_exponential_nll
 
 # Prior of the marginal rates: one pseudo-event per pseudo-year at risk (rare bins stay finite).
 _PRIOR_DAYS = 365.0
@@ -95,7 +95,7 @@ def take(iterator, max_batches: int):
 
 def reference_losses(data_module, config, *, train_split: str, eval_split: str,
                      max_train_batches: int = 50) -> dict[str, float]:
-  """The unigram baseline over the same eval batches as training's evaluation."""
+  """The unigram reference loss over the same eval batches as training's evaluation."""
 
   def batches(split):
     dataset = pipeline.make_eval_dataset(
@@ -109,8 +109,8 @@ def reference_losses(data_module, config, *, train_split: str, eval_split: str,
                                take(batches(eval_split), config.train.eval_batches), points=info["tte_points"],
                                num_tasks=info["tte_tasks"],
                                bin_starts=check_bin_starts(config.objective.time_bins_days))
-    return {"baseline/marginal_hazard_tte_loss": float(loss)}
+    return {"reference/marginal_hazard_tte_loss": float(loss)}
   loss = unigram_cross_entropy(take(batches(train_split), max_train_batches),
                                take(batches(eval_split), config.train.eval_batches),
                                info["vocab_size"], data_module.targets)
-  return {"baseline/unigram_code_loss": float(loss)}
+  return {"reference/unigram_code_loss": float(loss)}

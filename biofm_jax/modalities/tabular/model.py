@@ -15,7 +15,7 @@ import ml_collections
 from biofm_jax.modalities.tabular.encoder import TabularEncoder
 from biofm_jax.models.heads import TokenClassifier
 from biofm_jax.models.layers import TransformerConfig, embed_init, zeros_init
-from biofm_jax.models.modalities import Encoded
+from biofm_jax.models.description import Encoded
 
 
 class ColumnValueHead(nn.Module):

@@ -14,7 +14,7 @@ with exposure_j(t) the days of [0, t) spent in bin j: censored tasks inform the 
 were seen to survive and nothing after, so censoring does not bias the hazards.
 
 The targets arrive sparse (`batch.TTE_*`, built on the host by
-`modalities/ehr/time_to_event.py`): per token a prediction flag and the follow-up of a
+`modalities/ehr/tte_targets.py`): per token a prediction flag and the follow-up of a
 point, and a list of (token position, task, days) first occurrences. Dense per point and
 task tables are built on the device, only for the at most `points` prediction points of
 a row (`prediction_positions`), so memory is [batch, points, bins, tasks] and never

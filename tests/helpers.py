@@ -204,3 +204,19 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
 def probe_auroc(train_x, train_y, test_x, test_y) -> float:
   probs = classical.fit_predict("logistic", "binary", train_x, train_y.astype(int), test_x)
   return task_metrics("binary", {"label": test_y.astype(int)}, probs)["auroc"]
+
+
+def binary_scores_in_predictions(eval_dir, model: str, split: str) -> dict:
+  """AUROC and row count recomputed from the per-row predictions file a report wrote
+  (`eval/prediction_files.py`), to hold the report's figures to."""
+  import pyarrow.parquet as pq
+  from sklearn.metrics import roc_auc_score
+  table = pq.read_table(pathlib.Path(eval_dir) / "predictions" / model / f"{split}.parquet").to_pydict()
+  truth = np.asarray(table["boolean_value"], bool)
+  return {"n": len(truth), "auroc": float(roc_auc_score(truth, np.asarray(table["predicted_boolean_probability"])))}
+
+
+def params_at_init(setup, config):
+  """The same architecture's parameters before any training (the seed a run starts from): the
+  probe on its embeddings is what pre-training must improve on."""
+  return jax.tree.map(np.asarray, setup.init_state(seed=config.seed).params)

@@ -53,7 +53,20 @@ def test_frozen_and_lora_fine_tuning_keep_the_pretrained_backbone_exactly(pretra
   assert np.abs(tuned["head"]["kernel"]).sum() > 0
   if mode == "lora":
     assert any(np.abs(x).sum() > 0 for x in np.asarray(tuned["lora"]["transformer"]["layers"]["mlp"]["wo"]["lora_b"]))
-  assert summary["eval/task_loss"] < 0.693  # below the coin-flip loss (the prior alone gives ~0.61)
+  # Below the loss of the training prior alone (the base rate, no history at all).
+  # Seen: frozen 0.520, LoRA 0.508 against the prior's 0.596.
+  prior = _prior_only_loss(tmp_path / mode)
+  assert summary["eval/task_loss"] < 0.95 * prior, (summary["eval/task_loss"], prior)
+
+
+def _prior_only_loss(workdir) -> float:
+  """Binary cross-entropy on the tuning rows of predicting every row as the training rows'
+  base rate."""
+  from biofm_jax.train.runs import open_run
+  _, data, _, _, _ = open_run(workdir)
+  rate = float(np.mean(data.split_labels("train").metric_targets()["label"]))
+  tuning = np.asarray(data.split_labels("tuning").metric_targets()["label"], np.float64)
+  return float(-np.mean(tuning * np.log(rate) + (1 - tuning) * np.log(1 - rate)))
 
 
 def test_regression_fine_tuning_predicts_the_planted_risk_in_its_own_units(pretrained, tmp_path):
@@ -80,7 +93,7 @@ def test_multilabel_fine_tuning_on_two_boolean_columns(pretrained, tmp_path):
                        task__label_columns="('high_risk', 'died')", train__num_steps=30, train__eval_every=30)
   finetune(config, tmp_path / "multi")
   held_out = score_finetuned(tmp_path / "multi", config)["held_out"]
-  assert 0.55 < held_out["macro_auroc"] <= 1.0, held_out
+  assert held_out["macro_auroc"] > 0.65, held_out  # seen: 0.73 on 60 rows; a model without history: 0.5
 
 
 def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretrained, tmp_path):
@@ -217,3 +230,19 @@ def test_command_line_errors_name_what_is_wrong(pretrained, tmp_path):
        f"--pretrained={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'ft'}"],
       cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "no checkpoints directory" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_embed_command_writes_the_library_s_embeddings_of_each_record(pretrained, tmp_path):
+  out = tmp_path / "embeddings.parquet"
+  result = subprocess.run([sys.executable, "experiments/embed.py", f"--pretrained={pretrained}", f"--out={out}",
+                           "--splits=tuning"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  from biofm_jax.train.embed import embed_split
+  from biofm_jax.train.runs import open_run
+  config, data, setup, params, _ = open_run(pretrained)
+  expected = embed_split(setup, params, data, "tuning", batch_size=config.data.batch_size)
+  table = pq.read_table(out).to_pydict()
+  assert table["subject_id"] == [int(s) for s in data.source("tuning").subject_ids]
+  assert set(table["split"]) == {"tuning"} and all(t is None for t in table["prediction_time"])
+  np.testing.assert_allclose(np.asarray(table["embedding"], np.float32), expected, atol=1e-5, rtol=0)
+  assert f"wrote {len(expected)} embeddings of dimension {config.model.embed_dim}" in result.stdout

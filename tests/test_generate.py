@@ -199,3 +199,35 @@ def test_the_first_event_comes_after_the_prediction_time_drawn_from_the_model_gi
   assert (far["days"][:, 0] > 0).all() and "8 of 8 prompts have their last event 730 days" in caplog.text
   with pytest.raises(ValueError, match=r"quiet_days\[1\] is -1.0, expected finite days >= 0"):
     generate(model, params, head(2), jax.random.key(5), one, gap_edges=EDGES, quiet_days=np.array([0.0, -1.0]))
+
+
+def test_greedy_generation_follows_the_full_forward_pass_over_what_it_generated():
+  """The sampling loop (cache, positions, the time and age it feeds each new event) against
+  the plain model: with top_k=1, each generated code is the full pass's most likely next code
+  at the token before it, over the prompt followed by the generated events as inputs."""
+  model = _model()
+  prompt_len, max_new = 8, 6
+  batch = _batch([6, 8, 3])
+  params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in batch.items()}})["params"]
+  out = generate(model, params, batch, jax.random.key(3), GenerationSettings(max_new=max_new, horizon_days=1e6,
+                                                                            top_k=1),
+                 gap_edges=EDGES, prompt_len=prompt_len)
+  assert out["generated"].all()
+  lengths = batch[B.EHR_MASK].sum(1)
+  full = {k: np.array(v) for k, v in batch.items()}
+  for row, n in enumerate(lengths):
+    last_time, last_age = batch[B.EHR_TIME][row, n - 1], batch[B.EHR_AGE][row, n - 1]
+    at = slice(n, n + max_new)
+    full[B.EHR_CODES][row, at] = out["codes"][row]
+    full[B.EHR_VALUE_BINS][row, at] = 0
+    full[B.EHR_TIME][row, at] = last_time + out["days"][row]
+    full[B.EHR_TIME_KNOWN][row, at] = True
+    full[B.EHR_AGE][row, at] = last_age + out["days"][row] / B.DAYS_PER_YEAR
+    full[B.EHR_AGE_KNOWN][row, at] = True
+    full[B.EHR_MASK][row, at] = True
+  logits = np.array(model.apply({"params": params}, {"ehr": {k: jnp.asarray(v) for k, v in full.items()}})
+                     ["ehr"]["code_logits"])
+  logits[..., :B.NUM_SPECIAL] = -np.inf  # special tokens are never events
+  for row, n in enumerate(lengths):
+    predicted = logits[row, n - 1:n - 1 + max_new].argmax(-1)
+    assert predicted.tolist() == out["codes"][row].tolist(), row

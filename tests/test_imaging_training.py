@@ -36,17 +36,25 @@ def test_linear_probe_on_mae_embeddings_finds_the_lesion(tmp_path):
                                                                  data__imaging__synthetic_subjects=300)
   lesion = list(data.dataset.label_names).index("lesion")
 
-  def embeddings_and_labels(splits):
-    x = np.concatenate([embed_split(setup, params, data, s, batch_size=config.data.batch_size) for s in splits])
+  def embeddings_and_labels(splits, weights):
+    x = np.concatenate([embed_split(setup, weights, data, s, batch_size=config.data.batch_size) for s in splits])
     y = np.concatenate([data.source(s).labels[:, lesion] for s in splits])
     return x, y
 
-  train_x, train_y = embeddings_and_labels(["train"])
-  test_x, test_y = embeddings_and_labels(["tuning", "held_out"])
+  train_x, train_y = embeddings_and_labels(["train"], params)
+  test_x, test_y = embeddings_and_labels(["tuning", "held_out"], params)
   assert train_x.shape == (len(train_y), config.model.embed_dim) and np.isfinite(train_x).all()
   auroc = helpers.probe_auroc(train_x, train_y, test_x, test_y)
-  print(f"lesion AUROC of a linear probe on MAE embeddings: {auroc:.3f} ({len(test_y)} held-out images)")
+  untrained = helpers.params_at_init(setup, config)
+  at_init = helpers.probe_auroc(*embeddings_and_labels(["train"], untrained),
+                                *embeddings_and_labels(["tuning", "held_out"], untrained))
+  print(f"lesion AUROC of a linear probe on MAE embeddings: {auroc:.3f} ({len(test_y)} held-out images), "
+        f"at initialisation {at_init:.3f}")
   assert auroc > 0.75
+  # Seen: 0.895 against 0.886 at initialisation. A bright planted lesion is found by random
+  # patch features too, so this task cannot yet show what MAE adds; it does show that
+  # pre-training keeps what the untrained encoder sees.
+  assert auroc > at_init - 0.03
 
 
 @pytest.mark.parametrize("spec", [SPEC_2D, SPEC_3D])

@@ -16,26 +16,32 @@ def pretrain_and_embed(spec, workdir, label: str, **overrides):
   config, data, setup, params, metrics = helpers.pretrain_and_restore(spec, workdir, optimised=True, **overrides)
   column = list(data.labels("train")[1]).index(label)
 
-  def arrays(splits):
-    x = np.concatenate([embed_split(setup, params, data, s, batch_size=config.data.batch_size) for s in splits])
+  def arrays(splits, weights=params):
+    x = np.concatenate([embed_split(setup, weights, data, s, batch_size=config.data.batch_size) for s in splits])
     y = np.concatenate([data.labels(s)[0][:, column] for s in splits])
     return x, y
 
   losses = [r["train/loss"] for r in metrics if "train/loss" in r]
-  return arrays(["train"]), arrays(["tuning", "held_out"]), losses
+  untrained = helpers.params_at_init(setup, config)
+  return arrays(["train"]), arrays(["tuning", "held_out"]), losses, (arrays(["train"], untrained),
+                                                                     arrays(["tuning", "held_out"], untrained))
 
 
 @pytest.mark.parametrize("spec", [EXPRESSION, EXPRESSION_RANK])
 def test_expression_loss_falls_and_embeddings_separate_cell_types(spec, tmp_path):
-  (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(spec, tmp_path, "cell_type",
-                                                                     train__num_steps=300)
+  (train_x, train_y), (test_x, test_y), losses, (untrained_train, untrained_test) = pretrain_and_embed(
+      spec, tmp_path, "cell_type", train__num_steps=300)
   accuracy = helpers.probe_accuracy(train_x, train_y, test_x, test_y)
+  at_init = helpers.probe_accuracy(*untrained_train, *untrained_test)
   chance = np.bincount(test_y.astype(int)).max() / len(test_y)
   print(f"{spec}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}; cell-type probe accuracy {accuracy:.3f} "
-        f"(majority class {chance:.3f})")
+        f"(majority class {chance:.3f}, at initialisation {at_init:.3f})")
   # Rank mode predicts one of ~200 genes per masked token: its loss falls less steeply.
   assert losses[-1] < 0.95 * losses[0]
   assert accuracy > chance + 0.2
+  # Seen: rank mode 0.967 against 0.675 at initialisation; binned mode 0.525 against 0.500,
+  # barely above what random features of the same architecture find.
+  assert accuracy > at_init + (0.2 if spec == EXPRESSION_RANK else 0.0)
 
 
 def test_expression_trains_on_an_anndata_file_written_by_anndata(tmp_path):
@@ -51,7 +57,7 @@ def test_expression_trains_on_an_anndata_file_written_by_anndata(tmp_path):
       var=pd.DataFrame(index=[f"G{j}" for j in range(60)]))
   adata.layers["counts"] = counts
   adata.write_h5ad(tmp_path / "cells.h5ad")
-  (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(
+  (train_x, train_y), (test_x, test_y), losses, _ = pretrain_and_embed(
       EXPRESSION_RANK, tmp_path / "run", "cell_type", data__omics__path=str(tmp_path / "cells.h5ad"),
       data__omics__layer="counts", data__omics__backed=True, train__num_steps=200)
   accuracy = helpers.probe_accuracy(train_x, train_y, test_x, test_y)
@@ -63,11 +69,17 @@ def test_expression_trains_on_an_anndata_file_written_by_anndata(tmp_path):
 # at 300: 0.87x, 0.83); the protein model's loss needs longer (0.88x at 200, 0.86x at 300).
 @pytest.mark.parametrize("spec, steps", [(DNA, 200), (PROTEIN, 300)])
 def test_sequence_loss_falls_and_embeddings_find_the_motif(spec, steps, tmp_path):
-  (train_x, train_y), (test_x, test_y), losses = pretrain_and_embed(spec, tmp_path, "motif", train__num_steps=steps)
+  (train_x, train_y), (test_x, test_y), losses, (untrained_train, untrained_test) = pretrain_and_embed(
+      spec, tmp_path, "motif", train__num_steps=steps)
   auroc = helpers.probe_auroc(train_x, train_y, test_x, test_y)
-  print(f"{spec}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}; motif probe AUROC {auroc:.3f}")
+  at_init = helpers.probe_auroc(*untrained_train, *untrained_test)
+  print(f"{spec}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}; motif probe AUROC {auroc:.3f} "
+        f"(at initialisation {at_init:.3f})")
   assert losses[-1] < 0.9 * losses[0]
   assert auroc > 0.7
+  # Seen: DNA 0.803 against 0.782 at initialisation, protein 0.850 against 0.806: the planted
+  # motif is mostly visible to random features of the same architecture.
+  assert auroc > at_init
 
 
 @pytest.mark.parametrize("spec, param_atol", [(EXPRESSION, 1e-5), (DNA, 1e-4)])

@@ -120,3 +120,16 @@ def test_one_process_reads_the_whole_batch_on_any_mesh():
   for shape in ((8, 1, 1), (2, 2, 2), (1, 1, 8)):
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape))))
     assert parallel.data_shard(mesh) == (0, 1)
+
+
+# The other objectives on the meshes that split their parameters most differently: MAE over
+# ECG patches, next-event with the gap head, and MOTOR's time-to-event head over packed rows.
+@pytest.mark.parametrize("spec, overrides_of", [
+    ("configs/ecg_mae.py:tiny", lambda meds: {}),
+    ("configs/ehr_gpt.py:tiny", lambda meds: dict(data__ehr__path=str(meds))),
+    ("configs/ehr_motor.py:tiny", lambda meds: dict(data__ehr__path=str(meds), data__ehr__pack=True))],
+    ids=["ecg-mae", "ehr-next-event", "ehr-time-to-event-packed"])
+def test_every_objective_agrees_across_meshes(spec, overrides_of, synthetic_meds, tmp_path_factory):
+  runs = helpers.train_on_meshes(spec, [(8, 1, 1), (2, 2, 2)], tmp_path_factory.mktemp,
+                                 **helpers.constant_lr_overrides(6), **overrides_of(synthetic_meds))
+  helpers.assert_runs_agree(runs, atol=1e-5)

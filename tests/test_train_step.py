@@ -124,3 +124,22 @@ def test_metric_names_become_tensorboard_tags_without_rewrites(tmp_path, caplog)
   assert not [r for r in caplog.records if "illegal" in r.getMessage()]
   # metrics.jsonl keeps the names as the run wrote them.
   assert read_metrics(tmp_path) == [{"step": 3, "retrieval/ehr->imaging/recall@10": 0.5, "eval/loss": 1.25}]
+
+
+# Accumulation in whole runs of the other objectives (masked EHR is checked step by step above):
+# mean-per-patch reconstruction and next-event terms must sum over micro-batches as over the batch.
+@pytest.mark.parametrize("spec, extra", [("configs/imaging_mae.py:tiny", {}),
+                                         ("configs/ehr_gpt.py:tiny", {"data__ehr__path": None})],
+                         ids=["imaging-mae", "ehr-next-event"])
+def test_gradient_accumulation_trains_as_the_full_batch_in_whole_runs(spec, extra, synthetic_meds, tmp_path):
+  extra = {k: (str(synthetic_meds) if v is None else v) for k, v in extra.items()}
+  runs = {}
+  for accum in (1, 2):
+    config = helpers.config_for(spec, **helpers.constant_lr_overrides(4), train__grad_accum_steps=accum,
+                                mesh__data=2, mesh__fsdp=4, **extra)
+    helpers.train(config, tmp_path / f"accum{accum}")
+    runs[accum] = config
+  helpers.assert_curves_close(helpers.train_losses(tmp_path / "accum2"), helpers.train_losses(tmp_path / "accum1"),
+                              atol=1e-5)
+  helpers.assert_trees_close(helpers.final_params(tmp_path / "accum2", runs[2]),
+                             helpers.final_params(tmp_path / "accum1", runs[1]), atol=1e-5)

@@ -193,6 +193,18 @@ def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_
       auroc = roc_auc_score(table.column("boolean_value").to_numpy(zero_copy_only=False),
                             table.column("predicted_boolean_probability").to_numpy())
       assert auroc == pytest.approx(body[split]["metrics"]["auroc"], abs=1e-6), (model, split)
+  # Each subgroup's figures are those of its own rows of the prediction file.
+  table = pq.read_table(predictions / "finetuned" / "held_out.parquet").to_pydict()
+  truth, scores = np.asarray(table["boolean_value"], int), np.asarray(table["predicted_boolean_probability"])
+  covariates = data.covariates("held_out", dict(options.subgroup_codes))
+  for column in ("sex", "age_band"):
+    groups = saved["splits"]["held_out"]["subgroups"][column]
+    assert sum(g["n"] for g in groups.values()) == len(truth)
+    for value, figures in groups.items():
+      rows = np.asarray([str(v) for v in covariates[column]]) == value
+      assert figures["n"] == rows.sum(), (column, value)
+      if not figures.get("too_small") and len(set(truth[rows])) == 2:
+        assert figures["auroc"] == pytest.approx(roc_auc_score(truth[rows], scores[rows]), abs=1e-9), (column, value)
   with pytest.raises(ValueError, match="predictions exists: pass --overwrite"):
     evaluate_task(task_config(pretrained, **few), tmp_path / "report", options)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from biofm_jax.eval import downstream
-from biofm_jax.modalities.ehr.task_data import TaskInfo
+from biofm_jax.data.labels import TaskInfo
 
 
 @pytest.mark.parametrize("task_type, targets, classes, why", [

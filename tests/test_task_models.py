@@ -11,7 +11,7 @@ from lifelines.utils import concordance_index
 import helpers
 from biofm_jax.config import apply_model_size, base_config
 from biofm_jax.data import batch as B
-from biofm_jax.modalities.ehr.task_data import TaskInfo
+from biofm_jax.data.labels import TaskInfo
 from biofm_jax.modalities.registry import build_model
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives import logistic_hazard

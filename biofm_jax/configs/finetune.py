@@ -1,8 +1,11 @@
-"""Fine-tuning a pre-trained EHR model on a labelled task (MEDS labels).
+"""Fine-tuning a pre-trained model on a labelled task: MEDS labels for EHR, a label column
+the records carry for images, ECGs, cells, sequences and tables.
 
 Run:
   python experiments/finetune.py --config=configs/finetune.py:high_risk --pretrained=runs/ehr_bert \
       --workdir=runs/ft --config.task.labels=/path/to/labels.parquet
+  python experiments/finetune.py --config=configs/finetune.py:binary --pretrained=runs/mae2d \
+      --workdir=runs/ft_lesion --config.task.label_column=lesion
 
 The model, data and objective sections come from the pre-training run (`--pretrained`), so
 the backbone and tokenisation are exactly the pre-trained ones; this file sets the task,
@@ -49,6 +52,9 @@ def get_config(arg=None):
       synthetic="", synthetic_censor_fraction=0.0,  # labels for a synthetic pre-training cohort
       value_column="",  # "" = the MEDS default for the type (boolean_value, float_value, ...)
       label_columns=(),  # multilabel: the boolean columns
+      # Record modalities (images, ECGs, cells, sequences, table rows): the label column the
+      # records carry (config.data.<modality>.label_columns), e.g. --config.task.label_column=lesion
+      label_column="",
       classes=(),  # multiclass: class names in id order ("" = sorted values)
       time_column="", event_column="",  # survival ("" = float_value, boolean_value)
       # A label row's input: the events at or before its prediction_time (meds.LabelSchema's
@@ -58,7 +64,7 @@ def get_config(arg=None):
       # True makes them an error (experiments/*.py --strict_labels).
       strict_labels=False,
       num_time_bins=8,  # survival: discrete-time intervals, equal numbers of training events
-      embedding="")  # the backbone output to put the head on ("" = ehr/embedding)
+      embedding="")  # the backbone output to put the head on ("" = <modality>/embedding)
   config.task.update(TASKS[task_name])
   config.finetune = dict(
       pretrained="",  # set from --pretrained

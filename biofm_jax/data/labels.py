@@ -17,6 +17,10 @@ Any other column is kept as a covariate for subgroup reports (e.g. `sex`, `site`
 
 A wrong column type, a missing column, a null target or a non-positive survival time is
 a `ValueError` that names the file, the column and the first bad row.
+
+`TaskInfo` (from the training rows: outputs, classes, label statistics, the head's prior)
+and `task_targets` (a row's targets as its example's `batch.TASK` part) serve every labelled
+task, MEDS label rows and the label columns records carry (`data/record_task.py`) alike.
 """
 from __future__ import annotations
 
@@ -53,6 +57,9 @@ class Labels:
   classes: tuple[str, ...] = ()  # multiclass class names (id = index); multilabel column names
   covariates: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   columns: tuple[str, ...] = ()  # the file's columns the targets were read from
+  # Labels a record modality's records carry (`data/record_task.py`): each row's record, by its
+  # index in its split. None for MEDS label rows, which are keyed by subject and time.
+  row_index: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.subject_ids)
@@ -62,7 +69,8 @@ class Labels:
     return dataclasses.replace(
         self, subject_ids=self.subject_ids[index], prediction_times=self.prediction_times[index],
         targets={k: v[index] for k, v in self.targets.items()},
-        covariates={k: v[index] for k, v in self.covariates.items()})
+        covariates={k: v[index] for k, v in self.covariates.items()},
+        row_index=None if self.row_index is None else self.row_index[index])
 
   def metric_targets(self) -> dict[str, np.ndarray]:
     """The targets in the form `eval/metrics.py` scores: {"time", "event"} for survival,
@@ -225,3 +233,61 @@ def few_shot_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
   rng = np.random.default_rng(seed)
   picks = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
   return np.sort(np.concatenate(picks)) if picks else np.array([], np.int64)
+
+
+# ------------------------------------------------------------------ what a task head needs
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What the task head and the loss need to know about the labels (from training rows)."""
+  type: str
+  num_outputs: int  # logits: 1 (binary, regression), classes, labels, or survival time bins
+  classes: tuple[str, ...] = ()
+  label_mean: float = 0.0  # regression targets are standardised with training statistics
+  label_std: float = 1.0
+  time_bin_edges: tuple[float, ...] = ()  # survival: J + 1 interval edges in days, 0 to the horizon
+  # The training labels' logits under no information (log-odds of the prevalence, log class
+  # frequencies, each interval's empirical hazard): the head's bias starts there.
+  prior_logits: tuple[float, ...] = ()
+
+
+def _logit(p: np.ndarray) -> tuple[float, ...]:
+  p = np.clip(np.asarray(p, np.float64), 1e-3, 1 - 1e-3)
+  return tuple(float(v) for v in np.log(p / (1 - p)))
+
+
+def task_info(labels: Labels, train_rows: np.ndarray, num_time_bins: int = 8) -> TaskInfo:
+  kind = labels.task_type
+  if kind == "regression":
+    y = labels.targets[batch.TASK_LABEL][train_rows].astype(np.float64)
+    return TaskInfo(kind, 1, label_mean=float(y.mean()), label_std=float(y.std() or 1.0), prior_logits=(0.0,))
+  if kind == "survival":
+    times = labels.targets[batch.TASK_TIME][train_rows]
+    events = labels.targets[batch.TASK_EVENT][train_rows]
+    # Bins hold equal numbers of training events, the usual choice for discrete-time hazards.
+    # The horizon is the last training event: later times count as surviving every interval.
+    event_times = times[events] if events.any() else times
+    cuts = np.unique(np.quantile(event_times, np.linspace(0, 1, num_time_bins + 1)[1:]))
+    edges = np.concatenate([[0.0], cuts[cuts > 0]])
+    at_risk = np.array([(times >= start).sum() for start in edges[:-1]])
+    interval = np.searchsorted(edges, times[events], side="right") - 1
+    interval[times[events] == edges[-1]] = len(edges) - 2  # the last interval is closed (objectives/logistic_hazard.py)
+    died = np.bincount(interval[interval < len(edges) - 1], minlength=len(edges) - 1)
+    return TaskInfo(kind, len(edges) - 1, time_bin_edges=tuple(float(e) for e in edges),
+                    prior_logits=_logit((died + 0.5) / (at_risk + 1.0)))
+  y = labels.targets[batch.TASK_LABEL][train_rows]
+  if kind == "multiclass":
+    frequencies = (np.bincount(y, minlength=labels.num_outputs) + 0.5) / (len(y) + 0.5 * labels.num_outputs)
+    return TaskInfo(kind, labels.num_outputs, classes=labels.classes,
+                    prior_logits=tuple(float(v) for v in np.log(frequencies)))
+  prevalence = y.mean(axis=0) if len(y) else np.full(labels.num_outputs, 0.5)
+  return TaskInfo(kind, labels.num_outputs, classes=labels.classes, prior_logits=_logit(np.atleast_1d(prevalence)))
+
+
+def task_targets(targets: Mapping[str, Any], info: TaskInfo) -> dict[str, np.ndarray]:
+  """One row's targets as the `batch.TASK` part of its example (regression standardised
+  with the training rows' statistics)."""
+  spec = batch.task_example_spec(info.type, info.num_outputs)
+  task = {batch.VALID: np.bool_(True), **{name: np.asarray(value, spec[name][1]) for name, value in targets.items()}}
+  if info.type == "regression":
+    task[batch.TASK_LABEL] = np.float32((task[batch.TASK_LABEL] - info.label_mean) / info.label_std)
+  return task

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR
-from biofm_jax.modalities.ehr.task_data import CUTS, TaskInfo, history_rows
+from biofm_jax.data.labels import TaskInfo
+from biofm_jax.modalities.ehr.task_data import CUTS, history_rows
 from biofm_jax.data.labels import read_labels
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.eval import prediction_files

@@ -47,7 +47,10 @@ def check_writable(workdir: str | pathlib.Path, overwrite: bool) -> pathlib.Path
 
 
 def label_row_ids(labels) -> dict[str, np.ndarray]:
-  """The id columns of MEDS label rows (`data/labels.Labels`)."""
+  """The id columns of label rows (`data/labels.Labels`): subject and prediction time for MEDS
+  labels; for labels records carry, the record's index in its split (as the probe reports write)."""
+  if labels.row_index is not None:
+    return {"row_index": np.asarray(labels.row_index, np.int64)}
   return {SUBJECT_ID: np.asarray(labels.subject_ids, np.int64),
           PREDICTION_TIME: np.asarray(labels.prediction_times, "datetime64[us]")}
 

@@ -9,7 +9,9 @@ splits and labels:
   tabular  logistic regression on the raw features (training-split mean imputation plus
            missingness indicators, one-hot categories)
 plus a few-shot sweep of both. The report is written as for EHR tasks (`downstream.py`).
-Fine-tuning and the from-scratch baseline are built for EHR labels only so far.
+Records fine-tune on the same columns (`data/record_task.py`, `experiments/finetune.py
+--config.task.label_column=...`); the fine-tuned model and the from-scratch baseline are not
+in these reports yet.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from biofm_jax.modalities.ehr.task_data import TaskInfo
+from biofm_jax.data.labels import TaskInfo
 from biofm_jax.eval import downstream, prediction_files
 from biofm_jax.modalities import registry
 from biofm_jax.train.embed import embed_split

@@ -20,7 +20,11 @@ name. A row (`Modality`) names:
   reference_losses  (data module, config, train_split=, eval_split=) -> {name: loss} that
               a pre-trained model must beat, logged by the loop; None for none
   artifacts   the files its data module writes to a run's artifacts/ that a trained model
-              needs (vocabularies, statistics): the only ones an export carries
+              needs (vocabularies, statistics): the only ones an export carries, and the
+              ones fine-tuning copies from the pre-trained run
+  labeled     (config, artifacts_dir, targets) -> fine-tuning's labelled data (EHR: MEDS
+              label rows, `ehr/task_data.py`); None: the label columns the records carry
+              (`data/record_task.py`), which every record modality shares
 
 Adding a modality: a folder `modalities/<name>/` with those pieces, and one row below.
 Adding an objective: its class (`from_config`, `causal`, `targets`), and its name in a row.
@@ -37,10 +41,12 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import ml_collections
 
 from biofm_jax.data import batch as B
+from biofm_jax.data.artifacts import copy_regular_files
 from biofm_jax.data.masking import prediction_slots
 from biofm_jax.data.module import MASKED, TIME_TO_EVENT, DataModule, ShapesOnly, SizedData
 from biofm_jax.data.multimodal import MultimodalData
 from biofm_jax.data.prepared import open_prepared
+from biofm_jax.data.record_task import RecordTaskData
 from biofm_jax.modalities import synthetic_cohort
 from biofm_jax.modalities.ecg import baseline as ecg_baseline
 from biofm_jax.modalities.ecg import data as ecg_data
@@ -48,6 +54,7 @@ from biofm_jax.modalities.ecg import model as ecg_model
 from biofm_jax.modalities.ecg.mae import ECGReconstruction
 from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr import model as ehr_model
+from biofm_jax.modalities.ehr import task_data as ehr_task_data
 from biofm_jax.modalities.ehr import tte_targets
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
 from biofm_jax.modalities.ehr import vocab as ehr_vocab
@@ -103,6 +110,11 @@ class ModelDescriptionOf(Protocol):
     ...
 
 
+class OpenLabeled(Protocol):
+  def __call__(self, config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path, targets: str) -> DataModule:
+    ...
+
+
 Sizing = Callable[[Any, str, int], SizedData]  # (data cfg, targets, vocab_size) -> shapes only
 ReferenceLosses = Callable[..., dict[str, float]]  # (data module, config, train_split=, eval_split=)
 
@@ -126,6 +138,7 @@ class Modality:
   baseline: RawBaseline | None = None
   reference_losses: ReferenceLosses | None = None
   artifacts: tuple[str, ...] = ()
+  labeled: OpenLabeled | None = None  # fine-tuning's labelled data; None: the label columns records carry
 
 
 # ---------------------------------------------------------------- shared pieces of rows
@@ -168,7 +181,8 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
               "time_to_event": TimeToEventModelling},
              sizing=_ehr_sizing,
              reference_losses=ehr_unigram.reference_losses,
-             artifacts=(ehr_vocab.VOCAB_FILENAME, tte_targets.TASKS_FILENAME)),
+             artifacts=(ehr_vocab.VOCAB_FILENAME, tte_targets.TASKS_FILENAME),
+             labeled=ehr_task_data.open_labeled_ehr),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": MaskedAutoencoding},
              sizing=_imaging_sizing),
@@ -240,6 +254,32 @@ def open_pretraining_data(config: ml_collections.ConfigDict, artifacts_dir: path
                          objective=config.objective.name, artifacts_dir=artifacts_dir if writes_artifacts else None)
   return open_data_module(modalities[0], config.data[modalities[0]], objective=config.objective.name,
                           artifacts_dir=artifacts_dir)
+
+
+def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path) -> DataModule:
+  """Fine-tuning's labelled data over a pre-trained run's one modality (`config` is a
+  `train.finetune.finetune_config`): the row's `labeled` entry (EHR: MEDS label rows), or
+  for a record modality the records' own label column `task.label_column`, each record read
+  through the data module the pre-trained run used, with its artifacts (vocabulary,
+  statistics) copied from that run by name."""
+  modalities = configured(config.data)
+  if len(modalities) != 1 or "multimodal" in config.data:
+    raise ValueError(f"fine-tuning adapts a one-modality pre-training run; the pretrained run configures "
+                     f"{sorted(config.data.keys())}")
+  row = get(modalities[0])
+  targets = objective_kind(config.objective.name, row.name).targets  # read as in pre-training
+  if row.labeled is not None:
+    return row.labeled(config, artifacts_dir, targets)
+  if not config.task.get("label_column"):
+    raise ValueError(f"config.task.label_column is empty: {row.name} records are fine-tuned on one of the label "
+                     f"columns they carry (config.data.{row.name}.label_columns)")
+  artifacts_dir.mkdir(parents=True, exist_ok=True)
+  pretrained = pathlib.Path(config.finetune.pretrained) / "artifacts"
+  wanted = [name for name in row.artifacts if (pretrained / name).exists() and not (artifacts_dir / name).exists()]
+  if wanted:  # regular files by name, never through a link out of the pretrained run
+    copy_regular_files(pretrained, artifacts_dir, wanted, f"pretrained run {config.finetune.pretrained}")
+  data = row.data(config.data[row.name], targets=targets, artifacts_dir=artifacts_dir)
+  return RecordTaskData(data, config.task.label_column, config.task.type)
 
 
 def check_contrastive(objectives: Any, modalities: Sequence[str], *, mixing: bool, sampling: str) -> None:

@@ -24,12 +24,8 @@ import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch as B
-from biofm_jax.data.artifacts import copy_regular_files
-from biofm_jax.data.labels import few_shot_indices, labels_name, read_labels
-from biofm_jax.modalities.ehr import data as ehr_lib
-from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
-from biofm_jax.modalities.ehr.task_data import EHRTaskData
-from biofm_jax.modalities.registry import build_model, objective_kind
+from biofm_jax.data.labels import few_shot_indices, labels_name
+from biofm_jax.modalities.registry import build_model, open_task_data
 from biofm_jax.models.task import LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import Checkpointer
@@ -79,7 +75,8 @@ def finetune_config(finetune: ml_collections.ConfigDict, pretrained_workdir: str
   config.data = ml_collections.ConfigDict(data)
   config.finetune.pretrained = str(pathlib.Path(pretrained_workdir).absolute())
   if not config.task.name:  # reports are titled by the task: the labels' own name unless one is given
-    config.task.name = labels_name(config.task.labels) if config.task.labels else config.task.synthetic
+    config.task.name = (labels_name(config.task.labels) if config.task.labels
+                        else config.task.synthetic or config.task.get("label_column", ""))
   check_architecture(finetune, saved)
   config.lock()
   return config
@@ -97,25 +94,10 @@ def check_architecture(finetune: ml_collections.ConfigDict, saved: dict) -> None
 
 
 def open_labeled_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path):
-  """`EHRTaskData` for `config.task`, tokenised with the pre-trained run's vocabulary."""
-  if "ehr" not in config.data:
-    raise ValueError("fine-tuning is built for EHR pre-training runs (config.data.ehr); "
-                     f"the pretrained run has data sections {sorted(config.data.keys())}")
-  pretrained_artifacts = pathlib.Path(config.finetune.pretrained) / "artifacts"
-  artifacts_dir.mkdir(parents=True, exist_ok=True)
-  vocab = artifacts_dir / ehr_lib.VOCAB_FILENAME
-  if not vocab.exists():  # a regular file by name, never through a link out of the pretrained run
-    copy_regular_files(pretrained_artifacts, artifacts_dir, [ehr_lib.VOCAB_FILENAME],
-                       f"pretrained run {config.finetune.pretrained}")
-  ehr_cfg = ml_collections.ConfigDict(config_to_dict(config.data.ehr))
-  if not ehr_cfg.path:  # the pre-training run generated its cohort: use that one
-    ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")
-  targets = objective_kind(config.objective.name, "ehr").targets  # tokenised as in pre-training
-  ehr = ehr_lib.EHRData.from_config(ehr_cfg, targets=targets, artifacts_dir=artifacts_dir)
-  labels = read_labels(labels_path(config, ehr_cfg.path, artifacts_dir), config.task)
-  data = EHRTaskData(ehr, labels, num_time_bins=config.task.num_time_bins,
-                     cut=config.task.get("prediction_time_cut", "inclusive"),
-                     strict_labels=config.task.get("strict_labels", False))
+  """The labelled data of `config.task` over the pre-trained run's data, opened by the
+  pre-trained modality's registry row (MEDS label rows for EHR; the label columns records
+  carry for the others); few-shot training rows when `finetune.train_labels_per_class` asks."""
+  data = open_task_data(config, pathlib.Path(artifacts_dir))
   if config.finetune.train_labels_per_class:
     rows = few_label_rows(data.split_labels("train"), config.finetune.train_labels_per_class,
                           config.finetune.label_seed)
@@ -131,25 +113,10 @@ def few_label_rows(labels, k: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng([seed, k]).choice(len(labels), min(k, len(labels)), replace=False))
 
 
-def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir: pathlib.Path) -> pathlib.Path:
-  """`task.labels`, or for a synthetic cohort the labels of `task.synthetic`, written once."""
-  if config.task.labels:
-    return pathlib.Path(config.task.labels)
-  if not config.task.synthetic:
-    raise ValueError("config.task.labels is empty: give a MEDS labels parquet file (or task.synthetic for "
-                     "the synthetic cohort)")
-  censor = config.task.synthetic_censor_fraction
-  suffix = f"_seed{config.seed}" + (f"_censor{censor:g}" if censor else "")
-  path = artifacts_dir / f"labels_{config.task.synthetic}{suffix}.parquet"  # other settings, other file
-  if not path.exists():
-    write_synthetic_labels(meds_root, path, config.task.synthetic, seed=config.seed,
-                           censor_fraction=config.task.synthetic_censor_fraction)
-  return path
-
-
-def build_task_model(config: ml_collections.ConfigDict, backbone, info):
+def build_task_model(config: ml_collections.ConfigDict, backbone, info, info_modalities: tuple[str, ...]):
   mode = config.finetune.mode
-  embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else ("ehr", "embedding")
+  (modality,) = info_modalities
+  embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else (modality, "embedding")
   # LoRA's backbone is frozen by the optimiser's labels, not by cutting its gradient: the
   # adapters inside it must still receive one.
   model = TaskModel(backbone, embedding, info.num_outputs, frozen_backbone=mode == "frozen",
@@ -210,7 +177,7 @@ def build_finetune_training(config: ml_collections.ConfigDict, data, devices=Non
   backbone of a task model, the task's supervised objective, and the optimiser's labels
   for the adaptation mode (full, frozen, LoRA)."""
   backbone = build_model(config, data.model_info())
-  return build_training(config, data, devices, model=build_task_model(config, backbone, data.info),
+  return build_training(config, data, devices, model=build_task_model(config, backbone, data.info, tuple(data.model_info())),
                         objective=build_task_objective(data.info), trainable=trainable(config.finetune.mode))
 
 

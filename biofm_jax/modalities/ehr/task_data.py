@@ -17,18 +17,23 @@ prediction time, and a label column with one class in the training split, are er
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from typing import Any, Mapping
 
+import pathlib
+
 import grain
+import ml_collections
 import numpy as np
 
+from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch
-from biofm_jax.modalities.ehr.data import EHRData, TokenizeEHR
+from biofm_jax.data.artifacts import copy_regular_files
+from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRData, TokenizeEHR
+from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
 from biofm_jax.modalities.ehr.windows import birth_time
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
-from biofm_jax.data.labels import Labels
+from biofm_jax.data.labels import Labels, TaskInfo, read_labels, task_info, task_targets
 from biofm_jax.data.module import DataModuleDefaults
 
 log = logging.getLogger("biofm_jax")
@@ -40,53 +45,6 @@ UNKNOWN = "unknown"  # a subgroup value no code or column gives
 # RACE//..., ETHNICITY//...): the value is what follows the first matching prefix.
 SUBGROUP_CODE_PREFIXES = {"sex": ("GENDER//", "SEX//"), "race": ("RACE//",), "ethnicity": ("ETHNICITY//",)}
 _US_PER_YEAR = US_PER_DAY * batch.DAYS_PER_YEAR
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskInfo:
-  """What the task head and the loss need to know about the labels (from training rows)."""
-  type: str
-  num_outputs: int  # logits: 1 (binary, regression), classes, labels, or survival time bins
-  classes: tuple[str, ...] = ()
-  label_mean: float = 0.0  # regression targets are standardised with training statistics
-  label_std: float = 1.0
-  time_bin_edges: tuple[float, ...] = ()  # survival: J + 1 interval edges in days, 0 to the horizon
-  # The training labels' logits under no information (log-odds of the prevalence, log class
-  # frequencies, each interval's empirical hazard): the head's bias starts there.
-  prior_logits: tuple[float, ...] = ()
-
-
-def _logit(p: np.ndarray) -> tuple[float, ...]:
-  p = np.clip(np.asarray(p, np.float64), 1e-3, 1 - 1e-3)
-  return tuple(float(v) for v in np.log(p / (1 - p)))
-
-
-def task_info(labels: Labels, train_rows: np.ndarray, num_time_bins: int = 8) -> TaskInfo:
-  kind = labels.task_type
-  if kind == "regression":
-    y = labels.targets[batch.TASK_LABEL][train_rows].astype(np.float64)
-    return TaskInfo(kind, 1, label_mean=float(y.mean()), label_std=float(y.std() or 1.0), prior_logits=(0.0,))
-  if kind == "survival":
-    times = labels.targets[batch.TASK_TIME][train_rows]
-    events = labels.targets[batch.TASK_EVENT][train_rows]
-    # Bins hold equal numbers of training events, the usual choice for discrete-time hazards.
-    # The horizon is the last training event: later times count as surviving every interval.
-    event_times = times[events] if events.any() else times
-    cuts = np.unique(np.quantile(event_times, np.linspace(0, 1, num_time_bins + 1)[1:]))
-    edges = np.concatenate([[0.0], cuts[cuts > 0]])
-    at_risk = np.array([(times >= start).sum() for start in edges[:-1]])
-    interval = np.searchsorted(edges, times[events], side="right") - 1
-    interval[times[events] == edges[-1]] = len(edges) - 2  # the last interval is closed (objectives/logistic_hazard.py)
-    died = np.bincount(interval[interval < len(edges) - 1], minlength=len(edges) - 1)
-    return TaskInfo(kind, len(edges) - 1, time_bin_edges=tuple(float(e) for e in edges),
-                    prior_logits=_logit((died + 0.5) / (at_risk + 1.0)))
-  y = labels.targets[batch.TASK_LABEL][train_rows]
-  if kind == "multiclass":
-    frequencies = (np.bincount(y, minlength=labels.num_outputs) + 0.5) / (len(y) + 0.5 * labels.num_outputs)
-    return TaskInfo(kind, labels.num_outputs, classes=labels.classes,
-                    prior_logits=tuple(float(v) for v in np.log(frequencies)))
-  prevalence = y.mean(axis=0) if len(y) else np.full(labels.num_outputs, 0.5)
-  return TaskInfo(kind, labels.num_outputs, classes=labels.classes, prior_logits=_logit(np.atleast_1d(prevalence)))
 
 
 def history_rows(meds: Any, subject_ids: np.ndarray, prediction_times: np.ndarray, cut: str):
@@ -130,12 +88,7 @@ class TokenizeLabeled(grain.transforms.Map):
     self.tokenize, self.info = tokenize, info
 
   def map(self, record: Mapping[str, Any]) -> dict:
-    task = {batch.VALID: np.bool_(True)}
-    for name, value in record["targets"].items():
-      task[name] = np.asarray(value, batch.task_example_spec(self.info.type, self.info.num_outputs)[name][1])
-    if self.info.type == "regression":
-      task[batch.TASK_LABEL] = np.float32((task[batch.TASK_LABEL] - self.info.label_mean) / self.info.label_std)
-    return {"ehr": self.tokenize.map(record), batch.TASK: task}
+    return {"ehr": self.tokenize.map(record), batch.TASK: task_targets(record["targets"], self.info)}
 
 
 class EHRTaskData(DataModuleDefaults):
@@ -314,3 +267,38 @@ def _check_all_rows_usable(labels: Labels, splits, usable, first_events, dropped
   raise ValueError(f"labels {labels.path}: {dropped['total']} of {len(labels)} rows cannot be used: "
                    f"{_describe_dropped(dropped, cut)}; first: {first} (without strict_labels they are dropped "
                    f"and counted)")
+
+
+def open_labeled_ehr(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path, targets: str) -> EHRTaskData:
+  """`EHRTaskData` for `config.task` (MEDS label rows) over the pre-trained run's MEDS data,
+  tokenised with its vocabulary and as its objective's `targets` were (the registry's
+  `labeled` entry for EHR)."""
+  pretrained_artifacts = pathlib.Path(config.finetune.pretrained) / "artifacts"
+  artifacts_dir.mkdir(parents=True, exist_ok=True)
+  if not (artifacts_dir / VOCAB_FILENAME).exists():  # a regular file by name, never through a link
+    copy_regular_files(pretrained_artifacts, artifacts_dir, [VOCAB_FILENAME],
+                       f"pretrained run {config.finetune.pretrained}")
+  ehr_cfg = ml_collections.ConfigDict(config_to_dict(config.data.ehr))
+  if not ehr_cfg.path:  # the pre-training run generated its cohort: use that one
+    ehr_cfg.path = str(pretrained_artifacts / "synthetic_meds")
+  ehr = EHRData.from_config(ehr_cfg, targets=targets, artifacts_dir=artifacts_dir)
+  labels = read_labels(labels_path(config, ehr_cfg.path, artifacts_dir), config.task)
+  return EHRTaskData(ehr, labels, num_time_bins=config.task.num_time_bins,
+                     cut=config.task.get("prediction_time_cut", "inclusive"),
+                     strict_labels=config.task.get("strict_labels", False))
+
+
+def labels_path(config: ml_collections.ConfigDict, meds_root: str, artifacts_dir: pathlib.Path) -> pathlib.Path:
+  """`task.labels`, or for a synthetic cohort the labels of `task.synthetic`, written once."""
+  if config.task.labels:
+    return pathlib.Path(config.task.labels)
+  if not config.task.synthetic:
+    raise ValueError("config.task.labels is empty: give a MEDS labels parquet file (or task.synthetic for "
+                     "the synthetic cohort)")
+  censor = config.task.synthetic_censor_fraction
+  suffix = f"_seed{config.seed}" + (f"_censor{censor:g}" if censor else "")
+  path = artifacts_dir / f"labels_{config.task.synthetic}{suffix}.parquet"  # other settings, other file
+  if not path.exists():
+    write_synthetic_labels(meds_root, path, config.task.synthetic, seed=config.seed,
+                           censor_fraction=config.task.synthetic_censor_fraction)
+  return path

@@ -1,0 +1,214 @@
+"""Labelled records of any record modality (images, ECGs, cells, sequences, table rows), for
+fine-tuning and its evaluation: the label is one of the columns the records carry (a
+manifest's, an AnnData obs's, a table's `label_columns`).
+
+`RecordTaskData` wraps the pre-training data module opened as the pre-trained run opened it
+(its vocabulary, statistics and splits) and yields one example per labelled record: the
+record through the module's own transforms without pre-training masking (training
+augmentation included), plus the row's targets under `batch.TASK`, as the EHR task data
+does. Records without a value in the column are left out and counted; classes come from the
+training rows:
+
+  binary       a column of two values (0/1, or any two: the larger is the positive class)
+  multiclass   the values seen in training, in sorted order
+  regression   the value itself (standardised for training with training statistics)
+
+Rows are keyed by their index in their split (`Labels.row_index`): a record modality has no
+MEDS prediction time, and the predictions files say which record each row is.
+"""
+from __future__ import annotations
+
+import copy
+import pathlib
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from biofm_jax.data import batch
+from biofm_jax.data.labels import Labels, TaskInfo, task_info, task_targets
+from biofm_jax.data.module import DataModuleDefaults
+
+RECORD_TASK_TYPES = ("binary", "multiclass", "regression")
+
+
+def record_labels(data: Any, label_column: str, task_type: str, split: str,
+                  classes: tuple[float, ...] = ()) -> Labels:
+  """The labelled rows of `split` for `label_column` (`classes`: the training split's values,
+  for classification), checked."""
+  values, names = data.labels(split)
+  if label_column not in names:
+    raise ValueError(f"task.label_column {label_column!r} is not among the {data.name} records' label columns "
+                     f"{list(names)} (config.data.{data.name}.label_columns)")
+  column = np.asarray(values, np.float64)[:, list(names).index(label_column)]
+  known = np.isfinite(column)
+  if task_type == "regression":
+    rows, targets, class_names = np.flatnonzero(known), column[known].astype(np.float32), ()
+  else:
+    rows = np.flatnonzero(known & np.isin(column, classes))
+    ids = np.searchsorted(np.asarray(classes), column[rows])
+    class_names = tuple(_class_name(c) for c in classes)
+    targets = ids.astype(np.float32) if task_type == "binary" else ids.astype(np.int32)
+  source = data.source(split)
+  subjects = getattr(source, "subject_ids", None)
+  subject_ids = np.zeros(len(rows), np.int64)
+  if subjects is not None:  # integer subject ids where the records have them (joins, reports)
+    as_int = [int(s) if str(s).lstrip("-").isdigit() else -1 for s in np.asarray(subjects)[rows]]
+    subject_ids = np.asarray(as_int, np.int64)
+  return Labels(pathlib.Path(f"{data.name}:{label_column}"), task_type, subject_ids,
+                np.full(len(rows), np.datetime64("NaT"), "datetime64[us]"), {batch.TASK_LABEL: targets},
+                class_names if task_type == "multiclass" else (), columns=(label_column,), row_index=rows)
+
+
+def _class_name(value: float) -> str:
+  return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def training_classes(data: Any, label_column: str, task_type: str) -> tuple[float, ...]:
+  """The values the training split's records take in `label_column` (classification)."""
+  if task_type not in RECORD_TASK_TYPES:
+    raise ValueError(f"task.type {task_type!r}: record labels are fine-tuned as one of {RECORD_TASK_TYPES}")
+  if task_type == "regression":
+    return ()
+  values, names = data.labels("train")
+  if label_column not in names:
+    raise ValueError(f"task.label_column {label_column!r} is not among the {data.name} records' label columns "
+                     f"{list(names)} (config.data.{data.name}.label_columns)")
+  column = np.asarray(values, np.float64)[:, list(names).index(label_column)]
+  classes = tuple(float(v) for v in np.unique(column[np.isfinite(column)]))
+  if len(classes) < 2:
+    raise ValueError(f"task.label_column {label_column!r} has {len(classes)} class(es) in the training split's "
+                     f"{data.name} records; a classifier needs two")
+  if task_type == "binary" and len(classes) != 2:
+    raise ValueError(f"task.label_column {label_column!r} has {len(classes)} classes in the training split "
+                     f"({[_class_name(c) for c in classes][:6]}); set task.type='multiclass'")
+  return classes
+
+
+class LabeledRecords:
+  """The labelled records of one split: item i = {"record": the module's record, "targets"}."""
+
+  def __init__(self, source: Any, labels: Labels):
+    self._source, self.labels = source, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict:
+    i = int(index)
+    return {"record": self._source[int(self.labels.row_index[i])],
+            "targets": {k: v[i] for k, v in self.labels.targets.items()}}
+
+
+class _OnRecord(grain.transforms.Map):
+  """A record transform of the wrapped module, applied to the record beside its targets."""
+
+  def __init__(self, inner: grain.transforms.Map):
+    self.inner = inner
+
+  def map(self, element: Mapping[str, Any]) -> dict:
+    return {"record": self.inner.map(element["record"]), "targets": element["targets"]}
+
+
+class _RandomOnRecord(grain.transforms.RandomMap):
+  def __init__(self, inner: grain.transforms.RandomMap):
+    self.inner = inner
+
+  def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict:
+    return {"record": self.inner.random_map(element["record"], rng), "targets": element["targets"]}
+
+
+def on_records(transforms: list) -> list:
+  """The module's transforms, each applied to the record part of a labelled element."""
+  wrapped = []
+  for t in transforms:
+    if isinstance(t, grain.transforms.RandomMap):
+      wrapped.append(_RandomOnRecord(t))
+    elif isinstance(t, grain.transforms.Map):
+      wrapped.append(_OnRecord(t))
+    else:
+      raise ValueError(f"fine-tuning on records: the data module's transform {type(t).__name__} is neither a Map "
+                       "nor a RandomMap, so it cannot carry the labels beside the record")
+  return wrapped
+
+
+class AttachTargets(grain.transforms.Map):
+  """{"record": {modality: example}, "targets"} -> {modality: example, "task": targets}."""
+
+  def __init__(self, info: TaskInfo):
+    self.info = info
+
+  def map(self, element: Mapping[str, Any]) -> dict:
+    return {**element["record"], batch.TASK: task_targets(element["targets"], self.info)}
+
+
+class RecordTaskData(DataModuleDefaults):
+  """A labelled task over a record modality's data module, as the loop and evaluations see it."""
+
+  def __init__(self, data: Any, label_column: str, task_type: str):
+    self.data, self.label_column = data, label_column
+    self.modality = data.name
+    self.name = f"labeled_{data.name}"
+    classes = training_classes(data, label_column, task_type)
+    self._labels = {}
+    for split in ("train", "tuning", "held_out"):
+      try:
+        self._labels[split] = record_labels(data, label_column, task_type, split, classes)
+      except (KeyError, ValueError) as e:
+        if split == "train" or "label column" in str(e):
+          raise
+    self._sources = {s: LabeledRecords(data.source(s), labels) for s, labels in self._labels.items()}
+    self.without_label = {s: len(data.source(s)) - len(labels) for s, labels in self._labels.items()}
+    self.info = task_info(self._labels["train"], np.arange(len(self._labels["train"])))
+
+  def with_train_rows(self, rows: np.ndarray) -> RecordTaskData:
+    """A copy whose training split keeps only `rows` (indices into it): few-shot training."""
+    out = copy.copy(self)
+    train = self._labels["train"].rows(rows)
+    out._labels = {**self._labels, "train": train}
+    out._sources = {**self._sources, "train": LabeledRecords(self.data.source("train"), train)}
+    out.info = task_info(train, np.arange(len(train)))
+    return out
+
+  def source(self, split: str) -> LabeledRecords:
+    if split not in self._sources:
+      raise ValueError(f"{self.name}: unknown split {split!r}; splits: {list(self._sources)}")
+    return self._sources[split]
+
+  def split_labels(self, split: str) -> Labels:
+    return self.source(split).labels
+
+  def splits(self) -> tuple[str, ...]:
+    return tuple(self._sources)
+
+  def transforms(self, train: bool, mask: bool = False) -> list:
+    del mask  # fine-tuning never masks: the whole record is the input
+    return on_records(self.data.transforms(train=train, mask=False)) + [AttachTargets(self.info)]
+
+  def example_spec(self) -> dict:
+    return {**self.data.embedding_spec(), batch.TASK: batch.task_example_spec(self.info.type, self.info.num_outputs)}
+
+  embedding_spec = example_spec
+
+  def train_example_spec(self) -> dict:
+    """As the module's training examples arrive before its device transform, without the
+    fields only pre-training masking adds."""
+    masking_only = set(self.data.example_spec()[self.modality]) - set(self.data.embedding_spec()[self.modality])
+    record = {k: v for k, v in self.data.train_example_spec()[self.modality].items() if k not in masking_only}
+    return {self.modality: record, batch.TASK: batch.task_example_spec(self.info.type, self.info.num_outputs)}
+
+  def device_transform(self):
+    return self.data.device_transform()
+
+  def model_info(self) -> dict[str, dict]:
+    return self.data.model_info()
+
+  def covariates(self, split: str, subgroup_codes: Any = None) -> dict[str, np.ndarray]:
+    del split, subgroup_codes  # records carry no subgroup columns yet
+    return {}
+
+  def summary(self) -> dict[str, Any]:
+    out: dict[str, Any] = {f"labels_{s}": len(labels) for s, labels in self._labels.items()}
+    out.update(task=self.info.type, outputs=self.info.num_outputs, label_column=self.label_column,
+               records_without_a_label=sum(self.without_label.values()))
+    return out

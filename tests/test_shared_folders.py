@@ -181,8 +181,24 @@ def test_fine_tuning_does_not_copy_a_linked_vocabulary_from_the_pretrained_run(t
   secret.write_text("private key")
   (tmp_path / "pretrained" / "artifacts").mkdir(parents=True)
   os.symlink(secret, tmp_path / "pretrained" / "artifacts" / ehr.VOCAB_FILENAME)
-  config = ml_collections.ConfigDict({"data": {"ehr": {"path": ""}},
+  config = ml_collections.ConfigDict({"data": {"ehr": {"path": ""}}, "objective": {"name": "masked"},
                                       "finetune": {"pretrained": str(tmp_path / "pretrained")}})
   with pytest.raises(ValueError, match=f"'{ehr.VOCAB_FILENAME}' leads out of"):
     open_labeled_data(config, tmp_path / "ft" / "artifacts")
   assert not (tmp_path / "ft" / "artifacts" / ehr.VOCAB_FILENAME).exists()
+
+
+def test_record_fine_tuning_does_not_copy_a_linked_artifact_from_the_pretrained_run(tmp_path):
+  from biofm_jax.modalities.tabular import data as tabular
+  from biofm_jax.train.finetune import open_labeled_data
+  secret = tmp_path / "id_rsa"
+  secret.write_text("private key")
+  (tmp_path / "pretrained" / "artifacts").mkdir(parents=True)
+  os.symlink(secret, tmp_path / "pretrained" / "artifacts" / tabular.STATS_FILENAME)
+  config = ml_collections.ConfigDict({"data": {"tabular": {"path": ""}}, "objective": {"name": "masked_features"},
+                                      "task": {"label_column": "malignant", "type": "binary"},
+                                      "finetune": {"pretrained": str(tmp_path / "pretrained"),
+                                                   "train_labels_per_class": 0}})
+  with pytest.raises(ValueError, match=f"'{tabular.STATS_FILENAME}' leads out of"):
+    open_labeled_data(config, tmp_path / "ft" / "artifacts")
+  assert not (tmp_path / "ft" / "artifacts" / tabular.STATS_FILENAME).exists()

@@ -275,7 +275,8 @@ def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Pat
                      f"columns they carry (config.data.{row.name}.label_columns)")
   artifacts_dir.mkdir(parents=True, exist_ok=True)
   pretrained = pathlib.Path(config.finetune.pretrained) / "artifacts"
-  wanted = [name for name in row.artifacts if (pretrained / name).exists() and not (artifacts_dir / name).exists()]
+  wanted = [name for name in row.artifacts  # a link is named, and refused, even when it leads nowhere
+            if ((pretrained / name).exists() or (pretrained / name).is_symlink()) and not (artifacts_dir / name).exists()]
   if wanted:  # regular files by name, never through a link out of the pretrained run
     copy_regular_files(pretrained, artifacts_dir, wanted, f"pretrained run {config.finetune.pretrained}")
   data = row.data(config.data[row.name], targets=targets, artifacts_dir=artifacts_dir)

@@ -144,6 +144,7 @@ class AttachTargets(grain.transforms.Map):
 
 class RecordTaskData(DataModuleDefaults):
   """A labelled task over a record modality's data module, as the loop and evaluations see it."""
+  cut = None  # records have no prediction time to cut their input at (EHR task data has one)
 
   def __init__(self, data: Any, label_column: str, task_type: str):
     self.data, self.label_column = data, label_column

@@ -67,3 +67,18 @@ def test_table_probe_is_reported_beside_logistic_regression_on_raw_features(tmp_
   assert (tmp_path / "report" / "roc.png").exists()
   with pytest.raises(ValueError, match="'diagnosis' is not among the run's label columns \\['malignant'\\]"):
     evaluate_record_labels(run, tmp_path / "other", "diagnosis", FAST)
+
+
+@pytest.mark.parametrize("spec, column, baseline", [
+    ("configs/imaging_mae.py:tiny", "lesion", "logistic_intensity_features"),
+    ("configs/omics_sequence.py:tiny", "motif", "logistic_kmer_frequencies")], ids=["imaging", "sequence"])
+def test_images_and_sequences_are_reported_beside_their_raw_feature_baselines(spec, column, baseline, tmp_path):
+  run = pretrain(spec, tmp_path / "run")
+  evaluate_record_labels(run, tmp_path / "report", column, FAST)
+  saved = json.loads((tmp_path / "report" / "report.json").read_text())
+  assert saved["task"]["type"] == "binary" and list(saved["baselines"]) == [baseline]
+  for split in ("tuning", "held_out"):
+    recomputed = helpers.binary_scores_in_predictions(tmp_path / "report", baseline, split)
+    assert recomputed["auroc"] == pytest.approx(saved["baselines"][baseline][split]["metrics"]["auroc"], abs=1e-9)
+  # Both planted signals are within the baselines' reach: a bright lesion, a motif's k-mers.
+  assert saved["baselines"][baseline]["held_out"]["metrics"]["auroc"] > 0.7, saved["baselines"][baseline]

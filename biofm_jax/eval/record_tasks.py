@@ -8,6 +8,10 @@ splits and labels:
            baseline that matched scGPT on cell-type annotation
   tabular  logistic regression on the raw features (training-split mean imputation plus
            missingness indicators, one-hot categories)
+  imaging  logistic regression on first-order intensity and gradient statistics and an
+           8-per-axis thumbnail (radiomics' first-order family, MedMNIST's pixel baselines)
+  sequence logistic regression on k-mer frequencies (DNA 4-mers, protein dipeptides)
+  ecg      logistic regression on RR-interval irregularity and lead amplitudes
 plus a few-shot sweep of both. The report is written as for EHR tasks (`downstream.py`).
 Records fine-tune on the same columns (`data/record_task.py`, `experiments/finetune.py
 --config.task.label_column=...`); the fine-tuned model and the from-scratch baseline are not

@@ -58,12 +58,14 @@ from biofm_jax.modalities.ehr import task_data as ehr_task_data
 from biofm_jax.modalities.ehr import tte_targets
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
 from biofm_jax.modalities.ehr import vocab as ehr_vocab
+from biofm_jax.modalities.imaging import baseline as imaging_baseline
 from biofm_jax.modalities.imaging import data as imaging_data
 from biofm_jax.modalities.imaging import model as imaging_model
 from biofm_jax.modalities.imaging.mae import MaskedAutoencoding
 from biofm_jax.modalities.omics import baseline as omics_baseline
 from biofm_jax.modalities.omics import data as omics_data
 from biofm_jax.modalities.omics import gene_vocab
+from biofm_jax.modalities.sequence import baseline as sequence_baseline
 from biofm_jax.modalities.sequence import data as sequence_data
 from biofm_jax.modalities.tabular import baseline as tabular_baseline
 from biofm_jax.modalities.tabular import data as tabular_data
@@ -185,7 +187,10 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
              labeled=ehr_task_data.open_labeled_ehr),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": MaskedAutoencoding},
-             sizing=_imaging_sizing),
+             sizing=_imaging_sizing,
+             baseline=RawBaseline("logistic_intensity_features", "logistic",
+                                  "logistic regression on first-order intensity and gradient statistics and the "
+                                  "image averaged to 8 pixels per axis", imaging_baseline.intensity_features)),
     Modality("omics", omics_data.OmicsData.from_config, _token_model("omics"),
              {"masked": MaskedCodeModelling, "masked_ordinal": OrdinalValueModelling},
              baseline=RawBaseline("l1_logistic_expression", "l1_logistic",
@@ -194,7 +199,10 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
              artifacts=(gene_vocab.VOCAB_FILENAME,)),
     Modality("sequence", sequence_data.SequenceData.from_config, _token_model("sequence"),
              {"masked": MaskedCodeModelling},
-             sizing=_sequence_sizing, artifacts=(sequence_data.TOKENIZER_FILENAME,)),
+             sizing=_sequence_sizing, artifacts=(sequence_data.TOKENIZER_FILENAME,),
+             baseline=RawBaseline("logistic_kmer_frequencies", "logistic",
+                                  "logistic regression on k-mer frequencies (DNA 4-mers, protein dipeptides) and "
+                                  "log length", sequence_baseline.kmer_features)),
     Modality("tabular", tabular_data.TabularData.from_config, tabular_model.model_modality,
              {"masked_features": MaskedFeatureModelling},
              baseline=RawBaseline("logistic_raw_features", "logistic",

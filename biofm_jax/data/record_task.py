@@ -15,6 +15,11 @@ training rows:
 
 Rows are keyed by their index in their split (`Labels.row_index`): a record modality has no
 MEDS prediction time, and the predictions files say which record each row is.
+
+Over the multimodal join (the fused model), labels come from a table keyed by `subject_id`
+(`from_subject_labels`: `meds.LabelSchema` value columns, one row per subject, no prediction
+time yet), and each subject brings whichever modalities it has: a subject missing some
+still gets a prediction. Those rows keep their subject ids, and so do their predictions.
 """
 from __future__ import annotations
 
@@ -86,17 +91,18 @@ def training_classes(data: Any, label_column: str, task_type: str) -> tuple[floa
 
 
 class LabeledRecords:
-  """The labelled records of one split: item i = {"record": the module's record, "targets"}."""
+  """The labelled records of one split: item i = {"record": the source's item `items[i]`,
+  "targets": label row i's}."""
 
-  def __init__(self, source: Any, labels: Labels):
-    self._source, self.labels = source, labels
+  def __init__(self, source: Any, labels: Labels, items: np.ndarray):
+    self._source, self.labels, self.items = source, labels, np.asarray(items, np.int64)
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict:
     i = int(index)
-    return {"record": self._source[int(self.labels.row_index[i])],
+    return {"record": self._source[int(self.items[i])],
             "targets": {k: v[i] for k, v in self.labels.targets.items()}}
 
 
@@ -143,31 +149,77 @@ class AttachTargets(grain.transforms.Map):
 
 
 class RecordTaskData(DataModuleDefaults):
-  """A labelled task over a record modality's data module, as the loop and evaluations see it."""
+  """A labelled task over a record modality's data module, or over the multimodal join of a
+  patient's modalities, as the loop and evaluations see it."""
   cut = None  # records have no prediction time to cut their input at (EHR task data has one)
 
-  def __init__(self, data: Any, label_column: str, task_type: str):
-    self.data, self.label_column = data, label_column
+  def __init__(self, data: Any, labels: Mapping[str, Labels], items: Mapping[str, np.ndarray], *, label_name: str,
+               embedding_output: tuple[str, ...], dropped: Mapping[str, int] | None = None):
+    if "train" not in labels or not len(labels["train"]):
+      raise ValueError(f"{data.name} labels {label_name!r}: no labelled record in the training split")
+    self.data, self.label_column, self.embedding_output = data, label_name, tuple(embedding_output)
     self.modality = data.name
     self.name = f"labeled_{data.name}"
+    self._labels = dict(labels)
+    self._sources = {s: LabeledRecords(data.source(s), rows, items[s]) for s, rows in self._labels.items()}
+    self.without_label = {s: len(data.source(s)) - len(rows) for s, rows in self._labels.items()}
+    self.dropped = dict(dropped or {})
+    self.info = task_info(self._labels["train"], np.arange(len(self._labels["train"])))
+
+  @classmethod
+  def from_label_column(cls, data: Any, label_column: str, task_type: str) -> RecordTaskData:
+    """The records' own label column (a manifest's, an obs's, a table's `label_columns`)."""
     classes = training_classes(data, label_column, task_type)
-    self._labels = {}
+    labels = {}
     for split in ("train", "tuning", "held_out"):
       try:
-        self._labels[split] = record_labels(data, label_column, task_type, split, classes)
+        labels[split] = record_labels(data, label_column, task_type, split, classes)
       except (KeyError, ValueError) as e:
         if split == "train" or "label column" in str(e):
           raise
-    self._sources = {s: LabeledRecords(data.source(s), labels) for s, labels in self._labels.items()}
-    self.without_label = {s: len(data.source(s)) - len(labels) for s, labels in self._labels.items()}
-    self.info = task_info(self._labels["train"], np.arange(len(self._labels["train"])))
+    return cls(data, labels, {s: rows.row_index for s, rows in labels.items()}, label_name=label_column,
+               embedding_output=(data.name, "embedding"))
+
+  @classmethod
+  def from_subject_labels(cls, data: Any, labels: Labels) -> RecordTaskData:
+    """A labels table keyed by `subject_id` (one row per subject, `meds.LabelSchema`'s value
+    columns) over a source whose items are subjects: the multimodal join, where each subject
+    brings whichever modalities it has. Rows of subjects in no split are dropped and counted."""
+    if not np.isnat(labels.prediction_times).all():
+      row = int(np.flatnonzero(~np.isnat(labels.prediction_times))[0])
+      raise ValueError(f"labels {labels.path}: row {row} has a prediction_time; subject-level labels over "
+                       f"{data.name} data take one row per subject without one (cutting each subject's "
+                       f"EHR part at a prediction time is not built for joined modalities yet)")
+    ids, counts = np.unique(labels.subject_ids, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"labels {labels.path}: subject_id {int(ids[counts > 1][0])} has {int(counts.max())} rows; "
+                       f"subject-level labels take one row per subject")
+    row_of = {int(s): i for i, s in enumerate(labels.subject_ids)}
+    by_split, items_of, matched = {}, {}, 0
+    for split in ("train", "tuning", "held_out"):
+      try:
+        subjects = list(data.source(split).subject_ids)
+      except (KeyError, ValueError):
+        continue
+      first = {}  # a subject's first item (a balanced training order repeats subjects)
+      for item, subject in enumerate(subjects):
+        first.setdefault(int(subject), item)
+      keep = [(first[s], row_of[s]) for s in sorted(first) if s in row_of]
+      items = np.asarray([k[0] for k in keep], np.int64)
+      rows = np.asarray([k[1] for k in keep], np.int64)
+      matched += len(rows)
+      by_split[split], items_of[split] = labels.rows(rows), items  # rows keep their subject ids
+    embedding = ("fused", "embedding") if len(data.model_info()) > 1 else (data.name, "embedding")
+    return cls(data, by_split, items_of, label_name=str(labels.path), embedding_output=embedding,
+               dropped={"subjects_in_no_split": len(labels) - matched})
 
   def with_train_rows(self, rows: np.ndarray) -> RecordTaskData:
     """A copy whose training split keeps only `rows` (indices into it): few-shot training."""
     out = copy.copy(self)
     train = self._labels["train"].rows(rows)
     out._labels = {**self._labels, "train": train}
-    out._sources = {**self._sources, "train": LabeledRecords(self.data.source("train"), train)}
+    items = self._sources["train"].items[rows]
+    out._sources = {**self._sources, "train": LabeledRecords(self.data.source("train"), train, items)}
     out.info = task_info(train, np.arange(len(train)))
     return out
 
@@ -210,6 +262,6 @@ class RecordTaskData(DataModuleDefaults):
 
   def summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {f"labels_{s}": len(labels) for s, labels in self._labels.items()}
-    out.update(task=self.info.type, outputs=self.info.num_outputs, label_column=self.label_column,
-               records_without_a_label=sum(self.without_label.values()))
+    out.update(task=self.info.type, outputs=self.info.num_outputs, labels=self.label_column,
+               records_without_a_label=sum(self.without_label.values()), **self.dropped)
     return out

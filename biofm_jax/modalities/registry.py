@@ -42,6 +42,7 @@ import ml_collections
 
 from biofm_jax.data import batch as B
 from biofm_jax.data.artifacts import copy_regular_files
+from biofm_jax.data.labels import read_labels
 from biofm_jax.data.masking import prediction_slots
 from biofm_jax.data.module import MASKED, TIME_TO_EVENT, DataModule, ShapesOnly, SizedData
 from biofm_jax.data.multimodal import MultimodalData
@@ -265,15 +266,29 @@ def open_pretraining_data(config: ml_collections.ConfigDict, artifacts_dir: path
 
 
 def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Path) -> DataModule:
-  """Fine-tuning's labelled data over a pre-trained run's one modality (`config` is a
-  `train.finetune.finetune_config`): the row's `labeled` entry (EHR: MEDS label rows), or
-  for a record modality the records' own label column `task.label_column`, each record read
-  through the data module the pre-trained run used, with its artifacts (vocabulary,
-  statistics) copied from that run by name."""
+  """Fine-tuning's labelled data over a pre-trained run's data (`config` is a
+  `train.finetune.finetune_config`), each record read through the data modules the
+  pre-trained run used, with its artifacts (vocabulary, statistics) copied from that run
+  by name:
+    one modality   its row's `labeled` entry (EHR: MEDS label rows), or the label column
+                   `task.label_column` its records carry;
+    a join         a labels table keyed by subject (`task.labels`): each subject brings
+                   whichever modalities it has (the fused model's downstream use)."""
+  artifacts_dir.mkdir(parents=True, exist_ok=True)
+  pretrained = pathlib.Path(config.finetune.pretrained) / "artifacts"
   modalities = configured(config.data)
-  if len(modalities) != 1 or "multimodal" in config.data:
-    raise ValueError(f"fine-tuning adapts a one-modality pre-training run; the pretrained run configures "
-                     f"{sorted(config.data.keys())}")
+  if "multimodal" in config.data:
+    for m in modalities:
+      _copy_artifacts(pretrained / m, artifacts_dir / m, get(m).artifacts, config.finetune.pretrained)
+    if not config.task.get("labels"):
+      raise ValueError("config.task.labels is empty: a fused model is fine-tuned on a labels table keyed by "
+                       "subject_id (meds.LabelSchema value columns, one row per subject)")
+    joined = open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
+                                  seed=config.seed)
+    return RecordTaskData.from_subject_labels(joined, read_labels(config.task.labels, config.task))
+  if len(modalities) != 1:
+    raise ValueError(f"config.data must configure one of {sorted(MODALITIES)} or a 'multimodal' join; the "
+                     f"pretrained run configures {sorted(config.data.keys())}")
   row = get(modalities[0])
   targets = objective_kind(config.objective.name, row.name).targets  # read as in pre-training
   if row.labeled is not None:
@@ -281,14 +296,19 @@ def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Pat
   if not config.task.get("label_column"):
     raise ValueError(f"config.task.label_column is empty: {row.name} records are fine-tuned on one of the label "
                      f"columns they carry (config.data.{row.name}.label_columns)")
-  artifacts_dir.mkdir(parents=True, exist_ok=True)
-  pretrained = pathlib.Path(config.finetune.pretrained) / "artifacts"
-  wanted = [name for name in row.artifacts  # a link is named, and refused, even when it leads nowhere
-            if ((pretrained / name).exists() or (pretrained / name).is_symlink()) and not (artifacts_dir / name).exists()]
-  if wanted:  # regular files by name, never through a link out of the pretrained run
-    copy_regular_files(pretrained, artifacts_dir, wanted, f"pretrained run {config.finetune.pretrained}")
+  _copy_artifacts(pretrained, artifacts_dir, row.artifacts, config.finetune.pretrained)
   data = row.data(config.data[row.name], targets=targets, artifacts_dir=artifacts_dir)
-  return RecordTaskData(data, config.task.label_column, config.task.type)
+  return RecordTaskData.from_label_column(data, config.task.label_column, config.task.type)
+
+
+def _copy_artifacts(source: pathlib.Path, destination: pathlib.Path, names: Sequence[str], run: str) -> None:
+  """The pre-trained run's artifacts of `names` that it has, as regular files by name (a link
+  is named, and refused, even when it leads nowhere)."""
+  destination.mkdir(parents=True, exist_ok=True)
+  wanted = [name for name in names
+            if ((source / name).exists() or (source / name).is_symlink()) and not (destination / name).exists()]
+  if wanted:
+    copy_regular_files(source, destination, wanted, f"pretrained run {run}")
 
 
 def check_contrastive(objectives: Any, modalities: Sequence[str], *, mixing: bool, sampling: str) -> None:

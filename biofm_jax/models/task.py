@@ -42,6 +42,11 @@ def select(outputs: Mapping[str, Any], path: tuple[str, ...]):
   return outputs
 
 
+def _inputs(modalities):
+  """A batch's keys without its targets: the modalities the backbone reads (None: all)."""
+  return None if modalities is None else tuple(m for m in modalities if m != "task")
+
+
 class TaskModel(nn.Module):
   backbone: nn.Module
   embedding: tuple[str, ...]  # where the backbone's outputs hold the embedding, e.g. ("ehr", "embedding")
@@ -75,10 +80,10 @@ class TaskModel(nn.Module):
     return {**outputs, "task": {"embedding": embedding, "logits": logits}}
 
   def tokens_per_example(self, modalities=None) -> int:
-    return self.backbone.tokens_per_example(modalities)
+    return self.backbone.tokens_per_example(_inputs(modalities))
 
   def flops_per_example(self, modalities=None) -> float:
-    return self.backbone.flops_per_example(modalities)
+    return self.backbone.flops_per_example(_inputs(modalities))
 
 
 def trainable(mode: str):

@@ -113,10 +113,11 @@ def few_label_rows(labels, k: int, seed: int) -> np.ndarray:
   return np.sort(np.random.default_rng([seed, k]).choice(len(labels), min(k, len(labels)), replace=False))
 
 
-def build_task_model(config: ml_collections.ConfigDict, backbone, info, info_modalities: tuple[str, ...]):
+def build_task_model(config: ml_collections.ConfigDict, backbone, info, embedding_output: tuple[str, ...]):
+  """The task model: `embedding_output` is where the backbone's outputs hold the data's embedding
+  (`("ehr", "embedding")`, `("fused", "embedding")`, ...), unless `task.embedding` names another."""
   mode = config.finetune.mode
-  (modality,) = info_modalities
-  embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else (modality, "embedding")
+  embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else tuple(embedding_output)
   # LoRA's backbone is frozen by the optimiser's labels, not by cutting its gradient: the
   # adapters inside it must still receive one.
   model = TaskModel(backbone, embedding, info.num_outputs, frozen_backbone=mode == "frozen",
@@ -177,8 +178,9 @@ def build_finetune_training(config: ml_collections.ConfigDict, data, devices=Non
   backbone of a task model, the task's supervised objective, and the optimiser's labels
   for the adaptation mode (full, frozen, LoRA)."""
   backbone = build_model(config, data.model_info())
-  return build_training(config, data, devices, model=build_task_model(config, backbone, data.info, tuple(data.model_info())),
-                        objective=build_task_objective(data.info), trainable=trainable(config.finetune.mode))
+  model = build_task_model(config, backbone, data.info, data.embedding_output)
+  return build_training(config, data, devices, model=model, objective=build_task_objective(data.info),
+                        trainable=trainable(config.finetune.mode))
 
 
 def initial_state(config: ml_collections.ConfigDict, setup: TrainingSetup):

@@ -95,6 +95,7 @@ class EHRTaskData(DataModuleDefaults):
   """A labelled EHR task as the pipeline, the training loop and the evaluation see it."""
   name = "labeled_ehr"
   modality = "ehr"
+  embedding_output = ("ehr", "embedding")  # where the backbone's outputs hold what the task head reads
 
   def __init__(self, ehr: EHRData, labels: Labels, *, num_time_bins: int = 8, cut: str = "inclusive",
                strict_labels: bool = False):

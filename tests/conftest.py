@@ -45,6 +45,7 @@ def synthetic_meds(tmp_path_factory):
 SLOW_FILES = ("test_multimodal_training.py",  # ~400 s
               "test_omics_training.py",  # ~250 s (its learning checks train in optimised subprocesses)
               "test_finetune.py",  # ~240 s
+              "test_fused_finetune.py", "test_record_finetune.py",  # ~120 s, ~180 s
               "test_multimodal_retrieval.py",  # ~170 s, one test in a subprocess
               "test_resume.py", "test_multiprocess.py", "test_notebooks.py", "test_imaging_training.py",
               "test_tabular_training.py", "test_meds_tools.py", "test_parallel.py", "test_learning.py",

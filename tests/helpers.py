@@ -220,3 +220,27 @@ def params_at_init(setup, config):
   """The same architecture's parameters before any training (the seed a run starts from): the
   probe on its embeddings is what pre-training must improve on."""
   return jax.tree.map(np.asarray, setup.init_state(seed=config.seed).params)
+
+
+def export_and_compare_task_logits(run_dir, export_dir, modality: str):
+  """Exports a fine-tuned run with experiments/export.py and checks that the export, loaded
+  without the library, gives the library's task logits on a held-out batch. Returns
+  (the loaded export, the library's logits, the export's)."""
+  from biofm_jax import parallel
+  from biofm_jax.data import pipeline
+  from biofm_jax.export import load_exported
+  from biofm_jax.train.runs import open_run
+  from biofm_jax.train.step import jit_embed_step
+  result = subprocess.run([sys.executable, "experiments/export.py", f"--workdir={run_dir}", f"--out={export_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  _, data, setup, params, _ = open_run(run_dir)
+  exported = load_exported(export_dir)
+  dataset = pipeline.make_eval_dataset(data.source("held_out"), data.transforms(train=False),
+                                       global_batch_size=16, seed=0, example_spec=data.example_spec())
+  batch = next(iter(pipeline.make_iterator(dataset)))
+  logits = np.asarray(jit_embed_step(setup.model, ("task", "logits"), setup.state_shardings.params, setup.mesh,
+                                     setup.rules)(params, parallel.make_global_batch(batch, setup.mesh)))
+  got = np.asarray(exported({modality: batch[modality]}))
+  np.testing.assert_allclose(got, logits, atol=1e-5)
+  return exported, logits, got

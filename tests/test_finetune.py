@@ -105,28 +105,11 @@ def test_survival_fine_tuning_ranks_a_planted_hazard_under_heavy_censoring(pretr
   assert held_out["c_index"] > 0.6, scores
 
   # The fine-tuned model exports (config read from its checkpoint) and runs without the library.
-  result = subprocess.run([sys.executable, "experiments/export.py", f"--workdir={tmp_path / 'survival'}",
-                           f"--out={tmp_path / 'export'}"], cwd=helpers.REPO, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  from biofm_jax import parallel
-  from biofm_jax.data import pipeline
-  from biofm_jax.export import load_exported
   from biofm_jax.objectives.logistic_hazard import risk_score
-  from biofm_jax.train.runs import open_run
-  from biofm_jax.train.step import jit_embed_step
-  _, data, setup, params, _ = open_run(tmp_path / "survival")
-  exported = load_exported(tmp_path / "export")
+  exported, logits, got = helpers.export_and_compare_task_logits(tmp_path / "survival", tmp_path / "export", "ehr")
   assert exported.info["task"]["type"] == "survival" and exported.info["output"] == ["task", "logits"]
   assert not list((tmp_path / "export" / "artifacts").glob("labels_*"))
-  dataset = pipeline.make_eval_dataset(data.source("held_out"), data.transforms(train=False),
-                                       global_batch_size=16, seed=0, example_spec=data.example_spec())
-  batch = next(iter(pipeline.make_iterator(dataset)))
-  logits = jit_embed_step(setup.model, ("task", "logits"), setup.state_shardings.params, setup.mesh, setup.rules)(
-      params, parallel.make_global_batch(batch, setup.mesh))
-  got = exported({"ehr": batch["ehr"]})
-  np.testing.assert_allclose(got, np.asarray(logits), atol=1e-5)
-  np.testing.assert_allclose(risk_score(got), risk_score(np.asarray(logits)), atol=1e-4)
+  np.testing.assert_allclose(risk_score(got), risk_score(logits), atol=1e-4)
 
 
 def test_the_report_compares_pretraining_with_baselines_and_from_scratch_on_the_same_few_labels(pretrained, tmp_path):

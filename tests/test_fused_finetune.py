@@ -76,3 +76,40 @@ def test_subject_labels_the_join_cannot_use_are_one_line_errors(fused_run, tmp_p
     open_labeled_data(task_config(fused_run, timed), tmp_path / "b")
   with pytest.raises(ValueError, match="config.task.labels is empty: a fused model is fine-tuned on a labels table"):
     open_labeled_data(task_config(fused_run, ""), tmp_path / "c")
+  one_class = write_subject_labels(tmp_path / "one_class.parquet", ids, np.zeros(len(ids), bool))
+  with pytest.raises(ValueError, match=r"column 'boolean_value' has one class \(False\) in the training split"):
+    open_labeled_data(task_config(fused_run, one_class), tmp_path / "d")
+
+
+def test_fused_fine_tuning_examples_meet_the_step_with_image_augmentation_on_the_device(tmp_path):
+  """Training examples without masking, as the join yields them with `augment="device"`
+  (canvas images and seeds), match the spec the step is compiled for, and the device
+  transform turns them into the examples the model reads."""
+  import grain
+  from biofm_jax.data.labels import read_labels
+  from biofm_jax.data.record_task import RecordTaskData
+  from biofm_jax.modalities import registry
+  config = helpers.config_for("configs/multimodal_fusion.py:tiny", data__imaging__augment="device",
+                              data__imaging__canvas_size=(40, 40))
+  joined = registry.open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=tmp_path / "a",
+                                         seed=0)
+  truth = pd.read_csv(next((tmp_path / "a").rglob("latents.csv")))
+  labels = write_subject_labels(tmp_path / "lesion.parquet", truth["subject_id"], truth["lesion"])
+  task = RecordTaskData.from_subject_labels(joined, read_labels(labels, {"type": "binary"}))
+  spec = task.train_example_spec()
+  assert spec["imaging"]["image"][0] == (40, 40, 1) and "augment_seed" in spec["imaging"]
+  assert not {"visible_patches", "masked_patches"} & set(spec["imaging"])
+  rng = np.random.default_rng(0)
+  examples = []
+  for i in range(4):
+    x = task.source("train")[i]
+    for transform in task.transforms(train=True):
+      x = transform.random_map(x, rng) if isinstance(transform, grain.transforms.RandomMap) else transform.map(x)
+    examples.append(x)
+  for modality, fields in spec.items():
+    for name, (shape, dtype) in fields.items():
+      assert examples[0][modality][name].shape == tuple(shape), (modality, name)
+  stacked = {m: {k: np.stack([e[m][k] for e in examples]) for k in spec[m]} for m in spec}
+  augmented = task.device_transform()(stacked)
+  for name, (shape, _) in task.example_spec()["imaging"].items():
+    assert augmented["imaging"][name].shape[1:] == tuple(shape), name

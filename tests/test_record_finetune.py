@@ -52,24 +52,8 @@ def test_a_fine_tuned_mae_model_finds_the_planted_lesion_on_held_out_images(mae_
   assert data.info.type == "binary" and data.modality == "imaging"
 
   # The fine-tuned model exports and runs without the library, as the library runs it.
-  result = subprocess.run([sys.executable, "experiments/export.py", f"--workdir={tmp_path / 'full'}",
-                           f"--out={tmp_path / 'export'}"], cwd=helpers.REPO, capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  from biofm_jax import parallel
-  from biofm_jax.data import pipeline
-  from biofm_jax.export import load_exported
-  from biofm_jax.train.runs import open_run
-  from biofm_jax.train.step import jit_embed_step
-  _, data, setup, params, _ = open_run(tmp_path / "full")
-  exported = load_exported(tmp_path / "export")
+  exported, _, _ = helpers.export_and_compare_task_logits(tmp_path / "full", tmp_path / "export", "imaging")
   assert exported.info["task"]["type"] == "binary" and exported.info["task"]["config"]["label_column"] == "lesion"
-  dataset = pipeline.make_eval_dataset(data.source("held_out"), data.transforms(train=False),
-                                       global_batch_size=16, seed=0, example_spec=data.example_spec())
-  batch = next(iter(pipeline.make_iterator(dataset)))
-  logits = jit_embed_step(setup.model, ("task", "logits"), setup.state_shardings.params, setup.mesh, setup.rules)(
-      params, parallel.make_global_batch(batch, setup.mesh))
-  np.testing.assert_allclose(exported({"imaging": batch["imaging"]}), np.asarray(logits), atol=1e-5)
 
 
 def test_frozen_record_fine_tuning_trains_only_the_head(mae_run, tmp_path):

@@ -124,6 +124,10 @@ def test_copies_take_named_regular_files_only(tmp_path):
   os.symlink(src / "sub" / "a.json", src / "inner.json")
   with pytest.raises(ValueError, match="is a symbolic link"):
     artifacts.copy_regular_files(src, tmp_path / "other", ["inner.json"], "test")
+  # Every name is checked before any is copied: a refused second name leaves nothing behind.
+  with pytest.raises(ValueError, match="is a symbolic link"):
+    artifacts.copy_regular_files(src, tmp_path / "other", ["sub/a.json", "inner.json"], "test")
+  assert not (tmp_path / "other").exists()
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +206,19 @@ def test_record_fine_tuning_does_not_copy_a_linked_artifact_from_the_pretrained_
   with pytest.raises(ValueError, match=f"'{tabular.STATS_FILENAME}' leads out of"):
     open_labeled_data(config, tmp_path / "ft" / "artifacts")
   assert not (tmp_path / "ft" / "artifacts" / tabular.STATS_FILENAME).exists()
+
+
+def test_fused_fine_tuning_does_not_copy_through_a_linked_modality_folder(tmp_path):
+  from biofm_jax.train.finetune import open_labeled_data
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  (outside / ehr.VOCAB_FILENAME).write_text("someone else's vocabulary")
+  (tmp_path / "pretrained" / "artifacts").mkdir(parents=True)
+  os.symlink(outside, tmp_path / "pretrained" / "artifacts" / "ehr")  # the folder, not the file, is the link
+  config = ml_collections.ConfigDict({"data": {"multimodal": {}, "ehr": {"path": ""}}, "objective": {},
+                                      "task": {"labels": str(tmp_path / "labels.parquet")}, "seed": 0,
+                                      "finetune": {"pretrained": str(tmp_path / "pretrained"),
+                                                   "train_labels_per_class": 0}})
+  with pytest.raises(ValueError, match=f"'ehr/{ehr.VOCAB_FILENAME}' leads out of"):
+    open_labeled_data(config, tmp_path / "ft" / "artifacts")
+  assert not list((tmp_path / "ft" / "artifacts").rglob(ehr.VOCAB_FILENAME))

@@ -81,15 +81,16 @@ def check_no_links(folder: str | os.PathLike, what: str) -> None:
 def copy_regular_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str],
                        what: str) -> list[str]:
   """Copies `names` (paths relative to `src_dir`) to the same places under `dst_dir`: each
-  must be a regular file inside `src_dir`, not a link; returns the names copied."""
-  copied = []
-  for name in names:
-    source = path_inside(src_dir, name, what)
+  must be a regular file inside `src_dir`, not a link; every name is checked before any is
+  copied, so a refused one leaves nothing behind. Returns the names copied."""
+  names = [str(name) for name in names]
+  sources = [path_inside(src_dir, name, what) for name in names]
+  for source in sources:
     if source.is_symlink() or not source.is_file():
       raise ValueError(f"{what}: {source} is {'a symbolic link' if source.is_symlink() else 'not a regular file'}; "
                        f"only regular files are copied")
+  for name, source in zip(names, sources):
     target = path_inside(dst_dir, name, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target, follow_symlinks=False)
-    copied.append(str(name))
-  return copied
+  return names

@@ -291,3 +291,32 @@ def task_targets(targets: Mapping[str, Any], info: TaskInfo) -> dict[str, np.nda
   if info.type == "regression":
     task[batch.TASK_LABEL] = np.float32((task[batch.TASK_LABEL] - info.label_mean) / info.label_std)
   return task
+
+
+def check_classes_in_training(labels: Labels, train_rows: np.ndarray) -> None:
+  """A class no training row has would get a head output that never trains; a binary or
+  multilabel column with one value in training, or survival without an event, teaches nothing."""
+  if labels.task_type == "survival":
+    if not labels.targets[batch.TASK_EVENT][train_rows].any():
+      raise ValueError(f"labels {labels.path}: the event column has no event among the {len(train_rows)} "
+                       "training rows; a survival model cannot learn a hazard from censoring alone")
+    return
+  if labels.task_type == "regression":
+    return
+  targets = labels.targets[batch.TASK_LABEL][train_rows]
+  if labels.task_type == "multiclass":
+    seen = set(np.unique(targets).tolist())
+    unseen = [name for i, name in enumerate(labels.classes) if i not in seen]
+    if unseen:
+      raise ValueError(f"labels {labels.path}: classes {unseen} have no row in the training split; drop those "
+                       f"rows or merge the classes")
+    if len(seen) < 2:
+      raise ValueError(f"labels {labels.path}: column {labels.columns[0]!r} has one class "
+                       f"({labels.classes[targets[0]]}) in the training split's {len(train_rows)} rows")
+    return
+  columns = targets.reshape(len(targets), -1)
+  for j, name in enumerate(labels.columns):
+    values = np.unique(columns[:, j])
+    if len(values) < 2:
+      raise ValueError(f"labels {labels.path}: column {name!r} has one class ({bool(values[0])}) in the "
+                       f"training split's {len(train_rows)} rows; a classifier needs both")

@@ -116,6 +116,15 @@ class DataModule(SizedData, Protocol):
     ...
 
 
+def unmasked_train_spec(module: SizedData) -> dict[str, dict[str, Any]]:
+  """A module's training examples without pre-training masking: `train_example_spec()` (e.g.
+  canvas images and augmentation seeds, for a device transform) less the fields only the
+  masking adds (those in `example_spec()` but not in `embedding_spec()`)."""
+  masked, unmasked, train = module.example_spec(), module.embedding_spec(), module.train_example_spec()
+  return {m: {k: v for k, v in fields.items() if k in unmasked[m] or k not in masked[m]}
+          for m, fields in train.items()}
+
+
 class DataModuleDefaults:
   """The usual form of `DataModule`'s behaviour, for a module to inherit and override."""
 

@@ -46,7 +46,7 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch, pipeline
-from biofm_jax.data.module import DataModuleDefaults, only
+from biofm_jax.data.module import DataModuleDefaults, only, unmasked_train_spec
 from biofm_jax.data.pattern_batches import PatternBatches, PatternBatchItems
 from biofm_jax.data.sources.read_skips import REPLACED
 from biofm_jax.data.join import TRAIN_SPLIT, SplitJoin, join_subjects
@@ -378,8 +378,8 @@ class MultimodalData(DataModuleDefaults):
     Training examples are as each module's pipeline yields them (`train_example_spec()`:
     canvas-size images with `augment="device"`), absent ones padded to the same shapes."""
     def spec_of(module):
-      if not mask:
-        return module.embedding_spec()
+      if not mask:  # fine-tuning trains without masking: as training yields it, less masking's fields
+        return unmasked_train_spec(module) if train else module.embedding_spec()
       return module.train_example_spec() if train else module.example_spec()
     specs = {m: only(spec_of(module), m, f"the {m} data module") for m, module in self.modules.items()}
     join = JoinModalities(self._sources, {m: module.transforms(train, mask=mask)

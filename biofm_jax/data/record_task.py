@@ -31,8 +31,8 @@ import grain
 import numpy as np
 
 from biofm_jax.data import batch
-from biofm_jax.data.labels import Labels, TaskInfo, task_info, task_targets
-from biofm_jax.data.module import DataModuleDefaults
+from biofm_jax.data.labels import Labels, TaskInfo, check_classes_in_training, task_info, task_targets
+from biofm_jax.data.module import DataModuleDefaults, unmasked_train_spec
 
 RECORD_TASK_TYPES = ("binary", "multiclass", "regression")
 
@@ -88,6 +88,20 @@ def training_classes(data: Any, label_column: str, task_type: str) -> tuple[floa
     raise ValueError(f"task.label_column {label_column!r} has {len(classes)} classes in the training split "
                      f"({[_class_name(c) for c in classes][:6]}); set task.type='multiclass'")
   return classes
+
+
+def _splits_of(data: Any) -> list[str]:
+  """The standard splits `data` has (training first; a module without one says so when asked)."""
+  splits = []
+  for split in ("train", "tuning", "held_out"):
+    try:
+      data.source(split)
+    except (KeyError, ValueError):
+      if split == "train":
+        raise
+      continue
+    splits.append(split)
+  return splits
 
 
 class LabeledRecords:
@@ -154,34 +168,38 @@ class RecordTaskData(DataModuleDefaults):
   cut = None  # records have no prediction time to cut their input at (EHR task data has one)
 
   def __init__(self, data: Any, labels: Mapping[str, Labels], items: Mapping[str, np.ndarray], *, label_name: str,
-               embedding_output: tuple[str, ...], dropped: Mapping[str, int] | None = None):
+               embedding_output: tuple[str, ...], without_label: Mapping[str, int],
+               dropped: Mapping[str, int] | None = None, num_time_bins: int = 8):
     if "train" not in labels or not len(labels["train"]):
       raise ValueError(f"{data.name} labels {label_name!r}: no labelled record in the training split")
     self.data, self.label_column, self.embedding_output = data, label_name, tuple(embedding_output)
     self.modality = data.name
     self.name = f"labeled_{data.name}"
+    self.num_time_bins = num_time_bins
     self._labels = dict(labels)
     self._sources = {s: LabeledRecords(data.source(s), rows, items[s]) for s, rows in self._labels.items()}
-    self.without_label = {s: len(data.source(s)) - len(rows) for s, rows in self._labels.items()}
+    self.without_label = dict(without_label)  # records (subjects) of each split that no label row names
     self.dropped = dict(dropped or {})
-    self.info = task_info(self._labels["train"], np.arange(len(self._labels["train"])))
+    check_classes_in_training(self._labels["train"], np.arange(len(self._labels["train"])))
+    self.info = task_info(self._labels["train"], np.arange(len(self._labels["train"])), num_time_bins)
 
   @classmethod
   def from_label_column(cls, data: Any, label_column: str, task_type: str) -> RecordTaskData:
     """The records' own label column (a manifest's, an obs's, a table's `label_columns`)."""
     classes = training_classes(data, label_column, task_type)
-    labels = {}
-    for split in ("train", "tuning", "held_out"):
-      try:
-        labels[split] = record_labels(data, label_column, task_type, split, classes)
-      except (KeyError, ValueError) as e:
-        if split == "train" or "label column" in str(e):
-          raise
+    labels, without, unseen = {}, {}, {}
+    for split in _splits_of(data):
+      labels[split] = record_labels(data, label_column, task_type, split, classes)
+      values, names = data.labels(split)
+      column = np.asarray(values, np.float64)[:, list(names).index(label_column)]
+      without[split] = int((~np.isfinite(column)).sum())
+      unseen[split] = len(column) - without[split] - len(labels[split])  # a class training never saw
     return cls(data, labels, {s: rows.row_index for s, rows in labels.items()}, label_name=label_column,
-               embedding_output=(data.name, "embedding"))
+               embedding_output=(data.name, "embedding"), without_label=without,
+               dropped={"records_of_a_class_not_in_training": sum(unseen.values())})
 
   @classmethod
-  def from_subject_labels(cls, data: Any, labels: Labels) -> RecordTaskData:
+  def from_subject_labels(cls, data: Any, labels: Labels, *, num_time_bins: int = 8) -> RecordTaskData:
     """A labels table keyed by `subject_id` (one row per subject, `meds.LabelSchema`'s value
     columns) over a source whose items are subjects: the multimodal join, where each subject
     brings whichever modalities it has. Rows of subjects in no split are dropped and counted."""
@@ -194,24 +212,24 @@ class RecordTaskData(DataModuleDefaults):
     if (counts > 1).any():
       raise ValueError(f"labels {labels.path}: subject_id {int(ids[counts > 1][0])} has {int(counts.max())} rows; "
                        f"subject-level labels take one row per subject")
-    row_of = {int(s): i for i, s in enumerate(labels.subject_ids)}
-    by_split, items_of, matched = {}, {}, 0
-    for split in ("train", "tuning", "held_out"):
-      try:
-        subjects = list(data.source(split).subject_ids)
-      except (KeyError, ValueError):
-        continue
-      first = {}  # a subject's first item (a balanced training order repeats subjects)
-      for item, subject in enumerate(subjects):
-        first.setdefault(int(subject), item)
-      keep = [(first[s], row_of[s]) for s in sorted(first) if s in row_of]
+    # Subject ids compare as text: the join keeps each modality's ids as strings (MEDS's ints
+    # written in decimal, a manifest's own), the labels table holds MEDS's int64 ids.
+    row_of = {str(int(s)): i for i, s in enumerate(labels.subject_ids)}
+    by_split, items_of, without, matched = {}, {}, {}, 0
+    for split in _splits_of(data):
+      first: dict[str, int] = {}  # a subject's first item (a balanced training order repeats subjects)
+      for item, subject in enumerate(data.source(split).subject_ids):
+        first.setdefault(str(subject), item)
+      keep = sorted((item, row_of[s]) for s, item in first.items() if s in row_of)
       items = np.asarray([k[0] for k in keep], np.int64)
       rows = np.asarray([k[1] for k in keep], np.int64)
       matched += len(rows)
       by_split[split], items_of[split] = labels.rows(rows), items  # rows keep their subject ids
+      without[split] = len(first) - len(rows)
     embedding = ("fused", "embedding") if len(data.model_info()) > 1 else (data.name, "embedding")
     return cls(data, by_split, items_of, label_name=str(labels.path), embedding_output=embedding,
-               dropped={"subjects_in_no_split": len(labels) - matched})
+               without_label=without, dropped={"subjects_in_no_split": len(labels) - matched},
+               num_time_bins=num_time_bins)
 
   def with_train_rows(self, rows: np.ndarray) -> RecordTaskData:
     """A copy whose training split keeps only `rows` (indices into it): few-shot training."""
@@ -220,7 +238,7 @@ class RecordTaskData(DataModuleDefaults):
     out._labels = {**self._labels, "train": train}
     items = self._sources["train"].items[rows]
     out._sources = {**self._sources, "train": LabeledRecords(self.data.source("train"), train, items)}
-    out.info = task_info(train, np.arange(len(train)))
+    out.info = task_info(train, np.arange(len(train)), self.num_time_bins)
     return out
 
   def source(self, split: str) -> LabeledRecords:
@@ -246,9 +264,8 @@ class RecordTaskData(DataModuleDefaults):
   def train_example_spec(self) -> dict:
     """As the module's training examples arrive before its device transform, without the
     fields only pre-training masking adds."""
-    masking_only = set(self.data.example_spec()[self.modality]) - set(self.data.embedding_spec()[self.modality])
-    record = {k: v for k, v in self.data.train_example_spec()[self.modality].items() if k not in masking_only}
-    return {self.modality: record, batch.TASK: batch.task_example_spec(self.info.type, self.info.num_outputs)}
+    return {**unmasked_train_spec(self.data), batch.TASK: batch.task_example_spec(self.info.type,
+                                                                                   self.info.num_outputs)}
 
   def device_transform(self):
     return self.data.device_transform()

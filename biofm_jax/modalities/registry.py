@@ -278,14 +278,16 @@ def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Pat
   pretrained = pathlib.Path(config.finetune.pretrained) / "artifacts"
   modalities = configured(config.data)
   if "multimodal" in config.data:
-    for m in modalities:
-      _copy_artifacts(pretrained / m, artifacts_dir / m, get(m).artifacts, config.finetune.pretrained)
+    # Checked against the run's artifacts folder itself, so a linked `<modality>/` folder is refused too.
+    _copy_artifacts(pretrained, artifacts_dir, [f"{m}/{name}" for m in modalities for name in get(m).artifacts],
+                    config.finetune.pretrained)
     if not config.task.get("labels"):
       raise ValueError("config.task.labels is empty: a fused model is fine-tuned on a labels table keyed by "
                        "subject_id (meds.LabelSchema value columns, one row per subject)")
     joined = open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
                                   seed=config.seed)
-    return RecordTaskData.from_subject_labels(joined, read_labels(config.task.labels, config.task))
+    return RecordTaskData.from_subject_labels(joined, read_labels(config.task.labels, config.task),
+                                              num_time_bins=config.task.num_time_bins)
   if len(modalities) != 1:
     raise ValueError(f"config.data must configure one of {sorted(MODALITIES)} or a 'multimodal' join; the "
                      f"pretrained run configures {sorted(config.data.keys())}")

@@ -97,7 +97,7 @@ class Tower:
 
 class MultimodalModel(nn.Module):
   """Per-modality towers, then early, bottleneck or late fusion (see the module docstring)."""
-  modalities: tuple  # of modality descriptions (modalities.py), in a fixed order
+  modalities: tuple  # of modality descriptions (description.py), in a fixed order
   tower_cfgs: tuple  # of TransformerConfig, one per modality (its num_layers may be 0)
   fusion_cfg: TransformerConfig
   fusion: str = "early"

@@ -33,7 +33,7 @@ from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRData, TokenizeEHR
 from biofm_jax.modalities.ehr.synthetic_labels import write_synthetic_labels
 from biofm_jax.modalities.ehr.windows import birth_time
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
-from biofm_jax.data.labels import Labels, TaskInfo, read_labels, task_info, task_targets
+from biofm_jax.data.labels import Labels, TaskInfo, check_classes_in_training, read_labels, task_info, task_targets
 from biofm_jax.data.module import DataModuleDefaults
 
 log = logging.getLogger("biofm_jax")
@@ -131,7 +131,7 @@ class EHRTaskData(DataModuleDefaults):
     if not len(train):
       raise ValueError(f"labels {labels.path}: no usable label rows for subjects of the training split "
                        f"({_describe_dropped(self.dropped, cut) or 'none in the labels file'})")
-    _check_classes_in_training(labels, train)
+    check_classes_in_training(labels, train)
     self.info = task_info(labels, train, num_time_bins)
 
   def with_train_rows(self, rows: np.ndarray) -> EHRTaskData:
@@ -205,35 +205,6 @@ class EHRTaskData(DataModuleDefaults):
     for low, high, name in AGE_BANDS:
       bands[(ages >= low) & (ages < high)] = name
     return {**from_codes, **source.labels.covariates, "age_years": ages, "age_band": bands}
-
-
-def _check_classes_in_training(labels: Labels, train_rows: np.ndarray) -> None:
-  """A class no training row has would get a head output that never trains; a binary or
-  multilabel column with one value in training, or survival without an event, teaches nothing."""
-  if labels.task_type == "survival":
-    if not labels.targets[batch.TASK_EVENT][train_rows].any():
-      raise ValueError(f"labels {labels.path}: the event column has no event among the {len(train_rows)} "
-                       "training rows; a survival model cannot learn a hazard from censoring alone")
-    return
-  if labels.task_type == "regression":
-    return
-  targets = labels.targets[batch.TASK_LABEL][train_rows]
-  if labels.task_type == "multiclass":
-    seen = set(np.unique(targets).tolist())
-    unseen = [name for i, name in enumerate(labels.classes) if i not in seen]
-    if unseen:
-      raise ValueError(f"labels {labels.path}: classes {unseen} have no row in the training split; drop those "
-                       f"rows or merge the classes")
-    if len(seen) < 2:
-      raise ValueError(f"labels {labels.path}: column {labels.columns[0]!r} has one class "
-                       f"({labels.classes[targets[0]]}) in the training split's {len(train_rows)} rows")
-    return
-  columns = targets.reshape(len(targets), -1)
-  for j, name in enumerate(labels.columns):
-    values = np.unique(columns[:, j])
-    if len(values) < 2:
-      raise ValueError(f"labels {labels.path}: column {name!r} has one class ({bool(values[0])}) in the "
-                       f"training split's {len(train_rows)} rows; a classifier needs both")
 
 
 def _dropped_counts(splits: np.ndarray, usable: np.ndarray, split_names) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The raw-feature baseline for image probes: what classical radiomics and pixel models read.
 
-Per image, after the intensity normalisation the data module applies (`NormalizeIntensity`,
-"auto" by the image's modality): first-order statistics of the intensities (mean, SD,
+Per image, after intensity normalisation by the image's own modality (`NormalizeIntensity`
+"auto": CT in the default soft-tissue window, MR by percentiles, 8-bit by range; a fixed
+recipe, not the run's `intensity` / `ct_window` settings): first-order statistics of the intensities (mean, SD,
 percentiles, skewness, kurtosis, histogram entropy: IBSI's first-order family), gradient
 magnitude statistics (a simple texture measure), and the image averaged down to 8 pixels
 per axis (the low-resolution "raw pixels" baseline of MedMNIST-style benchmarks). A
@@ -35,8 +36,11 @@ def image_features(record) -> np.ndarray:
   normalised = NormalizeIntensity().map(record)
   image = np.asarray(normalised["image"], np.float32)  # [*spatial, C]
   spatial = image.ndim - 1
-  gradients = np.gradient(image.mean(-1)) if spatial > 1 else [np.gradient(image.mean(-1))]
-  magnitude = np.sqrt(sum(g.astype(np.float64) ** 2 for g in gradients))
+  grey = image.mean(-1).astype(np.float64)
+  axes = [a for a in range(spatial) if grey.shape[a] > 1]  # np.gradient needs two samples along an axis
+  gradients = np.gradient(grey, axis=axes) if axes else []
+  gradients = [gradients] if len(axes) == 1 else list(gradients)
+  magnitude = np.sqrt(sum(g ** 2 for g in gradients)) if gradients else np.zeros_like(grey)
   thumbnail = CenterResize((THUMBNAIL,) * spatial).map(normalised)["image"]
   return np.concatenate([first_order(image.reshape(-1).astype(np.float64)),
                          [magnitude.mean(), magnitude.std()], np.asarray(thumbnail, np.float64).reshape(-1)])

@@ -37,15 +37,19 @@ from biofm_jax.data.module import DataModuleDefaults, unmasked_train_spec
 RECORD_TASK_TYPES = ("binary", "multiclass", "regression")
 
 
-def record_labels(data: Any, label_column: str, task_type: str, split: str,
-                  classes: tuple[float, ...] = ()) -> Labels:
-  """The labelled rows of `split` for `label_column` (`classes`: the training split's values,
-  for classification), checked."""
+def label_values(data: Any, label_column: str, split: str) -> np.ndarray:
+  """float64 [records] of `split`'s records in `label_column` (NaN: no value), checked to exist."""
   values, names = data.labels(split)
   if label_column not in names:
     raise ValueError(f"task.label_column {label_column!r} is not among the {data.name} records' label columns "
                      f"{list(names)} (config.data.{data.name}.label_columns)")
-  column = np.asarray(values, np.float64)[:, list(names).index(label_column)]
+  return np.asarray(values, np.float64)[:, list(names).index(label_column)]
+
+
+def record_labels(data: Any, label_column: str, task_type: str, split: str, column: np.ndarray,
+                  classes: tuple[float, ...] = ()) -> Labels:
+  """The labelled rows of `split` for `label_column`, whose values are `column`
+  (`label_values`; `classes`: the training split's values, for classification)."""
   known = np.isfinite(column)
   if task_type == "regression":
     rows, targets, class_names = np.flatnonzero(known), column[known].astype(np.float32), ()
@@ -75,11 +79,7 @@ def training_classes(data: Any, label_column: str, task_type: str) -> tuple[floa
     raise ValueError(f"task.type {task_type!r}: record labels are fine-tuned as one of {RECORD_TASK_TYPES}")
   if task_type == "regression":
     return ()
-  values, names = data.labels("train")
-  if label_column not in names:
-    raise ValueError(f"task.label_column {label_column!r} is not among the {data.name} records' label columns "
-                     f"{list(names)} (config.data.{data.name}.label_columns)")
-  column = np.asarray(values, np.float64)[:, list(names).index(label_column)]
+  column = label_values(data, label_column, "train")
   classes = tuple(float(v) for v in np.unique(column[np.isfinite(column)]))
   if len(classes) < 2:
     raise ValueError(f"task.label_column {label_column!r} has {len(classes)} class(es) in the training split's "
@@ -189,9 +189,8 @@ class RecordTaskData(DataModuleDefaults):
     classes = training_classes(data, label_column, task_type)
     labels, without, unseen = {}, {}, {}
     for split in _splits_of(data):
-      labels[split] = record_labels(data, label_column, task_type, split, classes)
-      values, names = data.labels(split)
-      column = np.asarray(values, np.float64)[:, list(names).index(label_column)]
+      column = label_values(data, label_column, split)
+      labels[split] = record_labels(data, label_column, task_type, split, column, classes)
       without[split] = int((~np.isfinite(column)).sum())
       unseen[split] = len(column) - without[split] - len(labels[split])  # a class training never saw
     return cls(data, labels, {s: rows.row_index for s, rows in labels.items()}, label_name=label_column,

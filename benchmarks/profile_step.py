@@ -96,8 +96,14 @@ def op_part(line: str) -> str:
   return "model, other" if "jvp(" in op_name else "optimiser and step"
 
 
-def op_events(trace_dir: pathlib.Path) -> list[tuple[str, int, int]]:
-  """(op name, start ns, duration ns) of every op event of the newest trace in `trace_dir`."""
+def op_events(trace_dir: pathlib.Path, instruction_names) -> list[tuple[str, int, int]]:
+  """(op name, start ns, duration ns) of every op event of the newest trace in `trace_dir`.
+
+  On the CPU an op may run on any of the runtime's threads (the intra-op pool, or the
+  client's own threads when the pool is busy, as it is on a loaded machine), so every host
+  line is read and an event counts as an op when it names an instruction of the compiled
+  program; on an accelerator, its "XLA Ops" line (not the module and step lines, which span the ops).
+  """
   from jax._src.lib import _profile_data  # jax's reader of its own trace files
   path = sorted(trace_dir.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)[-1]
   data = _profile_data.ProfileData.from_file(str(path))
@@ -105,12 +111,12 @@ def op_events(trace_dir: pathlib.Path) -> list[tuple[str, int, int]]:
   events = []
   for plane in device_planes or [p for p in data.planes if p.name.startswith("/host:")]:
     for line in plane.lines:
-      # The CPU runtime's op threads; on an accelerator its "XLA Ops" line (not the module
-      # and step lines, which span the ops).
-      if not line.name.startswith("XLA Ops" if device_planes else "tf_XLAEigen"):
+      if device_planes and not line.name.startswith("XLA Ops"):
         continue
       for event in line.events:
-        if not event.name.startswith(RUNTIME_EVENTS):
+        if event.name.startswith(RUNTIME_EVENTS):
+          continue
+        if device_planes or event.name in instruction_names:
           events.append((event.name, event.start_ns, event.duration_ns))
   return events
 
@@ -180,7 +186,7 @@ def main():
       for _ in range(args.steps):
         state, metrics = setup.train_step(state, device_batch)
       jax.block_until_ready(metrics)
-    summary, rows = summarise(op_events(trace_dir), hlo_text, args.steps, args.top)
+    summary, rows = summarise(op_events(trace_dir, instructions(hlo_text)[0]), hlo_text, args.steps, args.top)
   print(f"slowest ops of {args.config} (ms per step, summed over threads; kind, part, op, output):")
   print("\n".join(rows))
   print(json.dumps({"config": args.config, "backend": jax.default_backend(), "step_ms_untraced": round(step_s * 1e3, 2),

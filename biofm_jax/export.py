@@ -19,9 +19,16 @@ config, the model code or the training code.
 data modules produce (see `data/batch.py`); the saved artifacts and export.json's `data`
 section (the run's data config: tokeniser settings, windowing) say how they were made, so
 `experiments/predict.py` can go from raw MEDS records to predictions with them alone.
+
+`export_run(workdir, out)` exports a training run's latest checkpoint (what
+`experiments/export.py` does): the run's data config, its objective's name, the artifact
+files its registry rows name, and for a fine-tuned run its task (type, classes, label
+statistics, a record column's values behind the class ids, the prediction-time cut), so
+raw records of its modality are scored with the export alone (`eval/predict_records.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -29,14 +36,19 @@ import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from biofm_jax import export_loader
+from biofm_jax.config import config_to_dict
 from biofm_jax.data.artifacts import copy_regular_files
+from biofm_jax.eval.model_card import CARD_FILE, card_markdown, model_card
 from biofm_jax.export_loader import (ARTIFACTS_DIR, FORMAT_VERSION, INFO_FILE, LOADER_FILE, MODEL_FILE, PARAMS_FILE,
                                      ExportedModel, load_exported)
+from biofm_jax.modalities.registry import model_artifact_files
+from biofm_jax.train.runs import open_run
 
-__all__ = ["export_embedding_model", "load_exported", "ExportedModel"]
+__all__ = ["export_embedding_model", "export_run", "load_exported", "ExportedModel"]
 
 
 def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Mapping[str, tuple]],
@@ -87,3 +99,57 @@ def export_embedding_model(model: Any, params: Any, batch_spec: Mapping[str, Map
   return out
 
 
+# ---------------------------------------------------------------- a training run
+def output_path(flag: str, data_module: Any) -> str | tuple[str, ...]:
+  """What the export returns: '' (the data's own embedding; a fine-tuned run's task logits),
+  'fused', 'contrastive:<modality>', or for a fine-tuned run 'task' or 'embedding'."""
+  if "task" in data_module.example_spec():  # a fine-tuned model
+    return ("task", "embedding") if flag == "embedding" else ("task", "logits")
+  if flag == "fused":
+    return ("fused", "embedding")
+  if flag.startswith("contrastive:"):
+    return ("contrastive", flag.split(":", 1)[1])
+  if flag:
+    return flag
+  return ("fused", "embedding") if data_module.name == "multimodal" else data_module.name
+
+
+def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, output: str = "",
+               config: ml_collections.ConfigDict | None = None, report: str | pathlib.Path | None = None,
+               provenance: Mapping[str, Any] | None = None) -> tuple[pathlib.Path, int]:
+  """Exports the latest checkpoint of `workdir` (with its saved config unless `config`) to the
+  new directory `out`; returns (the export directory, the step exported). A fine-tuned run's
+  export carries its model card (`eval/model_card.py`: export.json's `model_card` and
+  MODEL_CARD.md), with the held-out figures of `report` (an evaluation's output folder, or its
+  report.json) when given."""
+  workdir = pathlib.Path(workdir).absolute()
+  if not (workdir / "checkpoints").is_dir():
+    raise ValueError(f"{workdir} has no checkpoints directory: not a training run")
+  config, data, setup, params, step = open_run(workdir, config)
+  inputs = {m: spec for m, spec in data.embedding_spec().items() if m != "task"}  # targets are not inputs
+  metadata = {**(provenance or {"config": "saved in the checkpoint", "overrides": {}}), "step": step,
+              "workdir": str(workdir), "data": config_to_dict(config.data), "objective": config.objective.name}
+  if isinstance(metadata["data"].get("ehr"), dict):  # configs saved before the field: the rule training applied
+    metadata["data"]["ehr"].setdefault("drop_duplicates", True)
+  if "task" in config:
+    metadata["task"] = {"name": config.task.name, **dataclasses.asdict(data.info), "config": config_to_dict(config.task),
+                        "prediction_time_cut": data.cut}
+    if getattr(data, "label_classes", ()):  # a record column's values behind the class ids
+      metadata["task"]["label_values"] = list(data.label_classes)
+    metadata["model_card"] = model_card(config, data, workdir, step=step, report=_read_report(report))
+  path = export_embedding_model(setup.model, params, inputs, out, output=output_path(output, data),
+                                artifacts_dir=workdir / "artifacts",
+                                artifact_files=model_artifact_files(workdir / "artifacts"), metadata=metadata)
+  if "model_card" in metadata:
+    (path / CARD_FILE).write_text(card_markdown(metadata["model_card"]))
+  return path, step
+
+
+def _read_report(report: str | pathlib.Path | None) -> dict | None:
+  if not report:
+    return None
+  path = pathlib.Path(report)
+  path = path / "report.json" if path.is_dir() else path
+  if not path.is_file():
+    raise FileNotFoundError(f"export: the evaluation report {path} does not exist (evaluate.py writes report.json)")
+  return json.loads(path.read_text())

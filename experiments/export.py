@@ -15,8 +15,16 @@ from export.json (`biofm_jax.objectives.supervised.predictions` does it with the
 Beside the serialised function go the tokeniser (`artifacts/ehr_vocab.json`: codes and
 value bins), export.json's `data` section (the run's data config: `max_len`, the window
 rule) and, for a fine-tuned model, its `task` (type, classes, label columns, the
-prediction-time cut), so `experiments/predict.py --exported=<out>` scores raw MEDS records
-with it alone. `<out>/loader.py` loads the model with jax, numpy and flatbuffers only.
+prediction-time cut; for a record model, the label column's values behind the class ids),
+so `experiments/predict.py --exported=<out>` scores raw MEDS records, or raw records of the
+modality (`--records`), with it alone. The work is `biofm_jax.export.export_run`. `<out>/loader.py` loads the model with jax, numpy and flatbuffers only.
+
+A fine-tuned run's export carries its model card (`MODEL_CARD.md`, and the same facts in
+export.json's `model_card`; `biofm_jax/eval/model_card.py`): the task and label definition, a
+fingerprint of the data it was trained on (file counts, bytes, hashes; cohort counts per
+split; never a subject id), the pre-training and fine-tuning configs, the held-out figures
+(`--report=<evaluate.py --finetuned output>` adds intervals, subgroups and baselines) and the
+limits those figures show.
 """
 from __future__ import annotations
 
@@ -32,54 +40,24 @@ flags.DEFINE_string("workdir", None, "The pre-training or fine-tuning run's work
 flags.DEFINE_string("out", None, "A new, empty directory for the exported model.")
 flags.DEFINE_string("output", "", "'' (the data's own embedding; a fine-tuned run's task logits), 'fused', "
                     "'contrastive:<modality>', or for a fine-tuned run 'task' or 'embedding'.")
+flags.DEFINE_string("report", "", "A fine-tuned run's evaluation (evaluate.py --finetuned's output folder): its "
+                    "held-out figures, intervals, subgroups and baselines go into the model card.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 
-def output_path(flag: str, data_module) -> str | tuple[str, ...]:
-  if "task" in data_module.example_spec():  # a fine-tuned model
-    return ("task", "embedding") if flag == "embedding" else ("task", "logits")
-  if flag == "fused":
-    return ("fused", "embedding")
-  if flag.startswith("contrastive:"):
-    return ("contrastive", flag.split(":", 1)[1])
-  if flag:
-    return flag
-  return ("fused", "embedding") if data_module.name == "multimodal" else data_module.name
-
-
 def main(argv, overrides):
   del argv
-  import dataclasses
+  from biofm_jax.config import load_config
+  from biofm_jax.export import export_run
 
-  from biofm_jax.config import config_to_dict, load_config
-  from biofm_jax.export import export_embedding_model
-  from biofm_jax.modalities.registry import model_artifact_files
-  from biofm_jax.train.runs import open_run
-
-  workdir = pathlib.Path(FLAGS.workdir).absolute()
-  if not (workdir / "checkpoints").is_dir():
-    cli.fail(f"{workdir} has no checkpoints directory: not a training run")
   try:
-    config, data, setup, params, step = open_run(workdir, load_config(FLAGS.config, overrides) if FLAGS.config
-                                                 else None)
-  except (KeyError, ValueError, FileNotFoundError) as e:
+    config = load_config(FLAGS.config, overrides) if FLAGS.config else None
+    out, step = export_run(FLAGS.workdir, FLAGS.out, output=FLAGS.output, config=config, report=FLAGS.report or None,
+                           provenance={"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides})
+  except (KeyError, ValueError, FileNotFoundError) as e:  # not a run, a non-empty --out, a link among the artifacts
     cli.fail(f"{e}")
-  inputs = {m: spec for m, spec in data.embedding_spec().items() if m != "task"}  # targets are not inputs
-  metadata = {"config": FLAGS.config or "saved in the checkpoint", "overrides": overrides, "step": step,
-              "workdir": str(workdir), "data": config_to_dict(config.data)}
-  if isinstance(metadata["data"].get("ehr"), dict):  # configs saved before the field: the rule training applied
-    metadata["data"]["ehr"].setdefault("drop_duplicates", True)
-  if "task" in config:
-    metadata["task"] = {"name": config.task.name, **dataclasses.asdict(data.info), "config": config_to_dict(config.task),
-                        "prediction_time_cut": data.cut}
-  try:
-    out = export_embedding_model(setup.model, params, inputs, FLAGS.out, output=output_path(FLAGS.output, data),
-                                 artifacts_dir=workdir / "artifacts",
-                                 artifact_files=model_artifact_files(workdir / "artifacts"), metadata=metadata)
-  except ValueError as e:  # a non-empty --out, a link among the artifacts
-    cli.fail(f"{e}")
-  print(f"exported step {step} of {workdir} to {out}")
+  print(f"exported step {step} of {pathlib.Path(FLAGS.workdir).absolute()} to {out}")
 
 
 if __name__ == "__main__":

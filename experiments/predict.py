@@ -1,7 +1,17 @@
-"""Scores raw MEDS records with an exported fine-tuned model and writes predictions.
+"""Scores raw records with an exported fine-tuned model and writes predictions.
 
   python experiments/predict.py --exported=exports/high_risk --meds=/data/new_meds \
       --labels=rows.parquet --out=predictions.parquet [--overwrite] [--strict_labels]
+  python experiments/predict.py --exported=exports/lesion --records=/data/new_scans \
+      --out=predictions.parquet
+
+A model fine-tuned on a record modality's label column (images, ECGs, cells, sequences,
+table rows) scores `--records`: what that modality's `data.<modality>.path` takes (an image
+folder or manifest, a WFDB folder or manifest, an .h5ad file, a FASTA file, a feature
+table), read and preprocessed by the modality's own data module with the export's data
+config and artifacts (`eval/predict_records.py`); one row per record, keyed by `record_key`.
+When the records carry the task's label column, the rows are the records with a value and
+the value is written beside the prediction. An EHR model scores MEDS label rows:
 
 Only the export folder is needed (experiments/export.py of a fine-tuning run): its
 vocabulary and value bins tokenise the records, its export.json gives the window rule, the
@@ -23,21 +33,28 @@ from biofm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("exported", None, "The export folder (experiments/export.py of a fine-tuning run).")
-flags.DEFINE_string("meds", None, "The MEDS dataset with the records to score.")
-flags.DEFINE_string("labels", None, "The rows to score: a meds.LabelSchema parquet file or folder.")
+flags.DEFINE_string("meds", None, "EHR: the MEDS dataset with the records to score.")
+flags.DEFINE_string("labels", None, "EHR: the rows to score, a meds.LabelSchema parquet file or folder.")
+flags.DEFINE_string("records", None, "A record modality: the records to score (as its data.<modality>.path).")
 flags.DEFINE_string("out", None, "The predictions parquet file to write.")
 flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-flags.DEFINE_bool("strict_labels", False, "Rows of unknown subjects or without history are an error.")
+flags.DEFINE_bool("strict_labels", False, "Rows of unknown subjects or without history (records without a "
+                  "label, where the records carry the label column) are an error.")
 flags.DEFINE_integer("batch_size", 64, "Rows per call of the exported function.")
-flags.mark_flags_as_required(["exported", "meds", "labels", "out"])
+flags.mark_flags_as_required(["exported", "out"])
 
 
 def main(argv, overrides):
   del argv
   if overrides:
     cli.fail(f"predict.py takes no --config overrides (the export fixes the model): {sorted(overrides)}")
+  ehr_rows = bool(FLAGS.meds and FLAGS.labels)
+  if (FLAGS.records and (FLAGS.meds or FLAGS.labels)) or not (FLAGS.records or ehr_rows):
+    cli.fail("pass --records (a model fine-tuned on a record modality) or both --meds and --labels (an EHR model)")
   if pathlib.Path(FLAGS.out).exists() and not FLAGS.overwrite:  # before any work
     cli.fail(f"{FLAGS.out} exists: pass --overwrite to replace it")
+  if FLAGS.records:
+    return score_records()
   from biofm_jax.eval.predict_meds import score_meds
   from biofm_jax.eval.prediction_files import write_table
   try:
@@ -53,6 +70,20 @@ def main(argv, overrides):
   if scored.no_known_code:
     print(f"  warning: {scored.no_known_code} of {scored.scored} scored rows had no code known to the model's "
           f"vocabulary: their predictions rest on the model's prior alone")
+
+
+
+def score_records():
+  from biofm_jax.eval.predict_records import score_records as score
+  from biofm_jax.eval.prediction_files import write_table
+  try:
+    scored = score(FLAGS.exported, FLAGS.records, strict_labels=FLAGS.strict_labels, batch_size=FLAGS.batch_size)
+    path = write_table(FLAGS.out, scored.table, overwrite=FLAGS.overwrite)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    cli.fail(f"{e}")
+  print(f"scored {scored.scored} of {scored.records} {scored.modality} records -> {path}")
+  if scored.without_label:
+    print(f"  dropped: {scored.without_label} records without a value of a training class in the label column")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import os
 
 # Tests compile hundreds of small programs that then run for milliseconds: LLVM at -O0
 # compiles them about a third faster (tests/test_train_step.py: 38 s -> 24 s cold), and the
-# longest-running test (multimodal retrieval, 250 steps) takes no longer.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# longest-running test (multimodal retrieval, 250 steps) takes no longer. XLA:CPU's older
+# fusion emitters compile a multimodal train step in half the time of the new MLIR ones
+# (configs/multimodal_fusion.py:tiny: 9.6 s -> 4.1 s; the step runs as fast).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} "
                            "--xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,3 +59,38 @@ def pytest_collection_modifyitems(items):
     name = item.path.name
     return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
   items.sort(key=rank)  # stable: each file keeps its own order
+
+
+# Where a test's time goes: with BIOFM_TEST_TIMING=<folder>, each worker writes one JSON line
+# per test with its seconds of tracing, lowering, backend compilation and compilation-cache
+# reads (jax's own monitoring events; the rest is running, data and Python). Programs that
+# subprocesses compile are not counted here.
+if os.environ.get("BIOFM_TEST_TIMING"):
+  import collections
+  import json
+  import time
+
+  _TIMED_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                   "/jax/core/compile/backend_compile_duration": "compile",
+                   "/jax/compilation_cache/cache_retrieval_time_sec": "cache_read"}
+  _spent: collections.Counter = collections.Counter()
+
+  def _listen(event, duration, **_):
+    if event in _TIMED_EVENTS:
+      _spent[_TIMED_EVENTS[event]] += duration
+
+  from jax._src import monitoring as _monitoring
+  _monitoring.register_event_duration_secs_listener(_listen)
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    _spent.clear()
+    start = time.perf_counter()
+    yield
+    row = {"test": item.nodeid, "total": round(time.perf_counter() - start, 2),
+           **{k: round(v, 2) for k, v in _spent.items()}}
+    folder = pathlib.Path(os.environ["BIOFM_TEST_TIMING"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl", "a") as f:
+      f.write(json.dumps(row) + "\n")

@@ -216,6 +216,25 @@ def binary_scores_in_predictions(eval_dir, model: str, split: str) -> dict:
   return {"n": len(truth), "auroc": float(roc_auc_score(truth, np.asarray(table["predicted_boolean_probability"])))}
 
 
+def predicted_scores(table: dict, task_type: str, classes=()) -> np.ndarray:
+  """The scores a predictions table (`eval/prediction_files.py`, as a pydict) holds, in the
+  form `eval/metrics.py` takes them: a probability per row, or per row and class."""
+  if task_type == "binary":
+    return np.asarray(table["predicted_boolean_probability"])
+  if task_type == "multiclass":
+    return np.stack([table[f"predicted_categorical_value_probability_{c}"] for c in classes], axis=1)
+  return np.asarray(table["predicted_float_value"])
+
+
+def true_labels(table: dict, task_type: str, classes=()) -> np.ndarray:
+  """The true label column of a predictions table, as the task's targets (class ids)."""
+  if task_type == "binary":
+    return np.asarray(table["boolean_value"], np.float32)
+  if task_type == "multiclass":
+    return np.asarray([list(classes).index(c) for c in table["categorical_value"]], np.int32)
+  return np.asarray(table["float_value"], np.float32)
+
+
 def params_at_init(setup, config):
   """The same architecture's parameters before any training (the seed a run starts from): the
   probe on its embeddings is what pre-training must improve on."""

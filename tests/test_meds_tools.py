@@ -20,7 +20,9 @@ import pytest
 import helpers
 from biofm_jax.config import load_config
 from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
+from biofm_jax.eval.model_card import fingerprint
 from biofm_jax.eval.predict_meds import score_meds
+from biofm_jax.export import export_run
 from biofm_jax.train.finetune import finetune_config, open_labeled_data
 from biofm_jax.train.loop import train_and_evaluate
 
@@ -138,6 +140,41 @@ def test_fine_tune_and_evaluate_on_aces_labels_and_meds_evaluation_agrees_with_t
   theirs = pq.read_table(tmp_path / "report" / "predictions" / "finetuned" / "held_out.parquet")
   np.testing.assert_allclose(ours["predicted_boolean_probability"].to_numpy(),
                              theirs["predicted_boolean_probability"].to_numpy(), atol=1e-6)
+
+  # Exported with the report, the model card carries the report's held-out figures, a
+  # fingerprint of the data it was trained on, and the limits the figures show; no subject id.
+  export_dir, _ = export_run(tuned, tmp_path / "export", report=tmp_path / "report")
+  card = json.loads((export_dir / "export.json").read_text())["model_card"]
+  held_out = report["splits"]["held_out"]
+  assert card["performance"]["source"] == "evaluation report"
+  assert card["performance"]["held_out"]["metrics"]["auroc"] == pytest.approx(held_out["metrics"]["auroc"])
+  assert card["performance"]["held_out"]["intervals"]["auroc"] == pytest.approx(held_out["intervals"]["auroc"])
+  assert card["performance"]["baselines"]["probe"]["held_out"]["auroc"] == pytest.approx(
+      saved["baselines"]["probe"]["held_out"]["metrics"]["auroc"])
+  assert card["training_data"]["cohort"]["labelled_rows"]["held_out"] == held_out["n"]
+  sources = card["training_data"]["sources"]
+  assert sources["data.ehr.path"] == {"path": str(meds_root), **fingerprint(meds_root)}
+  assert sources["task.labels"]["sha256"] == fingerprint(labels)["sha256"]
+  assert card["intended_use"]["type"] == "binary" and card["intended_use"]["prediction_time_cut"] == "inclusive"
+  assert any(limit.startswith(f"The held-out set has {held_out['n']} rows") for limit in card["known_limits"])
+  # Every baseline at or above the model on held-out rows is named among the limits, and only those.
+  ours = held_out["metrics"]["auroc"]
+  above = {name for name, b in saved["baselines"].items() if b["held_out"]["metrics"]["auroc"] >= ours}
+  assert above == {limit.split()[2] for limit in card["known_limits"] if limit.startswith("The baseline ")}
+  markdown = (export_dir / "MODEL_CARD.md").read_text()
+  assert f"| auroc | {held_out['metrics']['auroc']:.4g} |" in markdown and "## Known limits" in markdown
+  # This cohort's subject ids are 0..499, numbers any count may equal, so the card is checked
+  # for its shape: no field holds subject ids, and no list is long enough to hold one per row.
+  def walk(value, key=""):
+    assert key.lower() not in ("subject_id", "subject_ids", "subjects"), key
+    if isinstance(value, dict):
+      for k, v in value.items():
+        walk(v, k)
+    elif isinstance(value, list):
+      assert len(value) <= 16, (key, len(value))
+      for v in value:
+        walk(v, key)
+  walk(card)
 
 
 def _link_only(distributions: list[str], site: pathlib.Path) -> list[str]:

@@ -17,6 +17,9 @@ from sklearn.metrics import roc_auc_score
 import helpers
 from biofm_jax.config import load_config
 from biofm_jax.eval.finetuned import predict_finetuned, score_finetuned
+from biofm_jax.eval.model_card import fingerprint
+from biofm_jax.eval.predict_records import score_records
+from biofm_jax.export import export_run
 from biofm_jax.train.finetune import finetune, finetune_config, open_labeled_data
 
 FINETUNE = str(helpers.REPO / "configs" / "finetune.py")
@@ -48,12 +51,25 @@ def test_a_fine_tuned_mae_model_finds_the_planted_lesion_on_held_out_images(mae_
   # Seen: held-out AUROC 0.82 on 30 images (tuning 0.79), from a 100-step MAE.
   assert scores["held_out"]["auroc"] > 0.7 and scores["tuning"]["auroc"] > 0.7, scores
   assert summary["train/loss"] < 0.69  # below a head that has learnt nothing (log 2)
-  data, _ = predict_finetuned(tmp_path / "full", config)
+  data, by_split = predict_finetuned(tmp_path / "full", config)
   assert data.info.type == "binary" and data.modality == "imaging"
 
   # The fine-tuned model exports and runs without the library, as the library runs it.
   exported, _, _ = helpers.export_and_compare_task_logits(tmp_path / "full", tmp_path / "export", "imaging")
   assert exported.info["task"]["type"] == "binary" and exported.info["task"]["config"]["label_column"] == "lesion"
+  # predict.py scores the image folder with the export alone, as the run scored each image.
+  out = tmp_path / "predictions.parquet"
+  result = subprocess.run([sys.executable, "experiments/predict.py", f"--exported={tmp_path / 'export'}",
+                           f"--records={tmp_path / 'full' / 'artifacts' / RAW_RECORDS['imaging']}", f"--out={out}"],
+                          cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = pq.read_table(out).to_pydict()
+  assert f"scored {len(table['record_key'])} of 300 imaging records" in result.stdout
+  row_of = {key: i for i, key in enumerate(table["record_key"])}
+  held_out = data.split_labels("held_out")
+  rows = [row_of[key] for key in held_out.record_keys]
+  np.testing.assert_allclose(np.asarray(table["predicted_boolean_probability"])[rows], by_split["held_out"], atol=1e-5)
+  assert np.asarray(table["boolean_value"])[rows].tolist() == held_out.targets["label"].astype(bool).tolist()
 
 
 def test_frozen_record_fine_tuning_trains_only_the_head(mae_run, tmp_path):
@@ -92,6 +108,26 @@ def test_every_record_modality_fine_tunes_and_scores_each_labelled_record(spec, 
     assert len(labels) + data.without_label[split] == len(values_of_split)
     assert np.isfinite(values_of_split[labels.row_index, list(names).index(column)]).all()
 
+  # Exported, the model scores the raw records (the files the runs read) as the run scored them.
+  export_dir, _ = export_run(tmp_path / "ft", tmp_path / "export")
+  scored = score_records(export_dir, tmp_path / "ft" / "artifacts" / RAW_RECORDS[data.modality])
+  table = scored.table.to_pydict()
+  row_of = {key: i for i, key in enumerate(table["record_key"])}
+  assert len(row_of) == scored.scored == sum(len(data.split_labels(s)) for s in data.splits())
+  assert scored.records == scored.scored + sum(data.without_label.values())
+  for split, values in scores.items():
+    labels = data.split_labels(split)
+    rows = [row_of[key] for key in labels.record_keys]
+    np.testing.assert_allclose(helpers.predicted_scores(table, task_type, data.info.classes)[rows], values, atol=1e-5)
+    truth = helpers.true_labels(table, task_type, data.info.classes)[rows]
+    np.testing.assert_array_equal(truth, labels.targets["label"])
+
+
+# Where each modality's synthetic records are written under a run's artifacts (what a user's
+# data.<modality>.path would name).
+RAW_RECORDS = {"ecg": "synthetic_ecg/manifest.csv", "tabular": "synthetic_tabular", "omics": "synthetic_omics.h5ad",
+               "sequence": "synthetic_sequences.fa", "imaging": "synthetic_imaging"}
+
 
 def run_modality(spec):
   return {"ecg_mae": "ecg", "tabular_features": "tabular", "omics_expression": "omics",
@@ -112,12 +148,26 @@ def test_the_finetune_command_writes_record_predictions_keyed_by_record(tmp_path
   for split in ("tuning", "held_out"):
     labels = data.split_labels(split)
     table = pq.read_table(tmp_path / "ft" / "predictions" / "finetuned" / f"{split}.parquet").to_pydict()
-    # One row per labelled record, keyed by the record's index in its split, in that order.
+    # One row per labelled record, keyed by the record and its index in its split, in that order.
     assert table["row_index"] == labels.row_index.tolist() and saved[split]["n"] == len(labels)
+    assert table["record_key"] == labels.record_keys.tolist()
     truth = np.asarray(table["boolean_value"], int)
     assert truth.tolist() == labels.targets["label"].astype(int).tolist()
     recomputed = roc_auc_score(truth, np.asarray(table["predicted_boolean_probability"]))
     assert recomputed == pytest.approx(saved[split]["auroc"], abs=1e-6)
+
+  # Its export's model card: the command's held-out scores (no report given, which it names as
+  # a limit), the label definition, the generated table's fingerprint and the cohort counts.
+  export_dir, _ = export_run(tmp_path / "ft", tmp_path / "export")
+  card = json.loads((export_dir / "export.json").read_text())["model_card"]
+  assert card["performance"]["held_out"]["metrics"] == saved["held_out"]
+  assert card["intended_use"]["label"].startswith("the records' label column 'malignant'")
+  assert card["training_data"]["sources"] == {"generated: synthetic_tabular": {
+      "path": "generated by the run", **fingerprint(tmp_path / "ft" / "artifacts" / "synthetic_tabular")}}
+  assert card["training_data"]["cohort"]["labelled_rows"] == {s: len(data.split_labels(s)) for s in data.splits()}
+  limits = " ".join(card["known_limits"])
+  assert "No bootstrap intervals, subgroups or baselines" in limits and "generated (synthetic) data" in limits
+  assert "# Model card: malignant" in (export_dir / "MODEL_CARD.md").read_text()
 
 
 def test_record_label_settings_that_cannot_work_are_one_line_errors(mae_run, tmp_path):
@@ -128,3 +178,30 @@ def test_record_label_settings_that_cannot_work_are_one_line_errors(mae_run, tmp
     open_labeled_data(task_config(mae_run), tmp_path / "b")
   with pytest.raises(ValueError, match=r"task\.type 'survival': record labels are fine-tuned as one of"):
     open_labeled_data(task_config(mae_run, task__label_column="lesion", task__type="survival"), tmp_path / "c")
+
+
+def test_scoring_raw_records_refuses_what_it_cannot_score(tmp_path):
+  """An export's artifacts folder holding a link is refused before any record is read; an
+  encoder export, an EHR export and a flag mix-up are one-line errors."""
+  run = pretrain("configs/tabular_features.py:tiny", tmp_path / "pre", 2)
+  encoder, _ = export_run(run, tmp_path / "encoder")
+  with pytest.raises(ValueError, match="an exported pre-trained encoder returns embeddings, not predictions"):
+    score_records(encoder, run / "artifacts" / RAW_RECORDS["tabular"])
+  config = task_config(run, task__label_column="malignant", train__num_steps=2, train__eval_every=0,
+                       checkpoint__every_steps=2)
+  finetune(config, tmp_path / "ft")
+  export_dir, _ = export_run(tmp_path / "ft", tmp_path / "export")
+  secret = tmp_path / "secret.txt"
+  secret.write_text("not for the export")
+  (export_dir / "artifacts" / "extra.json").symlink_to(secret)
+  with pytest.raises(ValueError, match=r"'extra\.json' leads out of .*/export/artifacts \(through '\.\.' or a link\); refused"):
+    score_records(export_dir, tmp_path / "ft" / "artifacts" / RAW_RECORDS["tabular"])
+  ehr_like = type("Exported", (), {"inputs": {"ehr": {}}, "info": {"task": {"type": "binary"}}})()
+  from biofm_jax.eval import predict_records
+  with pytest.raises(ValueError, match=r"this export takes \['ehr'\] \(EHR models score MEDS label rows"):
+    predict_records._record_modality(ehr_like, tmp_path)
+  result = subprocess.run([sys.executable, "experiments/predict.py", f"--exported={export_dir}",
+                           f"--records={run}", f"--meds={run}", f"--out={tmp_path / 'p.parquet'}"],
+                          cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "pass --records (a model fine-tuned on a record modality) or both --meds" in (
+      result.stderr + result.stdout)

@@ -60,6 +60,8 @@ class Labels:
   # Labels a record modality's records carry (`data/record_task.py`): each row's record, by its
   # index in its split. None for MEDS label rows, which are keyed by subject and time.
   row_index: np.ndarray | None = None
+  # And the record itself, by the key its source gives it (a file, a cell, a FASTA id).
+  record_keys: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.subject_ids)
@@ -70,7 +72,8 @@ class Labels:
         self, subject_ids=self.subject_ids[index], prediction_times=self.prediction_times[index],
         targets={k: v[index] for k, v in self.targets.items()},
         covariates={k: v[index] for k, v in self.covariates.items()},
-        row_index=None if self.row_index is None else self.row_index[index])
+        row_index=None if self.row_index is None else self.row_index[index],
+        record_keys=None if self.record_keys is None else self.record_keys[index])
 
   def metric_targets(self) -> dict[str, np.ndarray]:
     """The targets in the form `eval/metrics.py` scores: {"time", "event"} for survival,

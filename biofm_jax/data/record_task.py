@@ -13,8 +13,9 @@ training rows:
   multiclass   the values seen in training, in sorted order
   regression   the value itself (standardised for training with training statistics)
 
-Rows are keyed by their index in their split (`Labels.row_index`): a record modality has no
-MEDS prediction time, and the predictions files say which record each row is.
+Rows are keyed by their record (`Labels.record_keys`: its file, cell or FASTA id) and its
+index in its split (`Labels.row_index`): a record modality has no MEDS prediction time, and
+the predictions files say which record each row is.
 
 Over the multimodal join (the fused model), labels come from a table keyed by `subject_id`
 (`from_subject_labels`: `meds.LabelSchema` value columns, one row per subject, no prediction
@@ -66,7 +67,15 @@ def record_labels(data: Any, label_column: str, task_type: str, split: str, colu
     subject_ids = np.asarray(as_int, np.int64)
   return Labels(pathlib.Path(f"{data.name}:{label_column}"), task_type, subject_ids,
                 np.full(len(rows), np.datetime64("NaT"), "datetime64[us]"), {batch.TASK_LABEL: targets},
-                class_names if task_type == "multiclass" else (), columns=(label_column,), row_index=rows)
+                class_names if task_type == "multiclass" else (), columns=(label_column,), row_index=rows,
+                record_keys=record_keys(source, rows))
+
+
+def record_keys(source: Any, rows: np.ndarray) -> np.ndarray | None:
+  """The keys of `source`'s records `rows` (a file, a cell, a FASTA id: the source's
+  `record_keys`), as text; None for a source without keys."""
+  keys = getattr(source, "record_keys", None)
+  return None if keys is None else np.asarray([str(k) for k in keys], object)[np.asarray(rows, np.int64)]
 
 
 def _class_name(value: float) -> str:
@@ -90,7 +99,7 @@ def training_classes(data: Any, label_column: str, task_type: str) -> tuple[floa
   return classes
 
 
-def _splits_of(data: Any) -> list[str]:
+def splits_of(data: Any) -> list[str]:
   """The standard splits `data` has (training first; a module without one says so when asked)."""
   splits = []
   for split in ("train", "tuning", "held_out"):
@@ -169,7 +178,8 @@ class RecordTaskData(DataModuleDefaults):
 
   def __init__(self, data: Any, labels: Mapping[str, Labels], items: Mapping[str, np.ndarray], *, label_name: str,
                embedding_output: tuple[str, ...], without_label: Mapping[str, int],
-               dropped: Mapping[str, int] | None = None, num_time_bins: int = 8):
+               dropped: Mapping[str, int] | None = None, num_time_bins: int = 8,
+               label_classes: tuple[float, ...] = ()):
     if "train" not in labels or not len(labels["train"]):
       raise ValueError(f"{data.name} labels {label_name!r}: no labelled record in the training split")
     self.data, self.label_column, self.embedding_output = data, label_name, tuple(embedding_output)
@@ -180,6 +190,9 @@ class RecordTaskData(DataModuleDefaults):
     self._sources = {s: LabeledRecords(data.source(s), rows, items[s]) for s, rows in self._labels.items()}
     self.without_label = dict(without_label)  # records (subjects) of each split that no label row names
     self.dropped = dict(dropped or {})
+    # The label column's values behind the class ids (classification over a record column),
+    # exported so raw records' labels map to the same ids.
+    self.label_classes = tuple(float(v) for v in label_classes)
     check_classes_in_training(self._labels["train"], np.arange(len(self._labels["train"])))
     self.info = task_info(self._labels["train"], np.arange(len(self._labels["train"])), num_time_bins)
 
@@ -188,14 +201,14 @@ class RecordTaskData(DataModuleDefaults):
     """The records' own label column (a manifest's, an obs's, a table's `label_columns`)."""
     classes = training_classes(data, label_column, task_type)
     labels, without, unseen = {}, {}, {}
-    for split in _splits_of(data):
+    for split in splits_of(data):
       column = label_values(data, label_column, split)
       labels[split] = record_labels(data, label_column, task_type, split, column, classes)
       without[split] = int((~np.isfinite(column)).sum())
       unseen[split] = len(column) - without[split] - len(labels[split])  # a class training never saw
     return cls(data, labels, {s: rows.row_index for s, rows in labels.items()}, label_name=label_column,
                embedding_output=(data.name, "embedding"), without_label=without,
-               dropped={"records_of_a_class_not_in_training": sum(unseen.values())})
+               dropped={"records_of_a_class_not_in_training": sum(unseen.values())}, label_classes=classes)
 
   @classmethod
   def from_subject_labels(cls, data: Any, labels: Labels, *, num_time_bins: int = 8) -> RecordTaskData:
@@ -215,7 +228,7 @@ class RecordTaskData(DataModuleDefaults):
     # written in decimal, a manifest's own), the labels table holds MEDS's int64 ids.
     row_of = {str(int(s)): i for i, s in enumerate(labels.subject_ids)}
     by_split, items_of, without, matched = {}, {}, {}, 0
-    for split in _splits_of(data):
+    for split in splits_of(data):
       first: dict[str, int] = {}  # a subject's first item (a balanced training order repeats subjects)
       for item, subject in enumerate(data.source(split).subject_ids):
         first.setdefault(str(subject), item)

@@ -27,12 +27,12 @@ from biofm_jax.modalities.ehr.task_data import CUTS, history_rows
 from biofm_jax.data.labels import read_labels
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.eval import prediction_files
+from biofm_jax.eval.exported_task import exported_task
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.objectives.supervised import predictions as task_predictions
 import pyarrow.parquet as pq
 
 log = logging.getLogger("biofm_jax")
-_TASK_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(TaskInfo))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,20 +48,11 @@ class Scored:
 
 def _exported_task(model, directory: pathlib.Path) -> tuple[TaskInfo, dict, dict]:
   """(task info, task config, EHR data config) from export.json; errors say what the export is."""
-  info = model.info
-  if "task" not in info:
-    raise ValueError(f"{directory}: an exported pre-trained encoder returns embeddings, not predictions; export a "
-                     f"fine-tuned run (experiments/export.py --workdir=<fine-tuning workdir>)")
-  if set(model.inputs) != {"ehr"} or "ehr" not in info.get("data", {}):
+  info, config = exported_task(model, directory)
+  if set(model.inputs) != {"ehr"} or "ehr" not in model.info.get("data", {}):
     raise ValueError(f"{directory}: scores EHR models fine-tuned on MEDS labels; this export takes "
-                     f"{sorted(model.inputs)}" + ("" if "data" in info else " and predates export format 2"))
-  task = info["task"]
-  fields = {k: task[k] for k in _TASK_INFO_FIELDS if k in task}
-  for name in ("classes", "time_bin_edges", "prior_logits"):
-    fields[name] = tuple(fields.get(name, ()))
-  config = dict(task.get("config", {"type": task["type"]}))
-  config["classes"] = fields["classes"] if task["type"] == "multiclass" else config.get("classes", ())  # training's ids
-  return TaskInfo(**fields), config, info["data"]["ehr"]
+                     f"{sorted(model.inputs)}" + ("" if "data" in model.info else " and predates export format 2"))
+  return info, config, model.info["data"]["ehr"]
 
 
 def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, labels_path: str | pathlib.Path, *,

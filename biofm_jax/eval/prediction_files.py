@@ -46,19 +46,30 @@ def check_writable(workdir: str | pathlib.Path, overwrite: bool) -> pathlib.Path
   return path
 
 
+RECORD_KEY, ROW_INDEX = "record_key", "row_index"
+
+
 def label_row_ids(labels) -> dict[str, np.ndarray]:
   """The id columns of label rows (`data/labels.Labels`): subject and prediction time for MEDS
-  labels; for labels records carry, the record's index in its split (as the probe reports write)."""
+  labels; for labels records carry, the record (its key: a file, a cell, a FASTA id) and its
+  index in its split (as the probe reports write)."""
   if labels.row_index is not None:
-    return {"row_index": np.asarray(labels.row_index, np.int64)}
+    return record_row_ids(labels.record_keys, labels.row_index)
   return {SUBJECT_ID: np.asarray(labels.subject_ids, np.int64),
           PREDICTION_TIME: np.asarray(labels.prediction_times, "datetime64[us]")}
+
+
+def record_row_ids(keys, row_index) -> dict[str, np.ndarray]:
+  """The id columns of record rows: `record_key` (where the records have keys) and `row_index`."""
+  ids = {} if keys is None else {RECORD_KEY: np.asarray([str(k) for k in keys], object)}
+  return {**ids, ROW_INDEX: np.asarray(row_index, np.int64)}
 
 
 def prediction_table(task_type: str, row_ids: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
                      scores: np.ndarray, classes=()) -> pa.Table:
   """One split's predictions (`scores` as `eval/metrics.py` takes them) as a table whose
-  first columns are `row_ids` (`label_row_ids` for MEDS labels; a record task's row index)."""
+  first columns are `row_ids` (`label_row_ids`: subject and prediction time for MEDS labels,
+  record key and row index for records)."""
   columns: dict[str, pa.Array] = {name: pa.array(values) for name, values in row_ids.items()}
   scores = np.asarray(scores)
   truth = bool(targets)  # rows scored without a known outcome have no label column

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from biofm_jax.data.labels import TaskInfo
+from biofm_jax.data.record_task import record_keys
 from biofm_jax.eval import downstream, prediction_files
 from biofm_jax.modalities import registry
 from biofm_jax.train.embed import embed_split
@@ -98,7 +99,7 @@ def evaluate_record_labels(pretrained_workdir: str | pathlib.Path, out_dir: str 
           "rows_without_a_training_class": dropped, "outputs": info.num_outputs}
   model = {"name": downstream.PROBE, "pretrained": str(workdir), **descriptions[downstream.PROBE]}
   out_dir.mkdir(parents=True, exist_ok=True)
-  # Records have no MEDS prediction time: their predictions are keyed by the row's index in its split.
-  row_ids = {s: {"row_index": rows[s].astype(np.int64)} for s in splits}
+  # Records have no MEDS prediction time: their predictions are keyed by the record and its index in its split.
+  row_ids = {s: prediction_files.record_row_ids(record_keys(data.source(s), rows[s]), rows[s]) for s in splits}
   return downstream.write_evaluation(out_dir, task, model, info, scores, descriptions, targets, covariates,
                                      train_y, few_shot, options, row_ids=row_ids)

@@ -132,6 +132,11 @@ class ECGSource:
     return len(self.records)
 
   @property
+  def record_keys(self) -> list[str]:
+    """Each record's header file, as the manifest or folder scan named it."""
+    return [str(p) for p in self.paths]
+
+  @property
   def labels(self) -> np.ndarray:
     return np.array([r.labels for r in self.records], np.float32).reshape(len(self.records), self.num_labels)
 

@@ -278,6 +278,11 @@ class ImagingSource:
   def __len__(self) -> int:
     return len(self.paths)
 
+  @property
+  def record_keys(self) -> list[str]:
+    """Each item's file (or series folder), as the manifest or folder scan named it."""
+    return [str(p) for p in self.paths]
+
   def __getitem__(self, index: int) -> dict:
     i = checked_index(index, len(self), "ImagingSource ... items")
     return read_skips.read_or_replace(i, self.paths, self._read, on_error=self.on_error,

@@ -349,6 +349,11 @@ class ExpressionSource:
   def __len__(self) -> int:
     return len(self.rows)
 
+  @property
+  def record_keys(self) -> list[str]:
+    """Each cell's obs name."""
+    return [str(c) for c in self.cell_ids]
+
   def __getitem__(self, index: int) -> dict:
     i = checked_index(index, len(self), "ExpressionSource ... cells")
     genes, counts = self._reader.row(int(self.rows[i]))

@@ -262,6 +262,11 @@ class FastaSource:
   def __len__(self) -> int:
     return len(self.ids)
 
+  @property
+  def record_keys(self) -> list[str]:
+    """Each record's FASTA id."""
+    return list(self.ids)
+
   def _read(self, file: int, start: int, size: int) -> bytes:
     path = self.files[file]
     with self._lock:  # Grain reads with several threads

@@ -119,6 +119,11 @@ class TabularSource:
   def __len__(self) -> int:
     return len(self.subject_ids)
 
+  @property
+  def record_keys(self) -> list[str]:
+    """Each row's id column value (a table holds one row per subject)."""
+    return list(self.subject_ids)
+
   def __getitem__(self, index: int) -> dict:
     i = checked_index(index, len(self), "TabularSource ... rows")
     # Copies: a transform that writes into its input must not change the table.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -196,6 +197,14 @@ def test_scoring_raw_records_refuses_what_it_cannot_score(tmp_path):
   (export_dir / "artifacts" / "extra.json").symlink_to(secret)
   with pytest.raises(ValueError, match=r"'extra\.json' leads out of .*/export/artifacts \(through '\.\.' or a link\); refused"):
     score_records(export_dir, tmp_path / "ft" / "artifacts" / RAW_RECORDS["tabular"])
+  # New records need no training split: three rows whose split column says held_out are scored.
+  table = pq.read_table(tmp_path / "ft" / "artifacts" / RAW_RECORDS["tabular"] / "data.parquet").slice(0, 3)
+  (tmp_path / "new").mkdir()
+  pq.write_table(table.set_column(table.column_names.index("split"), "split", pa.array(["held_out"] * 3)),
+                 tmp_path / "new" / "data.parquet")
+  (export_dir / "artifacts" / "extra.json").unlink()
+  scored = score_records(export_dir, tmp_path / "new")
+  assert scored.table["record_key"].to_pylist() == table["subject_id"].to_pylist() and scored.scored == 3
   ehr_like = type("Exported", (), {"inputs": {"ehr": {}}, "info": {"task": {"type": "binary"}}})()
   from biofm_jax.eval import predict_records
   with pytest.raises(ValueError, match=r"this export takes \['ehr'\] \(EHR models score MEDS label rows"):

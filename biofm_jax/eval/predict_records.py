@@ -14,7 +14,8 @@ and the task recorded in export.json turns them into predictions, one row per re
 When the records carry the task's label column, only the records with a value of a class
 training saw are scored, with the value beside the prediction (the rows the fine-tuning
 run's own predictions files hold); the others are counted (`strict_labels`: an error).
-Records without the column are all scored.
+Records without the column are all scored, in every split they fall in (new records need
+no training split).
 """
 from __future__ import annotations
 
@@ -73,6 +74,13 @@ def _record_modality(model: Any, directory: pathlib.Path) -> str:
   return modality
 
 
+def every_split(data: Any) -> list[str]:
+  """Every split the records fall in, whatever their names: scoring needs no training split
+  (new records whose split column says only `held_out`, or a folder too small for every split)."""
+  splits = getattr(getattr(data, "dataset", None), "splits", None)
+  return [s for s in splits if len(splits[s])] if splits is not None else splits_of(data)
+
+
 def _truth(data: Any, split: str, info: TaskInfo, task: dict, values: tuple[float, ...]) -> tuple[np.ndarray, dict]:
   """(rows of `split` to score, their metric targets): the rows with a value of a training
   class (any finite value, for regression) when the records carry the task's label column."""
@@ -102,12 +110,15 @@ def score_records(export_dir: str | pathlib.Path, records_path: str | pathlib.Pa
     names = [p.relative_to(artifacts) for p in sorted(artifacts.rglob("*")) if not p.is_dir()] if artifacts.is_dir() else []
     copy_regular_files(artifacts, tmp, names, f"export {directory}")  # a link among them is refused
     data = row.data(cfg, targets=targets, artifacts_dir=tmp)
-    labelled = bool(label_column) and label_column in data.labels("train")[1]
+    splits = every_split(data)
+    if not splits:
+      raise ValueError(f"{records_path}: no {modality} record was found")
+    labelled = bool(label_column) and label_column in data.labels(splits[0])[1]
     if labelled and info.type != "regression" and len(values) != max(info.num_outputs, 2):
       raise ValueError(f"{directory}/export.json: the task's label_values {list(values)} do not match its "
                        f"{info.num_outputs} output(s); export the fine-tuning run again")
     keys, logits, truth, total = [], [], [], 0
-    for split in splits_of(data):
+    for split in splits:
       source = data.source(split)
       total += len(source)
       rows = np.arange(len(source))

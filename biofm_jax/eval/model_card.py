@@ -41,8 +41,11 @@ SUBGROUP_GAP = 0.05  # a subgroup this far below the whole on the primary metric
 
 def fingerprint(path: pathlib.Path) -> dict[str, Any]:
   """{files, bytes, sha256} of a file or of every regular file under a folder (links are
-  not followed). The hash covers each file's path relative to `path` and its contents."""
+  not followed). The hash covers each file's path relative to `path` and its contents. A
+  path that no longer exists says so (`missing`), rather than fingerprinting nothing."""
   path = pathlib.Path(path)
+  if not path.exists():
+    return {"files": 0, "bytes": 0, "sha256": "", "missing": True}
   files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
   total, combined = 0, hashlib.sha256()
   for file in files:
@@ -144,6 +147,10 @@ def known_limits(task_type: str, perf: Mapping[str, Any], sources: Mapping[str, 
       if _number(ours) and _number(theirs) and ours - theirs > SUBGROUP_GAP:
         limits.append(f"Subgroup {column}={value} ({entry.get('n')} rows): {metric} {theirs:.3f} vs {ours:.3f} "
                       f"overall.")
+  for name, source in sources.items():
+    if source.get("missing"):
+      limits.append(f"The data source {name} ({source['path']}) was not found at export time: the card cannot "
+                    f"fingerprint what the model was trained on.")
   if any(key.startswith("generated") for key in sources):
     limits.append("Trained and evaluated on generated (synthetic) data: the figures say nothing of real patients.")
   return limits
@@ -187,7 +194,8 @@ def card_markdown(card: Mapping[str, Any]) -> str:
   if use["prediction_time_cut"]:
     lines.append(f"- Each record is cut at its prediction time ({use['prediction_time_cut']}).")
   lines += ["", "## Training data", "| source | path | files | bytes | SHA-256 |", "|---|---|---|---|---|"]
-  lines += [f"| {name} | {s['path']} | {s['files']} | {s['bytes']} | `{s['sha256'][:16]}…` |"
+  lines += [f"| {name} | {s['path']} | {s['files']} | {s['bytes']} | "
+            + ("not found at export time |" if s.get("missing") else f"`{s['sha256'][:16]}…` |")
             for name, s in data["sources"].items()]
   for name, counts in data["cohort"].items():
     lines.append(f"- {name.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -226,8 +226,18 @@ def test_the_beam_engine_writes_the_same_store(cohort, tmp_path):
 
 
 # ---------------------------------------------------------------- file descriptors
-def _open_fds() -> int:
-  return len(os.listdir("/proc/self/fd"))
+def _open_fds(folder: pathlib.Path) -> int:
+  """Descriptors this process holds on files under `folder`. Only those: other tests' threads
+  in the same worker (a pipeline's, a subprocess pipe's) open and close their own meanwhile,
+  which made a count of every descriptor off by one under the parallel runner."""
+  count = 0
+  for fd in os.listdir("/proc/self/fd"):
+    try:
+      target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # closed since it was listed
+      continue
+    count += target.startswith(str(folder))
+  return count
 
 
 def _many_files(root: pathlib.Path, files: int) -> pathlib.Path:
@@ -246,29 +256,30 @@ def _many_files(root: pathlib.Path, files: int) -> pathlib.Path:
 def test_evaluations_that_open_new_sources_do_not_leak_file_descriptors(tmp_path, monkeypatch):
   root = _many_files(tmp_path / "meds", 12)
   I.build_event_store(root, tmp_path / "store")
-  store = E.EventStore(tmp_path / "store")
-  before = _open_fds()
+  store_dir = tmp_path / "store"
+  store = E.EventStore(store_dir)
+  before = _open_fds(store_dir)
 
   def evaluate():  # what the loop does each evaluation: a new source of the split, read through
     source = store.source("tuning")
     return sum(len(source[i]["codes"]) for i in range(len(source)))
 
   assert evaluate() == 36
-  after_first = _open_fds()
+  after_first = _open_fds(store_dir)
   assert after_first - before == 36  # 12 files x 3 columns
   for _ in range(30):
     evaluate()
     store.source("train")[0]
-  assert _open_fds() == after_first
+  assert _open_fds(store_dir) == after_first
   store.close()
-  assert _open_fds() == before
+  assert _open_fds(store_dir) == before
   # A store of more shard files than MAX_OPEN_FILES keeps at most that many open.
   monkeypatch.setattr(E, "MAX_OPEN_FILES", 7)
   source = store.all_subjects()
   assert [len(source[i]["codes"]) for i in range(len(source))] == [3] * 48
-  assert _open_fds() - before == 7
+  assert _open_fds(store_dir) - before == 7
   store.close()
-  assert _open_fds() == before
+  assert _open_fds(store_dir) == before
 
 
 # ---------------------------------------------------------------- one duplicate rule, across files

@@ -17,7 +17,8 @@ value bins), export.json's `data` section (the run's data config: `max_len`, the
 rule) and, for a fine-tuned model, its `task` (type, classes, label columns, the
 prediction-time cut; for a record model, the label column's values behind the class ids),
 so `experiments/predict.py --exported=<out>` scores raw MEDS records, or raw records of the
-modality (`--records`), with it alone. The work is `biofm_jax.export.export_run`. `<out>/loader.py` loads the model with jax, numpy and flatbuffers only.
+modality (`--records`), with it alone. The work is `biofm_jax.export.export_run`.
+`<out>/loader.py` loads the model with jax, numpy and flatbuffers only.
 
 A fine-tuned run's export carries its model card (`MODEL_CARD.md`, and the same facts in
 export.json's `model_card`; `biofm_jax/eval/model_card.py`): the task and label definition, a

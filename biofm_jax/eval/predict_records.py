@@ -49,7 +49,7 @@ class ScoredRecords:
   without_label: int  # records lacking a value of a training class in the task's label column
 
 
-class _Rows:
+class Rows:
   """Records `rows` of a source, in that order (a random-access view for the pipeline)."""
 
   def __init__(self, source: Any, rows: np.ndarray):
@@ -81,15 +81,15 @@ def every_split(data: Any) -> list[str]:
   return [s for s in splits if len(splits[s])] if splits is not None else splits_of(data)
 
 
-def _truth(data: Any, split: str, info: TaskInfo, task: dict, values: tuple[float, ...]) -> tuple[np.ndarray, dict]:
-  """(rows of `split` to score, their metric targets): the rows with a value of a training
-  class (any finite value, for regression) when the records carry the task's label column."""
+def _truth(data: Any, split: str, info: TaskInfo, task: dict, values: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """(rows of `split` to score, their labels as metric targets): the rows with a value of a
+  training class (any finite value, for regression) when the records carry the task's label column."""
   column = label_values(data, task["label_column"], split)
   if info.type == "regression":
     rows = np.flatnonzero(np.isfinite(column))
-    return rows, {"label": column[rows].astype(np.float32)}
+    return rows, column[rows].astype(np.float32)
   rows = np.flatnonzero(np.isfinite(column) & np.isin(column, values))
-  return rows, {"label": np.searchsorted(np.asarray(values), column[rows])}
+  return rows, np.searchsorted(np.asarray(values), column[rows])
 
 
 def score_records(export_dir: str | pathlib.Path, records_path: str | pathlib.Path, *, strict_labels: bool = False,
@@ -124,10 +124,10 @@ def score_records(export_dir: str | pathlib.Path, records_path: str | pathlib.Pa
       rows = np.arange(len(source))
       if labelled:
         rows, split_truth = _truth(data, split, info, task, values)
-        truth.append(split_truth["label"])
+        truth.append(split_truth)
       if not len(rows):
         continue
-      dataset = pipeline.make_eval_dataset(_Rows(source, rows), data.transforms(train=False, mask=False),
+      dataset = pipeline.make_eval_dataset(Rows(source, rows), data.transforms(train=False, mask=False),
                                            global_batch_size=batch_size, seed=0, example_spec=data.embedding_spec())
       outputs = [model({modality: {name: b[modality][name] for name in model.inputs[modality]}})
                  for b in pipeline.make_iterator(dataset)]

@@ -61,7 +61,7 @@ def label_row_ids(labels) -> dict[str, np.ndarray]:
 
 def record_row_ids(keys, row_index) -> dict[str, np.ndarray]:
   """The id columns of record rows: `record_key` (where the records have keys) and `row_index`."""
-  ids = {} if keys is None else {RECORD_KEY: np.asarray([str(k) for k in keys], object)}
+  ids = {} if keys is None else {RECORD_KEY: np.asarray(keys, object)}  # text already (`record_task.record_keys`)
   return {**ids, ROW_INDEX: np.asarray(row_index, np.int64)}
 
 

@@ -129,6 +129,8 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, output: 
   inputs = {m: spec for m, spec in data.embedding_spec().items() if m != "task"}  # targets are not inputs
   metadata = {**(provenance or {"config": "saved in the checkpoint", "overrides": {}}), "step": step,
               "workdir": str(workdir), "data": config_to_dict(config.data), "objective": config.objective.name}
+  if "multimodal" in config.data:  # how each joined modality's records are read (`eval/predict_subjects.py`)
+    metadata["modality_objectives"] = {m: config.objective[m].name for m in config.data.multimodal.modalities}
   if isinstance(metadata["data"].get("ehr"), dict):  # configs saved before the field: the rule training applied
     metadata["data"]["ehr"].setdefault("drop_duplicates", True)
   if "task" in config:

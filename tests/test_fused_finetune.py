@@ -1,6 +1,10 @@
 """The fused patient model downstream: fine-tuned on a labels table keyed by subject, every
 subject scored from whichever modalities it has (HAIM's setting), through the same entry
 as every other fine-tuning run."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -10,6 +14,10 @@ import pytest
 import helpers
 from biofm_jax.config import load_config
 from biofm_jax.eval.finetuned import predict_finetuned, score_finetuned
+from biofm_jax.eval.predict_records import score_records
+from biofm_jax.eval.predict_subjects import parse_records, score_subjects
+from biofm_jax.export import export_run
+from biofm_jax.modalities.synthetic_cohort import cohort_paths
 from biofm_jax.train.finetune import finetune, finetune_config, open_labeled_data
 
 FINETUNE = str(helpers.REPO / "configs" / "finetune.py")
@@ -39,16 +47,25 @@ def task_config(run, labels, **overrides):
   return finetune_config(load_config(f"{FINETUNE}:binary,tiny", flat), run)
 
 
-def test_the_fused_model_predicts_a_planted_outcome_for_every_subject_whatever_it_lacks(fused_run, tmp_path):
+@pytest.fixture(scope="module")
+def fused_outcome(fused_run, tmp_path_factory):
+  """The fused model fine-tuned on the planted outcome: (config, workdir, labels file)."""
+  workdir = tmp_path_factory.mktemp("fused_outcome")
   truth = latents(fused_run)
-  labels = write_subject_labels(tmp_path / "outcome.parquet", truth["subject_id"], truth["outcome"])
+  labels = write_subject_labels(workdir / "outcome.parquet", truth["subject_id"], truth["outcome"])
   config = task_config(fused_run, labels)
-  finetune(config, tmp_path / "ft")
-  scores = score_finetuned(tmp_path / "ft", config)
+  finetune(config, workdir / "ft")
+  return config, workdir / "ft", labels
+
+
+def test_the_fused_model_predicts_a_planted_outcome_for_every_subject_whatever_it_lacks(fused_run, fused_outcome):
+  truth = latents(fused_run)
+  config, run, _ = fused_outcome
+  scores = score_finetuned(run, config)
   # Seen: held-out AUROC 0.80 and tuning 0.90 on 40 subjects each (heart failure or death,
   # from a 20-step fused model and 60 fine-tuning steps).
   assert scores["held_out"]["auroc"] > 0.65 and scores["tuning"]["auroc"] > 0.65, scores
-  data, predicted = predict_finetuned(tmp_path / "ft", config)
+  data, predicted = predict_finetuned(run, config)
   assert data.embedding_output == ("fused", "embedding")
   for split in ("tuning", "held_out"):
     rows = data.split_labels(split)
@@ -61,6 +78,77 @@ def test_the_fused_model_predicts_a_planted_outcome_for_every_subject_whatever_i
     # Each row's target is its subject's outcome.
     outcome = dict(zip(truth["subject_id"], truth["outcome"].astype(float)))
     assert rows.targets["label"].tolist() == [outcome[s] for s in rows.subject_ids.tolist()]
+
+
+MODALITY_COLUMNS = {"ehr": "has_ehr", "imaging": "has_imaging", "omics": "has_omics", "tabular": "has_tabular"}
+
+
+def test_an_exported_fused_model_scores_each_subject_from_the_raw_files_of_whatever_it_has(
+    fused_run, fused_outcome, tmp_path):
+  config, run, labels = fused_outcome
+  data, predicted = predict_finetuned(run, config)
+  export_dir, _ = export_run(run, tmp_path / "export")
+  assert json.loads((export_dir / "export.json").read_text())["modality_objectives"] == {
+      "ehr": "masked", "imaging": "mae", "omics": "masked", "tabular": "masked_features"}
+  files = {m: str(p) for m, p in cohort_paths(next((fused_run / "artifacts").rglob("cohort.json")).parent).items()}
+
+  # Every modality's raw files: each subject's prediction is the fine-tuning run's own.
+  scored = score_subjects(export_dir, files, labels=labels)
+  table = scored.table.to_pandas()
+  truth = latents(fused_run).set_index("subject_id")
+  assert scored.scored == scored.subjects == len(truth) and scored.unknown_subjects == 0
+  assert table["subject_id"].tolist() == pd.read_parquet(labels)["subject_id"].tolist()  # the labels' order
+  row_of = {s: i for i, s in enumerate(table["subject_id"])}
+  for split in ("tuning", "held_out"):
+    rows = data.split_labels(split)
+    index = [row_of[s] for s in rows.subject_ids]
+    np.testing.assert_allclose(table["predicted_boolean_probability"].to_numpy()[index], predicted[split], atol=1e-5)
+    assert table["boolean_value"].to_numpy()[index].tolist() == (rows.targets["label"] > 0.5).tolist()
+  # Each row names the modalities its subject brought, as the cohort planted them.
+  for subject, pattern in zip(table["subject_id"], table["modalities"]):
+    assert pattern == "+".join(m for m, c in MODALITY_COLUMNS.items() if truth.loc[subject, c]), subject
+  assert sum(scored.by_pattern.values()) == len(table)
+
+  # New patients without images or expression: those two enter as the join's padding, so a
+  # subject who has only EHR and features gets exactly the score it got with all four given.
+  partial = score_subjects(export_dir, {"ehr": files["ehr"], "tabular": files["tabular"]}).table.to_pandas()
+  has = truth[["has_ehr", "has_tabular"]].astype(bool).any(axis=1)
+  assert sorted(partial["subject_id"]) == sorted(truth.index[has])
+  assert set(partial["modalities"]) == {"ehr", "tabular", "ehr+tabular"}
+  only_these = truth.index[has & ~truth[["has_imaging", "has_omics"]].astype(bool).any(axis=1)]
+  full = table.set_index("subject_id")["predicted_boolean_probability"]
+  part = partial.set_index("subject_id")["predicted_boolean_probability"]
+  assert len(only_these) > 10
+  np.testing.assert_allclose(part[only_these].to_numpy(), full[only_these].to_numpy(), atol=1e-6)
+  others = truth.index[has & truth[["has_imaging", "has_omics"]].astype(bool).any(axis=1)]
+  assert np.abs(part[others].to_numpy() - full[others].to_numpy()).max() > 1e-4  # what is left out counts
+
+  # The command writes the same table, and says what it did.
+  out = tmp_path / "predictions.parquet"
+  pairs = ",".join(f"{m}={p}" for m, p in files.items())
+  result = subprocess.run([sys.executable, "experiments/predict.py", f"--exported={export_dir}",
+                           f"--records={pairs}", f"--labels={labels}", f"--out={out}"],
+                          cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"scored {len(truth)} of {len(truth)} subjects" in result.stdout
+  assert pd.read_parquet(out).equals(table)
+
+  # What it cannot score is one line each.
+  with pytest.raises(ValueError, match=r"--records names \['ecg'\]: .* takes \['ehr', 'imaging', 'omics', 'tabular'\]"):
+    score_subjects(export_dir, {"ecg": files["ehr"]})
+  with pytest.raises(ValueError, match=r"a fused model of \['ehr', 'imaging', 'omics', 'tabular'\]: name each "
+                                       r"modality's records as modality=path pairs"):
+    score_records(export_dir, files["tabular"])
+  with pytest.raises(ValueError, match="a fused model takes modality=path pairs"):
+    parse_records("ehr=/a,imaging")
+  timed = write_subject_labels(tmp_path / "timed.parquet", truth.index[:3], [True, False, True],
+                               prediction_time=pa.array(np.full(3, np.datetime64("2020-01-01", "us"))))
+  with pytest.raises(ValueError, match="row 0 has a prediction_time; a fused model scores subject-level rows"):
+    score_subjects(export_dir, files, labels=timed)
+  strangers = write_subject_labels(tmp_path / "strangers.parquet", [truth.index[0], 999_999_999], [True, False])
+  assert score_subjects(export_dir, files, labels=strangers).unknown_subjects == 1
+  with pytest.raises(ValueError, match="1 of 2 rows name subjects no given record has; first: row 1, subject_id 999999999"):
+    score_subjects(export_dir, files, labels=strangers, strict_labels=True)
 
 
 def test_subject_labels_the_join_cannot_use_are_one_line_errors(fused_run, tmp_path):

@@ -212,5 +212,5 @@ def test_scoring_raw_records_refuses_what_it_cannot_score(tmp_path):
   result = subprocess.run([sys.executable, "experiments/predict.py", f"--exported={export_dir}",
                            f"--records={run}", f"--meds={run}", f"--out={tmp_path / 'p.parquet'}"],
                           cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0 and "pass --records (a model fine-tuned on a record modality) or both --meds" in (
+  assert result.returncode != 0 and "pass --records (a model fine-tuned on a record modality; modality=path pairs" in (
       result.stderr + result.stdout)

@@ -27,10 +27,9 @@ from biofm_jax.modalities.ehr.task_data import CUTS, history_rows
 from biofm_jax.data.labels import read_labels
 from biofm_jax.modalities.ehr.meds import MEDSDataset
 from biofm_jax.eval import prediction_files
-from biofm_jax.eval.exported_task import exported_task
+from biofm_jax.eval.exported_task import exported_task, labels_have_targets
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.objectives.supervised import predictions as task_predictions
-import pyarrow.parquet as pq
 
 log = logging.getLogger("biofm_jax")
 
@@ -66,7 +65,7 @@ def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, lab
     raise ValueError(f"{directory}/export.json: prediction_time_cut {cut!r}, expected one of {CUTS}")
   vocab = EHRVocab.load(directory / ARTIFACTS_DIR / VOCAB_FILENAME)
   tokenize = TokenizeEHR(vocab, int(ehr["max_len"]), ehr["window"])
-  labels_table_has_targets = _has_targets(labels_path, task)
+  labels_table_has_targets = labels_have_targets(labels_path, task)
   labels = read_labels(labels_path, task, with_targets=labels_table_has_targets)
   if np.isnat(labels.prediction_times).any():
     row = int(np.flatnonzero(np.isnat(labels.prediction_times))[0])
@@ -99,22 +98,3 @@ def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, lab
   table = prediction_files.prediction_table(info.type, prediction_files.label_row_ids(kept), targets, scores,
                                            info.classes)
   return Scored(table, len(labels), len(rows), unknown, no_history, no_known_code)
-
-
-def _has_targets(path, task: dict) -> bool:
-  """Whether the labels file holds the task's outcome columns (else its rows are only scored)."""
-  path = pathlib.Path(path)
-  files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-  if not files or not files[0].exists():
-    raise FileNotFoundError(f"labels file {path} does not exist")
-  names = set(pq.read_schema(files[0]).names)
-  kind = task.get("type")
-  wanted = {"binary": [task.get("value_column") or "boolean_value"],
-            "regression": [task.get("value_column") or "float_value"],
-            "multiclass": [task.get("value_column") or "categorical_value", "integer_value"],
-            "multilabel": list(task.get("label_columns") or ()),
-            "survival": [task.get("time_column") or "float_value", task.get("event_column") or "boolean_value"]}
-  columns = wanted.get(kind, [])
-  if kind == "multiclass":
-    return bool(names & set(columns))
-  return all(c in names for c in columns)

@@ -64,6 +64,9 @@ class Rows:
 
 def _record_modality(model: Any, directory: pathlib.Path) -> str:
   inputs = sorted(model.inputs)
+  if len(inputs) > 1:
+    raise ValueError(f"{directory}: a fused model of {inputs}: name each modality's records as modality=path pairs "
+                     f"(--records=ehr=/data/meds,imaging=/data/scans.csv)")
   if len(inputs) != 1 or inputs[0] not in registry.MODALITIES or registry.get(inputs[0]).labeled is not None:
     raise ValueError(f"{directory}: scores models fine-tuned on one record modality's label column; this export "
                      f"takes {inputs} (EHR models score MEDS label rows: --meds and --labels)")

@@ -22,9 +22,19 @@ bins) and the fine-tuning settings used for the from-scratch baseline.
 prediction by a next-event model: per label row, the share of `--zero_shot_samples`
 simulated futures that hold the code within `--zero_shot_horizon_days` (report.json:
 `<split>.zero_shot`, `baselines.zero_shot` with the samples and the seconds it took).
-For an expression or feature-table model, `--label_column` names one of the run's label
-columns (e.g. `cell_type`): its linear probe is compared with L1 logistic regression on
-normalised counts (expression) or logistic regression on the raw features (tables).
+For a record model (images, ECGs, cells, sequences, tables), `--label_column` names one of
+the run's label columns (e.g. `cell_type`): its linear probe is compared with the modality's
+raw-feature baseline (L1 logistic regression on normalised counts for expression, logistic
+regression on the raw features for tables, ...). With `--finetuned` (a run fine-tuned on that
+column) or `--from_scratch_steps`, the report is the full one above: the fine-tuned model,
+the probe, the raw-feature baseline and the architecture trained from scratch on the same
+labels (pass the task preset: `--config=configs/finetune.py:binary`, or the --finetuned
+run's own is used).
+
+For a fused model of a multimodal run, `--labels` is a labels table keyed by `subject_id`:
+the baseline is HAIM's (each modality's raw features concatenated with missingness
+indicators, gradient boosting), and every metric is also given per availability pattern
+(`modalities`: EHR only, EHR + imaging, ...).
 """
 from __future__ import annotations
 
@@ -42,7 +52,8 @@ flags.DEFINE_string("workdir", None, "Directory for the report.")
 flags.DEFINE_string("config", "", "The task config (configs/finetune.py:<task>); '' = the --finetuned run's own, "
                     "else configs/finetune.py:high_risk.")
 flags.DEFINE_string("task_type", "", "binary, multiclass, multilabel, regression or survival ('' = the config's).")
-flags.DEFINE_string("label_column", "", "Omics / tabular runs: the label column to evaluate (e.g. cell_type).")
+flags.DEFINE_string("label_column", "", "Record runs (images, ECGs, cells, sequences, tables): the label column "
+                    "to evaluate (e.g. cell_type).")
 flags.DEFINE_string("finetuned", "", "A fine-tuning run's workdir to score instead of the linear probe.")
 flags.DEFINE_integer("from_scratch_steps", 0, "Steps of the from-scratch baseline (0: leave it out).")
 flags.DEFINE_list("subgroups", ["sex", "age_band", "race", "ethnicity"],
@@ -110,10 +121,12 @@ def main(argv, overrides):
                               zero_shot_horizon_days=FLAGS.zero_shot_horizon_days,
                               zero_shot_samples=FLAGS.zero_shot_samples, zero_shot_max_new=FLAGS.zero_shot_max_new)
   try:
-    if FLAGS.label_column:
+    if FLAGS.label_column and not (FLAGS.finetuned or FLAGS.from_scratch_steps):
       from biofm_jax.eval.record_tasks import evaluate_record_labels
       report = evaluate_record_labels(FLAGS.pretrained, FLAGS.workdir, FLAGS.label_column, options)
     else:
+      if FLAGS.label_column:
+        overrides["task.label_column"] = FLAGS.label_column
       config = finetune_config(task_config(overrides), FLAGS.pretrained)
       report = evaluate_task(config, FLAGS.workdir, options)
   except (KeyError, ValueError, FileNotFoundError) as e:

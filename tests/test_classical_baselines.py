@@ -19,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from biofm_jax.data.labels import few_shot_indices
 from biofm_jax.eval import classical as C
+from biofm_jax.modalities.ehr.baseline import CodeCountFeaturizer
 
 BACKGROUND_CODES = [f"ICD10/C{i:02d}" for i in range(30)] + [f"LAB/L{i:02d}" for i in range(20)]
 SIGNAL_GROUPS = [["ICD10/C03", "LAB/L07", "ICD10/C11"], ["ICD10/C20", "LAB/L15", "LAB/L02"]]
@@ -53,7 +54,7 @@ def make_cohort(num_records: int, num_classes: int, seed: int) -> tuple[list[dic
 @pytest.fixture(scope="module")
 def binary_cohort():
   records, labels = make_cohort(400, 2, seed=0)
-  featurizer = C.CodeCountFeaturizer().fit(records[:NUM_TRAIN])
+  featurizer = CodeCountFeaturizer().fit(records[:NUM_TRAIN])
   return {"records": records, "featurizer": featurizer,
           "train_x": featurizer.transform(records[:NUM_TRAIN]), "train_y": labels[:NUM_TRAIN],
           "test_x": featurizer.transform(records[NUM_TRAIN:]), "test_y": labels[NUM_TRAIN:]}
@@ -77,14 +78,14 @@ def test_min_count_keeps_codes_seen_often_enough(binary_cohort):
   train = binary_cohort["records"][:NUM_TRAIN]
   totals = Counter(np.concatenate([r["codes"] for r in train]))
   threshold = sorted(totals.values())[len(totals) // 2]
-  featurizer = C.CodeCountFeaturizer(min_count=threshold).fit(train)
+  featurizer = CodeCountFeaturizer(min_count=threshold).fit(train)
   assert featurizer.feature_names == sorted(code for code, n in totals.items() if n >= threshold)
   assert featurizer.transform(train).shape == (NUM_TRAIN, len(featurizer.feature_names))
 
 
 def test_transform_before_fit_is_an_error(binary_cohort):
   with pytest.raises(ValueError, match="not fitted"):
-    C.CodeCountFeaturizer().transform(binary_cohort["records"][:2])
+    CodeCountFeaturizer().transform(binary_cohort["records"][:2])
 
 
 def test_logistic_matches_an_independent_sklearn_pipeline(binary_cohort):
@@ -110,7 +111,7 @@ def test_nonlinear_and_sparse_baselines_find_the_planted_signal(binary_cohort, m
 def test_multiclass_probabilities_cover_classes_absent_from_train(model):
   records, labels = make_cohort(400, 3, seed=1)
   labels = np.where(labels == 2, 3, labels)  # class 2 never occurs: its column must be zeros
-  featurizer = C.CodeCountFeaturizer().fit(records[:NUM_TRAIN])
+  featurizer = CodeCountFeaturizer().fit(records[:NUM_TRAIN])
   probs = C.fit_predict(model, "multiclass", featurizer.transform(records[:NUM_TRAIN]), labels[:NUM_TRAIN],
                         featurizer.transform(records[NUM_TRAIN:]))
   assert probs.shape == (100, 4)

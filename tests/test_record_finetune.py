@@ -19,6 +19,7 @@ import helpers
 from biofm_jax.config import load_config
 from biofm_jax.eval.finetuned import predict_finetuned, score_finetuned
 from biofm_jax.eval.model_card import fingerprint
+from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
 from biofm_jax.eval.predict_records import score_records
 from biofm_jax.export import export_run
 from biofm_jax.train.finetune import finetune, finetune_config, open_labeled_data
@@ -44,24 +45,31 @@ def mae_run(tmp_path_factory):
                   data__imaging__synthetic_subjects=300)
 
 
-def test_a_fine_tuned_mae_model_finds_the_planted_lesion_on_held_out_images(mae_run, tmp_path):
+@pytest.fixture(scope="module")
+def lesion_run(mae_run, tmp_path_factory):
+  """The MAE fine-tuned on the planted lesion: (config, workdir, training summary)."""
+  workdir = tmp_path_factory.mktemp("lesion")
   config = task_config(mae_run, task__label_column="lesion", train__num_steps=120)
+  return config, workdir / "full", finetune(config, workdir / "full")
+
+
+def test_a_fine_tuned_mae_model_finds_the_planted_lesion_on_held_out_images(lesion_run, tmp_path):
+  config, run, summary = lesion_run
   assert config.task.name == "lesion"
-  summary = finetune(config, tmp_path / "full")
-  scores = score_finetuned(tmp_path / "full", config)
+  scores = score_finetuned(run, config)
   # Seen: held-out AUROC 0.82 on 30 images (tuning 0.79), from a 100-step MAE.
   assert scores["held_out"]["auroc"] > 0.7 and scores["tuning"]["auroc"] > 0.7, scores
   assert summary["train/loss"] < 0.69  # below a head that has learnt nothing (log 2)
-  data, by_split = predict_finetuned(tmp_path / "full", config)
+  data, by_split = predict_finetuned(run, config)
   assert data.info.type == "binary" and data.modality == "imaging"
 
   # The fine-tuned model exports and runs without the library, as the library runs it.
-  exported, _, _ = helpers.export_and_compare_task_logits(tmp_path / "full", tmp_path / "export", "imaging")
+  exported, _, _ = helpers.export_and_compare_task_logits(run, tmp_path / "export", "imaging")
   assert exported.info["task"]["type"] == "binary" and exported.info["task"]["config"]["label_column"] == "lesion"
   # predict.py scores the image folder with the export alone, as the run scored each image.
   out = tmp_path / "predictions.parquet"
   result = subprocess.run([sys.executable, "experiments/predict.py", f"--exported={tmp_path / 'export'}",
-                           f"--records={tmp_path / 'full' / 'artifacts' / RAW_RECORDS['imaging']}", f"--out={out}"],
+                           f"--records={run / 'artifacts' / RAW_RECORDS['imaging']}", f"--out={out}"],
                           cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   table = pq.read_table(out).to_pydict()
@@ -71,6 +79,39 @@ def test_a_fine_tuned_mae_model_finds_the_planted_lesion_on_held_out_images(mae_
   rows = [row_of[key] for key in held_out.record_keys]
   np.testing.assert_allclose(np.asarray(table["predicted_boolean_probability"])[rows], by_split["held_out"], atol=1e-5)
   assert np.asarray(table["boolean_value"])[rows].tolist() == held_out.targets["label"].astype(bool).tolist()
+
+
+def test_the_lesion_report_sets_the_fine_tuned_model_beside_the_probe_the_raw_features_and_from_scratch(
+    lesion_run, tmp_path):
+  """A record model's report holds what an EHR report holds: the fine-tuned run as the model,
+  the linear probe, the modality's raw-feature baseline and the architecture trained from
+  scratch on the same labels, each with per-record predictions."""
+  config, run, _ = lesion_run
+  report = evaluate_task(config, tmp_path / "report", EvaluationOptions(
+      finetuned_workdir=str(run), from_scratch_steps=config.train.num_steps, few_shot_ks=(4, 16),
+      few_shot_seeds=(0,), bootstrap_samples=50))
+  assert report["model"]["name"] == "finetuned" and report["task"]["rows"]["held_out"] == 30
+  assert set(report["baselines"]) == {"probe", "logistic_intensity_features", "from_scratch"}
+  assert report["baselines"]["logistic_intensity_features"]["description"]["features"] == 76
+  held_out = {name: body["held_out"]["metrics"]["auroc"] for name, body in report["baselines"].items()}
+  held_out["finetuned"] = report["splits"]["held_out"]["metrics"]["auroc"]
+  assert held_out["finetuned"] == pytest.approx(score_finetuned(run, config)["held_out"]["auroc"], abs=1e-6)
+  print("lesion report, held-out AUROC:", held_out)
+  # Seen (30 held-out images): fine-tuned 0.82, probe 0.94, from scratch 0.99, intensity features 0.98. The planted lesion is a bright blob that
+  # first-order intensity statistics find directly, and 120 steps from scratch find it too:
+  # a 100-step tiny MAE does not help here (issue 31's target is not met at this scale).
+  assert held_out["logistic_intensity_features"] > 0.8 and min(held_out.values()) > 0.5, held_out
+  assert any("pre-training vs the same architecture from scratch" in line for line in report["summary"])
+  # Each model's predictions are keyed by the image, as fine-tuning wrote them.
+  data, by_split = predict_finetuned(run, config)
+  written = pq.read_table(tmp_path / "report" / "predictions" / "finetuned" / "held_out.parquet").to_pydict()
+  # (the key is the file as each run's data module resolved it: the report regenerated the
+  # synthetic images in its own folder, so compare the part below that folder)
+  below = lambda keys: [str(k).split("synthetic_imaging/", 1)[1] for k in keys]  # noqa: E731
+  assert below(written["record_key"]) == below(data.split_labels("held_out").record_keys)
+  np.testing.assert_allclose(written["predicted_boolean_probability"], by_split["held_out"], atol=1e-6)
+  for name in report["baselines"]:
+    assert pq.read_table(tmp_path / "report" / "predictions" / name / "held_out.parquet").num_rows == 30
 
 
 def test_frozen_record_fine_tuning_trains_only_the_head(mae_run, tmp_path):

@@ -171,6 +171,9 @@ class AttachTargets(grain.transforms.Map):
     return {**element["record"], batch.TASK: task_targets(element["targets"], self.info)}
 
 
+AVAILABILITY = "modalities"  # a joined subject's subgroup column: the modalities it brings, "ehr+imaging"
+
+
 class RecordTaskData(DataModuleDefaults):
   """A labelled task over a record modality's data module, or over the multimodal join of a
   patient's modalities, as the loop and evaluations see it."""
@@ -286,8 +289,14 @@ class RecordTaskData(DataModuleDefaults):
     return self.data.model_info()
 
   def covariates(self, split: str, subgroup_codes: Any = None) -> dict[str, np.ndarray]:
-    del split, subgroup_codes  # records carry no subgroup columns yet
-    return {}
+    """Subgroup columns of `split`'s rows: over a join, the modalities each subject brings
+    (`AVAILABILITY`, e.g. "ehr+imaging"); records carry none yet."""
+    del subgroup_codes
+    source = self.source(split)
+    if not hasattr(self.data, "join"):
+      return {}
+    joined = self.data.source(split)
+    return {AVAILABILITY: np.asarray(["+".join(sorted(joined[int(i)]["records"])) for i in source.items], object)}
 
   def summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {f"labels_{s}": len(labels) for s, labels in self._labels.items()}

@@ -3,9 +3,10 @@
 Simple models match biomedical foundation models on their own benchmarks (EHRSHOT:
 count-of-codes features with logistic regression or gradient boosting vs CLMBR; L1
 logistic regression on expression vs scGPT on cell-type annotation), so a report
-without them cannot say what pre-training bought. This module owns:
+without them cannot say what pre-training bought. Each modality's features for them come
+from its own folder (its registry row's `baseline`: EHR's count-of-codes features are
+`modalities/ehr/baseline.py`). This module owns:
 
-- `CodeCountFeaturizer`: EHRSHOT's count-of-codes features for EHR records.
 - `fit_predict`: the baseline models (`MODELS`) for binary, multiclass, regression
   and survival labels, returning test predictions in one format per task.
 - `few_shot_sweep`: k labelled examples per class (`data/labels.few_shot_indices`) over several
@@ -51,50 +52,6 @@ GBM_MAX_ITER = 200
 GBM_LEARNING_RATE = 0.05
 GBM_MIN_SAMPLES_LEAF = 20  # sklearn's default, used once the training set is large enough
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-class CodeCountFeaturizer:
-  """Per-record counts of each code of the training vocabulary (times and values ignored)."""
-
-  def __init__(self, min_count: int = 1):
-    self.min_count = min_count
-    self._vocab: np.ndarray | None = None
-
-  @property
-  def feature_names(self) -> list[str]:
-    return list(self._fitted_vocab())
-
-  def fit(self, records: Sequence[Mapping]) -> CodeCountFeaturizer:
-    """Learn the sorted codes seen at least `min_count` times over all `records`."""
-    codes, counts = np.unique(_all_codes(records), return_counts=True)
-    self._vocab = codes[counts >= self.min_count]
-    return self
-
-  def transform(self, records: Sequence[Mapping]) -> sp.csr_matrix:
-    """[N, V] float32 code counts; codes outside the vocabulary are ignored."""
-    vocab = self._fitted_vocab()
-    codes = _all_codes(records)
-    rows = np.repeat(np.arange(len(records)), [len(r["codes"]) for r in records])
-    cols = np.searchsorted(vocab, codes)
-    known = cols < len(vocab)
-    known[known] = vocab[cols[known]] == codes[known]
-    counts = sp.coo_matrix((np.ones(known.sum(), np.float32), (rows[known], cols[known])),
-                           shape=(len(records), len(vocab)))
-    return counts.tocsr()  # sums the duplicate (record, code) entries into counts
-
-  def fit_transform(self, records: Sequence[Mapping]) -> sp.csr_matrix:
-    return self.fit(records).transform(records)
-
-  def _fitted_vocab(self) -> np.ndarray:
-    if self._vocab is None:
-      raise ValueError("CodeCountFeaturizer is not fitted; call fit(records) first")
-    return self._vocab
-
-
-def _all_codes(records: Sequence[Mapping]) -> np.ndarray:
-  """Every code of every record, as a fixed-width string array (fast sort and search)."""
-  parts = [np.asarray(r["codes"], dtype=str) for r in records]
-  return np.concatenate(parts) if parts else np.array([], dtype=str)
 
 
 def fit_predict(model: str, task_type: str, train_x, train_y, test_x, *, seed: int = 0,

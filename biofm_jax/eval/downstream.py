@@ -4,11 +4,14 @@
   * the foundation model: a linear probe on its frozen embeddings (the standard quick
     measure), or a fine-tuned run of it (`finetuned_workdir`), with the probe then listed
     among the comparisons;
-  * classical baselines on count-of-codes features of the same histories (EHRSHOT's):
-    logistic regression and gradient boosting (`classical.py`);
+  * classical baselines on the same rows, by what the labels are (`raw_baselines.py`):
+    count-of-codes logistic regression and gradient boosting for EHR label rows (EHRSHOT's),
+    the modality's raw-feature baseline for a record label column, HAIM's concatenated
+    features with missingness indicators and gradient boosting for a fused model;
   * the same architecture trained from scratch on the same labels (`from_scratch_steps`);
   * a few-shot sweep (k labels per class, several seeds) of the probe and the count baselines;
-and writes the report (`report.py`): metrics per split, bootstrap intervals, subgroups,
+and writes the report (`report.py`): metrics per split, bootstrap intervals, subgroups (for
+a fused model always also per availability pattern, `modalities`),
 curves, and summary lines that say whether and by how much pre-training helps; and every
 model's per-row predictions in meds-evaluation's schema (`prediction_files.py`).
 
@@ -29,7 +32,9 @@ import numpy as np
 
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.ehr.task_data import SUBGROUP_CODE_PREFIXES, UNKNOWN
-from biofm_jax.eval import classical, metrics, prediction_files, report as report_lib
+from biofm_jax.data.record_task import AVAILABILITY
+from biofm_jax.eval import classical, metrics, prediction_files, raw_baselines, report as report_lib
+from biofm_jax.eval.raw_baselines import COUNT_GBM, COUNT_LOGISTIC, HAIM  # noqa: F401 (report names)
 from biofm_jax.eval import finetuned as finetuned_lib
 from biofm_jax.eval import zero_shot
 from biofm_jax.train import finetune
@@ -38,7 +43,7 @@ from biofm_jax.train.embed import embed_split
 
 log = logging.getLogger("biofm_jax")
 # Model names: report.json's keys and the predictions/<model>/ folders.
-PROBE, COUNT_LOGISTIC, COUNT_GBM, SCRATCH, FINETUNED = "probe", "count_lr", "count_gbm", "from_scratch", "finetuned"
+PROBE, SCRATCH, FINETUNED = "probe", "from_scratch", "finetuned"  # and raw_baselines' names
 ZERO_SHOT = "zero_shot"
 DEFAULT_SUBGROUPS = ("sex", "age_band", "race", "ethnicity")
 
@@ -111,8 +116,8 @@ def _finetuned_scores(workdir, splits, expected) -> tuple[dict[str, np.ndarray],
                      f"a {expected.info.type} task; evaluate with that run's task config")
   for split in splits:
     ours, theirs = data.split_labels(split), expected.split_labels(split)
-    if not (np.array_equal(ours.subject_ids, theirs.subject_ids)
-            and np.array_equal(ours.prediction_times, theirs.prediction_times)):
+    if not (np.array_equal(ours.subject_ids, theirs.subject_ids)  # NaT (subject-level rows) equals NaT
+            and np.array_equal(ours.prediction_times, theirs.prediction_times, equal_nan=True)):
       raise ValueError(f"the run in {workdir} was fine-tuned on other {split} label rows ({ours.path}) than the "
                        f"evaluation's ({theirs.path}); use the same labels")
   scores = {s: finetuned_lib.predict_split(setup, params, data, s, batch_size=config.data.batch_size)[0] for s in splits}
@@ -214,6 +219,9 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   labels = {s: data.split_labels(s) for s in ("train",) + splits}
   targets = {s: labels[s].metric_targets() for s in splits}
   covariates = {s: data.covariates(s, dict(options.subgroup_codes)) for s in splits}
+  if AVAILABILITY in covariates[splits[-1]] and AVAILABILITY not in options.subgroups:
+    # A fused model's results per availability pattern (EHR only, EHR + imaging, ...) are always reported.
+    options = dataclasses.replace(options, subgroups=options.subgroups + (AVAILABILITY,))
   _check_subgroups(options, covariates[splits[-1]])
   undefined = warn_undefined_metrics(config.task.name, info, targets)  # before the models are scored
   train_y = classical_targets(labels["train"], info)
@@ -223,15 +231,13 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   scores: dict[str, dict[str, np.ndarray]] = {
       PROBE: {s: fit_predict_task("logistic", info, embeddings["train"], train_y, embeddings[s], options.seed)
               for s in splits}}
-  featurizer = classical.CodeCountFeaturizer().fit(data.records("train"))
-  counts = {s: featurizer.transform(data.records(s)) for s in ("train",) + splits}
-  for name, model in ((COUNT_LOGISTIC, "logistic"), (COUNT_GBM, "gbm")):
-    if info.type == "multilabel" or info.type in classical.SUPPORTED_TASKS[model]:
-      scores[name] = {s: fit_predict_task(model, info, counts["train"], train_y, counts[s], options.seed) for s in splits}
-  descriptions = {PROBE: {"method": "logistic/ridge/Cox regression on frozen pooled embeddings"},
-                  COUNT_LOGISTIC: {"method": "count-of-codes features, L2 logistic regression (EHRSHOT)",
-                                   "features": len(featurizer.feature_names)},
-                  COUNT_GBM: {"method": "count-of-codes features, gradient boosting (EHRSHOT)"}}
+  descriptions = {PROBE: {"method": "logistic/ridge/Cox regression on frozen pooled embeddings"}}
+  classical_baselines = {name: b for name, b in raw_baselines.baselines(data, ("train",) + splits).items()
+                         if info.type == "multilabel" or info.type in classical.SUPPORTED_TASKS[b.model]}
+  for name, b in classical_baselines.items():
+    scores[name] = {s: fit_predict_task(b.model, info, b.features["train"], train_y, b.features[s], options.seed)
+                    for s in splits}
+    descriptions[name] = b.description
   if options.from_scratch_steps:
     log.info("evaluation: training the architecture from scratch for %d steps", options.from_scratch_steps)
     scratch_dir = train_from_scratch(config, out_dir / "from_scratch", options.from_scratch_steps)
@@ -250,8 +256,8 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
     main_method = FINETUNED
     scores[main_method], descriptions[main_method] = _finetuned_scores(options.finetuned_workdir, splits, data)
   few_shot = {PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
-              COUNT_LOGISTIC: (counts["train"], counts["held_out"], "logistic"),
-              COUNT_GBM: (counts["train"], counts["held_out"], "gbm")} if "held_out" in splits else {}
+              **{name: (b.features["train"], b.features["held_out"], b.model)
+                 for name, b in classical_baselines.items()}} if "held_out" in splits else {}
   model = {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]}
   row_ids = {s: prediction_files.label_row_ids(labels[s]) for s in splits}
   return write_evaluation(out_dir, task_description(config, data), model, info, scores, descriptions, targets,

@@ -34,14 +34,13 @@ from biofm_jax.data import pipeline
 from biofm_jax.data.artifacts import copy_regular_files
 from biofm_jax.data.labels import read_labels
 from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.data.record_task import AVAILABILITY
 from biofm_jax.eval import prediction_files
 from biofm_jax.eval.exported_task import exported_task, labels_have_targets
 from biofm_jax.eval.predict_records import Rows, every_split
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.modalities import registry
 from biofm_jax.objectives.supervised import predictions as task_predictions
-
-AVAILABILITY = "modalities"  # the predictions column naming the modalities a subject brought
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,9 @@ splits and labels:
   ecg      logistic regression on RR-interval irregularity and lead amplitudes
 plus a few-shot sweep of both. The report is written as for EHR tasks (`downstream.py`).
 Records fine-tune on the same columns (`data/record_task.py`, `experiments/finetune.py
---config.task.label_column=...`); the fine-tuned model and the from-scratch baseline are not
-in these reports yet.
+--config.task.label_column=...`); the report with the fine-tuned model and the from-scratch
+baseline beside these is `downstream.evaluate_task`'s, whose raw-feature baseline is the
+same (`raw_baselines.py`).
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ log = logging.getLogger("biofm_jax")
 
 def raw_features(data, splits) -> dict[str, Any]:
   """{split: the modality's raw features for its registered classical baseline}."""
-  baseline = registry.get(data.name).baseline
-  if baseline is None:
+  row = registry.get(data.name)
+  if row.baseline is None or row.labeled is not None:
     raise ValueError(f"record labels are evaluated for modalities with a raw-feature baseline "
-                     f"({[m.name for m in registry.MODALITIES.values() if m.baseline]}); this run's data is "
-                     f"{data.name!r} (for EHR, give a MEDS labels file)")
+                     f"({[m.name for m in registry.MODALITIES.values() if m.baseline and m.labeled is None]}); this "
+                     f"run's data is {data.name!r} (for EHR, give a MEDS labels file)")
+  baseline = row.baseline
   return {s: baseline.features(data.source("train"), data.source(s)) for s in splits}
 
 

@@ -53,6 +53,7 @@ from biofm_jax.modalities.ecg import baseline as ecg_baseline
 from biofm_jax.modalities.ecg import data as ecg_data
 from biofm_jax.modalities.ecg import model as ecg_model
 from biofm_jax.modalities.ecg.mae import ECGReconstruction
+from biofm_jax.modalities.ehr import baseline as ehr_baseline
 from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr import model as ehr_model
 from biofm_jax.modalities.ehr import task_data as ehr_task_data
@@ -124,7 +125,8 @@ ReferenceLosses = Callable[..., dict[str, float]]  # (data module, config, train
 
 @dataclasses.dataclass(frozen=True)
 class RawBaseline:
-  """A classical model on a modality's raw features, for record-label reports."""
+  """A classical model on a modality's raw features, for record-label reports (and its features, per
+  subject, in the fused model's HAIM baseline: `eval/raw_baselines.py`)."""
   name: str  # the report's name for it
   model: str  # `eval/classical.fit_predict`'s model name
   description: str
@@ -185,7 +187,9 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in (
              sizing=_ehr_sizing,
              reference_losses=ehr_unigram.reference_losses,
              artifacts=(ehr_vocab.VOCAB_FILENAME, tte_targets.TASKS_FILENAME),
-             labeled=ehr_task_data.open_labeled_ehr),
+             labeled=ehr_task_data.open_labeled_ehr,
+             baseline=RawBaseline("count_lr", "logistic", "count-of-codes features, L2 logistic regression (EHRSHOT)",
+                                  ehr_baseline.code_count_features)),
     Modality("imaging", imaging_data.ImagingData.from_config, imaging_model.model_modality,
              {"mae": MaskedAutoencoding},
              sizing=_imaging_sizing,

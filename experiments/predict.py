@@ -14,8 +14,10 @@ subjects: `--records` names each modality's raw records as `modality=path` pairs
 data module with the export's data config and artifacts and joined by subject
 (`eval/predict_subjects.py`); a subject lacking a modality, or a modality not given at all,
 is scored from what it has. One row per subject, keyed by `subject_id`, with the modalities
-it brought (`modalities`); `--labels` (optional: `subject_id`, and the outcome when known)
-limits the rows to its subjects and writes the outcome beside the prediction.
+it brought (`modalities`); `--labels` (optional: `subject_id`, a `prediction_time` when the
+model was fine-tuned with one, and the outcome when known) limits the rows to its rows and
+writes the outcome beside the prediction; a row with a time reads each subject's EHR only
+up to it, as fine-tuning did.
 
 A model fine-tuned on a record modality's label column (images, ECGs, cells, sequences,
 table rows) scores `--records`: what that modality's `data.<modality>.path` takes (an image
@@ -107,8 +109,9 @@ def score_subjects():
     cli.fail(f"{e}")
   print(f"scored {scored.scored} of {scored.subjects} subjects -> {path}")
   print("  by the modalities each brought: " + ", ".join(f"{p} {n}" for p, n in scored.by_pattern.items()))
-  if scored.unknown_subjects:
-    print(f"  dropped: {scored.unknown_subjects} label rows of subjects no given record has")
+  if scored.unknown_subjects or scored.nothing_before:
+    print(f"  dropped: {scored.unknown_subjects} label rows of subjects no given record has, "
+          f"{scored.nothing_before} with nothing to read before their prediction_time")
 
 
 def score_records():

@@ -144,13 +144,14 @@ def test_an_exported_fused_model_scores_each_subject_from_the_raw_files_of_whate
     score_records(export_dir, files["tabular"])
   with pytest.raises(ValueError, match="a fused model takes modality=path pairs"):
     parse_records("ehr=/a,imaging")
-  timed = write_subject_labels(tmp_path / "timed.parquet", truth.index[:3], [True, False, True],
-                               prediction_time=pa.array(np.full(3, np.datetime64("2020-01-01", "us"))))
-  with pytest.raises(ValueError, match="row 0 has a prediction_time; a fused model scores subject-level rows"):
-    score_subjects(export_dir, files, labels=timed)
+  mixed = write_subject_labels(tmp_path / "mixed.parquet", truth.index[:2], [True, False],
+                               prediction_time=pa.array([np.datetime64("2020-01-01", "us"), None]))
+  with pytest.raises(ValueError, match=r"mixed.parquet: column 'prediction_time' is null in row 1 \(subject_id"):
+    score_subjects(export_dir, files, labels=mixed)
   strangers = write_subject_labels(tmp_path / "strangers.parquet", [truth.index[0], 999_999_999], [True, False])
   assert score_subjects(export_dir, files, labels=strangers).unknown_subjects == 1
-  with pytest.raises(ValueError, match="1 of 2 rows name subjects no given record has; first: row 1, subject_id 999999999"):
+  with pytest.raises(ValueError, match=r"1 of 2 rows cannot be scored \(1 name subjects no given record has, 0 "
+                                       r"have nothing before their prediction_time\); first: row 1, subject_id 999999999"):
     score_subjects(export_dir, files, labels=strangers, strict_labels=True)
 
 
@@ -192,7 +193,7 @@ def test_haim_features_are_each_modality_s_raw_features_with_an_absent_indicator
   assert features.shape == (len(items), sum(widths.values()) + len(widths))
   start = 0
   for m, width in widths.items():
-    present = np.asarray([bool(joined.source("train")[int(i)]["records"].get(m)) for i in items])
+    present = np.asarray([bool(data.source("train").view[int(i)]["records"].get(m)) for i in items])
     assert 0 < present.sum() < len(items), m
     assert features[:, start + width].tolist() == (~present).astype(float).tolist(), m
     block = features[:, start:start + width]
@@ -202,6 +203,88 @@ def test_haim_features_are_each_modality_s_raw_features_with_an_absent_indicator
     start += width + 1
 
 
+def apply(transforms, x):
+  """`x` through grain transforms, as an evaluation pipeline applies them (its seed: 0)."""
+  import grain
+  for t in transforms:
+    x = t.random_map(x, np.random.default_rng(0)) if isinstance(t, grain.transforms.RandomMap) else t.map(x)
+  return x
+
+
+def ehr_spans(data) -> dict[int, tuple[np.datetime64, np.datetime64]]:
+  """{subject_id: (first, last) timed EHR event} over every split of a fused run's EHR part."""
+  ehr, spans = data.data.modules["ehr"], {}
+  for split in ("train", "tuning", "held_out"):
+    source = ehr.source(split)
+    for i, subject in enumerate(source.subject_ids):
+      times = source[i]["times"]
+      times = times[~np.isnat(times)]
+      if len(times):
+        spans[int(subject)] = (times.min(), times.max())
+  return spans
+
+
+def test_timed_labels_cut_each_subject_s_ehr_at_its_prediction_time_and_serve_the_same_way(fused_run, tmp_path):
+  """A labels table with a prediction_time per row: the fused model reads each subject's EHR
+  only up to that time (as EHR fine-tuning does) and every other modality whole; a subject
+  whose EHR starts after the time is scored without it, one with nothing else is dropped."""
+  truth = latents(fused_run).set_index("subject_id")
+  untimed = task_config(fused_run, write_subject_labels(tmp_path / "plain.parquet", truth.index, truth["outcome"]))
+  spans = ehr_spans(open_labeled_data(untimed, tmp_path / "plain"))
+  ehr_only = [s for s in truth.index if truth.loc[s, "has_ehr"] and not truth.loc[
+      s, ["has_imaging", "has_omics", "has_tabular"]].astype(bool).any()]
+  with_others = [s for s in spans if s not in ehr_only]
+  early = {ehr_only[0], with_others[0]}  # a time before their first EHR event
+  times = [spans[s][0] - np.timedelta64(1, "D") if s in early else
+           spans[s][0] + (spans[s][1] - spans[s][0]) // 2 if s in spans else np.datetime64("2020-01-01", "us")
+           for s in truth.index]
+  labels = write_subject_labels(tmp_path / "timed.parquet", truth.index, truth["outcome"],
+                                prediction_time=pa.array(np.asarray(times, "datetime64[us]")))
+  config = task_config(fused_run, labels, train__num_steps=4, train__eval_every=4, checkpoint__every_steps=4)
+  data = open_labeled_data(config, tmp_path / "a")
+  assert data.cut == "inclusive" and data.dropped == {"subjects_in_no_split": 0,
+                                                       "rows_with_nothing_before_prediction_time": 1}
+  ehr = data.data.modules["ehr"]
+  tokenize = ehr.transforms(train=False, mask=False)
+  cut_somewhere = 0
+  for split in ("tuning", "held_out"):
+    rows, source = data.split_labels(split), data.source(split)
+    patterns = data.covariates(split)["modalities"]
+    ehr_source = ehr.source(split)
+    position = {int(s): i for i, s in enumerate(ehr_source.subject_ids)}
+    for i in range(len(rows)):
+      subject, time = int(rows.subject_ids[i]), rows.prediction_times[i]
+      example = apply(data.data.transforms(train=False, mask=False), source[i]["record"])
+      if subject in early or subject not in spans:
+        assert "ehr" not in patterns[i].split("+") and not example["ehr"]["present"], subject
+        continue
+      # The EHR part is the EHR module's own example of the record cut at the row's time.
+      record = ehr_source.record_until(position[subject], time, inclusive=True)
+      expected = apply(tokenize, record)
+      for name, value in expected["ehr"].items():
+        np.testing.assert_array_equal(example["ehr"][name], value, err_msg=f"{subject} {name}")
+      cut_somewhere += len(record["times"]) < len(ehr_source[position[subject]]["times"])
+  assert cut_somewhere > 10
+
+  # Fine-tuned on these rows and exported, the model scores the same rows from the raw files alike.
+  finetune(config, tmp_path / "ft")
+  data, predicted = predict_finetuned(tmp_path / "ft", config)
+  export_dir, _ = export_run(tmp_path / "ft", tmp_path / "export")
+  assert json.loads((export_dir / "export.json").read_text())["task"]["prediction_time_cut"] == "inclusive"
+  files = {m: str(p) for m, p in cohort_paths(next((fused_run / "artifacts").rglob("cohort.json")).parent).items()}
+  scored = score_subjects(export_dir, files, labels=labels)
+  assert scored.nothing_before == 1 and scored.scored == len(truth) - 1
+  table = scored.table.to_pandas()
+  assert table["prediction_time"].notna().all()
+  row_of = {s: i for i, s in enumerate(table["subject_id"])}
+  for split in ("tuning", "held_out"):
+    index = [row_of[s] for s in data.split_labels(split).subject_ids]
+    np.testing.assert_allclose(table["predicted_boolean_probability"].to_numpy()[index], predicted[split], atol=1e-5)
+  with pytest.raises(ValueError, match=r"1 of 400 rows cannot be scored \(0 name subjects no given record has, 1 "
+                                       r"have nothing before their prediction_time\)"):
+    score_subjects(export_dir, files, labels=labels, strict_labels=True)
+
+
 def test_subject_labels_the_join_cannot_use_are_one_line_errors(fused_run, tmp_path):
   truth = latents(fused_run)
   ids = truth["subject_id"].to_numpy()
@@ -209,10 +292,11 @@ def test_subject_labels_the_join_cannot_use_are_one_line_errors(fused_run, tmp_p
                                np.zeros(len(ids) + 1, bool))
   with pytest.raises(ValueError, match=rf"subject_id {ids[0]} has 2 rows; subject-level labels take one row"):
     open_labeled_data(task_config(fused_run, twice), tmp_path / "a")
-  timed = write_subject_labels(tmp_path / "timed.parquet", ids, truth["outcome"],
-                               prediction_time=pa.array(np.full(len(ids), np.datetime64("2020-01-01", "us"))))
-  with pytest.raises(ValueError, match="row 0 has a prediction_time; subject-level labels over multimodal data"):
-    open_labeled_data(task_config(fused_run, timed), tmp_path / "b")
+  same_time = write_subject_labels(tmp_path / "same_time.parquet", np.concatenate([ids[:2], ids[:1]]),
+                                   [True, False, True],
+                                   prediction_time=pa.array(np.full(3, np.datetime64("2020-01-01", "us"))))
+  with pytest.raises(ValueError, match=rf"rows 0 and 2 have the same subject_id {ids[0]} and prediction_time"):
+    open_labeled_data(task_config(fused_run, same_time), tmp_path / "b")
   with pytest.raises(ValueError, match="config.task.labels is empty: a fused model is fine-tuned on a labels table"):
     open_labeled_data(task_config(fused_run, ""), tmp_path / "c")
   one_class = write_subject_labels(tmp_path / "one_class.parquet", ids, np.zeros(len(ids), bool))

@@ -15,6 +15,9 @@ modality's `batch.padding_example`, PRESENT False.
 
   train: JoinModalities -> ModalityDropout        eval: JoinModalities
 
+A labelled item may carry a prediction time (`subject_labels.py`): each timed modality's
+record (EHR's) is then cut there, as EHR fine-tuning cuts it.
+
 Randomness: JoinModalities draws one root from the example's generator (seeded by Grain
 per stream position); modality m's record choice and its k-th random transform use
 `default_rng([root, name_key(m), k])`, so adding a modality or a transform elsewhere
@@ -54,6 +57,10 @@ from biofm_jax.data.sources.splits import STANDARD_SPLITS
 from biofm_jax.data.sources.indexing import checked_index
 
 SAMPLING = ("uniform", "balanced")
+# What a labelled item may add (`subject_labels.TimedItems`): the row's prediction time, at
+# which each timed modality's record (one whose source has `record_until`: EHR) is cut, and
+# whether events at that time are kept.
+PREDICTION_TIME, INCLUSIVE = "prediction_time", "inclusive"
 BATCHING = ("mixed", "by_pattern")
 
 log = logging.getLogger(__name__)
@@ -180,7 +187,12 @@ class JoinModalities(grain.transforms.RandomMap):
     pick = int(generator(0).integers(len(records))) if self.train and len(records) > 1 else 0
     where = (f"multimodal example (subject {item['subject_id']!r}), {m} record "
              f"{records[pick]} of split {item['split']!r}")
-    x = self.sources[item["split"]][m][int(records[pick])]
+    source = self.sources[item["split"]][m]
+    time = item.get(PREDICTION_TIME)
+    if time is not None and hasattr(source, "record_until"):  # what a label row at that time may use
+      x = source.record_until(int(records[pick]), time, inclusive=bool(item.get(INCLUSIVE, True)))
+    else:
+      x = source[int(records[pick])]
     if isinstance(x, Mapping) and x.get(REPLACED):  # another subject's record stands in: absent here
       return absent_example(self.specs[m])
     for position, transform in enumerate(self.transforms[m]):

@@ -18,9 +18,10 @@ index in its split (`Labels.row_index`): a record modality has no MEDS predictio
 the predictions files say which record each row is.
 
 Over the multimodal join (the fused model), labels come from a table keyed by `subject_id`
-(`from_subject_labels`: `meds.LabelSchema` value columns, one row per subject, no prediction
-time yet), and each subject brings whichever modalities it has: a subject missing some
-still gets a prediction. Those rows keep their subject ids, and so do their predictions.
+(`from_subject_labels`: `meds.LabelSchema` value columns; one row per subject, or rows with
+a `prediction_time` at which each subject's EHR is cut, `subject_labels.py`), and each
+subject brings whichever modalities it has: a subject missing some still gets a
+prediction. Those rows keep their subject ids (and times), and so do their predictions.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import numpy as np
 from biofm_jax.data import batch
 from biofm_jax.data.labels import Labels, TaskInfo, check_classes_in_training, task_info, task_targets
 from biofm_jax.data.module import DataModuleDefaults, unmasked_train_spec
+from biofm_jax.data.subject_labels import TimedItems, match_subject_labels
 
 RECORD_TASK_TYPES = ("binary", "multiclass", "regression")
 
@@ -118,14 +120,14 @@ class LabeledRecords:
   "targets": label row i's}."""
 
   def __init__(self, source: Any, labels: Labels, items: np.ndarray):
-    self._source, self.labels, self.items = source, labels, np.asarray(items, np.int64)
+    self.view, self.labels, self.items = source, labels, np.asarray(items, np.int64)
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict:
     i = int(index)
-    return {"record": self._source[int(self.items[i])],
+    return {"record": self.view[int(self.items[i])],
             "targets": {k: v[i] for k, v in self.labels.targets.items()}}
 
 
@@ -177,12 +179,15 @@ AVAILABILITY = "modalities"  # a joined subject's subgroup column: the modalitie
 class RecordTaskData(DataModuleDefaults):
   """A labelled task over a record modality's data module, or over the multimodal join of a
   patient's modalities, as the loop and evaluations see it."""
-  cut = None  # records have no prediction time to cut their input at (EHR task data has one)
 
   def __init__(self, data: Any, labels: Mapping[str, Labels], items: Mapping[str, np.ndarray], *, label_name: str,
                embedding_output: tuple[str, ...], without_label: Mapping[str, int],
                dropped: Mapping[str, int] | None = None, num_time_bins: int = 8,
-               label_classes: tuple[float, ...] = ()):
+               label_classes: tuple[float, ...] = (), views: Mapping[str, Any] | None = None,
+               cut: str | None = None):
+    """`views`: per split, what `items` index instead of `data.source(split)` (labelled
+    subjects at their prediction times, `subject_labels.TimedItems`); `cut`: the rule those
+    times were applied with (None: the rows have none)."""
     if "train" not in labels or not len(labels["train"]):
       raise ValueError(f"{data.name} labels {label_name!r}: no labelled record in the training split")
     self.data, self.label_column, self.embedding_output = data, label_name, tuple(embedding_output)
@@ -190,7 +195,10 @@ class RecordTaskData(DataModuleDefaults):
     self.name = f"labeled_{data.name}"
     self.num_time_bins = num_time_bins
     self._labels = dict(labels)
-    self._sources = {s: LabeledRecords(data.source(s), rows, items[s]) for s, rows in self._labels.items()}
+    views = dict(views or {})
+    self._sources = {s: LabeledRecords(views[s] if s in views else data.source(s), rows, items[s])
+                     for s, rows in self._labels.items()}
+    self.cut = cut
     self.without_label = dict(without_label)  # records (subjects) of each split that no label row names
     self.dropped = dict(dropped or {})
     # The label column's values behind the class ids (classification over a record column),
@@ -214,45 +222,34 @@ class RecordTaskData(DataModuleDefaults):
                dropped={"records_of_a_class_not_in_training": sum(unseen.values())}, label_classes=classes)
 
   @classmethod
-  def from_subject_labels(cls, data: Any, labels: Labels, *, num_time_bins: int = 8) -> RecordTaskData:
-    """A labels table keyed by `subject_id` (one row per subject, `meds.LabelSchema`'s value
-    columns) over a source whose items are subjects: the multimodal join, where each subject
-    brings whichever modalities it has. Rows of subjects in no split are dropped and counted."""
-    if not np.isnat(labels.prediction_times).all():
-      row = int(np.flatnonzero(~np.isnat(labels.prediction_times))[0])
-      raise ValueError(f"labels {labels.path}: row {row} has a prediction_time; subject-level labels over "
-                       f"{data.name} data take one row per subject without one (cutting each subject's "
-                       f"EHR part at a prediction time is not built for joined modalities yet)")
-    ids, counts = np.unique(labels.subject_ids, return_counts=True)
-    if (counts > 1).any():
-      raise ValueError(f"labels {labels.path}: subject_id {int(ids[counts > 1][0])} has {int(counts.max())} rows; "
-                       f"subject-level labels take one row per subject")
-    # Subject ids compare as text: the join keeps each modality's ids as strings (MEDS's ints
-    # written in decimal, a manifest's own), the labels table holds MEDS's int64 ids.
-    row_of = {str(int(s)): i for i, s in enumerate(labels.subject_ids)}
-    by_split, items_of, without, matched = {}, {}, {}, 0
-    for split in splits_of(data):
-      first: dict[str, int] = {}  # a subject's first item (a balanced training order repeats subjects)
-      for item, subject in enumerate(data.source(split).subject_ids):
-        first.setdefault(str(subject), item)
-      keep = sorted((item, row_of[s]) for s, item in first.items() if s in row_of)
-      items = np.asarray([k[0] for k in keep], np.int64)
-      rows = np.asarray([k[1] for k in keep], np.int64)
-      matched += len(rows)
-      by_split[split], items_of[split] = labels.rows(rows), items  # rows keep their subject ids
-      without[split] = len(first) - len(rows)
+  def from_subject_labels(cls, data: Any, labels: Labels, *, num_time_bins: int = 8,
+                          cut: str = "inclusive") -> RecordTaskData:
+    """A labels table keyed by `subject_id` (`meds.LabelSchema`'s value columns; one row per
+    subject, or rows with a `prediction_time`) over the multimodal join, where each subject
+    brings whichever modalities it has and a timed row sees its EHR only up to its time
+    (`subject_labels.py`, by `cut`). Rows of subjects in no split, or with nothing before
+    their time, are dropped and counted."""
+    found, dropped = match_subject_labels(data, labels, splits_of(data), cut=cut)
+    timed = not np.isnat(labels.prediction_times).all()
+    by_split = {s: labels.rows(rows.rows) for s, rows in found.items()}  # rows keep their subject ids
+    views = {s: TimedItems(data.source(s), rows, cut) for s, rows in found.items()}
+    items = {s: np.arange(len(rows.items), dtype=np.int64) for s, rows in found.items()}
+    without = {}  # subjects of each split that no label row names
+    for s, rows in found.items():
+      subjects = np.asarray(data.source(s).subject_ids)
+      without[s] = len(set(subjects.tolist())) - len(set(subjects[rows.items].tolist()))
     embedding = ("fused", "embedding") if len(data.model_info()) > 1 else (data.name, "embedding")
-    return cls(data, by_split, items_of, label_name=str(labels.path), embedding_output=embedding,
-               without_label=without, dropped={"subjects_in_no_split": len(labels) - matched},
-               num_time_bins=num_time_bins)
+    return cls(data, by_split, items, label_name=str(labels.path), embedding_output=embedding,
+               without_label=without, dropped=dropped, num_time_bins=num_time_bins, views=views,
+               cut=cut if timed else None)
 
   def with_train_rows(self, rows: np.ndarray) -> RecordTaskData:
     """A copy whose training split keeps only `rows` (indices into it): few-shot training."""
     out = copy.copy(self)
     train = self._labels["train"].rows(rows)
     out._labels = {**self._labels, "train": train}
-    items = self._sources["train"].items[rows]
-    out._sources = {**self._sources, "train": LabeledRecords(self.data.source("train"), train, items)}
+    source = self._sources["train"]
+    out._sources = {**self._sources, "train": LabeledRecords(source.view, train, source.items[rows])}
     out.info = task_info(train, np.arange(len(train)), self.num_time_bins)
     return out
 
@@ -295,8 +292,9 @@ class RecordTaskData(DataModuleDefaults):
     source = self.source(split)
     if not hasattr(self.data, "join"):
       return {}
-    joined = self.data.source(split)
-    return {AVAILABILITY: np.asarray(["+".join(sorted(joined[int(i)]["records"])) for i in source.items], object)}
+    # As each row reads the subject (at its prediction time: an EHR with nothing before it is absent).
+    return {AVAILABILITY: np.asarray(["+".join(sorted(source.view[int(i)]["records"])) for i in source.items],
+                                     object)}
 
   def summary(self) -> dict[str, Any]:
     out: dict[str, Any] = {f"labels_{s}": len(labels) for s, labels in self._labels.items()}

@@ -13,10 +13,13 @@ expression profile) is scored from what it has: that modality enters the exporte
 as the join's own padding, marked absent. Predictions are keyed by `subject_id`, with the
 subject's availability pattern (`modalities`, e.g. "ehr+imaging") beside them.
 
-`labels` (optional) is a subject-keyed table (`subject_id`, and the task's outcome columns
-when known): only its subjects are scored, with the outcome beside the prediction; its
-subjects that no given record names are counted (`strict_labels`: an error naming the first).
-Without it, every joined subject is scored, in every split its records fall in.
+`labels` (optional) is a subject-keyed table (`subject_id`, a `prediction_time` when the
+model was fine-tuned with one, and the task's outcome columns when known): only its rows are
+scored, in its order, with the outcome beside the prediction; a row with a time reads each
+subject's EHR only up to it, by the export's cut (`data/subject_labels.py`, as fine-tuning
+read it). Rows whose subject no given record names, or with nothing to read before their
+time, are counted (`strict_labels`: an error naming the first). Without it, every joined
+subject is scored, in every split its records fall in.
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ from biofm_jax.data.artifacts import copy_regular_files
 from biofm_jax.data.labels import read_labels
 from biofm_jax.data.multimodal import MultimodalData
 from biofm_jax.data.record_task import AVAILABILITY
+from biofm_jax.data.subject_labels import TimedItems, match_subject_labels
 from biofm_jax.eval import prediction_files
 from biofm_jax.eval.exported_task import exported_task, labels_have_targets
-from biofm_jax.eval.predict_records import Rows, every_split
+from biofm_jax.eval.predict_records import every_split
 from biofm_jax.export_loader import ARTIFACTS_DIR, load_exported
 from biofm_jax.modalities import registry
 from biofm_jax.objectives.supervised import predictions as task_predictions
@@ -50,6 +54,7 @@ class ScoredSubjects:
   subjects: int  # subjects joined from the given records
   scored: int
   unknown_subjects: int  # label rows whose subject no given record names
+  nothing_before: int  # label rows with no given record to read at their prediction time
   by_pattern: dict[str, int]  # scored subjects per availability pattern
 
 
@@ -93,15 +98,10 @@ def _open_join(model: Any, directory: pathlib.Path, records: Mapping[str, str], 
   return MultimodalData(modules)
 
 
-def _subject_rows(join: MultimodalData, splits: list[str]) -> dict[str, dict[str, int]]:
-  """{split: {subject id: its item in the split's source}}."""
-  return {s: {str(subject): i for i, subject in enumerate(join.source(s).subject_ids)} for s in splits}
-
-
 def score_subjects(export_dir: str | pathlib.Path, records: Mapping[str, str | pathlib.Path], *,
                    labels: str | pathlib.Path | None = None, strict_labels: bool = False,
                    batch_size: int = 64) -> ScoredSubjects:
-  """Predictions of the exported fused model for every subject of `records` (or of `labels`)."""
+  """Predictions of the exported fused model for every subject of `records` (or every row of `labels`)."""
   directory = pathlib.Path(export_dir)
   model = load_exported(directory)
   info, task = exported_task(model, directory)
@@ -112,31 +112,31 @@ def score_subjects(export_dir: str | pathlib.Path, records: Mapping[str, str | p
   given = tuple(sorted(records))
   with_targets = labels is not None and labels_have_targets(labels, task)
   table_rows = read_labels(labels, task, with_targets=with_targets) if labels is not None else None
-  if table_rows is not None and not np.isnat(table_rows.prediction_times).all():
-    row = int(np.flatnonzero(~np.isnat(table_rows.prediction_times))[0])
-    raise ValueError(f"labels {table_rows.path}: row {row} has a prediction_time; a fused model scores "
-                     f"subject-level rows (subject_id, and the outcome when known), as it was fine-tuned")
+  cut = model.info["task"].get("prediction_time_cut") or "inclusive"
   with tempfile.TemporaryDirectory(prefix="biofm_predict_") as tmp:
     join = _open_join(model, directory, {m: str(records[m]) for m in given}, pathlib.Path(tmp))
     splits = every_split(join)
     if not splits:
       raise ValueError(f"{dict(records)}: no subject was found")
-    items = _subject_rows(join, splits)
-    subject_of = {split: {i: s for s, i in by_id.items()} for split, by_id in items.items()}
-    subjects = sum(len(v) for v in items.values())
-    # (split, item) of each row to score: the labels' rows in their order, else every subject.
+    subjects = sum(len(join.source(s)) for s in splits)
+    # Per split: what to read (at each label row's time) and each row's position in the output.
     if table_rows is not None:
-      where = {s: (split, i) for split in splits for s, i in items[split].items()}
-      located = [where.get(str(int(s))) for s in table_rows.subject_ids]
-      missing = [r for r, w in enumerate(located) if w is None]
-      if strict_labels and missing:
-        raise ValueError(f"labels {table_rows.path}: {len(missing)} of {len(table_rows)} rows name subjects no "
-                         f"given record has; first: row {missing[0]}, subject_id {table_rows.subject_ids[missing[0]]}")
-      kept = np.asarray([r for r, w in enumerate(located) if w is not None], np.int64)
-      plan = [located[r] for r in kept]
+      found, counts = match_subject_labels(join, table_rows, splits, cut=cut)
+      views = {s: TimedItems(join.source(s), rows, cut) for s, rows in found.items()}
+      positions = {s: rows.rows for s, rows in found.items()}
+      kept = np.sort(np.concatenate([rows.rows for rows in found.values()]))
+      missing = np.setdiff1d(np.arange(len(table_rows)), kept)
+      if strict_labels and len(missing):
+        raise ValueError(f"labels {table_rows.path}: {len(missing)} of {len(table_rows)} rows cannot be scored "
+                         f"({counts['subjects_in_no_split']} name subjects no given record has, "
+                         f"{counts['rows_with_nothing_before_prediction_time']} have nothing before their "
+                         f"prediction_time); first: row {missing[0]}, subject_id {table_rows.subject_ids[missing[0]]}")
     else:
-      plan = [(split, i) for split in splits for i in range(len(items[split]))]
-    if not plan:
+      views = {s: join.source(s) for s in splits}
+      starts = np.cumsum([0] + [len(views[s]) for s in splits])
+      positions = {s: np.arange(starts[k], starts[k + 1]) for k, s in enumerate(splits)}
+      kept, counts = np.arange(starts[-1]), {}
+    if not len(kept):
       raise ValueError(f"no subject to score: {subjects} joined from {sorted(records)}"
                        + (f", none of them among the {len(table_rows)} rows of {table_rows.path}"
                           if table_rows is not None else ""))
@@ -144,12 +144,11 @@ def score_subjects(export_dir: str | pathlib.Path, records: Mapping[str, str | p
     spec = join.embedding_spec()
     absent = {m: {name: (tuple(f["shape"]), np.dtype(f["dtype"])) for name, f in model.inputs[m].items()}
               for m in modalities if m not in given}
-    logits, patterns, order = [], [], []
+    logits, patterns, order, ids = [], [], [], []
     for split in splits:
-      positions = [k for k, (s, _) in enumerate(plan) if s == split]
-      if not positions:
+      view = views[split]
+      if not len(view):
         continue
-      view = Rows(join.source(split), np.asarray([plan[k][1] for k in positions], np.int64))
       dataset = pipeline.make_eval_dataset(view, transforms, global_batch_size=batch_size, seed=0, example_spec=spec)
       split_logits, split_patterns = [], []
       for b in pipeline.make_iterator(dataset):
@@ -159,25 +158,25 @@ def score_subjects(export_dir: str | pathlib.Path, records: Mapping[str, str | p
           inputs[m] = B.padding_example({name: ((size, *shape), dtype) for name, (shape, dtype) in fields.items()})
         split_logits.append(model(inputs))
         split_patterns += ["+".join(m for m in given if bool(b[m][B.PRESENT][i])) for i in range(size)]
-      logits.append(np.concatenate(split_logits)[:len(positions)])  # the last batch's padding dropped
-      patterns += split_patterns[:len(positions)]
-      order += positions
-  # Back in plan order (the labels' order, or split by split).
+      logits.append(np.concatenate(split_logits)[:len(view)])  # the last batch's padding dropped
+      patterns += split_patterns[:len(view)]
+      order += positions[split].tolist()
+      ids += [view[i]["subject_id"] for i in range(len(view))]
+  # In the labels' order (or split by split).
   back = np.argsort(np.asarray(order, np.int64), kind="stable")
   scores = task_predictions(info, np.concatenate(logits)[back])
-  patterns = [patterns[j] for j in back]
+  patterns, ids = [patterns[j] for j in back], [ids[j] for j in back]
   if table_rows is not None:
     rows = table_rows.rows(kept)
     row_ids = prediction_files.label_row_ids(rows)
     targets = rows.metric_targets() if with_targets else {}
   else:
-    row_ids = {prediction_files.SUBJECT_ID: _subject_id_column([subject_of[split][i] for split, i in plan])}
-    targets = {}
+    row_ids, targets = {prediction_files.SUBJECT_ID: _subject_id_column(ids)}, {}
   row_ids = {**row_ids, AVAILABILITY: np.asarray(patterns, object)}
   table = prediction_files.prediction_table(info.type, row_ids, targets, scores, info.classes)
-  counts = {p: patterns.count(p) for p in sorted(set(patterns))}
-  missing_count = len(table_rows) - len(kept) if table_rows is not None else 0
-  return ScoredSubjects(table, subjects, len(plan), missing_count, counts)
+  by_pattern = {p: patterns.count(p) for p in sorted(set(patterns))}
+  return ScoredSubjects(table, subjects, len(kept), counts.get("subjects_in_no_split", 0),
+                        counts.get("rows_with_nothing_before_prediction_time", 0), by_pattern)
 
 
 def _subject_id_column(ids: list[str]) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from biofm_jax.data.multimodal import MultimodalData
+from biofm_jax.data.multimodal import INCLUSIVE, PREDICTION_TIME, MultimodalData
 from biofm_jax.modalities import registry
 from biofm_jax.modalities.ehr.baseline import CodeCountFeaturizer
 
@@ -59,32 +59,62 @@ def baselines(data: Any, splits: Sequence[str]) -> dict[str, Baseline]:
 def haim_features(data: Any, splits: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """({split: [label rows, features]}, {modality: what it gave}) of a labelled multimodal join:
   per modality with a raw-feature baseline, its features of the subject's first record (what
-  evaluation reads), the training rows' mean where the subject lacks it, and a 0/1 column
-  saying it is absent."""
+  evaluation reads; a timed modality's cut at the row's prediction time), the training rows'
+  mean where the row lacks it, and a 0/1 column saying it is absent."""
   joined: MultimodalData = data.data
   blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
   parts = {}
+  # Each row's join item as the row reads it: at a prediction time, without what is absent then.
+  read = {s: [data.source(s).view[int(i)] for i in data.source(s).items] for s in splits}
   for m, module in joined.modules.items():
     raw = registry.get(m).baseline
     if raw is None:
       parts[m] = "left out: no raw-feature baseline"
       continue
-    train_source = module.source("train")
+    first = {s: [item["records"].get(m, ()) for item in read[s]] for s in splits}
+    present = {s: np.asarray([len(r) > 0 for r in first[s]], bool) for s in splits}
+    cut = {s: [(r[0], item.get(PREDICTION_TIME), item.get(INCLUSIVE, True)) for r, item in zip(first[s], read[s]) if r]
+           for s in splits}
+    timed = hasattr(module.source("train"), "record_until") and any(t is not None for _, t, _ in cut["train"])
+    if timed:  # a timed modality's features of each row's record cut at its time, as the model reads it
+      train_source = _CutRecords(module.source("train"), cut["train"])
+      values_of = {s: raw.features(train_source, _CutRecords(module.source(s), cut[s])) for s in splits}
+    else:
+      train_source = module.source("train")
+      values_of = {s: _rows(raw.features(train_source, module.source(s)), [r for r, _, _ in cut[s]]) for s in splits}
     per_split = {}
     for s in splits:
-      items = data.source(s).items
-      first = [joined.source(s)[int(i)]["records"].get(m, ()) for i in items]
-      present = np.asarray([len(r) > 0 for r in first], bool)
-      values = raw.features(train_source, module.source(s))
-      values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, np.float64)  # sparse counts
-      rows = np.full((len(items), values.shape[1]), np.nan)
-      rows[present] = values[[r[0] for r in first if r]]
-      per_split[s] = (rows, present)
+      values = _dense(values_of[s])
+      rows = np.full((len(read[s]), values.shape[1]), np.nan)
+      rows[present[s]] = values
+      per_split[s] = (rows, present[s])
     train_rows, train_present = per_split["train"]
     means = train_rows[train_present].mean(axis=0) if train_present.any() else np.zeros(train_rows.shape[1])
     for s, (rows, present) in per_split.items():
       blocks[s] += [np.where(np.isfinite(rows), rows, means), (~present).astype(np.float64)[:, None]]
-    parts[m] = f"{raw.description} ({train_rows.shape[1]} features) + absent indicator"
+    parts[m] = f"{raw.name}'s features ({train_rows.shape[1]}) + absent indicator"
   if not blocks[splits[0]]:
     raise ValueError(f"HAIM baseline: none of the joined modalities {list(joined.modules)} has raw features")
   return {s: np.concatenate(b, axis=1) for s, b in blocks.items()}, parts
+
+
+def _dense(values: Any) -> np.ndarray:
+  return np.asarray(values.toarray() if hasattr(values, "toarray") else values, np.float64)  # sparse counts
+
+
+def _rows(values: Any, records: list[int]) -> Any:
+  return values[np.asarray(records, np.int64)]
+
+
+class _CutRecords:
+  """Records of a timed source (EHR), one per (record, prediction time, inclusive): cut there."""
+
+  def __init__(self, source: Any, cuts: list[tuple[int, Any, bool]]):
+    self._source, self._cuts = source, cuts
+
+  def __len__(self) -> int:
+    return len(self._cuts)
+
+  def __getitem__(self, index: int) -> Any:
+    record, time, inclusive = self._cuts[int(index)]
+    return self._source[record] if time is None else self._source.record_until(record, time, inclusive=inclusive)

@@ -291,7 +291,8 @@ def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Pat
     joined = open_multimodal_data(config.data, objectives=config.objective, artifacts_dir=artifacts_dir,
                                   seed=config.seed)
     return RecordTaskData.from_subject_labels(joined, read_labels(config.task.labels, config.task),
-                                              num_time_bins=config.task.num_time_bins)
+                                              num_time_bins=config.task.num_time_bins,
+                                              cut=config.task.get("prediction_time_cut", "inclusive"))
   if len(modalities) != 1:
     raise ValueError(f"config.data must configure one of {sorted(MODALITIES)} or a 'multimodal' join; the "
                      f"pretrained run configures {sorted(config.data.keys())}")

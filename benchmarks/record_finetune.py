@@ -1,0 +1,107 @@
+"""Fine-tuning a record model with few labels, beside its linear probe, the same architecture
+trained from scratch and the modality's raw-feature baseline (issue 31's imaging target).
+
+  python benchmarks/record_finetune.py                                   # 2D lesion, 600 images
+  python benchmarks/record_finetune.py --spec=configs/imaging_mae3d.py:tiny --subjects=300
+  python benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib
+
+Pre-trains the tiny MAE of `--spec` on its synthetic records (`--subjects`, `--pretrain_steps`),
+then, for each k in `--ks` labels per class (0: every training label), on the same
+training rows: fine-tunes it fully (`--finetune_steps`), trains the same architecture from
+scratch for as many steps, fits a logistic probe on the frozen pre-trained embeddings and
+the modality's raw-feature baseline (`eval/raw_baselines.py`). Prints the held-out AUROC of
+each and writes them as JSON beside the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+QUIET = {"train.peak_flops_per_device": 1e9, "train.log_every": 100}
+
+
+def modality_of(spec: str) -> str:
+  from biofm_jax.config import load_config
+  from biofm_jax.modalities.registry import configured
+  return configured(load_config(f"{REPO}/{spec}", {}).data)[0]
+
+
+def pretrain(spec: str, workdir: pathlib.Path, subjects: int, steps: int) -> pathlib.Path:
+  from biofm_jax.config import load_config
+  from biofm_jax.train.loop import train_and_evaluate
+  if not (workdir / "checkpoints" / str(steps)).exists():
+    modality = modality_of(spec)
+    config = load_config(f"{REPO}/{spec}", {**QUIET, "train.num_steps": steps, "train.eval_every": 0,
+                                            "checkpoint.every_steps": steps,
+                                            f"data.{modality}.synthetic_subjects": subjects})
+    train_and_evaluate(config, workdir)
+  return workdir
+
+
+def task_config(pretrained: pathlib.Path, label: str, k: int, steps: int, init: str):
+  from biofm_jax.config import load_config
+  from biofm_jax.train.finetune import finetune_config
+  return finetune_config(load_config(f"{REPO}/configs/finetune.py:binary", {
+      **QUIET, "task.label_column": label, "finetune.train_labels_per_class": k, "finetune.init": init,
+      "train.num_steps": steps, "train.eval_every": steps, "checkpoint.every_steps": steps}), pretrained)
+
+
+def held_out_auroc(config, workdir: pathlib.Path) -> float:
+  from biofm_jax.eval.finetuned import score_finetuned
+  from biofm_jax.train.finetune import finetune
+  finetune(config, workdir)
+  return float(score_finetuned(workdir, config, splits=("held_out",))["held_out"]["auroc"])
+
+
+def classical_aurocs(config, workdir: pathlib.Path) -> dict[str, float]:
+  """The probe on frozen embeddings and the raw-feature baseline, on the run's training rows."""
+  from biofm_jax.eval import downstream, metrics, raw_baselines
+  from biofm_jax.train.finetune import open_labeled_data
+  data = open_labeled_data(config, workdir / "artifacts")
+  splits = ("train", "held_out")
+  train_y = downstream.classical_targets(data.split_labels("train"), data.info)
+  truth = data.split_labels("held_out").metric_targets()
+  embeddings = downstream.frozen_embeddings(config, data, splits)
+  out = {"probe": downstream.fit_predict_task("logistic", data.info, embeddings["train"], train_y,
+                                              embeddings["held_out"])}
+  for name, b in raw_baselines.baselines(data, splits).items():
+    out[name] = downstream.fit_predict_task(b.model, data.info, b.features["train"], train_y, b.features["held_out"])
+  return {name: float(metrics.task_metrics("binary", truth, scores)["auroc"]) for name, scores in out.items()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--spec", default="configs/imaging_mae.py:tiny")
+  parser.add_argument("--label", default="lesion")
+  parser.add_argument("--subjects", type=int, default=600)
+  parser.add_argument("--pretrain_steps", type=int, default=300)
+  parser.add_argument("--finetune_steps", type=int, default=120)
+  parser.add_argument("--ks", default="16,64,0", help="labels per class; 0 = every training label")
+  parser.add_argument("--workdir", default="", help="reuse runs here ('' = a temporary folder)")
+  args = parser.parse_args()
+  root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="record_finetune_"))
+  pretrained = pretrain(args.spec, root / "pretrained", args.subjects, args.pretrain_steps)
+  results = {}
+  for k in (int(x) for x in args.ks.split(",")):
+    row = {"finetuned": held_out_auroc(task_config(pretrained, args.label, k, args.finetune_steps, "pretrained"),
+                                       root / f"finetuned_k{k}"),
+           "from_scratch": held_out_auroc(task_config(pretrained, args.label, k, args.finetune_steps, "scratch"),
+                                          root / f"scratch_k{k}")}
+    row.update(classical_aurocs(task_config(pretrained, args.label, k, args.finetune_steps, "pretrained"),
+                                root / f"finetuned_k{k}"))
+    results["all" if k == 0 else f"k={k}"] = row
+    print(f"{args.label} held-out AUROC, {'all labels' if k == 0 else f'{k} labels per class'}: "
+          + ", ".join(f"{name} {value:.3f}" for name, value in row.items()), flush=True)
+  summary = {"spec": args.spec, "label": args.label, "subjects": args.subjects, "pretrain_steps": args.pretrain_steps,
+             "finetune_steps": args.finetune_steps, "held_out_auroc": results}
+  (root / "record_finetune.json").write_text(json.dumps(summary, indent=2))
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  main()

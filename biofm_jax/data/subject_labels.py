@@ -1,0 +1,119 @@
+"""Subject-keyed labels over the multimodal join: which joined subject each label row is, and
+what of it the row may use.
+
+A fused model's labels table has one row per subject (`subject_id` and the outcome), or rows
+with a `prediction_time` (`meds.LabelSchema`: a subject may have several, at different
+times). A row with a prediction time sees each *timed* modality (one whose source cuts a
+record at a time, `record_until`: EHR) only up to that time, by the task's cut ("inclusive":
+events at or before it, as MEDS defines; "strict": before it), exactly as EHR fine-tuning cuts
+its records; the other modalities (images, expression, tables carry no acquisition time
+here) are read whole. A timed modality with no event the cut keeps is absent from that
+row, and a row left with no modality at all is dropped and counted.
+
+`match_subject_labels` gives per split the label rows found there and, for each, the join
+item it reads and what `TimedItems` adds to that item: the prediction time, the cut and
+the modalities absent at that time. `JoinModalities` (`multimodal.py`) does the cutting.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from biofm_jax.data.multimodal import INCLUSIVE, PREDICTION_TIME
+
+CUTS = ("inclusive", "strict")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectRows:
+  """The label rows of one split: `rows` (indices into the labels), the join `items` they
+  read, their prediction times (NaT: none) and the timed modalities absent at that time."""
+  rows: np.ndarray
+  items: np.ndarray
+  times: np.ndarray
+  absent: tuple[tuple[str, ...], ...]
+
+
+def timed_modalities(joined: Any, split: str) -> dict[str, Any]:
+  """{modality: its source of `split`} for the joined modalities whose records have times."""
+  sources = {m: module.source(split) for m, module in joined.modules.items()}
+  return {m: s for m, s in sources.items() if hasattr(s, "record_until") and hasattr(s, "first_event_times")}
+
+
+def match_subject_labels(joined: Any, labels: Any, splits: Sequence[str], *, cut: str = "inclusive",
+                         ) -> tuple[dict[str, SubjectRows], dict[str, int]]:
+  """({split: its rows}, counts) of `labels` (`data/labels.Labels`) over the multimodal join
+  `joined`. Rows of subjects in no split, and timed rows with nothing to read before their
+  time, are counted, not matched."""
+  if cut not in CUTS:
+    raise ValueError(f"task.prediction_time_cut {cut!r}: expected one of {CUTS}")
+  times = np.asarray(labels.prediction_times, "datetime64[us]")
+  timed = ~np.isnat(times)  # all or none (`read_labels` refuses a null time in a prediction_time column)
+  keys = [str(int(s)) for s in labels.subject_ids]
+  if timed.any():
+    seen: dict[tuple[str, np.datetime64], int] = {}
+    for row, key in enumerate(zip(keys, times)):
+      if key in seen:
+        raise ValueError(f"labels {labels.path}: rows {seen[key]} and {row} have the same subject_id {key[0]} and "
+                         f"prediction_time {key[1]}")
+      seen[key] = row
+  else:
+    ids, counts = np.unique(labels.subject_ids, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"labels {labels.path}: subject_id {int(ids[counts > 1][0])} has {int(counts.max())} rows; "
+                       f"subject-level labels take one row per subject (or give each row a prediction_time)")
+  rows_of: dict[str, list[int]] = {}
+  for row, key in enumerate(keys):
+    rows_of.setdefault(key, []).append(row)
+  out, matched, nothing_before = {}, 0, 0
+  for split in splits:
+    source = joined.source(split)
+    first: dict[str, int] = {}  # a subject's first item (a balanced training order repeats subjects)
+    for item, subject in enumerate(source.subject_ids):
+      first.setdefault(str(subject), item)
+    pairs = sorted((item, row) for s, item in first.items() for row in rows_of.get(s, ()))
+    sources = timed_modalities(joined, split) if timed.any() else {}
+    keep, absent = [], []
+    for item, row in pairs:
+      present = source[item]["records"]
+      gone = tuple(m for m in sorted(sources) if m in present
+                   and not _has_history(sources[m], present[m][0], times[row], cut))
+      if len(gone) == len(present):
+        nothing_before += 1
+        continue
+      keep.append((item, row))
+      absent.append(gone)
+    matched += len(pairs)
+    items = np.asarray([k[0] for k in keep], np.int64)
+    rows = np.asarray([k[1] for k in keep], np.int64)
+    out[split] = SubjectRows(rows, items, times[rows], tuple(absent))
+  return out, {"subjects_in_no_split": len(labels) - matched, "rows_with_nothing_before_prediction_time": nothing_before}
+
+
+def _has_history(source: Any, record: int, time: np.datetime64, cut: str) -> bool:
+  first = source.first_event_times()[record]
+  return not np.isnat(first) and (first <= time if cut == "inclusive" else first < time)
+
+
+class TimedItems:
+  """Join items `rows.items` of `source` in that order, each with what its label row may
+  use: the prediction time and cut (`JoinModalities` cuts timed modalities there) and
+  without the timed modalities absent at that time. Untimed rows are the items as they are."""
+
+  def __init__(self, source: Any, rows: SubjectRows, cut: str = "inclusive"):
+    self._source, self._rows, self._inclusive = source, rows, cut == "inclusive"
+
+  def __len__(self) -> int:
+    return len(self._rows.items)
+
+  def __getitem__(self, index: int) -> dict:
+    i = int(index)
+    item = self._source[int(self._rows.items[i])]
+    time = self._rows.times[i]
+    if np.isnat(time):
+      return item
+    absent = self._rows.absent[i]
+    return {**item, "records": {m: r for m, r in item["records"].items() if m not in absent},
+            PREDICTION_TIME: time, INCLUSIVE: self._inclusive}

@@ -51,6 +51,8 @@ def match_subject_labels(joined: Any, labels: Any, splits: Sequence[str], *, cut
     raise ValueError(f"task.prediction_time_cut {cut!r}: expected one of {CUTS}")
   times = np.asarray(labels.prediction_times, "datetime64[us]")
   timed = ~np.isnat(times)  # all or none (`read_labels` refuses a null time in a prediction_time column)
+  # Subject ids compare as text: the join keeps each modality's ids as strings (MEDS's ints
+  # written in decimal, a manifest's own), the labels table holds MEDS's int64 ids.
   keys = [str(int(s)) for s in labels.subject_ids]
   if timed.any():
     seen: dict[tuple[str, np.datetime64], int] = {}

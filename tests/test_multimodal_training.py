@@ -42,8 +42,11 @@ def test_contrastive_loss_is_the_same_on_every_mesh(tmp_path):
 @pytest.mark.parametrize("stream", [
     {"data__multimodal__mix_weights": "ehr=2,imaging=1,omics=1,tabular=1", "objective__contrastive__weight": 0.0},
     {"data__multimodal__sampling": "balanced", "data__multimodal__modality_dropout": 0.3},
+    # Two modalities (three availability patterns, so at most three step programs to compile)
+    # carry what this case checks: batches by pattern, and the images' device augmentation.
     {"data__multimodal__batching": "by_pattern", "data__imaging__augment": "device",
-     "data__imaging__canvas_size": (40, 40)},
+     "data__imaging__canvas_size": (40, 40), "data__multimodal__modalities": ("ehr", "imaging"),
+     "objective__contrastive__pairs": "ehr-imaging"},
 ], ids=["mixed", "balanced_join_with_dropout", "by_pattern_with_device_augmentation"])
 def test_resume_reproduces_the_uninterrupted_run(stream, tmp_path):
   helpers.assert_resume_reproduces(SPEC, tmp_path / "resumed", stop_at=3, num_steps=6, **stream)

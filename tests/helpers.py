@@ -223,6 +223,10 @@ def predicted_scores(table: dict, task_type: str, classes=()) -> np.ndarray:
     return np.asarray(table["predicted_boolean_probability"])
   if task_type == "multiclass":
     return np.stack([table[f"predicted_categorical_value_probability_{c}"] for c in classes], axis=1)
+  if task_type == "multilabel":
+    return np.stack([table[f"predicted_{c}_probability"] for c in classes], axis=1)
+  if task_type == "survival":
+    return np.asarray(table["predicted_risk"])
   return np.asarray(table["predicted_float_value"])
 
 

@@ -37,7 +37,8 @@ from biofm_jax.data.labels import Labels, TaskInfo, check_classes_in_training, t
 from biofm_jax.data.module import DataModuleDefaults, unmasked_train_spec
 from biofm_jax.data.subject_labels import TimedItems, match_subject_labels
 
-RECORD_TASK_TYPES = ("binary", "multiclass", "regression")
+RECORD_TASK_TYPES = ("binary", "multiclass", "regression")  # from one label column
+OUTCOME_COLUMN_TYPES = ("multilabel", "survival")  # from several (`outcome_labels`)
 
 
 def label_values(data: Any, label_column: str, split: str) -> np.ndarray:
@@ -61,16 +62,47 @@ def record_labels(data: Any, label_column: str, task_type: str, split: str, colu
     ids = np.searchsorted(np.asarray(classes), column[rows])
     class_names = tuple(_class_name(c) for c in classes)
     targets = ids.astype(np.float32) if task_type == "binary" else ids.astype(np.int32)
+  return _rows_labels(data, split, rows, task_type, (label_column,), {batch.TASK_LABEL: targets},
+                      class_names if task_type == "multiclass" else ())
+
+
+def _rows_labels(data: Any, split: str, rows: np.ndarray, task_type: str, columns: tuple[str, ...],
+                 targets: dict[str, np.ndarray], classes: tuple[str, ...]) -> Labels:
+  """The `Labels` of records `rows` of `split` with their `targets`, keyed by record."""
   source = data.source(split)
   subjects = getattr(source, "subject_ids", None)
   subject_ids = np.zeros(len(rows), np.int64)
   if subjects is not None:  # integer subject ids where the records have them (joins, reports)
     as_int = [int(s) if str(s).lstrip("-").isdigit() else -1 for s in np.asarray(subjects)[rows]]
     subject_ids = np.asarray(as_int, np.int64)
-  return Labels(pathlib.Path(f"{data.name}:{label_column}"), task_type, subject_ids,
-                np.full(len(rows), np.datetime64("NaT"), "datetime64[us]"), {batch.TASK_LABEL: targets},
-                class_names if task_type == "multiclass" else (), columns=(label_column,), row_index=rows,
-                record_keys=record_keys(source, rows))
+  return Labels(pathlib.Path(f"{data.name}:{','.join(columns)}"), task_type, subject_ids,
+                np.full(len(rows), np.datetime64("NaT"), "datetime64[us]"), targets, classes, columns=columns,
+                row_index=rows, record_keys=record_keys(source, rows))
+
+
+def outcome_labels(data: Any, task_type: str, columns: tuple[str, ...], split: str) -> tuple[Labels, int]:
+  """(the labelled rows of `split`, how many records lack a value) for a task read from several
+  of the records' columns: multilabel (`columns`: 0/1 flags) or survival (`columns`: days to
+  the event or to censoring, and 1 where the event was seen). A value outside those is an
+  error naming the column, the split and the record."""
+  values = np.stack([label_values(data, c, split) for c in columns], axis=1)
+  rows = np.flatnonzero(np.isfinite(values).all(axis=1))
+  flags = list(range(len(columns))) if task_type == "multilabel" else [1]
+  for j in flags:
+    bad = rows[~np.isin(values[rows, j], (0.0, 1.0))]
+    if len(bad):
+      raise ValueError(f"{data.name} records, label column {columns[j]!r}: {values[bad[0], j]:g} in record "
+                       f"{int(bad[0])} of split {split!r}; {'a flag' if task_type == 'multilabel' else 'an event'} "
+                       f"column holds 0 or 1")
+  if task_type == "survival":
+    bad = rows[values[rows, 0] < 0]
+    if len(bad):
+      raise ValueError(f"{data.name} records, label column {columns[0]!r}: {values[bad[0], 0]:g} days in record "
+                       f"{int(bad[0])} of split {split!r}; a survival time is 0 or more")
+    targets = {batch.TASK_TIME: values[rows, 0].astype(np.float32), batch.TASK_EVENT: values[rows, 1] > 0.5}
+    return _rows_labels(data, split, rows, task_type, columns, targets, ()), len(values) - len(rows)
+  return (_rows_labels(data, split, rows, task_type, columns, {batch.TASK_LABEL: values[rows].astype(np.float32)},
+                       tuple(columns)), len(values) - len(rows))
 
 
 def record_keys(source: Any, rows: np.ndarray) -> np.ndarray | None:
@@ -87,7 +119,8 @@ def _class_name(value: float) -> str:
 def training_classes(data: Any, label_column: str, task_type: str) -> tuple[float, ...]:
   """The values the training split's records take in `label_column` (classification)."""
   if task_type not in RECORD_TASK_TYPES:
-    raise ValueError(f"task.type {task_type!r}: record labels are fine-tuned as one of {RECORD_TASK_TYPES}")
+    raise ValueError(f"task.type {task_type!r}: a record label column is fine-tuned as one of {RECORD_TASK_TYPES} "
+                     f"(several columns: {OUTCOME_COLUMN_TYPES})")
   if task_type == "regression":
     return ()
   column = label_values(data, label_column, "train")
@@ -220,6 +253,18 @@ class RecordTaskData(DataModuleDefaults):
     return cls(data, labels, {s: rows.row_index for s, rows in labels.items()}, label_name=label_column,
                embedding_output=(data.name, "embedding"), without_label=without,
                dropped={"records_of_a_class_not_in_training": sum(unseen.values())}, label_classes=classes)
+
+  @classmethod
+  def from_outcome_columns(cls, data: Any, task_type: str, columns: tuple[str, ...]) -> RecordTaskData:
+    """Several of the records' own columns (`outcome_labels`): multilabel flags, or a survival
+    time and event. Records without a value in every column are left out and counted."""
+    if task_type not in OUTCOME_COLUMN_TYPES:
+      raise ValueError(f"task.type {task_type!r}: several label columns make a {' or '.join(OUTCOME_COLUMN_TYPES)} task")
+    labels, without = {}, {}
+    for split in splits_of(data):
+      labels[split], without[split] = outcome_labels(data, task_type, tuple(columns), split)
+    return cls(data, labels, {s: rows.row_index for s, rows in labels.items()}, label_name=",".join(columns),
+               embedding_output=(data.name, "embedding"), without_label=without)
 
   @classmethod
   def from_subject_labels(cls, data: Any, labels: Labels, *, num_time_bins: int = 8,

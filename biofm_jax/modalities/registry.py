@@ -47,7 +47,7 @@ from biofm_jax.data.masking import prediction_slots
 from biofm_jax.data.module import MASKED, TIME_TO_EVENT, DataModule, ShapesOnly, SizedData
 from biofm_jax.data.multimodal import MultimodalData
 from biofm_jax.data.prepared import open_prepared
-from biofm_jax.data.record_task import RecordTaskData
+from biofm_jax.data.record_task import OUTCOME_COLUMN_TYPES, RecordTaskData
 from biofm_jax.modalities import synthetic_cohort
 from biofm_jax.modalities.ecg import baseline as ecg_baseline
 from biofm_jax.modalities.ecg import data as ecg_data
@@ -300,12 +300,32 @@ def open_task_data(config: ml_collections.ConfigDict, artifacts_dir: pathlib.Pat
   targets = objective_kind(config.objective.name, row.name).targets  # read as in pre-training
   if row.labeled is not None:
     return row.labeled(config, artifacts_dir, targets)
-  if not config.task.get("label_column"):
-    raise ValueError(f"config.task.label_column is empty: {row.name} records are fine-tuned on one of the label "
-                     f"columns they carry (config.data.{row.name}.label_columns)")
+  columns = record_label_columns(config.task, row.name)
   _copy_artifacts(pretrained, artifacts_dir, row.artifacts, config.finetune.pretrained)
   data = row.data(config.data[row.name], targets=targets, artifacts_dir=artifacts_dir)
-  return RecordTaskData.from_label_column(data, config.task.label_column, config.task.type)
+  if config.task.type in OUTCOME_COLUMN_TYPES:
+    return RecordTaskData.from_outcome_columns(data, config.task.type, columns)
+  return RecordTaskData.from_label_column(data, columns[0], config.task.type)
+
+
+def record_label_columns(task: Any, modality: str) -> tuple[str, ...]:
+  """The columns of the records a record task reads: `task.label_column`; for multilabel
+  `task.label_columns`; for survival `task.time_column` and `task.event_column`."""
+  where = f"{modality} records are fine-tuned on label columns they carry (config.data.{modality}.label_columns)"
+  if task.type == "multilabel":
+    columns = tuple(task.get("label_columns") or ())
+    if not columns:
+      raise ValueError(f"config.task.label_columns is empty: {where}; a multilabel task names its flag columns")
+    return columns
+  if task.type == "survival":
+    columns = (task.get("time_column") or "", task.get("event_column") or "")
+    if not all(columns):
+      raise ValueError(f"config.task.time_column and event_column must both be set: {where}; a survival task names "
+                       f"the days to the event or censoring and the event flag")
+    return columns
+  if not task.get("label_column"):
+    raise ValueError(f"config.task.label_column is empty: {where}")
+  return (task.label_column,)
 
 
 def _copy_artifacts(source: pathlib.Path, destination: pathlib.Path, names: Sequence[str], run: str) -> None:

@@ -19,7 +19,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("quickstart", "patient_stratification")
+NOTEBOOKS = ("quickstart", "patient_stratification", "finetune_any_modality")
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 

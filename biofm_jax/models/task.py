@@ -8,6 +8,9 @@ one of its embeddings:
 
 (for survival, K = the time intervals' hazard logits: one risk score plus a baseline per interval).
 
+The head reads the embedding standardised per feature by statistics of the training rows
+(`input_mean`, `input_scale`: measured once before fine-tuning, never trained).
+
 Three ways to adapt (`finetune.mode`), told apart by the optimiser's labels (`trainable`):
   full    every parameter trains
   frozen  only the head trains; the backbone runs deterministically and its gradient is
@@ -27,9 +30,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from biofm_jax.models.layers import zeros_init
+from biofm_jax.models.layers import ones_init, zeros_init
 
 MODES = ("full", "frozen", "lora")
+# The head's input statistics (measured from the training rows, never trained).
+INPUT_MEAN, INPUT_SCALE = "input_mean", "input_scale"
 # Kernel name -> how many of its leading (non-layer) axes are inputs. Attention's q/k/v
 # kernels are [embed, heads, kv]; its output kernel [heads, kv, embed]; MLP [in, out].
 LORA_TARGETS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wo": 1}
@@ -65,10 +70,19 @@ class TaskModel(nn.Module):
     embedding = select(outputs, self.embedding).astype(jnp.float32)
     if self.frozen_backbone:
       embedding = jax.lax.stop_gradient(embedding)
-    # Pooled hidden states are not normalised and their scale varies by model; a
-    # parameter-free LayerNorm (as MAE's linear probe uses a non-affine BatchNorm) and a
-    # zero-initialised head start every task at the prior (logits = bias = 0).
-    x = nn.LayerNorm(use_scale=False, use_bias=False, name="head_norm")(embedding)
+    # Each feature standardised by the training rows' mean and spread, measured once from
+    # the backbone before fine-tuning (`train/finetune.head_input_statistics`), as the linear
+    # probe's scaler (and MAE's non-affine BatchNorm) does: pre-trained embeddings, an MAE's
+    # above all, can differ between examples by a sliver of their common part, which a head
+    # at a fine-tuning learning rate does not resolve in hundreds of steps. The optimiser
+    # never changes them (`trainable`); identity (0, 1) until measured.
+    width = embedding.shape[-1]
+    mean = self.param(INPUT_MEAN, zeros_init(("embed",)), (width,), jnp.float32)
+    scale = self.param(INPUT_SCALE, ones_init(("embed",)), (width,), jnp.float32)
+    x = (embedding - mean) * scale
+    # Then a parameter-free LayerNorm and a zero-initialised head: every task starts at its
+    # prior (logits = bias).
+    x = nn.LayerNorm(use_scale=False, use_bias=False, name="head_norm")(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     prior = nn.with_logical_partitioning(
         lambda *_: jnp.asarray(self.prior_logits or (0.0,) * self.num_outputs, jnp.float32), (None,))
@@ -93,7 +107,8 @@ def trainable(mode: str):
 
   def labels(params):
     def label(path, _):
-      frozen = mode != "full" and getattr(path[0], "key", None) == "backbone"
+      top = getattr(path[0], "key", None)
+      frozen = (mode != "full" and top == "backbone") or top in (INPUT_MEAN, INPUT_SCALE)
       return "freeze" if frozen else "train"
     return jax.tree_util.tree_map_with_path(label, params)
   return labels

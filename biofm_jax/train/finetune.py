@@ -26,17 +26,19 @@ from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch as B
 from biofm_jax.data.labels import few_shot_indices, labels_name
 from biofm_jax.modalities.registry import build_model, open_task_data
-from biofm_jax.models.task import LoRAModel, TaskModel, trainable
+from biofm_jax.models.task import INPUT_MEAN, INPUT_SCALE, LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import Checkpointer
 from biofm_jax.train.build import TrainingSetup, build_training
 from biofm_jax.train.loop import train_and_evaluate
+from biofm_jax.train.embed import embed_split
 from biofm_jax.train.state import param_count
 
 log = logging.getLogger("biofm_jax")
 # Sections of the pre-training config that define the backbone and its inputs.
 PRETRAINED_SECTIONS = ("model", "objective")
 DATA_FIELDS_FROM_FINETUNE = ("batch_size", "num_workers")
+STATISTICS_ROWS = 2048  # training rows the head's input statistics are measured on, at most
 
 
 def pretrained_checkpoint(workdir: str | pathlib.Path) -> tuple[pathlib.Path, int, dict]:
@@ -183,16 +185,48 @@ def build_finetune_training(config: ml_collections.ConfigDict, data, devices=Non
                         trainable=trainable(config.finetune.mode))
 
 
-def initial_state(config: ml_collections.ConfigDict, setup: TrainingSetup):
-  """A fresh fine-tuning state: the pre-trained backbone, or all random with init=scratch."""
+def initial_state(config: ml_collections.ConfigDict, setup: TrainingSetup, data=None):
+  """A fresh fine-tuning state: the pre-trained backbone (or all random with init=scratch),
+  and with the labelled `data` the head's input statistics measured on its training rows."""
   state = setup.init_state(config.seed)
   if config.finetune.init == "pretrained":
-    return load_pretrained(state, setup, config.finetune.pretrained)
-  return state
+    state = load_pretrained(state, setup, config.finetune.pretrained)
+  return state if data is None else head_input_statistics(state, setup, data, batch_size=config.data.batch_size,
+                                                           seed=config.finetune.label_seed)
+
+
+def head_input_statistics(state, setup: TrainingSetup, data, *, batch_size: int, seed: int = 0):
+  """`state` with the head's `input_mean` / `input_scale` set to the mean and 1 / standard
+  deviation of each embedding feature over (up to `STATISTICS_ROWS` of) the training rows,
+  as the backbone embeds them now. One process only: with several, the identity stays."""
+  if jax.process_count() > 1:
+    log.warning("fine-tuning over %d processes: the head's input statistics are left at identity",
+                jax.process_count())
+    return state
+  rows = data.split_labels("train")
+  if len(rows) > STATISTICS_ROWS:
+    data = data.with_train_rows(np.sort(np.random.default_rng(seed).choice(len(rows), STATISTICS_ROWS,
+                                                                           replace=False)))
+  embeddings = embed_split(setup, state.params, data, "train", batch_size=batch_size, output=("task", "embedding"))
+  mean = embeddings.mean(axis=0)
+  spread = embeddings.std(axis=0)
+  # A feature that does not vary is left unscaled rather than blown up.
+  scale = np.where(spread > 1e-6 * max(float(spread.max()), 1e-12), 1.0 / np.maximum(spread, 1e-30), 1.0)
+  params = dict(state.params)
+  for name, value in ((INPUT_MEAN, mean), (INPUT_SCALE, scale)):
+    params[name] = jax.device_put(np.asarray(value, np.float32), params[name].sharding)
+  log.info("head input statistics from %d training rows: feature spread %.3g to %.3g", len(embeddings),
+           float(spread.min()), float(spread.max()))
+  return state.replace(params=params)
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Fine-tunes as `config` (a `finetune_config`) says, in `workdir`; returns the run's
   summary. Running it again resumes."""
-  return train_and_evaluate(config, workdir, open_data=lambda artifacts: open_labeled_data(config, artifacts),
-                            build=build_finetune_training, initial_state=lambda setup: initial_state(config, setup))
+  opened = {}
+
+  def open_data(artifacts):
+    opened["data"] = open_labeled_data(config, artifacts)
+    return opened["data"]
+  return train_and_evaluate(config, workdir, open_data=open_data, build=build_finetune_training,
+                            initial_state=lambda setup: initial_state(config, setup, opened["data"]))

@@ -125,6 +125,14 @@ def test_frozen_record_fine_tuning_trains_only_the_head(mae_run, tmp_path):
   assert set(pretrained) - set(tuned["backbone"]) == {"decoder"}
   helpers.assert_trees_close(tuned["backbone"], {k: pretrained[k] for k in tuned["backbone"]}, atol=0.0)
   assert np.abs(tuned["head"]["kernel"]).sum() > 0
+  # The head reads each embedding feature standardised by the training rows' statistics, as
+  # the pre-trained backbone embeds them: measured before the first step, never trained.
+  from biofm_jax.eval.downstream import frozen_embeddings
+  embeddings = frozen_embeddings(config, open_labeled_data(config, tmp_path / "data"), ("train",))["train"]
+  np.testing.assert_allclose(tuned["input_mean"], embeddings.mean(axis=0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(tuned["input_scale"], 1.0 / embeddings.std(axis=0), rtol=1e-3)
+  standardised = (embeddings - tuned["input_mean"]) * tuned["input_scale"]
+  np.testing.assert_allclose(standardised.std(axis=0), 1.0, rtol=1e-3)
 
 
 # Each record modality's tiny preset, the label column its synthetic records carry, and the task type.

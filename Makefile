@@ -43,6 +43,8 @@ bench: install
 	$(PY) benchmarks/step_parts.py --preset=base
 	$(PY) benchmarks/profile_step.py --config=configs/ehr_bert.py:demo
 	$(PY) benchmarks/profile_step.py --config=configs/multimodal_fusion.py:demo
+	$(PY) benchmarks/record_finetune.py
+	$(PY) benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib --set=data.ecg.length=1000 --set=data.ecg.patch_size=50
 
 # On one GPU, in under 8 minutes: MFU at ehr_bert.py:base in bf16 (layers scanned and
 # unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, the

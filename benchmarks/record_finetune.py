@@ -3,7 +3,8 @@ trained from scratch and the modality's raw-feature baseline (issue 31's imaging
 
   python benchmarks/record_finetune.py                                   # 2D lesion, 600 images
   python benchmarks/record_finetune.py --spec=configs/imaging_mae3d.py:tiny --subjects=300
-  python benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib
+  python benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib \
+      --set=data.ecg.length=1000 --set=data.ecg.patch_size=50        # 10 s windows
 
 Pre-trains the tiny MAE of `--spec` on its synthetic records (`--subjects`, `--pretrain_steps`),
 then, for each k in `--ks` labels per class (0: every training label), on the same
@@ -31,14 +32,14 @@ def modality_of(spec: str) -> str:
   return configured(load_config(f"{REPO}/{spec}", {}).data)[0]
 
 
-def pretrain(spec: str, workdir: pathlib.Path, subjects: int, steps: int) -> pathlib.Path:
+def pretrain(spec: str, workdir: pathlib.Path, subjects: int, steps: int, overrides: dict) -> pathlib.Path:
   from biofm_jax.config import load_config
   from biofm_jax.train.loop import train_and_evaluate
   if not (workdir / "checkpoints" / str(steps)).exists():
     modality = modality_of(spec)
     config = load_config(f"{REPO}/{spec}", {**QUIET, "train.num_steps": steps, "train.eval_every": 0,
                                             "checkpoint.every_steps": steps,
-                                            f"data.{modality}.synthetic_subjects": subjects})
+                                            f"data.{modality}.synthetic_subjects": subjects, **overrides})
     train_and_evaluate(config, workdir)
   return workdir
 
@@ -82,10 +83,13 @@ def main() -> None:
   parser.add_argument("--pretrain_steps", type=int, default=300)
   parser.add_argument("--finetune_steps", type=int, default=120)
   parser.add_argument("--ks", default="16,64,0", help="labels per class; 0 = every training label")
+  parser.add_argument("--set", action="append", default=[],
+                      help="a pre-training config override, e.g. data.ecg.length=1000 (fine-tuning inherits data.*)")
   parser.add_argument("--workdir", default="", help="reuse runs here ('' = a temporary folder)")
   args = parser.parse_args()
+  overrides = {key: value for key, _, value in (item.partition("=") for item in args.set)}  # parsed by the config
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="record_finetune_"))
-  pretrained = pretrain(args.spec, root / "pretrained", args.subjects, args.pretrain_steps)
+  pretrained = pretrain(args.spec, root / "pretrained", args.subjects, args.pretrain_steps, overrides)
   results = {}
   for k in (int(x) for x in args.ks.split(",")):
     row = {"finetuned": held_out_auroc(task_config(pretrained, args.label, k, args.finetune_steps, "pretrained"),
@@ -97,7 +101,8 @@ def main() -> None:
     results["all" if k == 0 else f"k={k}"] = row
     print(f"{args.label} held-out AUROC, {'all labels' if k == 0 else f'{k} labels per class'}: "
           + ", ".join(f"{name} {value:.3f}" for name, value in row.items()), flush=True)
-  summary = {"spec": args.spec, "label": args.label, "subjects": args.subjects, "pretrain_steps": args.pretrain_steps,
+  summary = {"spec": args.spec, "overrides": args.set, "label": args.label, "subjects": args.subjects,
+             "pretrain_steps": args.pretrain_steps,
              "finetune_steps": args.finetune_steps, "held_out_auroc": results}
   (root / "record_finetune.json").write_text(json.dumps(summary, indent=2))
   print(json.dumps(summary, indent=2))

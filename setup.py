@@ -60,7 +60,14 @@ setup(
                 "tiledbsoma>=2.3,<2.4",
                 # Apache Beam, for experiments/index_meds.py --engine=beam (tests/test_event_store.py):
                 # it takes protobuf 6, pyarrow 25 and pillow 12, inside the ranges above
-                "apache-beam>=2.77,<2.78"],
+                "apache-beam>=2.77,<2.78",
+                # public weights (tests/test_public_weights.py): the small random ESM-2 the parity
+                # tests build with transformers in torch, on the CPU. torch is pinned to the
+                # CPU build this machine keeps on disk; a range would fetch a CUDA build.
+                "safetensors>=0.4,<1", "torch==2.13.0", "transformers>=5.24,<6"],
+        # Importing public models' weights (experiments/import_weights.py): safetensors only,
+        # no torch (biofm_jax/weights)
+        "weights": ["safetensors>=0.4,<1"],
         # Indexing MEDS on a Beam runner (DirectRunner here; Flink, Spark or Dataflow on a cluster)
         "beam": ["apache-beam>=2.77,<2.78"],
         # Single-cell atlases as TileDB-SOMA experiments (CELLxGENE Census): modalities/omics/soma.py

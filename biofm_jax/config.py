@@ -223,6 +223,13 @@ MODEL_SIZES = {
 FSDP_SIZES = ("large", "1b", "7b")
 
 
+# Options that public architectures need (models/layers.py, TransformerConfig, says what each
+# does); these defaults are this library's own architecture, and what a run saved before the
+# options existed was built with.
+ARCHITECTURE_DEFAULTS = dict(bias=False, activation="gelu_tanh", norm_eps=1e-6, norm_position="pre",
+                             final_norm=True, token_dropout=0.0, embedding_norm=False, mlm_head="linear")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Sections every experiment shares: seed, model defaults, train, mesh, checkpoint, logging."""
 
@@ -234,7 +241,7 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none", scan_layers=True,
       layer_loop="auto",  # stacked layers run as "scan", "unroll" or "auto" (unrolled on CPU only)
       # "auto" (heads_first on CPU, jax's choice elsewhere), "xla", "cudnn" or "heads_first"
-      attention="auto")
+      attention="auto", **ARCHITECTURE_DEFAULTS)
   config.data = dict(batch_size=32, num_workers=0,
                      prepared="")  # a directory from experiments/prepare.py: read it instead of raw files
   config.train = dict(
@@ -245,7 +252,11 @@ def base_config() -> ml_collections.ConfigDict:
       # periodic, final or retrieval evaluation)
       log_every=10, eval_every=200,
       eval_batches=0,  # 0 = the whole tuning split
-      peak_flops_per_device=0.0)  # 0 = measure a float32 matmul on this device for MFU
+      peak_flops_per_device=0.0,  # 0 = measure a float32 matmul on this device for MFU
+      # A run folder (pre-training, or public weights from experiments/import_weights.py) whose
+      # parameters start this run, and whose model section replaces this config's: continued
+      # pre-training on new data. "" = a fresh initialisation.
+      init_from="")
   config.mesh = dict(data=-1, fsdp=1, tensor=1, rules=parallel.DEFAULT_RULES)
   config.checkpoint = dict(every_steps=200, keep=3, async_save=True)
   return config

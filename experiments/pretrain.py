@@ -3,7 +3,10 @@
   python experiments/pretrain.py --config=configs/ehr_bert.py:tiny --workdir=runs/ehr \
       --config.data.ehr.path=/path/to/meds --config.train.num_steps=200
 
-Running the same command again resumes from the workdir's last checkpoint. For a
+Running the same command again resumes from the workdir's last checkpoint. With
+--config.train.init_from=<run folder> (another pre-training run, or public weights brought
+in by experiments/import_weights.py) a new run starts from that run's parameters and
+architecture: continued pre-training on the data this config names. For a
 multi-process run, pass --coordinator_address, --num_processes and --process_id to
 every process.
 """
@@ -29,7 +32,8 @@ def main(argv, overrides):
   config = cli.load_config_or_exit(FLAGS.config, overrides)
   cli.initialize_distributed()
   from biofm_jax.train.loop import train_and_evaluate  # after distributed init: it touches devices
-  summary = train_and_evaluate(config, FLAGS.workdir)
+  from biofm_jax.train.runs import with_init_run_model
+  summary = train_and_evaluate(with_init_run_model(config), FLAGS.workdir)
   print_summary(summary)
   if summary["stopped_early"]:  # SIGTERM: checkpointed, not finished
     sys.exit(cli.EXIT_STOPPED_BY_SIGTERM)

@@ -201,7 +201,7 @@ def test_a_checkpoint_that_does_not_match_the_config_is_named(pretrained, tmp_pa
   with config.unlocked():
     config.model.mlp_dim = 48
   setup = build_finetune_training(config, open_labeled_data(config, tmp_path / "artifacts"))
-  with pytest.raises(ValueError, match=r"does not match the model's backbone .*mlp.*checkpoint \(2, 32, 64\), "
+  with pytest.raises(ValueError, match=r"does not match the model's .*mlp.*checkpoint \(2, 32, 64\), "
                                        r"model \(2, 32, 48\)"):
     load_pretrained(setup.init_state(0), setup, pretrained)
 

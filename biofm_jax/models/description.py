@@ -107,7 +107,8 @@ class TokenModality:
     if B.TARGET_MASK in example and gathers(self.prediction_slots, hidden.shape[1]):
       index, _ = masked_slots(example[B.TARGET_MASK], self.prediction_slots)
       at = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, P, D]
-    out["code_logits"] = TokenClassifier(cfg, self.vocab_size, name=f"{prefix}code_head")(at)
+    out["code_logits"] = TokenClassifier(cfg, self.vocab_size, transform=cfg.mlm_head == "transform",
+                                         name=f"{prefix}code_head")(at)
     if self.num_value_bins:
       out["value_logits"] = TokenClassifier(cfg, self.num_value_bins + 1, class_axis=None,
                                             name=f"{prefix}value_head")(at)

@@ -1,11 +1,13 @@
 """Output heads on top of the transformer's hidden states."""
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from biofm_jax.models.layers import TransformerConfig, kernel_init, zeros_init
+from biofm_jax.models.layers import TransformerConfig, activate, kernel_init, make_norm, zeros_init
 from biofm_jax.models.patches import sincos_position_embedding
 from biofm_jax.models.transformer import TransformerStack
 
@@ -15,13 +17,24 @@ class TokenClassifier(nn.Module):
 
   Logits are returned in float32 even under bf16 compute, because the softmax
   cross-entropy over a large vocabulary loses accuracy in bf16.
+  With `transform` (`model.mlm_head="transform"`, the MLM head of BERT, ESM-2 and RoBERTa):
+  a dense layer of the model's width, its activation (exact GELU for a gated MLP's model)
+  and a LayerNorm come before the output layer.
   """
   cfg: TransformerConfig
   num_classes: int
   class_axis: str | None = "vocab"
+  transform: bool = False
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    if self.transform:
+      hidden = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        kernel_init=kernel_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)),
+                        name="transform")(hidden)
+      hidden = activate(dataclasses.replace(cfg, activation="gelu") if cfg.activation == "swiglu" else cfg, hidden)
+      hidden = make_norm(cfg, "transform_norm", norm="layernorm")(hidden)
     logits = nn.Dense(self.num_classes, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
                       kernel_init=kernel_init(("embed", self.class_axis)),
                       bias_init=zeros_init((self.class_axis,)), name="dense")(hidden)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from biofm_jax.config import ARCHITECTURE_DEFAULTS
+
 Array = jax.Array
 DType = Any
 
@@ -29,6 +31,12 @@ def runs_unrolled(layer_loop: str, platform: str) -> bool:
 
 
 ATTENTIONS = ("auto", "xla", "cudnn", "heads_first")
+# The MLP's activation: "gelu_tanh" (tanh-approximated GELU, ours by default), "gelu" (exact,
+# erf: ESM-2, BERT's "gelu", ViT), "relu" (Geneformer) or "swiglu" (a gated MLP with a
+# second input projection, `wi_gate`: Nucleotide Transformer v2, LLaMA).
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "swiglu")
+NORM_POSITIONS = ("pre", "post")  # pre-norm (ours, ESM-2, ViT) or post-norm (BERT, Geneformer)
+MLM_HEADS = ("linear", "transform")  # see `heads.TokenClassifier`
 
 
 def attention_on(attention: str, platform: str) -> str | None:
@@ -82,6 +90,18 @@ class TransformerConfig:
   # "heads_first" (`heads_first_attention`: the same arithmetic as "xla", laid out for
   # XLA:CPU's batched matmuls) or "auto" ("heads_first" on CPU, jax's choice elsewhere).
   attention: str = "auto"
+  # Architecture options of public models (issue: start from public weights); the defaults
+  # are this library's own architecture, so every existing checkpoint keeps its tree.
+  bias: bool = False  # bias terms on the attention projections and the MLP
+  activation: str = "gelu_tanh"  # ACTIVATIONS
+  norm_eps: float = 1e-6  # every LayerNorm / RMSNorm of the stack, the encoder and the heads
+  norm_position: str = "pre"  # NORM_POSITIONS
+  final_norm: bool = True  # a norm after the last block (pre-norm stacks have one; post-norm do not)
+  # ESM-2's token dropout: MASK tokens embed as zero and every row's embeddings are scaled by
+  # (1 - token_dropout) / (1 - the row's share of MASK tokens); 0 = off. ESM-2 trains with 0.12.
+  token_dropout: float = 0.0
+  embedding_norm: bool = False  # a LayerNorm over the token embeddings (BERT, Geneformer)
+  mlm_head: str = "linear"  # MLM_HEADS
 
   @property
   def kv_dim(self) -> int:
@@ -115,6 +135,14 @@ class TransformerConfig:
                        f"model.embed_dim / model.num_heads)")
     if self.norm not in ("rmsnorm", "layernorm"):
       raise ValueError(f"model.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+    for field, allowed in (("activation", ACTIVATIONS), ("norm_position", NORM_POSITIONS),
+                           ("mlm_head", MLM_HEADS)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"model.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+    if not 0.0 <= self.token_dropout < 1.0:
+      raise ValueError(f"model.token_dropout must be in [0, 1), got {self.token_dropout!r}")
+    if not self.norm_eps > 0:
+      raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps!r}")
 
 
 def kernel_init(axes: tuple[str | None, ...], scale: float = 1.0):
@@ -133,12 +161,27 @@ def embed_init(axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes)
 
 
-def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
-  if cfg.norm == "rmsnorm":
-    return nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+def make_norm(cfg: TransformerConfig, name: str, norm: str | None = None) -> nn.Module:
+  """The stack's norm (`cfg.norm`, or `norm` where a public architecture fixes one)."""
+  if (norm or cfg.norm) == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                       scale_init=ones_init(("embed",)))
-  return nn.LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+  # Variance as E[(x - mean)^2], as torch computes it: imported public weights give the same
+  # outputs to float32 rounding (flax's default E[x^2] - mean^2 loses digits on large means).
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                      use_fast_variance=False,
                       scale_init=ones_init(("embed",)), bias_init=zeros_init(("embed",)))
+
+
+def activate(cfg: TransformerConfig, x: Array) -> Array:
+  """`cfg.activation` of `x` (for "swiglu", of its gate: the MLP multiplies it in)."""
+  if cfg.activation == "gelu_tanh":
+    return nn.gelu(x, approximate=True)
+  if cfg.activation == "gelu":
+    return nn.gelu(x, approximate=False)
+  if cfg.activation == "relu":
+    return nn.relu(x)
+  return nn.silu(x)
 
 
 def apply_rope(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
@@ -176,7 +219,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     def projection(name):
       return nn.DenseGeneral((cfg.num_heads, cfg.kv_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                             kernel_init=kernel_init(("embed", "heads", "kv")), use_bias=False, name=name)
+                             kernel_init=kernel_init(("embed", "heads", "kv")), use_bias=cfg.bias,
+                             bias_init=zeros_init(("heads", "kv")), name=name)
     lead = x.shape[:2]
     tokens = as_tokens(x)
     q, k, v = (projection(name)(tokens).reshape(lead + (cfg.num_heads, cfg.kv_dim))
@@ -204,8 +248,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     lead = out.shape[:2]
     out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                          kernel_init=kernel_init(("heads", "kv", "embed")), use_bias=False,
-                          name="out")(as_tokens(out))
+                          kernel_init=kernel_init(("heads", "kv", "embed")), use_bias=cfg.bias,
+                          bias_init=zeros_init(("embed",)), name="out")(as_tokens(out))
     return out.reshape(lead + (cfg.embed_dim,))
 
   def _cached(self, q: Array, k: Array, v: Array, mask: Array, cache):
@@ -227,16 +271,23 @@ class MLP(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
     lead = x.shape[:2]
-    h = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False,
-                 kernel_init=kernel_init(("embed", "mlp")), name="wi")(as_tokens(x))
-    h = nn.with_logical_constraint(nn.gelu(h).reshape(lead + (cfg.mlp_dim,)), ("batch", "length", "mlp"))
-    out = nn.Dense(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=False,
-                   kernel_init=kernel_init(("mlp", "embed")), name="wo")(as_tokens(h))
+    def dense(features, axes, name):
+      return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.bias,
+                      kernel_init=kernel_init(axes), bias_init=zeros_init(axes[1:]), name=name)
+    tokens = as_tokens(x)
+    h = dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(tokens)
+    if cfg.activation == "swiglu":  # silu(gate) * up, the gate a projection of its own
+      h = activate(cfg, dense(cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(tokens)) * h
+    else:
+      h = activate(cfg, h)
+    h = nn.with_logical_constraint(h.reshape(lead + (cfg.mlp_dim,)), ("batch", "length", "mlp"))
+    out = dense(cfg.embed_dim, ("mlp", "embed"), "wo")(as_tokens(h))
     return out.reshape(lead + (cfg.embed_dim,))
 
 
 class Block(nn.Module):
-  """A pre-norm transformer block. `deterministic` is an attribute so scan/remat see no Python args."""
+  """A transformer block, pre-norm (`x + f(norm(x))`) or post-norm (`norm(x + f(x))`,
+  `cfg.norm_position`). `deterministic` is an attribute so scan/remat see no Python args."""
   cfg: TransformerConfig
   deterministic: bool = True
 
@@ -248,12 +299,16 @@ class Block(nn.Module):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    attended = Attention(cfg, name="attention")(make_norm(cfg, "attention_norm")(x), mask, positions, segments,
+    pre = cfg.norm_position == "pre"
+    attention_norm, mlp_norm = make_norm(cfg, "attention_norm"), make_norm(cfg, "mlp_norm")
+    attended = Attention(cfg, name="attention")(attention_norm(x) if pre else x, mask, positions, segments,
                                                 cache=None if cache is None else (*cache, slot))
     if cache is not None:
       attended, cache = attended
     x = x + drop(attended)
-    x = x + drop(MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
+    x = x if pre else attention_norm(x)
+    x = x + drop(MLP(cfg, name="mlp")(mlp_norm(x) if pre else x))
+    x = x if pre else mlp_norm(x)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
 
 
@@ -272,4 +327,6 @@ def transformer_config(model_cfg: ml_collections.ConfigDict, *, max_len: int, ca
       dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
       scan_layers=model_cfg.scan_layers, layer_loop=model_cfg.get("layer_loop", "auto"),
       attention=model_cfg.get("attention", "auto"))
+  # Public architectures' options: a run saved before they existed has their defaults.
+  fields.update({name: model_cfg.get(name, default) for name, default in ARCHITECTURE_DEFAULTS.items()})
   return TransformerConfig(**{**fields, **replace})

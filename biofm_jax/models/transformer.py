@@ -29,7 +29,7 @@ def _block_class(cfg: TransformerConfig):
 
 
 class TransformerStack(nn.Module):
-  """`num_layers` pre-norm blocks followed by a final norm."""
+  """`num_layers` blocks followed by a final norm (unless `cfg.final_norm` is off)."""
   cfg: TransformerConfig
 
   @nn.compact
@@ -58,7 +58,8 @@ class TransformerStack(nn.Module):
         layers.append(layer_cache)
       if cache is not None:
         cache = _stack_layer_caches(layers)
-    x = make_norm(cfg, "final_norm")(x)
+    if cfg.final_norm:
+      x = make_norm(cfg, "final_norm")(x)
     return x if cache is None else (x, cache)
 
   def _unrolled_over_stacked(self, block, x, mask, positions, segments, cache, slot, *, train: bool):
@@ -91,6 +92,7 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, output_dim: int) -> fl
   values (full, not halved for causal masks), and the output projection to `output_dim`.
   """
   d, h = cfg.embed_dim, cfg.num_heads * cfg.kv_dim
-  per_layer = 2 * (3 * d * h + h * d) + 2 * (2 * d * cfg.mlp_dim) + 2 * (2 * seq_len * h)
+  mlp_inputs = 2 if cfg.activation == "swiglu" else 1  # a gated MLP projects its input twice
+  per_layer = 2 * (3 * d * h + h * d) + 2 * ((1 + mlp_inputs) * d * cfg.mlp_dim) + 2 * (2 * seq_len * h)
   forward = cfg.num_layers * per_layer + 2 * d * output_dim
   return 3.0 * forward

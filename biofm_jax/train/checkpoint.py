@@ -237,3 +237,57 @@ def _describe(step: int, error: Exception) -> str:
   """"step N: Type: first line of the message" (TensorStore's messages run to pages)."""
   message = str(error).strip()
   return f"step {step}: {type(error).__name__}: {message.splitlines()[0][:300] if message else ''}"
+
+
+# ------------------------------------------------------------------ another run's parameters
+def pretrained_checkpoint(workdir: str | os.PathLike) -> tuple[pathlib.Path, int, dict]:
+  """(checkpoints directory, latest step, saved config) of a run: pre-training, imported
+  public weights (`experiments/import_weights.py`) or fine-tuning."""
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  if not directory.exists():
+    raise ValueError(f"pretrained run {workdir}: no checkpoints directory {directory}")
+  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
+  try:
+    step, saved = checkpointer.newest_readable(checkpointer.restore_config)
+    return directory, step, saved
+  except ValueError as e:
+    raise ValueError(f"pretrained run {workdir}: {e}") from None
+  finally:
+    checkpointer.close()
+
+
+def restore_run_params(workdir: str | os.PathLike, target: Any) -> tuple[int, Any]:
+  """(step, parameters) of a run's newest readable checkpoint, restored into `target`'s
+  shapes and shardings (abstract arrays: the whole model's parameters, or the part that
+  the run's model is, such as a task model's backbone). Every parameter whose shape
+  differs, or that the checkpoint lacks, is named in one error."""
+  directory, newest, _ = pretrained_checkpoint(workdir)
+
+  def restore(step: int):
+    item = directory / str(step) / "state"
+    saved = ocp.PyTreeCheckpointer().metadata(item)
+    saved = getattr(saved, "item_metadata", saved)
+    saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
+    _check_param_shapes(saved_params, target, workdir)
+    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True))
+  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
+  try:  # a step whose arrays were cut short falls back to the one before
+    step, restored = checkpointer.newest_readable(restore, at_most=newest)
+  finally:
+    checkpointer.close()
+  return step, restored["params"]
+
+
+def _check_param_shapes(saved: Any, target: Any, workdir: str | os.PathLike) -> None:
+  def shapes(tree):
+    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in
+            jax.tree_util.tree_leaves_with_path(tree)}
+  have, want = shapes(saved), shapes(target)
+  problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(have))]
+  problems += [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(set(want) & set(have))
+               if have[k] != want[k]]
+  if problems:
+    raise ValueError(f"the pretrained checkpoint in {workdir} does not match the model's "
+                     f"({len(problems)} parameters differ): " + "; ".join(problems[:8]))

@@ -20,7 +20,6 @@ import pathlib
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch as B
@@ -28,7 +27,7 @@ from biofm_jax.data.labels import few_shot_indices, labels_name
 from biofm_jax.modalities.registry import build_model, open_task_data
 from biofm_jax.models.task import INPUT_MEAN, INPUT_SCALE, LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
-from biofm_jax.train.checkpoint import Checkpointer
+from biofm_jax.train.checkpoint import pretrained_checkpoint, restore_run_params
 from biofm_jax.train.build import TrainingSetup, build_training
 from biofm_jax.train.loop import train_and_evaluate
 from biofm_jax.train.embed import embed_split
@@ -39,21 +38,6 @@ log = logging.getLogger("biofm_jax")
 PRETRAINED_SECTIONS = ("model", "objective")
 DATA_FIELDS_FROM_FINETUNE = ("batch_size", "num_workers")
 STATISTICS_ROWS = 2048  # training rows the head's input statistics are measured on, at most
-
-
-def pretrained_checkpoint(workdir: str | pathlib.Path) -> tuple[pathlib.Path, int, dict]:
-  """(checkpoints directory, latest step, saved config) of a pre-training run."""
-  directory = pathlib.Path(workdir).absolute() / "checkpoints"
-  if not directory.exists():
-    raise ValueError(f"pretrained run {workdir}: no checkpoints directory {directory}")
-  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
-  try:
-    step, saved = checkpointer.newest_readable(checkpointer.restore_config)
-    return directory, step, saved
-  except ValueError as e:
-    raise ValueError(f"pretrained run {workdir}: {e}") from None
-  finally:
-    checkpointer.close()
 
 
 def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -138,41 +122,12 @@ def load_pretrained(state, setup, pretrained_workdir: str | pathlib.Path):
   """`state` with its backbone parameters replaced by the pre-training checkpoint's,
   restored directly into the backbone's shardings. Shapes must match: every differing
   parameter is named."""
-  directory, newest, _ = pretrained_checkpoint(pretrained_workdir)
-  target = setup.abstract_state.params["backbone"]
-
-  def restore(step: int):
-    item = directory / str(step) / "state"
-    saved = ocp.PyTreeCheckpointer().metadata(item)
-    saved = getattr(saved, "item_metadata", saved)
-    saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
-    _check_shapes(saved_params, target, pretrained_workdir)
-    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-        partial_restore=True))
-  checkpointer = Checkpointer(directory, keep=1000, async_save=False)
-  try:  # a step whose arrays were cut short falls back to the one before
-    step, restored = checkpointer.newest_readable(restore, at_most=newest)
-  finally:
-    checkpointer.close()
+  step, backbone = restore_run_params(pretrained_workdir, setup.abstract_state.params["backbone"])
   params = dict(state.params)
-  params["backbone"] = restored["params"]
+  params["backbone"] = backbone
   log.info("fine-tuning from %s (step %d): %d backbone parameters restored", pretrained_workdir, step,
            param_count(params["backbone"]))
   return state.replace(params=params)
-
-
-def _check_shapes(saved, target, workdir) -> None:
-  def shapes(tree):
-    return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in
-            jax.tree_util.tree_leaves_with_path(tree)}
-  have, want = shapes(saved), shapes(target)
-  problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(have))]
-  problems += [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(set(want) & set(have))
-               if have[k] != want[k]]
-  if problems:
-    raise ValueError(f"the pretrained checkpoint in {workdir} does not match the model's backbone "
-                     f"({len(problems)} parameters differ): " + "; ".join(problems[:8]))
 
 
 def build_finetune_training(config: ml_collections.ConfigDict, data, devices=None) -> TrainingSetup:

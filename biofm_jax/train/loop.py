@@ -25,13 +25,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from biofm_jax import parallel
-from biofm_jax.config import check_config, config_to_dict, write_run_info
+from biofm_jax.config import ARCHITECTURE_DEFAULTS, check_config, config_to_dict, write_run_info
 from biofm_jax.data import batch as batch_lib
 from biofm_jax.data import pipeline
 from biofm_jax.modalities import registry
 from biofm_jax.train import state as state_lib
 from biofm_jax.train.build import build_training
-from biofm_jax.train.checkpoint import Checkpointer
+from biofm_jax.train.checkpoint import Checkpointer, restore_run_params
 from biofm_jax.train.metric_writer import MetricMeans, MetricWriter, Throughput, format_duration, measure_peak_flops
 from biofm_jax.train.embed import embed_split_outputs
 
@@ -115,6 +115,9 @@ def check_resume_compatible(saved: dict, config: ml_collections.ConfigDict, step
     return {k: v for key, value in d.items() for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
   old, new = ({k: v for k, v in flatten({s: c.get(s) for s in RESUME_INVARIANT_SECTIONS}).items()}
               for c in (saved, current))
+  # A run saved before an architecture option existed was built with its default.
+  old.update({f"model.{name}": default for name, default in ARCHITECTURE_DEFAULTS.items()
+              if f"model.{name}" not in old and saved.get("model") is not None})
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUME_FREE_FIELDS)
   if changed:
     details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:10])
@@ -207,6 +210,18 @@ def peak_flops(config) -> float:
   return measure_peak_flops() * (1 if jax.default_backend() == "cpu" else jax.device_count())
 
 
+def fresh_state(config: ml_collections.ConfigDict, setup) -> Any:
+  """A new run's first state: initialised from `config.seed`, with the parameters of the run
+  `config.train.init_from` names where it names one (the optimiser starts afresh)."""
+  state = setup.init_state(config.seed)
+  if not config.train.get("init_from"):
+    return state
+  step, params = restore_run_params(config.train.init_from, setup.abstract_state.params)
+  log.info("parameters from %s (its step %d): %s of them", config.train.init_from, step,
+           f"{state_lib.param_count(params):,}")
+  return state.replace(params=params)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        open_data: Callable[[pathlib.Path], Any] | None = None,
                        build: Callable[..., Any] = build_training,
@@ -254,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if latest is not None:
     log.info("resumed from checkpoint step %d", latest)
   else:
-    state = initial_state(setup) if initial_state is not None else setup.init_state(config.seed)
+    state = initial_state(setup) if initial_state is not None else fresh_state(config, setup)
   start_step = int(jax.device_get(state.step))
   num_params = state_lib.param_count(state.params)
   log.info("model: %s parameters", f"{num_params:,}")

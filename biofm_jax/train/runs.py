@@ -7,14 +7,37 @@ fine-tuning run (its config has a `task`) through `finetune.py`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
 import ml_collections
 
+from biofm_jax.config import config_to_dict
 from biofm_jax.train import finetune, loop
-from biofm_jax.train.checkpoint import Checkpointer
+from biofm_jax.train.checkpoint import Checkpointer, pretrained_checkpoint
 from biofm_jax.train.build import build_training
+
+log = logging.getLogger("biofm_jax")
+# Model fields that choose how the computation runs, not what it computes: a run that
+# continues another (`train.init_from`) keeps its own.
+COMPUTE_FIELDS = ("dtype", "remat", "attention", "layer_loop", "dropout_rate")
+
+
+def with_init_run_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the model section of the run `config.train.init_from` names (unchanged
+  where it names none): continued pre-training trains that run's architecture, whatever the
+  config file's model section says, and keeps only this config's `COMPUTE_FIELDS`."""
+  if not config.train.get("init_from"):
+    return config
+  _, _, saved = pretrained_checkpoint(config.train.init_from)
+  config = ml_collections.ConfigDict(config_to_dict(config))
+  model = {k: v for k, v in saved["model"].items() if k not in COMPUTE_FIELDS}
+  changed = sorted(k for k, v in model.items() if config.model.get(k) != v)
+  if changed:
+    log.info("model from %s: %s", config.train.init_from, ", ".join(f"{k}={model[k]!r}" for k in changed))
+  config.model.update(model)
+  return config
 
 
 def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):

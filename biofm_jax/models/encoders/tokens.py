@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from biofm_jax.data import batch as B
-from biofm_jax.models.layers import TransformerConfig, embed_init
+from biofm_jax.models.layers import TransformerConfig, embed_init, make_norm
 
 
 def embed_tokens(cfg: TransformerConfig, seq: dict[str, jax.Array], vocab_size: int,
@@ -23,6 +23,18 @@ def embed_tokens(cfg: TransformerConfig, seq: dict[str, jax.Array], vocab_size: 
     tokens += nn.Embed(num_value_bins + 1, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                        embedding_init=embed_init((None, "embed")), name="value_embedding")(seq[B.TOKEN_VALUE_BINS])
   return tokens
+
+
+def esm_token_dropout(tokens: jax.Array, ids: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
+  """ESM-2's token dropout, as its public implementation computes it in training and in
+  inference alike: MASK tokens embed as zero, each row is scaled by (1 - rate) / (1 - its
+  share of MASK tokens among its real tokens), and padding embeds as zero."""
+  is_mask = ids == B.MASK_ID
+  tokens = jnp.where(is_mask[..., None], 0, tokens)
+  real = jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)
+  observed = (is_mask & mask).sum(-1).astype(jnp.float32) / real
+  scale = (1.0 - rate) / (1.0 - observed)
+  return (tokens * scale[:, None, None].astype(tokens.dtype)) * mask[..., None].astype(tokens.dtype)
 
 
 def segment_positions(segments: jax.Array) -> jax.Array:
@@ -48,6 +60,8 @@ def positions_and_dropout(module: nn.Module, cfg: TransformerConfig, tokens: jax
                          cfg.param_dtype)
     rows = table[:length][None] if segments is None else table[positions]
     tokens += rows.astype(cfg.dtype)
+  if cfg.embedding_norm:  # BERT's embedding LayerNorm, after the positions are added
+    tokens = make_norm(cfg, "embedding_norm", norm="layernorm")(tokens)
   return nn.Dropout(cfg.dropout_rate, deterministic=not train)(tokens), positions
 
 
@@ -60,5 +74,7 @@ class TokenEncoder(nn.Module):
   @nn.compact
   def __call__(self, seq: dict[str, jax.Array], *, train: bool):
     tokens = embed_tokens(self.cfg, seq, self.vocab_size, self.num_value_bins)
+    if self.cfg.token_dropout:
+      tokens = esm_token_dropout(tokens, seq[B.TOKENS], seq[B.TOKEN_MASK], self.cfg.token_dropout)
     tokens, positions = positions_and_dropout(self, self.cfg, tokens, train=train, segments=seq.get(B.SEGMENT_IDS))
     return tokens, seq[B.TOKEN_MASK], positions

@@ -1,0 +1,98 @@
+"""A public model's tensors into our parameter tree: a name map and value hooks.
+
+A format lists one `Rule` per parameter of ours: the public tensor it comes from (a name
+with `{layer}` for per-layer tensors), the public shape that tensor must have, and a hook
+turning the public value into ours (a transpose, a reshape of heads, a reordering of
+vocabulary rows). Per-layer tensors are read one layer at a time and written into one
+array stacked on a leading layers axis, the scan axis of our stack (MaxText's
+`utils/ckpt_conversion` and Levanter's `hf_checkpoints.py` do the same), so converting
+holds the converted model plus one public tensor.
+
+Every tensor of the folder must be used by a rule or named as ignorable by the format (a
+contact-prediction head, rotary frequency buffers); a missing tensor, one of the wrong
+shape, or one no rule knows is an error naming the file and the tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from biofm_jax.weights.tensors import TensorFolder
+
+ParamPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Our parameter `path` from the public tensor `source` (`{layer}` in per-layer names)."""
+  path: ParamPath
+  source: str
+  public_shape: tuple[int, ...]
+  hook: Callable[[np.ndarray], np.ndarray] = lambda x: x
+  # When the folder lacks `source`, the tensor it stands for under tied weights (a tied
+  # decoder is stored once, as the embedding).
+  tied_to: str = ""
+
+  @property
+  def per_layer(self) -> bool:
+    return "{layer}" in self.source
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+  """torch's Linear weight [out, in] -> flax's Dense kernel [in, out]."""
+  return np.ascontiguousarray(x.T)
+
+
+def convert(tensors: TensorFolder, rules: Sequence[Rule], num_layers: int,
+            ignored: Iterable[str] = (), dtype=np.float32) -> dict[ParamPath, np.ndarray]:
+  """{our parameter path: float32 array}, per-layer ones stacked [num_layers, ...]."""
+  ignored_patterns = [re.compile(p) for p in ignored]
+  used = set()
+  out: dict[ParamPath, np.ndarray] = {}
+  for rule in rules:
+    names = [rule.source.format(layer=i) for i in range(num_layers)] if rule.per_layer else [rule.source]
+    stacked = None
+    for i, name in enumerate(names):
+      value = _read(tensors, rule, name, used).astype(dtype, copy=False)
+      value = rule.hook(value)
+      if not rule.per_layer:
+        out[rule.path] = np.asarray(value, dtype)
+        break
+      if stacked is None:
+        stacked = np.empty((num_layers,) + value.shape, dtype)
+      stacked[i] = value
+    if stacked is not None:
+      out[rule.path] = stacked
+  extra = [n for n in tensors.names if n not in used and not any(p.fullmatch(n) for p in ignored_patterns)]
+  if extra:
+    raise ValueError(f"{tensors.where(extra[0])}: tensor {extra[0]!r} is not part of this format's "
+                     f"architecture ({len(extra)} such tensors; the config may name another architecture)")
+  return out
+
+
+def legacy_name(name: str) -> str:
+  """A LayerNorm's tensor under its TensorFlow-era name (`gamma`, `beta`), which checkpoints
+  saved by older tools, and `save_pretrained` of some transformers 5 models, still use."""
+  if "LayerNorm." in name:
+    return re.sub(r"\.weight$", ".gamma", re.sub(r"\.bias$", ".beta", name))
+  return name
+
+
+def _read(tensors: TensorFolder, rule: Rule, name: str, used: set) -> np.ndarray:
+  source = name
+  if name not in tensors:
+    if legacy_name(name) in tensors:
+      source = legacy_name(name)
+    elif rule.tied_to and rule.tied_to in tensors:
+      source = rule.tied_to
+    else:
+      raise ValueError(f"{tensors.folder}: tensor {name!r} is missing")
+  shape = tensors.shape(source)
+  if shape != tuple(rule.public_shape):
+    raise ValueError(f"{tensors.where(source)}: tensor {source!r} has shape {list(shape)}, "
+                     f"expected {list(rule.public_shape)} from the config")
+  used.add(source)
+  return tensors.get(source)

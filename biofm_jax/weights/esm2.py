@@ -1,0 +1,132 @@
+"""ESM-2 (`transformers.EsmForMaskedLM`, `facebook/esm2_t6_8M_UR50D` ... `esm2_t48_15B_UR50D`,
+MIT licence): its Hugging Face folder as a biofm_jax protein masked-language model.
+
+The architecture, in the options of our shared block: pre-LayerNorm blocks (eps 1e-5) with
+biases, exact GELU, rotary positions, a final LayerNorm (`emb_layer_norm_after`), token
+dropout (MASK embeds as zero, embeddings scaled by 0.88 / (1 - the row's MASK share)), and
+the MLM head dense -> GELU -> LayerNorm -> decoder (tied to the embeddings) + bias.
+
+The vocabulary: ESM's 33 tokens hold our protein tokenizer's 29 (`SequenceTokenizer`
+"amino_acid": PAD UNK MASK CLS, then the 25 amino-acid letters), so the embedding rows, the
+decoder rows and its bias are taken in our ids' order (`public_ids`); ESM's <eos>, ".",
+"-" and <null_1> have no id of ours and are left out. Our sequences start with CLS as
+ESM's do, and carry no <eos>.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from biofm_jax.configs import omics_sequence
+from biofm_jax.data import batch as B
+from biofm_jax.weights.conversion import Rule, transpose
+
+NAME = "esm2"
+# ESM-2's vocabulary (its tokenizer's vocab.txt), in id order.
+ESM_TOKENS = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>")
+OUR_SPECIALS = {B.PAD_ID: "<pad>", B.UNK_ID: "<unk>", B.MASK_ID: "<mask>", B.CLS_ID: "<cls>"}
+TOKEN_DROPOUT_RATE = 0.15 * 0.8  # ESM-2's mask_ratio_train: the MASK share of its training inputs
+# Tensors an ESM-2 folder may hold that the masked LM does not use: the contact-prediction
+# head, rotary frequency buffers (recomputed: the same 1 / 10000^(2i/d)), position ids.
+IGNORED = (r"esm\.contact_head\..*", r".*rotary_embeddings\.inv_freq", r".*position_ids")
+
+
+def check_config(hf: dict[str, Any], where: str) -> None:
+  """One error naming the field of an ESM folder's config.json that we cannot represent."""
+  wanted = {"position_embedding_type": "rotary", "hidden_act": "gelu"}
+  for field, value in wanted.items():
+    if hf.get(field, value) != value:
+      raise ValueError(f"{where}: {field}={hf[field]!r}; ESM-2 import supports {field}={value!r} only")
+  if hf.get("is_folding_model"):
+    raise ValueError(f"{where}: is_folding_model=true (ESMFold) is not an ESM-2 masked language model")
+  if hf.get("hidden_size", 0) % max(hf.get("num_attention_heads", 1), 1):
+    raise ValueError(f"{where}: hidden_size {hf.get('hidden_size')} is not divisible by "
+                     f"num_attention_heads {hf.get('num_attention_heads')}")
+  for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+    if not isinstance(hf.get(field), int):
+      raise ValueError(f"{where}: field {field!r} is missing or not an integer")
+
+
+def vocabulary(folder_tokens: tuple[str, ...] | None, hf: dict[str, Any], where: str) -> tuple[str, ...]:
+  """The folder's vocabulary (its vocab.txt, or ESM-2's own when it has none), checked."""
+  tokens = folder_tokens or ESM_TOKENS
+  if len(tokens) != hf["vocab_size"]:
+    raise ValueError(f"{where}: vocab_size {hf['vocab_size']} but the vocabulary holds {len(tokens)} tokens")
+  return tokens
+
+
+def public_ids(tokens: tuple[str, ...], ours: tuple[str, ...], where: str) -> np.ndarray:
+  """int64 [our vocabulary]: the public id of each of our token ids."""
+  index = {t: i for i, t in enumerate(tokens)}
+  names = [OUR_SPECIALS.get(i, token) for i, token in enumerate(ours)]
+  missing = [n for n in names if n not in index]
+  if missing:
+    raise ValueError(f"{where}: the vocabulary lacks {missing[:5]}, which our protein tokenizer needs")
+  return np.array([index[n] for n in names], np.int64)
+
+
+def model_config(hf: dict[str, Any]) -> dict[str, Any]:
+  """config.model fields of the ESM-2 architecture `hf` (its config.json) describes."""
+  return dict(num_layers=hf["num_hidden_layers"], embed_dim=hf["hidden_size"], num_heads=hf["num_attention_heads"],
+              head_dim=0, mlp_dim=hf["intermediate_size"], position="rope", norm="layernorm", bias=True,
+              activation="gelu", norm_eps=float(hf.get("layer_norm_eps", 1e-5)), norm_position="pre",
+              final_norm=True, token_dropout=TOKEN_DROPOUT_RATE if hf.get("token_dropout", True) else 0.0,
+              embedding_norm=bool(hf.get("emb_layer_norm_before", False)), mlm_head="transform")
+
+
+def base_config(hf: dict[str, Any], max_len: int) -> ml_collections.ConfigDict:
+  """A protein masked-LM pre-training config (configs/omics_sequence.py:protein) with the
+  architecture of `hf` and sequences of up to `max_len` tokens (CLS included)."""
+  config = omics_sequence.get_config("protein")
+  config.model.update(model_config(hf))
+  config.data.sequence.max_len = max_len
+  return config
+
+
+def rules(hf: dict[str, Any], ids: np.ndarray, modality: str = "sequence") -> list[Rule]:
+  """Our parameter paths <- ESM-2's tensor names, with the public shapes config.json implies."""
+  d, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
+  h = hf["num_attention_heads"]
+  k = d // h
+  layer = "esm.encoder.layer.{layer}."
+  stack = ("transformer", "layers")
+
+  def heads_in(x):  # [D_out, D_in] -> kernel [D_in, H, K]
+    return np.ascontiguousarray(x.T.reshape(d, h, k))
+
+  def heads_out(x):  # [D_out, D_in=H*K] -> kernel [H, K, D_out]
+    return np.ascontiguousarray(x.T.reshape(h, k, d))
+
+  def rows(x):  # vocabulary rows in our ids' order
+    return np.ascontiguousarray(x[ids])
+
+  def norm(path, source):
+    return [Rule(path + ("scale",), source + ".weight", (d,)), Rule(path + ("bias",), source + ".bias", (d,))]
+
+  out = [Rule((f"{modality}_encoder", "code_embedding", "embedding"), "esm.embeddings.word_embeddings.weight",
+              (v, d), rows)]
+  if hf.get("emb_layer_norm_before"):
+    out += norm((f"{modality}_encoder", "embedding_norm"), "esm.embeddings.layer_norm")
+  for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
+    out += [Rule(stack + ("attention", ours, "kernel"), layer + f"attention.self.{theirs}.weight", (d, d), heads_in),
+            Rule(stack + ("attention", ours, "bias"), layer + f"attention.self.{theirs}.bias", (d,),
+                 lambda x: x.reshape(h, k))]
+  out += [Rule(stack + ("attention", "out", "kernel"), layer + "attention.output.dense.weight", (d, d), heads_out),
+          Rule(stack + ("attention", "out", "bias"), layer + "attention.output.dense.bias", (d,))]
+  out += norm(stack + ("attention_norm",), layer + "attention.LayerNorm")
+  out += [Rule(stack + ("mlp", "wi", "kernel"), layer + "intermediate.dense.weight", (f, d), transpose),
+          Rule(stack + ("mlp", "wi", "bias"), layer + "intermediate.dense.bias", (f,)),
+          Rule(stack + ("mlp", "wo", "kernel"), layer + "output.dense.weight", (d, f), transpose),
+          Rule(stack + ("mlp", "wo", "bias"), layer + "output.dense.bias", (d,))]
+  out += norm(stack + ("mlp_norm",), layer + "LayerNorm")
+  out += norm(("transformer", "final_norm"), "esm.encoder.emb_layer_norm_after")
+  head = ("code_head",)
+  out += [Rule(head + ("transform", "kernel"), "lm_head.dense.weight", (d, d), transpose),
+          Rule(head + ("transform", "bias"), "lm_head.dense.bias", (d,))]
+  out += norm(head + ("transform_norm",), "lm_head.layer_norm")
+  out += [Rule(head + ("dense", "kernel"), "lm_head.decoder.weight", (v, d), lambda x: np.ascontiguousarray(x[ids].T),
+               tied_to="esm.embeddings.word_embeddings.weight"),
+          Rule(head + ("dense", "bias"), "lm_head.bias", (v,), rows)]
+  return out

@@ -1,0 +1,95 @@
+"""Converted public weights written as an ordinary biofm_jax run folder.
+
+The folder is what a pre-training run leaves at step 0: `checkpoints/0` (the train state
+with the imported parameters and a fresh optimiser, the data position, the config),
+`artifacts/` (the vocabulary in our format) and `run_info.json`, plus `imported.json`
+saying where the weights came from. So every command that takes a run folder takes it:
+`--config.train.init_from` (continued pre-training), `--pretrained` (probes, fine-tuning,
+evaluation), `export.py`.
+
+It is written into a hidden sibling folder and renamed into place only when complete: a
+conversion that fails on any tensor leaves nothing at `out`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from biofm_jax.config import write_run_info
+from biofm_jax.weights.conversion import ParamPath
+from biofm_jax.train import loop
+from biofm_jax.train.build import build_training
+from biofm_jax.train.checkpoint import Checkpointer
+
+log = logging.getLogger("biofm_jax")
+IMPORT_RECORD = "imported.json"
+
+
+def check_out(out: pathlib.Path) -> None:
+  """`out` must not exist yet, or be an empty folder (nothing of a user's is overwritten)."""
+  if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+    raise ValueError(f"--out {out}: exists and is not an empty folder; choose a new run folder")
+
+
+def param_paths(tree: Any) -> dict[ParamPath, Any]:
+  """{(key, ...): leaf} of a nested parameter dict."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    out[tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)] = leaf
+  return out
+
+
+def check_against_model(params: dict[ParamPath, np.ndarray], abstract: Any) -> None:
+  """The converted parameters are exactly the model's: every path, every shape."""
+  want = {p: tuple(leaf.shape) for p, leaf in param_paths(abstract).items()}
+  have = {p: tuple(a.shape) for p, a in params.items()}
+  problems = [f"{'/'.join(p)}: not converted" for p in sorted(set(want) - set(have))]
+  problems += [f"{'/'.join(p)}: converted but not in the model" for p in sorted(set(have) - set(want))]
+  problems += [f"{'/'.join(p)}: converted {have[p]}, model {want[p]}" for p in sorted(set(want) & set(have))
+               if have[p] != want[p]]
+  if problems:
+    raise ValueError(f"the converted weights do not fit the model ({len(problems)} parameters): "
+                     + "; ".join(problems[:8]))
+
+
+def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, np.ndarray],
+                     out: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:
+  """Writes the run folder `out` (see the module docstring); `record` goes to imported.json."""
+  out = pathlib.Path(out).absolute()
+  check_out(out)
+  staging = out.parent / f".{out.name}.importing"
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  try:
+    data = loop.open_data_module(config, staging / "artifacts")
+    setup = build_training(config, data)
+    abstract = setup.abstract_state.params
+    check_against_model(params, abstract)
+    state = setup.init_state(config.seed)
+    placed = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.device_put(params[tuple(getattr(k, "key", str(k)) for k in path)].astype(leaf.dtype),
+                                          leaf.sharding), abstract)
+    state = state.replace(params=placed)
+    checkpointer = Checkpointer(staging / "checkpoints", keep=1, async_save=False)
+    try:
+      checkpointer.save(0, state, loop.make_train_iterator(data, config), config, force=True)
+    finally:
+      checkpointer.close()
+    write_run_info(config, staging)
+    (staging / IMPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    if out.exists():
+      out.rmdir()  # empty (check_out)
+    os.replace(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  log.info("imported weights written to %s", out)
+  return out

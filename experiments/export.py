@@ -20,6 +20,13 @@ so `experiments/predict.py --exported=<out>` scores raw MEDS records, or raw rec
 modality (`--records`), with it alone. The work is `biofm_jax.export.export_run`.
 `<out>/loader.py` loads the model with jax, numpy and flatbuffers only.
 
+  python experiments/export.py --workdir=runs/esm2_mine --out=exports/esm2_mine_hf --format=hf
+
+publishes a run in the public format its users load instead (`biofm_jax/weights/publish.py`):
+`transformers.EsmForMaskedLM.from_pretrained(out)` for a protein masked language model with
+ESM-2's architecture (imported with experiments/import_weights.py, or pre-trained with it);
+a run no public class computes exactly is refused with the option that differs.
+
 A fine-tuned run's export carries its model card (`MODEL_CARD.md`, and the same facts in
 export.json's `model_card`; `biofm_jax/eval/model_card.py`): the task and label definition, a
 fingerprint of the data it was trained on (file counts, bytes, hashes; cohort counts per
@@ -43,6 +50,9 @@ flags.DEFINE_string("output", "", "'' (the data's own embedding; a fine-tuned ru
                     "'contrastive:<modality>', or for a fine-tuned run 'task' or 'embedding'.")
 flags.DEFINE_string("report", "", "A fine-tuned run's evaluation (evaluate.py --finetuned's output folder): its "
                     "held-out figures, intervals, subgroups and baselines go into the model card.")
+flags.DEFINE_string("format", "", "'' (a jax.export model directory, as above) or 'hf': the run's parameters "
+                    "as the public Hugging Face class that computes them (today EsmForMaskedLM, for protein "
+                    "masked language models with ESM-2's architecture), loadable with transformers.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -52,6 +62,14 @@ def main(argv, overrides):
   from biofm_jax.config import load_config
   from biofm_jax.export import export_run
 
+  if FLAGS.format:
+    from biofm_jax.weights.publish import publish_run
+    try:
+      out = publish_run(FLAGS.workdir, FLAGS.out, FLAGS.format)
+    except (KeyError, ValueError, FileNotFoundError) as e:  # a model no public class computes, a used --out
+      cli.fail(f"{e}")
+    print(f"published {pathlib.Path(FLAGS.workdir).absolute()} as a Hugging Face model in {out}")
+    return
   try:
     config = load_config(FLAGS.config, overrides) if FLAGS.config else None
     out, step = export_run(FLAGS.workdir, FLAGS.out, output=FLAGS.output, config=config, report=FLAGS.report or None,

@@ -1,6 +1,8 @@
-"""Public weights in: an ESM-2 folder written by `transformers` imports as a run folder
-whose model gives ESM-2's own hidden states and MLM logits, tokenises as ESM's tokenizer
-does, continues pre-training on a FASTA, and refuses a crafted folder before writing.
+"""Public weights in and out: an ESM-2 folder written by `transformers` imports as a run
+folder whose model gives ESM-2's own hidden states and MLM logits, tokenises as ESM's
+tokenizer does, continues pre-training on a FASTA, and refuses a crafted folder before
+writing; a run with ESM-2's architecture publishes as a folder `EsmForMaskedLM` loads with
+the run's own outputs.
 
 Nothing downloads: each test builds a small random `EsmForMaskedLM` with torch on the CPU
 and saves it with `save_pretrained` (safetensors), as a user's copy of
@@ -23,6 +25,7 @@ from biofm_jax.data import batch as B  # noqa: E402
 from biofm_jax.modalities.sequence.data import SequenceTokenizer  # noqa: E402
 from biofm_jax.weights import esm2  # noqa: E402
 from biofm_jax.weights.formats import import_folder  # noqa: E402
+from biofm_jax.weights.publish import esm_differences, publish_run  # noqa: E402
 
 PROTEINS = ("MKTAYIAKQRQISFVKSHFSRQ", "GVLSEGEWQLVLHVWAKVEAD", "MALWMRLLPLLALLALWGPDPAAA")
 MAX_LEN = 32
@@ -129,6 +132,66 @@ def test_an_imported_run_continues_pre_training_on_a_fasta(esm, tmp_path):
     np.testing.assert_array_equal(a, b)
   summary = train_and_evaluate(config, tmp_path / "continued")
   assert summary["train/loss"] < 4.0 and np.isfinite(summary["train/loss"])
+  # The continued run publishes as ESM-2: transformers loads it and computes what we do.
+  published = publish_run(tmp_path / "continued", tmp_path / "hf")
+  _assert_transformers_matches_run(published, tmp_path / "continued")
+
+
+def _assert_transformers_matches_run(published: pathlib.Path, run: pathlib.Path) -> None:
+  """`EsmForMaskedLM.from_pretrained(published)` gives the run's hidden states and MLM logits
+  (those of our vocabulary's tokens), with and without MASK tokens, to 1e-4."""
+  from biofm_jax.train.runs import open_run
+  _, data, setup, params, _ = open_run(run)
+  model = transformers.EsmForMaskedLM.from_pretrained(published).eval()
+  public = transformers.EsmTokenizer.from_pretrained(published)
+  ids = esm2.public_ids(esm2.ESM_TOKENS, data.tokenizer.tokens, "test")
+  for masked in ((), ((1, 4), (2, 2))):
+    batch = _our_batch(data.tokenizer, masked)
+    tokens, mask = batch["sequence"][B.TOKENS], batch["sequence"][B.TOKEN_MASK]
+    if not masked:  # the public tokenizer's ids, less its closing <eos>, are what we feed
+      encoded = public(list(PROTEINS), padding="max_length", max_length=MAX_LEN + 1)["input_ids"]
+      for row, protein in enumerate(PROTEINS):
+        assert ids[tokens[row, :len(protein) + 1]].tolist() == encoded[row][:len(protein) + 1]
+    ours = setup.model.apply({"params": params}, batch, train=False)["sequence"]
+    with torch.no_grad():
+      theirs = model(input_ids=torch.from_numpy(ids[tokens]), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                     output_hidden_states=True)
+    np.testing.assert_allclose(np.asarray(ours["hidden"])[mask], theirs.hidden_states[-1].numpy()[mask], atol=1e-4,
+                               rtol=0)
+    logits = theirs.logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours["code_logits"])[mask], logits[..., ids][mask], atol=1e-4, rtol=0)
+    # ESM tokens we have no row for are never the prediction.
+    assert (logits[mask].argmax(-1)[:, None] == ids[None, :]).any(-1).all()
+
+
+def test_an_imported_esm2_publishes_back_with_the_same_tensors(esm, tmp_path):
+  """Import then publish gives ESM-2's own tensors back (the rows of tokens we lack aside),
+  and transformers loads the published folder."""
+  folder, _, run = esm
+  published = publish_run(run, tmp_path / "hf")
+  original, again = _tensors(folder), _tensors(published)
+  ids = esm2.public_ids(esm2.ESM_TOKENS, SequenceTokenizer("amino_acid").tokens, "test")
+  renamed = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+             for k, v in original.items() if "contact_head" not in k and "inv_freq" not in k}
+  assert set(again) == set(renamed) | {"lm_head.decoder.weight"}
+  for name, value in renamed.items():
+    vocab_rows = name in ("esm.embeddings.word_embeddings.weight", "lm_head.bias")
+    np.testing.assert_allclose(again[name][ids] if vocab_rows else again[name], value[ids] if vocab_rows else value,
+                               atol=1e-7, err_msg=name)
+  np.testing.assert_allclose(again["lm_head.decoder.weight"][ids], original["esm.embeddings.word_embeddings.weight"][ids])
+  _assert_transformers_matches_run(published, run)
+
+
+def test_a_run_no_public_class_computes_is_refused_naming_each_difference(tmp_path):
+  from biofm_jax.config import load_config
+  config = load_config(str(pathlib.Path(__file__).parents[1] / "configs/omics_sequence.py:protein"))
+  problems = "; ".join(esm_differences(config))
+  for expected in ("model.norm='rmsnorm': EsmForMaskedLM computes 'layernorm'", "model.bias=False",
+                   "model.activation='gelu_tanh'", "model.mlm_head='linear'"):
+    assert expected in problems
+  dna = load_config(str(pathlib.Path(__file__).parents[1] / "configs/omics_sequence.py:tiny"))
+  assert "data.sequence.tokenizer='nucleotide': EsmForMaskedLM reads 'amino_acid' tokens" in "; ".join(
+      esm_differences(dna))
 
 
 def _tensors(folder: pathlib.Path) -> dict:
@@ -175,10 +238,10 @@ def test_a_crafted_folder_is_refused_by_name_and_nothing_is_written(esm, tmp_pat
 
 def test_an_unknown_or_planned_format_and_a_used_out_folder_are_refused(esm, tmp_path):
   source, _, run = esm
-  with pytest.raises(ValueError, match="--format='bert': unknown; choose one of esm2"):
+  with pytest.raises(ValueError, match="--format='bert': unknown; choose one of esm2, geneformer"):
     import_folder("bert", source, tmp_path / "a", max_len=MAX_LEN)
-  with pytest.raises(ValueError, match="--format=geneformer: not converted yet"):
-    import_folder("geneformer", source, tmp_path / "b", max_len=MAX_LEN)
+  with pytest.raises(ValueError, match="--format=vit_mae: not converted yet"):
+    import_folder("vit_mae", source, tmp_path / "b", max_len=MAX_LEN)
   (tmp_path / "used").mkdir()
   (tmp_path / "used" / "notes.txt").write_text("mine")
   with pytest.raises(ValueError, match="exists and is not an empty folder"):

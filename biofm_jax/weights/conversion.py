@@ -35,6 +35,8 @@ class Rule:
   # When the folder lacks `source`, the tensor it stands for under tied weights (a tied
   # decoder is stored once, as the embedding).
   tied_to: str = ""
+  # Ours back to the public value (publishing): the inverse of `hook`.
+  inverse: Callable[[np.ndarray], np.ndarray] = lambda x: x
 
   @property
   def per_layer(self) -> bool:
@@ -42,8 +44,28 @@ class Rule:
 
 
 def transpose(x: np.ndarray) -> np.ndarray:
-  """torch's Linear weight [out, in] -> flax's Dense kernel [in, out]."""
+  """torch's Linear weight [out, in] -> flax's Dense kernel [in, out] (and back)."""
   return np.ascontiguousarray(x.T)
+
+
+def take_rows(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Vocabulary rows in our ids' order: row i is public row ids[i], zeros where ids[i] < 0
+  (a token of ours the public model has no row for)."""
+  out = x[np.maximum(ids, 0)]
+  out[ids < 0] = 0
+  return np.ascontiguousarray(out)
+
+
+def put_rows(x: np.ndarray, ids: np.ndarray, size: int, fill: float = 0.0) -> np.ndarray:
+  """The inverse of `take_rows`: our rows at their public ids among `size`, `fill` elsewhere."""
+  out = np.full((size,) + x.shape[1:], fill, x.dtype)
+  out[ids[ids >= 0]] = x[ids >= 0]
+  return out
+
+
+def linear(path: ParamPath, source: str, shape: tuple[int, int]) -> Rule:
+  """A torch Linear's weight [out, in] as a flax Dense kernel [in, out]."""
+  return Rule(path, source, shape, transpose, inverse=transpose)
 
 
 def convert(tensors: TensorFolder, rules: Sequence[Rule], num_layers: int,
@@ -96,3 +118,21 @@ def _read(tensors: TensorFolder, rule: Rule, name: str, used: set) -> np.ndarray
                      f"expected {list(rule.public_shape)} from the config")
   used.add(source)
   return tensors.get(source)
+
+
+def publish(params: dict[ParamPath, np.ndarray], rules: Sequence[Rule], num_layers: int,
+            dtype=np.float32) -> dict[str, np.ndarray]:
+  """The public tensors {name: array} of our parameters: each rule's `inverse`, per layer
+  for the stacked ones (the other direction of `convert`)."""
+  out: dict[str, np.ndarray] = {}
+  for rule in rules:
+    value = np.asarray(params[rule.path], dtype)
+    if rule.per_layer:
+      for i in range(num_layers):
+        out[rule.source.format(layer=i)] = np.ascontiguousarray(rule.inverse(value[i]), dtype)
+    else:
+      out[rule.source] = np.ascontiguousarray(rule.inverse(value), dtype)
+    if tuple(out[rule.source.format(layer=0)].shape) != tuple(rule.public_shape):
+      raise ValueError(f"{'/'.join(rule.path)}: published as {list(out[rule.source.format(layer=0)].shape)}, "
+                       f"the public model holds {list(rule.public_shape)}")
+  return out

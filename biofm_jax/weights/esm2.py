@@ -21,7 +21,7 @@ import numpy as np
 
 from biofm_jax.configs import omics_sequence
 from biofm_jax.data import batch as B
-from biofm_jax.weights.conversion import Rule, transpose
+from biofm_jax.weights.conversion import Rule, linear
 
 NAME = "esm2"
 # ESM-2's vocabulary (its tokenizer's vocab.txt), in id order.
@@ -30,6 +30,7 @@ OUR_SPECIALS = {B.PAD_ID: "<pad>", B.UNK_ID: "<unk>", B.MASK_ID: "<mask>", B.CLS
 TOKEN_DROPOUT_RATE = 0.15 * 0.8  # ESM-2's mask_ratio_train: the MASK share of its training inputs
 # Tensors an ESM-2 folder may hold that the masked LM does not use: the contact-prediction
 # head, rotary frequency buffers (recomputed: the same 1 / 10000^(2i/d)), position ids.
+UNSEEN_LOGIT = -1e4  # the published decoder bias of ESM tokens our vocabulary lacks (<eos>, ".", "-", <null_1>)
 IGNORED = (r"esm\.contact_head\..*", r".*rotary_embeddings\.inv_freq", r".*position_ids")
 
 
@@ -86,7 +87,8 @@ def base_config(hf: dict[str, Any], max_len: int) -> ml_collections.ConfigDict:
 
 
 def rules(hf: dict[str, Any], ids: np.ndarray, modality: str = "sequence") -> list[Rule]:
-  """Our parameter paths <- ESM-2's tensor names, with the public shapes config.json implies."""
+  """Our parameter paths <- ESM-2's tensor names, with the public shapes config.json implies,
+  the hooks that turn ESM-2's values into ours and their inverses (publishing)."""
   d, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
   h = hf["num_attention_heads"]
   k = d // h
@@ -99,34 +101,45 @@ def rules(hf: dict[str, Any], ids: np.ndarray, modality: str = "sequence") -> li
   def heads_out(x):  # [D_out, D_in=H*K] -> kernel [H, K, D_out]
     return np.ascontiguousarray(x.T.reshape(h, k, d))
 
+  def heads_back(x):  # either kernel -> [D_out, D_in]
+    return np.ascontiguousarray(x.reshape(d, d).T)
+
   def rows(x):  # vocabulary rows in our ids' order
     return np.ascontiguousarray(x[ids])
+
+  def rows_back(x, fill=0.0):  # our rows at their public ids; the public tokens we lack hold `fill`
+    out = np.full((v,) + x.shape[1:], fill, x.dtype)
+    out[ids] = x
+    return out
 
   def norm(path, source):
     return [Rule(path + ("scale",), source + ".weight", (d,)), Rule(path + ("bias",), source + ".bias", (d,))]
 
   out = [Rule((f"{modality}_encoder", "code_embedding", "embedding"), "esm.embeddings.word_embeddings.weight",
-              (v, d), rows)]
+              (v, d), rows, inverse=rows_back)]
   if hf.get("emb_layer_norm_before"):
     out += norm((f"{modality}_encoder", "embedding_norm"), "esm.embeddings.layer_norm")
   for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
-    out += [Rule(stack + ("attention", ours, "kernel"), layer + f"attention.self.{theirs}.weight", (d, d), heads_in),
+    out += [Rule(stack + ("attention", ours, "kernel"), layer + f"attention.self.{theirs}.weight", (d, d), heads_in,
+                 inverse=heads_back),
             Rule(stack + ("attention", ours, "bias"), layer + f"attention.self.{theirs}.bias", (d,),
-                 lambda x: x.reshape(h, k))]
-  out += [Rule(stack + ("attention", "out", "kernel"), layer + "attention.output.dense.weight", (d, d), heads_out),
+                 lambda x: x.reshape(h, k), inverse=lambda x: x.reshape(d))]
+  out += [Rule(stack + ("attention", "out", "kernel"), layer + "attention.output.dense.weight", (d, d), heads_out,
+               inverse=heads_back),
           Rule(stack + ("attention", "out", "bias"), layer + "attention.output.dense.bias", (d,))]
   out += norm(stack + ("attention_norm",), layer + "attention.LayerNorm")
-  out += [Rule(stack + ("mlp", "wi", "kernel"), layer + "intermediate.dense.weight", (f, d), transpose),
+  out += [linear(stack + ("mlp", "wi", "kernel"), layer + "intermediate.dense.weight", (f, d)),
           Rule(stack + ("mlp", "wi", "bias"), layer + "intermediate.dense.bias", (f,)),
-          Rule(stack + ("mlp", "wo", "kernel"), layer + "output.dense.weight", (d, f), transpose),
+          linear(stack + ("mlp", "wo", "kernel"), layer + "output.dense.weight", (d, f)),
           Rule(stack + ("mlp", "wo", "bias"), layer + "output.dense.bias", (d,))]
   out += norm(stack + ("mlp_norm",), layer + "LayerNorm")
   out += norm(("transformer", "final_norm"), "esm.encoder.emb_layer_norm_after")
   head = ("code_head",)
-  out += [Rule(head + ("transform", "kernel"), "lm_head.dense.weight", (d, d), transpose),
+  out += [linear(head + ("transform", "kernel"), "lm_head.dense.weight", (d, d)),
           Rule(head + ("transform", "bias"), "lm_head.dense.bias", (d,))]
   out += norm(head + ("transform_norm",), "lm_head.layer_norm")
+  # Published, a token we have no row for is never predicted: its bias is far below any logit.
   out += [Rule(head + ("dense", "kernel"), "lm_head.decoder.weight", (v, d), lambda x: np.ascontiguousarray(x[ids].T),
-               tied_to="esm.embeddings.word_embeddings.weight"),
-          Rule(head + ("dense", "bias"), "lm_head.bias", (v,), rows)]
+               tied_to="esm.embeddings.word_embeddings.weight", inverse=lambda x: rows_back(np.ascontiguousarray(x.T))),
+          Rule(head + ("dense", "bias"), "lm_head.bias", (v,), rows, inverse=lambda x: rows_back(x, UNSEEN_LOGIT))]
   return out

@@ -9,14 +9,15 @@ from typing import Any
 
 from biofm_jax.config import check_config, set_field
 from biofm_jax.modalities.sequence.data import SequenceTokenizer
-from biofm_jax.weights import esm2
+from biofm_jax.modalities.omics.gene_vocab import VOCAB_FILENAME
+from biofm_jax.weights import esm2, geneformer
 from biofm_jax.weights.conversion import convert
 from biofm_jax.weights.run_folder import check_out, write_run_folder
 from biofm_jax.weights.tensors import TensorFolder
 
-FORMATS = (esm2.NAME,)
+FORMATS = (esm2.NAME, geneformer.NAME)
 # Formats the issue names that are not converted yet: an error says so rather than guessing.
-PLANNED = ("nucleotide_transformer", "geneformer", "vit_mae", "timm_vit")
+PLANNED = ("nucleotide_transformer", "vit_mae", "timm_vit")
 
 
 def read_config(folder: pathlib.Path) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def read_vocab_txt(folder: pathlib.Path) -> tuple[str, ...] | None:
 
 
 def convert_esm2(folder: pathlib.Path, max_len: int):
-  """(config, {our path: array}, record) of an ESM-2 folder."""
+  """(config, {our path: array}, record, artifacts) of an ESM-2 folder."""
   hf = read_config(folder)
   where = str(folder / "config.json")
   if hf.get("model_type", "esm") != "esm":
@@ -54,7 +55,27 @@ def convert_esm2(folder: pathlib.Path, max_len: int):
   params = convert(TensorFolder(folder), esm2.rules(hf, ids), hf["num_hidden_layers"], ignored=esm2.IGNORED)
   record = {"format": esm2.NAME, "public_config": hf, "public_vocabulary": list(tokens),
             "public_ids": ids.tolist()}
-  return config, params, record
+  return config, params, record, {}
+
+
+def convert_geneformer(folder: pathlib.Path, max_len: int):
+  """(config, {our path: array}, record, artifacts) of a Geneformer folder."""
+  hf = read_config(folder)
+  where = str(folder / "config.json")
+  geneformer.check_config(hf, where)
+  tokens, medians = geneformer.dictionaries(folder)
+  config = geneformer.base_config(hf, max_len)
+  vocab, ids = geneformer.gene_vocab(tokens, medians, hf, str(folder), config.data.omics.num_value_bins)
+  params = convert(TensorFolder(folder), geneformer.rules(hf, ids, config.data.omics.max_len),
+                   hf["num_hidden_layers"], ignored=geneformer.IGNORED)
+  record = {"format": geneformer.NAME, "public_config": hf, "public_ids": ids.tolist()}
+  return config, geneformer.fold_token_type(params), record, {VOCAB_FILENAME: vocab.save}
+
+
+CONVERTERS = {esm2.NAME: convert_esm2, geneformer.NAME: convert_geneformer}
+# Formats whose run must open the user's data at import (a vocabulary of named genes finds
+# none of them in generated data): the config field, and what it names.
+NEEDS_DATA = {geneformer.NAME: ("data.omics.path", "cells (.h5ad or TileDB-SOMA) measured on the model's genes")}
 
 
 def import_folder(fmt: str, folder: str | os.PathLike, out: str | os.PathLike, *, max_len: int,
@@ -69,9 +90,14 @@ def import_folder(fmt: str, folder: str | os.PathLike, out: str | os.PathLike, *
   if not folder.is_dir():
     raise ValueError(f"--from {folder}: not a folder")
   check_out(pathlib.Path(out))  # before any tensor is read
-  config, params, record = convert_esm2(folder, max_len)
+  config, params, record, artifacts = CONVERTERS[fmt](folder, max_len)
   for dotted, value in (overrides or {}).items():
     set_field(config, dotted, value)
   check_config(config)
+  if fmt in NEEDS_DATA:
+    field, what = NEEDS_DATA[fmt]
+    section, _, name = field.rpartition(".")
+    if not config[section.split(".")[0]][section.split(".")[1]][name]:
+      raise ValueError(f"--format={fmt}: set --config.{field} to your {what}")
   record["source_folder"] = str(folder.absolute())
-  return write_run_folder(config, params, out, record)
+  return write_run_folder(config, params, out, record, artifacts)

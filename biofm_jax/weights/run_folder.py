@@ -17,7 +17,7 @@ import logging
 import os
 import pathlib
 import shutil
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -61,14 +61,20 @@ def check_against_model(params: dict[ParamPath, np.ndarray], abstract: Any) -> N
 
 
 def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, np.ndarray],
-                     out: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:
-  """Writes the run folder `out` (see the module docstring); `record` goes to imported.json."""
+                     out: str | os.PathLike, record: dict[str, Any],
+                     artifacts: Mapping[str, Callable[[pathlib.Path], None]] | None = None) -> pathlib.Path:
+  """Writes the run folder `out` (see the module docstring); `record` goes to imported.json.
+  `artifacts` ({file name: writer}) are written into `artifacts/` before the data module
+  opens, which then reads them rather than building its own (a gene vocabulary)."""
   out = pathlib.Path(out).absolute()
   check_out(out)
   staging = out.parent / f".{out.name}.importing"
   shutil.rmtree(staging, ignore_errors=True)
   staging.mkdir(parents=True)
   try:
+    (staging / "artifacts").mkdir()
+    for name, write in (artifacts or {}).items():
+      write(staging / "artifacts" / name)
     data = loop.open_data_module(config, staging / "artifacts")
     setup = build_training(config, data)
     abstract = setup.abstract_state.params

@@ -283,3 +283,26 @@ def test_the_command_imports_a_folder_and_names_a_bad_one(esm, tmp_path):
                           cwd=repo, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"error: {tmp_path}: no config.json " \
       "(a Hugging Face model folder holds one)"
+
+
+def test_an_imported_esm2_fine_tunes_on_a_record_label_and_exports(esm, tmp_path):
+  """`--pretrained=<imported run>` works as for a run pre-trained here: the fine-tuning entry
+  takes its backbone (restored exactly) and the label its records carry; the fine-tuned run
+  exports."""
+  import jax
+  from biofm_jax.config import load_config
+  from biofm_jax.export import export_run
+  from biofm_jax.train.finetune import finetune, finetune_config
+  from biofm_jax.train.runs import open_run
+  _, _, run = esm
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  config = finetune_config(load_config(f"{repo / 'configs/finetune.py'}:binary,tiny", {
+      "task.label_column": "motif", "train.num_steps": 4, "train.eval_every": 4, "checkpoint.every_steps": 4,
+      "train.log_every": 2, "finetune.mode": "frozen"}), run)
+  summary = finetune(config, tmp_path / "ft")
+  assert summary["steps"] == 4 and np.isfinite(summary["eval/task_loss"])
+  backbone = open_run(tmp_path / "ft")[3]["backbone"]  # frozen: still the imported parameters
+  for a, b in zip(jax.tree.leaves(backbone), jax.tree.leaves(open_run(run)[3])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  export_dir, step = export_run(tmp_path / "ft", tmp_path / "export")
+  assert step == 4 and (export_dir / "MODEL_CARD.md").exists()

@@ -227,7 +227,8 @@ FSDP_SIZES = ("large", "1b", "7b")
 # does); these defaults are this library's own architecture, and what a run saved before the
 # options existed was built with.
 ARCHITECTURE_DEFAULTS = dict(bias=False, activation="gelu_tanh", norm_eps=1e-6, norm_position="pre",
-                             final_norm=True, token_dropout=0.0, embedding_norm=False, mlm_head="linear")
+                             final_norm=True, token_dropout=0.0, embedding_norm=False, mlm_head="linear",
+                             cls_token=False)
 
 
 def base_config() -> ml_collections.ConfigDict:

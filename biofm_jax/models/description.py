@@ -40,6 +40,7 @@ class Encoded(NamedTuple):
   positions: jax.Array  # int32 [B, T]
   extra: Any = None  # what the heads need besides the hidden states (imaging: the patches)
   segments: Any = None  # int32 [B, T] segment ids of packed rows (`data/packing.py`); None: one per row
+  prefix_tokens: int = 0  # tokens before the content's own (a ViT's CLS): heads read the content after them
 
 
 class ModelDescription(Protocol):

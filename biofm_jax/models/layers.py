@@ -102,6 +102,9 @@ class TransformerConfig:
   token_dropout: float = 0.0
   embedding_norm: bool = False  # a LayerNorm over the token embeddings (BERT, Geneformer)
   mlm_head: str = "linear"  # MLM_HEADS
+  # A learned CLS token before the patches of an image (ViT, ViT-MAE, RETFound); the pooled
+  # embedding stays the mean over the patches (RETFound's global pooling).
+  cls_token: bool = False
 
   @property
   def kv_dim(self) -> int:

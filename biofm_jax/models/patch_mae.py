@@ -40,11 +40,13 @@ class PatchMAE:
 
   def heads(self, hidden: jax.Array, encoded: Encoded, example, *, train: bool, prefix: str) -> dict[str, jax.Array]:
     """The pooled embedding; with MAE ids in the batch, the masked patches predicted and their targets."""
-    out = {"hidden": hidden, "embedding": masked_mean(hidden, encoded.mask)}
+    start = encoded.prefix_tokens  # a CLS token is neither pooled nor decoded
+    patch_hidden = hidden[:, start:]
+    out = {"hidden": hidden, "embedding": masked_mean(patch_hidden, encoded.mask[:, start:])}
     if self.masked_key in example:
       masked, patches = example[self.masked_key], encoded.extra
       decoder = MAEDecoder(self.decoder_cfg, self.grid, patch_dim=self.patch_dim, name=f"{prefix}decoder")
-      out["predicted_patches"] = decoder(hidden, example[self.visible_key], masked, train=train)
+      out["predicted_patches"] = decoder(patch_hidden, example[self.visible_key], masked, train=train)
       out["target_patches"] = jnp.take_along_axis(patches, masked[..., None], axis=1).astype(jnp.float32)
     return out
 

@@ -10,14 +10,14 @@ from typing import Any
 from biofm_jax.config import check_config, set_field
 from biofm_jax.modalities.sequence.data import SequenceTokenizer
 from biofm_jax.modalities.omics.gene_vocab import VOCAB_FILENAME
-from biofm_jax.weights import esm2, geneformer
+from biofm_jax.weights import esm2, geneformer, vit_mae
 from biofm_jax.weights.conversion import convert
 from biofm_jax.weights.run_folder import check_out, write_run_folder
 from biofm_jax.weights.tensors import TensorFolder
 
-FORMATS = (esm2.NAME, geneformer.NAME)
+FORMATS = (esm2.NAME, geneformer.NAME, vit_mae.NAME)
 # Formats the issue names that are not converted yet: an error says so rather than guessing.
-PLANNED = ("nucleotide_transformer", "vit_mae", "timm_vit")
+PLANNED = ("nucleotide_transformer", "timm_vit")
 
 
 def read_config(folder: pathlib.Path) -> dict[str, Any]:
@@ -72,7 +72,21 @@ def convert_geneformer(folder: pathlib.Path, max_len: int):
   return config, geneformer.fold_token_type(params), record, {VOCAB_FILENAME: vocab.save}
 
 
-CONVERTERS = {esm2.NAME: convert_esm2, geneformer.NAME: convert_geneformer}
+def convert_vit_mae(folder: pathlib.Path, max_len: int):
+  """(config, {our path: array}, record, artifacts) of a ViT-MAE folder (its encoder)."""
+  del max_len  # images have their geometry in config.json
+  hf = read_config(folder)
+  vit_mae.check_config(hf, str(folder / "config.json"))
+  tensors = TensorFolder(folder)
+  prefix = "vit." if any(name.startswith("vit.") for name in tensors.names) else ""
+  params = convert(tensors, vit_mae.rules(hf, prefix), hf["num_hidden_layers"], ignored=vit_mae.IGNORED)
+  record = {"format": vit_mae.NAME, "public_config": hf, "not_imported": ["the MAE decoder"]}
+  return vit_mae.base_config(hf), params, record, {}
+
+
+CONVERTERS = {esm2.NAME: convert_esm2, geneformer.NAME: convert_geneformer, vit_mae.NAME: convert_vit_mae}
+# Our parameters that a format does not provide, initialised afresh (path prefixes).
+FRESH = {vit_mae.NAME: vit_mae.FRESH}
 # Formats whose run must open the user's data at import (a vocabulary of named genes finds
 # none of them in generated data): the config field, and what it names.
 NEEDS_DATA = {geneformer.NAME: ("data.omics.path", "cells (.h5ad or TileDB-SOMA) measured on the model's genes")}
@@ -100,4 +114,4 @@ def import_folder(fmt: str, folder: str | os.PathLike, out: str | os.PathLike, *
     if not config[section.split(".")[0]][section.split(".")[1]][name]:
       raise ValueError(f"--format={fmt}: set --config.{field} to your {what}")
   record["source_folder"] = str(folder.absolute())
-  return write_run_folder(config, params, out, record, artifacts)
+  return write_run_folder(config, params, out, record, artifacts, fresh=FRESH.get(fmt, ()))

@@ -47,9 +47,12 @@ def param_paths(tree: Any) -> dict[ParamPath, Any]:
   return out
 
 
-def check_against_model(params: dict[ParamPath, np.ndarray], abstract: Any) -> None:
-  """The converted parameters are exactly the model's: every path, every shape."""
-  want = {p: tuple(leaf.shape) for p, leaf in param_paths(abstract).items()}
+def check_against_model(params: dict[ParamPath, np.ndarray], abstract: Any,
+                        fresh: tuple[ParamPath, ...] = ()) -> None:
+  """The converted parameters are exactly the model's: every path, every shape; those under
+  a `fresh` prefix excepted (a part the format does not hold, initialised afresh)."""
+  want = {p: tuple(leaf.shape) for p, leaf in param_paths(abstract).items()
+          if not any(p[:len(f)] == f for f in fresh)}
   have = {p: tuple(a.shape) for p, a in params.items()}
   problems = [f"{'/'.join(p)}: not converted" for p in sorted(set(want) - set(have))]
   problems += [f"{'/'.join(p)}: converted but not in the model" for p in sorted(set(have) - set(want))]
@@ -62,10 +65,12 @@ def check_against_model(params: dict[ParamPath, np.ndarray], abstract: Any) -> N
 
 def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, np.ndarray],
                      out: str | os.PathLike, record: dict[str, Any],
-                     artifacts: Mapping[str, Callable[[pathlib.Path], None]] | None = None) -> pathlib.Path:
+                     artifacts: Mapping[str, Callable[[pathlib.Path], None]] | None = None,
+                     fresh: tuple[ParamPath, ...] = ()) -> pathlib.Path:
   """Writes the run folder `out` (see the module docstring); `record` goes to imported.json.
   `artifacts` ({file name: writer}) are written into `artifacts/` before the data module
-  opens, which then reads them rather than building its own (a gene vocabulary)."""
+  opens, which then reads them rather than building its own (a gene vocabulary). Parameters
+  under a `fresh` path prefix keep their new initialisation (a part the format lacks)."""
   out = pathlib.Path(out).absolute()
   check_out(out)
   staging = out.parent / f".{out.name}.importing"
@@ -78,11 +83,13 @@ def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, 
     data = loop.open_data_module(config, staging / "artifacts")
     setup = build_training(config, data)
     abstract = setup.abstract_state.params
-    check_against_model(params, abstract)
+    check_against_model(params, abstract, fresh)
     state = setup.init_state(config.seed)
-    placed = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jax.device_put(params[tuple(getattr(k, "key", str(k)) for k in path)].astype(leaf.dtype),
-                                          leaf.sharding), abstract)
+
+    def place(path, leaf, initial):
+      key = tuple(getattr(k, "key", str(k)) for k in path)
+      return jax.device_put(params[key].astype(leaf.dtype), leaf.sharding) if key in params else initial
+    placed = jax.tree_util.tree_map_with_path(place, abstract, state.params)
     state = state.replace(params=placed)
     checkpointer = Checkpointer(staging / "checkpoints", keep=1, async_save=False)
     try:

@@ -35,16 +35,23 @@ class ImagingEncoder(nn.Module):
                       kernel_init=kernel_init(("patch", "embed")), bias_init=zeros_init(("embed",)),
                       name="patch_embedding")(patches)
     num = patches.shape[1]
+    rows = num + int(cfg.cls_token)  # with a CLS token, row 0 of the table is its position
     if cfg.position == "learned":
-      table = self.param("position_embedding", embed_init((None, "embed")), (num, cfg.embed_dim), cfg.param_dtype)
-    else:
+      table = self.param("position_embedding", embed_init((None, "embed")), (rows, cfg.embed_dim), cfg.param_dtype)
+    else:  # a CLS token's fixed position is zeros, as in MAE's table
       table = jnp.asarray(sincos_position_embedding(grid_shape(self.image_shape, self.patch_shape), cfg.embed_dim))
-    tokens = tokens + table.astype(cfg.dtype)[None]
+      table = jnp.pad(table, ((rows - num, 0), (0, 0)))
+    tokens = tokens + table[rows - num:].astype(cfg.dtype)[None]
     positions = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), patches.shape[:2])
     if B.IMAGE_VISIBLE in imaging:
       visible = imaging[B.IMAGE_VISIBLE]
       tokens = jnp.take_along_axis(tokens, visible[..., None], axis=1)
       positions = visible
+    if cfg.cls_token:  # after the visible patches are chosen: the CLS token is always seen
+      cls = self.param("cls_token", embed_init(("embed",)), (cfg.embed_dim,), cfg.param_dtype)
+      cls = (cls.astype(cfg.dtype) + table[0].astype(cfg.dtype))[None, None]
+      tokens = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, cfg.embed_dim)), tokens], axis=1)
+      positions = jnp.concatenate([jnp.zeros_like(positions[:, :1]), positions + 1], axis=1)
     tokens = nn.Dropout(cfg.dropout_rate, deterministic=not train)(tokens)
     mask = jnp.ones(tokens.shape[:2], jnp.bool_)
     return tokens, mask, positions, patches

@@ -32,7 +32,7 @@ class ImagingModality(PatchMAEModality):
   def encode(self, cfg: TransformerConfig, example: Mapping[str, jax.Array], *, train: bool) -> Encoded:
     tokens, mask, positions, patches = ImagingEncoder(cfg, self.image_shape, self.patch_shape,
                                                       name="imaging_encoder")(example, train=train)
-    return Encoded(tokens, mask, positions, patches)
+    return Encoded(tokens, mask, positions, patches, prefix_tokens=int(cfg.cls_token))
 
 
 def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> ImagingModality:

@@ -202,7 +202,7 @@ def _tensors(folder: pathlib.Path) -> dict:
     ("missing", r"tensor 'esm\.encoder\.layer\.1\.output\.dense\.bias' is missing"),
     ("shape", r"model\.safetensors: tensor 'esm\.encoder\.layer\.0\.intermediate\.dense\.weight' has shape \[48, 31\]"),
     ("extra", r"model\.safetensors: tensor 'esm\.encoder\.layer\.0\.adapter\.weight' is not part of"),
-    ("architecture", r"config\.json: position_embedding_type='absolute'"),
+    ("architecture", r"config\.json: position_embedding_type='alibi'; ESM import supports"),
     ("pickle_only", r"no model\.safetensors .*pytorch_model\.bin: pickle-based files are not read"),
     ("linked_shard", r"tensor file .* is not a regular file inside"),
 ])
@@ -221,7 +221,7 @@ def test_a_crafted_folder_is_refused_by_name_and_nothing_is_written(esm, tmp_pat
     safetensors_numpy.save_file(tensors, str(folder / "model.safetensors"))
   elif crafted == "architecture":
     hf = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**hf, "position_embedding_type": "absolute"}))
+    (folder / "config.json").write_text(json.dumps({**hf, "position_embedding_type": "alibi"}))
   elif crafted == "pickle_only":
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
   elif crafted == "linked_shard":  # an index whose shard is a link to a file elsewhere
@@ -238,10 +238,10 @@ def test_a_crafted_folder_is_refused_by_name_and_nothing_is_written(esm, tmp_pat
 
 def test_an_unknown_or_planned_format_and_a_used_out_folder_are_refused(esm, tmp_path):
   source, _, run = esm
-  with pytest.raises(ValueError, match="--format='bert': unknown; choose one of esm2, geneformer"):
+  with pytest.raises(ValueError, match="--format=.bert.: unknown; choose one of esm2, nucleotide_transformer"):
     import_folder("bert", source, tmp_path / "a", max_len=MAX_LEN)
-  with pytest.raises(ValueError, match="--format=vit_mae: not converted yet"):
-    import_folder("vit_mae", source, tmp_path / "b", max_len=MAX_LEN)
+  with pytest.raises(ValueError, match="--format=timm_vit: not converted yet"):
+    import_folder("timm_vit", source, tmp_path / "b", max_len=MAX_LEN)
   (tmp_path / "used").mkdir()
   (tmp_path / "used" / "notes.txt").write_text("mine")
   with pytest.raises(ValueError, match="exists and is not an empty folder"):
@@ -306,3 +306,57 @@ def test_an_imported_esm2_fine_tunes_on_a_record_label_and_exports(esm, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   export_dir, step = export_run(tmp_path / "ft", tmp_path / "export")
   assert step == 4 and (export_dir / "MODEL_CARD.md").exists()
+
+
+NT_SPECIALS = ("<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>")
+
+
+def test_a_nucleotide_transformer_gives_its_hidden_states_logits_and_6mer_tokens(tmp_path):
+  """The Nucleotide Transformer's first release is EsmForMaskedLM over DNA 6-mers with learned
+  positions (numbered from the pad id + 1) and an embedding LayerNorm: the same checks as
+  ESM-2's, on a vocabulary whose 6-mers are in an order of their own (matched by text)."""
+  import itertools
+  kmers = ["".join(p) for p in itertools.product("ACGT", repeat=6)]
+  np.random.default_rng(0).shuffle(kmers)
+  tokens = (*NT_SPECIALS, *kmers, "A", "T", "C", "G", "N")
+  folder, model = _random_esm(tmp_path / "nt", vocab_size=len(tokens), pad_token_id=1, mask_token_id=2,
+                              position_embedding_type="absolute", max_position_embeddings=40, token_dropout=False,
+                              emb_layer_norm_before=True)
+  (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+  with pytest.raises(ValueError, match="a DNA k-mer vocabulary; import it with --format=nucleotide_transformer"):
+    import_folder("esm2", folder, tmp_path / "wrong", max_len=MAX_LEN)
+  run = import_folder("nucleotide_transformer", folder, tmp_path / "run", max_len=64)
+  from biofm_jax.train.runs import open_run
+  config, data, setup, params, _ = open_run(run)
+  assert config.data.sequence.kmer == 6 and config.model.position == "learned"
+  assert config.data.sequence.max_len == 40 - 2  # the table's rows after the pad id's
+  ids = np.asarray(json.loads((run / "imported.json").read_text())["public_ids"])
+  public = transformers.EsmTokenizer(vocab_file=str(folder / "vocab.txt"))
+  rng = np.random.default_rng(1)
+  dna = ["".join(rng.choice(list("ACGT"), size=n)) for n in (40, 75, 111)]
+  batch_tokens = np.zeros((3, 38), np.int32)
+  mask = np.zeros((3, 38), bool)
+  for row, sequence in enumerate(dna):
+    mine = np.concatenate([[B.CLS_ID], data.tokenizer.encode(sequence)])
+    assert ids[mine].tolist() + [public.eos_token_id] == public(sequence)["input_ids"], sequence  # 6-mers, then bases
+    batch_tokens[row, :len(mine)], mask[row, :len(mine)] = mine, True
+  batch_tokens[1, 3] = B.MASK_ID
+  ours = setup.model.apply({"params": params}, {"sequence": {B.TOKENS: batch_tokens, B.TOKEN_MASK: mask}},
+                           train=False)["sequence"]
+  with torch.no_grad():
+    theirs = model(input_ids=torch.from_numpy(ids[batch_tokens]), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                   output_hidden_states=True)
+  np.testing.assert_allclose(np.asarray(ours["hidden"])[mask], theirs.hidden_states[-1].numpy()[mask], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(ours["code_logits"])[mask], theirs.logits.numpy()[..., ids][mask], atol=1e-4,
+                             rtol=0)
+
+
+def test_a_remote_code_nucleotide_transformer_v2_is_refused_by_name(esm, tmp_path):
+  source, _, _ = esm
+  folder = tmp_path / "v2"
+  shutil.copytree(source, folder)
+  hf = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**hf, "add_bias_fnn": False,
+                                                  "auto_map": {"AutoModelForMaskedLM": "esm.EsmForMaskedLM"}}))
+  with pytest.raises(ValueError, match="remote-code ESM variant .*Nucleotide Transformer v2"):
+    import_folder("nucleotide_transformer", folder, tmp_path / "out", max_len=MAX_LEN)

@@ -2,6 +2,7 @@
 Hugging Face folder: `import_folder(format, folder, out, ...)` converts one into a run folder."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -15,9 +16,9 @@ from biofm_jax.weights.conversion import convert
 from biofm_jax.weights.run_folder import check_out, write_run_folder
 from biofm_jax.weights.tensors import TensorFolder
 
-FORMATS = (esm2.NAME, geneformer.NAME, vit_mae.NAME)
+FORMATS = (esm2.NAME, esm2.NUCLEOTIDE_NAME, geneformer.NAME, vit_mae.NAME)
 # Formats the issue names that are not converted yet: an error says so rather than guessing.
-PLANNED = ("nucleotide_transformer", "timm_vit")
+PLANNED = ("timm_vit",)
 
 
 def read_config(folder: pathlib.Path) -> dict[str, Any]:
@@ -42,19 +43,29 @@ def read_vocab_txt(folder: pathlib.Path) -> tuple[str, ...] | None:
   return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
-def convert_esm2(folder: pathlib.Path, max_len: int):
-  """(config, {our path: array}, record, artifacts) of an ESM-2 folder."""
+def convert_esm2(folder: pathlib.Path, max_len: int, *, nucleotides: bool = False):
+  """(config, {our path: array}, record, artifacts) of an ESM folder: ESM-2, or with
+  `nucleotides` the Nucleotide Transformer's DNA model of the same class."""
   hf = read_config(folder)
   where = str(folder / "config.json")
   if hf.get("model_type", "esm") != "esm":
     raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not an ESM model ('esm')")
   esm2.check_config(hf, where)
-  tokens = esm2.vocabulary(read_vocab_txt(folder), hf, str(folder / "vocab.txt"))
-  ids = esm2.public_ids(tokens, SequenceTokenizer("amino_acid").tokens, str(folder / "vocab.txt"))
-  config = esm2.base_config(hf, max_len)
-  params = convert(TensorFolder(folder), esm2.rules(hf, ids), hf["num_hidden_layers"], ignored=esm2.IGNORED)
-  record = {"format": esm2.NAME, "public_config": hf, "public_vocabulary": list(tokens),
-            "public_ids": ids.tolist()}
+  tokens = read_vocab_txt(folder)
+  if nucleotides and tokens is None:
+    raise ValueError(f"{folder}: no vocab.txt; the Nucleotide Transformer's k-mer vocabulary is read from it")
+  tokens = esm2.vocabulary(tokens, hf, str(folder / "vocab.txt"))
+  kind, k = esm2.tokenizer_kind(tokens)
+  if nucleotides != (kind == "nucleotide"):
+    wanted = esm2.NUCLEOTIDE_NAME if kind == "nucleotide" else esm2.NAME
+    raise ValueError(f"{folder / 'vocab.txt'}: a {'DNA k-mer' if kind == 'nucleotide' else 'protein'} vocabulary; "
+                     f"import it with --format={wanted}")
+  ids = esm2.public_ids(tokens, SequenceTokenizer(kind, k).tokens, str(folder / "vocab.txt"))
+  config = esm2.base_config(hf, max_len, kind, k)
+  params = convert(TensorFolder(folder), esm2.rules(hf, ids, max_len=config.data.sequence.max_len),
+                   hf["num_hidden_layers"], ignored=esm2.IGNORED)
+  record = {"format": esm2.NUCLEOTIDE_NAME if nucleotides else esm2.NAME, "public_config": hf,
+            "public_vocabulary": list(tokens), "public_ids": ids.tolist()}
   return config, params, record, {}
 
 
@@ -84,7 +95,8 @@ def convert_vit_mae(folder: pathlib.Path, max_len: int):
   return vit_mae.base_config(hf), params, record, {}
 
 
-CONVERTERS = {esm2.NAME: convert_esm2, geneformer.NAME: convert_geneformer, vit_mae.NAME: convert_vit_mae}
+CONVERTERS = {esm2.NAME: convert_esm2, esm2.NUCLEOTIDE_NAME: functools.partial(convert_esm2, nucleotides=True),
+              geneformer.NAME: convert_geneformer, vit_mae.NAME: convert_vit_mae}
 # Our parameters that a format does not provide, initialised afresh (path prefixes).
 FRESH = {vit_mae.NAME: vit_mae.FRESH}
 # Formats whose run must open the user's data at import (a vocabulary of named genes finds

@@ -45,6 +45,7 @@ bench: install
 	$(PY) benchmarks/profile_step.py --config=configs/multimodal_fusion.py:demo
 	$(PY) benchmarks/record_finetune.py
 	$(PY) benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib --set=data.ecg.length=1000 --set=data.ecg.patch_size=50
+	$(PY) benchmarks/import_memory.py
 
 # On one GPU, in under 8 minutes: MFU at ehr_bert.py:base in bf16 (layers scanned and
 # unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, the

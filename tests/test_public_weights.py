@@ -360,3 +360,16 @@ def test_a_remote_code_nucleotide_transformer_v2_is_refused_by_name(esm, tmp_pat
                                                   "auto_map": {"AutoModelForMaskedLM": "esm.EsmForMaskedLM"}}))
   with pytest.raises(ValueError, match="remote-code ESM variant .*Nucleotide Transformer v2"):
     import_folder("nucleotide_transformer", folder, tmp_path / "out", max_len=MAX_LEN)
+
+
+def test_an_imported_folder_is_started_from_not_resumed_and_stays_whole(esm):
+  """Its checkpoint holds parameters only: resuming it is an error that says how to start
+  from it, and the step is not set aside as unreadable (the folder is the user's)."""
+  from biofm_jax.train.checkpoint import pretrained_checkpoint
+  from biofm_jax.train.loop import train_and_evaluate
+  import ml_collections
+  _, _, run = esm
+  _, _, saved = pretrained_checkpoint(run)
+  with pytest.raises(ValueError, match=rf"holds parameters only .* --config\.train\.init_from={run}"):
+    train_and_evaluate(ml_collections.ConfigDict(saved), run)
+  assert (run / "checkpoints" / "0").is_dir() and not list((run / "checkpoints").glob("*.unreadable*"))

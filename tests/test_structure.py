@@ -14,7 +14,7 @@ LAYERS = {"export_loader": 0, "parallel": 0, "hardware": 0, "host_memory": 0, "c
           "objectives": 3, "modalities": 4, "train": 5, "generate": 5, "eval": 6, "export": 6, "cli": 7,
           "configs": 7, "weights": 7}
 # Imports left inside functions: optional, heavy, and only some commands need them.
-LAZY = ("safetensors", "safetensors.numpy", "tensorflow_datasets", "anndata", "jax", "jax.experimental.topologies", "tiledbsoma", "apache_beam",
+LAZY = ("safetensors", "safetensors.numpy", "tensorboardX", "tensorflow_datasets", "anndata", "jax", "jax.experimental.topologies", "tiledbsoma", "apache_beam",
         "apache_beam.options.pipeline_options")
 
 

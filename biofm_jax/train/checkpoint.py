@@ -107,6 +107,10 @@ class Checkpointer:
         continue
       if check_config is not None:
         check_config(saved, step)
+      if self.holds_params_only(step):  # an error, not a step to set aside: the folder is the user's
+        raise ValueError(f"checkpoint step {step} in {self.directory} holds parameters only (public weights from "
+                         f"experiments/import_weights.py): start a new run from it with "
+                         f"--config.train.init_from={pathlib.Path(self.directory).parent}")
       try:
         return step, self.restore(step, abstract_state, data_iterator)
       except Exception as e:  # noqa: BLE001
@@ -219,6 +223,33 @@ class Checkpointer:
     self.check_sizes(step)
     return self._manager.restore(step, args=ocp.args.Composite(state=restore_args(abstract_state))).state
 
+  def state_metadata(self, step: int) -> Any:
+    """The saved state's tree of array metadata (no array is read)."""
+    saved = ocp.PyTreeCheckpointer().metadata(pathlib.Path(self.directory) / str(step) / "state")
+    return getattr(saved, "item_metadata", saved)
+
+  def holds_params_only(self, step: int) -> bool:
+    """Whether `step` holds parameters without an optimiser state (an imported run's)."""
+    try:
+      tree = self.state_metadata(step)
+      keys = tree.keys() if isinstance(tree, dict) else tree.tree.keys()
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore that follows says what is wrong
+      return False
+    return "params" in keys and "opt_state" not in keys
+
+  def restore_params(self, step: int, target: Any, where: str | os.PathLike = "") -> Any:
+    """Only the parameters of `step`, restored into `target`'s shapes and shardings (the
+    whole model's, or a part such as a task model's backbone); every parameter whose shape
+    differs, or that the step lacks, is named in one error."""
+    self.check_sizes(step)
+    saved = self.state_metadata(step)
+    saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
+    _check_param_shapes(saved_params, target, where or pathlib.Path(self.directory).parent)
+    item = pathlib.Path(self.directory) / str(step) / "state"
+    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True))["params"]
+
   def restore_config(self, step: int) -> dict:
     self.check_sizes(step)
     return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -262,22 +293,12 @@ def restore_run_params(workdir: str | os.PathLike, target: Any) -> tuple[int, An
   the run's model is, such as a task model's backbone). Every parameter whose shape
   differs, or that the checkpoint lacks, is named in one error."""
   directory, newest, _ = pretrained_checkpoint(workdir)
-
-  def restore(step: int):
-    item = directory / str(step) / "state"
-    saved = ocp.PyTreeCheckpointer().metadata(item)
-    saved = getattr(saved, "item_metadata", saved)
-    saved_params = saved["params"] if isinstance(saved, dict) else saved.tree["params"]
-    _check_param_shapes(saved_params, target, workdir)
-    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-        partial_restore=True))
   checkpointer = Checkpointer(directory, keep=1000, async_save=False)
   try:  # a step whose arrays were cut short falls back to the one before
-    step, restored = checkpointer.newest_readable(restore, at_most=newest)
+    return checkpointer.newest_readable(lambda step: checkpointer.restore_params(step, target, workdir),
+                                        at_most=newest)
   finally:
     checkpointer.close()
-  return step, restored["params"]
 
 
 def _check_param_shapes(saved: Any, target: Any, workdir: str | os.PathLike) -> None:

@@ -13,13 +13,33 @@ import math
 import os
 import pathlib
 import re
+import sys
 import time
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever
+  it is installed, only to accept torch tensors, which we never pass. That import cost every
+  command 1.8 s and torch's memory once torch was installed beside us (the public-weights
+  tests need it): a suite whose commands start subprocesses ran 25% longer. torch stays
+  importable afterwards for code that wants it."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # here, with torch blocked: see above
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
+SummaryWriter = _summary_writer_class()
 
 
 class MetricWriter:

@@ -41,8 +41,9 @@ def with_init_run_model(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):
-  """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training
-  or fine-tuning, with the config saved in the checkpoint unless `config` is given."""
+  """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training,
+  fine-tuning or imported public weights, with the config saved in the checkpoint unless
+  `config` is given."""
   workdir = pathlib.Path(workdir).absolute()
   if not (workdir / "checkpoints").is_dir():  # before the checkpointer, which would create it
     raise FileNotFoundError(f"{workdir}: no checkpoints directory; not a training run's workdir")
@@ -58,9 +59,11 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | Non
     else:
       data = loop.open_once(lambda: loop.open_data_module(config, artifacts_dir))
       setup = build_training(config, data)
-    # The newest step whose state reads too (a step cut short falls back to the one before).
-    step, state = checkpointer.newest_readable(lambda s: checkpointer.restore_state(s, setup.abstract_state),
-                                               at_most=newest)
+    # The newest step whose parameters read too (a step cut short falls back to the one before).
+    # Only the parameters: the optimiser state is not needed to score, embed or export (and
+    # an imported run's checkpoint holds none).
+    step, params = checkpointer.newest_readable(
+        lambda s: checkpointer.restore_params(s, setup.abstract_state.params, workdir), at_most=newest)
   finally:
     checkpointer.close()
-  return config, data, setup, state.params, step
+  return config, data, setup, params, step

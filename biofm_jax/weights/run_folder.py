@@ -1,7 +1,8 @@
 """Converted public weights written as an ordinary biofm_jax run folder.
 
-The folder is what a pre-training run leaves at step 0: `checkpoints/0` (the train state
-with the imported parameters and a fresh optimiser, the data position, the config),
+The folder is what a pre-training run leaves at step 0: `checkpoints/0` (the imported
+parameters, without an optimiser state: a run that starts from them makes its own; the data
+position; the config),
 `artifacts/` (the vocabulary in our format) and `run_info.json`, plus `imported.json`
 saying where the weights came from. So every command that takes a run folder takes it:
 `--config.train.init_from` (continued pre-training), `--pretrained` (probes, fine-tuning,
@@ -47,6 +48,17 @@ def param_paths(tree: Any) -> dict[ParamPath, Any]:
   return out
 
 
+def nested(flat: dict[ParamPath, Any]) -> dict:
+  """{(a, b): x} -> {a: {b: x}}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
 def check_against_model(params: dict[ParamPath, np.ndarray], abstract: Any,
                         fresh: tuple[ParamPath, ...] = ()) -> None:
   """The converted parameters are exactly the model's: every path, every shape; those under
@@ -84,16 +96,19 @@ def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, 
     setup = build_training(config, data)
     abstract = setup.abstract_state.params
     check_against_model(params, abstract, fresh)
-    state = setup.init_state(config.seed)
-
-    def place(path, leaf, initial):
-      key = tuple(getattr(k, "key", str(k)) for k in path)
-      return jax.device_put(params[key].astype(leaf.dtype), leaf.sharding) if key in params else initial
-    placed = jax.tree_util.tree_map_with_path(place, abstract, state.params)
-    state = state.replace(params=placed)
+    if fresh:  # a part the format lacks: this run's own initialisation of it
+      initial = param_paths(jax.device_get(setup.init_state(config.seed).params))
+      params = {**{path: np.asarray(value) for path, value in initial.items()
+                   if any(path[:len(f)] == f for f in fresh)}, **params}
+    # The parameters as the host arrays they are (cast where the model's dtype differs): no
+    # device copy and no optimiser state (a run started from this one makes its own), so the
+    # folder is written holding the converted model once (benchmarks/import_memory.py).
+    dtypes = {path: leaf.dtype for path, leaf in param_paths(abstract).items()}
+    tree = nested({path: np.asarray(value, dtype=dtypes[path]) for path, value in params.items()})
     checkpointer = Checkpointer(staging / "checkpoints", keep=1, async_save=False)
     try:
-      checkpointer.save(0, state, loop.make_train_iterator(data, config), config, force=True)
+      checkpointer.save(0, {"params": tree, "step": np.zeros((), np.int32)}, loop.make_train_iterator(data, config),
+                        config, force=True)
     finally:
       checkpointer.close()
     write_run_info(config, staging)

@@ -45,16 +45,19 @@ SIZES_SUFFIX = ".sizes.json"
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
-def state_handler() -> ocp.PyTreeCheckpointHandler:
+def state_handler(compress: bool = True) -> ocp.PyTreeCheckpointHandler:
   """The handler of the train state: Orbax's standard handlers, with `jax.Array`s written
   as `MIN_REPLICA_SLICE_BYTES` says (a registry of its own: Orbax's global one is left as
-  it is). The files are those of `StandardCheckpointHandler`, which reads them too."""
+  it is). The files are those of `StandardCheckpointHandler`, which reads them too.
+  `compress=False` writes arrays without zstd: Orbax then writes each array from its own
+  buffer, where compressing holds about two more copies of the state while it writes (a
+  650M-parameter import, benchmarks/import_memory.py). Reading takes either."""
   arrays = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
                                           min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
   registry = ocp.type_handlers.create_type_handler_registry(*[
       (kind, arrays if kind is jax.Array else ocp.type_handlers.get_type_handler(kind))
       for kind in ocp.type_handlers.supported_types()])
-  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
 def restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
@@ -66,12 +69,13 @@ def restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items above."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True, compress: bool = True):
+    """`compress`: see `state_handler`."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.directory = os.path.abspath(directory)  # Orbax requires absolute paths
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers={"state": state_handler(),
+                                          item_handlers={"state": state_handler(compress),
                                                          "data": grain.checkpoint.CheckpointHandler(),
                                                          "config": ocp.JsonCheckpointHandler()})
 

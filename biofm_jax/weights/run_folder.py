@@ -100,12 +100,16 @@ def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, 
       initial = param_paths(jax.device_get(setup.init_state(config.seed).params))
       params = {**{path: np.asarray(value) for path, value in initial.items()
                    if any(path[:len(f)] == f for f in fresh)}, **params}
-    # The parameters as the host arrays they are (cast where the model's dtype differs): no
-    # device copy and no optimiser state (a run started from this one makes its own), so the
-    # folder is written holding the converted model once (benchmarks/import_memory.py).
+    # The converted arrays as they are, on one host device (jax aliases a numpy buffer there
+    # rather than copying it; not the mesh's shardings, which would replicate them), without
+    # an optimiser state (a run started from this one makes its own), and written without
+    # compression, which would hold two more copies while writing: the folder is written
+    # holding the converted model about once (benchmarks/import_memory.py).
     dtypes = {path: leaf.dtype for path, leaf in param_paths(abstract).items()}
-    tree = nested({path: np.asarray(value, dtype=dtypes[path]) for path, value in params.items()})
-    checkpointer = Checkpointer(staging / "checkpoints", keep=1, async_save=False)
+    device = jax.local_devices(backend="cpu")[0]
+    tree = nested({path: jax.device_put(np.asarray(value, dtype=dtypes[path]), device)
+                   for path, value in params.items()})
+    checkpointer = Checkpointer(staging / "checkpoints", keep=1, async_save=False, compress=False)
     try:
       checkpointer.save(0, {"params": tree, "step": np.zeros((), np.int32)}, loop.make_train_iterator(data, config),
                         config, force=True)

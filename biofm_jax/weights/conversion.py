@@ -48,6 +48,43 @@ def transpose(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T)
 
 
+# Our names in a transformer layer, in the order `layer_rules` takes the public ones.
+LAYER_PARTS = ("query", "key", "value", "out", "attention_norm", "wi", "wo", "mlp_norm")
+
+
+def layer_rules(public: dict[str, str], d: int, f: int, h: int,
+                stack: ParamPath = ("transformer", "layers")) -> list[Rule]:
+  """The rules of one BERT-family layer (biased attention projections and MLP, two
+  LayerNorms), stacked on the scan axis: `public` names each of `LAYER_PARTS`' torch module
+  with `{layer}` in it (`"esm.encoder.layer.{layer}.attention.self.query"`)."""
+  k = d // h
+
+  def heads_back(x):  # either attention kernel -> torch's [D_out, D_in]
+    return np.ascontiguousarray(x.reshape(d, d).T)
+
+  out = []
+  for name in ("query", "key", "value"):
+    out += [Rule(stack + ("attention", name, "kernel"), public[name] + ".weight", (d, d),
+                 lambda x: np.ascontiguousarray(x.T.reshape(d, h, k)), inverse=heads_back),
+            Rule(stack + ("attention", name, "bias"), public[name] + ".bias", (d,), lambda x: x.reshape(h, k),
+                 inverse=lambda x: x.reshape(d))]
+  out += [Rule(stack + ("attention", "out", "kernel"), public["out"] + ".weight", (d, d),
+               lambda x: np.ascontiguousarray(x.T.reshape(h, k, d)), inverse=heads_back),
+          Rule(stack + ("attention", "out", "bias"), public["out"] + ".bias", (d,)),
+          linear(stack + ("mlp", "wi", "kernel"), public["wi"] + ".weight", (f, d)),
+          Rule(stack + ("mlp", "wi", "bias"), public["wi"] + ".bias", (f,)),
+          linear(stack + ("mlp", "wo", "kernel"), public["wo"] + ".weight", (d, f)),
+          Rule(stack + ("mlp", "wo", "bias"), public["wo"] + ".bias", (d,))]
+  for norm in ("attention_norm", "mlp_norm"):
+    out += layer_norm(stack + (norm,), public[norm], d)
+  return out
+
+
+def layer_norm(path: ParamPath, source: str, d: int) -> list[Rule]:
+  """A LayerNorm's scale and bias (torch's weight and bias)."""
+  return [Rule(path + ("scale",), source + ".weight", (d,)), Rule(path + ("bias",), source + ".bias", (d,))]
+
+
 def take_rows(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
   """Vocabulary rows in our ids' order: row i is public row ids[i], zeros where ids[i] < 0
   (a token of ours the public model has no row for)."""

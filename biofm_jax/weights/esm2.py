@@ -27,7 +27,7 @@ import numpy as np
 
 from biofm_jax.configs import omics_sequence
 from biofm_jax.data import batch as B
-from biofm_jax.weights.conversion import Rule, linear
+from biofm_jax.weights.conversion import Rule, layer_norm, layer_rules, linear, put_rows, take_rows
 
 NAME = "esm2"
 NUCLEOTIDE_NAME = "nucleotide_transformer"
@@ -115,29 +115,16 @@ def rules(hf: dict[str, Any], ids: np.ndarray, modality: str = "sequence", max_l
   the hooks that turn ESM-2's values into ours and their inverses (publishing)."""
   d, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
   h = hf["num_attention_heads"]
-  k = d // h
   layer = "esm.encoder.layer.{layer}."
-  stack = ("transformer", "layers")
-
-  def heads_in(x):  # [D_out, D_in] -> kernel [D_in, H, K]
-    return np.ascontiguousarray(x.T.reshape(d, h, k))
-
-  def heads_out(x):  # [D_out, D_in=H*K] -> kernel [H, K, D_out]
-    return np.ascontiguousarray(x.T.reshape(h, k, d))
-
-  def heads_back(x):  # either kernel -> [D_out, D_in]
-    return np.ascontiguousarray(x.reshape(d, d).T)
 
   def rows(x):  # vocabulary rows in our ids' order
-    return np.ascontiguousarray(x[ids])
+    return take_rows(x, ids)
 
   def rows_back(x, fill=0.0):  # our rows at their public ids; the public tokens we lack hold `fill`
-    out = np.full((v,) + x.shape[1:], fill, x.dtype)
-    out[ids] = x
-    return out
+    return put_rows(x, ids, v, fill)
 
   def norm(path, source):
-    return [Rule(path + ("scale",), source + ".weight", (d,)), Rule(path + ("bias",), source + ".bias", (d,))]
+    return layer_norm(path, source, d)
 
   out = [Rule((f"{modality}_encoder", "code_embedding", "embedding"), "esm.embeddings.word_embeddings.weight",
               (v, d), rows, inverse=rows_back)]
@@ -148,27 +135,17 @@ def rules(hf: dict[str, Any], ids: np.ndarray, modality: str = "sequence", max_l
                     inverse=None))
   if hf.get("emb_layer_norm_before"):
     out += norm((f"{modality}_encoder", "embedding_norm"), "esm.embeddings.layer_norm")
-  for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
-    out += [Rule(stack + ("attention", ours, "kernel"), layer + f"attention.self.{theirs}.weight", (d, d), heads_in,
-                 inverse=heads_back),
-            Rule(stack + ("attention", ours, "bias"), layer + f"attention.self.{theirs}.bias", (d,),
-                 lambda x: x.reshape(h, k), inverse=lambda x: x.reshape(d))]
-  out += [Rule(stack + ("attention", "out", "kernel"), layer + "attention.output.dense.weight", (d, d), heads_out,
-               inverse=heads_back),
-          Rule(stack + ("attention", "out", "bias"), layer + "attention.output.dense.bias", (d,))]
-  out += norm(stack + ("attention_norm",), layer + "attention.LayerNorm")
-  out += [linear(stack + ("mlp", "wi", "kernel"), layer + "intermediate.dense.weight", (f, d)),
-          Rule(stack + ("mlp", "wi", "bias"), layer + "intermediate.dense.bias", (f,)),
-          linear(stack + ("mlp", "wo", "kernel"), layer + "output.dense.weight", (d, f)),
-          Rule(stack + ("mlp", "wo", "bias"), layer + "output.dense.bias", (d,))]
-  out += norm(stack + ("mlp_norm",), layer + "LayerNorm")
+  out += layer_rules({"query": layer + "attention.self.query", "key": layer + "attention.self.key",
+                      "value": layer + "attention.self.value", "out": layer + "attention.output.dense",
+                      "attention_norm": layer + "attention.LayerNorm", "wi": layer + "intermediate.dense",
+                      "wo": layer + "output.dense", "mlp_norm": layer + "LayerNorm"}, d, f, h)
   out += norm(("transformer", "final_norm"), "esm.encoder.emb_layer_norm_after")
   head = ("code_head",)
   out += [linear(head + ("transform", "kernel"), "lm_head.dense.weight", (d, d)),
           Rule(head + ("transform", "bias"), "lm_head.dense.bias", (d,))]
   out += norm(head + ("transform_norm",), "lm_head.layer_norm")
   # Published, a token we have no row for is never predicted: its bias is far below any logit.
-  out += [Rule(head + ("dense", "kernel"), "lm_head.decoder.weight", (v, d), lambda x: np.ascontiguousarray(x[ids].T),
+  out += [Rule(head + ("dense", "kernel"), "lm_head.decoder.weight", (v, d), lambda x: np.ascontiguousarray(rows(x).T),
                tied_to="esm.embeddings.word_embeddings.weight", inverse=lambda x: rows_back(np.ascontiguousarray(x.T))),
           Rule(head + ("dense", "bias"), "lm_head.bias", (v,), rows, inverse=lambda x: rows_back(x, UNSEEN_LOGIT))]
   return out

@@ -26,7 +26,7 @@ import numpy as np
 from biofm_jax.configs import omics_expression
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.omics.gene_vocab import GeneVocab
-from biofm_jax.weights.conversion import Rule, linear, put_rows, take_rows
+from biofm_jax.weights.conversion import Rule, layer_norm, layer_rules, linear, put_rows, take_rows
 from biofm_jax.weights.pickles import read_plain_dict
 
 NAME = "geneformer"
@@ -117,13 +117,11 @@ def base_config(hf: dict[str, Any], max_len: int) -> ml_collections.ConfigDict:
 def rules(hf: dict[str, Any], ids: np.ndarray, max_len: int, modality: str = "omics") -> list[Rule]:
   d, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
   h, positions = hf["num_attention_heads"], hf["max_position_embeddings"]
-  k = d // h
   layer = "bert.encoder.layer.{layer}."
-  stack = ("transformer", "layers")
   encoder = (f"{modality}_encoder",)
 
   def norm(path, source):
-    return [Rule(path + ("scale",), source + ".weight", (d,)), Rule(path + ("bias",), source + ".bias", (d,))]
+    return layer_norm(path, source, d)
 
   out = [Rule(encoder + ("code_embedding", "embedding"), "bert.embeddings.word_embeddings.weight", (v, d),
               lambda x: take_rows(x, ids), inverse=lambda x: put_rows(x, ids, v)),
@@ -132,20 +130,10 @@ def rules(hf: dict[str, Any], ids: np.ndarray, max_len: int, modality: str = "om
               lambda x: x[:max_len], inverse=None),
          Rule(("_token_type",), "bert.embeddings.token_type_embeddings.weight", (hf.get("type_vocab_size", 2), d))]
   out += norm(encoder + ("embedding_norm",), "bert.embeddings.LayerNorm")
-  for name in ("query", "key", "value"):
-    out += [Rule(stack + ("attention", name, "kernel"), layer + f"attention.self.{name}.weight", (d, d),
-                 lambda x: np.ascontiguousarray(x.T.reshape(d, h, k)), inverse=lambda x: np.ascontiguousarray(x.reshape(d, d).T)),
-            Rule(stack + ("attention", name, "bias"), layer + f"attention.self.{name}.bias", (d,),
-                 lambda x: x.reshape(h, k), inverse=lambda x: x.reshape(d))]
-  out += [Rule(stack + ("attention", "out", "kernel"), layer + "attention.output.dense.weight", (d, d),
-               lambda x: np.ascontiguousarray(x.T.reshape(h, k, d)), inverse=lambda x: np.ascontiguousarray(x.reshape(d, d).T)),
-          Rule(stack + ("attention", "out", "bias"), layer + "attention.output.dense.bias", (d,))]
-  out += norm(stack + ("attention_norm",), layer + "attention.output.LayerNorm")
-  out += [linear(stack + ("mlp", "wi", "kernel"), layer + "intermediate.dense.weight", (f, d)),
-          Rule(stack + ("mlp", "wi", "bias"), layer + "intermediate.dense.bias", (f,)),
-          linear(stack + ("mlp", "wo", "kernel"), layer + "output.dense.weight", (d, f)),
-          Rule(stack + ("mlp", "wo", "bias"), layer + "output.dense.bias", (d,))]
-  out += norm(stack + ("mlp_norm",), layer + "output.LayerNorm")
+  out += layer_rules({"query": layer + "attention.self.query", "key": layer + "attention.self.key",
+                      "value": layer + "attention.self.value", "out": layer + "attention.output.dense",
+                      "attention_norm": layer + "attention.output.LayerNorm", "wi": layer + "intermediate.dense",
+                      "wo": layer + "output.dense", "mlp_norm": layer + "output.LayerNorm"}, d, f, h)
   head = ("code_head",)
   out += [linear(head + ("transform", "kernel"), "cls.predictions.transform.dense.weight", (d, d)),
           Rule(head + ("transform", "bias"), "cls.predictions.transform.dense.bias", (d,))]

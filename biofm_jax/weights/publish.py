@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import ml_collections
@@ -25,7 +24,7 @@ from biofm_jax.modalities.sequence.data import SequenceTokenizer
 from biofm_jax.train.runs import open_run
 from biofm_jax.weights import esm2
 from biofm_jax.weights.conversion import publish
-from biofm_jax.weights.run_folder import IMPORT_RECORD, check_out, param_paths
+from biofm_jax.weights.run_folder import IMPORT_RECORD, check_out, param_paths, written_whole
 
 HF_FORMATS = ("hf",)
 ESM_CLASS = "EsmForMaskedLM"
@@ -91,20 +90,11 @@ def publish_run(workdir: str | os.PathLike, out: str | os.PathLike, fmt: str = "
   ids = esm2.public_ids(esm2.ESM_TOKENS, SequenceTokenizer("amino_acid").tokens, "ESM-2's vocabulary")
   flat = {path: np.asarray(leaf) for path, leaf in param_paths(params).items()}
   tensors = publish(flat, esm2.rules(hf, ids), config.model.num_layers)
-  staging = out.parent / f".{out.name}.publishing"
-  shutil.rmtree(staging, ignore_errors=True)
-  staging.mkdir(parents=True)
-  try:
+  with written_whole(out, "publishing") as staging:
     from safetensors.numpy import save_file  # optional: the `weights` extra (pip install -e '.[weights]')
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     (staging / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
     (staging / "vocab.txt").write_text("\n".join(esm2.ESM_TOKENS) + "\n")
     (staging / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EsmTokenizer",
                                                                "model_max_length": config.data.sequence.max_len + 1}))
-    if out.exists():
-      out.rmdir()  # empty (check_out)
-    os.replace(staging, out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return out

@@ -13,12 +13,13 @@ conversion that fails on any tensor leaves nothing at `out`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -38,6 +39,25 @@ def check_out(out: pathlib.Path) -> None:
   """`out` must not exist yet, or be an empty folder (nothing of a user's is overwritten)."""
   if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
     raise ValueError(f"--out {out}: exists and is not an empty folder; choose a new run folder")
+
+
+@contextlib.contextmanager
+def written_whole(out: pathlib.Path, suffix: str) -> Iterator[pathlib.Path]:
+  """A hidden sibling of `out` to write into, renamed to `out` when the block ends without
+  an error and removed when it raises: `out` holds a whole folder or nothing. `out` must
+  be new or an empty folder (`check_out`)."""
+  check_out(out)
+  staging = out.parent / f".{out.name}.{suffix}"
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  try:
+    yield staging
+    if out.exists():
+      out.rmdir()  # empty (check_out)
+    os.replace(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
 
 
 def param_paths(tree: Any) -> dict[ParamPath, Any]:
@@ -84,11 +104,7 @@ def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, 
   opens, which then reads them rather than building its own (a gene vocabulary). Parameters
   under a `fresh` path prefix keep their new initialisation (a part the format lacks)."""
   out = pathlib.Path(out).absolute()
-  check_out(out)
-  staging = out.parent / f".{out.name}.importing"
-  shutil.rmtree(staging, ignore_errors=True)
-  staging.mkdir(parents=True)
-  try:
+  with written_whole(out, "importing") as staging:
     (staging / "artifacts").mkdir()
     for name, write in (artifacts or {}).items():
       write(staging / "artifacts" / name)
@@ -117,11 +133,5 @@ def write_run_folder(config: ml_collections.ConfigDict, params: dict[ParamPath, 
       checkpointer.close()
     write_run_info(config, staging)
     (staging / IMPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-    if out.exists():
-      out.rmdir()  # empty (check_out)
-    os.replace(staging, out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   log.info("imported weights written to %s", out)
   return out

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from biofm_jax.configs import imaging_mae
-from biofm_jax.weights.conversion import Rule, linear
+from biofm_jax.weights.conversion import Rule, layer_norm, layer_rules
 
 NAME = "vit_mae"
 # The decoder (not imported: see the module docstring).
@@ -70,14 +70,12 @@ def rules(hf: dict[str, Any], prefix: str) -> list[Rule]:
   folder, "" in a ViTMAEModel folder)."""
   d, f, h = hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"]
   c, p = hf["num_channels"], hf["patch_size"]
-  k = d // h
   num_patches = (hf["image_size"] // p) ** 2
   layer = prefix + "encoder.layer.{layer}."
-  stack = ("transformer", "layers")
   encoder = ("imaging_encoder",)
 
   def norm(path, source):
-    return [Rule(path + ("scale",), source + ".weight", (d,)), Rule(path + ("bias",), source + ".bias", (d,))]
+    return layer_norm(path, source, d)
 
   def patch_kernel(w):  # conv [D, C, p, p] -> our dense kernel over (row, column, channel) pixels
     return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(p * p * c, d))
@@ -88,19 +86,9 @@ def rules(hf: dict[str, Any], prefix: str) -> list[Rule]:
          Rule(encoder + ("position_embedding",), prefix + "embeddings.position_embeddings", (1, num_patches + 1, d),
               lambda x: np.ascontiguousarray(x[0])),
          Rule(encoder + ("cls_token",), prefix + "embeddings.cls_token", (1, 1, d), lambda x: x.reshape(d))]
-  for name in ("query", "key", "value"):
-    out += [Rule(stack + ("attention", name, "kernel"), layer + f"attention.attention.{name}.weight", (d, d),
-                 lambda x: np.ascontiguousarray(x.T.reshape(d, h, k))),
-            Rule(stack + ("attention", name, "bias"), layer + f"attention.attention.{name}.bias", (d,),
-                 lambda x: x.reshape(h, k))]
-  out += [Rule(stack + ("attention", "out", "kernel"), layer + "attention.output.dense.weight", (d, d),
-               lambda x: np.ascontiguousarray(x.T.reshape(h, k, d))),
-          Rule(stack + ("attention", "out", "bias"), layer + "attention.output.dense.bias", (d,))]
-  out += norm(stack + ("attention_norm",), layer + "layernorm_before")
-  out += [linear(stack + ("mlp", "wi", "kernel"), layer + "intermediate.dense.weight", (f, d)),
-          Rule(stack + ("mlp", "wi", "bias"), layer + "intermediate.dense.bias", (f,)),
-          linear(stack + ("mlp", "wo", "kernel"), layer + "output.dense.weight", (d, f)),
-          Rule(stack + ("mlp", "wo", "bias"), layer + "output.dense.bias", (d,))]
-  out += norm(stack + ("mlp_norm",), layer + "layernorm_after")
+  out += layer_rules({"query": layer + "attention.attention.query", "key": layer + "attention.attention.key",
+                      "value": layer + "attention.attention.value", "out": layer + "attention.output.dense",
+                      "attention_norm": layer + "layernorm_before", "wi": layer + "intermediate.dense",
+                      "wo": layer + "output.dense", "mlp_norm": layer + "layernorm_after"}, d, f, h)
   out += norm(("transformer", "final_norm"), prefix + "layernorm")
   return out

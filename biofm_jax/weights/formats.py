@@ -122,8 +122,7 @@ def import_folder(fmt: str, folder: str | os.PathLike, out: str | os.PathLike, *
   check_config(config)
   if fmt in NEEDS_DATA:
     field, what = NEEDS_DATA[fmt]
-    section, _, name = field.rpartition(".")
-    if not config[section.split(".")[0]][section.split(".")[1]][name]:
+    if not functools.reduce(lambda node, key: node[key], field.split("."), config):
       raise ValueError(f"--format={fmt}: set --config.{field} to your {what}")
   record["source_folder"] = str(folder.absolute())
   return write_run_folder(config, params, out, record, artifacts, fresh=FRESH.get(fmt, ()))

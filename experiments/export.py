@@ -24,8 +24,10 @@ modality (`--records`), with it alone. The work is `biofm_jax.export.export_run`
 
 publishes a run in the public format its users load instead (`biofm_jax/weights/publish.py`):
 `transformers.EsmForMaskedLM.from_pretrained(out)` for a protein masked language model with
-ESM-2's architecture (imported with experiments/import_weights.py, or pre-trained with it);
-a run no public class computes exactly is refused with the option that differs.
+ESM-2's architecture (imported with experiments/import_weights.py, or pre-trained with it),
+`BertForMaskedLM` plus Geneformer's dictionaries for an expression model with Geneformer's,
+`ViTMAEModel` for a 2-D imaging MAE with ViT's encoder; a run no public class computes
+exactly is refused with the option that differs.
 
 A fine-tuned run's export carries its model card (`MODEL_CARD.md`, and the same facts in
 export.json's `model_card`; `biofm_jax/eval/model_card.py`): the task and label definition, a
@@ -51,8 +53,9 @@ flags.DEFINE_string("output", "", "'' (the data's own embedding; a fine-tuned ru
 flags.DEFINE_string("report", "", "A fine-tuned run's evaluation (evaluate.py --finetuned's output folder): its "
                     "held-out figures, intervals, subgroups and baselines go into the model card.")
 flags.DEFINE_string("format", "", "'' (a jax.export model directory, as above) or 'hf': the run's parameters "
-                    "as the public Hugging Face class that computes them (today EsmForMaskedLM, for protein "
-                    "masked language models with ESM-2's architecture), loadable with transformers.")
+                    "as the public Hugging Face class that computes them (EsmForMaskedLM for proteins, "
+                    "Geneformer's BertForMaskedLM for cells, ViTMAEModel for 2-D images), loadable with "
+                    "transformers.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 

@@ -175,3 +175,55 @@ def test_a_crafted_geneformer_folder_is_refused_and_runs_nothing(imported, tmp_p
   with pytest.raises(ValueError, match=message):
     import_folder("geneformer", folder, out, max_len=MAX_LEN, overrides=overrides)
   assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_an_imported_geneformer_publishes_back_as_bert_with_its_dictionaries(imported, tmp_path):
+  """Import then publish: Geneformer's dictionaries come back (read as plain values again),
+  its tensors come back (positions cut to our rows, token type 0 folded into them), and
+  transformers' BertForMaskedLM loaded from the folder computes the original's hidden states
+  and logits over the tokens we have rows for."""
+  from safetensors.numpy import load_file
+  from biofm_jax.weights.pickles import read_plain_dict
+  from biofm_jax.weights.publish import publish_run
+  folder, model, tokens, medians, _, run = imported
+  published = publish_run(run, tmp_path / "hf")
+  assert read_plain_dict(published / "token_dictionary.pkl", str, (int,)) == tokens
+  again_medians = read_plain_dict(published / "gene_median_dictionary.pkl", str, (float,))
+  assert again_medians.keys() == medians.keys()
+  np.testing.assert_allclose([again_medians[g] for g in GENES], [medians[g] for g in GENES], rtol=1e-7)
+
+  original, again = load_file(str(folder / "model.safetensors")), load_file(str(published / "model.safetensors"))
+  positions = "bert.embeddings.position_embeddings.weight"
+  token_type = "bert.embeddings.token_type_embeddings.weight"
+  np.testing.assert_allclose(again[positions], original[positions][:MAX_LEN] + original[token_type][0], atol=1e-6)
+  assert not again[token_type].any()
+  eos = tokens["<eos>"]
+  for name, value in original.items():
+    if name in (positions, token_type) or "pooler" in name or "position_ids" in name:
+      continue
+    mine = again[name]
+    if name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.bias"):
+      mine, value = np.delete(mine, eos, axis=0), np.delete(value, eos, axis=0)  # <eos>: no row of ours
+    np.testing.assert_array_equal(mine, value, err_msg=name)
+
+  bert = transformers.BertForMaskedLM.from_pretrained(published).eval()
+  rng = np.random.default_rng(3)
+  ids = np.concatenate([np.full((4, 1), tokens["<cls>"]), rng.integers(len(SPECIALS), len(tokens), (4, 15))], 1)
+  ids[1, 4] = tokens["<mask>"]
+  with torch.no_grad():
+    theirs = model(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+    mine = bert(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+  np.testing.assert_allclose(mine.hidden_states[-1].numpy(), theirs.hidden_states[-1].numpy(), atol=1e-4, rtol=0)
+  keep = np.arange(len(tokens)) != eos
+  np.testing.assert_allclose(mine.logits.numpy()[..., keep], theirs.logits.numpy()[..., keep], atol=1e-4, rtol=0)
+  assert (mine.logits.numpy().argmax(-1) != eos).all()
+
+
+def test_an_expression_run_bert_does_not_compute_is_refused_naming_each_difference():
+  from biofm_jax.config import load_config
+  from biofm_jax.weights.publish import differences, publisher_for
+  config = load_config(str(pathlib.Path(__file__).parents[1] / "configs/omics_expression.py:tiny"))
+  problems = "; ".join(differences(config, publisher_for(config)))
+  for expected in ("data.omics.tokenization='binned': Geneformer reads 'rank' tokens",
+                   "model.norm_position='pre': BertForMaskedLM computes 'post'", "model.embedding_norm=False"):
+    assert expected in problems

@@ -192,6 +192,11 @@ def test_a_run_no_public_class_computes_is_refused_naming_each_difference(tmp_pa
   dna = load_config(str(pathlib.Path(__file__).parents[1] / "configs/omics_sequence.py:tiny"))
   assert "data.sequence.tokenizer='nucleotide': EsmForMaskedLM reads 'amino_acid' tokens" in "; ".join(
       esm_differences(dna))
+  from biofm_jax.weights.publish import publisher_for
+  ehr = load_config(str(pathlib.Path(__file__).parents[1] / "configs/ehr_bert.py:tiny"))
+  with pytest.raises(ValueError, match=r"no public class computes this run's model; publishable runs: sequence "
+                                       r"\(EsmForMaskedLM\), omics \(BertForMaskedLM\), imaging \(ViTMAEModel\)"):
+    publisher_for(ehr)
 
 
 def _tensors(folder: pathlib.Path) -> dict:

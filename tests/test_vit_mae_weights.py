@@ -91,3 +91,65 @@ def test_an_imported_vit_mae_continues_mae_pre_training_with_a_new_decoder(vit, 
   assert np.isfinite(summary["train/loss"]) and np.isfinite(summary["eval/loss"])
   continued = dict(jax.tree_util.tree_leaves_with_path(open_run(tmp_path / "continued")[3]))
   assert any("cls_token" in jax.tree_util.keystr(path) for path in continued)
+
+
+def _encoder_tensors(folder) -> dict:
+  from safetensors.numpy import load_file
+  return load_file(str(folder / "model.safetensors"))
+
+
+def _hidden_states_of(published, images: np.ndarray) -> np.ndarray:
+  """transformers' ViTMAEModel loaded from `published`: every patch in order (mask ratio 0,
+  noise = the patches' order), CLS first."""
+  model = transformers.ViTMAEModel.from_pretrained(published, mask_ratio=0.0).eval()
+  num_patches = model.config.image_size ** 2 // model.config.patch_size ** 2
+  with torch.no_grad():
+    return model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                 noise=torch.arange(num_patches, dtype=torch.float32).repeat(len(images), 1)).last_hidden_state.numpy()
+
+
+def test_an_imported_vit_mae_publishes_back_as_vit_mae_model(vit, tmp_path):
+  """Import then publish gives ViT-MAE's encoder tensors back, and transformers' ViTMAEModel
+  loaded from the published folder computes the original encoder's hidden states."""
+  from biofm_jax.weights.publish import publish_run
+  model, run = vit
+  published = publish_run(run, tmp_path / "hf")
+  assert json.loads((published / "config.json").read_text())["architectures"] == ["ViTMAEModel"]
+  original = {k[len("vit."):]: v for k, v in _encoder_tensors(run.parent / "vit_mae").items() if k.startswith("vit.")}
+  again = _encoder_tensors(published)
+  assert set(again) == set(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(again[name], value, err_msg=name)
+  images = np.random.default_rng(1).standard_normal((2, 32, 32, 1)).astype(np.float32)
+  model.config.mask_ratio = 0.0
+  with torch.no_grad():
+    theirs = model.vit(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                       noise=torch.arange(16, dtype=torch.float32).repeat(2, 1)).last_hidden_state.numpy()
+  np.testing.assert_allclose(_hidden_states_of(published, images), theirs, atol=1e-5, rtol=0)
+
+
+def test_a_vit_shaped_run_with_fixed_positions_publishes_and_others_are_refused_by_option(tmp_path):
+  """An imaging MAE of ViT-MAE's architecture with our fixed sin-cos positions publishes (the
+  table it adds is written as the position table); today's imaging default, which differs,
+  is refused naming each option."""
+  from biofm_jax.weights.publish import differences, publish_run, publisher_for
+  from biofm_jax.weights.run_folder import write_run_folder
+  vit_shape = dict(model__cls_token=True, model__bias=True, model__activation="gelu", model__norm="layernorm",
+                   model__final_norm=True, model__norm_eps=1e-6, model__position="sincos")
+  config = helpers.config_for("configs/imaging_mae.py:tiny", **vit_shape)
+  run = write_run_folder(config, {}, tmp_path / "run", {}, fresh=((),))  # at initialisation, as pre-trained here
+  published = publish_run(run, tmp_path / "hf")
+  config, _, setup, params, _ = open_run(run)
+  size = config.data.imaging.image_size[0]
+  images = np.random.default_rng(2).standard_normal((2, size, size, config.data.imaging.channels)).astype(np.float32)
+  ours = np.asarray(setup.model.apply({"params": params}, {"imaging": {B.IMAGE: images}}, train=False)["imaging"]["hidden"])
+  theirs = _hidden_states_of(published, images)
+  assert theirs.shape == ours.shape and theirs.std() > 0.1
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+  default = helpers.config_for("configs/imaging_mae.py:tiny")
+  problems = "; ".join(differences(default, publisher_for(default)))
+  for expected in ("model.cls_token=False: ViTMAEModel computes True", "model.bias=False"):
+    assert expected in problems
+  volume = helpers.config_for("configs/imaging_mae3d.py:tiny", **vit_shape)
+  assert "ViTMAEModel reads 2-D images" in "; ".join(differences(volume, publisher_for(volume)))

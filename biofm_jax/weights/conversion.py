@@ -23,6 +23,9 @@ import numpy as np
 from biofm_jax.weights.tensors import TensorFolder
 
 ParamPath = tuple[str, ...]
+# The published decoder bias of a public token our vocabulary has no row for (ESM's <eos>,
+# Geneformer's <eos>): its logit is never the largest, so it is never predicted.
+UNSEEN_LOGIT = -1e4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from biofm_jax.configs import omics_sequence
 from biofm_jax.data import batch as B
-from biofm_jax.weights.conversion import Rule, layer_norm, layer_rules, linear, put_rows, take_rows
+from biofm_jax.weights.conversion import UNSEEN_LOGIT, Rule, layer_norm, layer_rules, linear, put_rows, take_rows
 
 NAME = "esm2"
 NUCLEOTIDE_NAME = "nucleotide_transformer"
@@ -39,7 +39,6 @@ _BASES = set("ACGT")
 TOKEN_DROPOUT_RATE = 0.15 * 0.8  # ESM-2's mask_ratio_train: the MASK share of its training inputs
 # Tensors an ESM-2 folder may hold that the masked LM does not use: the contact-prediction
 # head, rotary frequency buffers (recomputed: the same 1 / 10000^(2i/d)), position ids.
-UNSEEN_LOGIT = -1e4  # the published decoder bias of ESM tokens our vocabulary lacks (<eos>, ".", "-", <null_1>)
 IGNORED = (r"esm\.contact_head\..*", r".*rotary_embeddings\.inv_freq", r".*position_ids")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from biofm_jax.configs import omics_expression
 from biofm_jax.data import batch as B
 from biofm_jax.modalities.omics.gene_vocab import GeneVocab
-from biofm_jax.weights.conversion import Rule, layer_norm, layer_rules, linear, put_rows, take_rows
+from biofm_jax.weights.conversion import UNSEEN_LOGIT, Rule, layer_norm, layer_rules, linear, put_rows, take_rows
 from biofm_jax.weights.pickles import read_plain_dict
 
 NAME = "geneformer"
@@ -126,8 +126,9 @@ def rules(hf: dict[str, Any], ids: np.ndarray, max_len: int, modality: str = "om
   out = [Rule(encoder + ("code_embedding", "embedding"), "bert.embeddings.word_embeddings.weight", (v, d),
               lambda x: take_rows(x, ids), inverse=lambda x: put_rows(x, ids, v)),
          # Token type 0 is added to every position: folded into the table (see the module docstring).
+         # Publishing writes a table of exactly our rows (max_position_embeddings = max_len).
          Rule(encoder + ("position_embedding",), "bert.embeddings.position_embeddings.weight", (positions, d),
-              lambda x: x[:max_len], inverse=None),
+              lambda x: x[:max_len]),
          Rule(("_token_type",), "bert.embeddings.token_type_embeddings.weight", (hf.get("type_vocab_size", 2), d))]
   out += norm(encoder + ("embedding_norm",), "bert.embeddings.LayerNorm")
   out += layer_rules({"query": layer + "attention.self.query", "key": layer + "attention.self.key",
@@ -139,8 +140,10 @@ def rules(hf: dict[str, Any], ids: np.ndarray, max_len: int, modality: str = "om
           Rule(head + ("transform", "bias"), "cls.predictions.transform.dense.bias", (d,))]
   out += norm(head + ("transform_norm",), "cls.predictions.transform.LayerNorm")
   out += [Rule(head + ("dense", "kernel"), "cls.predictions.decoder.weight", (v, d),
-               lambda x: np.ascontiguousarray(take_rows(x, ids).T), tied_to="bert.embeddings.word_embeddings.weight"),
-          Rule(head + ("dense", "bias"), "cls.predictions.bias", (v,), lambda x: take_rows(x, ids))]
+               lambda x: np.ascontiguousarray(take_rows(x, ids).T), tied_to="bert.embeddings.word_embeddings.weight",
+               inverse=lambda x: put_rows(np.ascontiguousarray(x.T), ids, v)),
+          Rule(head + ("dense", "bias"), "cls.predictions.bias", (v,), lambda x: take_rows(x, ids),
+               inverse=lambda x: put_rows(x, ids, v, UNSEEN_LOGIT))]
   return out
 
 

@@ -80,12 +80,16 @@ def rules(hf: dict[str, Any], prefix: str) -> list[Rule]:
   def patch_kernel(w):  # conv [D, C, p, p] -> our dense kernel over (row, column, channel) pixels
     return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(p * p * c, d))
 
+  def patch_conv(kernel):  # the inverse
+    return np.ascontiguousarray(kernel.reshape(p, p, c, d).transpose(3, 2, 0, 1))
+
   out = [Rule(encoder + ("patch_embedding", "kernel"), prefix + "embeddings.patch_embeddings.projection.weight",
-              (d, c, p, p), patch_kernel),
+              (d, c, p, p), patch_kernel, inverse=patch_conv),
          Rule(encoder + ("patch_embedding", "bias"), prefix + "embeddings.patch_embeddings.projection.bias", (d,)),
          Rule(encoder + ("position_embedding",), prefix + "embeddings.position_embeddings", (1, num_patches + 1, d),
-              lambda x: np.ascontiguousarray(x[0])),
-         Rule(encoder + ("cls_token",), prefix + "embeddings.cls_token", (1, 1, d), lambda x: x.reshape(d))]
+              lambda x: np.ascontiguousarray(x[0]), inverse=lambda x: x[None]),
+         Rule(encoder + ("cls_token",), prefix + "embeddings.cls_token", (1, 1, d), lambda x: x.reshape(d),
+              inverse=lambda x: x.reshape(1, 1, d))]
   out += layer_rules({"query": layer + "attention.attention.query", "key": layer + "attention.attention.key",
                       "value": layer + "attention.attention.value", "out": layer + "attention.output.dense",
                       "attention_norm": layer + "layernorm_before", "wi": layer + "intermediate.dense",

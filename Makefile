@@ -29,8 +29,8 @@ typecheck: install
 	$(PY) -m mypy
 
 # Step speed and MFU, input pipeline, checkpoint cost, the PyTorch / Hugging Face peer, the
-# step's parts beside torch's kernels and where the step's time goes (per-op profiles)
-# (the peer's extra, torch CPU + transformers, is installed here only). Figures go to benchmarks/RESULTS.md.
+# step's parts beside torch's kernels and where the step's time goes (per-op profiles),
+# decoding beside GPT-2 with its key/value cache (the peer's extra, torch CPU + transformers, is installed here only). Figures go to benchmarks/RESULTS.md.
 bench: install
 	$(PY) -m pip install -q -e ".[peer]"
 	$(PY) benchmarks/throughput.py
@@ -46,6 +46,8 @@ bench: install
 	$(PY) benchmarks/record_finetune.py
 	$(PY) benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib --set=data.ecg.length=1000 --set=data.ecg.patch_size=50
 	$(PY) benchmarks/import_memory.py
+	$(PY) benchmarks/generate.py --preset=demo --rows=8 --prompt=96 --new=32
+	$(PY) benchmarks/generate.py --preset=base --rows=8 --prompt=384 --new=128 --repeats=2
 
 # On one GPU, in under 8 minutes: MFU at ehr_bert.py:base in bf16 (layers scanned and
 # unrolled), packed vs unpacked EHR tokens/s, attention implementations side by side, the

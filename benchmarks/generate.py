@@ -13,14 +13,19 @@ jax never share a process), float32, untrained weights (they do not change the c
     In the same process, "matmul-bound": one jitted function holding only the decode step's
     matmuls at its shapes (q/k/v/out projections, the MLP, the code and gap heads over the
     batch's rows, and attention's scores and sums over a cache of `--prompt + --new` slots),
-    timed the same way; the step's ratio to it is the figure the decoding target reads.
+    each layer's weights and cache in buffers of their own, timed the same way; the step's
+    ratio to it is the figure the decoding target reads.
   - peer: `transformers.GPT2LMHeadModel` of the same depth, width, heads, MLP width,
     vocabulary and positions, `generate(use_cache=True)` greedy and sampled, `min_new_tokens`
     = `max_new_tokens` so every row decodes every step; its step time read the same way
     (difference between `--new` and `--new / 2` tokens).
+With `--profile`, ours also traces one call (`jax.profiler`, one event per executed op, as
+`benchmarks/profile_step.py` reads them) and prints the slowest ops, per decode step.
 Tokens per second = rows x steps / step time. Our step also samples the gap head and
 carries the time and age features; GPT-2 adds a learned position table and biases. Prints
-one JSON line per side and one comparing them; figures go to benchmarks/RESULTS.md.
+one JSON line per side and one comparing them; figures go to benchmarks/RESULTS.md. The
+compute dtype is float32 (`--dtype`) unless asked: `base` is an accelerator preset in
+bfloat16, which a CPU emulates.
 """
 from __future__ import annotations
 
@@ -63,7 +68,9 @@ def build_model(args):
   from biofm_jax.models.description import TokenModality
   from biofm_jax.models.layers import transformer_config
   from biofm_jax.models.model import SingleModalityModel
-  config = load_config(f"{REPO / 'configs/ehr_gpt.py'}:{args.preset}")
+  # The compute dtype is --dtype's (float32 by default: a CPU computes in it; `base` is an
+  # accelerator preset whose bfloat16 a CPU emulates with conversions).
+  config = load_config(f"{REPO / 'configs/ehr_gpt.py'}:{args.preset}", {"model.dtype": args.dtype})
   cfg = transformer_config(config.model, max_len=args.prompt + args.new, causal=True)
   model = SingleModalityModel(cfg, TokenModality("ehr", args.vocab, config.data.ehr.num_value_bins,
                                                  args.prompt + args.new, encoder=EHREncoder,
@@ -89,36 +96,39 @@ def prompts(args, rows: int):
 
 
 def matmul_bound_step(cfg, rows: int, slots: int, vocab: int, repeats: int) -> float:
-  """Seconds of the decode step's matmuls alone, at its shapes, in one jitted function."""
+  """Seconds of the decode step's matmuls alone, at its shapes, in one jitted function: each
+  layer's weights in arrays of their own (read once, no slicing), the cache laid out
+  [rows, heads, slots, kv] for attention's two batched matmuls, every slot attended."""
   import jax
   import jax.numpy as jnp
   d, h, k, f = cfg.embed_dim, cfg.num_heads, cfg.kv_dim, cfg.mlp_dim
-  keys = jax.random.split(jax.random.key(1), 8)
-  layers = dict(q=jax.random.normal(keys[0], (cfg.num_layers, d, h * k)), kv=jax.random.normal(keys[1], (cfg.num_layers, d, 2 * h * k)),
-                o=jax.random.normal(keys[2], (cfg.num_layers, h * k, d)), wi=jax.random.normal(keys[3], (cfg.num_layers, d, f)),
-                wo=jax.random.normal(keys[4], (cfg.num_layers, f, d)))
-  cache = jax.random.normal(keys[5], (cfg.num_layers, 2, rows, slots, h, k))
-  heads = jax.random.normal(keys[6], (d, vocab + len(EDGES) + 1))
-  x0 = jax.random.normal(keys[7], (rows, d))
+  keys = iter(jax.random.split(jax.random.key(1), 8 * cfg.num_layers + 2))
+  normal = lambda shape: jax.random.normal(next(keys), shape) * 0.02  # noqa: E731
+  layers = [dict(qkv=normal((d, 3 * h * k)), o=normal((h * k, d)), wi=normal((d, f)), wo=normal((f, d)),
+                 keys=normal((rows, h, slots, k)), values=normal((rows, h, slots, k))) for _ in range(cfg.num_layers)]
+  heads = normal((d, vocab + len(EDGES) + 1))
+  x0 = normal((rows, d))
 
   @jax.jit
-  def step(x, layers, cache, heads):
-    for i in range(cfg.num_layers):  # unrolled: each layer's weights read once, as decoding reads them
-      q = (x @ layers["q"][i]).reshape(rows, h, k)
-      x = x + (x @ layers["kv"][i])[:, :d] * 1e-3  # the new token's keys and values (their matmul)
-      scores = jnp.einsum("bhk,bshk->bhs", q, cache[i, 0])
-      x = x + (jnp.einsum("bhs,bshk->bhk", scores, cache[i, 1]).reshape(rows, h * k) @ layers["o"][i]) * 1e-3
-      x = x + (jnp.maximum(x @ layers["wi"][i], 0) @ layers["wo"][i]) * 1e-3
+  def step(x, layers, heads):
+    for layer in layers:
+      q = (x @ layer["qkv"])[:, :h * k].reshape(rows, h, 1, k)
+      scores = jnp.einsum("bhtk,bhsk->bhts", q, layer["keys"])  # [rows, h, 1, slots]
+      attended = jnp.matmul(scores, layer["values"]).reshape(rows, h * k)
+      x = x + attended @ layer["o"]
+      x = x + jnp.maximum(x @ layer["wi"], 0) @ layer["wo"]
     return x @ heads
 
-  step(x0, layers, cache, heads).block_until_ready()
-  return _timed(lambda: step(x0, layers, cache, heads).block_until_ready(), repeats)
+  step(x0, layers, heads).block_until_ready()
+  return _timed(lambda: step(x0, layers, heads).block_until_ready(), repeats)
 
 
 def measure_ours(args) -> dict:
+  sys.path.insert(0, str(REPO))
+  from biofm_jax import cli  # noqa: F401  (before jax: the CPU platform and host memory, as every command)
   import jax
   import numpy as np
-  from biofm_jax.generate import GenerationSettings, generate
+  from biofm_jax.generate import GenerationSettings, _generate, right_align
   _, cfg, model = build_model(args)
   batch = prompts(args, args.rows)
   import jax.numpy as jnp
@@ -128,8 +138,10 @@ def measure_ours(args) -> dict:
 
   def run(new: int):
     settings = GenerationSettings(max_new=new, horizon_days=1e9)
-    call = lambda: generate(model, params, batch, jax.random.key(0), settings, gap_edges=EDGES,  # noqa: E731
-                            prompt_len=args.prompt)
+    aligned = {k: jnp.asarray(v) for k, v in right_align(batch, args.prompt).items()}
+    call = lambda: jax.device_get(_generate(  # noqa: E731  (what generate() runs, the cache form chosen)
+        model, params, aligned, jax.random.key(0), jnp.asarray(EDGES, jnp.float32), jnp.full(args.rows, -1.0),
+        settings=settings, modality="ehr", stacked_cache=args.stacked_cache))
     start = time.perf_counter()
     out = call()
     first = time.perf_counter() - start
@@ -141,11 +153,44 @@ def measure_ours(args) -> dict:
   compile_and_run, full = run(args.new)
   step = (full - short) / (args.new - half)
   bound = matmul_bound_step(cfg, args.rows, args.prompt + args.new, args.vocab, args.repeats * 4)
-  return {"side": "ours", "framework": f"jax {jax.__version__}", "preset": args.preset, "rows": args.rows,
+  if args.profile:
+    profile_decoding(model, params, batch, args)
+  return {"side": "ours", "framework": f"jax {jax.__version__}", "preset": args.preset, "dtype": args.dtype,
+          "rows": args.rows,
           "prompt": args.prompt, "new": args.new, "vocab": args.vocab, "num_params": n_params,
-          "layer_loop": cfg.layer_loop, "first_call_s": round(compile_and_run, 3), "call_s": round(full, 4),
+          "layer_loop": cfg.layer_loop, "cache": "stacked" if args.stacked_cache else "per_layer",
+          "first_call_s": round(compile_and_run, 3), "call_s": round(full, 4),
           "step_s": round(step, 5), "tokens_per_s": round(args.rows / step, 1),
           "matmul_bound_step_s": round(bound, 5), "step_over_matmul_bound": round(step / bound, 2)}
+
+
+def profile_decoding(model, params, batch, args) -> None:
+  """Prints the slowest ops of one traced call, in ms per decode step (prefill included)."""
+  import tempfile
+
+  import jax
+  import jax.numpy as jnp
+  from biofm_jax.generate import GenerationSettings, _generate, right_align
+  settings = GenerationSettings(max_new=args.new, horizon_days=1e9)
+  aligned = {k: jnp.asarray(v) for k, v in right_align(batch, args.prompt).items()}
+  call_args = (model, params, aligned, jax.random.key(0), jnp.asarray(EDGES, jnp.float32), jnp.full(args.rows, -1.0))
+  options = dict(settings=settings, modality="ehr", stacked_cache=args.stacked_cache)
+  # The executable whose program is read runs the traced call (a second compile may number
+  # its ops differently).
+  compiled = _generate.lower(*call_args, **options).compile()
+  hlo_text = compiled.as_text()
+  dynamic = call_args[1:]  # the model is static
+  jax.block_until_ready(compiled(*dynamic))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      jax.block_until_ready(compiled(*dynamic))
+    sys.path.insert(0, str(BENCHMARKS))
+    import profile_step  # benchmarks/profile_step.py: its trace reader and per-op summary
+    events = profile_step.op_events(pathlib.Path(tmp), profile_step.instructions(hlo_text)[0])
+  summary, rows = profile_step.summarise(events, hlo_text, args.new, args.top)
+  print("slowest ops of one call (ms per decode step, summed over threads; kind, part, op, output):", file=sys.stderr)
+  print("\n".join(rows), file=sys.stderr)
+  print(json.dumps(summary), file=sys.stderr)
 
 
 # ------------------------------------------------------------------ peer (torch only)
@@ -178,13 +223,16 @@ def measure_peer(args, spec: dict) -> dict:
 
 def run_side(args, side: str, spec: dict | None = None) -> dict:
   command = [sys.executable, __file__, f"--side={side}", f"--preset={args.preset}", f"--rows={args.rows}",
-             f"--prompt={args.prompt}", f"--new={args.new}", f"--vocab={args.vocab}", f"--threads={args.threads}",
-             f"--repeats={args.repeats}"]
+             f"--prompt={args.prompt}", f"--new={args.new}", f"--dtype={args.dtype}", f"--vocab={args.vocab}", f"--threads={args.threads}",
+             f"--repeats={args.repeats}", f"--top={args.top}"] + (["--profile"] if args.profile else []) + (
+                 ["--stacked_cache"] if args.stacked_cache else [])
   if spec:
     command.append(f"--spec={json.dumps(spec)}")
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   if done.returncode:
     raise SystemExit(f"{side} failed:\n{done.stderr[-4000:]}")
+  if args.profile and side == "ours":
+    print(done.stderr[done.stderr.find("slowest ops"):], file=sys.stderr)
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -195,14 +243,21 @@ def main():
   parser.add_argument("--prompt", type=int, default=96)
   parser.add_argument("--new", type=int, default=32)
   parser.add_argument("--vocab", type=int, default=4096, help="codes in the vocabulary (a cohort's own size)")
+  parser.add_argument("--dtype", default="float32", help="the model's compute dtype (float32 or bfloat16)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--sides", default="ours,peer")
+  parser.add_argument("--stacked_cache", action="store_true",
+                      help="ours with the cache stacked on a layers axis (the layout before the per-layer one)")
+  parser.add_argument("--profile", action="store_true", help="trace our decoding and print its slowest ops")
+  parser.add_argument("--top", type=int, default=20, help="slowest ops to print with --profile")
   parser.add_argument("--side", default="", help=argparse.SUPPRESS)
   parser.add_argument("--spec", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   pin_cpus(args.threads)
   if args.side == "ours":
+    if args.profile:  # one trace event per executed op on the CPU: read when XLA starts
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     print(json.dumps(measure_ours(args)))
     return
   if args.side == "peer":

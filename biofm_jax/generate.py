@@ -19,8 +19,9 @@ code (e.g. MEDS_DEATH). Everything is one jitted program with static shapes:
     by its share of mass past it, the point drawn within what is left of the class). This
     is the model's own future given the quiet time, not a rejection of early events, so
     the window (prediction time, + horizon] is simulated in full;
-  - the cache holds keys and values of every layer, [layers, B, prompt_len + max_new,
-    heads, kv]; a step feeds one token per row and attends over the slots so far
+  - the cache holds keys and values of every layer, one buffer pair per layer of
+    prompt_len + max_new slots (so the loop updates each in place), laid out heads first
+    for attention's matmuls (`models/layers.cache_shapes`); a step feeds one token per row and attends over the slots so far
     (`models/layers.Attention`), which equals the full forward pass (tested to 1e-5);
   - a sampled gap class becomes days: 0 for the same time, log-uniform within its edges
     (uniform below the first positive edge), up to twice the last edge for the last class.
@@ -36,11 +37,13 @@ import functools
 import logging
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from biofm_jax.data import batch as B
+from biofm_jax.models.transformer import empty_layer_caches, empty_stacked_cache
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +159,33 @@ def _step_example(code, days, age, age_known) -> dict[str, jax.Array]:
           B.EHR_MASK: col(jnp.ones_like(age_known))}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings", "modality"))
-def _generate(model, params, prompt, key, edges, quiet, *, settings: GenerationSettings, modality: str):
+def _per_layer_model(model, params):
+  """(model, params) that decode with each layer's parameters in arrays of their own: a
+  stack of scanned layers is sliced once per call, outside the decoding loop, where XLA
+  would otherwise copy every layer's slice of the stacked weights at every step (the
+  parameters' tree is the unscanned stack's, `layer_{i}`, which the model then builds)."""
+  cfg = model.cfg
+  if not cfg.scan_layers:
+    return model, params
+  stack = dict(params["transformer"])
+  stacked = nn.meta.unbox(stack.pop("layers"))
+  for i in range(cfg.num_layers):
+    stack[f"layer_{i}"] = jax.tree.map(lambda p, i=i: p[i], stacked)
+  return model.clone(cfg=dataclasses.replace(cfg, scan_layers=False)), {**params, "transformer": stack}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings", "modality", "stacked_cache"))
+def _generate(model, params, prompt, key, edges, quiet, *, settings: GenerationSettings, modality: str,
+              stacked_cache: bool = False):
+  if not stacked_cache:  # (the stacked cache is the scanned stack's form: it keeps the scan's parameters)
+    model, params = _per_layer_model(model, params)
   cfg = model.cfg
   batch, prompt_len = prompt[B.EHR_MASK].shape
   slots = prompt_len + settings.max_new
-  cache_shape = (cfg.num_layers, batch, slots, cfg.num_heads, cfg.kv_dim)
-  cache = (jnp.zeros(cache_shape, cfg.dtype), jnp.zeros(cache_shape, cfg.dtype))
+  # One (keys, values) buffer pair per layer, carried through the decoding loop and updated
+  # in place (models/transformer.py: LayerCaches). `stacked_cache`: the [layers, ...] form,
+  # copied whole at every step (kept to test that both give the same futures).
+  cache = (empty_stacked_cache if stacked_cache else empty_layer_caches)(cfg, batch, slots)
   real = prompt[B.EHR_MASK]
   cache_mask = jnp.pad(real, ((0, 0), (0, settings.max_new)))
   first = prompt_len - real.sum(1)  # the first real slot of each row
@@ -199,6 +222,19 @@ def _generate(model, params, prompt, key, edges, quiet, *, settings: GenerationS
 
   _, (codes, days, alive) = jax.lax.scan(step, state, jnp.arange(settings.max_new))
   return {"codes": codes.T, "days": days.T, "generated": alive.T}
+
+
+# The key/value cache of one batch of simulated futures holds at most this many bytes
+# (`rows_per_batch`): 64 rows of `ehr_gpt:base` in float32 need 2.4 GB.
+CACHE_BUDGET_BYTES = 4 * 1024 ** 3
+
+
+def rows_per_batch(cfg, slots: int, *, most: int = 64, budget_bytes: int = CACHE_BUDGET_BYTES) -> int:
+  """Futures to simulate at once: `most`, or fewer where their key/value cache (keys and
+  values of every layer, `slots` each) would pass `budget_bytes`. Decoding reads every
+  weight once per step whatever the rows, so more rows per step cost little more time."""
+  per_row = 2 * cfg.num_layers * slots * cfg.num_heads * cfg.kv_dim * jnp.dtype(cfg.dtype).itemsize
+  return int(max(1, min(most, budget_bytes // per_row)))
 
 
 def prompt_slots(model, settings: GenerationSettings, prompt_len: int | None = None) -> int:

@@ -13,6 +13,7 @@ from biofm_jax.generate import GenerationSettings, contains, generate, right_ali
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.models.layers import TransformerConfig
 from biofm_jax.models.model import SingleModalityModel
+from biofm_jax.models.transformer import LayerCaches, empty_layer_caches, empty_stacked_cache
 from biofm_jax.models.description import TokenModality
 
 VOCAB, BINS, LEN = 30, 4, 16
@@ -42,15 +43,18 @@ def _batch(lengths, seed=0):
   return out
 
 
-@pytest.mark.parametrize("scan, layer_loop", [(True, "scan"), (True, "unroll"), (False, "auto")])
-def test_the_cached_step_equals_the_uncached_forward_pass(scan, layer_loop):
+@pytest.mark.parametrize("scan, layer_loop, per_layer", [(True, "scan", False), (True, "unroll", False),
+                                                        (False, "auto", False), (True, "scan", True),
+                                                        (False, "auto", True)])
+def test_the_cached_step_equals_the_uncached_forward_pass(scan, layer_loop, per_layer):
+  """Either cache form: stacked on a layers axis, or one buffer pair per layer (what
+  generate carries; stacked parameters then run unrolled even where layers scan)."""
   model = _model(scan=scan, layer_loop=layer_loop)
   full = _batch([LEN, LEN, LEN])
   params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in full.items()}})["params"]
   reference = model.apply({"params": params}, {"ehr": {k: jnp.asarray(v) for k, v in full.items()}})["ehr"]
   cfg = model.cfg
-  shape = (cfg.num_layers, 3, LEN, cfg.num_heads, cfg.kv_dim)
-  cache = (jnp.zeros(shape), jnp.zeros(shape))
+  cache = (empty_layer_caches if per_layer else empty_stacked_cache)(cfg, 3, LEN)
   mask = np.zeros((3, LEN), bool)
   prefill = 6
   mask[:, :prefill] = True
@@ -67,6 +71,7 @@ def test_the_cached_step_equals_the_uncached_forward_pass(scan, layer_loop):
                              cache_mask=jnp.asarray(mask), positions=jnp.full((3, 1), slot))
     for name in ("code_logits", "time_logits"):
       np.testing.assert_allclose(out["ehr"][name][:, 0], reference[name][:, slot], atol=1e-5, rtol=1e-5)
+  assert isinstance(cache, LayerCaches) == per_layer  # returned in the form it was given
 
 
 def test_right_aligned_prompts_of_any_length_see_what_the_full_pass_sees():
@@ -77,12 +82,10 @@ def test_right_aligned_prompts_of_any_length_see_what_the_full_pass_sees():
                          ["ehr"]["code_logits"])
   aligned = right_align(batch, LEN)
   assert aligned[B.EHR_MASK].sum(1).tolist() == [5, 16, 9] and aligned[B.EHR_MASK][:, -1].all()
-  cfg = model.cfg
-  shape = (cfg.num_layers, 3, LEN, cfg.num_heads, cfg.kv_dim)
   first = LEN - aligned[B.EHR_MASK].sum(1)
   positions = np.maximum(np.arange(LEN)[None] - first[:, None], 0)
   out, _ = model.apply({"params": params}, {"ehr": {k: jnp.asarray(v) for k, v in aligned.items()}},
-                       cache=(jnp.zeros(shape), jnp.zeros(shape)), slot=0,
+                       cache=empty_stacked_cache(model.cfg, 3, LEN), slot=0,
                        cache_mask=jnp.asarray(aligned[B.EHR_MASK]), positions=jnp.asarray(positions))
   np.testing.assert_allclose(np.asarray(out["ehr"]["code_logits"])[:, -1], reference[[0, 1, 2], [4, 15, 8]],
                              atol=1e-5, rtol=1e-5)
@@ -114,6 +117,24 @@ def test_generation_is_seeded_and_stops_at_the_horizon_and_at_stop_codes():
   np.testing.assert_array_equal(stopped["codes"][0], a["codes"][0])  # same draws: same key
   assert stopped["generated"][0].tolist() == [True] + [False] * 5
   assert contains(stopped, [stop], 1e6)[0]
+
+
+def test_futures_are_the_same_with_the_cache_per_layer_or_stacked():
+  """The per-layer cache (updated in place) gives the futures the stacked one gave, draw for
+  draw, on a scanned and on an unrolled stack."""
+  from biofm_jax.generate import _generate
+  batch = _batch([5, 12, 9, 3])
+  aligned = {k: jnp.asarray(v) for k, v in right_align(batch, LEN - 6).items()}
+  settings = GenerationSettings(max_new=6, horizon_days=1e6, temperature=1.0)
+  for layer_loop in ("scan", "unroll"):
+    model = _model(layer_loop=layer_loop)
+    params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in batch.items()}})["params"]
+    args = (model.module, params, aligned, jax.random.key(4), jnp.asarray(EDGES, jnp.float32), jnp.full(4, -1.0))
+    per_layer = _generate(*args, settings=settings, modality="ehr")
+    stacked = _generate(*args, settings=settings, modality="ehr", stacked_cache=True)
+    np.testing.assert_array_equal(per_layer["codes"], stacked["codes"])
+    np.testing.assert_allclose(per_layer["days"], stacked["days"], rtol=1e-6)
+    assert len(set(np.asarray(per_layer["codes"]).ravel().tolist())) > 3  # sampled, not a constant
 
 
 def test_only_causal_models_with_a_gap_head_generate():
@@ -231,3 +252,13 @@ def test_greedy_generation_follows_the_full_forward_pass_over_what_it_generated(
   for row, n in enumerate(lengths):
     predicted = logits[row, n - 1:n - 1 + max_new].argmax(-1)
     assert predicted.tolist() == out["codes"][row].tolist(), row
+
+
+def test_futures_per_batch_are_capped_by_the_memory_their_cache_needs():
+  from biofm_jax.generate import CACHE_BUDGET_BYTES, rows_per_batch
+  cfg = TransformerConfig(num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072, max_len=512)
+  per_row = 2 * 12 * 512 * 768 * 4  # keys and values of every layer and slot, float32
+  assert rows_per_batch(cfg, 512) == min(64, CACHE_BUDGET_BYTES // per_row)
+  assert rows_per_batch(cfg, 512, budget_bytes=10 * per_row + 1) == 10
+  assert rows_per_batch(cfg, 512, budget_bytes=1) == 1  # one row always runs
+  assert rows_per_batch(_model().cfg, LEN) == 64

@@ -149,6 +149,9 @@ def test_zero_shot_predicts_a_planted_outcome_beside_the_probe_and_reports_its_c
   description = report["baselines"]["zero_shot"]["description"]
   assert description["samples_per_row"] == 6 and description["seconds"] > 0
   assert description["timelines"] == 6 * (report["task"]["rows"]["tuning"] + report["task"]["rows"]["held_out"])
+  assert description["seconds_per_label_row"] == pytest.approx(description["seconds"] * 6 / description["timelines"],
+                                                                rel=1e-2)
+  assert description["futures_per_batch"] == 64  # the tiny model's cache is far below the budget
   assert "ICD10CM//I50.9" in description["vocabulary_codes"]
   table = pq.read_table(tmp_path / "report" / "predictions" / "zero_shot" / "held_out.parquet")
   assert table.num_rows == report["task"]["rows"]["held_out"]

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from biofm_jax.data import batch as B
-from biofm_jax.generate import GenerationSettings, contains, generate, prompt_slots
+from biofm_jax.generate import GenerationSettings, contains, generate, prompt_slots, rows_per_batch
 from biofm_jax.modalities.ehr.data import TokenizeEHR
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
 from biofm_jax.modalities.ehr.task_data import history_rows
@@ -87,15 +87,19 @@ def quiet_days(records: Sequence[dict], prediction_times: np.ndarray) -> np.ndar
 
 
 def simulate(model, params, vocab, records: Sequence[dict], prediction_times: np.ndarray, *, samples: int,
-             settings: GenerationSettings, gap_edges, seed: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
+             settings: GenerationSettings, gap_edges, seed: int = 0, batch_size: int = 0) -> dict[str, np.ndarray]:
   """`samples` simulated futures of each record, from its prediction time on: {"row": int
   [R * samples], "sample", and `generate`'s "codes", "days" (after the prediction time),
   "generated" per future}, plus "quiet_days" [R] and "seconds" the simulation took.
-  Batches have a fixed size (the last is padded), so one compiled program serves all."""
+  Batches have a fixed size (the last is padded), so one compiled program serves all: 64
+  futures, or fewer where their cache would pass `generate.CACHE_BUDGET_BYTES` (0), or
+  `batch_size`."""
   if samples < 1:
     raise ValueError(f"zero-shot: samples={samples} must be at least 1")
   quiet = quiet_days(records, prediction_times)
-  tokenize = TokenizeEHR(vocab, prompt_slots(model, settings), window="recent")  # the window training shows
+  slots = prompt_slots(model, settings)
+  batch_size = batch_size or rows_per_batch(model.cfg, slots + settings.max_new)
+  tokenize = TokenizeEHR(vocab, slots, window="recent")  # the window training shows
   prompts = [tokenize.map(r) for r in records]
   rows = np.repeat(np.arange(len(prompts)), samples)
   parts: dict[str, list] = {"codes": [], "days": [], "generated": []}
@@ -150,4 +154,7 @@ def zero_shot_scores(pretrained: str, data, splits: Sequence[str], codes: Sequen
                             "prediction time (zero-shot)",
                   "codes": list(codes), "vocabulary_codes": names, "horizon_days": horizon_days,
                   "samples_per_row": samples, "max_new_events": settings.max_new, "timelines": timelines,
-                  "seconds": round(seconds, 3), "seconds_per_timeline": round(seconds / max(timelines, 1), 6)}
+                  "seconds": round(seconds, 3), "seconds_per_timeline": round(seconds / max(timelines, 1), 6),
+                  "seconds_per_label_row": round(seconds * samples / max(timelines, 1), 6),
+                  "futures_per_batch": rows_per_batch(setup.model.cfg, prompt_slots(setup.model, settings)
+                                                      + settings.max_new)}

@@ -207,6 +207,13 @@ def as_tokens(x: Array) -> Array:
   return x.reshape((-1,) + x.shape[2:])
 
 
+def cache_shapes(cfg: "TransformerConfig", batch: int, slots: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """One layer's decoding cache: keys and values, each [B, heads, S, kv] (heads first, as
+  attention's batched matmuls read them)."""
+  shape = (batch, cfg.num_heads, slots, cfg.kv_dim)
+  return shape, shape
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over padded sequences, via `jax.nn.dot_product_attention`."""
   cfg: TransformerConfig
@@ -214,8 +221,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array, segments: Array | None = None,
                cache: tuple[Array, Array, Array] | None = None):
-    """Self-attention over `x`, or with `cache` = (keys [B, S, H, K], values, slot int32):
-    the new tokens' keys and values are written at slots [slot, slot + T) of a cache of S
+    """Self-attention over `x`, or with `cache` = (keys, values, slot int32), shaped as
+    `cache_shapes` says: the new tokens' keys and values are written at slots [slot, slot + T) of a cache of S
     slots, `mask` [B, S] marks the slots holding real tokens (the new ones included), and
     each new token attends to the real slots up to its own. Returns the output, and with a
     cache also the updated (keys, values)."""
@@ -256,14 +263,25 @@ class Attention(nn.Module):
     return out.reshape(lead + (cfg.embed_dim,))
 
   def _cached(self, q: Array, k: Array, v: Array, mask: Array, cache):
-    """Decoding (`generate.py`): causal attention of T new tokens over a key/value cache."""
+    """Decoding (`generate.py`): causal attention of T new tokens over a key/value cache laid
+    out as `cache_shapes` says, the arithmetic of `jax.nn.dot_product_attention`'s "xla"
+    implementation (as `heads_first_attention`'s)."""
     keys, values, slot = cache
-    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), slot, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), slot, axis=1)
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.transpose(0, 2, 1, 3).astype(keys.dtype), slot, axis=2)
+    values = jax.lax.dynamic_update_slice_in_dim(values, v.transpose(0, 2, 1, 3).astype(values.dtype), slot, axis=2)
+    slots = keys.shape[2]
     query_slots = slot + jnp.arange(q.shape[1])
-    visible = jnp.arange(keys.shape[1])[None, :] <= query_slots[:, None]  # [T, S]
-    key_mask = mask[:, None, None, :] & visible[None, None]
-    out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=key_mask)
+    visible = jnp.arange(slots)[None, :] <= query_slots[:, None]  # [T, S]
+    key_mask = mask[:, None, None, :] & visible[None, None]  # [B, 1, T, S]
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    # Heads before slots: both products are batched matmuls over the stored buffers, with no
+    # transposed copy of the cache per step (slots first, each layer copied it whole).
+    logits = jnp.einsum("bhtk,bhsk->bhts", q.transpose(0, 2, 1, 3), keys.astype(q.dtype),
+                        preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), logits_dtype)
+    logits = jnp.where(key_mask, logits, jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.matmul(probs, values.astype(q.dtype)).transpose(0, 2, 1, 3)  # [B, T, H, K]
     return self._project_out(out), (keys, values)
 
 

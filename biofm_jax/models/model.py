@@ -36,8 +36,8 @@ class SingleModalityModel(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, Mapping[str, jax.Array]], *, train: bool = False, cache=None,
                slot=None, cache_mask=None, positions=None):
-    """The outputs; or, decoding a causal model (`generate.py`), with `cache` (keys, values
-    [layers, B, S, heads, kv]), `slot` (where the batch's tokens go), `cache_mask` ([B, S]
+    """The outputs; or, decoding a causal model (`generate.py`), with `cache` (per layer or
+    stacked: `models/transformer.py`), `slot` (where the batch's tokens go), `cache_mask` ([B, S]
     real slots, the new ones included) and the tokens' `positions`: (outputs, cache)."""
     example = batch[self.modality.name]
     encoded = self.modality.encode(self.cfg, example, train=train)

@@ -6,10 +6,31 @@ once here.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 
-from biofm_jax.models.layers import Block, TransformerConfig, make_norm
+from biofm_jax.models.layers import Block, TransformerConfig, cache_shapes, make_norm
+
+
+class LayerCaches(NamedTuple):
+  """A decoding cache held per layer: `layers[i]` = (keys, values) of layer i, shaped as
+  `layers.cache_shapes` says. Each layer reads and updates its own buffers, so a decoding
+  loop that carries them updates them in place; a cache stacked on a layers axis is sliced
+  and re-stacked (copied whole) at every step instead."""
+  layers: tuple
+
+
+def empty_layer_caches(cfg: TransformerConfig, batch: int, slots: int) -> LayerCaches:
+  keys, values = cache_shapes(cfg, batch, slots)
+  return LayerCaches(tuple((jax.numpy.zeros(keys, cfg.dtype), jax.numpy.zeros(values, cfg.dtype))
+                           for _ in range(cfg.num_layers)))
+
+
+def empty_stacked_cache(cfg: TransformerConfig, batch: int, slots: int) -> tuple:
+  """The same cache stacked on a leading layers axis (the scanned stack's form)."""
+  return tuple(jax.numpy.zeros((cfg.num_layers,) + shape, cfg.dtype) for shape in cache_shapes(cfg, batch, slots))
 
 REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
@@ -37,11 +58,14 @@ class TransformerStack(nn.Module):
                segments: jax.Array | None = None, cache=None, slot=None):
     """`segments` (int32 [B, L], packed rows): attention stays within each segment.
 
-    Decoding (`generate.py`): `cache` = (keys, values), each [layers, B, S, heads, kv], and
-    `slot`, where the new tokens go; `mask` is then [B, S]. Returns (hidden, the updated cache)."""
+    Decoding (`generate.py`): `cache` = `LayerCaches` (the stacked layers then run unrolled,
+    whatever `layer_loop` says), or `empty_stacked_cache`'s (keys, values); `slot`,
+    where the new tokens go; `mask` is then [B, S]. Returns (hidden, the updated cache), in
+    the form it was given."""
     cfg = self.cfg
     block = _block_class(cfg)
-    if cfg.scan_layers and cfg.unrolls and not self.is_initializing():
+    per_layer = isinstance(cache, LayerCaches)
+    if cfg.scan_layers and (cfg.unrolls or per_layer) and not self.is_initializing():
       x, cache = self._unrolled_over_stacked(block, x, mask, positions, segments, cache, slot, train=train)
     elif cfg.scan_layers:
       # One compiled block body, parameters stacked on a leading "layers" axis (and so is the cache).
@@ -52,12 +76,10 @@ class TransformerStack(nn.Module):
     else:
       layers = []
       for i in range(cfg.num_layers):
-        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
         x, layer_cache = block(cfg, deterministic=not train, name=f"layer_{i}")(x, mask, positions, segments,
-                                                                                layer_cache, slot)
+                                                                                _layer_cache(cache, i), slot)
         layers.append(layer_cache)
-      if cache is not None:
-        cache = _stack_layer_caches(layers)
+      cache = _caches_as_given(cache, layers)
     if cfg.final_norm:
       x = make_norm(cfg, "final_norm")(x)
     return x if cache is None else (x, cache)
@@ -71,17 +93,27 @@ class TransformerStack(nn.Module):
     base_rng = self.make_rng("dropout") if dropout else None
     layers = []
     for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else (cache[0][i], cache[1][i])
       rngs = {"dropout": jax.random.fold_in(base_rng, i)} if dropout else {}
       x, layer_cache = block(cfg, deterministic=not train, parent=None).apply(
-          {"params": jax.tree.map(lambda p, i=i: p[i], stacked)}, x, mask, positions, segments, layer_cache, slot,
-          rngs=rngs)
+          {"params": jax.tree.map(lambda p, i=i: p[i], stacked)}, x, mask, positions, segments,
+          _layer_cache(cache, i), slot, rngs=rngs)
       layers.append(layer_cache)
-    return x, None if cache is None else _stack_layer_caches(layers)
+    return x, _caches_as_given(cache, layers)
 
 
-def _stack_layer_caches(layers: list) -> tuple:
-  """Per-layer (keys, values) caches -> (keys, values) stacked on a leading layers axis."""
+def _layer_cache(cache, i: int):
+  """Layer i's (keys, values) of a decoding cache in either form (None: not decoding)."""
+  if cache is None:
+    return None
+  return cache.layers[i] if isinstance(cache, LayerCaches) else (cache[0][i], cache[1][i])
+
+
+def _caches_as_given(cache, layers: list):
+  """The layers' updated caches, in the form the stack was given."""
+  if cache is None:
+    return None
+  if isinstance(cache, LayerCaches):
+    return LayerCaches(tuple(layers))
   return tuple(jax.numpy.stack([layer[j] for layer in layers]) for j in range(2))
 
 

@@ -127,11 +127,14 @@ def measure_ours(args) -> dict:
   sys.path.insert(0, str(REPO))
   from biofm_jax import cli  # noqa: F401  (before jax: the CPU platform and host memory, as every command)
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from biofm_jax.generate import GenerationSettings, _generate, right_align
   _, cfg, model = build_model(args)
-  batch = prompts(args, args.rows)
-  import jax.numpy as jnp
+  if args.rows % args.samples:
+    raise ValueError(f"--rows={args.rows} is not a multiple of --samples={args.samples}")
+  batch = prompts(args, args.rows // args.samples)  # each history continued --samples times
+  sources = jnp.asarray(np.repeat(np.arange(args.rows // args.samples), args.samples), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), {"ehr": {k: jnp.asarray(v[:, :8]) for k, v in batch.items()}})["params"]
   params = jax.device_put(params)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -141,7 +144,7 @@ def measure_ours(args) -> dict:
     aligned = {k: jnp.asarray(v) for k, v in right_align(batch, args.prompt).items()}
     call = lambda: jax.device_get(_generate(  # noqa: E731  (what generate() runs, the cache form chosen)
         model, params, aligned, jax.random.key(0), jnp.asarray(EDGES, jnp.float32), jnp.full(args.rows, -1.0),
-        settings=settings, modality="ehr", stacked_cache=args.stacked_cache))
+        sources, settings=settings, modality="ehr", stacked_cache=args.stacked_cache))
     start = time.perf_counter()
     out = call()
     first = time.perf_counter() - start
@@ -156,7 +159,7 @@ def measure_ours(args) -> dict:
   if args.profile:
     profile_decoding(model, params, batch, args)
   return {"side": "ours", "framework": f"jax {jax.__version__}", "preset": args.preset, "dtype": args.dtype,
-          "rows": args.rows,
+          "rows": args.rows, "samples": args.samples,
           "prompt": args.prompt, "new": args.new, "vocab": args.vocab, "num_params": n_params,
           "layer_loop": cfg.layer_loop, "cache": "stacked" if args.stacked_cache else "per_layer",
           "first_call_s": round(compile_and_run, 3), "call_s": round(full, 4),
@@ -170,10 +173,13 @@ def profile_decoding(model, params, batch, args) -> None:
 
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from biofm_jax.generate import GenerationSettings, _generate, right_align
   settings = GenerationSettings(max_new=args.new, horizon_days=1e9)
   aligned = {k: jnp.asarray(v) for k, v in right_align(batch, args.prompt).items()}
-  call_args = (model, params, aligned, jax.random.key(0), jnp.asarray(EDGES, jnp.float32), jnp.full(args.rows, -1.0))
+  sources = jnp.asarray(np.repeat(np.arange(args.rows // args.samples), args.samples), jnp.int32)
+  call_args = (model, params, aligned, jax.random.key(0), jnp.asarray(EDGES, jnp.float32), jnp.full(args.rows, -1.0),
+               sources)
   options = dict(settings=settings, modality="ehr", stacked_cache=args.stacked_cache)
   # The executable whose program is read runs the traced call (a second compile may number
   # its ops differently).
@@ -223,7 +229,7 @@ def measure_peer(args, spec: dict) -> dict:
 
 def run_side(args, side: str, spec: dict | None = None) -> dict:
   command = [sys.executable, __file__, f"--side={side}", f"--preset={args.preset}", f"--rows={args.rows}",
-             f"--prompt={args.prompt}", f"--new={args.new}", f"--dtype={args.dtype}", f"--vocab={args.vocab}", f"--threads={args.threads}",
+             f"--prompt={args.prompt}", f"--new={args.new}", f"--dtype={args.dtype}", f"--samples={args.samples}", f"--vocab={args.vocab}", f"--threads={args.threads}",
              f"--repeats={args.repeats}", f"--top={args.top}"] + (["--profile"] if args.profile else []) + (
                  ["--stacked_cache"] if args.stacked_cache else [])
   if spec:
@@ -243,6 +249,8 @@ def main():
   parser.add_argument("--prompt", type=int, default=96)
   parser.add_argument("--new", type=int, default=32)
   parser.add_argument("--vocab", type=int, default=4096, help="codes in the vocabulary (a cohort's own size)")
+  parser.add_argument("--samples", type=int, default=1,
+                      help="futures per history: --rows / --samples histories, each prefilled once")
   parser.add_argument("--dtype", default="float32", help="the model's compute dtype (float32 or bfloat16)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument("--repeats", type=int, default=3)

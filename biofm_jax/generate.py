@@ -175,17 +175,19 @@ def _per_layer_model(model, params):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "settings", "modality", "stacked_cache"))
-def _generate(model, params, prompt, key, edges, quiet, *, settings: GenerationSettings, modality: str,
-              stacked_cache: bool = False):
+def _generate(model, params, prompt, key, edges, quiet, sources=None, *, settings: GenerationSettings,
+              modality: str, stacked_cache: bool = False):
+  """`sources` (int32 [B], optional): future b continues prompt row sources[b]; each prompt
+  row is then prefilled once and its cache copied to its futures (a label row's samples)."""
   if not stacked_cache:  # (the stacked cache is the scanned stack's form: it keeps the scan's parameters)
     model, params = _per_layer_model(model, params)
   cfg = model.cfg
-  batch, prompt_len = prompt[B.EHR_MASK].shape
+  prompts, prompt_len = prompt[B.EHR_MASK].shape
   slots = prompt_len + settings.max_new
   # One (keys, values) buffer pair per layer, carried through the decoding loop and updated
   # in place (models/transformer.py: LayerCaches). `stacked_cache`: the [layers, ...] form,
   # copied whole at every step (kept to test that both give the same futures).
-  cache = (empty_stacked_cache if stacked_cache else empty_layer_caches)(cfg, batch, slots)
+  cache = (empty_stacked_cache if stacked_cache else empty_layer_caches)(cfg, prompts, slots)
   real = prompt[B.EHR_MASK]
   cache_mask = jnp.pad(real, ((0, 0), (0, settings.max_new)))
   first = prompt_len - real.sum(1)  # the first real slot of each row
@@ -195,9 +197,14 @@ def _generate(model, params, prompt, key, edges, quiet, *, settings: GenerationS
   last = lambda x: x[:, -1]  # noqa: E731  (right-aligned: the last slot is every row's latest token)
   state = dict(cache=cache, cache_mask=cache_mask, code_logits=last(outputs[modality]["code_logits"]),
                time_logits=last(outputs[modality]["time_logits"]), days=last(prompt[B.EHR_TIME]),
-               age=last(prompt[B.EHR_AGE]), age_known=last(prompt[B.EHR_AGE_KNOWN]),
-               position=last(positions), elapsed=jnp.zeros(batch, jnp.float32), alive=jnp.ones(batch, bool),
-               key=key)
+               age=last(prompt[B.EHR_AGE]), age_known=last(prompt[B.EHR_AGE_KNOWN]), position=last(positions))
+  if sources is not None:  # each future from its prompt's prefill (the stacked cache's batch axis is 1)
+    rows = lambda x, axis=0: jnp.take(x, sources, axis=axis)  # noqa: E731
+    cache = state.pop("cache")
+    state = {name: rows(value) for name, value in state.items()}
+    state["cache"] = jax.tree.map(lambda c: rows(c, 1), cache) if stacked_cache else jax.tree.map(rows, cache)
+  batch = state["position"].shape[0]
+  state.update(elapsed=jnp.zeros(batch, jnp.float32), alive=jnp.ones(batch, bool), key=key)
   stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
   origin = jnp.maximum(quiet, 0.0)  # the prediction time, in days after the last event
 
@@ -269,7 +276,7 @@ def _check_quiet_days(quiet_days, rows: int, gap_edges) -> np.ndarray:
 
 def generate(model, params, prompts: Mapping[str, np.ndarray], key: jax.Array, settings: GenerationSettings, *,
              gap_edges, prompt_len: int | None = None, modality: str = "ehr",
-             quiet_days: np.ndarray | None = None) -> dict[str, np.ndarray]:
+             quiet_days: np.ndarray | None = None, sources: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Samples each prompt's future: {"codes": int32 [B, max_new] token ids, "days": float32
   [B, max_new] days after the prediction time, "generated": bool [B, max_new] the event
   happened (within the horizon, and not after a stop code)}.
@@ -281,7 +288,11 @@ def generate(model, params, prompts: Mapping[str, np.ndarray], key: jax.Array, s
   drawn after the prediction time (conditioned on it), and `days` and the horizon count
   from it, so the window is (prediction time, prediction time + horizon]. 0 is a prediction
   time at the last event with its instant complete; None continues from the last event
-  unconditioned (an event at its very instant allowed)."""
+  unconditioned (an event at its very instant allowed).
+
+  `sources` (int [B]): future b continues prompt row sources[b], so several futures of one
+  history (a label row's samples) share one prefill; `quiet_days` and the outputs are then
+  per future. The draws are those of `prompts` repeated into B rows."""
   cfg = model.cfg
   if not cfg.causal:
     raise ValueError("only next-event models generate: this model is bidirectional (a masked-code model); "
@@ -292,10 +303,15 @@ def generate(model, params, prompts: Mapping[str, np.ndarray], key: jax.Array, s
     raise ValueError("this next-event model has no gap head, so its events would have no time; pre-train with "
                      "objective.gap_edges_days set (configs/ehr_gpt.py sets it)")
   prompt_len = prompt_slots(model, settings, prompt_len)
-  quiet = _check_quiet_days(quiet_days, len(prompts[B.EHR_MASK]), gap_edges)
+  num_prompts = len(prompts[B.EHR_MASK])
+  if sources is not None:
+    sources = np.asarray(sources)
+    if sources.ndim != 1 or not len(sources) or sources.min() < 0 or sources.max() >= num_prompts:
+      raise ValueError(f"generation: sources must be prompt rows in [0, {num_prompts}), one per future")
+  quiet = _check_quiet_days(quiet_days, num_prompts if sources is None else len(sources), gap_edges)
   aligned = {k: jnp.asarray(v) for k, v in right_align(prompts, prompt_len).items()}
   out = _generate(model, params, aligned, key, jnp.asarray(gap_edges, jnp.float32), jnp.asarray(quiet),
-                  settings=settings, modality=modality)
+                  None if sources is None else jnp.asarray(sources, jnp.int32), settings=settings, modality=modality)
   return {k: np.asarray(v) for k, v in out.items()}
 
 

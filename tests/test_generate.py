@@ -137,6 +137,34 @@ def test_futures_are_the_same_with_the_cache_per_layer_or_stacked():
     assert len(set(np.asarray(per_layer["codes"]).ravel().tolist())) > 3  # sampled, not a constant
 
 
+def test_futures_sharing_one_prefill_per_history_are_those_of_the_repeated_prompts():
+  """A label row's samples prefill its history once (`sources`): the futures are the ones
+  its history repeated once per future gives, draw for draw, with either cache form."""
+  from biofm_jax.generate import _generate
+  model = _model()
+  batch = _batch([5, 12, 9])
+  params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in batch.items()}})["params"]
+  settings = GenerationSettings(max_new=6, horizon_days=1e6, temperature=1.0)
+  sources = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+  quiet = np.array([0.0, 0.0, 0.0, 3.0, 3.0, -1.0, -1.0, -1.0], np.float32)
+  repeated = {k: v[sources] for k, v in batch.items()}
+  whole = generate(model, params, repeated, jax.random.key(5), settings, gap_edges=EDGES,
+                   quiet_days=np.maximum(quiet, 0))
+  shared = generate(model, params, batch, jax.random.key(5), settings, gap_edges=EDGES,
+                    quiet_days=np.maximum(quiet, 0), sources=sources)
+  for name in whole:
+    np.testing.assert_allclose(shared[name], whole[name], rtol=1e-6, err_msg=name)
+  assert len({tuple(row) for row in whole["codes"][:3].tolist()}) > 1  # one history's samples differ
+  aligned = {k: jnp.asarray(v) for k, v in right_align(batch, LEN - 6).items()}
+  args = (model.module, params, aligned, jax.random.key(5), jnp.asarray(EDGES, jnp.float32), jnp.asarray(quiet),
+          jnp.asarray(sources))
+  per_layer = _generate(*args, settings=settings, modality="ehr")
+  stacked = _generate(*args, settings=settings, modality="ehr", stacked_cache=True)
+  np.testing.assert_array_equal(per_layer["codes"], stacked["codes"])
+  with pytest.raises(ValueError, match=r"sources must be prompt rows in \[0, 3\)"):
+    generate(model, params, batch, jax.random.key(5), settings, gap_edges=EDGES, sources=np.array([0, 3]))
+
+
 def test_only_causal_models_with_a_gap_head_generate():
   batch = _batch([5])
   settings = GenerationSettings(max_new=2, horizon_days=30.0)

@@ -105,12 +105,17 @@ def simulate(model, params, vocab, records: Sequence[dict], prediction_times: np
   parts: dict[str, list] = {"codes": [], "days": [], "generated": []}
   start = time.perf_counter()
   key = jax.random.key(seed)
+  # A batch's futures come from at most this many histories (consecutive runs of `samples`):
+  # each is prefilled once (a fixed count, padded, so one compiled program serves all).
+  histories = min(batch_size, -(-(batch_size - 1) // samples) + 1)
   for at in range(0, len(rows), batch_size):
     chunk = rows[at: at + batch_size]
     padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
-    batch = {name: np.stack([prompts[i][name] for i in padded]) for name in B.EHR_INPUT_FIELDS}
+    distinct, sources = np.unique(padded, return_inverse=True)
+    distinct = np.concatenate([distinct, np.full(histories - len(distinct), distinct[0])])
+    batch = {name: np.stack([prompts[i][name] for i in distinct]) for name in B.EHR_INPUT_FIELDS}
     out = generate(model, params, batch, jax.random.fold_in(key, at // batch_size), settings, gap_edges=gap_edges,
-                   quiet_days=quiet[padded])
+                   quiet_days=quiet[padded], sources=sources)
     for name in parts:
       parts[name].append(out[name][: len(chunk)])
   result = {name: np.concatenate(v) for name, v in parts.items()} if len(rows) else {

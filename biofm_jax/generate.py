@@ -21,14 +21,18 @@ code (e.g. MEDS_DEATH). Everything is one jitted program with static shapes:
     the window (prediction time, + horizon] is simulated in full;
   - the cache holds keys and values of every layer, one buffer pair per layer of
     prompt_len + max_new slots (so the loop updates each in place), laid out heads first
-    for attention's matmuls (`models/layers.cache_shapes`); a step feeds one token per row and attends over the slots so far
-    (`models/layers.Attention`), which equals the full forward pass (tested to 1e-5);
+    for attention's matmuls (`models/layers.cache_shapes`); a step feeds one token per row
+    and attends over the slots so far (`models/layers.Attention`), which equals the full
+    forward pass (tested to 1e-5);
+  - the stacked (scanned) layers' parameters are sliced into one tree per layer once per
+    call, outside the decoding loop (`_per_layer_model`), so no step copies weights;
   - a sampled gap class becomes days: 0 for the same time, log-uniform within its edges
     (uniform below the first positive edge), up to twice the last edge for the last class.
     Generated events carry no numeric value (value bin 0) and advance time and age.
 
 Sampling is seeded: the same key, prompts and settings give the same timelines. Rows are
-independent, so repeating a prompt N times gives N samples of its future.
+independent, so repeating a prompt N times gives N samples of its future; `sources` gives
+the same N samples from one prefill of the prompt (how zero-shot simulates a label row).
 """
 from __future__ import annotations
 

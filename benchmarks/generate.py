@@ -40,15 +40,10 @@ import time
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
+sys.path.insert(0, str(BENCHMARKS))
+from peer import pin_cpus  # noqa: E402  (benchmarks/peer.py: the same pinning as the training peer comparison)
+
 EDGES = (0.0, 1 / 24, 1.0, 7.0, 30.0, 90.0, 365.0)  # configs/ehr_gpt.py's gap classes
-
-
-def pin_cpus(threads: int) -> list[int]:
-  allowed = sorted(os.sched_getaffinity(0))
-  if not 1 <= threads <= len(allowed):
-    raise ValueError(f"--threads={threads}: this process may use {len(allowed)} CPUs")
-  os.sched_setaffinity(0, allowed[:threads])
-  return allowed[:threads]
 
 
 def _timed(call, repeats: int) -> float:

@@ -88,7 +88,7 @@ def right_align(prompts: Mapping[str, np.ndarray], prompt_len: int) -> dict[str,
   mask = np.asarray(prompts[B.EHR_MASK], bool)
   time_known = np.asarray(prompts[B.EHR_TIME_KNOWN], bool)
   out = {name: np.zeros((len(mask), prompt_len), np.asarray(v).dtype) for name, v in prompts.items()
-         if name in B.EHR_INPUT_FIELDS}
+         if name in B.EHR_INPUT_FIELDS + B.EHR_OPTIONAL_INPUTS}
   for row, n in enumerate(mask.sum(1)):
     if n < 1:
       raise ValueError(f"generation: prompt {row} has no tokens")
@@ -99,6 +99,9 @@ def right_align(prompts: Mapping[str, np.ndarray], prompt_len: int) -> dict[str,
     if kept_timed.any():  # from the window's first event, as TokenizeEHR does
       times = out[B.EHR_TIME][row, prompt_len - len(keep):]
       times[kept_timed] -= times[kept_timed].min()
+      if B.EHR_GAP in out:  # the first kept timed event has no earlier one in the window
+        first = prompt_len - len(keep) + int(np.argmax(kept_timed))
+        out[B.EHR_GAP][row, first], out[B.EHR_GAP_KNOWN][row, first] = 0.0, False
   return out
 
 
@@ -154,13 +157,17 @@ def _sample_gap(key, logits: jax.Array, edges: jax.Array, settings: GenerationSe
   return jnp.where(beyond, after, 0.0) + gap
 
 
-def _step_example(code, days, age, age_known) -> dict[str, jax.Array]:
-  """One generated token per row, as [B, 1] EHR input fields."""
+def _step_example(code, days, age, age_known, gap, inputs: tuple[str, ...]) -> dict[str, jax.Array]:
+  """One generated token per row, as [B, 1] EHR input fields, with the optional `inputs` the
+  prompt has (a generated event has no value: no bin, no quantile)."""
   col = lambda x: x[:, None]  # noqa: E731
-  return {B.EHR_CODES: col(code), B.EHR_VALUE_BINS: col(jnp.zeros_like(code)),
-          B.EHR_AGE: col(jnp.where(age_known, age, 0.0)), B.EHR_AGE_KNOWN: col(age_known),
-          B.EHR_TIME: col(days), B.EHR_TIME_KNOWN: col(jnp.ones_like(age_known)),
-          B.EHR_MASK: col(jnp.ones_like(age_known))}
+  example = {B.EHR_CODES: col(code), B.EHR_VALUE_BINS: col(jnp.zeros_like(code)),
+             B.EHR_AGE: col(jnp.where(age_known, age, 0.0)), B.EHR_AGE_KNOWN: col(age_known),
+             B.EHR_TIME: col(days), B.EHR_TIME_KNOWN: col(jnp.ones_like(age_known)),
+             B.EHR_MASK: col(jnp.ones_like(age_known))}
+  optional = {B.EHR_VALUE_QUANTILE: col(jnp.zeros_like(days)), B.EHR_GAP: col(gap),
+              B.EHR_GAP_KNOWN: col(jnp.ones_like(age_known))}
+  return {**example, **{name: optional[name] for name in inputs}}
 
 
 def _per_layer_model(model, params):
@@ -210,6 +217,7 @@ def _generate(model, params, prompt, key, edges, quiet, sources=None, *, setting
   batch = state["position"].shape[0]
   state.update(elapsed=jnp.zeros(batch, jnp.float32), alive=jnp.ones(batch, bool), key=key)
   stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
+  inputs = tuple(name for name in B.EHR_OPTIONAL_INPUTS if name in prompt)
   origin = jnp.maximum(quiet, 0.0)  # the prediction time, in days after the last event
 
   def step(state, i):
@@ -222,7 +230,7 @@ def _generate(model, params, prompt, key, edges, quiet, sources=None, *, setting
     days, age = state["days"] + gap, state["age"] + gap / B.DAYS_PER_YEAR
     cache_mask = state["cache_mask"].at[:, prompt_len + i].set(True)
     position = state["position"] + 1
-    outputs, cache = model.apply({"params": params}, {modality: _step_example(code, days, age, state["age_known"])},
+    outputs, cache = model.apply({"params": params}, {modality: _step_example(code, days, age, state["age_known"], gap, inputs)},
                                  cache=state["cache"], slot=prompt_len + i, cache_mask=cache_mask,
                                  positions=position[:, None])
     new = dict(cache=cache, cache_mask=cache_mask, code_logits=outputs[modality]["code_logits"][:, 0],

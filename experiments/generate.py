@@ -73,7 +73,7 @@ def simulate_label_rows(pretrained: pathlib.Path, labels_path: str, meds: str):
   labels = read_labels(labels_path, {"type": "binary"}, with_targets=False)
   rows, records = zero_shot.label_histories(data.dataset, labels.subject_ids, labels.prediction_times,
                                             inclusive=not FLAGS.strict)
-  simulated = zero_shot.simulate(setup.model, params, data.vocab, records, labels.prediction_times[rows],
+  simulated = zero_shot.simulate(setup.model, params, data, records, labels.prediction_times[rows],
                                  samples=FLAGS.samples, settings=settings,
                                  gap_edges=config.objective.get("gap_edges_days", ()), seed=FLAGS.seed)
   return labels, rows, simulated, data

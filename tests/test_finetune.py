@@ -241,3 +241,26 @@ def test_the_embed_command_writes_the_library_s_embeddings_of_each_record(pretra
   assert set(table["split"]) == {"tuning"} and all(t is None for t in table["prediction_time"])
   np.testing.assert_allclose(np.asarray(table["embedding"], np.float32), expected, atol=1e-5, rtol=0)
   assert f"wrote {len(expected)} embeddings of dimension {config.model.embed_dim}" in result.stdout
+
+
+def test_lp_ft_starts_the_head_at_the_logistic_probe_of_the_training_rows(pretrained, tmp_path):
+  """finetune.head_init='probe': before any step the task model's training-row predictions
+  are those of an L2 logistic regression on what the head reads (standardised, normalised
+  pre-trained embeddings), fitted independently here."""
+  from biofm_jax.eval.finetuned import predict_split
+  from biofm_jax.train import finetune as finetune_lib
+  config = task_config(pretrained, finetune__head_init="probe", finetune__backbone_lr_scale=0.1)
+  data = finetune_lib.open_labeled_data(config, tmp_path / "artifacts")
+  setup = finetune_lib.build_finetune_training(config, data)
+  state = finetune_lib.initial_state(config, setup, data)
+  scores, embeddings = predict_split(setup, state.params, data, "train", batch_size=32)
+  x = finetune_lib.head_inputs(embeddings, np.asarray(state.params["input_mean"]),
+                               np.asarray(state.params["input_scale"]))
+  y = data.split_labels("train").metric_targets()["label"].astype(int)
+  expected = LogisticRegression(max_iter=2000).fit(x, y).predict_proba(x)[:, 1]
+  np.testing.assert_allclose(scores, expected, atol=2e-4)
+  assert roc_auc_score(y, scores) > 0.7  # a head that already fits, not a prior
+  zeros = finetune_lib.initial_state(task_config(pretrained), setup, data)
+  assert np.ptp(predict_split(setup, zeros.params, data, "train", batch_size=32)[0]) < 1e-6
+  with pytest.raises(ValueError, match="head_init is 'lp'"):
+    finetune_lib.initial_state(task_config(pretrained, finetune__head_init="lp"), setup, data)

@@ -27,9 +27,10 @@ def _model(causal=True, scan=True, layer_loop="auto"):
                                                                time_classes=len(EDGES) + 1)))
 
 
-def _batch(lengths, seed=0):
+def _batch(lengths, seed=0, inputs=()):
   rng = np.random.default_rng(seed)
-  out = {name: np.zeros((len(lengths), LEN), dtype) for name, (_, dtype) in B.ehr_example_spec(LEN, False).items()}
+  out = {name: np.zeros((len(lengths), LEN), dtype)
+         for name, (_, dtype) in B.ehr_example_spec(LEN, False, inputs).items()}
   for row, n in enumerate(lengths):
     out[B.EHR_CODES][row, 0] = B.CLS_ID
     out[B.EHR_CODES][row, 1:n] = rng.integers(B.NUM_SPECIAL, VOCAB, n - 1)
@@ -40,6 +41,11 @@ def _batch(lengths, seed=0):
     out[B.EHR_AGE][row, 1:n] = 50 + out[B.EHR_TIME][row, 1:n] / 365.25
     out[B.EHR_AGE_KNOWN][row, 1:n] = True
     out[B.EHR_MASK][row, :n] = True
+    if B.EHR_VALUE_QUANTILE in out:
+      out[B.EHR_VALUE_QUANTILE][row, 1:n] = np.where(out[B.EHR_VALUE_BINS][row, 1:n] > 0, rng.uniform(0, 1, n - 1), 0)
+    if B.EHR_GAP in out:
+      out[B.EHR_GAP][row, 2:n] = np.diff(times)
+      out[B.EHR_GAP_KNOWN][row, 2:n] = True
   return out
 
 
@@ -196,6 +202,15 @@ def test_a_prompt_is_the_window_training_s_tokeniser_makes_in_the_prompt_slots()
   aligned = right_align(long, slots)
   for name in B.EHR_INPUT_FIELDS:
     np.testing.assert_allclose(aligned[name][0], window[name], atol=1e-4, err_msg=name)
+  # The gaps too: the window's first timed event has no earlier one.
+  gapped = right_align({k: v[None] for k, v in TokenizeEHR(vocab, 40, inputs=B.EHR_OPTIONAL_INPUTS).map(record).items()},
+                       slots)
+  window = TokenizeEHR(vocab, slots, inputs=B.EHR_OPTIONAL_INPUTS).map(record)
+  assert window[B.EHR_GAP_KNOWN].tolist() == [False] * 4 + [True] * 6
+  for name in B.EHR_INPUT_FIELDS + B.EHR_OPTIONAL_INPUTS:
+    np.testing.assert_allclose(gapped[name][0], window[name], atol=1e-4, err_msg=name)
+  for name in B.EHR_INPUT_FIELDS:
+    np.testing.assert_allclose(aligned[name][0], window[name], atol=1e-4, err_msg=name)
   static = vocab.code_ids(np.asarray(["GENDER//F", "RACE//A"], dtype=object))
   assert aligned[B.EHR_CODES][0, 1:3].tolist() == static.tolist()
   assert aligned[B.EHR_TIME][0, 3] == 0.0 and aligned[B.EHR_TIME][0, -1] == 6.0
@@ -250,13 +265,15 @@ def test_the_first_event_comes_after_the_prediction_time_drawn_from_the_model_gi
     generate(model, params, head(2), jax.random.key(5), one, gap_edges=EDGES, quiet_days=np.array([0.0, -1.0]))
 
 
-def test_greedy_generation_follows_the_full_forward_pass_over_what_it_generated():
+@pytest.mark.parametrize("inputs", [(), B.EHR_OPTIONAL_INPUTS])
+def test_greedy_generation_follows_the_full_forward_pass_over_what_it_generated(inputs):
   """The sampling loop (cache, positions, the time and age it feeds each new event) against
   the plain model: with top_k=1, each generated code is the full pass's most likely next code
-  at the token before it, over the prompt followed by the generated events as inputs."""
+  at the token before it, over the prompt followed by the generated events as inputs. With
+  the optional inputs, a generated event has no value quantile and its gap is the one drawn."""
   model = _model()
   prompt_len, max_new = 8, 6
-  batch = _batch([6, 8, 3])
+  batch = _batch([6, 8, 3], inputs=inputs)
   params = model.init(jax.random.key(0), {"ehr": {k: jnp.asarray(v) for k, v in batch.items()}})["params"]
   out = generate(model, params, batch, jax.random.key(3), GenerationSettings(max_new=max_new, horizon_days=1e6,
                                                                             top_k=1),
@@ -274,6 +291,10 @@ def test_greedy_generation_follows_the_full_forward_pass_over_what_it_generated(
     full[B.EHR_AGE][row, at] = last_age + out["days"][row] / B.DAYS_PER_YEAR
     full[B.EHR_AGE_KNOWN][row, at] = True
     full[B.EHR_MASK][row, at] = True
+    if inputs:
+      full[B.EHR_VALUE_QUANTILE][row, at] = 0.0
+      full[B.EHR_GAP][row, at] = np.diff(np.r_[0.0, out["days"][row]])
+      full[B.EHR_GAP_KNOWN][row, at] = True
   logits = np.array(model.apply({"params": params}, {"ehr": {k: jnp.asarray(v) for k, v in full.items()}})
                      ["ehr"]["code_logits"])
   logits[..., :B.NUM_SPECIAL] = -np.inf  # special tokens are never events

@@ -13,7 +13,7 @@ from biofm_jax.config import apply_model_size, base_config
 from biofm_jax.data import batch as B
 from biofm_jax.data.labels import TaskInfo
 from biofm_jax.modalities.registry import build_model
-from biofm_jax.models.task import LoRAModel, TaskModel, trainable
+from biofm_jax.models.task import BACKBONE_LABEL, INPUT_MEAN, INPUT_SCALE, LoRAModel, TaskModel, trainable
 from biofm_jax.objectives import logistic_hazard
 from biofm_jax.objectives.supervised import SupervisedObjective, predictions
 from biofm_jax.train import state as state_lib
@@ -179,3 +179,23 @@ def test_multiclass_and_multilabel_terms_match_optax_and_probabilities_are_norma
   assert predictions(TaskInfo("multilabel", 3), logits).shape == (5, 3)
   np.testing.assert_allclose(predictions(TaskInfo("regression", 1, label_mean=5.0, label_std=2.0), logits[:, :1]),
                              np.asarray(logits[:, 0]) * 2.0 + 5.0, rtol=1e-6)
+
+
+def test_a_backbone_label_trains_at_its_multiple_of_the_learning_rate():
+  """Full fine-tuning with `backbone_lr_scale`: the backbone's first AdamW step is that
+  multiple of the head's, for the same gradient."""
+  params = {"backbone": {"w": jnp.ones((3,))}, "head": {"kernel": jnp.ones((3,))},
+            INPUT_MEAN: jnp.zeros((3,)), INPUT_SCALE: jnp.ones((3,))}
+  cfg = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, num_steps=10, final_lr_fraction=1.0,
+                                       adam_b1=0.9, adam_b2=0.99, weight_decay=0.0, grad_clip_norm=100.0))
+  tx = state_lib.make_optimizer(cfg, trainable=trainable("full", BACKBONE_LABEL), lr_scales={BACKBONE_LABEL: 0.1})
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+
+  def second_update(tx):  # (the schedule's first rate is 0)
+    _, opt = tx.update(grads, tx.init(params), params)
+    return tx.update(grads, opt, params)[0]
+  updates = second_update(tx)
+  np.testing.assert_allclose(updates["backbone"]["w"], 0.1 * updates["head"]["kernel"], rtol=1e-5)
+  assert np.abs(updates["head"]["kernel"]).min() > 1e-4 and not np.asarray(updates[INPUT_MEAN]).any()
+  updates = second_update(state_lib.make_optimizer(cfg, trainable=trainable("full")))
+  np.testing.assert_allclose(updates["backbone"]["w"], updates["head"]["kernel"], rtol=1e-6)

@@ -40,6 +40,12 @@ def get_config(arg=None):
       pack=False,
       min_code_count=5,  # codes seen fewer times in the training split become [UNK]
       num_value_bins=10,  # per-code quantile bins of numeric values
+      # what a token sees of its value: its bin ("bins"), or also its exact quantile among the
+      # code's training values ("bins+quantile"), so small moves within a bin stay visible
+      value_inputs="bins",
+      # what a token sees of time: its age and days since the window's first event
+      # ("age+offset"), or also the days since the previous event ("age+offset+gap")
+      time_inputs="age+offset",
       mask_rate=0.15)
   config.objective = dict(name="masked", code_loss_weight=1.0, value_loss_weight=0.5)
 

@@ -71,6 +71,10 @@ def get_config(arg=None):
       init="pretrained",  # or "scratch": the same architecture from random initialisation
       mode="full",  # full | frozen (head only) | lora (low-rank adapters + head)
       lora_rank=8, lora_alpha=16.0, head_dropout=0.1,
+      # how the head starts: "zeros" (every task at its prior) or "probe": a logistic probe
+      # fitted on the training rows' pre-trained embeddings, then fine-tuned (LP-FT)
+      head_init="zeros",
+      backbone_lr_scale=1.0,  # full mode: the backbone's learning rate as a multiple of the head's
       train_labels_per_class=0,  # > 0: few-shot, k training labels per class (k rows for others)
       label_seed=0)
   config.train.update(num_steps=300, warmup_steps=30, learning_rate=3e-4, weight_decay=0.01, log_every=25,

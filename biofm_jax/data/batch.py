@@ -40,6 +40,13 @@ EHR_AGE_KNOWN = "age_known"  # bool: the subject has a birth event and the event
 EHR_TIME = "time_days"  # float32 days since the window's first timed event (>= 0)
 EHR_TIME_KNOWN = "time_known"  # bool: False for static events (null time) and padding
 EHR_MASK = "mask"  # bool: a real token (CLS or event), False for padding
+# Optional inputs, present only in runs that ask for them (`data.ehr.value_inputs` and
+# `data.ehr.time_inputs`, `modalities/ehr/data.py`):
+EHR_VALUE_QUANTILE = "value_quantile"  # float32: the value's quantile among its code's training values, in [0, 1]
+#                                        (0 where the event has no value bin: no value, or masked)
+EHR_GAP = "gap_days"  # float32: days since the example's previous timed event; 0 where unknown
+EHR_GAP_KNOWN = "gap_known"  # bool: the event and an earlier one of the example have times
+EHR_OPTIONAL_INPUTS = (EHR_VALUE_QUANTILE, EHR_GAP, EHR_GAP_KNOWN)
 # Packed rows (`data/packing.py`): several examples share one row of max_len tokens.
 # int32 [length]: 1, 2, ... for the row's examples in order, 0 for padding. Attention never
 # crosses a segment, positions restart at each, and next-event targets never cross a
@@ -69,13 +76,18 @@ EHR_DTYPES = {
     EHR_CODES: np.int32, EHR_VALUE_BINS: np.int32, EHR_AGE: np.float32,
     EHR_AGE_KNOWN: np.bool_, EHR_TIME: np.float32, EHR_TIME_KNOWN: np.bool_,
     EHR_MASK: np.bool_, EHR_TARGET_CODES: np.int32, EHR_TARGET_VALUE_BINS: np.int32,
-    EHR_TARGET_MASK: np.bool_,
+    EHR_TARGET_MASK: np.bool_, EHR_VALUE_QUANTILE: np.float32, EHR_GAP: np.float32, EHR_GAP_KNOWN: np.bool_,
 }
 
 
-def ehr_example_spec(max_len: int, with_targets: bool) -> dict[str, tuple[tuple[int, ...], type]]:
-  """Shape and dtype of one EHR example (no batch axis)."""
-  fields = EHR_INPUT_FIELDS + (EHR_TARGET_FIELDS if with_targets else ())
+def ehr_example_spec(max_len: int, with_targets: bool,
+                     inputs: tuple[str, ...] = ()) -> dict[str, tuple[tuple[int, ...], type]]:
+  """Shape and dtype of one EHR example (no batch axis); `inputs`: the optional inputs it
+  carries (of EHR_OPTIONAL_INPUTS)."""
+  unknown = sorted(set(inputs) - set(EHR_OPTIONAL_INPUTS))
+  if unknown:
+    raise ValueError(f"EHR example: unknown optional inputs {unknown}, expected some of {EHR_OPTIONAL_INPUTS}")
+  fields = EHR_INPUT_FIELDS + tuple(inputs) + (EHR_TARGET_FIELDS if with_targets else ())
   return {name: ((max_len,), EHR_DTYPES[name]) for name in fields}
 
 

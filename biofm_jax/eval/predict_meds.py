@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from biofm_jax.data import batch as B
-from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR
+from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR, input_fields
 from biofm_jax.data.labels import TaskInfo
 from biofm_jax.modalities.ehr.task_data import CUTS, history_rows
 from biofm_jax.data.labels import read_labels
@@ -64,7 +64,7 @@ def score_meds(export_dir: str | pathlib.Path, meds_dir: str | pathlib.Path, lab
   if cut not in CUTS:
     raise ValueError(f"{directory}/export.json: prediction_time_cut {cut!r}, expected one of {CUTS}")
   vocab = EHRVocab.load(directory / ARTIFACTS_DIR / VOCAB_FILENAME)
-  tokenize = TokenizeEHR(vocab, int(ehr["max_len"]), ehr["window"])
+  tokenize = TokenizeEHR(vocab, int(ehr["max_len"]), ehr["window"], input_fields(ehr))
   labels_table_has_targets = labels_have_targets(labels_path, task)
   labels = read_labels(labels_path, task, with_targets=labels_table_has_targets)
   if np.isnat(labels.prediction_times).any():

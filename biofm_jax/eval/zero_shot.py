@@ -25,8 +25,8 @@ import numpy as np
 
 from biofm_jax.data import batch as B
 from biofm_jax.generate import GenerationSettings, contains, generate, prompt_slots, rows_per_batch
-from biofm_jax.modalities.ehr.data import TokenizeEHR
 from biofm_jax.modalities.ehr.meds import US_PER_DAY
+from biofm_jax.modalities.ehr.data import EHRData
 from biofm_jax.modalities.ehr.task_data import history_rows
 from biofm_jax.train.runs import open_run
 
@@ -86,20 +86,20 @@ def quiet_days(records: Sequence[dict], prediction_times: np.ndarray) -> np.ndar
   return out
 
 
-def simulate(model, params, vocab, records: Sequence[dict], prediction_times: np.ndarray, *, samples: int,
+def simulate(model, params, ehr: EHRData, records: Sequence[dict], prediction_times: np.ndarray, *, samples: int,
              settings: GenerationSettings, gap_edges, seed: int = 0, batch_size: int = 0) -> dict[str, np.ndarray]:
   """`samples` simulated futures of each record, from its prediction time on: {"row": int
   [R * samples], "sample", and `generate`'s "codes", "days" (after the prediction time),
   "generated" per future}, plus "quiet_days" [R] and "seconds" the simulation took.
   Batches have a fixed size (the last is padded), so one compiled program serves all: 64
   futures, or fewer where their cache would pass `generate.CACHE_BUDGET_BYTES` (0), or
-  `batch_size`."""
+  `batch_size`. `ehr`: the run's EHR data module, whose tokeniser makes the prompts."""
   if samples < 1:
     raise ValueError(f"zero-shot: samples={samples} must be at least 1")
   quiet = quiet_days(records, prediction_times)
   slots = prompt_slots(model, settings)
   batch_size = batch_size or rows_per_batch(model.cfg, slots + settings.max_new)
-  tokenize = TokenizeEHR(vocab, slots, window="recent")  # the window training shows
+  tokenize = ehr.tokenizer(slots, window="recent")  # the window training shows
   prompts = [tokenize.map(r) for r in records]
   rows = np.repeat(np.arange(len(prompts)), samples)
   parts: dict[str, list] = {"codes": [], "days": [], "generated": []}
@@ -113,7 +113,7 @@ def simulate(model, params, vocab, records: Sequence[dict], prediction_times: np
     padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
     distinct, sources = np.unique(padded, return_inverse=True)
     distinct = np.concatenate([distinct, np.full(histories - len(distinct), distinct[0])])
-    batch = {name: np.stack([prompts[i][name] for i in distinct]) for name in B.EHR_INPUT_FIELDS}
+    batch = {name: np.stack([prompts[i][name] for i in distinct]) for name in prompts[0]}
     out = generate(model, params, batch, jax.random.fold_in(key, at // batch_size), settings, gap_edges=gap_edges,
                    quiet_days=quiet[padded], sources=sources)
     for name in parts:
@@ -149,7 +149,7 @@ def zero_shot_scores(pretrained: str, data, splits: Sequence[str], codes: Sequen
   scores, seconds, timelines = {}, 0.0, 0
   for split in splits:
     records = data.records(split)
-    simulated = simulate(setup.model, params, data.ehr.vocab, records, data.split_labels(split).prediction_times,
+    simulated = simulate(setup.model, params, data.ehr, records, data.split_labels(split).prediction_times,
                          samples=samples, settings=settings, gap_edges=config.objective.get("gap_edges_days", ()),
                          seed=seed)
     scores[split] = occurrence_fraction(simulated, ids, horizon_days, len(records))

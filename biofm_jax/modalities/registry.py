@@ -157,13 +157,14 @@ def _token_model(name: str) -> ModelDescriptionOf:
 
 def _ehr_sizing(cfg: Any, targets: str, vocab_size: int) -> ShapesOnly:
   tte = tte_targets.settings_from_config(cfg)
-  spec = ehr_data.training_example_spec(cfg.max_len, targets, ehr_data.packs(cfg), tte["events"])
+  inputs = ehr_data.input_fields(cfg)
+  spec = ehr_data.training_example_spec(cfg.max_len, targets, ehr_data.packs(cfg), tte["events"], inputs)
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
   if targets == MASKED:
     info["prediction_slots"] = prediction_slots(cfg.max_len, cfg.mask_rate)
   if targets == TIME_TO_EVENT:
     info.update(tte_tasks=min(tte["tasks"], vocab_size - B.NUM_SPECIAL), tte_points=tte["points"])
-  return ShapesOnly("ehr", spec, B.ehr_example_spec(cfg.max_len, with_targets=False), info)
+  return ShapesOnly("ehr", spec, B.ehr_example_spec(cfg.max_len, with_targets=False, inputs=inputs), info)
 
 
 def _sequence_sizing(cfg: Any, targets: str, vocab_size: int) -> ShapesOnly:

@@ -145,7 +145,7 @@ def _draw_latents(num_subjects: int, seed: int, fractions: dict[str, float]) -> 
   rng = np.random.default_rng([seed, 0])
   subject_ids = np.sort(rng.choice(np.arange(10_000, 10_000 + 20 * num_subjects),
                                    num_subjects, replace=False)).astype(np.int64)
-  splits = synthetic._split_names(num_subjects, rng)
+  splits = synthetic.split_names(num_subjects, rng)
   risk = rng.standard_normal(num_subjects)
   subtype = rng.integers(0, NUM_SUBTYPES, num_subjects)
   female = rng.random(num_subjects) < 0.52

@@ -80,6 +80,16 @@ def masked_mean(hidden: jax.Array, mask: jax.Array) -> jax.Array:
   return (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
 
+def token_summaries(hidden: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """A token sequence's [B, D] float32 summaries, each an output a task head can read
+  (`task.embedding`): "embedding", the mean over real tokens (the default); "cls_embedding",
+  the first token's state (CLS); "last_embedding", the last real token's (all a causal
+  model has read)."""
+  last = jnp.maximum(mask.sum(1) - 1, 0)
+  return {"embedding": masked_mean(hidden, mask), "cls_embedding": hidden[:, 0].astype(jnp.float32),
+          "last_embedding": jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenModality:
   """Token sequences (EHR timelines, expression profiles, DNA/protein); `encoder` embeds
@@ -103,7 +113,7 @@ class TokenModality:
   def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example: Any, *, train: bool,
             prefix: str = "") -> dict[str, jax.Array]:
     del train
-    out = {"hidden": hidden, "mask": encoded.mask, "embedding": masked_mean(hidden, encoded.mask)}
+    out = {"hidden": hidden, "mask": encoded.mask, **token_summaries(hidden, encoded.mask)}
     at = hidden
     if B.TARGET_MASK in example and gathers(self.prediction_slots, hidden.shape[1]):
       index, _ = masked_slots(example[B.TARGET_MASK], self.prediction_slots)

@@ -100,8 +100,13 @@ class TaskModel(nn.Module):
     return self.backbone.flops_per_example(_inputs(modalities))
 
 
-def trainable(mode: str):
-  """`params -> tree of "train" / "freeze"`: the optimiser labels of a fine-tuning mode."""
+BACKBONE_LABEL = "backbone"  # the optimiser label of a fully fine-tuned backbone with its own learning rate
+
+
+def trainable(mode: str, backbone_label: str = "train"):
+  """`params -> tree of "train" / "freeze"`: the optimiser labels of a fine-tuning mode; in
+  full mode the backbone's parameters get `backbone_label` (BACKBONE_LABEL: trained at a
+  multiple of the head's learning rate, `make_optimizer`'s `lr_scales`)."""
   if mode not in MODES:
     raise ValueError(f"finetune.mode {mode!r} is not one of {MODES}")
 
@@ -109,7 +114,9 @@ def trainable(mode: str):
     def label(path, _):
       top = getattr(path[0], "key", None)
       frozen = (mode != "full" and top == "backbone") or top in (INPUT_MEAN, INPUT_SCALE)
-      return "freeze" if frozen else "train"
+      if frozen:
+        return "freeze"
+      return backbone_label if top == "backbone" else "train"
     return jax.tree_util.tree_map_with_path(label, params)
   return labels
 

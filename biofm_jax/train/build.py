@@ -49,11 +49,13 @@ def example_batch(data_module, num_examples: int) -> dict:
 
 
 def build_training(config: ml_collections.ConfigDict, data_module, devices=None, *, model=None,
-                   objective: Objective | None = None, trainable=None) -> TrainingSetup:
+                   objective: Objective | None = None, trainable=None,
+                   lr_scales: dict[str, float] | None = None) -> TrainingSetup:
   """`devices`: the mesh's devices, jax.devices() by default; ahead-of-time sizing passes a
   TPU topology's (train/aot.py). `model` and `objective` default to the pre-training ones
   the modality registry builds for the data; fine-tuning passes its own, with `trainable`
-  (params -> "train" / "freeze" labels for the optimiser; train/finetune.py)."""
+  (params -> "train" / "freeze" labels for the optimiser, or a label of `lr_scales` that
+  trains at that multiple of the learning rate; train/finetune.py)."""
   mesh = parallel.make_mesh(config.mesh, devices)
   rules = parallel.logical_rules(config.mesh)
   accum = config.train.grad_accum_steps
@@ -63,7 +65,7 @@ def build_training(config: ml_collections.ConfigDict, data_module, devices=None,
     model = build_model(config, info)
   if objective is None:
     objective = objective_for(config.objective, info)
-  tx = state_lib.make_optimizer(config.train, trainable=trainable)
+  tx = state_lib.make_optimizer(config.train, trainable=trainable, lr_scales=lr_scales)
   schedule = state_lib.learning_rate_schedule(config.train)
   init_batch = example_batch(data_module, math.prod(mesh.shape[a] for a in parallel.BATCH_AXES))
   abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)

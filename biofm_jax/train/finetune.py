@@ -20,12 +20,13 @@ import pathlib
 import jax
 import ml_collections
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch as B
 from biofm_jax.data.labels import few_shot_indices, labels_name
 from biofm_jax.modalities.registry import build_model, open_task_data
-from biofm_jax.models.task import INPUT_MEAN, INPUT_SCALE, LoRAModel, TaskModel, trainable
+from biofm_jax.models.task import BACKBONE_LABEL, INPUT_MEAN, INPUT_SCALE, LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import pretrained_checkpoint, restore_run_params
 from biofm_jax.train.build import TrainingSetup, build_training
@@ -38,6 +39,10 @@ log = logging.getLogger("biofm_jax")
 PRETRAINED_SECTIONS = ("model", "objective")
 DATA_FIELDS_FROM_FINETUNE = ("batch_size", "num_workers")
 STATISTICS_ROWS = 2048  # training rows the head's input statistics are measured on, at most
+# How the task head starts: at zero (every task at its prior), or at a logistic probe fitted
+# on the training rows' pre-trained embeddings (LP-FT; classification tasks).
+HEAD_INITS = ("zeros", "probe")
+PROBE_TASKS = ("binary", "multiclass", "multilabel")
 
 
 def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -136,8 +141,20 @@ def build_finetune_training(config: ml_collections.ConfigDict, data, devices=Non
   for the adaptation mode (full, frozen, LoRA)."""
   backbone = build_model(config, data.model_info())
   model = build_task_model(config, backbone, data.info, data.embedding_output)
+  scale = backbone_lr_scale(config)
+  labels = trainable(config.finetune.mode, BACKBONE_LABEL if scale != 1.0 else "train")
   return build_training(config, data, devices, model=model, objective=build_task_objective(data.info),
-                        trainable=trainable(config.finetune.mode))
+                        trainable=labels, lr_scales={BACKBONE_LABEL: scale} if scale != 1.0 else None)
+
+
+def backbone_lr_scale(config: ml_collections.ConfigDict) -> float:
+  """The backbone's learning rate as a multiple of the head's: full fine-tuning's setting
+  (the other modes do not train the backbone's own weights: 1, as for runs saved before
+  the setting existed)."""
+  scale = float(config.finetune.get("backbone_lr_scale", 1.0))
+  if not scale > 0:
+    raise ValueError(f"finetune.backbone_lr_scale is {scale}; expected a multiple > 0 of the head's learning rate")
+  return scale if config.finetune.mode == "full" else 1.0
 
 
 def initial_state(config: ml_collections.ConfigDict, setup: TrainingSetup, data=None):
@@ -146,22 +163,31 @@ def initial_state(config: ml_collections.ConfigDict, setup: TrainingSetup, data=
   state = setup.init_state(config.seed)
   if config.finetune.init == "pretrained":
     state = load_pretrained(state, setup, config.finetune.pretrained)
-  return state if data is None else head_input_statistics(state, setup, data, batch_size=config.data.batch_size,
-                                                           seed=config.finetune.label_seed)
+  if data is None:
+    return state
+  head_init = config.finetune.get("head_init", "zeros")  # runs saved before the setting: zeros
+  if head_init not in HEAD_INITS:
+    raise ValueError(f"finetune.head_init is {head_init!r}, expected one of {HEAD_INITS}")
+  state, embeddings, rows = head_input_statistics(state, setup, data, batch_size=config.data.batch_size,
+                                                  seed=config.finetune.label_seed)
+  if head_init == "probe" and embeddings is not None:
+    state = probe_head(state, embeddings, data.split_labels("train"), rows, data.info)
+  return state
 
 
 def head_input_statistics(state, setup: TrainingSetup, data, *, batch_size: int, seed: int = 0):
-  """`state` with the head's `input_mean` / `input_scale` set to the mean and 1 / standard
+  """(`state` with the head's `input_mean` / `input_scale` set to the mean and 1 / standard
   deviation of each embedding feature over (up to `STATISTICS_ROWS` of) the training rows,
-  as the backbone embeds them now. One process only: with several, the identity stays."""
+  as the backbone embeds them now; those embeddings; their training rows). One process
+  only: with several, the identity stays (and no embeddings are returned)."""
   if jax.process_count() > 1:
     log.warning("fine-tuning over %d processes: the head's input statistics are left at identity",
                 jax.process_count())
-    return state
-  rows = data.split_labels("train")
+    return state, None, None
+  rows = np.arange(len(data.split_labels("train")))
   if len(rows) > STATISTICS_ROWS:
-    data = data.with_train_rows(np.sort(np.random.default_rng(seed).choice(len(rows), STATISTICS_ROWS,
-                                                                           replace=False)))
+    rows = np.sort(np.random.default_rng(seed).choice(len(rows), STATISTICS_ROWS, replace=False))
+    data = data.with_train_rows(rows)
   embeddings = embed_split(setup, state.params, data, "train", batch_size=batch_size, output=("task", "embedding"))
   mean = embeddings.mean(axis=0)
   spread = embeddings.std(axis=0)
@@ -172,6 +198,41 @@ def head_input_statistics(state, setup: TrainingSetup, data, *, batch_size: int,
     params[name] = jax.device_put(np.asarray(value, np.float32), params[name].sharding)
   log.info("head input statistics from %d training rows: feature spread %.3g to %.3g", len(embeddings),
            float(spread.min()), float(spread.max()))
+  return state.replace(params=params), embeddings, rows
+
+
+def head_inputs(embeddings: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  """What the task head reads (`TaskModel`): standardised features, then a parameter-free
+  LayerNorm over them (flax's epsilon)."""
+  x = (np.asarray(embeddings, np.float64) - mean) * scale
+  x = x - x.mean(axis=-1, keepdims=True)
+  return x / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-6)
+
+
+def probe_head(state, embeddings: np.ndarray, labels, rows: np.ndarray, info):
+  """`state` with the head set to an L2 logistic regression fitted on the head's inputs of
+  the training rows (`rows` of `labels`): linear probing, then fine-tuning (LP-FT, Kumar et
+  al. 2022), so the backbone's first updates follow a head that already fits rather than a
+  zero one whose gradients reshape the features at random."""
+  if info.type not in PROBE_TASKS:
+    raise ValueError(f"finetune.head_init='probe' fits {PROBE_TASKS} tasks; this one is {info.type}")
+  params = dict(state.params)
+  x = head_inputs(embeddings, np.asarray(params[INPUT_MEAN]), np.asarray(params[INPUT_SCALE]))
+  y = np.asarray(labels.targets[B.TASK_LABEL])[rows]
+  columns = [y] if info.type == "binary" else [y[:, j] for j in range(y.shape[1])] if info.type == "multilabel" else None
+  if columns is None:  # multiclass: one softmax regression over every class id
+    fit = LogisticRegression(max_iter=2000).fit(x, y.astype(np.int64))
+    kernel, bias = np.zeros((x.shape[1], info.num_outputs)), np.full(info.num_outputs, -30.0)
+    kernel[:, fit.classes_], bias[fit.classes_] = fit.coef_.T, fit.intercept_
+  else:
+    fits = [LogisticRegression(max_iter=2000).fit(x, c.astype(np.int64)) for c in columns]
+    kernel = np.stack([f.coef_[0] for f in fits], axis=1)
+    bias = np.asarray([f.intercept_[0] for f in fits])
+  head = dict(params["head"])
+  head["kernel"] = jax.device_put(np.asarray(kernel, np.float32), head["kernel"].sharding)
+  head["bias"] = jax.device_put(np.asarray(bias, np.float32), head["bias"].sharding)
+  params["head"] = head
+  log.info("head initialised by a logistic probe on %d training rows (LP-FT)", len(x))
   return state.replace(params=params)
 
 

@@ -6,7 +6,7 @@ checkpoint holds ordinary uint32 arrays.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -52,17 +52,23 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
-  """AdamW with clipping; `trainable` (params -> tree of "train" / "freeze") leaves the
-  frozen parameters exactly as they are (no update, no weight decay)."""
-  tx = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                  weight_decay=cfg.weight_decay, mask=decay_mask),
-  )
+def make_optimizer(cfg: ml_collections.ConfigDict, trainable=None,
+                   lr_scales: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+  """AdamW with clipping; `trainable` (params -> tree of "train" / "freeze" / a label of
+  `lr_scales`) leaves the frozen parameters exactly as they are (no update, no weight
+  decay) and trains a parameter labelled with `lr_scales`' label at that multiple of the
+  learning rate (its own AdamW and clipping: fine-tuning's backbone beside its head)."""
+  schedule = learning_rate_schedule(cfg)
+
+  def adamw(scale: float = 1.0) -> optax.GradientTransformation:
+    rate = schedule if scale == 1.0 else (lambda step: schedule(step) * scale)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm),
+                       optax.adamw(rate, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay,
+                                   mask=decay_mask))
   if trainable is None:
-    return tx
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable)
+    return adamw()
+  scaled = {label: adamw(float(scale)) for label, scale in (lr_scales or {}).items()}
+  return optax.multi_transform({"train": adamw(), "freeze": optax.set_to_zero(), **scaled}, trainable)
 
 
 def init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch: Any):

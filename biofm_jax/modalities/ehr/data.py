@@ -39,6 +39,12 @@ BIRTH_CODE = meds.birth_code
 EVENT_STORE_DIR = "ehr_events"  # under the run's artifacts, with event_store="auto"
 UNK_SAMPLE_SUBJECTS = 2000  # tuning subjects the summary's [UNK] rate is measured on
 WINDOWS = ("recent", "earliest")
+# What a token sees of its value (`data.ehr.value_inputs`): its code's quantile bin, or also
+# its quantile within the code's training values as a continuous input.
+VALUE_INPUTS = {"bins": (), "bins+quantile": (batch.EHR_VALUE_QUANTILE,)}
+# What a token sees of time (`data.ehr.time_inputs`): the age and the days since the window's
+# first event, or also the days since the previous event.
+TIME_INPUTS = {"age+offset": (), "age+offset+gap": (batch.EHR_GAP, batch.EHR_GAP_KNOWN)}
 TARGETS = (MASKED, NEXT, TIME_TO_EVENT)  # what its examples can carry for an objective (data/module.py)
 _RECORD_FIELDS = ("codes", "times", "numeric_values")
 
@@ -52,6 +58,17 @@ def window_stats(event_counts: np.ndarray, max_len: int) -> dict[str, int]:
   dropped = np.maximum(counts - (max_len - 1), 0)
   return {"subjects": int(len(counts)), "events": int(counts.sum()),
           "subjects_truncated": int((dropped > 0).sum()), "events_dropped": int(dropped.sum())}
+
+
+def input_fields(cfg: Any) -> tuple[str, ...]:
+  """The optional input fields (`batch.EHR_OPTIONAL_INPUTS`) that `cfg` (= config.data.ehr,
+  or its saved dict) asks for; runs saved before the options existed ask for none."""
+  values, times = str(cfg.get("value_inputs", "bins")), str(cfg.get("time_inputs", "age+offset"))
+  if values not in VALUE_INPUTS:
+    raise ValueError(f"config.data.ehr.value_inputs is {values!r}, expected one of {sorted(VALUE_INPUTS)}")
+  if times not in TIME_INPUTS:
+    raise ValueError(f"config.data.ehr.time_inputs is {times!r}, expected one of {sorted(TIME_INPUTS)}")
+  return VALUE_INPUTS[values] + TIME_INPUTS[times]
 
 
 def _check_record(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,12 +98,13 @@ def _window(times: np.ndarray, keep: int, window: str) -> np.ndarray:
 class TokenizeEHR(grain.transforms.Map):
   """Record -> `batch.EHR_INPUT_FIELDS`, each of shape (max_len,)."""
 
-  def __init__(self, vocab: EHRVocab, max_len: int, window: str = "recent"):
+  def __init__(self, vocab: EHRVocab, max_len: int, window: str = "recent", inputs: tuple[str, ...] = ()):
     if max_len < 2:
       raise ValueError(f"TokenizeEHR: max_len {max_len} must be >= 2 (CLS plus one event)")
     if window not in WINDOWS:
       raise ValueError(f"TokenizeEHR: window {window!r}, expected one of {WINDOWS}")
-    self.vocab, self.max_len, self.window = vocab, max_len, window
+    batch.ehr_example_spec(max_len, False, tuple(inputs))  # checks the names
+    self.vocab, self.max_len, self.window, self.inputs = vocab, max_len, window, tuple(inputs)
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return self.encode(record)[0]
@@ -100,13 +118,21 @@ class TokenizeEHR(grain.transforms.Map):
     kept = _window(times, self.max_len - 1, self.window)
     codes, times, values = codes[kept], times[kept], values[kept]
     out = {name: np.zeros(shape, dtype)
-           for name, (shape, dtype) in batch.ehr_example_spec(self.max_len, False).items()}
+           for name, (shape, dtype) in batch.ehr_example_spec(self.max_len, False, self.inputs).items()}
     n, events = len(codes), slice(1, 1 + len(codes))
     out[batch.EHR_CODES][0] = batch.CLS_ID
     out[batch.EHR_MASK][: 1 + n] = True
     out[batch.EHR_CODES][events] = self.vocab.code_ids(codes)
     out[batch.EHR_VALUE_BINS][events] = self.vocab.value_bins(codes, values)
+    if batch.EHR_VALUE_QUANTILE in out:
+      out[batch.EHR_VALUE_QUANTILE][events] = np.where(out[batch.EHR_VALUE_BINS][events] != batch.NO_VALUE_BIN,
+                                                       self.vocab.value_quantiles(codes, values), 0.0)
     timed = ~np.isnat(times)
+    if batch.EHR_GAP in out and timed.sum() > 1:
+      # Timed rows are in time order (static rows come first): each one's gap to the one before.
+      at = 1 + np.flatnonzero(timed)[1:]
+      out[batch.EHR_GAP][at] = np.diff(times[timed]).astype(np.int64) / US_PER_DAY
+      out[batch.EHR_GAP_KNOWN][at] = True
     if timed.any():
       # From the window's first event, never its last: a position's input must not tell a
       # causal model how much history follows it.
@@ -138,6 +164,8 @@ class MaskEHR(grain.transforms.RandomMap):
     new_bins = example[batch.EHR_VALUE_BINS].copy()
     new_bins[selected] = batch.NO_VALUE_BIN
     out = dict(example)
+    if batch.EHR_VALUE_QUANTILE in example:  # a masked token's value is a target: hidden like its bin
+      out[batch.EHR_VALUE_QUANTILE] = np.where(selected, 0.0, example[batch.EHR_VALUE_QUANTILE]).astype(np.float32)
     out[batch.EHR_CODES], out[batch.EHR_VALUE_BINS] = new_codes, new_bins
     out[batch.EHR_TARGET_CODES] = codes.copy()
     out[batch.EHR_TARGET_VALUE_BINS] = example[batch.EHR_VALUE_BINS].copy()
@@ -151,11 +179,12 @@ def packs(cfg: Any) -> bool:
   return bool(cfg.get("pack", False))
 
 
-def training_example_spec(max_len: int, targets: str, pack: bool, tte_events: int = 0) -> dict:
-  """The fields of a training (and evaluation) example: the `targets` (masked tokens or
-  time to event; next-event targets are the tokens themselves), segment ids when rows are
-  packed."""
-  spec = batch.ehr_example_spec(max_len, with_targets=targets == MASKED)
+def training_example_spec(max_len: int, targets: str, pack: bool, tte_events: int = 0,
+                          inputs: tuple[str, ...] = ()) -> dict:
+  """The fields of a training (and evaluation) example: the optional `inputs`, the `targets`
+  (masked tokens or time to event; next-event targets are the tokens themselves), segment
+  ids when rows are packed."""
+  spec = batch.ehr_example_spec(max_len, with_targets=targets == MASKED, inputs=inputs)
   if targets == TIME_TO_EVENT:
     spec.update(batch.tte_example_spec(max_len, tte_events))
   if pack:
@@ -170,7 +199,7 @@ class EHRData(DataModuleDefaults):
 
   def __init__(self, dataset: Any, vocab: EHRVocab, *, max_len: int, window: str,
                mask_rate: float, targets: str, train_windows: str = "one", window_overlap: float = 0.0,
-               pack: bool = False, tte: Mapping[str, int] | None = None):
+               pack: bool = False, tte: Mapping[str, int] | None = None, inputs: tuple[str, ...] = ()):
     check_targets("EHRData", targets, TARGETS)
     if train_windows not in TRAIN_WINDOWS:
       raise ValueError(f"config.data.ehr.train_windows is {train_windows!r}, expected one of {TRAIN_WINDOWS}")
@@ -178,6 +207,7 @@ class EHRData(DataModuleDefaults):
     self.max_len, self.window, self.mask_rate, self.targets = max_len, window, mask_rate, targets
     self.train_windows, self.window_overlap = train_windows, float(window_overlap)
     self.pack = bool(pack)  # several training windows per row (`data/packing.py`)
+    self.inputs = tuple(inputs)  # optional input fields (`input_fields`)
     # time_to_event: {"tasks": K, "points": per row, "events": per row} (`tte_targets.py`)
     self.tte = {**tte_targets.DEFAULTS, **(tte or {})}
     self.tte_codes = tte_targets.task_codes(vocab, self.tte["tasks"]) if targets == TIME_TO_EVENT else []
@@ -199,11 +229,14 @@ class EHRData(DataModuleDefaults):
     vocab = _load_or_build_vocab(dataset, artifacts_dir / VOCAB_FILENAME,
                                  min_count=cfg.min_code_count,
                                  num_value_bins=cfg.num_value_bins)
+    if batch.EHR_VALUE_QUANTILE in input_fields(cfg) and vocab.value_bin_edges and not vocab.value_quantile_points:
+      raise ValueError(f"{artifacts_dir / VOCAB_FILENAME}: saved before value quantiles were stored; "
+                       "data.ehr.value_inputs='bins+quantile' needs a new run")
     # Runs saved before training windows existed trained on one window per subject.
     module = cls(dataset, vocab, max_len=cfg.max_len, window=cfg.window, mask_rate=cfg.mask_rate,
                  targets=targets, train_windows=cfg.get("train_windows", "one"),
                  window_overlap=cfg.get("window_overlap", 0.0), pack=packs(cfg),
-                 tte=tte_targets.settings_from_config(cfg))
+                 tte=tte_targets.settings_from_config(cfg), inputs=input_fields(cfg))
     if module.tte_codes:
       tte_targets.save_or_check_tasks(artifacts_dir / tte_targets.TASKS_FILENAME, module.tte_codes)
     return module
@@ -262,7 +295,11 @@ class EHRData(DataModuleDefaults):
     return [self._with_targets(), *segments, *self._masking(), KeyByModality(self.name)]
 
   def _tokenize(self) -> TokenizeEHR:
-    return TokenizeEHR(self.vocab, self.max_len, self.window)
+    return self.tokenizer()
+
+  def tokenizer(self, max_len: int | None = None, window: str | None = None) -> TokenizeEHR:
+    """This run's tokeniser (its vocabulary and optional inputs), at another length or window if asked."""
+    return TokenizeEHR(self.vocab, max_len or self.max_len, window or self.window, self.inputs)
 
   def _with_targets(self):
     """The tokeniser, with time-to-event targets when those are the targets."""
@@ -283,10 +320,11 @@ class EHRData(DataModuleDefaults):
     return [MaskEHR(self.vocab.size, self.mask_rate)] if self.targets == MASKED else []
 
   def example_spec(self) -> dict:
-    return {self.name: training_example_spec(self.max_len, self.targets, self.pack, self.tte.get("events", 0))}
+    return {self.name: training_example_spec(self.max_len, self.targets, self.pack, self.tte.get("events", 0),
+                                             self.inputs)}
 
   def embedding_spec(self) -> dict:
-    return {self.name: batch.ehr_example_spec(self.max_len, with_targets=False)}
+    return {self.name: batch.ehr_example_spec(self.max_len, with_targets=False, inputs=self.inputs)}
 
   def model_info(self) -> dict[str, dict[str, int]]:
     info = {"vocab_size": self.vocab.size, "num_value_bins": self.vocab.num_value_bins, "max_len": self.max_len}

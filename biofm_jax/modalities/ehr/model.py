@@ -7,6 +7,10 @@ vector per time bin, and the log-hazard of task k in bin j is that vector's dot 
 with task k's own r-dimensional embedding, plus a per-(bin, task) bias. K tasks x J bins
 cost D*J*r + K*r parameters instead of D*J*K, so thousands of tasks stay affordable.
 
+Every EHR model offers several summaries of a timeline for task heads and probes to read
+(`task.embedding`): the mean over its tokens ("ehr/embedding", the default), the CLS token,
+the last token (all a causal model has read) and the mean of the last visit.
+
 `model_modality(config, model_info)` is the registry's model entry (`registry.py`).
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import ml_collections
 
 from biofm_jax.data import batch as B
 from biofm_jax.models.layers import TransformerConfig, kernel_init
-from biofm_jax.models.description import Encoded, TokenModality, masked_mean
+from biofm_jax.models.description import Encoded, TokenModality, masked_mean, token_summaries
 from biofm_jax.modalities.ehr.encoder import EHREncoder
 from biofm_jax.objectives.autoregressive import check_gap_edges
 from biofm_jax.objectives.motor import check_bin_starts, prediction_positions
@@ -63,6 +67,35 @@ class TimeToEventSpec:
   points: int  # prediction points per row
 
 
+VISIT_DAYS = 1.0  # events within this many days of a timeline's last one make its last visit
+
+
+def last_visit_embedding(hidden: jax.Array, example) -> jax.Array:
+  """[B, D] float32 mean of the hidden states of the last visit: the timed events within
+  VISIT_DAYS of each row's last one (a row without timed events: all its tokens)."""
+  mask = example[B.EHR_MASK]
+  timed = example[B.EHR_TIME_KNOWN] & mask
+  times = example[B.EHR_TIME]
+  last = jnp.where(timed, times, -jnp.inf).max(axis=1, keepdims=True)
+  visit = timed & (times >= last - VISIT_DAYS)
+  return masked_mean(hidden, jnp.where(visit.any(axis=1, keepdims=True), visit, mask))
+
+
+def ehr_summaries(hidden: jax.Array, encoded: Encoded, example) -> dict[str, jax.Array]:
+  """The token summaries (`token_summaries`) and the last visit's mean ("last_visit_embedding")."""
+  return {**token_summaries(hidden, encoded.mask), "last_visit_embedding": last_visit_embedding(hidden, example)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EHRModality(TokenModality):
+  """EHR tokens under masked or next-event modelling: the token heads, and the EHR summaries."""
+
+  def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
+            prefix: str = "") -> dict[str, jax.Array]:
+    return {**super().heads(cfg, hidden, encoded, example, train=train, prefix=prefix),
+            **ehr_summaries(hidden, encoded, example)}
+
+
 @dataclasses.dataclass(frozen=True)
 class EHRTimeToEventModality(TokenModality):
   """EHR tokens with the time-to-event head in place of the code heads (pre-training reads
@@ -72,7 +105,7 @@ class EHRTimeToEventModality(TokenModality):
   def heads(self, cfg: TransformerConfig, hidden: jax.Array, encoded: Encoded, example, *, train: bool,
             prefix: str = "") -> dict[str, jax.Array]:
     del train
-    out = {"hidden": hidden, "mask": encoded.mask, "embedding": masked_mean(hidden, encoded.mask)}
+    out = {"hidden": hidden, "mask": encoded.mask, **ehr_summaries(hidden, encoded, example)}
     if B.TTE_PREDICT in example:  # targets present: pre-training (not fine-tuning, not embeddings)
       spec = self.time_to_event
       positions, _ = prediction_positions(example[B.TTE_PREDICT], spec.points)
@@ -97,8 +130,8 @@ def model_modality(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -
   objective = config.objective
   if "tte_tasks" not in info:
     gap_edges = objective.get("gap_edges_days", ())  # a next-event config's gap classes: a time head
-    return TokenModality("ehr", **common, time_classes=len(check_gap_edges(gap_edges)) + 1 if gap_edges else 0,
-                         prediction_slots=int(info.get("prediction_slots", 0)))
+    return EHRModality("ehr", **common, time_classes=len(check_gap_edges(gap_edges)) + 1 if gap_edges else 0,
+                       prediction_slots=int(info.get("prediction_slots", 0)))
   bins = check_bin_starts(objective.get("time_bins_days", (0.0,)))
   spec = TimeToEventSpec(tasks=int(info["tte_tasks"]), bins=len(bins), rank=int(objective.get("rank", 32)),
                          points=int(info["tte_points"]))

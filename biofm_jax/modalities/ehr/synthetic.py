@@ -212,7 +212,7 @@ def _data_table(subject_ids: np.ndarray, subjects: list[_Subject]) -> pa.Table:
   ], schema=meds.DataSchema.schema())
 
 
-def _split_names(num_subjects: int, rng: np.random.Generator) -> np.ndarray:
+def split_names(num_subjects: int, rng: np.random.Generator) -> np.ndarray:
   n_train, n_tuning = round(0.8 * num_subjects), round(0.1 * num_subjects)
   names = np.array([meds.held_out_split] * num_subjects, dtype=object)
   order = rng.permutation(num_subjects)
@@ -284,13 +284,13 @@ def write_synthetic_meds(out_dir: str | os.PathLike, *, num_subjects: int = 1000
   rng = np.random.default_rng([seed, 0])
   subject_ids = np.sort(rng.choice(np.arange(10_000, 10_000 + 20 * num_subjects),
                                    num_subjects, replace=False)).astype(np.int64)
-  split_names = _split_names(num_subjects, rng)
+  names = split_names(num_subjects, rng)
   subjects = [_simulate_subject(np.random.default_rng([seed, 1, i]), max_events)
               for i in range(num_subjects)]
 
   with atomic_directory(out) as staging:
-    _write_data(staging, subject_ids, subjects, split_names, num_shards, nested)
-    _write_metadata(staging, subject_ids, subjects, split_names, seed)
+    _write_data(staging, subject_ids, subjects, names, num_shards, nested)
+    _write_metadata(staging, subject_ids, subjects, names, seed)
   return out
 
 

@@ -154,7 +154,7 @@ class EHRTaskData(DataModuleDefaults):
 
   def transforms(self, train: bool, mask: bool = False) -> list:
     del train, mask  # fine-tuning never masks: the whole history is the input
-    return [TokenizeLabeled(TokenizeEHR(self.ehr.vocab, self.ehr.max_len, self.ehr.window), self.info)]
+    return [TokenizeLabeled(self.ehr.tokenizer(), self.info)]
 
   def example_spec(self) -> dict:
     return {**self.ehr.embedding_spec(), batch.TASK: batch.task_example_spec(self.info.type, self.info.num_outputs)}

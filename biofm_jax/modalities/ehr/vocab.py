@@ -3,7 +3,9 @@
 Built once from the training split (its records, or an event store's exact code counts
 and value samples: `event_store.py`) and saved as human-readable JSON beside the
 checkpoint, so a resumed or fine-tuned run maps codes exactly as pre-training did.
-Codes below `min_count` become [UNK]; values become 1..num_value_bins, 0 for none.
+Codes below `min_count` become [UNK]; values become 1..num_value_bins, 0 for none, and,
+for runs that feed it (`data.ehr.value_inputs`), their quantile among the code's training
+values, read off `VALUE_QUANTILE_POINTS` stored quantiles per code by linear interpolation.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from biofm_jax.data import artifacts, batch, object_state
 VOCAB_FORMAT = "biofm_jax.ehr_vocab"
 VOCAB_FORMAT_VERSION = 1
 VOCAB_FILENAME = "ehr_vocab.json"
+VALUE_QUANTILE_POINTS = 33  # the 0%, 3.125%, ..., 100% quantiles of each code's training values
 _VOCAB_HEADER = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
                  "special_tokens": list(batch.SPECIAL_TOKENS)}
 
@@ -34,6 +37,9 @@ class EHRVocab:
   num_value_bins: int
   min_count: int
   num_rare_codes: int = 0  # distinct training codes below min_count (they map to UNK)
+  # Per code with training values: VALUE_QUANTILE_POINTS quantiles, min to max (vocabularies
+  # saved before they existed have none: `value_quantiles` then refuses).
+  value_quantile_points: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def build(cls, records: Iterable[Mapping[str, Any]], *, min_count: int,
@@ -66,10 +72,12 @@ class EHRVocab:
     counts = {c: n for c, n in counts.items() if n > 0}
     kept = sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
     qs = np.linspace(0.0, 1.0, num_value_bins + 1)[1:-1]
-    edges = {c: tuple(float(x) for x in np.quantile(np.asarray(values[c], np.float64), qs))
-             for c in sorted(set(kept) & set(values)) if len(values[c])}
+    valued = [c for c in sorted(set(kept) & set(values)) if len(values[c])]
+    edges = {c: tuple(float(x) for x in np.quantile(np.asarray(values[c], np.float64), qs)) for c in valued}
+    grid = np.linspace(0.0, 1.0, VALUE_QUANTILE_POINTS)
+    points = {c: tuple(float(x) for x in np.quantile(np.asarray(values[c], np.float64), grid)) for c in valued}
     return cls(codes=tuple(kept), value_bin_edges=edges, num_value_bins=num_value_bins,
-               min_count=min_count, num_rare_codes=len(counts) - len(kept))
+               min_count=min_count, num_rare_codes=len(counts) - len(kept), value_quantile_points=points)
 
   @property
   def size(self) -> int:
@@ -105,11 +113,38 @@ class EHRVocab:
       bins[at] = 1 + np.searchsorted(edges, values[at], side="right")
     return bins
 
+  def value_quantiles(self, codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1]: each value's quantile among its code's training values (linear
+    between the stored quantiles, clipped at the ends); 0 where NaN or the code has none."""
+    if self.value_bin_edges and not self.value_quantile_points:
+      raise ValueError("EHR vocabulary: saved before value quantiles were stored, so it cannot give them "
+                       "(data.ehr.value_inputs); pre-train a new run")
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros(len(values), np.float32)
+    has_value = ~np.isnan(values)
+    codes = np.asarray(codes, dtype=object)
+    grid = np.linspace(0.0, 1.0, VALUE_QUANTILE_POINTS)
+    for code in np.unique(codes[has_value]).tolist():
+      points = self._quantile_arrays.get(code)
+      if points is None:
+        continue
+      at = has_value & (codes == code)
+      # Tied quantiles (a value repeated across many rows) take their middle rank.
+      from_below = np.interp(values[at], points, grid)
+      from_above = 1.0 - np.interp(-values[at], -points[::-1], grid)
+      out[at] = 0.5 * (from_below + from_above)
+    return out
+
+  @functools.cached_property
+  def _quantile_arrays(self) -> dict[str, np.ndarray]:
+    return {c: np.asarray(p, dtype=np.float64) for c, p in self.value_quantile_points.items()}
+
   def save(self, path: str | os.PathLike) -> None:
     """Writes human-readable JSON atomically (`data/artifacts.py`)."""
     artifacts.write_json(path, _VOCAB_HEADER, {
         "min_count": self.min_count, "num_value_bins": self.num_value_bins, "num_rare_codes": self.num_rare_codes,
-        "codes": list(self.codes), "value_bin_edges": {c: list(e) for c, e in self.value_bin_edges.items()}})
+        "codes": list(self.codes), "value_bin_edges": {c: list(e) for c, e in self.value_bin_edges.items()},
+        "value_quantile_points": {c: list(p) for c, p in self.value_quantile_points.items()}})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> EHRVocab:
@@ -120,7 +155,9 @@ class EHRVocab:
                                   for c, e in payload["value_bin_edges"].items()},
                  num_value_bins=int(payload["num_value_bins"]),
                  min_count=int(payload["min_count"]),
-                 num_rare_codes=int(payload.get("num_rare_codes", 0)))
+                 num_rare_codes=int(payload.get("num_rare_codes", 0)),
+                 value_quantile_points={c: tuple(float(x) for x in p)
+                                        for c, p in payload.get("value_quantile_points", {}).items()})
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"EHR vocabulary {path}: missing or malformed field ({e!r})") from e
 

@@ -1,0 +1,186 @@
+"""What EHR pre-training learns that counting codes cannot: the order/trend cohort (issue 33).
+
+  python benchmarks/ehr_order_trend.py                                 # masked, next-event, MOTOR at demo
+  python benchmarks/ehr_order_trend.py --objectives=masked --steps=600 --finetune_steps=300
+  python benchmarks/ehr_order_trend.py --objectives=masked --set=data.ehr.value_inputs=continuous \
+      --name=continuous_values
+
+Writes the generated cohort (`modalities/ehr/synthetic_order_trend.py`: an outcome driven by
+an eGFR trend, the order of two codes and the time between the last two visits, with the
+same kinds and numbers of codes for everyone) and its MEDS labels, pre-trains each objective
+at `--preset` for `--steps` on it (`--set` adds config overrides, e.g. an input option), and
+evaluates each on the held-out split with `evaluate_task`: the linear probe on frozen
+embeddings, the count-of-codes baselines (logistic regression, gradient boosting), and, with
+`--finetune_steps` > 0, the model fine-tuned on the labels (configs/finetune.py:binary). The
+oracle (the generating probability) and hand-made features of the three drivers (logistic
+regression on the last visits' eGFR slope, which code came first and the last gap) are
+scored on the same rows. AUROCs with 95% bootstrap intervals; written as JSON beside the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = {"masked": "configs/ehr_bert.py", "next": "configs/ehr_gpt.py", "tte": "configs/ehr_motor.py"}
+QUIET = {"train.peak_flops_per_device": 1e9, "train.log_every": 100}
+
+
+def cohort(root: pathlib.Path, subjects: int, seed: int) -> tuple[pathlib.Path, pathlib.Path]:
+  from biofm_jax.modalities.ehr import synthetic_order_trend as ot
+  meds_root = root / "cohort"
+  if not (meds_root / "metadata").exists():
+    ot.write_order_trend_meds(meds_root, num_subjects=subjects, seed=seed)
+  labels = root / "labels" / "outcome.parquet"
+  if not labels.exists():
+    ot.write_order_trend_labels(meds_root, labels)
+  return meds_root, labels
+
+
+def pretrain(objective: str, preset: str, meds_root: pathlib.Path, workdir: pathlib.Path, steps: int,
+             overrides: dict) -> float:
+  """Pre-trains (unless the run is there); returns the seconds it took (0 when reused)."""
+  from biofm_jax.config import load_config
+  from biofm_jax.train.loop import train_and_evaluate
+  if (workdir / "checkpoints" / str(steps)).exists():
+    return 0.0
+  config = load_config(f"{REPO}/{CONFIGS[objective]}:{preset}", {
+      **QUIET, "data.ehr.path": str(meds_root), "train.num_steps": steps, "train.eval_every": steps,
+      "checkpoint.every_steps": steps, **overrides})
+  start = time.perf_counter()
+  train_and_evaluate(config, workdir)
+  return time.perf_counter() - start
+
+
+def task_config(pretrained: pathlib.Path, labels: pathlib.Path, steps: int, overrides: dict):
+  from biofm_jax.config import load_config
+  from biofm_jax.train.finetune import finetune_config
+  return finetune_config(load_config(f"{REPO}/configs/finetune.py:binary", {
+      **QUIET, "task.labels": str(labels), "train.num_steps": max(steps, 1), "train.eval_every": max(steps, 1),
+      "checkpoint.every_steps": max(steps, 1), **overrides}), pretrained)
+
+
+def auroc_with_interval(truth: np.ndarray, scores: np.ndarray, samples: int) -> list[float]:
+  from biofm_jax.eval import metrics
+  targets = {"label": np.asarray(truth, np.float64)}
+  value = metrics.task_metrics("binary", targets, np.asarray(scores, np.float64))["auroc"]
+  low, high = metrics.bootstrap_intervals("binary", targets, np.asarray(scores, np.float64),
+                                          num_samples=samples)["auroc"]
+  return [round(float(value), 4), round(float(low), 4), round(float(high), 4)]
+
+
+def driver_features(meds_root: pathlib.Path, subject_ids: np.ndarray) -> np.ndarray:
+  """[rows, 3] what a feature engineer who knew the rule would compute from the records:
+  the eGFR slope over the last visits, whether chest pain came before the nitrate, the
+  last gap between visits in days."""
+  from biofm_jax.modalities.ehr import synthetic_order_trend as ot
+  from biofm_jax.modalities.ehr.meds import MEDSDataset, US_PER_DAY
+  source = MEDSDataset(meds_root).all_subjects()
+  records = {int(record["subject_id"]): record for record in (source[i] for i in range(len(source)))}
+  rows = []
+  for subject in subject_ids:
+    r = records[int(subject)]
+    codes, times, values = np.asarray(r["codes"], object), r["times"], r["numeric_values"]
+    lab = np.flatnonzero(codes == ot.LAB_CODE)[-ot.TREND_VISITS:]
+    slope = np.polyfit(np.arange(len(lab)), values[lab].astype(np.float64), 1)[0]
+    first = np.flatnonzero(codes == ot.FIRST_CODE)[0] < np.flatnonzero(codes == ot.SECOND_CODE)[0]
+    visit_times = np.unique(times[lab].astype("datetime64[D]"))
+    gap = (times[lab[-1]] - times[lab[-2]]).astype(np.int64) / US_PER_DAY if len(visit_times) > 1 else 0.0
+    rows.append([slope, float(first), gap])
+  return np.asarray(rows, np.float64)
+
+
+def reference_scores(meds_root: pathlib.Path, report_dir: pathlib.Path, samples: int) -> dict:
+  """The oracle and the hand-made driver features, on the held-out rows the report scored."""
+  import pyarrow.parquet as pq
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+  from biofm_jax.modalities.ehr import synthetic_order_trend as ot
+  latents = ot.read_latents(meds_root)
+  oracle = dict(zip(latents["subject_id"].tolist(), latents["oracle"].tolist()))
+  held = pq.read_table(report_dir / "predictions" / "probe" / "held_out.parquet").to_pandas()
+  out = {"oracle": auroc_with_interval(held.boolean_value, [oracle[s] for s in held.subject_id], samples)}
+  labels = pq.read_table(meds_root.parent / "labels" / "outcome.parquet").to_pandas()
+  splits = pq.read_table(meds_root / "metadata" / "subject_splits.parquet").to_pandas()
+  train_rows = labels[labels.subject_id.isin(set(splits.subject_id[splits.split == "train"].tolist()))]
+  scaler = StandardScaler().fit(driver_features(meds_root, train_rows.subject_id.to_numpy()))
+  model = LogisticRegression(max_iter=1000).fit(
+      scaler.transform(driver_features(meds_root, train_rows.subject_id.to_numpy())), train_rows.boolean_value)
+  held_x = scaler.transform(driver_features(meds_root, held.subject_id.to_numpy()))
+  out["driver_features_lr"] = auroc_with_interval(held.boolean_value, model.predict_proba(held_x)[:, 1], samples)
+  return out
+
+
+def variant_name(overrides: dict) -> str:
+  return "_".join(f"{k.split('.')[-1]}-{v}".replace("/", "-") for k, v in overrides.items()) or "default"
+
+
+def evaluate(pretrained: pathlib.Path, labels: pathlib.Path, workdir: pathlib.Path, finetune_steps: int,
+             finetune_overrides: dict, samples: int) -> dict:
+  """The report in `workdir`, with the fine-tuning run (if any) beside it."""
+  from biofm_jax.eval.downstream import EvaluationOptions, evaluate_task
+  from biofm_jax.train.finetune import finetune
+  finetuned = None
+  if finetune_steps:
+    finetuned = workdir / "finetuned"
+    if not (finetuned / "checkpoints" / str(finetune_steps)).exists():
+      finetune(task_config(pretrained, labels, finetune_steps, finetune_overrides), finetuned)
+  options = EvaluationOptions(bootstrap_samples=samples, few_shot_ks=(), finetuned_workdir=str(finetuned or "") or None,
+                              subgroups=(), overwrite=True)
+  report = evaluate_task(task_config(pretrained, labels, finetune_steps, finetune_overrides), workdir / "report",
+                         options)
+  held = report["splits"]["held_out"]
+  out = {}
+  main = "finetuned" if finetuned else "probe"
+  out[main] = [round(held["metrics"]["auroc"], 4), *[round(x, 4) for x in held["intervals"]["auroc"]]]
+  for name, entry in report["baselines"].items():
+    out[name] = [round(entry["held_out"]["metrics"]["auroc"], 4),
+                 *[round(x, 4) for x in entry["held_out"]["intervals"]["auroc"]]]
+  out["held_out_rows"] = held["n"]
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--objectives", default="masked,next,tte", help=f"of {sorted(CONFIGS)}")
+  parser.add_argument("--preset", default="demo")
+  parser.add_argument("--subjects", type=int, default=3000)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--finetune_steps", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[], help="a pre-training override, e.g. model.num_layers=2")
+  parser.add_argument("--finetune_set", action="append", default=[], help="a fine-tuning override")
+  parser.add_argument("--bootstrap", type=int, default=200)
+  parser.add_argument("--name", default="", help="a name for this variant's runs (default: from --set)")
+  parser.add_argument("--workdir", default="", help="reuse the cohort and runs here ('' = a temporary folder)")
+  args = parser.parse_args()
+  from biofm_jax import cli  # noqa: F401  (the CPU platform and logging, before jax starts)
+  parse = lambda items: {k: v for k, _, v in (item.partition("=") for item in items)}  # noqa: E731
+  overrides, finetune_overrides = parse(args.set), parse(args.finetune_set)
+  root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="ehr_order_trend_"))
+  meds_root, labels = cohort(root, args.subjects, args.seed)
+  variant = args.name or variant_name(overrides)
+  tuning = f"ft{args.finetune_steps}_{variant_name(finetune_overrides)}"
+  results = {}
+  for objective in args.objectives.split(","):
+    run = root / f"{objective}_{args.preset}_{variant}_{args.steps}"
+    seconds = pretrain(objective, args.preset, meds_root, run / "pretrained", args.steps, overrides)
+    row = evaluate(run / "pretrained", labels, run / tuning, args.finetune_steps, finetune_overrides, args.bootstrap)
+    row.update(reference_scores(meds_root, run / tuning / "report", args.bootstrap))
+    row["pretrain_seconds"] = round(seconds, 1)
+    results[objective] = row
+    print(f"{objective} ({variant}, {args.steps} steps; {tuning}): " + ", ".join(
+        f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if isinstance(v, list) else f"{k} {v}" for k, v in row.items()),
+        flush=True)
+  summary = {"args": vars(args), "variant": variant, "finetuning": tuning, "held_out_auroc": results}
+  (root / f"ehr_order_trend_{variant}_{tuning}.json").write_text(json.dumps(summary, indent=1))
+  print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/record_finetune.py
 	$(PY) benchmarks/record_finetune.py --spec=configs/ecg_mae.py:tiny --label=afib --set=data.ecg.length=1000 --set=data.ecg.patch_size=50
 	$(PY) benchmarks/import_memory.py
+	$(PY) benchmarks/ehr_order_trend.py --finetune_set=task.embedding=ehr/last_visit_embedding
 	$(PY) benchmarks/generate.py --preset=demo --rows=8 --prompt=96 --new=32
 	$(PY) benchmarks/generate.py --preset=base --rows=8 --prompt=384 --new=128 --repeats=2
 

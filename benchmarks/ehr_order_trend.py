@@ -1,9 +1,10 @@
 """What EHR pre-training learns that counting codes cannot: the order/trend cohort (issue 33).
 
   python benchmarks/ehr_order_trend.py                                 # masked, next-event, MOTOR at demo
-  python benchmarks/ehr_order_trend.py --objectives=masked --steps=600 --finetune_steps=300
-  python benchmarks/ehr_order_trend.py --objectives=masked --set=data.ehr.value_inputs=continuous \
-      --name=continuous_values
+  python benchmarks/ehr_order_trend.py --objectives=masked --finetune_steps=0 \
+      --finetune_set=task.embedding=ehr/last_visit_embedding             # the probe on the last visit only
+  python benchmarks/ehr_order_trend.py --objectives=next --set=data.ehr.value_inputs=bins \
+      --set=data.ehr.time_inputs=age+offset --name=plain_inputs          # the inputs before the demo preset's
 
 Writes the generated cohort (`modalities/ehr/synthetic_order_trend.py`: an outcome driven by
 an eGFR trend, the order of two codes and the time between the last two visits, with the
@@ -11,7 +12,8 @@ same kinds and numbers of codes for everyone) and its MEDS labels, pre-trains ea
 at `--preset` for `--steps` on it (`--set` adds config overrides, e.g. an input option), and
 evaluates each on the held-out split with `evaluate_task`: the linear probe on frozen
 embeddings, the count-of-codes baselines (logistic regression, gradient boosting), and, with
-`--finetune_steps` > 0, the model fine-tuned on the labels (configs/finetune.py:binary). The
+`--finetune_steps` > 0 (300 by default), the model fine-tuned on the labels
+(configs/finetune.py:binary; `--finetune_set` adds overrides, e.g. task.embedding). The
 oracle (the generating probability) and hand-made features of the three drivers (logistic
 regression on the last visits' eGFR slope, which code came first and the last gap) are
 scored on the same rows. AUROCs with 95% bootstrap intervals; written as JSON beside the runs.
@@ -152,7 +154,7 @@ def main() -> None:
   parser.add_argument("--subjects", type=int, default=3000)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--finetune_steps", type=int, default=0)
+  parser.add_argument("--finetune_steps", type=int, default=300, help="0: the probe only")
   parser.add_argument("--set", action="append", default=[], help="a pre-training override, e.g. model.num_layers=2")
   parser.add_argument("--finetune_set", action="append", default=[], help="a fine-tuning override")
   parser.add_argument("--bootstrap", type=int, default=200)

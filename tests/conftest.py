@@ -51,7 +51,8 @@ SLOW_FILES = ("test_multimodal_training.py",  # ~400 s
               "test_multimodal_retrieval.py",  # ~170 s, one test in a subprocess
               "test_resume.py", "test_multiprocess.py", "test_notebooks.py", "test_imaging_training.py",
               "test_tabular_training.py", "test_meds_tools.py", "test_parallel.py", "test_learning.py",
-              "test_time_to_event.py", "test_export.py", "test_ecg.py", "test_zero_shot.py", "test_generate.py")
+              "test_time_to_event.py", "test_export.py", "test_ecg.py", "test_zero_shot.py", "test_generate.py",
+              "test_ehr_order_trend.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -260,3 +260,25 @@ def test_the_probe_reads_the_lab_trend_and_loses_it_when_values_become_their_cod
   flat = helpers.probe_auroc(train_x, y_train, _embeddings(trend_model, [flattened(records[s]) for s in test_ids]),
                              y_test)
   assert intact > 0.6 and intact - flat > 0.12, (intact, flat)  # seen: 0.644 and 0.452
+
+
+def test_a_fine_tuned_model_with_the_inputs_exports_and_scores_raw_meds_as_the_run_does(cohort, trend_model, tmp_path):
+  """LP-FT from the trend model, a few steps, with the last visit's summary; its export
+  reads the MEDS files and the labels and gives the run's own held-out predictions."""
+  import helpers
+  from biofm_jax.config import load_config
+  from biofm_jax.eval.finetuned import predict_finetuned
+  from biofm_jax.eval.predict_meds import score_meds
+  from biofm_jax.train.finetune import finetune, finetune_config
+  root, labels_path = cohort
+  config = finetune_config(load_config(f"{REPO}/configs/finetune.py:binary", {
+      **helpers.QUIET, "task.labels": str(labels_path), "task.embedding": "ehr/last_visit_embedding",
+      "train.num_steps": 6, "train.eval_every": 6, "checkpoint.every_steps": 6}), trend_model)
+  assert (config.finetune.head_init, config.finetune.backbone_lr_scale) == ("probe", 0.3)  # the preset's recipe
+  finetune(config, tmp_path / "ft")
+  data, scores = predict_finetuned(tmp_path / "ft", splits=("held_out",))
+  subprocess.run([sys.executable, "experiments/export.py", f"--workdir={tmp_path / 'ft'}", f"--out={tmp_path / 'export'}"],
+                 cwd=REPO, check=True, capture_output=True, timeout=300)
+  table = score_meds(tmp_path / "export", root, labels_path).table.to_pandas().set_index("subject_id")
+  held = data.split_labels("held_out").subject_ids
+  np.testing.assert_allclose(table.predicted_boolean_probability[held].to_numpy(), scores["held_out"], atol=1e-5)

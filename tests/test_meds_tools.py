@@ -258,7 +258,10 @@ def test_an_exported_model_scores_new_meds_records_without_the_library(aces_coho
   assert result.returncode == 0, result.stderr[-3000:]
   assert "no library" in result.stdout
   from biofm_jax.export import load_exported
-  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), load_exported(export)({"ehr": first}), atol=1e-6)
+  # 1e-5, the export's promise elsewhere: this process compiles with the suite's XLA flags (fast
+  # compile, 8 host devices) and the clean one with none, which may sum float32 in another
+  # order (seen: 1.3e-6 on logits near 1 after the binary preset's LP-FT).
+  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), load_exported(export)({"ehr": first}), atol=1e-5)
 
 
 def _held_out_batch(export, meds_root, labels) -> dict:

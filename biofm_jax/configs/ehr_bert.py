@@ -15,6 +15,10 @@ With `data.ehr.path` empty, a synthetic MEDS cohort is generated into the workdi
 from biofm_jax.config import apply_model_size, base_config
 
 MODALITY = "ehr"  # the fusion config reads this modality's sections here
+# What the `demo` and `base` presets feed each token: each value's quantile within its code
+# and the days since the previous event, beside the bins, age and offset (on the order/trend
+# cohort they lift the next-event and MOTOR probes by about 0.1 AUROC: benchmarks/RESULTS.md)
+MEASURED_INPUTS = dict(value_inputs="bins+quantile", time_inputs="age+offset+gap")
 
 
 def get_config(arg=None):
@@ -58,14 +62,15 @@ def get_config(arg=None):
     config.checkpoint.update(every_steps=10, keep=2)
   elif preset == "demo":
     apply_model_size(config, "small")
-    config.data.ehr.update(max_len=64, synthetic_subjects=2000)
+    # The inputs that measured best on the order/trend cohort (benchmarks/RESULTS.md)
+    config.data.ehr.update(max_len=64, synthetic_subjects=2000, **MEASURED_INPUTS)
     config.data.batch_size = 32
     config.train.update(num_steps=600, warmup_steps=50, learning_rate=3e-3, log_every=25, eval_every=200)
     config.checkpoint.update(every_steps=200)
   elif preset == "base":
     apply_model_size(config, "base")
     config.model.update(dtype="bfloat16", remat="dots_with_no_batch_dims_saveable", dropout_rate=0.1)
-    config.data.ehr.update(max_len=512, min_code_count=10, pack=True)
+    config.data.ehr.update(max_len=512, min_code_count=10, pack=True, **MEASURED_INPUTS)
     config.data.batch_size = 256
     config.train.update(num_steps=100_000, warmup_steps=2000, learning_rate=3e-4, log_every=50,
                         eval_every=2000, eval_batches=50)

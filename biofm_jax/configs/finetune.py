@@ -11,7 +11,9 @@ The model, data and objective sections come from the pre-training run (`--pretra
 the backbone and tokenisation are exactly the pre-trained ones; this file sets the task,
 how to adapt (full / frozen / lora), the optimiser and the checkpoints. The argument picks
 a task preset: `binary` for your own labels (`task.labels`, e.g. an ACES output folder; set
-`task.type` for other kinds), or one for the synthetic cohort (`task.synthetic`, used when
+`task.type` for other kinds; it starts the head at the logistic probe and trains the
+backbone at 0.3 of the head's learning rate, LP-FT, which measured best on the EHR
+order/trend cohort), or one for the synthetic cohort (`task.synthetic`, used when
 `task.labels` is empty): high_risk (binary), mortality (binary, rare), risk (regression), survival
 (time to event with a planted hazard). Add `,tiny` (e.g. `high_risk,tiny`) for the
 CPU-sized schedule that tests use. The `model` fields are unset (taken from the
@@ -86,4 +88,8 @@ def get_config(arg=None):
     config.checkpoint.update(every_steps=30)
   elif size:
     raise ValueError(f"unknown size {size!r}: add ',tiny' or nothing")
+  if task_name == "binary":  # your own labels: the recipe that measured best (benchmarks/RESULTS.md)
+    config.finetune.update(head_init="probe", backbone_lr_scale=0.3)
+    if not size:
+      config.train.update(learning_rate=1e-3)
   return config

@@ -40,7 +40,8 @@ PRETRAINED_SECTIONS = ("model", "objective")
 DATA_FIELDS_FROM_FINETUNE = ("batch_size", "num_workers")
 STATISTICS_ROWS = 2048  # training rows the head's input statistics are measured on, at most
 # How the task head starts: at zero (every task at its prior), or at a logistic probe fitted
-# on the training rows' pre-trained embeddings (LP-FT; classification tasks).
+# on the training rows' pre-trained embeddings (LP-FT; classification tasks: regression and
+# survival heads start at zero either way).
 HEAD_INITS = ("zeros", "probe")
 PROBE_TASKS = ("binary", "multiclass", "multilabel")
 
@@ -214,8 +215,9 @@ def probe_head(state, embeddings: np.ndarray, labels, rows: np.ndarray, info):
   the training rows (`rows` of `labels`): linear probing, then fine-tuning (LP-FT, Kumar et
   al. 2022), so the backbone's first updates follow a head that already fits rather than a
   zero one whose gradients reshape the features at random."""
-  if info.type not in PROBE_TASKS:
-    raise ValueError(f"finetune.head_init='probe' fits {PROBE_TASKS} tasks; this one is {info.type}")
+  if info.type not in PROBE_TASKS:  # regression and survival heads start at zero, as with "zeros"
+    log.info("finetune.head_init='probe' fits %s heads; this %s task's head starts at zero", PROBE_TASKS, info.type)
+    return state
   params = dict(state.params)
   x = head_inputs(embeddings, np.asarray(params[INPUT_MEAN]), np.asarray(params[INPUT_SCALE]))
   y = np.asarray(labels.targets[B.TASK_LABEL])[rows]

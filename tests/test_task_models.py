@@ -199,3 +199,34 @@ def test_a_backbone_label_trains_at_its_multiple_of_the_learning_rate():
   assert np.abs(updates["head"]["kernel"]).min() > 1e-4 and not np.asarray(updates[INPUT_MEAN]).any()
   updates = second_update(state_lib.make_optimizer(cfg, trainable=trainable("full")))
   np.testing.assert_allclose(updates["backbone"]["w"], updates["head"]["kernel"], rtol=1e-6)
+
+
+def test_an_attention_pooled_head_reads_real_tokens_only_and_trains_its_queries_over_a_frozen_backbone():
+  from biofm_jax.models.task import AttentionPool
+  pool = AttentionPool()
+  hidden = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  mask = jnp.asarray([[True] * 4 + [False] * 2, [True] * 6])
+  params = pool.init(jax.random.key(0), hidden, mask)["params"]
+  out = pool.apply({"params": params}, hidden, mask)
+  moved = pool.apply({"params": params}, hidden.at[0, 4:].add(100.0), mask)  # row 0's padding changes
+  np.testing.assert_allclose(moved[0], out[0], atol=1e-6)
+  assert np.abs(np.asarray(moved[1] - out[1])).max() == 0
+  # A query along one token's key puts (almost) all of the weight on it.
+  keys = nn.DenseGeneral((4, 2)).apply({"params": params["key"]}, nn.LayerNorm().apply(
+      {"params": params["norm"]}, hidden))
+  aimed = {**params, "query": 1e4 * keys[1, 3]}
+  values = nn.DenseGeneral((4, 2)).apply({"params": params["value"]}, nn.LayerNorm().apply(
+      {"params": params["norm"]}, hidden))
+  np.testing.assert_allclose(pool.apply({"params": aimed}, hidden, mask)[1], values[1, 3].reshape(-1), atol=1e-4)
+
+  task = helpers.Jitted(TaskModel(_ehr_backbone(), ("ehr", "embedding"), 1, frozen_backbone=True, pooling="attention"))
+  batch = _batch()
+  params = nn.meta.unbox(task.init({"params": jax.random.key(0)}, batch)["params"])
+  params["head"]["kernel"] = jnp.ones_like(params["head"]["kernel"])  # a head that passes a gradient back
+  objective = SupervisedObjective("binary")
+  grads = jax.grad(lambda p: objective.sums(task.apply({"params": p}, batch), batch)["task_loss"])(params)
+  assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads["backbone"]))
+  assert np.abs(np.asarray(grads["pool"]["query"])).max() > 0
+  with pytest.raises(ValueError, match="reads 'tabular'"):
+    TaskModel(_ehr_backbone(), ("tabular", "embedding"), 1, pooling="attention").init(
+        {"params": jax.random.key(0)}, batch)

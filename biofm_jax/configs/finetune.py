@@ -66,7 +66,10 @@ def get_config(arg=None):
       # True makes them an error (experiments/*.py --strict_labels).
       strict_labels=False,
       num_time_bins=8,  # survival: discrete-time intervals, equal numbers of training events
-      embedding="")  # the backbone output to put the head on ("" = <modality>/embedding)
+      embedding="",  # the backbone output to put the head on ("" = <modality>/embedding)
+      # "summary": the head reads that output; "attention": learned queries pool the hidden
+      # states of its modality (an attentive probe in frozen mode)
+      pooling="summary")
   config.task.update(TASKS[task_name])
   config.finetune = dict(
       pretrained="",  # set from --pretrained

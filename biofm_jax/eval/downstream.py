@@ -90,6 +90,8 @@ def frozen_embeddings(config: ml_collections.ConfigDict, data, splits: Sequence[
   """{split: [rows, D]} pooled embeddings of the pre-trained backbone (no head, no training)."""
   frozen = ml_collections.ConfigDict(config.to_dict())
   frozen.finetune.mode = "frozen"
+  if "pooling" in frozen.task:  # the linear probe reads the summary (an attention pool is trained, not read)
+    frozen.task.pooling = "summary"
   setup = finetune.build_finetune_training(frozen, data)
   state = finetune.load_pretrained(setup.init_state(config.seed), setup, config.finetune.pretrained)
   return {split: embed_split(setup, state.params, data, split, batch_size=config.data.batch_size,

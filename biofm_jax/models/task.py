@@ -9,7 +9,9 @@ one of its embeddings:
 (for survival, K = the time intervals' hazard logits: one risk score plus a baseline per interval).
 
 The head reads the embedding standardised per feature by statistics of the training rows
-(`input_mean`, `input_scale`: measured once before fine-tuning, never trained).
+(`input_mean`, `input_scale`: measured once before fine-tuning, never trained). The
+embedding is one of the backbone's pooled summaries, or with `pooling="attention"` an
+`AttentionPool` of the modality's hidden states that fine-tuning trains.
 
 Three ways to adapt (`finetune.mode`), told apart by the optimiser's labels (`trainable`):
   full    every parameter trains
@@ -33,12 +35,45 @@ from flax import traverse_util
 from biofm_jax.models.layers import ones_init, zeros_init
 
 MODES = ("full", "frozen", "lora")
+# What the head reads (`task.pooling`): the backbone's pooled summary named by `embedding`, or
+# an attention pool over that modality's hidden states with learned queries (an attentive
+# probe when the backbone is frozen): one token's state, e.g. which of two codes came first,
+# survives it where a mean over the timeline averages it away.
+POOLINGS = ("summary", "attention")
+POOL_HEADS = 4
+
+
+class AttentionPool(nn.Module):
+  """[B, T, D] hidden states and [B, T] mask -> [B, D] float32: POOL_HEADS learned queries,
+  each a softmax over the real tokens of LayerNorm-ed keys, averaging its share of the values."""
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    batch, _, width = hidden.shape
+    heads = POOL_HEADS if width % POOL_HEADS == 0 else 1
+    size = width // heads
+    x = nn.LayerNorm(name="norm")(hidden.astype(jnp.float32))
+    query = self.param("query", nn.initializers.normal(0.02), (heads, size), jnp.float32)
+    keys = nn.DenseGeneral((heads, size), name="key")(x)
+    values = nn.DenseGeneral((heads, size), name="value")(x)
+    scores = jnp.einsum("bthd,hd->bht", keys, query) / math.sqrt(size)
+    scores = jnp.where(mask[:, None, :], scores, -1e30)
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bht,bthd->bhd", weights, values).reshape(batch, width)
 # The head's input statistics (measured from the training rows, never trained).
 INPUT_MEAN, INPUT_SCALE = "input_mean", "input_scale"
 # Kernel name -> how many of its leading (non-layer) axes are inputs. Attention's q/k/v
 # kernels are [embed, heads, kv]; its output kernel [heads, kv, embed]; MLP [in, out].
 LORA_TARGETS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wo": 1}
 _OUT_AXES = {"query": 2, "key": 2, "value": 2, "out": 1, "wi": 1, "wo": 1}
+
+
+def _hidden_states(outputs: Mapping[str, Any], modality: str) -> tuple[jax.Array, jax.Array]:
+  found = outputs.get(modality, {})
+  if "hidden" not in found or "mask" not in found:
+    raise ValueError(f"task.pooling='attention' reads {modality!r}'s hidden states and mask, which this backbone's "
+                     f"outputs do not hold (they hold {sorted(found)}); use task.pooling='summary'")
+  return found["hidden"], found["mask"]
 
 
 def select(outputs: Mapping[str, Any], path: tuple[str, ...]):
@@ -63,13 +98,20 @@ class TaskModel(nn.Module):
   # subjects at risk, and free per-interval weights there overfit and reorder the risks.
   proportional_hazards: bool = False
   prior_logits: tuple[float, ...] = ()  # the bias's start (the labels' prior); zeros when empty
+  pooling: str = "summary"  # POOLINGS: "attention" pools `embedding[0]`'s hidden states instead
 
   @nn.compact
   def __call__(self, batch, *, train: bool = False):
     outputs = self.backbone(batch, train=train and not self.frozen_backbone)
-    embedding = select(outputs, self.embedding).astype(jnp.float32)
-    if self.frozen_backbone:
-      embedding = jax.lax.stop_gradient(embedding)
+    if self.pooling == "attention":
+      hidden, mask = _hidden_states(outputs, self.embedding[0])
+      if self.frozen_backbone:
+        hidden = jax.lax.stop_gradient(hidden)
+      embedding = AttentionPool(name="pool")(hidden, mask)
+    else:
+      embedding = select(outputs, self.embedding).astype(jnp.float32)
+      if self.frozen_backbone:
+        embedding = jax.lax.stop_gradient(embedding)
     # Each feature standardised by the training rows' mean and spread, measured once from
     # the backbone before fine-tuning (`train/finetune.head_input_statistics`), as the linear
     # probe's scaler (and MAE's non-affine BatchNorm) does: pre-trained embeddings, an MAE's

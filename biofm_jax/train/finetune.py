@@ -26,7 +26,7 @@ from biofm_jax.config import config_to_dict
 from biofm_jax.data import batch as B
 from biofm_jax.data.labels import few_shot_indices, labels_name
 from biofm_jax.modalities.registry import build_model, open_task_data
-from biofm_jax.models.task import BACKBONE_LABEL, INPUT_MEAN, INPUT_SCALE, LoRAModel, TaskModel, trainable
+from biofm_jax.models.task import BACKBONE_LABEL, INPUT_MEAN, INPUT_SCALE, POOLINGS, LoRAModel, TaskModel, trainable
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import pretrained_checkpoint, restore_run_params
 from biofm_jax.train.build import TrainingSetup, build_training
@@ -112,9 +112,12 @@ def build_task_model(config: ml_collections.ConfigDict, backbone, info, embeddin
   embedding = tuple(config.task.embedding.split("/")) if config.task.embedding else tuple(embedding_output)
   # LoRA's backbone is frozen by the optimiser's labels, not by cutting its gradient: the
   # adapters inside it must still receive one.
+  pooling = config.task.get("pooling", "summary")  # runs saved before the setting: the summary
+  if pooling not in POOLINGS:
+    raise ValueError(f"task.pooling is {pooling!r}, expected one of {POOLINGS}")
   model = TaskModel(backbone, embedding, info.num_outputs, frozen_backbone=mode == "frozen",
                     dropout_rate=config.finetune.head_dropout, proportional_hazards=info.type == "survival",
-                    prior_logits=info.prior_logits)
+                    prior_logits=info.prior_logits, pooling=pooling)
   if mode == "lora":
     return LoRAModel(model, rank=config.finetune.lora_rank, alpha=config.finetune.lora_alpha)
   return model

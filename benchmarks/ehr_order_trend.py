@@ -122,6 +122,52 @@ def variant_name(overrides: dict) -> str:
   return "_".join(f"{k.split('.')[-1]}-{v}".replace("/", "-") for k, v in overrides.items()) or "default"
 
 
+def order_in_states(pretrained: pathlib.Path, meds_root: pathlib.Path, rows: int = 1200) -> dict[str, float]:
+  """Held-out AUROC of a logistic regression telling whether chest pain came before the
+  nitrate from the pre-trained model's hidden state at each of the two codes' tokens, and from
+  its mean and last-visit summaries (fitted on up to `rows` training subjects; subjects whose
+  window cuts either code are left out): where the order is held, and whether a summary keeps it."""
+  import jax.numpy as jnp
+  import pyarrow.parquet as pq
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.metrics import roc_auc_score
+  from biofm_jax.data import batch as B
+  from biofm_jax.modalities.ehr import synthetic_order_trend as ot
+  from biofm_jax.modalities.ehr.meds import MEDSDataset
+  from biofm_jax.train.runs import open_run
+  _, data, setup, params, _ = open_run(pretrained)
+  source = MEDSDataset(meds_root).all_subjects()
+  records = {int(record["subject_id"]): record for record in (source[i] for i in range(len(source)))}
+  latents = ot.read_latents(meds_root)
+  first = dict(zip(latents["subject_id"].tolist(), latents["first_code_first"].tolist()))
+  splits = pq.read_table(meds_root / "metadata" / "subject_splits.parquet").to_pandas()
+  tokenize = data.tokenizer()
+  ids = data.vocab.code_ids(np.asarray([ot.FIRST_CODE, ot.SECOND_CODE], object))
+
+  def in_window(subject) -> bool:  # both codes among the tokens (a short max_len may cut one)
+    return all(np.isin(ids, tokenize.map(records[subject])[B.EHR_CODES]))
+
+  def features(subjects) -> dict[str, np.ndarray]:
+    out: dict[str, list] = {"chest_pain_token": [], "nitrate_token": [], "mean": [], "last_visit": []}
+    for at in range(0, len(subjects), 64):
+      examples = [tokenize.map(records[s]) for s in subjects[at: at + 64]]
+      batch = {"ehr": {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0]}}
+      outputs = setup.model.apply({"params": params}, batch)["ehr"]
+      hidden = np.asarray(outputs["hidden"], np.float32)
+      for row, example in enumerate(examples):
+        for name, code in zip(("chest_pain_token", "nitrate_token"), ids):
+          out[name].append(hidden[row, np.flatnonzero(example[B.EHR_CODES] == code)[0]])
+      out["mean"].extend(np.asarray(outputs["embedding"]))
+      out["last_visit"].extend(np.asarray(outputs["last_visit_embedding"]))
+    return {name: np.stack(v) for name, v in out.items()}
+  train = [s for s in splits.subject_id[splits.split == "train"].tolist()[:rows] if in_window(s)]
+  held = [s for s in splits.subject_id[splits.split == "held_out"].tolist() if in_window(s)]
+  train_x, held_x = features(train), features(held)
+  train_y, held_y = [first[s] for s in train], [first[s] for s in held]
+  return {name: round(float(roc_auc_score(held_y, LogisticRegression(max_iter=3000).fit(train_x[name], train_y)
+                                          .predict_proba(held_x[name])[:, 1])), 4) for name in train_x}
+
+
 def evaluate(pretrained: pathlib.Path, labels: pathlib.Path, workdir: pathlib.Path, finetune_steps: int,
              finetune_overrides: dict, samples: int) -> dict:
   """The report in `workdir`, with the fine-tuning run (if any) beside it."""
@@ -158,6 +204,8 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], help="a pre-training override, e.g. model.num_layers=2")
   parser.add_argument("--finetune_set", action="append", default=[], help="a fine-tuning override")
   parser.add_argument("--bootstrap", type=int, default=200)
+  parser.add_argument("--order_in_states", action="store_true",
+                      help="also: can a logistic regression read the order from the hidden states at the two codes?")
   parser.add_argument("--name", default="", help="a name for this variant's runs (default: from --set)")
   parser.add_argument("--workdir", default="", help="reuse the cohort and runs here ('' = a temporary folder)")
   args = parser.parse_args()
@@ -175,6 +223,8 @@ def main() -> None:
     row = evaluate(run / "pretrained", labels, run / tuning, args.finetune_steps, finetune_overrides, args.bootstrap)
     row.update(reference_scores(meds_root, run / tuning / "report", args.bootstrap))
     row["pretrain_seconds"] = round(seconds, 1)
+    if args.order_in_states:
+      row["order_in_states_auroc"] = order_in_states(run / "pretrained", meds_root)
     results[objective] = row
     print(f"{objective} ({variant}, {args.steps} steps; {tuning}): " + ", ".join(
         f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if isinstance(v, list) else f"{k} {v}" for k, v in row.items()),

@@ -169,10 +169,12 @@ def test_the_benchmark_pretrains_with_the_options_and_scores_every_method_on_the
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, str(REPO / "benchmarks/ehr_order_trend.py"), "--preset=tiny", "--steps=4",
                   "--objectives=next", "--subjects=200", "--finetune_steps=2", "--bootstrap=5", "--name=both",
+                  "--order_in_states",
                   f"--workdir={tmp_path}", *(f"--set=data.ehr.{k}={v}" for k, v in BOTH.items())],
                  cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   result = json.loads((tmp_path / "ehr_order_trend_both_ft2_default.json").read_text())["held_out_auroc"]["next"]
   assert {"finetuned", "probe", "count_lr", "count_gbm", "oracle", "driver_features_lr"} <= set(result)
+  assert set(result["order_in_states_auroc"]) == {"chest_pain_token", "nitrate_token", "mean", "last_visit"}
   from biofm_jax.train.finetune import saved_config
   config = saved_config(tmp_path / "next_tiny_both_4" / "pretrained")
   assert {k: config.data.ehr[k] for k in BOTH} == BOTH

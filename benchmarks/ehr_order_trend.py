@@ -110,9 +110,9 @@ def reference_scores(meds_root: pathlib.Path, report_dir: pathlib.Path, samples:
   labels = pq.read_table(meds_root.parent / "labels" / "outcome.parquet").to_pandas()
   splits = pq.read_table(meds_root / "metadata" / "subject_splits.parquet").to_pandas()
   train_rows = labels[labels.subject_id.isin(set(splits.subject_id[splits.split == "train"].tolist()))]
-  scaler = StandardScaler().fit(driver_features(meds_root, train_rows.subject_id.to_numpy()))
-  model = LogisticRegression(max_iter=1000).fit(
-      scaler.transform(driver_features(meds_root, train_rows.subject_id.to_numpy())), train_rows.boolean_value)
+  train_x = driver_features(meds_root, train_rows.subject_id.to_numpy())
+  scaler = StandardScaler().fit(train_x)
+  model = LogisticRegression(max_iter=1000).fit(scaler.transform(train_x), train_rows.boolean_value)
   held_x = scaler.transform(driver_features(meds_root, held.subject_id.to_numpy()))
   out["driver_features_lr"] = auroc_with_interval(held.boolean_value, model.predict_proba(held_x)[:, 1], samples)
   return out

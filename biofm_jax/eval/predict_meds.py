@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from biofm_jax.data import batch as B
-from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab, TokenizeEHR, input_fields
+from biofm_jax.modalities.ehr.data import VOCAB_FILENAME, EHRVocab
+from biofm_jax.modalities.ehr.tokenize import TokenizeEHR, input_fields
 from biofm_jax.data.labels import TaskInfo
 from biofm_jax.modalities.ehr.task_data import CUTS, history_rows
 from biofm_jax.data.labels import read_labels

@@ -57,6 +57,7 @@ from biofm_jax.modalities.ehr import baseline as ehr_baseline
 from biofm_jax.modalities.ehr import data as ehr_data
 from biofm_jax.modalities.ehr import model as ehr_model
 from biofm_jax.modalities.ehr import task_data as ehr_task_data
+from biofm_jax.modalities.ehr import tokenize as ehr_tokenize
 from biofm_jax.modalities.ehr import tte_targets
 from biofm_jax.modalities.ehr import unigram as ehr_unigram
 from biofm_jax.modalities.ehr import vocab as ehr_vocab
@@ -157,7 +158,7 @@ def _token_model(name: str) -> ModelDescriptionOf:
 
 def _ehr_sizing(cfg: Any, targets: str, vocab_size: int) -> ShapesOnly:
   tte = tte_targets.settings_from_config(cfg)
-  inputs = ehr_data.input_fields(cfg)
+  inputs = ehr_tokenize.input_fields(cfg)
   spec = ehr_data.training_example_spec(cfg.max_len, targets, ehr_data.packs(cfg), tte["events"], inputs)
   info = {"vocab_size": vocab_size, "num_value_bins": cfg.num_value_bins, "max_len": cfg.max_len}
   if targets == MASKED:

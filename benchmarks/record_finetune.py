@@ -11,7 +11,9 @@ then, for each k in `--ks` labels per class (0: every training label), on the sa
 training rows: fine-tunes it fully (`--finetune_steps`), trains the same architecture from
 scratch for as many steps, fits a logistic probe on the frozen pre-trained embeddings and
 the modality's raw-feature baseline (`eval/raw_baselines.py`). Prints the held-out AUROC of
-each and writes them as JSON beside the runs.
+each and writes them as JSON beside the runs. `--finetune_set` changes the fine-tuning recipe
+of the fine-tuned and from-scratch runs (`configs/finetune.py:binary` by default), `--name`
+keeps that variant's runs apart in the same `--workdir`.
 """
 from __future__ import annotations
 
@@ -44,12 +46,13 @@ def pretrain(spec: str, workdir: pathlib.Path, subjects: int, steps: int, overri
   return workdir
 
 
-def task_config(pretrained: pathlib.Path, label: str, k: int, steps: int, init: str):
+def task_config(pretrained: pathlib.Path, label: str, k: int, steps: int, init: str, overrides: dict | None = None):
   from biofm_jax.config import load_config
   from biofm_jax.train.finetune import finetune_config
   return finetune_config(load_config(f"{REPO}/configs/finetune.py:binary", {
       **QUIET, "task.label_column": label, "finetune.train_labels_per_class": k, "finetune.init": init,
-      "train.num_steps": steps, "train.eval_every": steps, "checkpoint.every_steps": steps}), pretrained)
+      "train.num_steps": steps, "train.eval_every": steps, "checkpoint.every_steps": steps, **(overrides or {})}),
+      pretrained)
 
 
 def held_out_auroc(config, workdir: pathlib.Path) -> float:
@@ -85,26 +88,31 @@ def main() -> None:
   parser.add_argument("--ks", default="16,64,0", help="labels per class; 0 = every training label")
   parser.add_argument("--set", action="append", default=[],
                       help="a pre-training config override, e.g. data.ecg.length=1000 (fine-tuning inherits data.*)")
+  parser.add_argument("--finetune_set", action="append", default=[],
+                      help="a fine-tuning override for the fine-tuned and the from-scratch runs, e.g. "
+                           "checkpoint.best_metric=eval/loss")
+  parser.add_argument("--name", default="", help="a name for this fine-tuning variant's runs")
   parser.add_argument("--workdir", default="", help="reuse runs here ('' = a temporary folder)")
   args = parser.parse_args()
-  overrides = {key: value for key, _, value in (item.partition("=") for item in args.set)}  # parsed by the config
+  parse = lambda items: {key: value for key, _, value in (item.partition("=") for item in items)}  # noqa: E731
+  overrides, tuning = parse(args.set), parse(args.finetune_set)  # values are parsed by the config
+  suffix = f"_{args.name}" if args.name else ""
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="record_finetune_"))
   pretrained = pretrain(args.spec, root / "pretrained", args.subjects, args.pretrain_steps, overrides)
   results = {}
   for k in (int(x) for x in args.ks.split(",")):
-    row = {"finetuned": held_out_auroc(task_config(pretrained, args.label, k, args.finetune_steps, "pretrained"),
-                                       root / f"finetuned_k{k}"),
-           "from_scratch": held_out_auroc(task_config(pretrained, args.label, k, args.finetune_steps, "scratch"),
-                                          root / f"scratch_k{k}")}
-    row.update(classical_aurocs(task_config(pretrained, args.label, k, args.finetune_steps, "pretrained"),
-                                root / f"finetuned_k{k}"))
+    config = lambda init: task_config(pretrained, args.label, k, args.finetune_steps, init, tuning)  # noqa: E731
+    row = {"finetuned": held_out_auroc(config("pretrained"), root / f"finetuned_k{k}{suffix}"),
+           "from_scratch": held_out_auroc(config("scratch"), root / f"scratch_k{k}{suffix}")}
+    row.update(classical_aurocs(config("pretrained"), root / f"finetuned_k{k}{suffix}"))
     results["all" if k == 0 else f"k={k}"] = row
     print(f"{args.label} held-out AUROC, {'all labels' if k == 0 else f'{k} labels per class'}: "
           + ", ".join(f"{name} {value:.3f}" for name, value in row.items()), flush=True)
-  summary = {"spec": args.spec, "overrides": args.set, "label": args.label, "subjects": args.subjects,
+  summary = {"spec": args.spec, "overrides": args.set, "finetune_overrides": args.finetune_set, "label": args.label,
+             "subjects": args.subjects,
              "pretrain_steps": args.pretrain_steps,
              "finetune_steps": args.finetune_steps, "held_out_auroc": results}
-  (root / "record_finetune.json").write_text(json.dumps(summary, indent=2))
+  (root / f"record_finetune{suffix}.json").write_text(json.dumps(summary, indent=2))
   print(json.dumps(summary, indent=2))
 
 

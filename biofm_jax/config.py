@@ -259,7 +259,12 @@ def base_config() -> ml_collections.ConfigDict:
       # pre-training on new data. "" = a fresh initialisation.
       init_from="")
   config.mesh = dict(data=-1, fsdp=1, tensor=1, rules=parallel.DEFAULT_RULES)
-  config.checkpoint = dict(every_steps=200, keep=3, async_save=True)
+  # best_metric: an evaluation figure (e.g. "eval/loss", the tuning split's loss) to choose
+  # the run's best step by: a step is saved at every evaluation, the best is kept beside the
+  # newest `keep`, and what reads the finished run reads the best ("" = the newest).
+  # best_patience: evaluations without a better figure before training stops (0 = never).
+  config.checkpoint = dict(every_steps=200, keep=3, async_save=True, best_metric="", best_mode="min",
+                           best_patience=0)
   return config
 
 

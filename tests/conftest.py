@@ -8,8 +8,12 @@ import os
 # compiles them about a third faster (tests/test_train_step.py: 38 s -> 24 s cold), and the
 # longest-running test (multimodal retrieval, 250 steps) takes no longer. XLA:CPU's older
 # fusion emitters compile a multimodal train step in half the time of the new MLIR ones
-# (configs/multimodal_fusion.py:tiny: 9.6 s -> 4.1 s; the step runs as fast).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# (configs/multimodal_fusion.py:tiny: 9.6 s -> 4.1 s; the step runs as fast). One LLVM
+# module per program rather than several compiled in parallel: with two workers on two cores
+# there is no core to spare, and the split only adds work (tests/test_finetune.py alone,
+# cold cache: 79 s -> 75 s).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                "--xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} "
                            "--xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

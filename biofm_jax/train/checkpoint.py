@@ -17,6 +17,12 @@ read (a truncated array file, a cut JSON file) is set aside as `<step>.unreadabl
 warning naming it and the error, and the run resumes from the newest step before it that
 reads (`restore_latest`): the previous step was complete on disk, so nothing is lost but the
 steps since.
+
+A run that selects its best step (`checkpoint.best_metric`, e.g. the tuning split's loss:
+early stopping's model selection) saves a step at every evaluation with that figure beside
+it; the newest `keep` steps and the best one are kept, training resumes from the newest, and
+whatever reads the finished run's parameters (`chosen_step`: scoring, export, prediction,
+fine-tuning from it) reads the best.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import orbax.checkpoint as ocp
 from biofm_jax.config import config_to_dict
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's store (no public alias)
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 UNREADABLE_SUFFIX = ".unreadable"
 SIZES_SUFFIX = ".sizes.json"
@@ -43,6 +50,7 @@ SIZES_SUFFIX = ".sizes.json"
 # on 8 CPU devices the first time and 1.3 s after, against 0.1 s unsplit. Arrays whose
 # slices stay under this many bytes are written whole by their first replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
+BEST_MODES = ("min", "max")
 
 
 def state_handler(compress: bool = True) -> ocp.PyTreeCheckpointHandler:
@@ -69,10 +77,24 @@ def restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items above."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True, compress: bool = True):
-    """`compress`: see `state_handler`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True, compress: bool = True,
+               best_metric: str = "", best_mode: str = "min"):
+    """`compress`: see `state_handler`. `best_metric`: the figure saved beside a step
+    (`save(..., metrics=)`) whose best step is kept beside the newest `keep`."""
+    if best_mode not in BEST_MODES:
+      raise ValueError(f"checkpoint.best_mode is {best_mode!r}; expected one of {BEST_MODES}")
+    if best_metric:  # the newest `keep` steps, and the best of those saved with the figure
+      policy = preservation_policy.AnyPreservationPolicy([
+          preservation_policy.LatestN(keep),
+          preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
+                                    n=1, keep_checkpoints_without_metrics=False)])
+      # best_fn only makes Orbax write the figure into the step (read back by `recorded`).
+      options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[best_metric],
+                                             best_mode=best_mode, enable_async_checkpointing=async_save,
+                                             create=True)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True)
     self.directory = os.path.abspath(directory)  # Orbax requires absolute paths
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers={"state": state_handler(compress),
@@ -86,13 +108,14 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: Any, config: ml_collections.ConfigDict,
-           *, force: bool = False) -> bool:
-    """Starts an (async) save of step `step`; returns whether a save was started."""
+           *, force: bool = False, metrics: dict[str, float] | None = None) -> bool:
+    """Starts an (async) save of step `step` (with `metrics` beside it, which choose the best
+    step); returns whether a save was started."""
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator),
                               config=ocp.args.JsonSave(config_to_dict(config)))
     self._record_sizes()  # of the steps an earlier (async) save has finished
-    saved = self._manager.save(step, args=args, force=force)
+    saved = self._manager.save(step, args=args, force=force, metrics=metrics)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
@@ -139,6 +162,26 @@ class Checkpointer:
     if failures:
       raise ValueError(f"checkpoints in {self.directory}: no step can be read (" + "; ".join(failures) + ")")
     raise ValueError(f"no checkpoint in {self.directory}")
+
+  def chosen_step(self, saved_config: dict) -> int | None:
+    """The step whose parameters stand for the finished run: the best by the run's
+    `checkpoint.best_metric` among the steps saved with it, or None (the newest stands)."""
+    section = saved_config.get("checkpoint") or {}
+    name, mode = section.get("best_metric") or "", section.get("best_mode") or "min"
+    scored = self.recorded(name) if name else {}
+    if not scored:
+      return None
+    pick = min if mode == "min" else max
+    return pick(sorted(scored), key=scored.__getitem__)  # ties: the earliest step
+
+  def recorded(self, name: str) -> dict[int, float]:
+    """{step: figure `name` saved beside it} over the steps on disk that hold it."""
+    scored = {}
+    for step in self.all_steps():
+      value = (self._manager.metrics(step) or {}).get(name)
+      if value is not None:
+        scored[step] = float(value)
+    return scored
 
   def _set_aside(self, step: int, error: Exception) -> str:
     """Renames an unreadable step out of Orbax's sight (process 0; every process waits)."""
@@ -292,15 +335,17 @@ def pretrained_checkpoint(workdir: str | os.PathLike) -> tuple[pathlib.Path, int
 
 
 def restore_run_params(workdir: str | os.PathLike, target: Any) -> tuple[int, Any]:
-  """(step, parameters) of a run's newest readable checkpoint, restored into `target`'s
+  """(step, parameters) of a run's newest readable checkpoint (its best, where the run chose
+  one: `Checkpointer.chosen_step`), restored into `target`'s
   shapes and shardings (abstract arrays: the whole model's parameters, or the part that
   the run's model is, such as a task model's backbone). Every parameter whose shape
   differs, or that the checkpoint lacks, is named in one error."""
-  directory, newest, _ = pretrained_checkpoint(workdir)
+  directory, newest, saved = pretrained_checkpoint(workdir)
   checkpointer = Checkpointer(directory, keep=1000, async_save=False)
   try:  # a step whose arrays were cut short falls back to the one before
+    chosen = checkpointer.chosen_step(saved)
     return checkpointer.newest_readable(lambda step: checkpointer.restore_params(step, target, workdir),
-                                        at_most=newest)
+                                        at_most=newest if chosen is None else chosen)
   finally:
     checkpointer.close()
 

@@ -30,6 +30,7 @@ from biofm_jax.data import batch as batch_lib
 from biofm_jax.data import pipeline
 from biofm_jax.modalities import registry
 from biofm_jax.train import state as state_lib
+from biofm_jax.train.best_step import BestStep
 from biofm_jax.train.build import build_training
 from biofm_jax.train.checkpoint import Checkpointer, restore_run_params
 from biofm_jax.train.metric_writer import MetricMeans, MetricWriter, Throughput, format_duration, measure_peak_flops
@@ -262,8 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
            jax.process_count())
 
   # ------------------------------------------------------------ 4. state: restore or init
+  best = BestStep.from_config(config, evaluates)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
-                              async_save=config.checkpoint.async_save)
+                              async_save=config.checkpoint.async_save, best_metric=best.metric,
+                              best_mode=best.mode)
   latest, state = checkpointer.restore_latest(
       setup.abstract_state, train_iter, lambda saved, step: check_resume_compatible(saved, config, step))
   if latest is not None:
@@ -271,6 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     state = initial_state(setup) if initial_state is not None else fresh_state(config, setup)
   start_step = int(jax.device_get(state.step))
+  best.resume(checkpointer, start_step, config.train.eval_every)
   num_params = state_lib.param_count(state.params)
   log.info("model: %s parameters", f"{num_params:,}")
 
@@ -282,14 +286,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer = MetricWriter(workdir, resume_step=start_step, enabled=is_chief)
   log.info("training steps %d -> %d, global batch %d x %d tokens", start_step, num_steps, batch_size,
            setup.model.tokens_per_example())
-  last_train, last_eval, stopped_early = {}, {}, False
+  last_train, last_eval, stopped_early, patience_out = {}, {}, False, best.patience_out()
   step = start_step
   tokens = [0, 0]  # this process's real tokens and token slots since the last log line
   data_metrics = data_module.train_metrics() if is_chief else {}  # written with every train line
   first_row: dict[str, float] = {}  # metrics written once, with the first logged step
   try:
     with StopRequested() as stop:
-      while step < num_steps:
+      while step < num_steps and not patience_out:
         host_batch = next(train_iter)
         real, slots = batch_lib.token_slots(host_batch)
         tokens[0], tokens[1] = tokens[0] + real, tokens[1] + slots
@@ -317,11 +321,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           writer.write(step, last_eval)
           log.info("eval at step %d | %s", step, " | ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
           throughput.start(step)  # evaluation time is not training throughput
+          patience_out = best.record(step, last_eval)
         stopped_early = stop.requested()
-        if step % config.checkpoint.every_steps == 0 or step == num_steps or stopped_early:
-          checkpointer.save(step, state, train_iter, config, force=True)
+        evaluated_now = bool(last_eval) and best.last_step == step
+        if (step % config.checkpoint.every_steps == 0 or step == num_steps or stopped_early or patience_out
+            or (best.metric and evaluated_now)):
+          checkpointer.save(step, state, train_iter, config, force=True,
+                            metrics={best.metric: last_eval[best.metric]} if best.metric and evaluated_now else None)
         if stopped_early:
           break
+    if patience_out:
+      log.info("stopped at step %d: %s has not improved on step %d's %.4f for %d evaluations "
+               "(checkpoint.best_patience)", step, best.metric, best.best_step, best.best_value, best.patience)
     final = {}
     if not stopped_early and evaluates and step > start_step:
       final = final_evaluations(setup, state.params, data_module, config)
@@ -333,7 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer.close()
 
   # ------------------------------------------------------------ 6. summary
-  return {"steps": step, "start_step": start_step, "stopped_early": stopped_early, "num_params": num_params,
+  chosen = {"best_step": best.best_step, f"best/{best.metric}": best.best_value} if best.best_step is not None else {}
+  return {"steps": step, "start_step": start_step, "stopped_early": stopped_early, "num_params": num_params, **chosen,
           "mesh": dict(setup.mesh.shape), "wall_time_s": time.time() - start_time,
           "checkpoint": str(checkpointer.directory), **last_train, **last_eval, **baselines, **final,
           "summary_lines": setup.objective.summary_lines({**last_eval, **baselines, **final})}

@@ -2,8 +2,9 @@
 embedding and export.
 
 `open_run(workdir)` reads the config saved in the latest checkpoint and rebuilds what that
-run trained: a pre-training run through the loop's data module and the registry's model, a
-fine-tuning run (its config has a `task`) through `finetune.py`.
+run trained, with the parameters of its best step where it chose one: a pre-training run
+through the loop's data module and the registry's model, a fine-tuning run (its config has
+a `task`) through `finetune.py`.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def with_init_run_model(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):
-  """(config, data module, setup, params, step) of a run's latest checkpoint: pre-training,
+  """(config, data module, setup, params, step) of a run's latest checkpoint (its best where
+  it chose one, `checkpoint.best_metric`): pre-training,
   fine-tuning or imported public weights, with the config saved in the checkpoint unless
   `config` is given."""
   workdir = pathlib.Path(workdir).absolute()
@@ -59,11 +61,13 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | Non
     else:
       data = loop.open_once(lambda: loop.open_data_module(config, artifacts_dir))
       setup = build_training(config, data)
-    # The newest step whose parameters read too (a step cut short falls back to the one before).
-    # Only the parameters: the optimiser state is not needed to score, embed or export (and
-    # an imported run's checkpoint holds none).
+    # The newest step whose parameters read too (a step cut short falls back to the one
+    # before), or the run's best step where it chose one. Only the parameters: the optimiser
+    # state is not needed to score, embed or export (and an imported run's holds none).
+    chosen = checkpointer.chosen_step(saved)
     step, params = checkpointer.newest_readable(
-        lambda s: checkpointer.restore_params(s, setup.abstract_state.params, workdir), at_most=newest)
+        lambda s: checkpointer.restore_params(s, setup.abstract_state.params, workdir),
+        at_most=newest if chosen is None else chosen)
   finally:
     checkpointer.close()
   return config, data, setup, params, step

@@ -33,6 +33,14 @@ def test_the_record_keeps_the_best_figure_and_counts_evaluations_since():
     BestStep(metric="eval/accuracy").record(10, {"eval/loss": 1.0})
 
 
+def test_without_a_tuning_split_the_newest_step_stands_with_a_warning(caplog):
+  config = helpers.config_for(SPEC, checkpoint__best_metric="eval/loss", checkpoint__best_patience=3)
+  with caplog.at_level("WARNING", logger="biofm_jax"):
+    best = BestStep.from_config(config, evaluates=False)
+  assert best.metric == "" and not best.patience and not best.record(10, {})
+  assert "no tuning split to evaluate on, so the newest step stands" in caplog.text
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(checkpoint__best_patience=2), "best_patience needs config.checkpoint.best_metric"),
     (dict(checkpoint__best_metric="eval/loss", train__eval_every=0), "needs evaluations: train.eval_every > 0"),

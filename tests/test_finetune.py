@@ -264,3 +264,20 @@ def test_lp_ft_starts_the_head_at_the_logistic_probe_of_the_training_rows(pretra
   assert np.ptp(predict_split(setup, zeros.params, data, "train", batch_size=32)[0]) < 1e-6
   with pytest.raises(ValueError, match="head_init is 'lp'"):
     finetune_lib.initial_state(task_config(pretrained, finetune__head_init="lp"), setup, data)
+
+
+def test_epochs_set_the_steps_from_the_label_count_and_a_rerun_keeps_them(pretrained, tmp_path):
+  """finetune.epochs: train.num_steps = epochs x training rows / batch, rounded up, whatever
+  train.num_steps says; few-shot rows count as the rows; the warm-up shrinks to fit."""
+  from biofm_jax.train.checkpoint import pretrained_checkpoint
+  config = task_config(pretrained, finetune__epochs=0.5, finetune__train_labels_per_class=40, train__num_steps=999,
+                       train__warmup_steps=30, train__eval_every=1000)
+  summary = finetune(config, tmp_path / "ft")
+  expected = -(-0.5 * 80 // config.data.batch_size)  # 80 few-shot rows in batches of 16: 3 steps
+  assert summary["steps"] == expected == 3
+  _, step, saved = pretrained_checkpoint(tmp_path / "ft")
+  assert step == 3 and saved["train"]["num_steps"] == 3 and saved["train"]["warmup_steps"] == 0
+  again = finetune(config, tmp_path / "ft")  # the same labels give the same steps: nothing to do
+  assert again["start_step"] == again["steps"] == 3
+  with pytest.raises(ValueError, match="finetune.epochs is -1.0"):
+    finetune(task_config(pretrained, finetune__epochs=-1.0), tmp_path / "bad")

@@ -14,10 +14,13 @@ process alike), and counts the evaluations since from `train.eval_every`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import ml_collections
 
 from biofm_jax.train.checkpoint import BEST_MODES, Checkpointer
+
+log = logging.getLogger("biofm_jax")
 
 
 @dataclasses.dataclass
@@ -42,9 +45,12 @@ class BestStep:
       raise ValueError(f"config.checkpoint.best_patience is {patience}; expected 0 (never stop early) or more")
     if patience and not metric:
       raise ValueError("config.checkpoint.best_patience needs config.checkpoint.best_metric (e.g. 'eval/loss')")
-    if metric and not evaluates:
-      raise ValueError(f"config.checkpoint.best_metric={metric!r} needs evaluations: train.eval_every > 0 and a "
-                       f"tuning split with records")
+    if metric and config.train.eval_every <= 0:
+      raise ValueError(f"config.checkpoint.best_metric={metric!r} needs evaluations: train.eval_every > 0")
+    if metric and not evaluates:  # the data's doing, not the config's: a preset keeps working
+      log.warning("checkpoint.best_metric=%r: no tuning split to evaluate on, so the newest step stands for the run",
+                  metric)
+      return cls(mode=mode)
     return cls(metric=metric, mode=mode, patience=patience)
 
   def better(self, value: float) -> bool:

@@ -15,6 +15,7 @@ The backbone is a partial restore of the checkpoint's parameters into the new tr
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 
 import jax
@@ -30,7 +31,7 @@ from biofm_jax.models.task import BACKBONE_LABEL, INPUT_MEAN, INPUT_SCALE, POOLI
 from biofm_jax.objectives.supervised import SupervisedObjective
 from biofm_jax.train.checkpoint import pretrained_checkpoint, restore_run_params
 from biofm_jax.train.build import TrainingSetup, build_training
-from biofm_jax.train.loop import train_and_evaluate
+from biofm_jax.train.loop import open_once, train_and_evaluate
 from biofm_jax.train.embed import embed_split
 from biofm_jax.train.state import param_count
 
@@ -241,13 +242,30 @@ def probe_head(state, embeddings: np.ndarray, labels, rows: np.ndarray, info):
   return state.replace(params=params)
 
 
+def steps_from_labels(config: ml_collections.ConfigDict, train_rows: int) -> ml_collections.ConfigDict:
+  """`config` with `train.num_steps` set from the label count where `finetune.epochs` asks
+  (epochs x training rows / batch, rounded up; the warm-up at most a tenth of them), so a
+  few hundred labels are not trained on for as many steps as a hundred thousand."""
+  epochs = float(config.finetune.get("epochs", 0.0) or 0.0)  # runs saved before the setting: 0
+  if epochs < 0:
+    raise ValueError(f"config.finetune.epochs is {epochs}; expected 0 (use train.num_steps) or more")
+  if not epochs:
+    return config
+  steps = max(1, math.ceil(epochs * train_rows / config.data.batch_size))
+  config = ml_collections.ConfigDict(config_to_dict(config))
+  config.train.num_steps = steps
+  config.train.warmup_steps = min(int(config.train.warmup_steps), steps // 10)
+  log.info("finetune.epochs=%g: %d training rows in batches of %d -> %d steps", epochs, train_rows,
+           config.data.batch_size, steps)
+  return config
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Fine-tunes as `config` (a `finetune_config`) says, in `workdir`; returns the run's
   summary. Running it again resumes."""
-  opened = {}
-
-  def open_data(artifacts):
-    opened["data"] = open_labeled_data(config, artifacts)
-    return opened["data"]
-  return train_and_evaluate(config, workdir, open_data=open_data, build=build_finetune_training,
-                            initial_state=lambda setup: initial_state(config, setup, opened["data"]))
+  artifacts = pathlib.Path(workdir).absolute() / "artifacts"
+  artifacts.mkdir(parents=True, exist_ok=True)
+  data = open_once(lambda: open_labeled_data(config, artifacts))
+  config = steps_from_labels(config, len(data.split_labels("train")))
+  return train_and_evaluate(config, workdir, open_data=lambda _: data, build=build_finetune_training,
+                            initial_state=lambda setup: initial_state(config, setup, data))

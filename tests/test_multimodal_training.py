@@ -8,7 +8,7 @@ import pytest
 
 import helpers
 from biofm_jax import parallel
-from biofm_jax.data import multimodal
+from biofm_jax.data import join_examples, multimodal
 from biofm_jax.modalities import registry
 from biofm_jax.train.build import build_training
 from biofm_jax.train.loop import step_cost
@@ -61,7 +61,7 @@ def test_a_batch_by_pattern_trains_as_the_same_subjects_in_a_batch_of_every_moda
                                         process_count=1))
   by_pattern = next(b for b in stream if 1 < len(b) < len(data.modalities))
   padded = {m: by_pattern[m] if m in by_pattern else jax.tree.map(
-      lambda x: np.stack([x] * config.data.batch_size), multimodal.absent_example(data.modules[m].example_spec()[m]))
+      lambda x: np.stack([x] * config.data.batch_size), join_examples.absent_example(data.modules[m].example_spec()[m]))
       for m in data.modalities}
   setup = build_training(config, data)
   results = [setup.train_step(setup.init_state(config.seed), parallel.make_global_batch(b, setup.mesh))

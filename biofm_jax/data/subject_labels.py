@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from biofm_jax.data.multimodal import INCLUSIVE, PREDICTION_TIME
+from biofm_jax.data.join_examples import INCLUSIVE, PREDICTION_TIME
 
 CUTS = ("inclusive", "strict")
 

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from biofm_jax.data.multimodal import INCLUSIVE, PREDICTION_TIME, MultimodalData
+from biofm_jax.data.join_examples import INCLUSIVE, PREDICTION_TIME
+from biofm_jax.data.multimodal import MultimodalData
 from biofm_jax.modalities import registry
 from biofm_jax.modalities.ehr.baseline import CodeCountFeaturizer
 

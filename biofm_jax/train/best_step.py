@@ -18,9 +18,10 @@ import logging
 
 import ml_collections
 
-from biofm_jax.train.checkpoint import BEST_MODES, Checkpointer
+from biofm_jax.train.checkpoint import Checkpointer
 
 log = logging.getLogger("biofm_jax")
+BEST_MODES = ("min", "max")
 
 
 @dataclasses.dataclass
@@ -32,7 +33,6 @@ class BestStep:
   best_step: int | None = None
   best_value: float = float("nan")
   evals_since: int = 0
-  last_step: int | None = None  # the step of the latest evaluation recorded
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, evaluates: bool) -> "BestStep":
@@ -60,7 +60,6 @@ class BestStep:
 
   def record(self, step: int, evaluation: dict[str, float]) -> bool:
     """Takes the evaluation at `step`; whether patience has run out."""
-    self.last_step = step
     if not self.metric:
       return False
     if self.metric not in evaluation:
@@ -80,9 +79,7 @@ class BestStep:
     """The best so far of a run resumed at `start_step`, from its checkpoints' figures."""
     if not self.metric or not start_step:
       return
-    scored = {s: v for s, v in checkpointer.recorded(self.metric).items() if s <= start_step}
-    for step in sorted(scored):
-      if self.better(scored[step]):
-        self.best_step, self.best_value = step, scored[step]
-    if self.best_step is not None:  # evaluations run at multiples of eval_every (and the last step)
+    best = checkpointer.best_recorded(self.metric, self.mode)  # steps on disk: none after start_step
+    if best is not None:  # evaluations run at multiples of eval_every (and the last step)
+      self.best_step, self.best_value = best
       self.evals_since = start_step // eval_every - self.best_step // eval_every

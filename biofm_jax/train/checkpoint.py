@@ -50,7 +50,6 @@ SIZES_SUFFIX = ".sizes.json"
 # on 8 CPU devices the first time and 1.3 s after, against 0.1 s unsplit. Arrays whose
 # slices stay under this many bytes are written whole by their first replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-BEST_MODES = ("min", "max")
 
 
 def state_handler(compress: bool = True) -> ocp.PyTreeCheckpointHandler:
@@ -81,17 +80,15 @@ class Checkpointer:
                best_metric: str = "", best_mode: str = "min"):
     """`compress`: see `state_handler`. `best_metric`: the figure saved beside a step
     (`save(..., metrics=)`) whose best step is kept beside the newest `keep`."""
-    if best_mode not in BEST_MODES:
-      raise ValueError(f"checkpoint.best_mode is {best_mode!r}; expected one of {BEST_MODES}")
     if best_metric:  # the newest `keep` steps, and the best of those saved with the figure
+      figure = lambda metrics: metrics[best_metric]  # noqa: E731
       policy = preservation_policy.AnyPreservationPolicy([
           preservation_policy.LatestN(keep),
-          preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
-                                    n=1, keep_checkpoints_without_metrics=False)])
+          preservation_policy.BestN(get_metric_fn=figure, reverse=best_mode == "min", n=1,
+                                    keep_checkpoints_without_metrics=False)])
       # best_fn only makes Orbax write the figure into the step (read back by `recorded`).
-      options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[best_metric],
-                                             best_mode=best_mode, enable_async_checkpointing=async_save,
-                                             create=True)
+      options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=figure, best_mode=best_mode,
+                                             enable_async_checkpointing=async_save, create=True)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=True)
@@ -168,11 +165,17 @@ class Checkpointer:
     `checkpoint.best_metric` among the steps saved with it, or None (the newest stands)."""
     section = saved_config.get("checkpoint") or {}
     name, mode = section.get("best_metric") or "", section.get("best_mode") or "min"
-    scored = self.recorded(name) if name else {}
+    best = self.best_recorded(name, mode) if name else None
+    return None if best is None else best[0]
+
+  def best_recorded(self, name: str, mode: str) -> tuple[int, float] | None:
+    """(step, figure) of the best figure `name` saved beside a step on disk ("min" or "max";
+    ties: the earliest step), or None where no step holds it."""
+    scored = self.recorded(name)
     if not scored:
       return None
-    pick = min if mode == "min" else max
-    return pick(sorted(scored), key=scored.__getitem__)  # ties: the earliest step
+    step = (min if mode == "min" else max)(sorted(scored), key=scored.__getitem__)
+    return step, scored[step]
 
   def recorded(self, name: str) -> dict[int, float]:
     """{step: figure `name` saved beside it} over the steps on disk that hold it."""

@@ -316,18 +316,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           writer.write(step, {**last_train, **perf, **data_metrics, **first_row})
           first_row = {}
           log_progress(step, num_steps, last_train, perf, setup.objective)
-        if evaluates and (step % config.train.eval_every == 0 or step == num_steps):
+        evaluated = evaluates and (step % config.train.eval_every == 0 or step == num_steps)
+        if evaluated:
           last_eval = evaluate(setup, state.params, data_module, config)
           writer.write(step, last_eval)
           log.info("eval at step %d | %s", step, " | ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
           throughput.start(step)  # evaluation time is not training throughput
           patience_out = best.record(step, last_eval)
         stopped_early = stop.requested()
-        evaluated_now = bool(last_eval) and best.last_step == step
-        if (step % config.checkpoint.every_steps == 0 or step == num_steps or stopped_early or patience_out
-            or (best.metric and evaluated_now)):
-          checkpointer.save(step, state, train_iter, config, force=True,
-                            metrics={best.metric: last_eval[best.metric]} if best.metric and evaluated_now else None)
+        figure = {best.metric: last_eval[best.metric]} if best.metric and evaluated else None  # saved beside
+        if step % config.checkpoint.every_steps == 0 or step == num_steps or stopped_early or patience_out or figure:
+          checkpointer.save(step, state, train_iter, config, force=True, metrics=figure)
         if stopped_early:
           break
     if patience_out:

@@ -1,8 +1,17 @@
-"""Test set-up: 8 fake CPU devices for every test, so sharding is exercised everywhere.
+"""Test set-up: one CPU device for most tests, 8 fake CPU devices for those that test
+sharding (marked `pytest.mark.devices(8)`, a whole file through its `pytestmark`: meshes,
+multi-process runs, sizing).
 
-The flag must be set before jax is imported anywhere in the test process.
+A process's device count is fixed while its backend lives, so a worker switches it between
+tests (`use_devices`: the backend is cleared and rebuilt with the test's count). The
+parallel runner hands out whole files, and each file's marked tests run after its others,
+so a worker switches at most twice per file. One device where a test does not test
+sharding: the 8 fake devices are 8 partitions of every step on two cores, about a fifth of
+a training-heavy file's time (tests/test_finetune.py and tests/test_record_finetune.py,
+cold cache, runs minutes apart: 146 s -> 122-128 s).
 """
 import os
+import re
 
 # Tests compile hundreds of small programs that then run for milliseconds: LLVM at -O0
 # compiles them about a third faster (tests/test_train_step.py: 38 s -> 24 s cold), and the
@@ -14,8 +23,12 @@ import os
 # cold cache: 79 s -> 75 s).
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
                 "--xla_cpu_parallel_codegen_split_count=1")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} "
-                           "--xla_force_host_platform_device_count=8").strip()
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+DEFAULT_DEVICES = 1
+# The flag is for the subprocesses tests start (they inherit it, and `use_devices` keeps it
+# at the count of the file that starts them); this process's count is jax_num_cpu_devices.
+os.environ["XLA_FLAGS"] = (re.sub(rf"{DEVICE_COUNT_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", ""))
+                           + f" {FAST_COMPILE} {DEVICE_COUNT_FLAG}={DEFAULT_DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two pytest workers share two cores: OpenMP's spinning threads in scikit-learn (KMeans,
 # gradient boosting) then run 100x slower than one thread per worker.
@@ -32,9 +45,41 @@ keep_freed_host_memory()  # as the commands do: steps stop page-faulting their b
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+from jax.extend import backend as jax_backend  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+jax.config.update("jax_num_cpu_devices", DEFAULT_DEVICES)
+_devices = [DEFAULT_DEVICES]
+
+
+def use_devices(count: int) -> None:
+  """This process's CPU device count from now on (and its subprocesses'): the backend, its
+  compiled programs and every array on the old devices are dropped when it changes."""
+  if count == _devices[0]:
+    return
+  jax_backend.clear_backends()
+  jax.config.update("jax_num_cpu_devices", count)
+  os.environ["XLA_FLAGS"] = re.sub(rf"{DEVICE_COUNT_FLAG}=\d+", f"{DEVICE_COUNT_FLAG}={count}",
+                                   os.environ["XLA_FLAGS"])
+  _devices[0] = count
+
+
+def devices_of(item) -> int:
+  marker = item.get_closest_marker("devices")
+  return int(marker.args[0]) if marker else DEFAULT_DEVICES
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", f"devices(n): the test runs with n CPU devices (default {DEFAULT_DEVICES})")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  """Before a test's fixtures are set up, its device count. Arrays a module fixture holds do
+  not survive a switch: a file that mixes counts keeps its fixtures on disk."""
+  use_devices(devices_of(item))
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +105,15 @@ SLOW_FILES = ("test_multimodal_training.py",  # ~400 s
 
 
 def pytest_collection_modifyitems(items):
+  first = {}
+  for i, item in enumerate(items):
+    first.setdefault(item.path, i)
+
   def rank(item):
     name = item.path.name
-    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
-  items.sort(key=rank)  # stable: each file keeps its own order
+    return (SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES), first[item.path],
+            devices_of(item) != DEFAULT_DEVICES)  # within a file, the tests on other device counts last
+  items.sort(key=rank)  # stable: otherwise each file keeps its own order
 
 
 # Where a test's time goes: with BIOFM_TEST_TIMING=<folder>, each worker writes one JSON line

@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from biofm_jax.train import checkpoint
+
+pytestmark = pytest.mark.devices(8)  # meshes of up to 8 devices (tests/conftest.py)
 
 
 def make_state():

@@ -15,6 +15,8 @@ from biofm_jax.objectives import weighted_loss
 from biofm_jax.objectives.contrastive import (ContrastiveAlignment, clip_row_losses, parse_pairs,
                                               siglip_row_losses, similarity)
 
+pytestmark = pytest.mark.devices(8)  # meshes of up to 8 devices (tests/conftest.py)
+
 PAIRS = (("ehr", "imaging"), ("ehr", "omics"))
 MODALITIES = ("ehr", "imaging", "omics")
 INIT = {"clip": (np.log(1 / 0.07), 0.0), "siglip": (np.log(10.0), -10.0)}

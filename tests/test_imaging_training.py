@@ -57,6 +57,7 @@ def test_linear_probe_on_mae_embeddings_finds_the_lesion(tmp_path):
   assert auroc > at_init - 0.03
 
 
+@pytest.mark.devices(8)  # a mesh of up to 8 devices (tests/conftest.py)
 @pytest.mark.parametrize("spec", [SPEC_2D, SPEC_3D])
 def test_sharded_training_agrees_across_meshes(spec, tmp_path_factory):
   runs = helpers.train_on_meshes(spec, [(8, 1, 1), (2, 2, 2)], tmp_path_factory.mktemp,

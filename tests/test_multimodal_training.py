@@ -23,6 +23,7 @@ def metric_curve(workdir, name: str) -> dict[int, float]:
   return {row["step"]: row[name] for row in rows if name in row}
 
 
+@pytest.mark.devices(8)  # a mesh of up to 8 devices (tests/conftest.py)
 def test_contrastive_loss_is_the_same_on_every_mesh(tmp_path):
   """Negatives come from the whole global batch on every mesh (test_fusion.py covers the
   other fusions' arithmetic; this is the sharded end-to-end run)."""

@@ -8,8 +8,12 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 import helpers
 from biofm_jax.train.metric_writer import read_metrics
+
+pytestmark = pytest.mark.devices(8)  # the one-process reference runs on 8 devices (tests/conftest.py)
 
 SPEC = "configs/ehr_bert.py:tiny"
 STEPS = 10

@@ -3,14 +3,13 @@
 Each notebook runs in a fresh ipykernel ("python3": ipykernel's own spec, which runs this
 interpreter), with the working directory notebooks/ and its outputs in a tmp_path given by
 BIOFM_NOTEBOOK_DIR. The kernel inherits this process's environment (conftest.py: JAX on
-CPU), with one device instead of 8 fake ones: with the other test worker busy on the same
-two cores, an XLA:CPU thread has missed an all-reduce rendezvous's 40 s deadline, which
-aborts the kernel (seen with 8 devices, and since with 2). A notebook is a user's tour,
-not a sharding test (test_parallel.py and each modality's mesh test are).
+CPU, one device, as this file has): with the other test worker busy on the same two cores,
+an XLA:CPU thread has missed an all-reduce rendezvous's 40 s deadline, which aborts the
+kernel (seen with 8 devices, and since with 2). A notebook is a user's tour, not a sharding
+test (test_parallel.py and each modality's mesh test are).
 """
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
@@ -47,7 +46,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   # is off for it: jax 0.10.2's XLA:CPU has aborted loading some programs back from it
   # (see test_multimodal_retrieval.py), and an abort here is a dead kernel.
   monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
-  monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"))
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
   client.execute()  # raises CellExecutionError, naming the cell, if any cell raises

@@ -82,6 +82,7 @@ def test_sequence_loss_falls_and_embeddings_find_the_motif(spec, steps, tmp_path
   assert auroc > at_init
 
 
+@pytest.mark.devices(8)  # a mesh of up to 8 devices (tests/conftest.py)
 @pytest.mark.parametrize("spec, param_atol", [(EXPRESSION, 1e-5), (DNA, 1e-4)])
 def test_sharded_training_agrees_across_meshes(spec, param_atol, tmp_path_factory):
   runs = helpers.train_on_meshes(spec, [(8, 1, 1), (2, 2, 2)], tmp_path_factory.mktemp,

@@ -8,6 +8,8 @@ from jax.sharding import PartitionSpec as P
 import helpers
 from biofm_jax import parallel
 
+pytestmark = pytest.mark.devices(8)  # meshes of up to 8 devices (tests/conftest.py)
+
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 STEPS = 10
 SPEC = "configs/ehr_bert.py:tiny"

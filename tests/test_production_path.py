@@ -8,8 +8,11 @@ meshes within bf16's rounding.
 """
 import jax
 import numpy as np
+import pytest
 
 import helpers
+
+pytestmark = pytest.mark.devices(8)  # meshes of up to 8 devices (tests/conftest.py)
 
 SPEC = "configs/ehr_bert.py:tiny"
 PRODUCTION = dict(model__dtype="bfloat16", model__remat="dots_with_no_batch_dims_saveable",

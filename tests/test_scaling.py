@@ -13,6 +13,8 @@ from biofm_jax.modalities import registry
 from biofm_jax.train import aot
 from biofm_jax.train.aot import size_training
 
+pytestmark = pytest.mark.devices(8)  # sizes runs over meshes of up to 8 devices (tests/conftest.py)
+
 
 @pytest.mark.parametrize("spec, low, high", [
     ("ehr_bert.py:large", 0.25e9, 0.4e9), ("ehr_bert.py:1b", 1.0e9, 1.5e9), ("ehr_bert.py:7b", 6.0e9, 7.0e9),

@@ -3,6 +3,7 @@ the shared checks (mesh agreement, exact resume) hold as for the other modalitie
 import csv
 
 import numpy as np
+import pytest
 
 import helpers
 from biofm_jax.train.embed import embed_split
@@ -70,6 +71,7 @@ def test_synthetic_radiomics_loss_falls_and_embeddings_keep_the_label(tmp_path):
   assert auroc > at_init - 0.05
 
 
+@pytest.mark.devices(8)  # a mesh of up to 8 devices (tests/conftest.py)
 def test_sharded_training_agrees_across_meshes(tmp_path_factory):
   runs = helpers.train_on_meshes(SPEC, [(8, 1, 1), (2, 2, 2)], tmp_path_factory.mktemp,
                                  **helpers.constant_lr_overrides(8))

@@ -38,6 +38,7 @@ def run_steps(accum_steps, mesh_shape, batches):
   return np.array(losses), jax.tree.map(np.asarray, state.params)
 
 
+@pytest.mark.devices(8)  # a mesh of up to 8 devices (tests/conftest.py)
 def test_gradient_accumulation_equals_the_full_batch_update():
   # 16 examples per batch with uneven numbers of masked positions per example, so a
   # per-micro-batch mean would differ from the full-batch mean.
@@ -128,6 +129,7 @@ def test_metric_names_become_tensorboard_tags_without_rewrites(tmp_path, caplog)
 
 # Accumulation in whole runs of the other objectives (masked EHR is checked step by step above):
 # mean-per-patch reconstruction and next-event terms must sum over micro-batches as over the batch.
+@pytest.mark.devices(8)  # a mesh of up to 8 devices (tests/conftest.py)
 @pytest.mark.parametrize("spec, extra", [("configs/imaging_mae.py:tiny", {}),
                                          ("configs/ehr_gpt.py:tiny", {"data__ehr__path": None})],
                          ids=["imaging-mae", "ehr-next-event"])

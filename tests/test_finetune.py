@@ -206,6 +206,11 @@ def test_a_checkpoint_that_does_not_match_the_config_is_named(pretrained, tmp_pa
     load_pretrained(setup.init_state(0), setup, pretrained)
 
 
+def test_withholding_a_modality_is_for_fused_models(pretrained):
+  with pytest.raises(ValueError, match=r"finetune.withhold is \['omics'\], but .* pre-trained one modality"):
+    task_config(pretrained, finetune__withhold=("omics",))
+
+
 def test_command_line_errors_name_what_is_wrong(pretrained, tmp_path):
   from biofm_jax.data.labels import write_labels
   labels = write_labels(tmp_path / "unknown.parquet", [424242, 424243],

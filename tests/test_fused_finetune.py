@@ -155,6 +155,30 @@ def test_an_exported_fused_model_scores_each_subject_from_the_raw_files_of_whate
     score_subjects(export_dir, files, labels=strangers, strict_labels=True)
 
 
+def test_a_withheld_modality_is_given_to_no_subject_in_training_evaluation_and_scoring(fused_run, tmp_path):
+  """finetune.withhold: the fused model fine-tuned on expression alone (an ablation): only
+  subjects with a profile are labelled rows, and scoring reads no other modality's files."""
+  truth = latents(fused_run)
+  labels = write_subject_labels(tmp_path / "outcome.parquet", truth["subject_id"], truth["outcome"])
+  config = task_config(fused_run, labels, finetune__withhold=("ehr", "imaging", "tabular"), train__num_steps=4,
+                       train__eval_every=4, checkpoint__every_steps=4)
+  assert tuple(config.data.multimodal.withhold) == ("ehr", "imaging", "tabular")
+  finetune(config, tmp_path / "ft")
+  data, predicted = predict_finetuned(tmp_path / "ft", config, splits=("held_out",))
+  held = truth[truth["split"] == "held_out"]
+  assert sorted(data.split_labels("held_out").subject_ids.tolist()) == sorted(held[held["has_omics"] == 1]["subject_id"])
+  export_dir, _ = export_run(tmp_path / "ft", tmp_path / "export")
+  files = {m: str(p) for m, p in cohort_paths(next((fused_run / "artifacts").rglob("cohort.json")).parent).items()}
+  given_all = score_subjects(export_dir, files).table.to_pandas()
+  given_omics = score_subjects(export_dir, {"omics": files["omics"]}).table.to_pandas()
+  assert set(given_all["modalities"]) == {"omics"} and given_all.equals(given_omics)
+  row_of = dict(zip(given_all["subject_id"], given_all["predicted_boolean_probability"]))
+  np.testing.assert_allclose([row_of[s] for s in data.split_labels("held_out").subject_ids], predicted["held_out"],
+                             atol=1e-5)
+  with pytest.raises(ValueError, match=r"fine-tuned without \['ehr', 'imaging', 'tabular'\]"):
+    score_subjects(export_dir, {"ehr": files["ehr"]})
+
+
 def test_the_fused_report_sets_the_fine_tuned_model_beside_haim_and_from_scratch_per_availability_pattern(
     fused_run, fused_outcome, tmp_path):
   config, run, _ = fused_outcome

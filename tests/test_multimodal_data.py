@@ -147,6 +147,25 @@ def test_require_keeps_only_subjects_with_every_required_modality():
     join.join_subjects(join_ids(fake_modules()), require=("omics",))
 
 
+def test_a_withheld_modality_is_given_to_no_subject_and_those_left_with_nothing_leave():
+  index = join.join_subjects(join_ids(fake_modules()), withhold=("ehr",))
+  train = index.splits["train"]
+  assert train.subject_ids.tolist() == ["1", "2", "3", "7", "9"]  # 11 and 5 had EHR only
+  assert index.counts["train_subjects_ehr"] == 0 and not len(train.records["ehr"])
+  assert index.counts["train_subjects_imaging"] == 4  # the others' records are as without withholding
+  data = multimodal.MultimodalData(fake_modules(), withhold=("ehr",))
+  example = apply(data.transforms(train=False), data.source("train")[0])  # subject 1 has all three
+  assert not example["ehr"][batch.PRESENT] and example["imaging"][batch.PRESENT] and example["tabular"][batch.PRESENT]
+  for withhold, require, message in (
+      (("omics",), (), r"withhold names \['omics'\]"),
+      (("ehr",), ("ehr",), r"withhold \['ehr'\] with require \['ehr'\]"),
+      (("ehr", "imaging", "tabular"), (), "at least one of")):
+    with pytest.raises(ValueError, match=message):
+      join.join_subjects(join_ids(fake_modules()), withhold=withhold, require=require)
+  with pytest.raises(ValueError, match="multimodal withhold is 'ehr', expected a tuple"):
+    multimodal.MultimodalData(fake_modules(), withhold="ehr")
+
+
 def test_split_conflicts_are_an_error_naming_modalities_and_splits():
   ids = join_ids(fake_modules())
   ids["imaging"]["tuning"] = ["21", "5", "7"]  # 5 is train in ehr, 7 train in imaging+tabular

@@ -84,6 +84,9 @@ def get_config(arg=None):
       train_labels_per_class=0,  # > 0: few-shot, k training labels per class (k rows for others)
       # > 0: train.num_steps from the label count, epochs x training rows / batch (rounded up)
       epochs=0.0,
+      # a fused model: modalities no subject is given, in training and every evaluation
+      # (an ablation: what the others carry alone), e.g. ("ehr", "tabular")
+      withhold=(),
       label_seed=0)
   config.train.update(num_steps=300, warmup_steps=30, learning_rate=3e-4, weight_decay=0.01, log_every=25,
                       eval_every=100, eval_batches=0)

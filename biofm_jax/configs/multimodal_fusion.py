@@ -66,6 +66,9 @@ def get_config(arg=None):
       batching="mixed",
       modality_dropout=0.1,  # per present modality and training example; never the last one
       mix_weights="",  # "" joins by subject; "ehr=2,imaging=1" mixes single-modality examples
+      # e.g. ("omics",): no subject is given these, in any split (an ablation; fine-tuning
+      # sets it from finetune.withhold)
+      withhold=(),
       synthetic_subjects=400, synthetic_seed=0)
   config.objective = objective
   config.objective.contrastive = dict(loss="clip", weight=1.0,

@@ -125,22 +125,30 @@ def _split_counts(split: str, join: SplitJoin, dropped: int) -> dict[str, int]:
 
 
 def join_subjects(ids: Mapping[str, Mapping[str, Any]], *, require: Sequence[str] = (),
-                  train_split: str = TRAIN_SPLIT) -> JoinIndex:
+                  withhold: Sequence[str] = (), train_split: str = TRAIN_SPLIT) -> JoinIndex:
   """The join of `ids[modality][split]` (subject id per record, in source order).
 
-  Errors: a modality without training records, an unknown `require`d modality, a subject
-  in different splits, or no training subject left by `require`.
+  `withhold`: modalities joined as if no subject had them (an ablation: the model is given
+  the others only); a subject left with none of the rest is not joined.
+
+  Errors: a modality without training records, an unknown `require`d or withheld modality,
+  a modality both required and withheld, every modality withheld, a subject in different
+  splits, or no training subject left by `require`.
   """
   modalities = tuple(sorted(ids))
   if not modalities:
     raise ValueError("multimodal join: no modalities to join")
-  unknown = sorted(set(require) - set(modalities))
-  if unknown:
-    raise ValueError(f"multimodal join: require names {unknown}, expected modalities among "
-                     f"{list(modalities)}")
-  grouped = {m: {s: _group(normalize_ids(v, f"multimodal join: {m} split {s!r}"))
+  for name, names in (("require", require), ("withhold", withhold)):
+    unknown = sorted(set(names) - set(modalities))
+    if unknown:
+      raise ValueError(f"multimodal join: {name} names {unknown}, expected modalities among "
+                       f"{list(modalities)}")
+  if set(require) & set(withhold) or set(withhold) == set(modalities):
+    raise ValueError(f"multimodal join: withhold {sorted(withhold)} with require {sorted(require)}; "
+                     f"a modality cannot be both, and at least one of {list(modalities)} must be given")
+  grouped = {m: {s: _group(normalize_ids([] if m in withhold else v, f"multimodal join: {m} split {s!r}"))
                  for s, v in ids[m].items()} for m in modalities}
-  for m in modalities:
+  for m in (m for m in modalities if m not in withhold):
     if train_split not in grouped[m] or not len(grouped[m][train_split][0]):
       raise ValueError(f"multimodal join: modality {m!r} has no records in the {train_split!r} "
                        "split; every configured modality needs training data (check its path "

@@ -69,11 +69,12 @@ class JoinSettings:
   sampling: str = "uniform"
   seed: int = 0
   batching: str = "mixed"
+  withhold: tuple[str, ...] = ()  # given to no subject: an ablation (join.join_subjects)
 
   def check(self, modalities: Sequence[str]) -> None:
-    names = set(self.require) | {m for m, _ in self.dropout}
+    names = set(self.require) | {m for m, _ in self.dropout} | set(self.withhold)
     for ok, name, value, expected in (
-        (names <= set(modalities), "require/dropout", sorted(names),
+        (names <= set(modalities), "require/dropout/withhold", sorted(names),
          f"modalities among {list(modalities)}"),
         (all(0.0 <= r <= 1.0 for _, r in self.dropout), "dropout", dict(self.dropout),
          "rates in [0, 1]"),
@@ -110,17 +111,22 @@ class MultimodalData(DataModuleDefaults):
 
   def __init__(self, modules: Mapping[str, Any], *, require: Sequence[str] = (),
                dropout: Mapping[str, float] | None = None, sampling: str = "uniform",
-               seed: int = 0, mix_weights: Mapping[str, float] | None = None, batching: str = "mixed"):
+               seed: int = 0, mix_weights: Mapping[str, float] | None = None, batching: str = "mixed",
+               withhold: Sequence[str] = ()):
     """`mix_weights`: training mixes single-modality examples by these weights instead of
     joining subjects (evaluation still joins). `batching` "by_pattern": every training
-    batch holds one availability pattern and only its modalities (module docstring)."""
+    batch holds one availability pattern and only its modalities (module docstring).
+    `withhold`: modalities no subject is given, in every split (what the others carry
+    without them); the model keeps their parts."""
     self.modules = {m: modules[m] for m in sorted(modules)}
     self.mix_weights = dict(mix_weights) if mix_weights else None
     self.modalities = tuple(self.modules)
-    if isinstance(require, (str, bytes)):
-      raise ValueError(f"multimodal require is {require!r}, expected a tuple of modality names")
+    for name, names in (("require", require), ("withhold", withhold)):
+      if isinstance(names, (str, bytes)):
+        raise ValueError(f"multimodal {name} is {names!r}, expected a tuple of modality names")
     self.settings = JoinSettings(tuple(str(m) for m in require), tuple(sorted(
-        (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed), str(batching))
+        (str(m), float(r)) for m, r in (dropout or {}).items())), str(sampling), int(seed), str(batching),
+        tuple(sorted(str(m) for m in withhold)))
     self.settings.check(self.modalities)
     if self.mix_weights and self.settings.batching != "mixed":
       raise ValueError(f"data.multimodal.batching is {batching!r} while mix_weights mixes single-modality "
@@ -128,7 +134,7 @@ class MultimodalData(DataModuleDefaults):
     self._sources = _open_sources(self.modules)
     ids = {m: {s: by_m[m].subject_ids for s, by_m in self._sources.items() if m in by_m}
            for m in self.modalities}
-    self.join = join_subjects(ids, require=self.settings.require)
+    self.join = join_subjects(ids, require=self.settings.require, withhold=self.settings.withhold)
     for s, join in self.join.splits.items():
       c = self.join.counts
       log.info("multimodal %s: %d subjects, %s; %d with one modality only, %d dropped by "
@@ -183,7 +189,7 @@ class MultimodalData(DataModuleDefaults):
     rate = float(settings.modality_dropout)
     return cls(modules, require=tuple(settings.require), dropout={m: rate for m in modalities},
                sampling=settings.sampling, seed=seed, mix_weights=mix_weights,
-               batching=settings.get("batching", "mixed"))
+               batching=settings.get("batching", "mixed"), withhold=tuple(settings.get("withhold", ())))
 
   def make_train_dataset(self, *, global_batch_size: int, seed: int, **layout) -> grain.IterDataset:
     """The training stream: joined subjects, or with `mix_weights` a weighted mixture of

@@ -109,7 +109,12 @@ def score_subjects(export_dir: str | pathlib.Path, records: Mapping[str, str | p
   unknown = sorted(set(records) - set(modalities))
   if unknown or not records:
     raise ValueError(f"--records names {unknown or 'no modality'}: {directory} takes {list(modalities)}")
-  given = tuple(sorted(records))
+  # Modalities the model was fine-tuned without (finetune.withhold) are read from no file, as in its run.
+  withheld = set(model.info["data"]["multimodal"].get("withhold", ()))
+  given = tuple(sorted(set(records) - withheld))
+  if not given:
+    raise ValueError(f"{directory}: was fine-tuned without {sorted(withheld)}, and --records gives only "
+                     f"{sorted(records)}; give the records of another modality it takes")
   with_targets = labels is not None and labels_have_targets(labels, task)
   table_rows = read_labels(labels, task, with_targets=with_targets) if labels is not None else None
   cut = model.info["task"].get("prediction_time_cut") or "inclusive"

@@ -11,14 +11,17 @@ This module owns `write_synthetic_multimodal`, which writes under `out_dir`:
   tabular/data.parquet  radiomics-like features (synthetic_tabular.py) with `subject_id`,
                     `split` and the label `malignant` (= the planted lesion)
   latents.csv       the planted truth: subject_id, split, risk, subtype, female, lesion,
-                    outcome and has_<modality> (0/1) for every subject
+                    program, outcome, aggressive and has_<modality> (0/1) for every subject
   cohort.json       the arguments, to refuse reusing a cohort written with others
 
 A subject's id is an int in MEDS and its decimal string elsewhere; its split (80/10/10
 train/tuning/held_out over all subjects) is the same in every modality.
 
-The latent state: risk r ~ N(0, 1), a subtype s in {0, 1, 2, 3}, sex (52% female), and a
-lesion drawn with probability sigmoid(1.5 r). How each modality shows it:
+The latent state: risk r ~ N(0, 1), a subtype s in {0, 1, 2, 3}, sex (52% female), a
+lesion drawn with probability sigmoid(1.5 r), and a tumour expression program t ~ N(0, 1)
+that only the expression profile shows. `aggressive` (a lesion whose program is on: lesion
+and t > 0) is a label that needs two modalities together: the image tells the lesion, the
+expression profile the program. How each modality shows the latent state:
 
 * EHR: r drives the cardiometabolic conditions, labs, visits and death as in synthetic.py;
   s decides which of asthma, mood, musculoskeletal or GERD the subject has (those four
@@ -31,8 +34,9 @@ lesion drawn with probability sigmoid(1.5 r). How each modality shows it:
   training; the density shift is absolute, so intensity jitter blurs it (the lesion
   still tells r).
 * omics: s is the profile's dominant cell type (its marker genes); r scales a program of
-  genes up and down (log fold 0.5 r); sex genes (Y-linked ones in males, an XIST-like one
-  in females); sequenced deeper than a single cell.
+  genes up and down (log fold 0.5 r), t another program of as many genes (log fold 0.5 t);
+  sex genes (Y-linked ones in males, an XIST-like one in females); sequenced deeper than a
+  single cell.
 * tabular: the feature factors are f_size = 0.9 r + noise and (f_intensity,
   f_heterogeneity) = a corner of the square per s + noise; `malignant` is the lesion; a
   `sex` column (F/M).
@@ -79,7 +83,7 @@ SYNTHETIC_DIRNAME = "synthetic_multimodal"  # under a run's artifacts
 COHORT_FILENAME = "cohort.json"
 OMICS_FILENAME = "omics.h5ad"
 NUM_SUBTYPES = 4
-_VERSION = 1  # bump when the same arguments would give a different cohort
+_VERSION = 2  # bump when the same arguments would give a different cohort (2: the tumour program)
 
 # EHR: the condition each subtype carries, and logit shifts that make these four follow
 # the subtype (near-certain for its own condition, rare otherwise) instead of the risk.
@@ -92,7 +96,8 @@ _ORGAN_CONTRASTS = ((-100.0,), (110.0,))  # bit 0 of the subtype: hypo- or hyper
 _BODY_RADII = ((0.82, 0.62), (0.62, 0.82))  # bit 1: (H, W) radii, elongated along H or W
 _FEMALE_BODY_SCALE = 0.9
 _LESION_LOGIT_PER_RISK = 1.5
-# Omics: the risk program's genes (half up, half down with risk) and sequencing depth.
+# Omics: the risk program's genes (half up, half down with risk) and sequencing depth; the
+# tumour program has as many genes and the same fold per unit.
 _PROGRAM_GENES, _PROGRAM_LOG_FOLD, _BULK_DEPTH = 40, 0.5, 10.0
 _SEX_GENES, _SEX_LOG_FOLD = 4, np.log(30.0)  # the first is XIST-like, the others Y-linked
 # Tabular: factor loadings of the latent and the noise around them.
@@ -107,7 +112,13 @@ class _Latents(NamedTuple):
   subtype: np.ndarray  # int [N]
   female: np.ndarray  # bool [N]
   lesion: np.ndarray  # bool [N]
+  program: np.ndarray  # float [N]: the tumour expression program
   has: np.ndarray  # bool [N, len(MODALITIES)]
+
+  @property
+  def aggressive(self) -> np.ndarray:
+    """bool [N]: a lesion whose tumour program is on (image and expression together)."""
+    return self.lesion & (self.program > 0)
 
 
 # ---------------------------------------------------------------- the latent state
@@ -152,7 +163,9 @@ def _draw_latents(num_subjects: int, seed: int, fractions: dict[str, float]) -> 
   lesion = rng.random(num_subjects) < 1.0 / (1.0 + np.exp(-_LESION_LOGIT_PER_RISK * risk))
   # Drawn last, so the latent of a subject does not depend on `missing`.
   has = _presence(num_subjects, fractions, rng)
-  return _Latents(subject_ids, splits, risk, subtype, female, lesion, has)
+  # A stream of its own, so the latents above are those of cohorts written before it.
+  program = np.random.default_rng([seed, 5]).standard_normal(num_subjects)
+  return _Latents(subject_ids, splits, risk, subtype, female, lesion, program, has)
 
 
 # ---------------------------------------------------------------- one modality each
@@ -208,13 +221,15 @@ def _write_imaging(root: pathlib.Path, latents: _Latents, seed: int, spatial_dim
 
 
 def _log_effects(num_genes: int, latents: _Latents, rng: np.random.Generator) -> np.ndarray:
-  """float [N, genes] log effects: deeper sequencing, genes that follow the risk, and
-  sex genes (off, as Y-linked genes in females, or far up)."""
+  """float [N, genes] log effects: deeper sequencing, genes that follow the risk and the
+  tumour program, and sex genes (off, as Y-linked genes in females, or far up)."""
   genes = rng.permutation(num_genes)
   program, sex = genes[:_PROGRAM_GENES], genes[_PROGRAM_GENES:_PROGRAM_GENES + _SEX_GENES]
+  tumour = genes[_PROGRAM_GENES + _SEX_GENES:2 * _PROGRAM_GENES + _SEX_GENES]
   direction = np.where(np.arange(len(program)) % 2 == 0, 1.0, -1.0)
   effects = np.full((len(latents.risk), num_genes), np.log(_BULK_DEPTH))
   effects[:, program] += _PROGRAM_LOG_FOLD * latents.risk[:, None] * direction[None, :]
+  effects[:, tumour] += _PROGRAM_LOG_FOLD * latents.program[:, None] * direction[None, :]
   female = latents.female[:, None]
   effects[:, sex[:1]] += np.where(female, _SEX_LOG_FOLD, -_SEX_LOG_FOLD)
   effects[:, sex[1:]] += np.where(female, -4 * _SEX_LOG_FOLD, _SEX_LOG_FOLD)
@@ -269,12 +284,14 @@ def _write_tabular(root: pathlib.Path, latents: _Latents, seed: int) -> None:
 def _write_latents(path: pathlib.Path, latents: _Latents, outcome: np.ndarray) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["subject_id", "split", "risk", "subtype", "female", "lesion", "outcome",
-                     *(f"has_{name}" for name in MODALITIES)])
+    writer.writerow(["subject_id", "split", "risk", "subtype", "female", "lesion", "program", "outcome",
+                     "aggressive", *(f"has_{name}" for name in MODALITIES)])
+    aggressive = latents.aggressive
     for i, subject_id in enumerate(latents.subject_ids):
       writer.writerow([int(subject_id), latents.splits[i], f"{latents.risk[i]:.6f}",
                        int(latents.subtype[i]), int(latents.female[i]), int(latents.lesion[i]),
-                       int(outcome[i]), *latents.has[i].astype(int).tolist()])
+                       f"{latents.program[i]:.6f}", int(outcome[i]), int(aggressive[i]),
+                       *latents.has[i].astype(int).tolist()])
 
 
 # ---------------------------------------------------------------- the cohort

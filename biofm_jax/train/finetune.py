@@ -65,6 +65,12 @@ def finetune_config(finetune: ml_collections.ConfigDict, pretrained_workdir: str
     config[section] = ml_collections.ConfigDict(saved[section])
   data = dict(saved["data"])
   data.update({k: finetune.data[k] for k in DATA_FIELDS_FROM_FINETUNE if k in finetune.data})
+  withhold = tuple(finetune.finetune.get("withhold", ()))
+  if withhold:
+    if "multimodal" not in data:
+      raise ValueError(f"finetune.withhold is {list(withhold)}, but {pretrained_workdir} pre-trained one modality "
+                       "(its config has no data.multimodal): withholding is for fused models")
+    data["multimodal"] = {**data["multimodal"], "withhold": withhold}
   config.data = ml_collections.ConfigDict(data)
   config.finetune.pretrained = str(pathlib.Path(pretrained_workdir).absolute())
   if not config.task.name:  # reports are titled by the task: the labels' own name unless one is given

@@ -271,8 +271,9 @@ def test_the_tumour_program_shows_in_the_expression_profile_only(predictions, la
   profile together: the program is read from the profile and from no other modality."""
   r = {name: np.corrcoef(p["program"], latents.loc[p.index, "program"])[0, 1] for name, p in predictions.items()}
   print("tumour program recovered (Pearson r):", {name: round(v, 3) for name, v in r.items()})
-  # Seen at seed 0 with 200 subjects: omics 0.88; ehr, imaging and tabular within 0.1 of 0.
-  assert r["omics"] > 0.75 and all(abs(v) < 0.3 for name, v in r.items() if name != "omics"), r
+  # Seen at seed 0 with 200 subjects: omics 0.93; ehr -0.19, imaging -0.27, tabular 0.04
+  # (cross-validated regression on features that carry nothing lands at or below 0).
+  assert r["omics"] > 0.75 and all(v < 0.25 for name, v in r.items() if name != "omics"), r
   lesion, program = latents["lesion"].astype(bool), latents["program"].astype(float)
   assert latents["aggressive"].astype(bool).equals(lesion & (program > 0))
   assert 0.1 < latents["aggressive"].mean() < 0.4

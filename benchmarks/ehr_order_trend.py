@@ -69,11 +69,7 @@ def task_config(pretrained: pathlib.Path, labels: pathlib.Path, steps: int, over
 
 def auroc_with_interval(truth: np.ndarray, scores: np.ndarray, samples: int) -> list[float]:
   from biofm_jax.eval import metrics
-  targets = {"label": np.asarray(truth, np.float64)}
-  value = metrics.task_metrics("binary", targets, np.asarray(scores, np.float64))["auroc"]
-  low, high = metrics.bootstrap_intervals("binary", targets, np.asarray(scores, np.float64),
-                                          num_samples=samples)["auroc"]
-  return [round(float(value), 4), round(float(low), 4), round(float(high), 4)]
+  return [round(x, 4) for x in metrics.auroc_with_interval(truth, scores, num_samples=samples)]
 
 
 def driver_features(meds_root: pathlib.Path, subject_ids: np.ndarray) -> np.ndarray:

@@ -150,6 +150,13 @@ def test_bootstrap_contains_estimate_narrows_with_n_and_is_deterministic():
   assert small != M.bootstrap_intervals("binary", small_targets, small_prob, num_samples=100, seed=1)
 
 
+def test_auroc_with_interval_is_the_report_s_auroc_and_its_bootstrap_interval():
+  targets, prob = _binary(300, seed=2)
+  value, low, high = M.auroc_with_interval(targets["label"], prob, num_samples=50, seed=3)
+  assert value == M.task_metrics("binary", targets, prob)["auroc"] and low < value < high
+  assert (low, high) == M.bootstrap_intervals("binary", targets, prob, num_samples=50, seed=3)["auroc"]
+
+
 def test_bootstrap_ignores_nan_resamples():
   label = np.zeros(30, int)
   label[0] = 1  # many resamples miss the single positive: auroc NaN there

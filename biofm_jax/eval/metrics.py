@@ -80,6 +80,15 @@ def bootstrap_intervals(task_type: str, targets: Mapping[str, np.ndarray], predi
   return {name: _percentile_interval(np.asarray(values, np.float64), tail) for name, values in draws.items()}
 
 
+def auroc_with_interval(label: np.ndarray, scores: np.ndarray, *, num_samples: int = 200,
+                        seed: int = 0) -> tuple[float, float, float]:
+  """(AUROC, low, high) of binary scores: the value and its 95% bootstrap interval."""
+  targets = {"label": np.asarray(label, np.float64)}
+  scores = np.asarray(scores, np.float64)
+  low, high = bootstrap_intervals("binary", targets, scores, num_samples=num_samples, seed=seed)["auroc"]
+  return float(task_metrics("binary", targets, scores)["auroc"]), float(low), float(high)
+
+
 def subgroup_metrics(task_type: str, targets: Mapping[str, np.ndarray], predictions: np.ndarray,
                      groups: Mapping[str, np.ndarray], *, min_size: int = 10) -> dict[str, dict[str, dict]]:
   """{column: {str(value): {"n": n, **task_metrics}}} for each value of each grouping column.

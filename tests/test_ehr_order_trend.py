@@ -264,6 +264,40 @@ def test_the_probe_reads_the_lab_trend_and_loses_it_when_values_become_their_cod
   assert intact > 0.6 and intact - flat > 0.12, (intact, flat)  # seen: 0.644 and 0.452
 
 
+def _shuffled(record, rng):
+  """The record with its timed events' codes and values dealt out again over the same times:
+  every code and value is kept and every time is kept, only which event came when is lost."""
+  timed = np.flatnonzero(~np.isnat(record["times"]))
+  order = timed[rng.permutation(len(timed))]
+  codes, values = np.asarray(record["codes"], object).copy(), record["numeric_values"].copy()
+  codes[timed], values[timed] = codes[order], values[order]
+  return {**record, "codes": codes, "numeric_values": values}
+
+
+def test_the_probe_loses_the_outcome_when_each_timeline_is_shuffled(cohort, trend_model):
+  """A learning check that fails if the model turns blind to order: the probe, fitted on
+  intact training timelines, scores held-out timelines intact and with their events dealt out
+  again over the same times (same codes, values, counts and times; a bag of codes sees no
+  difference, the eGFR trend and the order of chest pain and nitrate are gone)."""
+  import helpers
+  root, labels_path = cohort
+  records = _records(root)
+  labels = pq.read_table(labels_path).to_pandas().set_index("subject_id")
+  splits = pq.read_table(root / meds.subject_splits_filepath).to_pandas()
+  train_ids = splits.subject_id[splits.split == "train"].tolist()
+  test_ids = splits.subject_id[splits.split != "train"].tolist()
+  rng = np.random.default_rng(0)
+  shuffled = [_shuffled(records[s], rng) for s in test_ids]
+  counts = CodeCountFeaturizer().fit([records[s] for s in test_ids])
+  assert (counts.transform([records[s] for s in test_ids]) != counts.transform(shuffled)).nnz == 0
+  train_x = _embeddings(trend_model, [records[s] for s in train_ids])
+  y_train, y_test = labels.boolean_value[train_ids].to_numpy(), labels.boolean_value[test_ids].to_numpy()
+  intact = helpers.probe_auroc(train_x, y_train, _embeddings(trend_model, [records[s] for s in test_ids]), y_test)
+  mixed = helpers.probe_auroc(train_x, y_train, _embeddings(trend_model, shuffled), y_test)
+  print(f"probe AUROC on held-out timelines: intact {intact:.3f}, shuffled {mixed:.3f}")
+  assert intact > 0.6 and intact - mixed > 0.1, (intact, mixed)  # seen: 0.644 and 0.457
+
+
 def test_a_fine_tuned_model_with_the_inputs_exports_and_scores_raw_meds_as_the_run_does(cohort, trend_model, tmp_path):
   """LP-FT from the trend model, a few steps, with the last visit's summary; its export
   reads the MEDS files and the labels and gives the run's own held-out predictions."""

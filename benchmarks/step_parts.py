@@ -7,9 +7,10 @@ Times, in float32 at `ehr_bert.py`'s shapes (`--preset` base: batch 4 x 512 toke
 of 64, MLP 3072, as `benchmarks/peer.py` runs it; demo: 32 x 64, 4 heads of 32, MLP 512):
   - one tokens x embed x mlp matmul (forward only: the kernel's rate),
   - the MLP block forward + backward (two matmuls and tanh-GELU),
-  - attention forward + backward, in jax as the model's "heads_first" form and
-    `jax.nn.dot_product_attention` ("xla"); in torch as `scaled_dot_product_attention`, the
-    peer's fused CPU kernel.
+  - attention forward + backward, in jax as the model's "heads_first" form,
+    `jax.nn.dot_product_attention` ("xla") and the blocked online softmax ("blocked", in
+    tiles of `--attention_blocks` queries,keys); in torch as `scaled_dot_product_attention`,
+    the peer's fused CPU kernel. `--causal` adds the causal mask to every form.
 Each framework runs in its own process pinned to the same `--threads` CPUs (as peer.py);
 torch is timed only where it is installed (the `peer` extra). The figures say how much of
 the gap between our step and the peer's (RESULTS.md) is the kernels' own speed on this
@@ -53,16 +54,18 @@ def lengths_mask(s: dict):
   return np.arange(s["length"])[None, :] < lengths[:, None]  # [B, S]
 
 
-def time_jax(s: dict, steps: int) -> dict:
+def time_jax(s: dict, steps: int, blocks: tuple[int, int], causal: bool) -> dict:
   sys.path.insert(0, str(BENCHMARKS.parent))
   from biofm_jax import cli  # noqa: F401  (CPU settings and host memory, as every command)
   import jax
   import jax.numpy as jnp
+  from biofm_jax.models.blocked_attention import blocked_attention
   from biofm_jax.models.layers import heads_first_attention
   keys = jax.random.split(jax.random.key(0), 6)
   shape = (s["batch"], s["length"], s["heads"], s["head_dim"])
   q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys[:3])
-  mask = jnp.asarray(lengths_mask(s))[:, None, None, :]
+  real = jnp.asarray(lengths_mask(s))
+  mask = real[:, None, None, :] & (jnp.tril(jnp.ones((s["length"],) * 2, bool)) if causal else True)
   embed = s["heads"] * s["head_dim"]
   x = jax.random.normal(keys[3], (s["batch"] * s["length"], embed), jnp.float32)
   wi = jax.random.normal(keys[4], (embed, s["mlp"]), jnp.float32) * embed ** -0.5
@@ -73,7 +76,10 @@ def time_jax(s: dict, steps: int) -> dict:
                       (x, wi, wo)),
   }
   for name, attend in (("heads_first", heads_first_attention),
-                       ("xla", lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla"))):
+                       ("xla", lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")),
+                       ("blocked", lambda q, k, v, m: blocked_attention(q, k, v, real, blocks=blocks))):
+    if name == "blocked" and causal:
+      attend = lambda q, k, v, m: blocked_attention(q, k, v, real, is_causal=True, blocks=blocks)  # noqa: E731
     step = jax.jit(jax.grad(lambda q, k, v, attend=attend: attend(q, k, v, mask).sum(), argnums=(0, 1, 2)))
     timed[f"attention_fwd_bwd:{name}"] = (step, (q, k, v))
   seconds = {}
@@ -83,7 +89,7 @@ def time_jax(s: dict, steps: int) -> dict:
   return {"framework": "jax", "version": jax.__version__, "backend": jax.default_backend(), **rates(seconds, s)}
 
 
-def time_torch(s: dict, steps: int, threads: int) -> dict:
+def time_torch(s: dict, steps: int, threads: int, causal: bool) -> dict:
   import torch
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -93,6 +99,8 @@ def time_torch(s: dict, steps: int, threads: int) -> dict:
   wo = (torch.randn(s["mlp"], embed) * s["mlp"] ** -0.5).requires_grad_()
   q, k, v = (torch.randn(s["batch"], s["heads"], s["length"], s["head_dim"], requires_grad=True) for _ in range(3))
   mask = torch.from_numpy(lengths_mask(s))[:, None, None, :]
+  if causal:
+    mask = mask & torch.ones(s["length"], s["length"], dtype=torch.bool).tril()
   gelu = torch.nn.GELU(approximate="tanh")
 
   def backward(out):
@@ -125,6 +133,8 @@ def main():
   for name in PRESETS["base"]:
     parser.add_argument(f"--{name}", type=int, default=None, help="overrides the preset's value")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--attention_blocks", default="512,256", help="queries,keys per tile of the blocked attention")
+  parser.add_argument("--causal", action="store_true", help="a causal mask on every attention")
   parser.add_argument("--frameworks", default="jax,torch", help="comma-separated; torch is skipped where not installed")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -133,15 +143,17 @@ def main():
   if args.side:  # a subprocess: pinned, one framework imported
     from peer import pin_cpus  # benchmarks/peer.py: the same pinning as the peer comparison
     pin_cpus(args.threads)
-    result = time_jax(shapes, args.steps) if args.side == "jax" else time_torch(shapes, args.steps, args.threads)
-    print(json.dumps({"preset": args.preset, "shape": shapes, "cpu_threads": args.threads, **result}))
+    result = (time_jax(shapes, args.steps, tuple(map(int, args.attention_blocks.split(","))), args.causal)
+              if args.side == "jax" else time_torch(shapes, args.steps, args.threads, args.causal))
+    print(json.dumps({"preset": args.preset, "shape": shapes, "causal": args.causal, "cpu_threads": args.threads, **result}))
     return
   for framework in args.frameworks.split(","):
     if framework == "torch" and not torch_installed():
       print(json.dumps({"framework": "torch", "skipped": "not installed (pip install -e .[peer])"}))
       continue
     command = [sys.executable, __file__, f"--side={framework}", f"--preset={args.preset}", f"--steps={args.steps}",
-               f"--threads={args.threads}", *(f"--{name}={value}" for name, value in shapes.items())]
+               f"--threads={args.threads}", f"--attention_blocks={args.attention_blocks}",
+               *(["--causal"] if args.causal else []), *(f"--{name}={value}" for name, value in shapes.items())]
     out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
     print([line for line in out.splitlines() if line.startswith("{")][-1])
 

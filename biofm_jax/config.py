@@ -226,6 +226,9 @@ FSDP_SIZES = ("large", "1b", "7b")
 # Options that public architectures need (models/layers.py, TransformerConfig, says what each
 # does); these defaults are this library's own architecture, and what a run saved before the
 # options existed was built with.
+# Queries and keys per tile of `model.attention="blocked"` (models/blocked_attention.py):
+# the fastest of those timed on this CPU at 2,048 and 4,096 slots (benchmarks/RESULTS.md).
+ATTENTION_BLOCKS = (512, 256)
 ARCHITECTURE_DEFAULTS = dict(bias=False, activation="gelu_tanh", norm_eps=1e-6, norm_position="pre",
                              final_norm=True, token_dropout=0.0, embedding_norm=False, mlm_head="linear",
                              cls_token=False)
@@ -241,8 +244,10 @@ def base_config() -> ml_collections.ConfigDict:
       position="rope", norm="rmsnorm", dtype="float32", param_dtype="float32",
       remat="none", scan_layers=True,
       layer_loop="auto",  # stacked layers run as "scan", "unroll" or "auto" (unrolled on CPU only)
-      # "auto" (heads_first on CPU, jax's choice elsewhere), "xla", "cudnn" or "heads_first"
-      attention="auto", **ARCHITECTURE_DEFAULTS)
+      # "auto" (heads_first on CPU, jax's choice elsewhere), "xla", "cudnn", "heads_first" or
+      # "blocked" (an online softmax over tiles of attention_blocks = (queries, keys): no
+      # [T, T] matrix; "auto" picks it on CPU for rows of 2,048 slots or more)
+      attention="auto", attention_blocks=ATTENTION_BLOCKS, **ARCHITECTURE_DEFAULTS)
   config.data = dict(batch_size=32, num_workers=0,
                      prepared="")  # a directory from experiments/prepare.py: read it instead of raw files
   config.train = dict(

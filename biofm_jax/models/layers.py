@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from biofm_jax.config import ARCHITECTURE_DEFAULTS
+from biofm_jax.config import ARCHITECTURE_DEFAULTS, ATTENTION_BLOCKS
+from biofm_jax.models.blocked_attention import blocked_attention
 
 Array = jax.Array
 DType = Any
@@ -30,7 +31,7 @@ def runs_unrolled(layer_loop: str, platform: str) -> bool:
   return platform == "cpu" if layer_loop == "auto" else layer_loop == "unroll"
 
 
-ATTENTIONS = ("auto", "xla", "cudnn", "heads_first")
+ATTENTIONS = ("auto", "xla", "cudnn", "heads_first", "blocked")
 # The MLP's activation: "gelu_tanh" (tanh-approximated GELU, ours by default), "gelu" (exact,
 # erf: ESM-2, BERT's "gelu", ViT), "relu" (Geneformer) or "swiglu" (a gated MLP with a
 # second input projection, `wi_gate`: Nucleotide Transformer v2, LLaMA).
@@ -39,11 +40,20 @@ NORM_POSITIONS = ("pre", "post")  # pre-norm (ours, ESM-2, ViT) or post-norm (BE
 MLM_HEADS = ("linear", "transform")  # see `heads.TokenClassifier`
 
 
-def attention_on(attention: str, platform: str) -> str | None:
-  """`model.attention` resolved for `platform`: "auto" is "heads_first" on CPU (1.5x the
-  rate of jax's "xla" form there, benchmarks/step_parts.py) and jax's choice (None) elsewhere."""
+# From this many slots a row's attention runs blocked on CPU under "auto": at 2,048 slots
+# its forward and backward took 310 ms causal and 469 ms not, against heads_first's 534 and
+# 498 (512 slots: 132-145 ms against 110-130, so shorter rows stay heads_first).
+BLOCKED_ON_CPU_FROM = 2048
+
+
+def attention_on(attention: str, platform: str, length: int = 0) -> str | None:
+  """`model.attention` resolved for `platform` and rows of `length` slots: "auto" is on CPU
+  "heads_first" (1.5x the rate of jax's "xla" form there, benchmarks/step_parts.py) or, for
+  rows of BLOCKED_ON_CPU_FROM slots or more, "blocked"; elsewhere jax's choice (None)."""
   if attention == "auto":
-    return "heads_first" if platform == "cpu" else None
+    if platform != "cpu":
+      return None
+    return "blocked" if length >= BLOCKED_ON_CPU_FROM else "heads_first"
   return attention
 
 
@@ -88,8 +98,11 @@ class TransformerConfig:
   layer_loop: str = "auto"
   # Attention: `jax.nn.dot_product_attention`'s "xla" or "cudnn" (GPU, bf16/fp16),
   # "heads_first" (`heads_first_attention`: the same arithmetic as "xla", laid out for
-  # XLA:CPU's batched matmuls) or "auto" ("heads_first" on CPU, jax's choice elsewhere).
+  # XLA:CPU's batched matmuls), "blocked" (`blocked_attention`: an online softmax over
+  # `attention_block` keys at a time, no [T, T] matrix held) or "auto" ("heads_first" on
+  # CPU, jax's choice elsewhere).
   attention: str = "auto"
+  attention_blocks: tuple[int, int] = ATTENTION_BLOCKS  # (queries, keys) per tile of "blocked"
   # Architecture options of public models (issue: start from public weights); the defaults
   # are this library's own architecture, so every existing checkpoint keeps its tree.
   bias: bool = False  # bias terms on the attention projections and the MLP
@@ -113,7 +126,7 @@ class TransformerConfig:
   @property
   def attention_implementation(self) -> str | None:
     """`jax.nn.dot_product_attention`'s implementation, or "heads_first" (ours)."""
-    return attention_on(self.attention, jax.default_backend())
+    return attention_on(self.attention, jax.default_backend(), self.max_len)
 
   @property
   def unrolls(self) -> bool:
@@ -126,6 +139,9 @@ class TransformerConfig:
   def __post_init__(self):
     if self.attention not in ATTENTIONS:
       raise ValueError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if len(self.attention_blocks) != 2 or min(self.attention_blocks) < 1:
+      raise ValueError(f"model.attention_blocks must be two positive sizes (queries, keys), got "
+                       f"{self.attention_blocks!r}")
     if self.layer_loop not in ("auto", "scan", "unroll"):
       raise ValueError(f"model.layer_loop must be 'auto', 'scan' or 'unroll', got {self.layer_loop!r}")
     if not self.head_dim and self.embed_dim % self.num_heads:
@@ -247,7 +263,9 @@ class Attention(nn.Module):
       # keep seeing every real key, as in unpacked rows, so their outputs stay finite.
       same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
       key_mask = key_mask & same[:, None]
-    if cfg.attention_implementation == "heads_first":
+    if cfg.attention_implementation == "blocked":  # builds its mask per block from the parts
+      out = blocked_attention(q, k, v, mask, segments, cfg.causal, cfg.attention_blocks)
+    elif cfg.attention_implementation == "heads_first":
       out = heads_first_attention(q, k, v, key_mask, is_causal=cfg.causal)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal,
@@ -347,7 +365,7 @@ def transformer_config(model_cfg: ml_collections.ConfigDict, *, max_len: int, ca
       position=model_cfg.position, max_len=max_len, causal=causal, norm=model_cfg.norm,
       dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
       scan_layers=model_cfg.scan_layers, layer_loop=model_cfg.get("layer_loop", "auto"),
-      attention=model_cfg.get("attention", "auto"))
+      attention=model_cfg.get("attention", "auto"), attention_blocks=tuple(model_cfg.get("attention_blocks", ATTENTION_BLOCKS)))
   # Public architectures' options: a run saved before they existed has their defaults.
   fields.update({name: model_cfg.get(name, default) for name, default in ARCHITECTURE_DEFAULTS.items()})
   return TransformerConfig(**{**fields, **replace})

@@ -86,20 +86,15 @@ def finetuned_scores(config, workdir: pathlib.Path) -> dict[int, float]:
 
 
 def classical_scores(config, artifacts: pathlib.Path) -> dict[str, dict[int, float]]:
-  """The probe on frozen fused embeddings and HAIM, fitted on the same training rows."""
-  from biofm_jax.eval import downstream, raw_baselines
+  """The probe on frozen fused embeddings and HAIM, fitted on the same training rows, as the
+  evaluation report fits them: {method: {subject: held-out score}}."""
+  from biofm_jax.eval import downstream
   from biofm_jax.train.finetune import open_labeled_data
   data = open_labeled_data(config, artifacts)
-  splits = ("train", "held_out")
-  train_y = downstream.classical_targets(data.split_labels("train"), data.info)
   ids = [int(s) for s in data.split_labels("held_out").subject_ids]
-  embeddings = downstream.frozen_embeddings(config, data, splits)
-  out = {"probe": downstream.fit_predict_task("logistic", data.info, embeddings["train"], train_y,
-                                              embeddings["held_out"])}
-  for name, b in raw_baselines.baselines(data, splits).items():
-    out[name] = downstream.fit_predict_task(b.model, data.info, b.features["train"], train_y, b.features["held_out"])
-  return {name: dict(zip(ids, np.asarray(scores, np.float64).reshape(len(ids), -1)[:, -1].tolist()))
-          for name, scores in out.items()}
+  scores, _, _ = downstream.classical_scores(config, data, ("held_out",))
+  return {name: dict(zip(ids, np.asarray(by_split["held_out"], np.float64).reshape(len(ids), -1)[:, -1].tolist()))
+          for name, by_split in scores.items()}
 
 
 def main() -> None:

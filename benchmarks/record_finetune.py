@@ -63,19 +63,15 @@ def held_out_auroc(config, workdir: pathlib.Path) -> float:
 
 
 def classical_aurocs(config, workdir: pathlib.Path) -> dict[str, float]:
-  """The probe on frozen embeddings and the raw-feature baseline, on the run's training rows."""
-  from biofm_jax.eval import downstream, metrics, raw_baselines
+  """The probe on frozen embeddings and the raw-feature baselines, on the run's training rows,
+  as the evaluation report fits them: {method: held-out AUROC}."""
+  from biofm_jax.eval import downstream, metrics
   from biofm_jax.train.finetune import open_labeled_data
   data = open_labeled_data(config, workdir / "artifacts")
-  splits = ("train", "held_out")
-  train_y = downstream.classical_targets(data.split_labels("train"), data.info)
   truth = data.split_labels("held_out").metric_targets()
-  embeddings = downstream.frozen_embeddings(config, data, splits)
-  out = {"probe": downstream.fit_predict_task("logistic", data.info, embeddings["train"], train_y,
-                                              embeddings["held_out"])}
-  for name, b in raw_baselines.baselines(data, splits).items():
-    out[name] = downstream.fit_predict_task(b.model, data.info, b.features["train"], train_y, b.features["held_out"])
-  return {name: float(metrics.task_metrics("binary", truth, scores)["auroc"]) for name, scores in out.items()}
+  scores, _, _ = downstream.classical_scores(config, data, ("held_out",))
+  return {name: float(metrics.task_metrics("binary", truth, by_split["held_out"])["auroc"])
+          for name, by_split in scores.items()}
 
 
 def main() -> None:

@@ -209,6 +209,23 @@ def task_description(config: ml_collections.ConfigDict, data) -> dict:
           "rows_dropped": data.dropped, "outputs": data.info.num_outputs}
 
 
+def classical_scores(config: ml_collections.ConfigDict, data, splits: Sequence[str], seed: int = 0):
+  """The linear probe on the backbone's frozen embeddings and each raw-feature baseline the
+  modality registers (HAIM's for a fused model), each fitted on the training rows and scored
+  on `splits`: (scores {method: {split: scores}}, descriptions {method: ...}, and each
+  method's features {method: ({split: [N, F]}, its classical model)}, train included)."""
+  info, train_y = data.info, classical_targets(data.split_labels("train"), data.info)
+  log.info("evaluation: embedding %s with the pre-trained backbone", ", ".join(("train",) + tuple(splits)))
+  features = {PROBE: (frozen_embeddings(config, data, ("train",) + tuple(splits)), "logistic")}
+  descriptions = {PROBE: {"method": "logistic/ridge/Cox regression on frozen pooled embeddings"}}
+  for name, b in raw_baselines.baselines(data, ("train",) + tuple(splits)).items():
+    if info.type == "multilabel" or info.type in classical.SUPPORTED_TASKS[b.model]:
+      features[name], descriptions[name] = (b.features, b.model), b.description
+  scores = {name: {s: fit_predict_task(method, info, x["train"], train_y, x[s], seed) for s in splits}
+            for name, (x, method) in features.items()}
+  return scores, descriptions, features
+
+
 def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
                   options: EvaluationOptions = EvaluationOptions()) -> dict[str, Any]:
   """Scores everything above for `config` (a `finetune.finetune_config`) and writes the
@@ -228,18 +245,7 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   undefined = warn_undefined_metrics(config.task.name, info, targets)  # before the models are scored
   train_y = classical_targets(labels["train"], info)
 
-  log.info("evaluation: embedding %s with the pre-trained backbone", ", ".join(("train",) + splits))
-  embeddings = frozen_embeddings(config, data, ("train",) + splits)
-  scores: dict[str, dict[str, np.ndarray]] = {
-      PROBE: {s: fit_predict_task("logistic", info, embeddings["train"], train_y, embeddings[s], options.seed)
-              for s in splits}}
-  descriptions = {PROBE: {"method": "logistic/ridge/Cox regression on frozen pooled embeddings"}}
-  classical_baselines = {name: b for name, b in raw_baselines.baselines(data, ("train",) + splits).items()
-                         if info.type == "multilabel" or info.type in classical.SUPPORTED_TASKS[b.model]}
-  for name, b in classical_baselines.items():
-    scores[name] = {s: fit_predict_task(b.model, info, b.features["train"], train_y, b.features[s], options.seed)
-                    for s in splits}
-    descriptions[name] = b.description
+  scores, descriptions, features = classical_scores(config, data, splits, options.seed)
   if options.from_scratch_steps:
     log.info("evaluation: training the architecture from scratch for %d steps", options.from_scratch_steps)
     scratch_dir = train_from_scratch(config, out_dir / "from_scratch", options.from_scratch_steps)
@@ -257,9 +263,8 @@ def evaluate_task(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path
   if options.finetuned_workdir:
     main_method = FINETUNED
     scores[main_method], descriptions[main_method] = _finetuned_scores(options.finetuned_workdir, splits, data)
-  few_shot = {PROBE: (embeddings["train"], embeddings["held_out"], "logistic"),
-              **{name: (b.features["train"], b.features["held_out"], b.model)
-                 for name, b in classical_baselines.items()}} if "held_out" in splits else {}
+  few_shot = {name: (x["train"], x["held_out"], method) for name, (x, method) in features.items()} \
+      if "held_out" in splits else {}
   model = {"name": main_method, "pretrained": config.finetune.pretrained, **descriptions[main_method]}
   row_ids = {s: prediction_files.label_row_ids(labels[s]) for s in splits}
   return write_evaluation(out_dir, task_description(config, data), model, info, scores, descriptions, targets,

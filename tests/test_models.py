@@ -323,3 +323,24 @@ def test_weight_decay_reaches_matrices_and_embeddings_only(scan_layers):
   assert all(flag == (("kernel" in path) or ("embedding" in path)) for path, flag in decided.items()), decided
   assert not any(flag for path, flag in decided.items() if "scale" in path or "bias" in path)
   assert sum(decided.values()) >= 8
+
+
+def test_rotary_sines_and_cosines_are_computed_once_per_stack_not_per_layer():
+  """A scanned stack of 3 layers: its loop body computes no sine or cosine; the stack
+  computes the rotary tables once, before the loop, for every layer's queries and keys."""
+  cfg = model_config(num_layers=3, layer_loop="scan")
+  batch = make_batch()
+  model, params = init(cfg, batch)
+  jaxpr = jax.make_jaxpr(lambda p, b: model.module.apply({"params": p}, b, train=False))(params, batch).jaxpr
+
+  def primitives(jaxpr, inside_loop=False, found=None):
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+      found.append((eqn.primitive.name, inside_loop))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        primitives(sub, inside_loop or eqn.primitive.name == "scan", found)
+    return found
+  found = primitives(jaxpr)
+  assert ("scan", False) in found
+  trig = [inside for name, inside in found if name in ("sin", "cos")]
+  assert trig and not any(trig)  # (the time features' sines are outside the stack too)

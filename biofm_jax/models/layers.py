@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -203,12 +203,28 @@ def activate(cfg: TransformerConfig, x: Array) -> Array:
   return nn.silu(x)
 
 
-def apply_rope(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
-  """Rotary position embedding on [batch, length, heads, head_dim] (head_dim even)."""
-  half = x.shape[-1] // 2
+class RotaryTables(NamedTuple):
+  """Rotary positions' sines and cosines, [batch, length, 1, head_dim / 2] float32: computed
+  once per call of a stack (`TransformerStack`) and read by every layer's attention, rather
+  than recomputed from the positions in each layer (a scanned stack's loop body cannot share
+  them across iterations)."""
+  sin: Array
+  cos: Array
+
+
+def rotary_tables(positions: Array, head_dim: int, max_wavelength: float = 10_000.0) -> RotaryTables:
+  half = head_dim // 2
   freqs = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  return RotaryTables(jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :])
+
+
+def apply_rope(x: Array, positions: Array | RotaryTables, max_wavelength: float = 10_000.0) -> Array:
+  """Rotary position embedding on [batch, length, heads, head_dim] (head_dim even), from the
+  positions or from their `rotary_tables`."""
+  tables = positions if isinstance(positions, RotaryTables) else rotary_tables(positions, x.shape[-1],
+                                                                                  max_wavelength)
+  sin, cos = tables
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 
-from biofm_jax.models.layers import Block, TransformerConfig, cache_shapes, make_norm
+from biofm_jax.models.layers import Block, TransformerConfig, cache_shapes, make_norm, rotary_tables
 
 
 class LayerCaches(NamedTuple):
@@ -65,6 +65,8 @@ class TransformerStack(nn.Module):
     cfg = self.cfg
     block = _block_class(cfg)
     per_layer = isinstance(cache, LayerCaches)
+    if cfg.position == "rope":  # every layer's attention reads the same sines and cosines
+      positions = rotary_tables(positions, cfg.kv_dim)
     if cfg.scan_layers and (cfg.unrolls or per_layer) and not self.is_initializing():
       x, cache = self._unrolled_over_stacked(block, x, mask, positions, segments, cache, slot, train=train)
     elif cfg.scan_layers:

@@ -70,6 +70,13 @@ def test_manifest_gives_subjects_splits_and_labels(tmp_path):
   assert {s: len(r) for s, r in dataset.splits.items()} == {"train": 2, "tuning": 1}
   labels = dataset.source("train").labels
   assert labels.tolist() == [[1.0], [0.0]] and np.isnan(dataset.source("tuning").labels[0, 0])
+  assert dataset.source("train").record_times() is None
+  (tmp_path / "dated.csv").write_text("subject_id,path,split,acquisition_time,afib\n7,wf/r1.hea,train,2021-03-04T08:00,1\n"
+                                      "7,wf/r2,train,2021-05-01,0\n")
+  dated = ECGDataset(tmp_path / "dated.csv", leads=LEADS)
+  assert dated.label_names == ("afib",)
+  np.testing.assert_array_equal(dated.source("train").record_times(),
+                                np.array(["2021-03-04T08:00", "2021-05-01"], "datetime64[us]"))
   (tmp_path / "bad.csv").write_text("subject_id,path,split\n7,wf/r1.hea,train\n7,wf/r2.hea,tuning\n")
   with pytest.raises(ValueError, match="subject '7' is in splits 'train' and 'tuning'"):
     ECGDataset(tmp_path / "bad.csv", leads=LEADS)

@@ -622,3 +622,23 @@ def test_an_undecodable_pixel_stream_is_one_log_line_with_every_decoders_reason(
     assert "\n" not in reason and "no installed decoder could decode the pixel data: " in reason
     # Each installed plugin's own reason (pylibjpeg's libjpeg and Pillow refuse this stream).
     assert "pylibjpeg: libjpeg error" in reason and "pillow: Pillow does not support" in reason, reason
+
+
+def test_a_manifest_s_acquisition_time_dates_each_image_and_must_be_given_for_every_row(tmp_path):
+  (tmp_path / "img").mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "img/a.png")
+  header = ["subject_id", "path", "split", "acquisition_time", "y"]
+  manifest = _write_manifest(tmp_path / "dated.csv", header, [
+      ["s1", "img/a.png", "train", "2021-03-04", "1"], ["s2", "img/a.png", "train", "2021-03-04 10:15", "0"]])
+  dataset = ImagingDataset(manifest, spatial_dims=2)
+  assert dataset.label_names == ("y",)  # the time is not a label
+  np.testing.assert_array_equal(dataset.source("train").record_times(), np.array(
+      ["2021-03-04T00:00", "2021-03-04T10:15"], "datetime64[us]"))
+  undated = _write_manifest(tmp_path / "plain.csv", ["subject_id", "path", "split"], [["s1", "img/a.png", "train"]])
+  assert ImagingDataset(undated, spatial_dims=2).source("train").record_times() is None
+  empty = _write_manifest(tmp_path / "empty.csv", header, [["s1", "img/a.png", "train", "", "1"]])
+  with pytest.raises(ValueError, match=r"empty.csv: line 2, column 'acquisition_time' is empty; where the column"):
+    ImagingDataset(empty, spatial_dims=2)
+  bad = _write_manifest(tmp_path / "bad.csv", header, [["s1", "img/a.png", "train", "4 March 2021", "1"]])
+  with pytest.raises(ValueError, match=r"bad.csv: line 2, column 'acquisition_time': '4 March 2021' is not an ISO"):
+    ImagingDataset(bad, spatial_dims=2)

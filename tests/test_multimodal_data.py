@@ -490,3 +490,63 @@ def test_a_record_standing_in_for_an_unreadable_one_is_absent_from_its_subjects_
     example = apply(data.transforms(train=False), source[i])
     assert not example["imaging"][batch.PRESENT]  # never paired with another subject's image
     assert_padding(example["imaging"], modules["imaging"].example_spec()["imaging"])
+
+
+# ================================================================ records dated by acquisition time
+class DatedSource(FakeSource):
+  def __init__(self, ids, offset, times):
+    super().__init__(ids, offset)
+    self.times = np.asarray(times, "datetime64[us]")
+
+  def record_times(self):
+    return self.times
+
+
+class DatedModule(FakeModule):
+  """Imaging whose records carry acquisition times (as a manifest's acquisition_time gives)."""
+
+  def __init__(self, *args, times, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.times = times
+
+  def source(self, split):
+    super().source(split)  # unknown splits: its error
+    return DatedSource(self.splits[split], 100 * self.number, self.times[split])
+
+
+def test_a_timed_label_row_reads_only_the_images_made_by_its_time_the_latest_first():
+  """Subject 3 has two images (March and June), 2 one in May, 7 one in August, 1 one in
+  January; the table (subjects 1, 7, 9) has no times and is read whole. At a prediction time
+  of 1 June: 3 reads its March image only, 2 its May one, 7 none (so only its table row), 1
+  its January one; at 1 July subject 3 reads June before March (evaluation's pick)."""
+  from biofm_jax.data.labels import Labels
+  from biofm_jax.data.subject_labels import TimedItems, match_subject_labels
+  modules = fake_modules()
+  day = lambda text: np.datetime64(text, "us")  # noqa: E731
+  modules["imaging"] = DatedModule("imaging", modules["imaging"].splits, 2, width=2, times={
+      "train": [day("2021-05-01"), day("2021-03-01"), day("2021-06-15"), day("2021-08-01"), day("2021-01-01")],
+      "tuning": [day("2021-01-01")]})
+  data = multimodal.MultimodalData(modules)
+  subjects = np.array([3, 2, 7, 1, 3], np.int64)
+  times = np.array([day("2021-06-01")] * 4 + [day("2021-07-01")], "datetime64[us]")
+  labels = Labels(pathlib.Path("labels.parquet"), "binary", subjects, times,
+                  {batch.TASK_LABEL: np.zeros(5, np.float32)})
+  found, counts = match_subject_labels(data, labels, ("train",))
+  rows = found["train"]
+  assert counts == {"subjects_in_no_split": 0, "rows_with_nothing_before_prediction_time": 0}
+  view = TimedItems(data.source("train"), rows)
+  by_row = {int(r): view[i] for i, r in enumerate(rows.rows)}
+  assert by_row[0]["records"]["imaging"] == [1]  # subject 3 on 1 June: March, not 15 June
+  assert by_row[4]["records"]["imaging"] == [2, 1]  # on 1 July: June first, then March
+  assert by_row[1]["records"]["imaging"] == [0]
+  assert "imaging" not in by_row[2]["records"] and by_row[2]["records"]["tabular"]  # 7: August image absent
+  assert by_row[3]["records"]["imaging"] == [4] and "tabular" in by_row[3]["records"]
+  transforms = data.transforms(train=False, mask=False)
+  assert apply(transforms, by_row[4])["imaging"]["x"][0] == 203.0  # the June image, record 2
+  assert not apply(transforms, by_row[2])["imaging"][batch.PRESENT]
+  # Strictly before: an image made at the prediction time itself is not read.
+  on_time = Labels(pathlib.Path("labels.parquet"), "binary", np.array([2], np.int64),
+                   np.array([day("2021-05-01")], "datetime64[us]"), {batch.TASK_LABEL: np.zeros(1, np.float32)})
+  assert match_subject_labels(data, on_time, ("train",))[0]["train"].dated_records == ({"imaging": (0,)},)
+  strict, _ = match_subject_labels(data, on_time, ("train",), cut="strict")
+  assert strict["train"].absent == (("imaging",),) and strict["train"].dated_records == ({},)  # its EHR stays

@@ -6,9 +6,12 @@ with a `prediction_time` (`meds.LabelSchema`: a subject may have several, at dif
 times). A row with a prediction time sees each *timed* modality (one whose source cuts a
 record at a time, `record_until`: EHR) only up to that time, by the task's cut ("inclusive":
 events at or before it, as MEDS defines; "strict": before it), exactly as EHR fine-tuning cuts
-its records; the other modalities (images, expression, tables carry no acquisition time
-here) are read whole. A timed modality with no event the cut keeps is absent from that
-row, and a row left with no modality at all is dropped and counted.
+its records. Of a *dated* modality (one whose source gives each record an acquisition time,
+`record_times`: images from a manifest with an `acquisition_time` column) the row reads only
+the records the same cut keeps, the most recent first (the one evaluation reads). The other
+modalities (those without times: expression, tables, images without the column) are read
+whole. A timed or dated modality with nothing the cut keeps is absent from that row, and a
+row left with no modality at all is dropped and counted.
 
 `match_subject_labels` gives per split the label rows found there and, for each, the join
 item it reads and what `TimedItems` adds to that item: the prediction time, the cut and
@@ -29,17 +32,37 @@ CUTS = ("inclusive", "strict")
 @dataclasses.dataclass(frozen=True)
 class SubjectRows:
   """The label rows of one split: `rows` (indices into the labels), the join `items` they
-  read, their prediction times (NaT: none) and the timed modalities absent at that time."""
+  read, their prediction times (NaT: none), the timed and dated modalities absent at that
+  time, and for each row the records of each dated modality it may read (latest first)."""
   rows: np.ndarray
   items: np.ndarray
   times: np.ndarray
   absent: tuple[tuple[str, ...], ...]
+  dated_records: tuple[dict[str, tuple[int, ...]], ...] = ()
 
 
 def timed_modalities(joined: Any, split: str) -> dict[str, Any]:
   """{modality: its source of `split`} for the joined modalities whose records have times."""
   sources = {m: module.source(split) for m, module in joined.modules.items()}
   return {m: s for m, s in sources.items() if hasattr(s, "record_until") and hasattr(s, "first_event_times")}
+
+
+def dated_modalities(joined: Any, split: str) -> dict[str, np.ndarray]:
+  """{modality: each record's acquisition time} for the joined modalities whose source of
+  `split` dates its records."""
+  out = {}
+  for m, module in joined.modules.items():
+    source = module.source(split)
+    times = source.record_times() if hasattr(source, "record_times") else None
+    if times is not None:
+      out[m] = np.asarray(times, "datetime64[us]")
+  return out
+
+
+def _made_by(times: np.ndarray, records, time: np.datetime64, cut: str) -> tuple[int, ...]:
+  """The records made at or before `time` ("inclusive"; "strict": before), latest first."""
+  kept = [int(r) for r in records if (times[r] <= time if cut == "inclusive" else times[r] < time)]
+  return tuple(sorted(kept, key=lambda r: times[r], reverse=True))
 
 
 def match_subject_labels(joined: Any, labels: Any, splits: Sequence[str], *, cut: str = "inclusive",
@@ -77,20 +100,24 @@ def match_subject_labels(joined: Any, labels: Any, splits: Sequence[str], *, cut
       first.setdefault(str(subject), item)
     pairs = sorted((item, row) for s, item in first.items() for row in rows_of.get(s, ()))
     sources = timed_modalities(joined, split) if timed.any() else {}
-    keep, absent = [], []
+    dated = dated_modalities(joined, split) if timed.any() else {}
+    keep, absent, dated_records = [], [], []
     for item, row in pairs:
       present = source[item]["records"]
-      gone = tuple(m for m in sorted(sources) if m in present
-                   and not _has_history(sources[m], present[m][0], times[row], cut))
+      gone = [m for m in sorted(sources) if m in present
+              and not _has_history(sources[m], present[m][0], times[row], cut)]
+      readable = {m: _made_by(dated[m], present[m], times[row], cut) for m in sorted(dated) if present.get(m)}
+      gone += [m for m, records in readable.items() if not records]
       if len(gone) == len(present):
         nothing_before += 1
         continue
       keep.append((item, row))
-      absent.append(gone)
+      absent.append(tuple(sorted(gone)))
+      dated_records.append({m: records for m, records in readable.items() if records})
     matched += len(pairs)
     items = np.asarray([k[0] for k in keep], np.int64)
     rows = np.asarray([k[1] for k in keep], np.int64)
-    out[split] = SubjectRows(rows, items, times[rows], tuple(absent))
+    out[split] = SubjectRows(rows, items, times[rows], tuple(absent), tuple(dated_records))
   return out, {"subjects_in_no_split": len(labels) - matched, "rows_with_nothing_before_prediction_time": nothing_before}
 
 
@@ -101,8 +128,9 @@ def _has_history(source: Any, record: int, time: np.datetime64, cut: str) -> boo
 
 class TimedItems:
   """Join items `rows.items` of `source` in that order, each with what its label row may
-  use: the prediction time and cut (`JoinModalities` cuts timed modalities there) and
-  without the timed modalities absent at that time. Untimed rows are the items as they are."""
+  use: the prediction time and cut (`JoinModalities` cuts timed modalities there), only the
+  dated modalities' records made by then, and without the modalities absent at that time.
+  Untimed rows are the items as they are."""
 
   def __init__(self, source: Any, rows: SubjectRows, cut: str = "inclusive"):
     self._source, self._rows, self._inclusive = source, rows, cut == "inclusive"
@@ -116,6 +144,6 @@ class TimedItems:
     time = self._rows.times[i]
     if np.isnat(time):
       return item
-    absent = self._rows.absent[i]
-    return {**item, "records": {m: r for m, r in item["records"].items() if m not in absent},
+    absent, dated = self._rows.absent[i], self._rows.dated_records[i] if self._rows.dated_records else {}
+    return {**item, "records": {m: list(dated.get(m, r)) for m, r in item["records"].items() if m not in absent},
             PREDICTION_TIME: time, INCLUSIVE: self._inclusive}

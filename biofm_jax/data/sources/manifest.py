@@ -1,7 +1,12 @@
 """Manifest CSVs of record files: one row per record, `subject_id` and `path` (relative to the
-CSV) required, some reserved columns a modality reads itself (`split`, `modality`), every
-other column a numeric label (empty for missing). Imaging and ECG read theirs here, so a
-manifest means the same for every modality that takes one.
+CSV) required, some reserved columns a modality reads itself (`split`, `modality`,
+`acquisition_time`), every other column a numeric label (empty for missing). Imaging and ECG
+read theirs here, so a manifest means the same for every modality that takes one.
+
+`acquisition_time` (optional; ISO 8601, e.g. 2021-03-04 or 2021-03-04T10:15) is when the
+record was made: a fused model's label row with a prediction time then reads only records
+made at or before it (`data/subject_labels.py`). Where the column exists every row needs one,
+so no record of unknown time is read as if it came before.
 """
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ import csv
 import dataclasses
 import pathlib
 from typing import Sequence
+
+import numpy as np
+
+ACQUISITION_TIME = "acquisition_time"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +37,18 @@ def _label(csv_path: pathlib.Path, line: int, column: str, text: str) -> float:
   except ValueError:
     raise ValueError(f"{csv_path}: line {line}, column {column!r}: {text!r} is not a number; "
                      "label columns must be numeric (empty for missing)") from None
+
+
+def acquisition_time(csv_path: pathlib.Path, line: int, text: str) -> np.datetime64:
+  """A manifest cell of the acquisition_time column, as datetime64[us]."""
+  if not text:
+    raise ValueError(f"{csv_path}: line {line}, column {ACQUISITION_TIME!r} is empty; where the column exists "
+                     "every record needs its time (a record of unknown time could postdate a prediction)")
+  try:
+    return np.datetime64(text.replace(" ", "T"), "us")
+  except ValueError:
+    raise ValueError(f"{csv_path}: line {line}, column {ACQUISITION_TIME!r}: {text!r} is not an ISO 8601 date or "
+                     "time (e.g. 2021-03-04 or 2021-03-04T10:15)") from None
 
 
 def read_manifest(csv_path: pathlib.Path, reserved: Sequence[str]) -> tuple[list[ManifestRow], tuple[str, ...],

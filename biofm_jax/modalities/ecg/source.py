@@ -35,7 +35,7 @@ import wfdb
 from biofm_jax.data.sources import read_skips
 from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.data.sources.indexing import checked_index
-from biofm_jax.data.sources.manifest import read_manifest
+from biofm_jax.data.sources.manifest import ACQUISITION_TIME, acquisition_time, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Record:
   fs: float = 0.0
   num_samples: int = 0
   channels: tuple[int, ...] = ()  # per configured lead: its signal index in the file, -1 if absent
+  acquisition_time: object = None  # np.datetime64 from the manifest's acquisition_time, None: unknown
 
 
 class RecordError(ValueError):
@@ -113,9 +114,12 @@ def _scan_folder(root: pathlib.Path) -> list[Record]:
 
 
 def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Record], tuple[str, ...]]:
-  rows, label_names, _ = read_manifest(csv_path, reserved=("split",))
+  rows, label_names, columns = read_manifest(csv_path, reserved=("split", ACQUISITION_TIME))
+  dated = ACQUISITION_TIME in columns
   return [Record(subject_id=row.subject_id, path=str(row.path.with_suffix("") if row.path.suffix == ".hea" else row.path),
-                 split=row.fields["split"], labels=row.labels) for row in rows], label_names
+                 split=row.fields["split"], labels=row.labels,
+                 acquisition_time=acquisition_time(csv_path, row.line, row.fields[ACQUISITION_TIME]) if dated else None)
+          for row in rows], label_names
 
 
 class ECGSource:
@@ -127,6 +131,12 @@ class ECGSource:
     self.subject_ids = [r.subject_id for r in self.records]
     self.paths, self.skip_file = [r.path for r in self.records], skip_file
     self._known_bad = read_skips.listed(skip_file)  # named by an earlier read: not read again
+
+  def record_times(self) -> np.ndarray | None:
+    """Each record's acquisition time (datetime64[us]), or None where the manifest gives none."""
+    if all(r.acquisition_time is None for r in self.records):
+      return None
+    return np.array([r.acquisition_time for r in self.records], "datetime64[us]")
 
   def __len__(self) -> int:
     return len(self.records)

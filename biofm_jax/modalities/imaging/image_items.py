@@ -32,3 +32,4 @@ class Item:
   split: str = ""
   labels: tuple[float, ...] = ()
   flags: tuple[str, ...] = ()  # stats counters this item adds to
+  acquisition_time: object = None  # np.datetime64 from the manifest's acquisition_time, None: unknown

@@ -56,7 +56,7 @@ from biofm_jax.data.sources import splits as splits_lib
 from biofm_jax.modalities.imaging.image_items import Item, ItemError
 from biofm_jax.data.sources.indexing import checked_index
 from biofm_jax.data.sources import index_skips, read_skips
-from biofm_jax.data.sources.manifest import read_manifest
+from biofm_jax.data.sources.manifest import ACQUISITION_TIME, acquisition_time, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ def _scan_directory(root: pathlib.Path, spatial_dims: int,
 
 def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Item], tuple[str, ...], bool]:
   """Candidate items, label column names, and whether a split column is present."""
-  rows, label_names, columns = read_manifest(csv_path, reserved=("split", "modality"))
+  rows, label_names, columns = read_manifest(csv_path, reserved=("split", "modality", ACQUISITION_TIME))
+  dated = ACQUISITION_TIME in columns
   items = []
   for row in rows:
     path = row.path
@@ -175,7 +176,9 @@ def _read_manifest(csv_path: pathlib.Path) -> tuple[list[Item], tuple[str, ...],
     files = (tuple(str(p) for p in _visible_files(path, recursive=False)
                    if _file_kind(p) == "dicom") if path.is_dir() else (str(path),))
     items.append(Item(subject_id=row.subject_id, path=str(path), kind=kind or "unsupported", files=files,
-                      modality=row.fields["modality"], split=row.fields["split"], labels=row.labels))
+                      modality=row.fields["modality"], split=row.fields["split"], labels=row.labels,
+                      acquisition_time=acquisition_time(csv_path, row.line, row.fields[ACQUISITION_TIME])
+                      if dated else None))
   return items, label_names, "split" in columns
 
 
@@ -265,6 +268,9 @@ class ImagingSource:
     self._files = [item.files for item in items]
     self._stored_shapes = [item.shape + (item.channels,) for item in items]
     self._modalities = [item.modality or "OT" for item in items]
+    self._dated = any(item.acquisition_time is not None for item in items)
+    self._times = np.array([np.datetime64("NaT") if item.acquisition_time is None else item.acquisition_time
+                            for item in items], "datetime64[us]")
     self.labels = np.array([item.labels for item in items], np.float32).reshape(
         len(items), num_labels)
     # Axis squeezed to make a one-slice volume 2D; -1 when the item already has the rank.
@@ -282,6 +288,10 @@ class ImagingSource:
   def record_keys(self) -> list[str]:
     """Each item's file (or series folder), as the manifest or folder scan named it."""
     return [str(p) for p in self.paths]
+
+  def record_times(self) -> np.ndarray | None:
+    """Each item's acquisition time (datetime64[us]), or None where the manifest gives none."""
+    return self._times if self._dated else None
 
   def __getitem__(self, index: int) -> dict:
     i = checked_index(index, len(self), "ImagingSource ... items")

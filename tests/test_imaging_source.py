@@ -642,3 +642,33 @@ def test_a_manifest_s_acquisition_time_dates_each_image_and_must_be_given_for_ev
   bad = _write_manifest(tmp_path / "bad.csv", header, [["s1", "img/a.png", "train", "4 March 2021", "1"]])
   with pytest.raises(ValueError, match=r"bad.csv: line 2, column 'acquisition_time': '4 March 2021' is not an ISO"):
     ImagingDataset(bad, spatial_dims=2)
+
+
+def test_dicom_headers_date_their_images_unless_the_manifest_does(tmp_path):
+  """The acquisition, else the series, else the study date and time (pydicom's own files: CT
+  acquired 1997-04-30 11:29:36, MR with only a study time); AcquisitionDateTime with its UTC
+  offset; a file with every date blanked (as anonymisers do) is undated; a manifest's
+  acquisition_time wins over the header."""
+  from biofm_jax.modalities.imaging.dicom import header_time
+  assert header_time(pydicom.dcmread(CT_SMALL)) == np.datetime64("1997-04-30T11:29:36", "us")
+  assert header_time(pydicom.dcmread(MR_SMALL)) == np.datetime64("2004-08-26T18:50:59", "us")
+  ds = pydicom.dcmread(CT_SMALL)
+  ds.AcquisitionDateTime = "20210304101500.123456-0500"
+  assert header_time(ds) == np.datetime64("2021-03-04T10:15:00", "us")
+  for name in ("AcquisitionDateTime", "AcquisitionDate", "SeriesDate", "StudyDate"):
+    setattr(ds, name, "")
+  assert header_time(ds) is None
+  (tmp_path / "img").mkdir()
+  shutil.copy(CT_SMALL, tmp_path / "img/ct.dcm")
+  ds.save_as(tmp_path / "img/blank.dcm")
+  scanned = ImagingDataset(tmp_path / "img", spatial_dims=2)
+  everything = {s: t for split in scanned.splits for s, t in zip(scanned.source(split).subject_ids,
+                                                                   scanned.source(split).record_times())}
+  assert everything["ct"] == np.datetime64("1997-04-30T11:29:36", "us") and np.isnat(everything["blank"])
+  manifest = _write_manifest(tmp_path / "m.csv", ["subject_id", "path", "split", "acquisition_time"],
+                             [["s1", "img/ct.dcm", "train", "2022-01-02"]])
+  assert ImagingDataset(manifest, spatial_dims=2).source("train").record_times()[0] == np.datetime64("2022-01-02")
+  _write_series(tmp_path / "series", [0.0, 2.0, 4.0])
+  series = ImagingDataset(tmp_path / "series", spatial_dims=3)
+  split = next(s for s, rows in series.splits.items() if len(rows))
+  assert series.source(split).record_times()[0] == np.datetime64("1997-04-30T11:29:36", "us")

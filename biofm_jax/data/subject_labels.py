@@ -7,10 +7,11 @@ times). A row with a prediction time sees each *timed* modality (one whose sourc
 record at a time, `record_until`: EHR) only up to that time, by the task's cut ("inclusive":
 events at or before it, as MEDS defines; "strict": before it), exactly as EHR fine-tuning cuts
 its records. Of a *dated* modality (one whose source gives each record an acquisition time,
-`record_times`: images from a manifest with an `acquisition_time` column) the row reads only
-the records the same cut keeps, the most recent first (the one evaluation reads). The other
-modalities (those without times: expression, tables, images without the column) are read
-whole. A timed or dated modality with nothing the cut keeps is absent from that row, and a
+`record_times`: images and ECGs from a manifest with an `acquisition_time` column, DICOM
+images by their headers' dates) the row reads only the records the same cut keeps, the most
+recent first (the one evaluation reads); a record of a dated modality whose own time is
+unknown (a DICOM file with its dates blanked) is never read by a timed row. The other
+modalities (those without times: expression, tables, undated image files) are read whole. A timed or dated modality with nothing the cut keeps is absent from that row, and a
 row left with no modality at all is dropped and counted.
 
 `match_subject_labels` gives per split the label rows found there and, for each, the join

@@ -99,6 +99,7 @@ def dicom_file_item(item: Item, ds: pydicom.Dataset) -> Item:
     order, gap, pixel_spacing = frame_geometry(ds, path)
     return dataclasses.replace(
         item, kind="dicom_multiframe", shape=(frames, int(ds.Rows), int(ds.Columns)), channels=channels,
+        acquisition_time=item.acquisition_time if item.acquisition_time is not None else header_time(ds),
         spacing=(gap,) + pixel_spacing, modality=item.modality or str(ds.get("Modality", "") or ""),
         flags=("dicom_monochrome1",) if ds.get("PhotometricInterpretation") == "MONOCHROME1" else ())
   spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -110,7 +111,32 @@ def dicom_file_item(item: Item, ds: pydicom.Dataset) -> Item:
   return dataclasses.replace(
       item, shape=(int(ds.Rows), int(ds.Columns)), channels=channels,
       spacing=tuple(float(s) for s in spacing), flags=flags,
+      acquisition_time=item.acquisition_time if item.acquisition_time is not None else header_time(ds),
       modality=item.modality or str(ds.get("Modality", "") or ""))
+
+
+# Where a DICOM header says when the image was made, most specific first: the acquisition,
+# else the series, else the study (each a DA date with an optional TM time).
+_TIME_FIELDS = (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime"))
+
+
+def header_time(ds: pydicom.Dataset) -> np.datetime64 | None:
+  """When the header says the image was made (AcquisitionDateTime, else a date field with
+  its time; see _TIME_FIELDS), as datetime64[us] in the header's local time; None where no
+  field holds a valid date (an anonymised file often blanks them)."""
+  stamp = str(ds.get("AcquisitionDateTime", "") or "").split("&")[0].split("+")[0].split("-")[0].strip()
+  candidates = [(stamp[:8], stamp[8:])] if len(stamp) >= 8 else []
+  candidates += [(str(ds.get(d, "") or "").strip(), str(ds.get(t, "") or "").strip()) for d, t in _TIME_FIELDS]
+  for date, time in candidates:
+    if len(date) != 8 or not date.isdigit():
+      continue
+    clock = time.split(".")[0]
+    clock = (clock + "0000")[:6] if clock.isdigit() and len(clock) in (2, 4, 6) else "000000"
+    try:
+      return np.datetime64(f"{date[:4]}-{date[4:6]}-{date[6:]}T{clock[:2]}:{clock[2:4]}:{clock[4:]}", "us")
+    except ValueError:
+      continue
+  return None
 
 
 def _number_of_frames(ds: pydicom.Dataset, path: str) -> int:
@@ -221,10 +247,11 @@ def _dicom_series_item(item: Item, headers: Sequence[tuple[str, pydicom.Dataset]
   order, gap = _ordered_along_normal(positions, orientations[0], f"{folder}: DICOM series",
                                      [path for path, _ in headers])
   flags = tuple(sorted(set(f for s in slices for f in s.flags)))
+  times = [s.acquisition_time for s in slices if s.acquisition_time is not None]
   return dataclasses.replace(
       slices[0], path=folder, kind="dicom_series", files=tuple(slices[i].files[0] for i in order),
       shape=(len(slices),) + slices[0].shape, spacing=(gap,) + slices[0].spacing,
-      flags=flags)
+      flags=flags, acquisition_time=min(times) if times else None)  # the series began with its first slice
 
 
 def dicom_folder_items(item: Item, one_series: bool) -> list[Item | ItemError]:

@@ -259,7 +259,7 @@ class ImagingSource:
   """
 
   def __init__(self, items: Sequence[Item], spatial_dims: int, num_labels: int, *, on_error: str = "raise",
-               skip_file: str = ""):
+               skip_file: str = "", dated: bool | None = None):
     self.spatial_dims, self.on_error, self.skip_file = spatial_dims, on_error, skip_file
     self._known_bad = read_skips.listed(skip_file)  # named by an earlier read: not read again
     self.subject_ids = [item.subject_id for item in items]
@@ -268,7 +268,9 @@ class ImagingSource:
     self._files = [item.files for item in items]
     self._stored_shapes = [item.shape + (item.channels,) for item in items]
     self._modalities = [item.modality or "OT" for item in items]
-    self._dated = any(item.acquisition_time is not None for item in items)
+    # Dated when the dataset's images carry times (a manifest column, DICOM headers), even if
+    # none of this split's do: its records are then of unknown time, not undated.
+    self._dated = any(item.acquisition_time is not None for item in items) if dated is None else dated
     self._times = np.array([np.datetime64("NaT") if item.acquisition_time is None else item.acquisition_time
                             for item in items], "datetime64[us]")
     self.labels = np.array([item.labels for item in items], np.float32).reshape(
@@ -409,7 +411,8 @@ class ImagingDataset:
       raise ValueError(f"{self.path}: unknown split {split!r}; available splits: "
                        f"{list(self.splits)}")
     return ImagingSource([self._items[i] for i in self.splits[split]], self.spatial_dims,
-                         len(self.label_names), on_error=self.on_error, skip_file=self.skip_file)
+                         len(self.label_names), on_error=self.on_error, skip_file=self.skip_file,
+                         dated=any(item.acquisition_time is not None for item in self._items))
 
   def __repr__(self) -> str:
     return (f"ImagingDataset({str(self.path)!r}, items={self.stats['items']}, "

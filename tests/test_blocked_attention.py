@@ -118,3 +118,23 @@ def test_auto_attention_runs_long_rows_blocked_on_cpu_only():
   assert config.attention_implementation == "blocked" and config.attention_blocks == (512, 256)
   with pytest.raises(ValueError, match="two positive sizes"):
     layers.TransformerConfig(num_layers=1, embed_dim=8, num_heads=2, mlp_dim=16, attention_blocks=(0, 4))
+
+
+@pytest.mark.devices(8)
+def test_blocked_attention_split_over_batch_and_heads_needs_no_communication():
+  """Forward and backward on a mesh splitting rows over "data" and heads over "tensor" (as
+  the rules shard activations): the compiled program holds no collective, so no device
+  gathers another's keys. Split along the row instead, it would (all-to-all)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
+
+  def collectives(spec):
+    qkv, rows = NamedSharding(mesh, spec), NamedSharding(mesh, P("data", None))
+    step = jax.jit(jax.grad(lambda q, k, v, m, s: blocked_attention(q, k, v, m, s, True, (16, 8)).sum(),
+                            argnums=(0, 1, 2)), in_shardings=(qkv, qkv, qkv, rows, rows))
+    x = jnp.zeros((8, 40, 4, 8))
+    text = step.lower(x, x, x, jnp.ones((8, 40), bool), jnp.ones((8, 40), jnp.int32)).compile().as_text()
+    return [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+            if op in text]
+  assert collectives(P("data", None, "tensor", None)) == []
+  assert collectives(P(None, "data", "tensor", None))  # the check sees communication where there is some

@@ -19,7 +19,8 @@ The mask is built per tile from its parts rather than passed as a [B, 1, T, S] a
 keys that are real (`key_mask`, [B, S]), packed rows' segment ids (`segments`, [B, T]: a
 query sees only keys of its own segment, and a padding query, segment 0, every real key, as
 `layers.Attention` says) and the causal order. Every (batch row, head) pair is computed on
-its own, so a mesh that splits batch and heads splits this too, with no communication.
+its own, so a mesh that splits batch and heads splits this too, with no communication (the
+compiled forward and backward on such a mesh hold no collective: tests/test_blocked_attention.py).
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ its records. Of a *dated* modality (one whose source gives each record an acquis
 images by their headers' dates) the row reads only the records the same cut keeps, the most
 recent first (the one evaluation reads); a record of a dated modality whose own time is
 unknown (a DICOM file with its dates blanked) is never read by a timed row. The other
-modalities (those without times: expression, tables, undated image files) are read whole. A timed or dated modality with nothing the cut keeps is absent from that row, and a
-row left with no modality at all is dropped and counted.
+modalities (those without times: expression, tables, undated image files) are read whole.
+A timed or dated modality with nothing the cut keeps is absent from that row, and a row
+left with no modality at all is dropped and counted.
 
 `match_subject_labels` gives per split the label rows found there and, for each, the join
 item it reads and what `TimedItems` adds to that item: the prediction time, the cut and

@@ -43,22 +43,13 @@ class SubjectRows:
   dated_records: tuple[dict[str, tuple[int, ...]], ...] = ()
 
 
-def timed_modalities(joined: Any, split: str) -> dict[str, Any]:
-  """{modality: its source of `split`} for the joined modalities whose records have times."""
+def timed_and_dated(joined: Any, split: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """({modality: its source of `split`} for the joined modalities whose records have event
+  times, {modality: each record's acquisition time} for those whose source dates them)."""
   sources = {m: module.source(split) for m, module in joined.modules.items()}
-  return {m: s for m, s in sources.items() if hasattr(s, "record_until") and hasattr(s, "first_event_times")}
-
-
-def dated_modalities(joined: Any, split: str) -> dict[str, np.ndarray]:
-  """{modality: each record's acquisition time} for the joined modalities whose source of
-  `split` dates its records."""
-  out = {}
-  for m, module in joined.modules.items():
-    source = module.source(split)
-    times = source.record_times() if hasattr(source, "record_times") else None
-    if times is not None:
-      out[m] = np.asarray(times, "datetime64[us]")
-  return out
+  timed = {m: s for m, s in sources.items() if hasattr(s, "record_until") and hasattr(s, "first_event_times")}
+  times = {m: s.record_times() for m, s in sources.items() if hasattr(s, "record_times")}
+  return timed, {m: np.asarray(t, "datetime64[us]") for m, t in times.items() if t is not None}
 
 
 def _made_by(times: np.ndarray, records, time: np.datetime64, cut: str) -> tuple[int, ...]:
@@ -101,8 +92,7 @@ def match_subject_labels(joined: Any, labels: Any, splits: Sequence[str], *, cut
     for item, subject in enumerate(source.subject_ids):
       first.setdefault(str(subject), item)
     pairs = sorted((item, row) for s, item in first.items() for row in rows_of.get(s, ()))
-    sources = timed_modalities(joined, split) if timed.any() else {}
-    dated = dated_modalities(joined, split) if timed.any() else {}
+    sources, dated = timed_and_dated(joined, split) if timed.any() else ({}, {})
     keep, absent, dated_records = [], [], []
     for item, row in pairs:
       present = source[item]["records"]

@@ -99,8 +99,8 @@ class TransformerConfig:
   # Attention: `jax.nn.dot_product_attention`'s "xla" or "cudnn" (GPU, bf16/fp16),
   # "heads_first" (`heads_first_attention`: the same arithmetic as "xla", laid out for
   # XLA:CPU's batched matmuls), "blocked" (`blocked_attention`: an online softmax over
-  # `attention_block` keys at a time, no [T, T] matrix held) or "auto" ("heads_first" on
-  # CPU, jax's choice elsewhere).
+  # tiles of `attention_blocks`, no [T, T] matrix held) or "auto" (on CPU "heads_first",
+  # "blocked" from BLOCKED_ON_CPU_FROM slots; jax's choice elsewhere).
   attention: str = "auto"
   attention_blocks: tuple[int, int] = ATTENTION_BLOCKS  # (queries, keys) per tile of "blocked"
   # Architecture options of public models (issue: start from public weights); the defaults
@@ -125,7 +125,7 @@ class TransformerConfig:
 
   @property
   def attention_implementation(self) -> str | None:
-    """`jax.nn.dot_product_attention`'s implementation, or "heads_first" (ours)."""
+    """`jax.nn.dot_product_attention`'s implementation, or "heads_first" or "blocked" (ours)."""
     return attention_on(self.attention, jax.default_backend(), self.max_len)
 
   @property
@@ -271,6 +271,8 @@ class Attention(nn.Module):
       q, k = apply_rope(q, positions), apply_rope(k, positions)
     if cache is not None:
       return self._cached(q, k, v, mask, cache)
+    if cfg.attention_implementation == "blocked":  # the same rules below, built per tile
+      return self._project_out(blocked_attention(q, k, v, mask, segments, cfg.causal, cfg.attention_blocks))
     # Keys that are padding are never attended to. Queries at padding positions still get
     # a finite output (they attend to the real keys) and are masked out by every loss.
     key_mask = mask[:, None, None, :]
@@ -279,9 +281,7 @@ class Attention(nn.Module):
       # keep seeing every real key, as in unpacked rows, so their outputs stay finite.
       same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, :, None] == 0)
       key_mask = key_mask & same[:, None]
-    if cfg.attention_implementation == "blocked":  # builds its mask per block from the parts
-      out = blocked_attention(q, k, v, mask, segments, cfg.causal, cfg.attention_blocks)
-    elif cfg.attention_implementation == "heads_first":
+    if cfg.attention_implementation == "heads_first":
       out = heads_first_attention(q, k, v, key_mask, is_causal=cfg.causal)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=cfg.causal,

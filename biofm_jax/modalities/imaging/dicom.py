@@ -124,7 +124,7 @@ def header_time(ds: pydicom.Dataset) -> np.datetime64 | None:
   """When the header says the image was made (AcquisitionDateTime, else a date field with
   its time; see _TIME_FIELDS), as datetime64[us] in the header's local time; None where no
   field holds a valid date (an anonymised file often blanks them)."""
-  stamp = str(ds.get("AcquisitionDateTime", "") or "").split("&")[0].split("+")[0].split("-")[0].strip()
+  stamp = str(ds.get("AcquisitionDateTime", "") or "").split("+")[0].split("-")[0].strip()  # the UTC offset cut
   candidates = [(stamp[:8], stamp[8:])] if len(stamp) >= 8 else []
   candidates += [(str(ds.get(d, "") or "").strip(), str(ds.get(t, "") or "").strip()) for d, t in _TIME_FIELDS]
   for date, time in candidates:

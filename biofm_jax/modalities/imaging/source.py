@@ -375,6 +375,7 @@ class ImagingDataset:
       first = f"; first: {skipped[0].message}" if skipped else ""
       raise ValueError(f"{self.path}: no readable images found ({self._skip_summary()}){first}")
     self._items, self.channels = items, items[0].channels
+    self._dated = any(item.acquisition_time is not None for item in items)
     self._count(items)
     if has_split:
       self.splits = _manifest_splits(items, manifest, self.stats)
@@ -412,7 +413,7 @@ class ImagingDataset:
                        f"{list(self.splits)}")
     return ImagingSource([self._items[i] for i in self.splits[split]], self.spatial_dims,
                          len(self.label_names), on_error=self.on_error, skip_file=self.skip_file,
-                         dated=any(item.acquisition_time is not None for item in self._items))
+                         dated=self._dated)
 
   def __repr__(self) -> str:
     return (f"ImagingDataset({str(self.path)!r}, items={self.stats['items']}, "
